@@ -1,0 +1,195 @@
+"""Reading model checkpoints: lazy, per-tensor, safetensors only by default.
+
+A `Checkpoint` is a local Hugging Face model folder (one or many `.safetensors` shards, with or
+without `model.safetensors.index.json`). Tensors are read one at a time from memory-mapped
+files, so a merge holds a few tensors per source in memory, never whole models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from evomerge.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+LOG = logging.getLogger(__name__)
+
+# `model.layers.12.mlp...`, `transformer.h.3.attn...`, `blocks.0...`
+_LAYER_RE = re.compile(r"(^|\.)(layers|h|blocks|block|layer)\.(\d+)\.")
+
+# Above this a header is not a real safetensors header but an attack or a corrupt file.
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def layer_index(tensor_name: str) -> Optional[int]:
+    """The transformer layer a tensor belongs to, or None for embeddings, norms, heads."""
+    match = _LAYER_RE.search(tensor_name)
+    return int(match.group(3)) if match else None
+
+
+def with_layer_index(tensor_name: str, index: int) -> str:
+    """`tensor_name` with its layer number replaced by `index`."""
+    return _LAYER_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}.{index}.", tensor_name, count=1)
+
+
+class Checkpoint:
+    """One model folder: tensor names, shapes and dtypes up front; data on demand."""
+
+    def __init__(self, reference: str, *, allow_pickle: bool = False):
+        self.reference = reference
+        self.path = resolve_model_path(reference)
+        self._files = _tensor_files(self.path, allow_pickle=allow_pickle)
+        self._handles: dict[Path, object] = {}
+        self._name_to_file: dict[str, Path] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        for file in self._files:
+            for name, (shape, dtype) in _read_header(file).items():
+                self._name_to_file[name] = file
+                self._meta[name] = (shape, dtype)
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.reference!r})"
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._name_to_file)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._name_to_file
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[name][0]
+
+    def dtype_name(self, name: str) -> str:
+        """The safetensors dtype code of a tensor: F32, BF16, F16, ..."""
+        return self._meta[name][1]
+
+    def tensor(self, name: str) -> "torch.Tensor":
+        """One tensor, read from its (memory-mapped) file."""
+        from safetensors import SafetensorError, safe_open
+
+        file = self._name_to_file[name]
+        handle = self._handles.get(file)
+        try:
+            if handle is None:
+                handle = self._handles[file] = safe_open(str(file), framework="pt")
+            return handle.get_tensor(name)
+        except SafetensorError as exc:
+            raise UserError(f"cannot read tensor {name!r} from {file}: {exc}") from None
+
+    @cached_property
+    def config(self) -> dict:
+        """The model's `config.json` ({} when the folder has none)."""
+        file = self.path / "config.json"
+        if not file.exists():
+            return {}
+        try:
+            return json.loads(file.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{file} is not valid JSON: {exc}") from None
+
+    @cached_property
+    def num_layers(self) -> int:
+        """Transformer layers: from the config, else from the tensor names."""
+        configured = self.config.get("num_hidden_layers") or self.config.get("n_layer")
+        if configured:
+            return int(configured)
+        indices = [i for i in map(layer_index, self.names) if i is not None]
+        return max(indices) + 1 if indices else 0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self._files)
+
+
+def resolve_model_path(reference: str) -> Path:
+    """A local folder for a model reference: a path as is, or a hub id downloaded if possible."""
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UserError(f"model {reference!r} is a file; expected a model folder")
+    if reference.startswith((".", "/", "~")) or reference.count("/") != 1:
+        raise UserError(f"model folder {reference!r} does not exist")
+    return _download(reference)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:  # the hub raises many types; all mean "not available here"
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        why = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else type(exc).__name__
+        raise UserError(
+            f"model {repo_id!r} is not a local folder and could not be fetched from the "
+            f"Hugging Face hub ({why})"
+        ) from None
+
+
+def _tensor_files(folder: Path, *, allow_pickle: bool) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise UserError(f"{index} is not a valid safetensors index: {exc}") from None
+        files = sorted({folder / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise UserError(f"{folder}: shards listed in the index are missing: {missing}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+        if not allow_pickle:
+            raise UserError(
+                f"{folder} holds only pickle weights (.bin/.pt), which can run code when "
+                "loaded; convert them to safetensors or pass --allow-pickle"
+            )
+        raise UserError(f"{folder}: pickle checkpoints are not supported yet; convert to safetensors")
+    raise UserError(f"{folder} contains no .safetensors weights")
+
+
+def _read_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Names, shapes and dtypes from a safetensors header, checked before any mmap."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise UserError(f"{file} is truncated: no safetensors header")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > min(_MAX_HEADER_BYTES, size - 8):
+            raise UserError(
+                f"{file} claims a {header_len}-byte header in a {size}-byte file; "
+                "it is corrupt or not a safetensors file"
+            )
+        try:
+            header = json.loads(handle.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{file} has an unreadable safetensors header") from None
+    out = {}
+    data_bytes = size - 8 - header_len
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+            shape, dtype = tuple(int(d) for d in info["shape"]), str(info["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{file}: malformed header entry for {name!r}") from None
+        if not 0 <= start <= end <= data_bytes:
+            raise UserError(f"{file} is truncated or corrupt: tensor {name!r} lies past its end")
+        out[name] = (shape, dtype)
+    return out

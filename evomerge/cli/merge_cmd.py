@@ -1,0 +1,57 @@
+"""`evomerge merge RECIPE OUT_DIR`: one classic merge, like mergekit-yaml."""
+
+from pathlib import Path
+
+import click
+
+
+@click.command("merge")
+@click.argument("recipe_path", metavar="RECIPE.yaml", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--seed", default=0, show_default=True, help="Seed of DARE/DELLA masks.")
+@click.option(
+    "--out-dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    help="Cast the output (overrides the recipe's out_dtype).",
+)
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest shard file.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--allow-pickle", is_flag=True, help="Allow .bin checkpoints (weights only).")
+@click.option("--threads", type=int, help="CPU threads for torch (default: all cores).")
+def command(recipe_path, out_dir, device, seed, out_dtype, shard_size, force, allow_pickle, threads):
+    """Merge the models of RECIPE.yaml (mergekit format) into OUT_DIR."""
+    from evomerge.output import parse_size
+    from evomerge.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    shard_bytes = parse_size(shard_size)
+
+    import torch
+    from tqdm import tqdm
+
+    from evomerge.merge import run_merge
+
+    if threads:
+        torch.set_num_threads(threads)
+    with tqdm(total=0, unit="tensor", desc="merging", leave=False) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        summary = run_merge(
+            recipe,
+            out_dir,
+            seed=seed,
+            device=device,
+            out_dtype=out_dtype,
+            shard_bytes=shard_bytes,
+            force=force,
+            allow_pickle=allow_pickle,
+            progress=progress,
+        )
+    click.echo(
+        f"merged {summary.tensors} tensors ({summary.bytes_written / 1e9:.3f} GB written, "
+        f"{summary.bytes_read / 1e9:.3f} GB read) in {summary.seconds:.1f} s -> {summary.out_dir}"
+    )

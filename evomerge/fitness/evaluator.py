@@ -1,0 +1,121 @@
+"""Score a live in-memory model on lm-eval tasks, again and again, with no reloads.
+
+    evaluator = Evaluator(model, tokenizer, fitness_config, run_dir)   # builds tasks once
+    first = evaluator.score()             # the fixed subset (or everything if none is set)
+    with torch.no_grad():
+        for p, new in zip(model.parameters(), candidate):
+            p.copy_(new)                   # the search swaps weights in place ...
+    second = evaluator.score()            # ... and the next call scores them
+    final = evaluator.score(full=True)    # every example of every task
+
+Each call is one `lm_eval.evaluator.evaluate` over the prebuilt task dict: no `simple_evaluate`
+(it re-collects environment info on every call), no request cache (it keys on the model name,
+which does not change between candidates), no bootstrap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from evomerge.fitness.config import FitnessConfig, combine
+from evomerge.fitness.env import prepare_environment
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitnessResult:
+    """One scoring of the model.
+
+    `value` is larger-is-better (see `fitness.config.combine`); it is a plain float and may be
+    non-finite if a metric is (e.g. the perplexity of a collapsed merge), which callers check.
+    """
+
+    value: float
+    per_task: dict[str, float]
+    """The configured metric of each task, as lm-eval reports it (not negated)."""
+    full: bool
+    """True when every example was scored, False for the fixed subset."""
+    n_examples: dict[str, int]
+    seconds: float
+    metrics: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    """Every numeric metric each task reported, keyed like `acc,none`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Evaluator:
+    """lm-eval tasks built once, scoring the live `model` on every `score` call."""
+
+    def __init__(
+        self, model: Any, tokenizer: Any, config: FitnessConfig, run_dir: str | Path
+    ) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        prepare_environment(self.run_dir, offline=config.offline)
+
+        from evomerge.fitness.backends import make_lm
+        from evomerge.fitness.tasks import build_task_set
+
+        self.model = model
+        self.tasks = build_task_set(config, self.run_dir)
+        self.lm = make_lm(
+            config.backend,
+            model,
+            tokenizer,
+            batch_size=config.batch_size,
+            max_length=config.max_length,
+        )
+
+    def score(self, *, full: bool = False) -> FitnessResult:
+        """Score the model as its parameters are now: the fixed subset, or all if `full`."""
+        from lm_eval.evaluator import evaluate
+
+        samples = None if full or self.tasks.subset is None else self.tasks.subset
+        started = time.perf_counter()
+        out = evaluate(
+            lm=self.lm,
+            task_dict=self.tasks.task_dict,
+            samples=samples,
+            cache_requests=False,
+            bootstrap_iters=0,
+            log_samples=False,
+        )
+        seconds = time.perf_counter() - started
+        if out is None:  # only non-zero ranks of a distributed run get None
+            raise RuntimeError("lm-eval returned no results on this process")
+
+        tables = {**out.get("results", {}), **out.get("groups", {})}
+        per_task = {}
+        for spec in self.tasks.specs:
+            row = tables.get(spec.name, {})
+            if spec.metric_key not in row:
+                raise RuntimeError(
+                    f"lm-eval reported no {spec.metric_key!r} for {spec.name!r}: {sorted(row)}"
+                )
+            per_task[spec.name] = float(row[spec.metric_key])
+        metrics = {
+            name: {
+                k: float(v)
+                for k, v in tables[name].items()
+                if isinstance(v, (int, float)) and not k.endswith("_stderr") and "_stderr," not in k
+            }
+            for name in tables
+        }
+        n_examples = {
+            name: len(samples[name]) if samples else n for name, n in self.tasks.n_docs.items()
+        }
+        return FitnessResult(
+            value=combine(self.tasks.specs, per_task, self.tasks.maximize),
+            per_task=per_task,
+            full=samples is None,
+            n_examples=n_examples,
+            seconds=seconds,
+            metrics=metrics,
+        )

@@ -1,0 +1,238 @@
+"""Build the lm-eval tasks of a fitness config once: local task folders, names, subsets.
+
+lm-eval resolves relative `data_files` against the process's working directory. So that a task
+folder works from anywhere, its YAMLs are copied into the run folder with those paths made
+absolute (relative to the YAML that names them), and the copies are what lm-eval indexes. The
+copies also point the datasets cache into the run folder. Only PyYAML and lm-eval's public
+`TaskManager` are used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import random
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from evomerge.errors import UserError
+from evomerge.fitness.config import FitnessConfig, SubsetConfig, TaskSpec
+
+if TYPE_CHECKING:
+    from lm_eval.api.task import Task
+    from lm_eval.tasks import TaskManager
+
+log = logging.getLogger(__name__)
+
+YAML_SUFFIXES = (".yaml", ".yml")
+
+# ----------------------------------------------------------------------------- YAML copies
+
+
+class _Tagged:
+    """A YAML node with a custom tag (lm-eval's `!function`), kept verbatim on the way through."""
+
+    def __init__(self, tag: str, value: Any):
+        self.tag, self.value = tag, value
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _construct_tagged(loader: yaml.Loader, suffix: str, node: yaml.Node) -> _Tagged:
+    if isinstance(node, yaml.ScalarNode):
+        return _Tagged(node.tag, loader.construct_scalar(node))
+    if isinstance(node, yaml.SequenceNode):
+        return _Tagged(node.tag, loader.construct_sequence(node, deep=True))
+    return _Tagged(node.tag, loader.construct_mapping(node, deep=True))
+
+
+def _represent_tagged(dumper: yaml.Dumper, data: _Tagged) -> yaml.Node:
+    if isinstance(data.value, list):
+        return dumper.represent_sequence(data.tag, data.value)
+    if isinstance(data.value, dict):
+        return dumper.represent_mapping(data.tag, data.value)
+    return dumper.represent_scalar(data.tag, data.value)
+
+
+_Loader.add_multi_constructor("!", _construct_tagged)
+_Dumper.add_representer(_Tagged, _represent_tagged)
+
+
+def _absolute(value: Any, base: Path) -> Any:
+    """`value` (a path, or a list/dict of them) with relative local paths made absolute."""
+    if isinstance(value, str):
+        if "://" in value or Path(value).is_absolute():
+            return value
+        return str((base / value).resolve())
+    if isinstance(value, list):
+        return [_absolute(v, base) for v in value]
+    if isinstance(value, dict):
+        return {k: _absolute(v, base) for k, v in value.items()}
+    return value
+
+
+def _rewrite_yaml(src: Path, dst: Path, cache_dir: Path) -> None:
+    text = src.read_text(encoding="utf-8")
+    cfg = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    if not isinstance(cfg, dict):
+        shutil.copyfile(src, dst)
+        return
+    kwargs = cfg.get("dataset_kwargs")
+    if isinstance(kwargs, dict):
+        for key in ("data_files", "data_dir"):
+            if key in kwargs:
+                kwargs[key] = _absolute(kwargs[key], src.parent)
+    path = cfg.get("dataset_path")
+    if isinstance(path, str) and (src.parent / path).exists() and not Path(path).is_absolute():
+        cfg["dataset_path"] = str((src.parent / path).resolve())
+    if "dataset_path" in cfg or isinstance(kwargs, dict):
+        cfg["dataset_kwargs"] = {**(kwargs or {}), "cache_dir": str(cache_dir)}
+    dst.write_text(
+        f"# copied from {src} by evomerge (data paths made absolute)\n"
+        + yaml.dump(cfg, Dumper=_Dumper, sort_keys=False, allow_unicode=True),
+        encoding="utf-8",
+    )
+
+
+def copy_task_paths(task_paths: list[Path], dest: Path, cache_dir: Path) -> list[Path]:
+    """Copy each task folder (or YAML file) under `dest` with absolute data paths; return copies.
+
+    Python files are copied too, so `!function module.name` keeps working next to its YAML.
+    """
+    copies = []
+    for i, src in enumerate(task_paths):
+        src = Path(src).resolve()
+        if not src.exists():
+            raise UserError(f"task path {src} does not exist.")
+        target = dest / f"{i}-{src.stem}"
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+        files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
+        root = src.parent if src.is_file() else src
+        for f in files:
+            out = target / f.relative_to(root)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if f.suffix in YAML_SUFFIXES:
+                try:
+                    _rewrite_yaml(f, out, cache_dir)
+                except yaml.YAMLError as exc:
+                    raise UserError(f"task file {f} is not valid YAML: {exc}") from None
+            elif f.suffix == ".py":
+                shutil.copyfile(f, out)
+        copies.append(target)
+    return copies
+
+
+# ----------------------------------------------------------------------------- task set
+
+
+@dataclasses.dataclass
+class TaskSet:
+    """The built lm-eval tasks of a fitness config, ready for repeated `evaluate` calls."""
+
+    specs: list[TaskSpec]
+    task_dict: dict[str, Any]
+    """What `TaskManager.load` returned: {"tasks": {name: Task}, "groups": ..., ...}."""
+    maximize: dict[str, bool]
+    """Per spec name: whether a larger metric is better."""
+    n_docs: dict[str, int]
+    """Per leaf task: how many examples the full set has."""
+    subset: dict[str, list[int]] | None
+    """Per leaf task: the fixed example indices of the subset (None: no subset configured)."""
+
+    @property
+    def leaf_tasks(self) -> dict[str, Task]:
+        return self.task_dict["tasks"]
+
+
+def _manager(paths: list[Path], *, defaults: bool) -> TaskManager:
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=[str(p) for p in paths] or None, include_defaults=defaults)
+
+
+def _unknown(name: str, known: list[str]) -> UserError:
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; check --task-path and the name."
+    return UserError(f"unknown lm-eval task {name!r}{hint}")
+
+
+def subset_indices(subset: SubsetConfig, task_name: str, n_docs: int) -> list[int]:
+    """The fixed example indices of one task's subset: the first k, or a seeded sample of k."""
+    k = subset.size_of(n_docs)
+    if subset.sampling == "first":
+        return list(range(k))
+    rng = random.Random(f"{subset.seed}-{task_name}")
+    return sorted(rng.sample(range(n_docs), k))
+
+
+def _direction(spec: TaskSpec, tasks: list[Task]) -> bool:
+    """True when a larger value of `spec.metric` is better."""
+    metric = spec.metric.split(",", 1)[0]
+    reported = {m: hib for t in tasks for m, hib in t.higher_is_better().items()}
+    if metric not in reported:
+        raise UserError(
+            f"task {spec.name!r} has no metric {metric!r}; it reports "
+            f"{', '.join(sorted(reported)) or 'none'}."
+        )
+    if spec.direction != "auto":
+        return spec.direction == "maximize"
+    return bool(reported[metric]) if reported[metric] is not None else True
+
+
+def build_task_set(config: FitnessConfig, run_dir: Path) -> TaskSet:
+    """Index and build every task of `config` once (local tasks first, built-ins only if needed)."""
+    run_dir = Path(run_dir)
+    copies = copy_task_paths(config.task_paths, run_dir / "tasks", run_dir / "hf" / "datasets")
+    names = [t.name for t in config.tasks]
+    manager = _manager(copies, defaults=False)
+    if any(n not in manager.all_tasks for n in names):
+        # Indexing lm-eval's ~15k built-in tasks takes ~20 s: only when a name needs it.
+        log.info("indexing lm-eval's built-in tasks for %s", ", ".join(names))
+        manager = _manager(copies, defaults=True)
+    for name in names:
+        if name not in manager.all_tasks:
+            raise _unknown(name, manager.all_tasks)
+
+    try:
+        task_dict = manager.load(names)
+    except FileNotFoundError as exc:
+        raise UserError(f"task data not found: {exc}") from None
+    except ConnectionError as exc:
+        raise UserError(f"task data is not reachable offline: {exc}") from None
+
+    leaves = task_dict["tasks"]
+    maximize = {}
+    for spec in config.tasks:
+        if spec.name in leaves:
+            members = [leaves[spec.name]]
+        elif spec.name in task_dict.get("groups", {}):
+            members = task_dict["groups"][spec.name].get_all_tasks()
+        else:
+            raise UserError(
+                f"{spec.name!r} is a tag, not a task or group; list its tasks one by one."
+            )
+        maximize[spec.name] = _direction(spec, members)
+
+    n_docs = {name: len(task.eval_docs) for name, task in leaves.items()}
+    subset = None
+    if config.subset is not None:
+        subset = {name: subset_indices(config.subset, name, n) for name, n in n_docs.items()}
+    return TaskSet(
+        specs=list(config.tasks),
+        task_dict=task_dict,
+        maximize=maximize,
+        n_docs=n_docs,
+        subset=subset,
+    )

@@ -1,0 +1,158 @@
+"""Executing a merge plan: read the inputs of one tensor, merge, hand the result on.
+
+`merged_tensors` is the single place where a tensor job becomes a tensor; the plain
+`evomerge merge` command streams its output to disk, and the search calls the same code so
+that what was scored is what ships.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
+
+from evomerge import __version__
+from evomerge.errors import UserError
+from evomerge.plan import MergePlan, TensorJob, plan_merge
+from evomerge.recipe import Recipe
+
+if TYPE_CHECKING:
+    import torch
+
+LOG = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float64": "float64"}
+
+
+def torch_dtype(name: Optional[str]):
+    import torch
+
+    return None if name is None else getattr(torch, TORCH_DTYPES[name])
+
+
+def merge_job(plan: MergePlan, job: TensorJob, *, seed: int, device: str = "cpu") -> "torch.Tensor":
+    """The merged tensor for one job, in the merge dtype (the recipe's `dtype`, else the
+    promoted dtype of the inputs)."""
+    import torch
+
+    from evomerge.methods import MergeInputs
+    from evomerge.random_fields import UniformField
+
+    refs = list(job.inputs) + ([job.base] if job.base else [])
+    tensors = [plan.checkpoints[r.model].tensor(r.name) for r in refs]
+    dtype = torch_dtype(plan.recipe.dtype)
+    if dtype is None:
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+    tensors = [t.to(device=device, dtype=dtype) for t in tensors]
+    base = tensors.pop() if job.base else None
+    inputs = MergeInputs(
+        models=tensors,
+        base=base,
+        tensor_name=job.out_name,
+        field=UniformField(seed, job.out_name) if plan.method.randomized else None,
+    )
+    with torch.no_grad():
+        try:
+            return plan.method.merge(inputs, **job.kwargs)
+        except ValueError as exc:  # a method's refusal of these inputs, e.g. della bounds
+            raise UserError(f"{plan.method.name} cannot merge {job.out_name!r}: {exc}") from None
+
+
+def merged_tensors(
+    plan: MergePlan, *, seed: int, device: str = "cpu", out_dtype: Optional[str] = None
+) -> Iterator[tuple[str, "torch.Tensor"]]:
+    """(name, tensor) for every output tensor, cast to `out_dtype` if given."""
+    cast = torch_dtype(out_dtype or plan.recipe.out_dtype)
+    for job in plan.jobs:
+        result = merge_job(plan, job, seed=seed, device=device)
+        yield job.out_name, result if cast is None else result.to(cast)
+
+
+@dataclass
+class MergeSummary:
+    tensors: int
+    bytes_written: int
+    bytes_read: int
+    seconds: float
+    out_dir: Path
+
+
+def run_merge(
+    recipe: Recipe,
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    out_dtype: Optional[str] = None,
+    shard_bytes: int = 5_000_000_000,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> MergeSummary:
+    """Merge `recipe` into a Hugging Face model folder at `out_dir`, atomically."""
+    from evomerge.output import ShardedWriter, copy_tokenizer, staged_output, write_config
+
+    started = time.perf_counter()
+    if device.startswith("cuda"):
+        _check_cuda()
+    plan = plan_merge(recipe, allow_pickle=allow_pickle)
+    final_dtype = out_dtype or recipe.out_dtype or recipe.dtype
+    with staged_output(Path(out_dir), force=force) as staging:
+        writer = ShardedWriter(staging, shard_bytes)
+        for done, (name, tensor) in enumerate(
+            merged_tensors(plan, seed=seed, device=device, out_dtype=out_dtype), start=1
+        ):
+            writer.add(name, tensor)
+            if progress:
+                progress(done, len(plan.jobs))
+        writer.finish()
+        source = plan.checkpoints[plan.config_source].path
+        write_config(source, staging, num_layers=plan.num_layers, dtype=final_dtype)
+        tokenizer_from = _tokenizer_source(plan)
+        copy_tokenizer(tokenizer_from, staging, chat_template=_chat_template(recipe))
+        (staging / "recipe.yaml").write_text(recipe.to_yaml())
+        provenance = {"evomerge_version": __version__, "seed": seed, "out_dtype": final_dtype}
+        (staging / "evomerge.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    return MergeSummary(
+        tensors=len(plan.jobs),
+        bytes_written=writer.total_bytes,
+        bytes_read=plan.input_bytes(),
+        seconds=time.perf_counter() - started,
+        out_dir=Path(out_dir),
+    )
+
+
+def _tokenizer_source(plan: MergePlan) -> Path:
+    source = plan.recipe.tokenizer_source
+    if source in (None, "base"):
+        return plan.checkpoints[plan.config_source].path
+    if source in plan.checkpoints:
+        return plan.checkpoints[source].path
+    path = Path(source)
+    if not path.is_dir():
+        raise UserError(f"tokenizer_source {source!r} is neither 'base' nor a model folder")
+    return path
+
+
+def _chat_template(recipe: Recipe) -> Optional[str]:
+    template = recipe.chat_template
+    if template is None or template == "auto":
+        return None
+    if "{{" in template or "{%" in template:
+        return template
+    raise UserError(
+        f"chat_template {template!r} is not a Jinja template; named templates are not bundled, "
+        "so give the template text itself"
+    )
+
+
+def _check_cuda() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but torch sees no CUDA GPU here")

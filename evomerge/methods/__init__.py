@@ -1,0 +1,14 @@
+"""Merge methods: one module each, all registered in `registry` on import."""
+
+from evomerge.methods import (  # noqa: F401  (importing registers them)
+    karcher,
+    linear,
+    model_stock,
+    passthrough,
+    sce,
+    spherical,
+    task_arithmetic,
+)
+from evomerge.methods.registry import MergeInputs, MergeMethod, Param, get_method, method_names
+
+__all__ = ["MergeInputs", "MergeMethod", "Param", "get_method", "method_names"]

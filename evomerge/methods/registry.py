@@ -1,0 +1,133 @@
+"""The one registry of merge methods and the parameters each one declares.
+
+A method is a pure function over tensors plus a declaration of its parameters: name, whether it
+is set per model or once, its default, and the range a search may explore. The recipe planner
+resolves parameters from that declaration and the search builds its space from it, so adding a
+method is one function and one `register(...)` call.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
+
+from evomerge.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from evomerge.random_fields import UniformField
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a merge method.
+
+    `per_model` parameters take one value per input model (`weight`, `density`); the others
+    one value per tensor (`t`, `lambda`). `bounds` is the range a search explores by default.
+    """
+
+    name: str
+    per_model: bool
+    default: Any = REQUIRED
+    kind: type = float
+    bounds: Optional[tuple[float, float]] = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def coerce(self, value: Any, where: str) -> Any:
+        """Check and convert a resolved recipe value (YAML may give `1e-3` as a string)."""
+        try:
+            if self.kind is bool:
+                if isinstance(value, bool):
+                    return value
+                if str(value).lower() in ("true", "false"):
+                    return str(value).lower() == "true"
+                raise ValueError
+            if self.kind is int:
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+                return int(value)
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(
+                f"parameter {self.name!r} for {where} must be a {self.kind.__name__}, "
+                f"got {value!r}"
+            ) from None
+
+
+# How a method treats `base_model`:
+#   "input"    — the base is one more input, like any listed model (linear, karcher, ...);
+#   "required" — the method merges differences from the base and needs one;
+#   "optional" — the method uses a base when the recipe names one.
+BaseRole = Literal["input", "required", "optional"]
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """What a method sees for one output tensor.
+
+    `models` are the non-base inputs in recipe order (for base role "input": every input).
+    `field` draws reproducible random numbers for methods that need them (DARE, DELLA).
+    """
+
+    models: list["torch.Tensor"]
+    base: Optional["torch.Tensor"]
+    tensor_name: str
+    field: Optional["UniformField"] = None
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    merge: Callable[..., "torch.Tensor"]
+    params: tuple[Param, ...]
+    base_role: BaseRole
+    min_models: int = 1
+    max_models: Optional[int] = None
+    randomized: bool = False
+    reference: str = ""
+
+    def param(self, name: str) -> Param:
+        return next(p for p in self.params if p.name == name)
+
+    @property
+    def per_model_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.per_model)
+
+    @property
+    def global_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if not p.per_model)
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    if method.name in _REGISTRY:
+        raise ValueError(f"merge method {method.name!r} is registered twice")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> MergeMethod:
+    """The method called `name`, or a `UserError` naming the closest one."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, _REGISTRY, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UserError(
+            f"unknown merge method {name!r}{hint} (known: {', '.join(sorted(_REGISTRY))})"
+        ) from None
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)

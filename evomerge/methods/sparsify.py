@@ -1,0 +1,113 @@
+"""Sparsification of task vectors: which elements of delta = model - base survive.
+
+Every rule here is deterministic given its inputs: magnitude ranks break ties by element index
+(a stable sort), random rules draw from a `UniformField`, and the L1 rescale uses an exact,
+order-independent sum. So the same recipe gives the same bits on any device or thread count.
+Each function returns a 0/1 keep-mask (or the delta itself when nothing is dropped).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from evomerge.random_fields import SCALE, UniformField
+
+
+def magnitude_ranks(delta: torch.Tensor) -> torch.Tensor:
+    """Rank of every element by |delta|, largest first; ties go to the lower index."""
+    order = torch.sort(delta.abs().flatten().float(), descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(order.numel(), device=order.device)
+    return ranks.view(delta.shape)
+
+
+def ascending_ranks(delta: torch.Tensor) -> torch.Tensor:
+    """Rank of every element by |delta|, smallest first; ties go to the lower index."""
+    order = torch.sort(delta.abs().flatten().float(), stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(order.numel(), device=order.device)
+    return ranks.view(delta.shape)
+
+
+def magnitude_keep_count(density: float, numel: int) -> int:
+    """TIES trimming keeps the k = int(density * n) largest, at least one if density > 0."""
+    if density >= 1:
+        return numel
+    if density <= 0 or numel == 0:
+        return 0
+    return max(1, int(density * numel))
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES: keep the top `density` fraction of elements by magnitude."""
+    k = magnitude_keep_count(density, delta.numel())
+    return magnitude_ranks(delta) < k
+
+
+def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs: drop the top `gamma` outliers and the smallest, keep `density`."""
+    n = delta.numel()
+    keep = int(density * n)
+    top = int(gamma * n)
+    bottom = max(0, n - keep - top)
+    ranks = ascending_ranks(delta)
+    return (ranks >= bottom) & (ranks < bottom + keep)
+
+
+def dare_mask(field: UniformField, model_index: int, delta: torch.Tensor, density: float):
+    """DARE: keep each element independently with probability `density`."""
+    return field.bernoulli(model_index, density, delta.shape, delta.device)
+
+
+def della_mask(
+    field: UniformField, model_index: int, delta: torch.Tensor, density: float, epsilon: float
+) -> torch.Tensor:
+    """DELLA (MagPrune): keep-probability grows with magnitude rank within each row,
+    from density - epsilon (smallest) to density + epsilon (largest)."""
+    if not (0 < density - epsilon and density + epsilon < 1):
+        raise ValueError(
+            f"della needs 0 < density - epsilon and density + epsilon < 1 "
+            f"(density {density}, epsilon {epsilon})"
+        )
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    order = torch.sort(rows.abs().float(), dim=1, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(rows.shape[1], device=rows.device).expand_as(order))
+    span = max(rows.shape[1] - 1, 1)
+    probs = (density - epsilon) + (ranks.double() / span) * (2 * epsilon)  # float64: exact-enough, same everywhere
+    draws = field.integers(model_index, delta.shape, delta.device).view_as(rows)
+    return (draws.double() < probs * SCALE).view(delta.shape)
+
+
+def l1_rescale(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Scale the kept delta so that its L1 norm equals that of the full delta.
+
+    (DARE's "rescale" in mergekit matches L1 norms rather than dividing by the density.)
+    """
+    before, after = exact_abs_sum(delta), exact_abs_sum(kept)
+    if before < 1e-7 or after < 1e-7:
+        return kept
+    return kept * torch.tensor(before / after, dtype=kept.dtype, device=kept.device)
+
+
+def exact_abs_sum(x: torch.Tensor, chunk: int = 1 << 24) -> float:
+    """sum(|x|) as an exact fixed-point integer sum, so the order of addition cannot matter.
+
+    Values are scaled by a power of two chosen from the maximum and truncated to int64; the
+    integer sum cannot overflow and is the same on every device and thread count.
+    """
+    flat = x.detach().flatten()
+    if flat.numel() == 0:
+        return 0.0
+    peak = flat.abs().max().item()
+    if peak == 0 or not math.isfinite(peak):
+        return peak
+    headroom = 62 - math.ceil(math.log2(flat.numel() + 1))
+    shift = headroom - math.frexp(peak)[1]
+    total = 0
+    for start in range(0, flat.numel(), chunk):
+        part = flat[start : start + chunk].abs().double() * (2.0**shift)
+        total += int(part.floor().to(torch.int64).sum().item())
+    return total * 2.0**-shift
