@@ -23,9 +23,9 @@ def cli(verbose: int) -> None:
 
 
 def _register_commands() -> None:
-    from evomerge.cli import merge_cmd
+    from evomerge.cli import eval_cmd, merge_cmd, pool_cmd
 
-    for module in (merge_cmd,):
+    for module in (merge_cmd, pool_cmd, eval_cmd):
         cli.add_command(module.command)
 
 

@@ -70,18 +70,57 @@ class Param:
 BaseRole = Literal["input", "required", "optional"]
 
 
-@dataclass(frozen=True)
 class MergeInputs:
     """What a method sees for one output tensor.
 
     `models` are the non-base inputs in recipe order (for base role "input": every input).
     `field` draws reproducible random numbers for methods that need them (DARE, DELLA).
+
+    Everything derived from the inputs alone (task vectors, magnitude ranks, random draws) is
+    computed on first use and kept: a plain merge uses it once, while the search keeps one
+    `MergeInputs` per tensor alive across trials, so each trial does only elementwise work,
+    through exactly the same code as the plain merge.
     """
 
-    models: list["torch.Tensor"]
-    base: Optional["torch.Tensor"]
-    tensor_name: str
-    field: Optional["UniformField"] = None
+    def __init__(
+        self,
+        models: list["torch.Tensor"],
+        base: Optional["torch.Tensor"],
+        tensor_name: str,
+        field: Optional["UniformField"] = None,
+    ):
+        self.models, self.base, self.tensor_name, self.field = models, base, tensor_name, field
+        self._memo: dict[tuple[str, int], "torch.Tensor"] = {}
+
+    def _cached(self, kind: str, index: int, compute: Callable[[], "torch.Tensor"]):
+        key = (kind, index)
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def delta(self, index: int) -> "torch.Tensor":
+        """The task vector tau_i = theta_i - theta_base."""
+        return self._cached("delta", index, lambda: self.models[index] - self.base)
+
+    def magnitude_ranks(self, index: int) -> "torch.Tensor":
+        from evomerge.methods.sparsify import magnitude_ranks
+
+        return self._cached("desc", index, lambda: magnitude_ranks(self.delta(index)))
+
+    def ascending_ranks(self, index: int) -> "torch.Tensor":
+        from evomerge.methods.sparsify import ascending_ranks
+
+        return self._cached("asc", index, lambda: ascending_ranks(self.delta(index)))
+
+    def row_ranks(self, index: int) -> "torch.Tensor":
+        from evomerge.methods.sparsify import row_ranks
+
+        return self._cached("rows", index, lambda: row_ranks(self.delta(index)))
+
+    def draws(self, index: int) -> "torch.Tensor":
+        """24-bit random integers for every element of model `index`'s tensor."""
+        shape, device = self.models[index].shape, self.models[index].device
+        return self._cached("draws", index, lambda: self.field.integers(index, shape, device))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from evomerge.random_fields import SCALE, UniformField
+from evomerge.random_fields import SCALE, keep_threshold
 
 
 def magnitude_ranks(delta: torch.Tensor) -> torch.Tensor:
@@ -40,45 +40,47 @@ def magnitude_keep_count(density: float, numel: int) -> int:
     return max(1, int(density * numel))
 
 
-def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+def magnitude_mask(ranks: torch.Tensor, density: float) -> torch.Tensor:
     """TIES: keep the top `density` fraction of elements by magnitude."""
-    k = magnitude_keep_count(density, delta.numel())
-    return magnitude_ranks(delta) < k
+    return ranks < magnitude_keep_count(density, ranks.numel())
 
 
-def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+def breadcrumbs_mask(ascending: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """Model Breadcrumbs: drop the top `gamma` outliers and the smallest, keep `density`."""
-    n = delta.numel()
+    n = ascending.numel()
     keep = int(density * n)
     top = int(gamma * n)
     bottom = max(0, n - keep - top)
-    ranks = ascending_ranks(delta)
-    return (ranks >= bottom) & (ranks < bottom + keep)
+    return (ascending >= bottom) & (ascending < bottom + keep)
 
 
-def dare_mask(field: UniformField, model_index: int, delta: torch.Tensor, density: float):
+def dare_mask(draws: torch.Tensor, density: float) -> torch.Tensor:
     """DARE: keep each element independently with probability `density`."""
-    return field.bernoulli(model_index, density, delta.shape, delta.device)
+    return draws < keep_threshold(density)
 
 
-def della_mask(
-    field: UniformField, model_index: int, delta: torch.Tensor, density: float, epsilon: float
-) -> torch.Tensor:
-    """DELLA (MagPrune): keep-probability grows with magnitude rank within each row,
+def row_ranks(delta: torch.Tensor) -> torch.Tensor:
+    """Rank of every element by |delta| within its row (1-D: one row), smallest first."""
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    order = torch.sort(rows.abs().float(), dim=1, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(rows.shape[1], device=rows.device).expand_as(order))
+    return ranks.view(delta.shape)
+
+
+def della_mask(row_ranks: torch.Tensor, draws: torch.Tensor, density: float, epsilon: float):
+    """DELLA (MagPrune): the keep-probability grows with the magnitude rank within each row,
     from density - epsilon (smallest) to density + epsilon (largest)."""
     if not (0 < density - epsilon and density + epsilon < 1):
         raise ValueError(
             f"della needs 0 < density - epsilon and density + epsilon < 1 "
             f"(density {density}, epsilon {epsilon})"
         )
-    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-    order = torch.sort(rows.abs().float(), dim=1, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(rows.shape[1], device=rows.device).expand_as(order))
-    span = max(rows.shape[1] - 1, 1)
-    probs = (density - epsilon) + (ranks.double() / span) * (2 * epsilon)  # float64: exact-enough, same everywhere
-    draws = field.integers(model_index, delta.shape, delta.device).view_as(rows)
-    return (draws.double() < probs * SCALE).view(delta.shape)
+    columns = row_ranks.shape[-1] if row_ranks.dim() >= 2 else row_ranks.numel()
+    span = max(columns - 1, 1)
+    # float64 so the probabilities are the same on every device
+    probs = (density - epsilon) + (row_ranks.double() / span) * (2 * epsilon)
+    return draws.double() < probs * SCALE
 
 
 def l1_rescale(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

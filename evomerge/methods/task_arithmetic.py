@@ -34,19 +34,19 @@ def sparsified_delta(
     epsilon: float = 0.0,
 ) -> torch.Tensor:
     """tau_i after trimming/dropping (and, with `rescale`, L1-norm matching)."""
-    delta = inputs.models[index] - inputs.base
+    delta = inputs.delta(index)
     if rule is None or density >= 1:
         return delta
     if rule == "magnitude":
-        keep = sparsify.magnitude_mask(delta, density)
+        keep = sparsify.magnitude_mask(inputs.magnitude_ranks(index), density)
     elif rule == "breadcrumbs":
-        keep = sparsify.breadcrumbs_mask(delta, density, gamma)
+        keep = sparsify.breadcrumbs_mask(inputs.ascending_ranks(index), density, gamma)
     elif rule == "random":
-        keep = sparsify.dare_mask(inputs.field, index, delta, density)
+        keep = sparsify.dare_mask(inputs.draws(index), density)
     else:
         if density <= 0:
             return torch.zeros_like(delta)
-        keep = sparsify.della_mask(inputs.field, index, delta, density, epsilon)
+        keep = sparsify.della_mask(inputs.row_ranks(index), inputs.draws(index), density, epsilon)
     kept = delta * keep.to(delta.dtype)
     return sparsify.l1_rescale(delta, kept) if rescale else kept
 

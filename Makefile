@@ -1,0 +1,38 @@
+# Two entry points that do everything on a fresh machine:
+#   make demo   build the offline demo pool, search merge recipes over it, export and report
+#   make test   run the test suite (including golden comparisons against mergekit 0.1.5)
+# Each creates the virtual environments it needs. Where there is no NVIDIA GPU the CPU build
+# of torch is pinned (a plain `torch` would pull several GB of CUDA packages).
+
+PYTHON ?= python3
+VENV := .venv
+MERGEKIT_VENV := .venv-mergekit
+TORCH_PIN := torch==2.13.0
+RUN ?= runs/demo
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: demo test venv mergekit-venv clean
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q $(TORCH_PIN)
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+mergekit-venv: $(MERGEKIT_VENV)/.installed
+$(MERGEKIT_VENV)/.installed: constraints.txt
+	$(PYTHON) -m venv $(MERGEKIT_VENV)
+	$(MERGEKIT_VENV)/bin/pip install -q $(TORCH_PIN)
+	$(MERGEKIT_VENV)/bin/pip install -q -c constraints.txt mergekit==0.1.5
+	touch $@
+
+demo: venv
+	$(VENV)/bin/evomerge demo $(RUN)
+
+test: venv mergekit-venv
+	EVOMERGE_MERGEKIT_PYTHON=$(CURDIR)/$(MERGEKIT_VENV)/bin/python $(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(MERGEKIT_VENV) runs
