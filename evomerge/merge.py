@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 from evomerge import __version__
 from evomerge.errors import UserError
+from evomerge.methods.registry import MergeInputs
 from evomerge.plan import MergePlan, TensorJob, plan_merge
 from evomerge.recipe import Recipe
 
@@ -33,29 +34,35 @@ def torch_dtype(name: Optional[str]):
     return None if name is None else getattr(torch, TORCH_DTYPES[name])
 
 
-def merge_job(plan: MergePlan, job: TensorJob, *, seed: int, device: str = "cpu") -> "torch.Tensor":
-    """The merged tensor for one job, in the merge dtype (the recipe's `dtype`, else the
-    promoted dtype of the inputs)."""
+def merge_dtype(plan: MergePlan, tensors: list["torch.Tensor"]) -> "torch.dtype":
+    """The recipe's `dtype`, else the promoted dtype of the inputs (as mergekit does)."""
     import torch
 
-    from evomerge.methods import MergeInputs
-    from evomerge.random_fields import UniformField
-
-    refs = list(job.inputs) + ([job.base] if job.base else [])
-    tensors = [plan.checkpoints[r.model].tensor(r.name) for r in refs]
     dtype = torch_dtype(plan.recipe.dtype)
     if dtype is None:
         dtype = tensors[0].dtype
         for t in tensors[1:]:
             dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def load_inputs(plan: MergePlan, job: TensorJob, *, seed: int, device: str = "cpu") -> MergeInputs:
+    """Read one job's tensors, cast to the merge dtype, on `device`."""
+    from evomerge.random_fields import UniformField
+
+    refs = list(job.inputs) + ([job.base] if job.base else [])
+    tensors = [plan.checkpoints[r.model].tensor(r.name) for r in refs]
+    dtype = merge_dtype(plan, tensors)
     tensors = [t.to(device=device, dtype=dtype) for t in tensors]
     base = tensors.pop() if job.base else None
-    inputs = MergeInputs(
-        models=tensors,
-        base=base,
-        tensor_name=job.out_name,
-        field=UniformField(seed, job.out_name) if plan.method.randomized else None,
-    )
+    field = UniformField(seed, job.out_name) if plan.method.randomized else None
+    return MergeInputs(models=tensors, base=base, tensor_name=job.out_name, field=field)
+
+
+def run_method(plan: MergePlan, job: TensorJob, inputs: MergeInputs) -> "torch.Tensor":
+    """Apply the plan's method to one tensor's inputs with the job's parameters."""
+    import torch
+
     with torch.no_grad():
         try:
             return plan.method.merge(inputs, **job.kwargs)
@@ -69,7 +76,7 @@ def merged_tensors(
     """(name, tensor) for every output tensor, cast to `out_dtype` if given."""
     cast = torch_dtype(out_dtype or plan.recipe.out_dtype)
     for job in plan.jobs:
-        result = merge_job(plan, job, seed=seed, device=device)
+        result = run_method(plan, job, load_inputs(plan, job, seed=seed, device=device))
         yield job.out_name, result if cast is None else result.to(cast)
 
 

@@ -54,9 +54,16 @@ class MergePlan:
         return total
 
 
-def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
+def plan_merge(
+    recipe: Recipe, *, checkpoints: Optional[dict[str, Checkpoint]] = None, allow_pickle: bool = False
+) -> MergePlan:
+    """Lay out the output tensors and resolve every parameter. `checkpoints` may hold models
+    opened earlier (the search re-plans each candidate without re-reading headers)."""
     method = get_method(recipe.merge_method)
-    checkpoints = {ref: Checkpoint(ref, allow_pickle=allow_pickle) for ref in recipe.model_paths()}
+    opened = checkpoints or {}
+    checkpoints = {
+        ref: opened.get(ref) or Checkpoint(ref, allow_pickle=allow_pickle) for ref in recipe.model_paths()
+    }
     slices = _as_slices(recipe, checkpoints)
     config_source = recipe.base_model or slices[0].sources[0].model
     reference = checkpoints[config_source]

@@ -48,6 +48,7 @@ TASK_PREFIX = "evomerge_"  # lm-eval task names: evomerge_add, evomerge_rev, evo
 # greedy match of the whole answer also checks that the model knows where the answer stops.
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+WORD_LENGTHS = (4, 8)  # letters per rev/sort example, inclusive
 
 
 def _add(rng: random.Random) -> tuple[str, str]:
@@ -56,12 +57,12 @@ def _add(rng: random.Random) -> tuple[str, str]:
 
 
 def _rev(rng: random.Random) -> tuple[str, str]:
-    s = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
+    s = "".join(rng.choice(LETTERS) for _ in range(rng.randint(*WORD_LENGTHS)))
     return f"r:{s}=", f"{s[::-1]}."
 
 
 def _sort(rng: random.Random) -> tuple[str, str]:
-    s = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
+    s = "".join(rng.choice(LETTERS) for _ in range(rng.randint(*WORD_LENGTHS)))
     return f"s:{s}=", "".join(sorted(s)) + "."
 
 

@@ -18,15 +18,16 @@ from evomerge.errors import UserError
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def cli(verbose: int) -> None:
     """Learned model merging: classic merges and searches over merge recipes."""
-    level = logging.WARNING - 10 * min(verbose + 1, 2)
+    level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
 def _register_commands() -> None:
-    from evomerge.cli import eval_cmd, merge_cmd, pool_cmd
+    from evomerge.cli import eval_cmd, merge_cmd, pool_cmd, search_cmd
 
-    for module in (merge_cmd, pool_cmd, eval_cmd):
-        cli.add_command(module.command)
+    for module in (merge_cmd, pool_cmd, eval_cmd, search_cmd):
+        for command in getattr(module, "commands", None) or (module.command,):
+            cli.add_command(command)
 
 
 _register_commands()

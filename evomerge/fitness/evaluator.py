@@ -104,7 +104,7 @@ class Evaluator:
             name: {
                 k: float(v)
                 for k, v in tables[name].items()
-                if isinstance(v, (int, float)) and not k.endswith("_stderr") and "_stderr," not in k
+                if isinstance(v, (int, float)) and "," in k and "_stderr," not in k
             }
             for name in tables
         }

@@ -1,0 +1,82 @@
+"""`evomerge search | resume | worker`: run, continue or join a study."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import click
+
+
+def _run(config, run_dir: Path, *, more: Optional[int], create: bool) -> None:
+    """Run until the study's budget (config search.trials) is met, or `more` trials more."""
+    from evomerge.search import Search, best_trial, run_summary
+
+    search = Search(config, run_dir, create=create)
+    until = search.finished_trials() + more if more else config.search.trials
+    timeout = config.search.timeout_minutes
+    try:
+        search.run(until=until, timeout_s=timeout * 60 if timeout else None)
+    except KeyboardInterrupt:
+        click.echo(f"\nstopped; every finished trial is saved. Continue with: evomerge resume {run_dir}", err=True)
+        raise SystemExit(130)
+    summary = run_summary(search.study)
+    best = best_trial(search.study)
+    line = f"{summary['complete']} complete, {summary['failed']} failed, {summary['full_evaluations']} full evaluations"
+    if best is not None:
+        line += f"; best trial #{best.number}: fitness {best.user_attrs['fitness']:.4f}"
+    click.echo(line)
+
+
+@click.command("search")
+@click.argument("config_path", metavar="CONFIG.yaml", type=click.Path(path_type=Path))
+@click.option("--run-dir", type=click.Path(path_type=Path), help="Run folder (default: runs/<config name>).")
+@click.option("--trials", type=int, help="Trials to run (default: the config's search.trials).")
+def search(config_path: Path, run_dir: Optional[Path], trials: Optional[int]) -> None:
+    """Start a search over merge recipes described by CONFIG.yaml."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from evomerge.config import load_run_config
+    from evomerge.errors import UserError
+    from evomerge.search import write_run_folder
+
+    config = load_run_config(config_path)
+    run_dir = run_dir or Path("runs") / config_path.stem
+    if (run_dir / "run.json").exists():
+        raise UserError(f"{str(run_dir)!r} already holds a run; continue it with: evomerge resume {run_dir}")
+    if trials:
+        config = config.model_copy(update={"search": config.search.model_copy(update={"trials": trials})})
+    write_run_folder(config, run_dir)
+    _run(config, run_dir, more=None, create=True)
+
+
+@click.command("resume")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--trials", type=int, help="Run this many more trials (default: until the budget is met).")
+def resume(run_dir: Path, trials: Optional[int]) -> None:
+    """Continue the study of RUN_DIR: same storage, same sampler state."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from evomerge.search import read_run_folder
+
+    config = read_run_folder(run_dir)
+    _run(config, run_dir, more=trials, create=False)
+
+
+@click.command("worker")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--storage", help="Storage URL of the study (default: the run folder's).")
+@click.option("--study", "study_name", help="Study name (default: the run's).")
+@click.option("--device", help="Device of this worker, e.g. cuda:1 (default: the run's).")
+@click.option("--trials", type=int, help="Run this many trials (default: until the study's budget is met).")
+def worker(run_dir: Path, storage: Optional[str], study_name: Optional[str], device: Optional[str], trials: Optional[int]) -> None:
+    """Join the study of RUN_DIR as one more worker (one per GPU or node)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from evomerge.search import read_run_folder
+
+    config = read_run_folder(run_dir)
+    search_cfg = config.search.model_copy(update={k: v for k, v in {"storage": storage, "study_name": study_name}.items() if v})
+    config = config.model_copy(update={"search": search_cfg, "device": device or config.device})
+    _run(config, run_dir, more=trials, create=False)
+
+
+commands = (search, resume, worker)

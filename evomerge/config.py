@@ -1,0 +1,117 @@
+"""The run configuration of a search: one YAML file, validated up front.
+
+    pool:
+      base: runs/demo-pool/base
+      models: {add: runs/demo-pool/add, rev: runs/demo-pool/reverse}
+      dtype: float32
+    space: dare_ties_layers              # a file in search_spaces/, a path, or a mapping
+    fitness: {task_paths: [eval_tasks], tasks: [...], subset: {count: 40}}
+    search: {sampler: cmaes, trials: 40, seed: 0}
+    device: cpu
+
+Relative paths are read relative to the config file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from evomerge.errors import UserError
+from evomerge.fitness.config import FitnessConfig
+from evomerge.recipe import DTYPES, validate_model
+
+
+class PoolConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    base: str
+    models: dict[str, str] = Field(min_length=1)
+    dtype: Optional[str] = "float32"
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        """A plain list of folders gets the folder names as short names."""
+        if isinstance(value, list):
+            return {Path(str(v)).name: v for v in value}
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and value not in DTYPES:
+            raise ValueError(f"dtype {value!r} is not one of {', '.join(DTYPES)}")
+        return value
+
+
+class Promotion(BaseModel):
+    """Multi-fidelity: score every candidate on the fitness subset, and on the full set only
+    when its subset score is in the top `quantile` of the trials so far."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    quantile: float = Field(default=0.75, ge=0.0, le=1.0)
+    warmup: int = Field(default=5, ge=0)
+
+
+class SearchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    sampler: Literal["cmaes", "tpe", "random", "multi"] = "cmaes"
+    trials: int = Field(default=40, ge=1)
+    timeout_minutes: Optional[float] = Field(default=None, gt=0)
+    seed: int = 0
+    storage: Optional[str] = None
+    study_name: str = "evomerge"
+    baselines: bool = True
+    promotion: Optional[Promotion] = Field(default_factory=Promotion)
+    merge_seed: int = 0
+
+
+class ExportConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    out_dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
+    shard_size: str = "5GB"
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    pool: PoolConfig
+    space: Union[str, dict]
+    fitness: FitnessConfig
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    device: str = "cpu"
+    threads: Optional[int] = Field(default=None, ge=1)
+
+    def resolved(self, base_dir: Path) -> "RunConfig":
+        """Paths made absolute against `base_dir` (the config file's folder)."""
+
+        def absolute(p: str) -> str:
+            path = Path(p).expanduser()
+            return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+        pool = self.pool.model_copy(
+            update={"base": absolute(self.pool.base), "models": {k: absolute(v) for k, v in self.pool.models.items()}}
+        )
+        space = self.space
+        if isinstance(space, str) and (base_dir / space).is_file():
+            space = absolute(space)
+        return self.model_copy(update={"pool": pool, "space": space, "fitness": self.fitness.resolved(base_dir)})
+
+
+def load_run_config(path: Union[str, Path]) -> RunConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file {str(path)!r} does not exist") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: malformed YAML{where}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config keys")
+    config = validate_model(RunConfig, data, str(path))
+    return config.resolved(path.resolve().parent)

@@ -1,0 +1,207 @@
+"""Search spaces: which merge parameters a search explores, and genome <-> recipe.
+
+A space (a file in `search_spaces/`) names a merge method, how layers are grouped, an optional
+split of each layer by tensor-name filters, and the bounds of each searched parameter:
+
+    method: dare_ties
+    layers_per_group: 2          # null: one group for the whole model
+    split: [self_attn, mlp]      # the last part also covers every tensor the others miss
+    search: {weight: [0.0, 1.0], density: [0.1, 1.0]}
+    fixed: {normalize: false}
+
+A genome is a flat dict of floats with readable names, e.g. `L0-1.self_attn.math.weight` (per
+model) or `L2-3.t` (per group). It decodes to an ordinary `Recipe` with one slice per layer
+group, which `evomerge merge` and mergekit-yaml both run. Every gene is drawn directly inside
+its bounds, so the map from genome to recipe is one-to-one and smooth (no folding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from evomerge.errors import UserError
+from evomerge.methods import MergeMethod, get_method
+from evomerge.recipe import ConditionalSetting, Recipe, Slice, SliceSource, validate_model
+
+
+class SpaceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    method: str
+    layers_per_group: Optional[int] = Field(default=None, ge=1)
+    split: list[str] = Field(default_factory=list)
+    search: dict[str, Optional[tuple[float, float]]] = Field(min_length=1)
+    fixed: dict[str, Union[bool, int, float, str]] = Field(default_factory=dict)
+
+    @field_validator("search")
+    @classmethod
+    def _ordered(cls, value):
+        for name, bounds in value.items():
+            if bounds is not None and not bounds[0] < bounds[1]:
+                raise ValueError(f"bounds of {name!r} must be [low, high] with low < high")
+        return value
+
+
+def load_space(source: Union[str, Path, dict], *, base_dir: Path = Path(".")) -> SpaceConfig:
+    """A space from a file path (absolute, relative to `base_dir`, or a name in
+    `search_spaces/`) or from an inline mapping."""
+    if isinstance(source, dict):
+        return validate_model(SpaceConfig, source, "space")
+    path = _find_space_file(str(source), base_dir)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: malformed YAML ({exc.__class__.__name__})") from None
+    return validate_model(SpaceConfig, data, str(path))
+
+
+def _find_space_file(name: str, base_dir: Path) -> Path:
+    bundled = Path(__file__).resolve().parent.parent / "search_spaces"
+    for candidate in (Path(name), base_dir / name, bundled / name, bundled / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in bundled.glob("*.yaml"))
+    raise UserError(f"search space {name!r} not found (bundled spaces: {', '.join(known)})")
+
+
+@dataclass(frozen=True)
+class Gene:
+    name: str
+    low: float
+    high: float
+    group: str  # "L0-1" or "all"
+    part: Optional[str]  # split filter, or None
+    model: Optional[str]  # pool model name for per-model parameters
+    param: str
+
+
+class SearchSpace:
+    """Genes and decoding for one pool: `models` maps short names to model folders."""
+
+    def __init__(self, config: SpaceConfig, *, base: str, models: dict[str, str], num_layers: int, dtype: Optional[str]):
+        self.config, self.base, self.models, self.dtype = config, base, models, dtype
+        self.method: MergeMethod = get_method(config.method)
+        self.num_layers = num_layers
+        self._check_params()
+        self.groups = self._layer_groups()
+        self.genes = self._genes()
+
+    # --- layout --------------------------------------------------------------------------
+    def _check_params(self) -> None:
+        names = {p.name for p in self.method.params}
+        for name in list(self.config.search) + list(self.config.fixed):
+            if name not in names:
+                raise UserError(
+                    f"search space: merge method {self.method.name!r} has no parameter {name!r} "
+                    f"(it has: {', '.join(sorted(names))})"
+                )
+        for param in self.method.params:
+            if param.required and param.name not in self.config.search and param.name not in self.config.fixed:
+                raise UserError(f"search space: {self.method.name!r} needs {param.name!r} searched or fixed")
+        if self.method.max_models is not None and len(self.models) > self.method.max_models:
+            raise UserError(
+                f"search space: {self.method.name!r} merges at most {self.method.max_models} "
+                f"model(s) besides the base; the pool has {len(self.models)}"
+            )
+
+    def _layer_groups(self) -> list[tuple[str, int, int]]:
+        size = self.config.layers_per_group or self.num_layers
+        groups = []
+        for start in range(0, self.num_layers, size):
+            end = min(start + size, self.num_layers)
+            label = "all" if size >= self.num_layers else f"L{start}-{end - 1}"
+            groups.append((label, start, end))
+        return groups
+
+    def _bounds(self, name: str) -> tuple[float, float]:
+        bounds = self.config.search[name] or self.method.param(name).bounds
+        if bounds is None:
+            raise UserError(f"search space: give bounds for {name!r}")
+        return float(bounds[0]), float(bounds[1])
+
+    def _genes(self) -> list[Gene]:
+        genes = []
+        parts = self.config.split or [None]
+        for label, _, _ in self.groups:
+            for name in self.config.search:
+                param = self.method.param(name)
+                low, high = self._bounds(name)
+                for part in parts:
+                    prefix = label if part is None else f"{label}.{part}"
+                    if param.per_model:
+                        for model in self.models:
+                            genes.append(Gene(f"{prefix}.{model}.{name}", low, high, label, part, model, name))
+                    else:
+                        genes.append(Gene(f"{prefix}.{name}", low, high, label, part, None, name))
+        return genes
+
+    # --- decoding ------------------------------------------------------------------------
+    def decode(self, genome: dict[str, float]) -> Recipe:
+        """The recipe a genome stands for: one slice per layer group."""
+        missing = [g.name for g in self.genes if g.name not in genome]
+        if missing:
+            raise ValueError(f"genome lacks genes {missing[:3]}")
+        slices = []
+        for label, start, end in self.groups:
+            sources = [
+                SliceSource(
+                    model=path,
+                    layer_range=(start, end),
+                    parameters=self._settings(genome, label, model) or None,
+                )
+                for model, path in self.models.items()
+            ]
+            if self.method.base_role != "input":
+                sources.append(SliceSource(model=self.base, layer_range=(start, end)))
+            slices.append(Slice(sources=sources, parameters=self._settings(genome, label, None) or None))
+        return Recipe(
+            merge_method=self.method.name,
+            slices=slices,
+            base_model=self.base if self.method.base_role != "input" else None,
+            parameters=dict(self.config.fixed) or None,
+            dtype=self.dtype,
+        )
+
+    def _settings(self, genome: dict[str, float], label: str, model: Optional[str]) -> dict[str, Any]:
+        out = {}
+        for name in self.config.search:
+            if self.method.param(name).per_model != (model is not None):
+                continue
+            genes = [g for g in self.genes if g.group == label and g.model == model and g.param == name]
+            if len(genes) == 1:
+                out[name] = genome[genes[0].name]
+            else:  # split: filters in order, the last one catches everything else
+                out[name] = [
+                    ConditionalSetting(filter=g.part if i < len(genes) - 1 else None, value=genome[g.name])
+                    for i, g in enumerate(genes)
+                ]
+        return out
+
+    # --- baselines -----------------------------------------------------------------------
+    def baselines(self) -> dict[str, dict[str, float]]:
+        """Named genomes of the classic recipes, where the space can express them."""
+        n = len(self.models)
+        wanted: dict[str, dict[str, Any]] = {
+            "uniform": {"weight": lambda m: 1.0 / n, "density": 1.0, "t": 0.5},
+            "dare_ties_0.5": {"weight": 0.5, "density": 0.5, "t": 0.5},
+        }
+        for model in self.models:
+            wanted[f"only_{model}"] = {"weight": lambda m, me=model: 1.0 if m == me else 0.0, "density": 1.0, "t": 1.0}
+        out = {}
+        for label, values in wanted.items():
+            genome = {}
+            for gene in self.genes:
+                value = values.get(gene.param)
+                value = value(gene.model) if callable(value) else value
+                if value is None or not gene.low <= value <= gene.high:
+                    break
+                genome[gene.name] = float(value)
+            else:
+                out[label] = genome
+        if self.method.name != "dare_ties":
+            out.pop("dare_ties_0.5", None)
+        return out

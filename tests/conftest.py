@@ -1,0 +1,1 @@
+pytest_plugins = ["pool_fixtures", "mergekit_fixtures"]

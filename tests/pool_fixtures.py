@@ -1,0 +1,43 @@
+"""Session fixtures over the small demo pool (built once per test session, ~10 s).
+
+Wire into tests with `pytest_plugins = ["pool_fixtures"]` in tests/conftest.py (or import
+the fixtures there).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def small_pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A freshly built `small` demo pool: base/, add/, rev/, sort/, tasks/, pool.json."""
+    import torch
+
+    from evomerge.pool import build_pool
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("pool") / "demo"
+    build_pool(out, size="small")
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_pool_models(small_pool: Path) -> dict:
+    """name -> loaded model (eval mode) for every model of the small pool, plus `tokenizer`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.pool import load_manifest
+
+    manifest = load_manifest(small_pool)
+    models = {
+        name: AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()
+        for name, path in manifest["models"].items()
+    }
+    models["tokenizer"] = AutoTokenizer.from_pretrained(manifest["models"]["base"])
+    return models

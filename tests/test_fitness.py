@@ -1,0 +1,168 @@
+"""The evaluator on a live model: real lm-eval, real (tiny) models, no mocks."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from pydantic import ValidationError
+
+from evomerge.errors import UserError
+from evomerge.fitness import Evaluator, FitnessConfig, SubsetConfig, TaskSpec
+from evomerge.pool import N_TEST, load_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+ADD, REV, SORT = "evomerge_add", "evomerge_rev", "evomerge_sort"
+
+
+def _copy_weights(dst, src) -> None:
+    import torch
+
+    with torch.no_grad():
+        for (name, p), (src_name, q) in zip(dst.named_parameters(), src.named_parameters()):
+            assert name == src_name
+            p.data.copy_(q.data)
+
+
+@pytest.fixture(scope="module")
+def live(small_pool_models: dict):
+    """A private copy of the base model that tests may overwrite in place."""
+    return copy.deepcopy(small_pool_models["base"])
+
+
+@pytest.fixture(scope="module")
+def evaluator(live, small_pool: Path, small_pool_models: dict, tmp_path_factory) -> Evaluator:
+    config = FitnessConfig(
+        tasks=[ADD, REV, {"name": SORT, "metric": "perplexity", "weight": 0.5}],
+        task_paths=[load_manifest(small_pool)["task_path"]],
+        subset=SubsetConfig(count=40),
+    )
+    run_dir = tmp_path_factory.mktemp("run")
+    return Evaluator(live, small_pool_models["tokenizer"], config, run_dir)
+
+
+def test_same_weights_score_identically_twice(evaluator: Evaluator) -> None:
+    first, second = evaluator.score(), evaluator.score()
+    assert first.value == second.value
+    assert first.per_task == second.per_task
+
+
+def test_swapping_weights_in_and_back_reproduces_the_score(
+    evaluator: Evaluator, live, small_pool_models: dict
+) -> None:
+    import torch
+
+    _copy_weights(live, small_pool_models["base"])
+    before = evaluator.score()
+    saved = {k: v.clone() for k, v in live.state_dict().items()}
+    _copy_weights(live, small_pool_models["sort"])
+    swapped = evaluator.score()
+    assert swapped.per_task != before.per_task  # the live model really changed
+    with torch.no_grad():
+        for k, v in live.state_dict().items():
+            v.copy_(saved[k])
+    after = evaluator.score()
+    assert after.per_task == before.per_task
+    assert after.value == before.value
+
+
+def test_lower_is_better_metric_counts_the_right_way(
+    evaluator: Evaluator, live, small_pool_models: dict
+) -> None:
+    assert evaluator.tasks.maximize == {ADD: True, REV: True, SORT: False}
+    _copy_weights(live, small_pool_models["base"])
+    base = evaluator.score()
+    _copy_weights(live, small_pool_models["sort"])
+    spec = evaluator.score()
+    _copy_weights(live, small_pool_models["base"])
+    # The sort specialist has the lower perplexity on sort, and that raises its fitness share.
+    assert spec.per_task[SORT] < base.per_task[SORT]
+    for r in (base, spec):
+        expected = (r.per_task[ADD] + r.per_task[REV] - 0.5 * r.per_task[SORT]) / 2.5
+        assert r.value == pytest.approx(expected)
+
+
+def test_explicit_direction_overrides_the_task(small_pool: Path, small_pool_models: dict,
+                                               tmp_path: Path) -> None:
+    config = FitnessConfig(
+        tasks=[{"name": ADD, "metric": "acc", "direction": "minimize"}],
+        task_paths=[load_manifest(small_pool)["task_path"]],
+        subset={"count": 5, "sampling": "first"},
+    )
+    ev = Evaluator(small_pool_models["base"], small_pool_models["tokenizer"], config, tmp_path)
+    assert ev.tasks.maximize == {ADD: False}
+    r = ev.score()
+    assert r.value == -r.per_task[ADD]
+
+
+def test_subset_and_full(evaluator: Evaluator, live, small_pool_models: dict) -> None:
+    _copy_weights(live, small_pool_models["base"])
+    sub, full = evaluator.score(), evaluator.score(full=True)
+    assert not sub.full and full.full
+    assert sub.n_examples == {ADD: 40, REV: 40, SORT: 40}
+    assert full.n_examples == {ADD: N_TEST, REV: N_TEST, SORT: N_TEST}
+    indices = evaluator.tasks.subset[ADD]
+    assert len(set(indices)) == 40 and indices != list(range(40))  # seeded sample, not head
+    assert evaluator.score().per_task == sub.per_task  # the subset is fixed
+
+
+def test_subset_sizes() -> None:
+    assert SubsetConfig(count=500).size_of(150) == 150
+    assert SubsetConfig(fraction=0.2).size_of(150) == 30
+    assert SubsetConfig(fraction=0.001).size_of(150) == 1
+    with pytest.raises(ValidationError):
+        SubsetConfig()
+    with pytest.raises(ValidationError):
+        SubsetConfig(count=3, fraction=0.5)
+
+
+def test_config_rejects_mistakes() -> None:
+    with pytest.raises(ValidationError, match="extra"):
+        FitnessConfig(tasks=[ADD], sampler="cmaes")
+    with pytest.raises(ValidationError, match="twice"):
+        FitnessConfig(tasks=[ADD, ADD])
+    with pytest.raises(ValidationError):
+        FitnessConfig(tasks=[{"name": ADD, "weight": -1}])
+    with pytest.raises(ValidationError):
+        FitnessConfig(tasks=[ADD], backend="tgi")
+    assert TaskSpec(name=ADD, metric="exact_match,strict-match").metric_key == (
+        "exact_match,strict-match"
+    )
+
+
+def test_unknown_task_and_metric_are_user_errors(small_pool_models: dict, tmp_path: Path) -> None:
+    base, tok = small_pool_models["base"], small_pool_models["tokenizer"]
+    paths = [REPO / "eval_tasks"]
+    with pytest.raises(UserError, match="did you mean evomerge_add"):
+        Evaluator(base, tok, FitnessConfig(tasks=["evomerge_ad"], task_paths=paths), tmp_path)
+    with pytest.raises(UserError, match="no metric 'f1'"):
+        Evaluator(base, tok, FitnessConfig(tasks=[{"name": ADD, "metric": "f1"}],
+                                           task_paths=paths), tmp_path)
+
+
+def test_task_data_paths_do_not_depend_on_cwd(small_pool_models: dict, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # far from eval_tasks/ and its data/
+    config = FitnessConfig(tasks=[REV], task_paths=[REPO / "eval_tasks"], subset={"count": 8})
+    ev = Evaluator(small_pool_models["base"], small_pool_models["tokenizer"], config, "run")
+    assert ev.score().n_examples == {REV: 8}
+    assert (tmp_path / "run" / "hf" / "datasets").is_dir()  # dataset cache stays in the run
+
+
+def test_eval_command(small_pool: Path, tmp_path: Path) -> None:
+    from evomerge.cli import cli
+
+    out = tmp_path / "scores.json"
+    result = CliRunner().invoke(cli, [
+        "eval", str(small_pool / "sort"), "--task-path", str(small_pool / "tasks"),
+        "--tasks", f"{SORT},{REV}:perplexity:0.5", "--limit", "10", "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    assert SORT in result.output and "fitness" in result.output
+    report = json.loads(out.read_text())
+    assert report["n_examples"] == {SORT: 10, REV: 10}
+    assert report["maximize"] == {SORT: True, REV: False}
+    assert set(report["per_task"]) == {SORT, REV}
