@@ -100,8 +100,11 @@ def run_merge(
     force: bool = False,
     allow_pickle: bool = False,
     progress: Optional[Callable[[int, int], None]] = None,
+    extra_files: Optional[dict[str, str]] = None,
 ) -> MergeSummary:
-    """Merge `recipe` into a Hugging Face model folder at `out_dir`, atomically."""
+    """Merge `recipe` into a Hugging Face model folder at `out_dir`, atomically.
+
+    `extra_files` (name -> text) are written beside the model, e.g. a model card."""
     from evomerge.output import ShardedWriter, copy_tokenizer, staged_output, write_config
 
     started = time.perf_counter()
@@ -125,6 +128,8 @@ def run_merge(
         (staging / "recipe.yaml").write_text(recipe.to_yaml())
         provenance = {"evomerge_version": __version__, "seed": seed, "out_dtype": final_dtype}
         (staging / "evomerge.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
     return MergeSummary(
         tensors=len(plan.jobs),
         bytes_written=writer.total_bytes,

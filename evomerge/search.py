@@ -39,10 +39,13 @@ def storage_url(config: RunConfig, run_dir: Path) -> str:
 def open_storage(url: str):
     """Optuna storage for a URL; RDB storages get heartbeats so a dead worker's trial is
     failed (and retried once) instead of staying RUNNING forever."""
+    import warnings
+
     import optuna
-    from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
     from optuna.storages.journal import JournalFileBackend
 
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
         if url.startswith("journal:") or url.endswith(".log"):
             return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
@@ -50,7 +53,7 @@ def open_storage(url: str):
             url,
             heartbeat_interval=10,
             grace_period=30,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
         )
     except (optuna.exceptions.StorageInternalError, ImportError, ValueError) as exc:
         raise UserError(f"cannot open study storage {url!r}: {exc}") from None

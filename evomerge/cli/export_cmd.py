@@ -1,0 +1,24 @@
+"""`evomerge export RUN_DIR OUT_DIR`: the best (or a chosen) trial as recipe + model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import click
+
+
+@click.command("export")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--trial", "trial_number", type=int, help="Trial number (default: the best, see README).")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+def export(run_dir: Path, out_dir: Path, trial_number: Optional[int], force: bool) -> None:
+    """Write a trial's recipe (mergekit YAML) and merged model (HF folder) to OUT_DIR."""
+    from evomerge.export import export_trial
+
+    summary = export_trial(run_dir, out_dir, trial_number=trial_number, force=force)
+    click.echo(f"exported {summary.tensors} tensors in {summary.seconds:.1f} s -> {out_dir} (recipe: {out_dir / 'recipe.yaml'})")
+
+
+commands = (export,)

@@ -1,0 +1,85 @@
+"""Export a search result: the trial's recipe (mergekit YAML) and the merged model.
+
+The model is produced by `evomerge.merge.run_merge` from the same recipe and merge seed that
+the search materialised in memory, through the same tensor code, so it equals the scored
+candidate bit for bit (when exported in the merge dtype).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from evomerge import __version__
+from evomerge.errors import UserError
+from evomerge.merge import MergeSummary, run_merge
+from evomerge.output import parse_size
+from evomerge.search import best_trial, build_space, load_or_create_study, open_storage, read_run_folder, storage_url, trial_recipe
+
+
+def export_trial(run_dir: Path, out_dir: Path, *, trial_number: Optional[int] = None, force: bool = False) -> MergeSummary:
+    config = read_run_folder(run_dir)
+    study = load_or_create_study(config, open_storage(storage_url(config, Path(run_dir))), create=False)
+    trial = _pick(study, trial_number)
+    space = build_space(config)
+    recipe = trial_recipe(space, trial)
+    if config.export.out_dtype:
+        recipe = recipe.model_copy(update={"out_dtype": config.export.out_dtype})
+    card = model_card(recipe, trial, config, run_dir)
+    return run_merge(
+        recipe,
+        out_dir,
+        seed=config.search.merge_seed,
+        device=config.device,
+        shard_bytes=parse_size(config.export.shard_size),
+        force=force,
+        extra_files={"README.md": card},
+    )
+
+
+def _pick(study, trial_number: Optional[int]):
+    from optuna.trial import TrialState
+
+    if trial_number is None:
+        trial = best_trial(study)
+        if trial is None:
+            raise UserError("the study has no completed trial to export yet")
+        return trial
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if trial_number not in trials:
+        raise UserError(f"the study has no trial #{trial_number} (it has {len(trials)} trials)")
+    trial = trials[trial_number]
+    if trial.state != TrialState.COMPLETE:
+        raise UserError(f"trial #{trial_number} did not complete ({trial.state.name.lower()})")
+    return trial
+
+
+def model_card(recipe, trial, config, run_dir) -> str:
+    scores = trial.user_attrs.get("per_task", {})
+    rows = "\n".join(f"| {task} | {value:.4f} |" for task, value in scores.items())
+    sources = "\n".join(f"- `{name}`: {path}" for name, path in config.pool.models.items())
+    return f"""---
+tags: [merge, evomerge]
+---
+# Merged model (evomerge trial #{trial.number})
+
+Made by [evomerge]({__version__}) {__version__}: a `{recipe.merge_method}` merge whose per-layer
+parameters were searched ({config.search.sampler}, seed {config.search.seed}) against the
+evaluation tasks below. The recipe is in `recipe.yaml` (mergekit-compatible); DARE/DELLA masks
+use merge seed {config.search.merge_seed}.
+
+Base model: {config.pool.base}
+
+Sources:
+{sources}
+
+## Scores ({trial.user_attrs.get('fidelity', 'full')} evaluation)
+
+Combined fitness: {trial.user_attrs.get('fitness', float('nan')):.4f}
+
+| task | score |
+|---|---|
+{rows}
+
+Run folder: {Path(run_dir).resolve()}
+"""
