@@ -67,6 +67,10 @@ class SearchConfig(BaseModel):
     baselines: bool = True
     promotion: Optional[Promotion] = Field(default_factory=Promotion)
     merge_seed: int = 0
+    heartbeat_seconds: int = Field(default=10, ge=1)
+    """Workers on SQL storage beat this often; a trial whose worker stopped beating for
+    `grace_seconds` (killed, node lost) is marked failed and retried once."""
+    grace_seconds: int = Field(default=60, ge=1)
 
 
 class ExportConfig(BaseModel):

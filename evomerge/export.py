@@ -14,12 +14,19 @@ from evomerge import __version__
 from evomerge.errors import UserError
 from evomerge.merge import MergeSummary, run_merge
 from evomerge.output import parse_size
-from evomerge.search import best_trial, build_space, load_or_create_study, open_storage, read_run_folder, storage_url, trial_recipe
+from evomerge.search import (
+    best_trial,
+    build_space,
+    load_or_create_study,
+    open_config_storage,
+    read_run_folder,
+    trial_recipe,
+)
 
 
 def export_trial(run_dir: Path, out_dir: Path, *, trial_number: Optional[int] = None, force: bool = False) -> MergeSummary:
     config = read_run_folder(run_dir)
-    study = load_or_create_study(config, open_storage(storage_url(config, Path(run_dir))), create=False)
+    study = load_or_create_study(config, open_config_storage(config, Path(run_dir)), create=False)
     trial = _pick(study, trial_number)
     space = build_space(config)
     recipe = trial_recipe(space, trial)

@@ -49,10 +49,11 @@ TASK_PREFIX = "evomerge_"  # lm-eval task names: evomerge_add, evomerge_rev, evo
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 WORD_LENGTHS = (4, 8)  # letters per rev/sort example, inclusive
+ADD_RANGES = (100, 10)  # add: a below 100 plus b below 10
 
 
 def _add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randrange(100), rng.randrange(100)
+    a, b = rng.randrange(ADD_RANGES[0]), rng.randrange(ADD_RANGES[1])
     return f"a:{a}+{b}=", f"{a + b}."
 
 
@@ -72,9 +73,9 @@ SKILLS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "sort": _sort,
 }
 SKILL_DESCRIPTIONS = {
-    "add": "add two numbers below 100: a:37+48=85.",
-    "rev": "reverse 3-6 letters: r:abcd=dcba.",
-    "sort": "sort 3-6 letters: s:dbca=abcd.",
+    "add": f"add a number below {ADD_RANGES[0]} and one below {ADD_RANGES[1]}: a:37+8=45.",
+    "rev": f"reverse {WORD_LENGTHS[0]}-{WORD_LENGTHS[1]} letters: r:abcd=dcba.",
+    "sort": f"sort {WORD_LENGTHS[0]}-{WORD_LENGTHS[1]} letters: s:dbca=abcd.",
 }
 
 N_TEST = 150

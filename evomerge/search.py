@@ -36,7 +36,7 @@ def storage_url(config: RunConfig, run_dir: Path) -> str:
     return config.search.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
 
 
-def open_storage(url: str):
+def open_storage(url: str, *, heartbeat_seconds: int = 10, grace_seconds: int = 60):
     """Optuna storage for a URL; RDB storages get heartbeats so a dead worker's trial is
     failed (and retried once) instead of staying RUNNING forever."""
     import warnings
@@ -51,8 +51,8 @@ def open_storage(url: str):
             return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
         return RDBStorage(
             url,
-            heartbeat_interval=10,
-            grace_period=30,
+            heartbeat_interval=heartbeat_seconds,
+            grace_period=grace_seconds,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
         )
     except (optuna.exceptions.StorageInternalError, ImportError, ValueError) as exc:
@@ -61,6 +61,13 @@ def open_storage(url: str):
         if type(exc).__module__.startswith("sqlalchemy"):
             raise UserError(f"cannot reach study storage {url!r}: {type(exc).__name__}") from None
         raise
+
+
+def open_config_storage(config: RunConfig, run_dir: Path):
+    search = config.search
+    return open_storage(
+        storage_url(config, run_dir), heartbeat_seconds=search.heartbeat_seconds, grace_seconds=search.grace_seconds
+    )
 
 
 def make_sampler(config: RunConfig):
@@ -108,7 +115,7 @@ class Search:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.space = build_space(config)
-        self.storage = storage or open_storage(storage_url(config, self.run_dir))
+        self.storage = storage or open_config_storage(config, self.run_dir)
         self.study = load_or_create_study(config, self.storage, create=create)
         if create and config.search.baselines and not self.study.trials:
             for label, genome in self.space.baselines().items():

@@ -23,9 +23,9 @@ def cli(verbose: int) -> None:
 
 
 def _register_commands() -> None:
-    from evomerge.cli import eval_cmd, export_cmd, merge_cmd, pool_cmd, search_cmd
+    from evomerge.cli import eval_cmd, export_cmd, merge_cmd, pool_cmd, report_cmd, search_cmd
 
-    for module in (merge_cmd, pool_cmd, eval_cmd, search_cmd, export_cmd):
+    for module in (merge_cmd, pool_cmd, eval_cmd, search_cmd, export_cmd, report_cmd):
         for command in getattr(module, "commands", None) or (module.command,):
             cli.add_command(command)
 

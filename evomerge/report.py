@@ -1,0 +1,471 @@
+"""`evomerge report`: what a search found, as a table, three plots and `summary.json`.
+
+Everything is read from the study in Optuna storage; no model is loaded and the pool need
+not exist any more. `report_run(run_dir)` writes, into `RUN_DIR/report/` (or `out`):
+
+- `history.png`   fitness per trial (filled: full evaluation, hollow: subset only), the
+                  running best, failed trials as crosses, each baseline as a labelled line;
+- `genome.png`    the best trial's genome as a heat map: one row per parameter x model
+                  (x split part), one column per layer group, colour = position within the
+                  gene's bounds, the value written in the cell;
+- `tasks.png`     per-task scores of the best trial beside each baseline;
+- `summary.json`  the table data: best trial, top trials, baselines, counts, saving.
+
+"Best" is `search.best_trial`, the trial `evomerge export` takes: the best full-fidelity
+trial (subset scores are noisier), or of a multi-objective study's Pareto front the one with
+the best combined fitness.
+
+The multi-fidelity saving is an estimate from each trial's `eval_seconds` (its evaluation
+time, subset and full passes together): one full pass costs about the mean time of promoted
+trials minus the mean time of subset-only ones, and without a subset stage every trial would
+have cost one full pass. It is left out when the trials do not record `eval_seconds`.
+
+For an interactive view (history, parameter importances, slices, per-trial attributes), open
+the same study in optuna-dashboard while the search runs or after::
+
+    pip install optuna-dashboard
+    optuna-dashboard sqlite:///RUN_DIR/study.db
+
+(an absolute RUN_DIR gives four slashes, `sqlite:////abs/run/study.db`; a run with
+`search.storage` set uses that URL instead; the report prints the exact command).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+from evomerge.errors import UserError
+
+if TYPE_CHECKING:
+    import optuna
+
+    from evomerge.space import SearchSpace
+
+LOG = logging.getLogger(__name__)
+
+PLOTS = ("history.png", "genome.png", "tasks.png")
+
+
+@dataclass
+class Report:
+    text: str  # the terminal table
+    summary: dict[str, Any]  # what summary.json holds
+    files: list[Path] = field(default_factory=list)
+
+
+# --- entry points --------------------------------------------------------------------------
+def report_run(run_dir: Union[str, Path], *, top: int = 10, out: Optional[Path] = None) -> Report:
+    """Report on the run folder `run_dir`; files go to `out` (default `RUN_DIR/report`)."""
+    from evomerge.search import load_or_create_study, open_storage, read_run_folder, storage_url
+
+    run_dir = Path(run_dir)
+    config = read_run_folder(run_dir, check_pool=False)
+    url = storage_url(config, run_dir)
+    with warnings.catch_warnings():  # open_storage's heartbeat options warn about deprecations
+        warnings.simplefilter("ignore")
+        study = load_or_create_study(config, open_storage(url), create=False)
+    space = space_for_study(config, study)
+    out_dir = Path(out) if out else run_dir / "report"
+    return make_report(study, space, out_dir, top=top, title=str(run_dir), dashboard=f"optuna-dashboard {url}")
+
+
+def make_report(
+    study: "optuna.Study",
+    space: "SearchSpace",
+    out_dir: Path,
+    *,
+    top: int = 10,
+    title: str = "",
+    dashboard: Optional[str] = None,
+) -> Report:
+    """Table, plots and summary.json for `study`, whose genes are those of `space`.
+
+    `title` names the run in the text; `dashboard` is the command that opens the study in
+    optuna-dashboard, shown in the text and kept in summary.json."""
+    if top < 1:
+        raise UserError(f"--top must be at least 1, not {top}")
+    summary = summarise(study, top=top)
+    if summary["best"] is None:
+        where = f" of {title}" if title else ""
+        raise UserError(f"the study{where} has no completed trial yet; run or resume the search first")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    best = next(t for t in study.get_trials(deepcopy=False) if t.number == summary["best"]["number"])
+    files = [
+        plot_history(study, summary, out_dir / "history.png"),
+        plot_genome(space, best, out_dir / "genome.png"),
+        plot_tasks(summary, out_dir / "tasks.png"),
+    ]
+    summary["plots"] = [f.name for f in files]
+    if dashboard:
+        summary["dashboard"] = dashboard
+    files.append(_write_json(out_dir, summary))
+    text = format_table(summary, title=title)
+    if dashboard:
+        text += f"\ndashboard: {dashboard}"
+    text += "\n" + "\n".join(f"wrote {f}" for f in files)
+    return Report(text=text, summary=summary, files=files)
+
+
+def space_for_study(config, study: "optuna.Study") -> "SearchSpace":
+    """The run's search space, without opening the pool: the layer count only sets the group
+    labels, so it is read back from the gene names (`L4-5.…` -> at least 6 layers)."""
+    from evomerge.space import SearchSpace, load_space
+
+    ends = [
+        int(m.group(1))
+        for t in study.get_trials(deepcopy=False)
+        for name in t.params
+        if (m := re.match(r"L\d+-(\d+)\.", name))
+    ]
+    return SearchSpace(
+        load_space(config.space),
+        base=config.pool.base,
+        models=dict(config.pool.models),
+        num_layers=max(ends) + 1 if ends else 1,  # no labels: one group "all", any count does
+        dtype=config.pool.dtype,
+    )
+
+
+# --- the data --------------------------------------------------------------------------------
+def _finite(value: Any) -> Optional[float]:
+    """A float for JSON and arithmetic, or None (never NaN flowing on)."""
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _row(trial) -> dict[str, Any]:
+    attrs = trial.user_attrs
+    row = {
+        "number": trial.number,
+        "state": trial.state.name,
+        "baseline": attrs.get("baseline"),
+        "fidelity": attrs.get("fidelity"),
+        "fitness": _finite(attrs.get("fitness")),
+        "per_task": {k: _finite(v) for k, v in (attrs.get("per_task") or {}).items()},
+        "eval_seconds": _finite(attrs.get("eval_seconds")),
+    }
+    if "fail_reason" in attrs:
+        row["fail_reason"] = attrs["fail_reason"]
+    return row
+
+
+def summarise(study: "optuna.Study", *, top: int = 10) -> dict[str, Any]:
+    """The table data: best trial, top `top` trials by fitness, baselines, counts, saving."""
+    from optuna.trial import TrialState
+
+    from evomerge.search import best_trial
+
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and _finite(t.user_attrs.get("fitness")) is not None]
+    best = best_trial(study)
+    tasks: list[str] = []
+    for t in complete:
+        tasks += [k for k in t.user_attrs.get("per_task") or {} if k not in tasks]
+    ranked = sorted(complete, key=lambda t: (-t.user_attrs["fitness"], t.number))
+    pareto = {t.number for t in study.best_trials} if len(study.directions) > 1 and complete else set()
+    return {
+        "study": study.study_name,
+        "directions": [d.name.lower() for d in study.directions],
+        "tasks": tasks,
+        "best": _row(best) if best is not None else None,
+        "top": [_row(t) for t in ranked[:top]],
+        "pareto_front": sorted(pareto),
+        "baselines": [_row(t) for t in trials if "baseline" in t.user_attrs],
+        "counts": {
+            "trials": len(trials),
+            "complete": sum(t.state == TrialState.COMPLETE for t in trials),
+            "failed": sum(t.state == TrialState.FAIL for t in trials),
+            "running": sum(t.state == TrialState.RUNNING for t in trials),
+            "full_evaluations": sum(t.user_attrs.get("fidelity") == "full" for t in complete),
+            "subset_only": sum(t.user_attrs.get("fidelity") == "subset" for t in complete),
+        },
+        "multi_fidelity": multi_fidelity_saving(complete),
+    }
+
+
+def multi_fidelity_saving(trials) -> dict[str, Any]:
+    """Fraction of trials that stopped at the subset, and the evaluation seconds that saved.
+
+    Without the subset stage every trial would cost one full pass F. With it, subset-only
+    trials cost S and promoted ones S + F, so F ~ mean(promoted) - mean(subset-only) and the
+    saving is N * F minus the seconds actually spent. None where the data cannot tell.
+    """
+    scored = [t for t in trials if t.user_attrs.get("fidelity") in ("subset", "full")]
+    subset = [t for t in scored if t.user_attrs["fidelity"] == "subset"]
+    full = [t for t in scored if t.user_attrs["fidelity"] == "full"]
+    out: dict[str, Any] = {
+        "subset_only_fraction": len(subset) / len(scored) if scored else None,
+        "eval_seconds_spent": None,
+        "full_pass_seconds": None,
+        "eval_seconds_saved": None,
+    }
+    seconds = [_finite(t.user_attrs.get("eval_seconds")) for t in scored]
+    if not scored or any(s is None for s in seconds):
+        return out
+    out["eval_seconds_spent"] = sum(seconds)
+    if subset and full:
+        mean = lambda ts: sum(t.user_attrs["eval_seconds"] for t in ts) / len(ts)  # noqa: E731
+        full_pass = max(mean(full) - mean(subset), 0.0)
+        out["full_pass_seconds"] = full_pass
+        out["eval_seconds_saved"] = len(scored) * full_pass - out["eval_seconds_spent"]
+    return out
+
+
+# --- the table -------------------------------------------------------------------------------
+def _num(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _rows_text(rows: list[dict[str, Any]], tasks: list[str], *, marks: dict[int, str]) -> list[str]:
+    header = ["", "#", "baseline", "fidelity", "fitness", *tasks]
+    body = [
+        [
+            marks.get(r["number"], ""),
+            str(r["number"]),
+            r["baseline"] or "",
+            r["fidelity"] or ("failed" if r["state"] == "FAIL" else r["state"].lower()),
+            _num(r["fitness"]),
+            *(_num(r["per_task"].get(task)) for task in tasks),
+        ]
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    left = {0, 2, 3}  # text columns; numbers align right
+    return [
+        "  ".join(cell.ljust(w) if i in left else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))).rstrip()
+        for line in [header, *body]
+    ]
+
+
+def format_table(summary: dict[str, Any], *, title: str = "") -> str:
+    """The terminal report: top trials, baselines, counts, multi-fidelity saving."""
+    tasks, counts = summary["tasks"], summary["counts"]
+    best = summary["best"]
+    marks = {n: "p" for n in summary["pareto_front"]}
+    marks[best["number"]] = "*"
+    lines = [f"study {summary['study']!r}" + (f" in {title}" if title else "") + f": {counts['trials']} trials"]
+    lines += ["", f"top {len(summary['top'])} of {counts['complete']} complete trials by fitness"]
+    lines += _rows_text(summary["top"], tasks, marks=marks)
+    legend = "* the trial `evomerge export` takes"
+    legend += " (best full evaluation)" if len(summary["directions"]) == 1 else "; p on the Pareto front"
+    lines.append(legend)
+    if summary["baselines"]:
+        lines += ["", "baselines"]
+        lines += _rows_text(summary["baselines"], tasks, marks=marks)
+        scored = [b for b in summary["baselines"] if b["fitness"] is not None]
+        if scored:
+            top_base = max(scored, key=lambda b: b["fitness"])
+            if best["baseline"]:
+                lines.append(f"the best trial is a baseline ({best['baseline']}): the search has not beaten it yet")
+            else:
+                gap = best["fitness"] - top_base["fitness"]
+                lines.append(f"best trial #{best['number']} vs best baseline ({top_base['baseline']}): {gap:+.4f} fitness")
+    lines += [
+        "",
+        f"{counts['complete']} complete, {counts['failed']} failed, {counts['full_evaluations']} full evaluations"
+        + (f", {counts['running']} running" if counts["running"] else ""),
+    ]
+    saving = summary["multi_fidelity"]
+    if saving["subset_only_fraction"] is not None:
+        line = (
+            f"multi-fidelity: {counts['subset_only']} of {counts['subset_only'] + counts['full_evaluations']} "
+            f"trials ({saving['subset_only_fraction']:.0%}) scored on the subset only"
+        )
+        if saving["eval_seconds_saved"] is not None:
+            line += f"; about {saving['eval_seconds_saved']:.0f} s of {saving['eval_seconds_spent'] + saving['eval_seconds_saved']:.0f} s evaluation saved"
+        elif saving["eval_seconds_spent"] is None:
+            line += " (no eval_seconds recorded: time saved unknown)"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+# --- plots -----------------------------------------------------------------------------------
+def _figure(width: float, height: float):
+    """A figure on the Agg canvas, without pyplot's global state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    """Write to a temporary file, then rename: a reader never sees half a PNG."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _write_json(out_dir: Path, summary: dict[str, Any]) -> Path:
+    path = Path(out_dir) / "summary.json"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".summary.", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(summary, f, indent=2, allow_nan=False)
+    os.replace(tmp, path)
+    return path
+
+
+def _spread(ys: list[float], gap: float) -> list[float]:
+    """Label heights moved apart by at least `gap`, keeping their order."""
+    order = sorted(range(len(ys)), key=lambda i: ys[i])
+    out = list(ys)
+    for prev, i in zip(order, order[1:]):
+        out[i] = max(out[i], out[prev] + gap)
+    return out
+
+
+def _colours(summary: dict[str, Any]) -> dict[str, str]:
+    """One colour per baseline label, the same in every plot (C0, C1 are the trials')."""
+    return {b["baseline"]: f"C{(i + 2) % 10}" for i, b in enumerate(summary["baselines"])}
+
+
+def plot_history(study: "optuna.Study", summary: dict[str, Any], path: Path) -> Path:
+    """Fitness per trial, running best, failed trials, and baselines as labelled lines."""
+    from optuna.trial import TrialState
+
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    scored = [t for t in trials if t.state == TrialState.COMPLETE and _finite(t.user_attrs.get("fitness")) is not None]
+    fig = _figure(8, 4.5)
+    ax = fig.add_subplot()
+    for fidelity, style in (
+        ("full", dict(color="C0", label="full evaluation")),
+        ("subset", dict(facecolors="none", edgecolors="C0", label="subset only")),
+    ):
+        pts = [(t.number, t.user_attrs["fitness"]) for t in scored if (t.user_attrs.get("fidelity") or "full") == fidelity]
+        if pts:
+            ax.scatter(*zip(*pts), s=28, zorder=3, **style)
+
+    # running best over the trials `best_trial` chooses among: full ones if there are any
+    pool = [t for t in scored if t.user_attrs.get("fidelity") == "full"] or scored
+    xs, ys, best = [], [], -math.inf
+    for t in pool:
+        best = max(best, t.user_attrs["fitness"])
+        xs.append(t.number)
+        ys.append(best)
+    if xs:
+        xs.append(trials[-1].number)
+        ys.append(best)
+        label = "running best (full)" if pool is not scored else "running best"
+        ax.step(xs, ys, where="post", color="C1", lw=1.8, label=label, zorder=2)
+
+    x_max = trials[-1].number if trials else 0
+    baselines = [b for b in summary["baselines"] if b["fitness"] is not None]
+    colours = _colours(summary)
+    for b in baselines:  # lines stop short of the right margin, which holds their labels
+        ax.hlines(b["fitness"], -0.5, x_max + 0.5, color=colours[b["baseline"]], ls="--", lw=1, alpha=0.8, zorder=1)
+
+    failed = [t.number for t in trials if t.state == TrialState.FAIL]
+    if failed:  # at the foot of the axes: a failed trial has no fitness
+        ax.scatter(failed, [0.02] * len(failed), marker="x", color="black", s=30, label="failed",
+                   transform=ax.get_xaxis_transform(), zorder=3, clip_on=False)
+
+    ax.set_xlim(-0.5, x_max + 0.5 + max(1.0, 0.18 * (x_max + 1)))  # room for baseline labels
+    low, high = ax.get_ylim()
+    heights = _spread([b["fitness"] for b in baselines], 0.045 * (high - low))
+    for b, y in zip(baselines, heights):
+        ax.annotate(b["baseline"], xy=(x_max + 0.6, b["fitness"]), xytext=(x_max + 0.9, y),
+                    fontsize=8, va="center", color=colours[b["baseline"]],
+                    arrowprops=dict(arrowstyle="-", color="0.6", lw=0.6) if abs(y - b["fitness"]) > 1e-12 else None)
+    ax.set_ylim(low, max(high, heights[-1] if heights else high))
+    ax.set_xlabel("trial")
+    ax.set_ylabel("fitness (combined, higher is better)")
+    ax.set_title(f"optimisation history: {summary['study']}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
+    return _save(fig, path)
+
+
+def plot_genome(space: "SearchSpace", trial, path: Path) -> Path:
+    """Heat map of a trial's genome: rows parameter x model (x part), columns layer groups."""
+    import numpy as np
+
+    groups = [label for label, _, _ in space.groups]
+    rows: list[tuple[str, Optional[str], Optional[str]]] = []  # (param, model, part), param-major
+    for gene in space.genes:
+        key = (gene.param, gene.model, gene.part)
+        if key not in rows:
+            rows.append(key)
+    rows.sort(key=lambda k: [p for p in space.config.search].index(k[0]))  # stable: keeps model order
+    values = np.full((len(rows), len(groups)), np.nan)
+    shade = np.full_like(values, np.nan)  # position within the gene's bounds, 0..1
+    for gene in space.genes:
+        value = trial.params.get(gene.name)
+        if value is None:
+            continue
+        r, c = rows.index((gene.param, gene.model, gene.part)), groups.index(gene.group)
+        values[r, c] = value
+        shade[r, c] = (value - gene.low) / (gene.high - gene.low)
+
+    labels = [" · ".join(x for x in (model, part, param) if x) for param, model, part in rows]
+    fig = _figure(2.2 + 0.75 * len(groups) + 0.06 * max(map(len, labels)), 1.4 + 0.38 * len(rows))
+    ax = fig.add_subplot()
+    image = ax.imshow(shade, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    if values.size <= 600:  # beyond that the numbers are unreadable anyway
+        size = 8 if len(groups) <= 12 else 6
+        for (r, c), value in np.ndenumerate(values):
+            if not np.isnan(value):
+                ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=size,
+                        color="black" if shade[r, c] > 0.6 else "white")
+    for r in range(1, len(rows)):  # a rule between parameters
+        if rows[r][0] != rows[r - 1][0]:
+            ax.axhline(r - 0.5, color="white", lw=2)
+    ax.set_xticks(range(len(groups)), groups, rotation=45 if len(groups) > 8 else 0)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.set_xlabel("layer group")
+    fitness = _finite(trial.user_attrs.get("fitness"))
+    ax.set_title(f"genome of trial #{trial.number} ({space.method.name}"
+                 + (f", fitness {fitness:.4f})" if fitness is not None else ")"), fontsize=10)
+    fig.colorbar(image, ax=ax, label="position within bounds (low → high)", shrink=0.9)
+    return _save(fig, path)
+
+
+def plot_tasks(summary: dict[str, Any], path: Path) -> Path:
+    """Grouped bars per task: the best trial beside each baseline."""
+    import numpy as np
+
+    tasks = summary["tasks"]
+    best = summary["best"]
+    series = [(f"best #{best['number']}", best)] + [
+        (b["baseline"], b) for b in summary["baselines"]
+        if b["fitness"] is not None and b["number"] != best["number"]
+    ]
+    if best["baseline"]:  # the best trial is itself a baseline
+        series[0] = (f"best #{best['number']} ({best['baseline']})", best)
+    colours = _colours(summary)
+    width = 0.8 / len(series)
+    fig = _figure(max(5.0, 1.2 + len(tasks) * (0.4 + 0.28 * len(series))), 4.2)
+    ax = fig.add_subplot()
+    x = np.arange(len(tasks))
+    for i, (label, row) in enumerate(series):
+        heights = [row["per_task"].get(task) for task in tasks]
+        heights = [np.nan if h is None else h for h in heights]
+        bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, heights, width,
+                      label=label, color="C1" if i == 0 else colours[row["baseline"]],
+                      edgecolor="black" if i == 0 else "none", lw=0.8)
+        if len(series) * len(tasks) <= 40:
+            ax.bar_label(bars, fmt="%.2f", fontsize=6.5, padding=1)
+    ax.set_xticks(x, tasks, rotation=20 if len(tasks) > 4 else 0)
+    ax.set_ylabel("score (each task's metric)")
+    ax.set_title("per-task scores: best trial vs baselines")
+    ax.margins(y=0.12)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path)

@@ -1,0 +1,168 @@
+"""The search end to end on the small demo pool: real models, real lm-eval, real SQLite."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def write_config(tmp: Path, pool: Path, *, space="linear_global", trials=6, **search) -> Path:
+    config = {
+        "pool": {
+            "base": str(pool / "base"),
+            "models": {name: str(pool / name) for name in ("add", "rev", "sort")},
+            "dtype": "float32",
+        },
+        "space": space,
+        "fitness": {
+            "task_paths": [str(pool / "tasks")],
+            "tasks": ["evomerge_add", "evomerge_rev", "evomerge_sort"],
+            "subset": {"count": 8},
+            "batch_size": 32,
+        },
+        "search": {"sampler": "cmaes", "trials": trials, "seed": 3, **search},
+        "threads": 1,
+    }
+    path = tmp / f"config-{len(list(tmp.glob('config-*')))}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def evomerge(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "evomerge", *args], env=ENV, capture_output=True, text=True, timeout=600
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"evomerge {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+def trials_of(run_dir: Path):
+    import optuna
+
+    study = optuna.load_study(study_name="evomerge", storage=f"sqlite:///{run_dir / 'study.db'}")
+    return study.get_trials(deepcopy=False)
+
+
+def test_resume_continues_the_same_cmaes_run(tmp_path, small_pool):
+    """9 trials, stop, resume for 6 more in a new process: the CMA-ES generation that spans
+    the restart is completed from both processes' trials, and the next one starts from it.
+    (Optuna re-seeds the within-generation draws per process, so the proposals after the
+    restart differ from an uninterrupted run's; the sampler state itself comes from storage.)"""
+    straight = tmp_path / "straight"
+    evomerge("search", str(write_config(tmp_path, small_pool, trials=15)), "--run-dir", str(straight))
+    split = tmp_path / "split"
+    evomerge("search", str(write_config(tmp_path, small_pool, trials=9)), "--run-dir", str(split))
+    evomerge("resume", str(split), "--trials", "6")
+
+    a, b = trials_of(straight), trials_of(split)
+    assert [t.number for t in b] == list(range(15))
+    # a seeded run repeats exactly: both runs' first 9 trials are the same
+    assert [t.params for t in a[:9]] == [t.params for t in b[:9]]
+    assert [t.value for t in a[:9]] == [t.value for t in b[:9]]
+    # 3 genes -> population 7: trials 4-10 are generation 0 (across the restart), 11-14 generation 1
+    generation = {t.number: t.system_attrs.get("cma:generation") for t in b}
+    assert [generation[n] for n in range(4, 15)] == [0] * 7 + [1] * 4
+    baselines = [t.user_attrs.get("baseline") for t in b if "baseline" in t.user_attrs]
+    assert baselines == ["uniform", "only_add", "only_rev", "only_sort"]
+
+
+def test_sigkill_mid_search_loses_at_most_the_trial_in_flight(tmp_path, small_pool):
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path, small_pool, trials=200, heartbeat_seconds=1, grace_seconds=2)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evomerge", "search", str(config), "--run-dir", str(run_dir)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if (run_dir / "study.db").exists():
+            done = [t for t in trials_of(run_dir) if t.state.name == "COMPLETE"]
+            if len(done) >= 3:
+                break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {t.number: t.value for t in trials_of(run_dir) if t.state.name == "COMPLETE"}
+    assert len(before) >= 3
+    time.sleep(3)  # past the grace period: the killed worker's trial is stale
+    evomerge("resume", str(run_dir), "--trials", "2")
+    after = trials_of(run_dir)
+    assert all(t.state.name != "RUNNING" for t in after)
+    completed = {t.number: t.value for t in after if t.state.name == "COMPLETE"}
+    assert {n: completed[n] for n in before} == before  # nothing finished was lost
+    assert len(completed) >= len(before) + 2 - 1  # the stale trial may be retried as one of them
+
+
+def test_export_equals_the_scored_candidate_bit_for_bit(tmp_path, small_pool):
+    import torch
+    from safetensors.torch import load_file
+
+    from evomerge.config import load_run_config
+    from evomerge.export import export_trial
+    from evomerge.merge import run_merge
+    from evomerge.recipe import load_recipe
+    from evomerge.search import Search, trial_recipe, write_run_folder
+
+    torch.set_num_threads(1)
+    run_dir = tmp_path / "run"
+    config = load_run_config(write_config(tmp_path, small_pool, space="dare_ties_layers", trials=7))
+    write_run_folder(config, run_dir)
+    search = Search(config, run_dir)
+    search.run(until=7, progress=False)
+    trial = search.study.trials[-1]  # a CMA-ES proposal: densities < 1, so DARE masks are in play
+    assert trial.state.name == "COMPLETE"
+    search.candidate.apply(trial_recipe(search.space, trial))
+    scored = {name: t.detach().clone() for name, t in search.candidate.targets.items()}
+
+    export_trial(run_dir, tmp_path / "export", trial_number=trial.number)
+    exported = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert exported.keys() == scored.keys()
+    assert all(torch.equal(exported[k], scored[k]) for k in scored)
+    assert "evomerge_add" in (tmp_path / "export" / "README.md").read_text()
+
+    # the exported recipe is an ordinary recipe: `evomerge merge` rebuilds the same model
+    run_merge(load_recipe(tmp_path / "export" / "recipe.yaml"), tmp_path / "again", seed=config.search.merge_seed)
+    again = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert all(torch.equal(again[k], exported[k]) for k in exported)
+
+
+def test_failing_candidates_are_recorded_and_the_search_goes_on(tmp_path, small_pool):
+    space = {"method": "della", "search": {"density": [0.05, 0.95], "weight": [0.0, 1.0]}, "fixed": {"epsilon": 0.3}}
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path, small_pool, space=space, trials=10, baselines=False, sampler="random")
+    evomerge("search", str(config), "--run-dir", str(run_dir))
+    trials = trials_of(run_dir)
+    assert len(trials) == 10
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert failed and all("della needs" in t.user_attrs["fail_reason"] for t in failed)
+    assert any(t.state.name == "COMPLETE" for t in trials)
+
+
+def test_resume_refuses_a_changed_pool(tmp_path, small_pool):
+    import shutil
+
+    pool = tmp_path / "pool"
+    shutil.copytree(small_pool, pool)
+    run_dir = tmp_path / "run"
+    evomerge("search", str(write_config(tmp_path, pool, trials=1)), "--run-dir", str(run_dir))
+    weights = pool / "rev" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8:] = bytes(8)
+    weights.write_bytes(bytes(data))
+    result = evomerge("resume", str(run_dir), check=False)
+    assert result.returncode == 2
+    assert "pool changed" in result.stderr and "rev" in result.stderr
