@@ -120,12 +120,12 @@ class PoolSize:
 # head_dim = hidden / heads = 64 in both sizes: vLLM's CPU attention needs head_dim >= 64.
 SIZES: dict[str, PoolSize] = {
     "full": PoolSize(
-        hidden=128, layers=4, heads=2, kv_heads=2, intermediate=256, batch=32,
-        base_steps=500, base_lr=3e-3, spec_steps=200, spec_lr=1e-3,
+        hidden=128, layers=3, heads=2, kv_heads=2, intermediate=256, batch=32,
+        base_steps=600, base_lr=3e-3, spec_steps=300, spec_lr=5e-4,
     ),
     "small": PoolSize(
         hidden=64, layers=2, heads=1, kv_heads=1, intermediate=128, batch=32,
-        base_steps=150, base_lr=3e-3, spec_steps=60, spec_lr=2e-3,
+        base_steps=300, base_lr=3e-3, spec_steps=150, spec_lr=2e-3,
     ),
 }
 

@@ -32,6 +32,7 @@ the same study in optuna-dashboard while the search runs or after::
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import UserError
 
@@ -63,7 +64,7 @@ class Report:
 
 
 # --- entry points --------------------------------------------------------------------------
-def report_run(run_dir: Union[str, Path], *, top: int = 10, out: Optional[Path] = None) -> Report:
+def report_run(run_dir: str | Path, *, top: int = 10, out: Path | None = None) -> Report:
     """Report on the run folder `run_dir`; files go to `out` (default `RUN_DIR/report`)."""
     from evomerge.search import load_or_create_study, open_storage, read_run_folder, storage_url
 
@@ -75,17 +76,19 @@ def report_run(run_dir: Union[str, Path], *, top: int = 10, out: Optional[Path] 
         study = load_or_create_study(config, open_storage(url), create=False)
     space = space_for_study(config, study)
     out_dir = Path(out) if out else run_dir / "report"
-    return make_report(study, space, out_dir, top=top, title=str(run_dir), dashboard=f"optuna-dashboard {url}")
+    return make_report(
+        study, space, out_dir, top=top, title=str(run_dir), dashboard=f"optuna-dashboard {url}"
+    )
 
 
 def make_report(
-    study: "optuna.Study",
-    space: "SearchSpace",
+    study: optuna.Study,
+    space: SearchSpace,
     out_dir: Path,
     *,
     top: int = 10,
     title: str = "",
-    dashboard: Optional[str] = None,
+    dashboard: str | None = None,
 ) -> Report:
     """Table, plots and summary.json for `study`, whose genes are those of `space`.
 
@@ -96,10 +99,14 @@ def make_report(
     summary = summarise(study, top=top)
     if summary["best"] is None:
         where = f" of {title}" if title else ""
-        raise UserError(f"the study{where} has no completed trial yet; run or resume the search first")
+        raise UserError(
+            f"the study{where} has no completed trial yet; run or resume the search first"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    best = next(t for t in study.get_trials(deepcopy=False) if t.number == summary["best"]["number"])
+    best = next(
+        t for t in study.get_trials(deepcopy=False) if t.number == summary["best"]["number"]
+    )
     files = [
         plot_history(study, summary, out_dir / "history.png"),
         plot_genome(space, best, out_dir / "genome.png"),
@@ -116,7 +123,7 @@ def make_report(
     return Report(text=text, summary=summary, files=files)
 
 
-def space_for_study(config, study: "optuna.Study") -> "SearchSpace":
+def space_for_study(config, study: optuna.Study) -> SearchSpace:
     """The run's search space, without opening the pool: the layer count only sets the group
     labels, so it is read back from the gene names (`L4-5.…` -> at least 6 layers)."""
     from evomerge.space import SearchSpace, load_space
@@ -137,7 +144,7 @@ def space_for_study(config, study: "optuna.Study") -> "SearchSpace":
 
 
 # --- the data --------------------------------------------------------------------------------
-def _finite(value: Any) -> Optional[float]:
+def _finite(value: Any) -> float | None:
     """A float for JSON and arithmetic, or None (never NaN flowing on)."""
     if isinstance(value, (int, float)) and math.isfinite(value):
         return float(value)
@@ -160,20 +167,26 @@ def _row(trial) -> dict[str, Any]:
     return row
 
 
-def summarise(study: "optuna.Study", *, top: int = 10) -> dict[str, Any]:
+def summarise(study: optuna.Study, *, top: int = 10) -> dict[str, Any]:
     """The table data: best trial, top `top` trials by fitness, baselines, counts, saving."""
     from optuna.trial import TrialState
 
     from evomerge.search import best_trial
 
     trials = study.get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and _finite(t.user_attrs.get("fitness")) is not None]
+    complete = [
+        t
+        for t in trials
+        if t.state == TrialState.COMPLETE and _finite(t.user_attrs.get("fitness")) is not None
+    ]
     best = best_trial(study)
     tasks: list[str] = []
     for t in complete:
         tasks += [k for k in t.user_attrs.get("per_task") or {} if k not in tasks]
     ranked = sorted(complete, key=lambda t: (-t.user_attrs["fitness"], t.number))
-    pareto = {t.number for t in study.best_trials} if len(study.directions) > 1 and complete else set()
+    pareto = (
+        {t.number for t in study.best_trials} if len(study.directions) > 1 and complete else set()
+    )
     return {
         "study": study.study_name,
         "directions": [d.name.lower() for d in study.directions],
@@ -215,7 +228,7 @@ def multi_fidelity_saving(trials) -> dict[str, Any]:
         return out
     out["eval_seconds_spent"] = sum(seconds)
     if subset and full:
-        mean = lambda ts: sum(t.user_attrs["eval_seconds"] for t in ts) / len(ts)  # noqa: E731
+        mean = lambda ts: sum(t.user_attrs["eval_seconds"] for t in ts) / len(ts)
         full_pass = max(mean(full) - mean(subset), 0.0)
         out["full_pass_seconds"] = full_pass
         out["eval_seconds_saved"] = len(scored) * full_pass - out["eval_seconds_spent"]
@@ -223,13 +236,14 @@ def multi_fidelity_saving(trials) -> dict[str, Any]:
 
 
 # --- the table -------------------------------------------------------------------------------
-def _num(value: Optional[float]) -> str:
+def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _rows_text(rows: list[dict[str, Any]], tasks: list[str], *, marks: dict[int, str]) -> list[str]:
+def _cells(rows: list[dict[str, Any]], tasks: list[str], marks: dict[int, str]) -> list[list[str]]:
+    """Header and one line of cells per row."""
     header = ["", "#", "baseline", "fidelity", "fitness", *tasks]
-    body = [
+    return [header] + [
         [
             marks.get(r["number"], ""),
             str(r["number"]),
@@ -240,11 +254,22 @@ def _rows_text(rows: list[dict[str, Any]], tasks: list[str], *, marks: dict[int,
         ]
         for r in rows
     ]
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+
+
+def _aligned(tables: list[list[list[str]]]) -> list[list[str]]:
+    """Each table as text lines, with the same column widths across all of them."""
+    lines = [line for table in tables for line in table]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     left = {0, 2, 3}  # text columns; numbers align right
     return [
-        "  ".join(cell.ljust(w) if i in left else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))).rstrip()
-        for line in [header, *body]
+        [
+            "  ".join(
+                c.ljust(w) if i in left else c.rjust(w)
+                for i, (c, w) in enumerate(zip(line, widths))
+            ).rstrip()
+            for line in table
+        ]
+        for table in tables
     ]
 
 
@@ -254,36 +279,48 @@ def format_table(summary: dict[str, Any], *, title: str = "") -> str:
     best = summary["best"]
     marks = {n: "p" for n in summary["pareto_front"]}
     marks[best["number"]] = "*"
-    lines = [f"study {summary['study']!r}" + (f" in {title}" if title else "") + f": {counts['trials']} trials"]
-    lines += ["", f"top {len(summary['top'])} of {counts['complete']} complete trials by fitness"]
-    lines += _rows_text(summary["top"], tasks, marks=marks)
-    legend = "* the trial `evomerge export` takes"
-    legend += " (best full evaluation)" if len(summary["directions"]) == 1 else "; p on the Pareto front"
-    lines.append(legend)
-    if summary["baselines"]:
-        lines += ["", "baselines"]
-        lines += _rows_text(summary["baselines"], tasks, marks=marks)
-        scored = [b for b in summary["baselines"] if b["fitness"] is not None]
-        if scored:
-            top_base = max(scored, key=lambda b: b["fitness"])
-            if best["baseline"]:
-                lines.append(f"the best trial is a baseline ({best['baseline']}): the search has not beaten it yet")
-            else:
-                gap = best["fitness"] - top_base["fitness"]
-                lines.append(f"best trial #{best['number']} vs best baseline ({top_base['baseline']}): {gap:+.4f} fitness")
+    lines = [
+        f"study {summary['study']!r}"
+        + (f" in {title}" if title else "")
+        + f": {counts['trials']} trials"
+    ]
+    top_lines, baseline_lines = _aligned(
+        [_cells(summary["top"], tasks, marks), _cells(summary["baselines"], tasks, marks)]
+    )
     lines += [
         "",
-        f"{counts['complete']} complete, {counts['failed']} failed, {counts['full_evaluations']} full evaluations"
-        + (f", {counts['running']} running" if counts["running"] else ""),
+        f"top {len(summary['top'])} of {counts['complete']} complete trials by fitness",
+        *top_lines,
     ]
+    legend = "* the trial `evomerge export` takes"
+    legend += (
+        " (best full evaluation)" if len(summary["directions"]) == 1 else "; p on the Pareto front"
+    )
+    lines.append(legend)
+    if summary["baselines"]:
+        lines += ["", "baselines", *baseline_lines]
+        scored = [b for b in summary["baselines"] if b["fitness"] is not None]
+        if best["baseline"]:
+            lines.append(
+                f"the best trial is the baseline {best['baseline']}; the search has not beaten it"
+            )
+        elif scored:
+            rival = max(scored, key=lambda b: b["fitness"])
+            gap = best["fitness"] - rival["fitness"]
+            lines.append(f"best trial vs best baseline ({rival['baseline']}): {gap:+.4f} fitness")
+    running = f", {counts['running']} running" if counts["running"] else ""
+    done = f"{counts['complete']} complete, {counts['failed']} failed"
+    lines += ["", f"{done}, {counts['full_evaluations']} full evaluations{running}"]
     saving = summary["multi_fidelity"]
     if saving["subset_only_fraction"] is not None:
+        scored_n = counts["subset_only"] + counts["full_evaluations"]
         line = (
-            f"multi-fidelity: {counts['subset_only']} of {counts['subset_only'] + counts['full_evaluations']} "
-            f"trials ({saving['subset_only_fraction']:.0%}) scored on the subset only"
+            f"multi-fidelity: {counts['subset_only']} of {scored_n} trials "
+            f"({saving['subset_only_fraction']:.0%}) scored on the subset only"
         )
         if saving["eval_seconds_saved"] is not None:
-            line += f"; about {saving['eval_seconds_saved']:.0f} s of {saving['eval_seconds_spent'] + saving['eval_seconds_saved']:.0f} s evaluation saved"
+            saved, spent = saving["eval_seconds_saved"], saving["eval_seconds_spent"]
+            line += f"; about {saved:.0f} s of {saved + spent:.0f} s evaluation saved"
         elif saving["eval_seconds_spent"] is None:
             line += " (no eval_seconds recorded: time saved unknown)"
         lines.append(line)
@@ -327,7 +364,7 @@ def _spread(ys: list[float], gap: float) -> list[float]:
     """Label heights moved apart by at least `gap`, keeping their order."""
     order = sorted(range(len(ys)), key=lambda i: ys[i])
     out = list(ys)
-    for prev, i in zip(order, order[1:]):
+    for prev, i in itertools.pairwise(order):
         out[i] = max(out[i], out[prev] + gap)
     return out
 
@@ -337,19 +374,27 @@ def _colours(summary: dict[str, Any]) -> dict[str, str]:
     return {b["baseline"]: f"C{(i + 2) % 10}" for i, b in enumerate(summary["baselines"])}
 
 
-def plot_history(study: "optuna.Study", summary: dict[str, Any], path: Path) -> Path:
+def plot_history(study: optuna.Study, summary: dict[str, Any], path: Path) -> Path:
     """Fitness per trial, running best, failed trials, and baselines as labelled lines."""
     from optuna.trial import TrialState
 
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-    scored = [t for t in trials if t.state == TrialState.COMPLETE and _finite(t.user_attrs.get("fitness")) is not None]
+    scored = [
+        t
+        for t in trials
+        if t.state == TrialState.COMPLETE and _finite(t.user_attrs.get("fitness")) is not None
+    ]
     fig = _figure(8, 4.5)
     ax = fig.add_subplot()
     for fidelity, style in (
-        ("full", dict(color="C0", label="full evaluation")),
-        ("subset", dict(facecolors="none", edgecolors="C0", label="subset only")),
+        ("full", {"color": "C0", "label": "full evaluation"}),
+        ("subset", {"facecolors": "none", "edgecolors": "C0", "label": "subset only"}),
     ):
-        pts = [(t.number, t.user_attrs["fitness"]) for t in scored if (t.user_attrs.get("fidelity") or "full") == fidelity]
+        pts = [
+            (t.number, t.user_attrs["fitness"])
+            for t in scored
+            if (t.user_attrs.get("fidelity") or "full") == fidelity
+        ]
         if pts:
             ax.scatter(*zip(*pts), s=28, zorder=3, **style)
 
@@ -370,40 +415,68 @@ def plot_history(study: "optuna.Study", summary: dict[str, Any], path: Path) -> 
     baselines = [b for b in summary["baselines"] if b["fitness"] is not None]
     colours = _colours(summary)
     for b in baselines:  # lines stop short of the right margin, which holds their labels
-        ax.hlines(b["fitness"], -0.5, x_max + 0.5, color=colours[b["baseline"]], ls="--", lw=1, alpha=0.8, zorder=1)
+        ax.hlines(
+            b["fitness"],
+            -0.5,
+            x_max + 0.5,
+            color=colours[b["baseline"]],
+            ls="--",
+            lw=1,
+            alpha=0.8,
+            zorder=1,
+        )
 
     failed = [t.number for t in trials if t.state == TrialState.FAIL]
     if failed:  # at the foot of the axes: a failed trial has no fitness
-        ax.scatter(failed, [0.02] * len(failed), marker="x", color="black", s=30, label="failed",
-                   transform=ax.get_xaxis_transform(), zorder=3, clip_on=False)
+        ax.scatter(
+            failed,
+            [0.02] * len(failed),
+            marker="x",
+            color="black",
+            s=30,
+            label="failed",
+            transform=ax.get_xaxis_transform(),
+            zorder=3,
+            clip_on=False,
+        )
 
     ax.set_xlim(-0.5, x_max + 0.5 + max(1.0, 0.18 * (x_max + 1)))  # room for baseline labels
     low, high = ax.get_ylim()
     heights = _spread([b["fitness"] for b in baselines], 0.045 * (high - low))
     for b, y in zip(baselines, heights):
-        ax.annotate(b["baseline"], xy=(x_max + 0.6, b["fitness"]), xytext=(x_max + 0.9, y),
-                    fontsize=8, va="center", color=colours[b["baseline"]],
-                    arrowprops=dict(arrowstyle="-", color="0.6", lw=0.6) if abs(y - b["fitness"]) > 1e-12 else None)
+        ax.annotate(
+            b["baseline"],
+            xy=(x_max + 0.6, b["fitness"]),
+            xytext=(x_max + 0.9, y),
+            fontsize=8,
+            va="center",
+            color=colours[b["baseline"]],
+            arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6}
+            if abs(y - b["fitness"]) > 1e-12
+            else None,
+        )
     ax.set_ylim(low, max(high, heights[-1] if heights else high))
     ax.set_xlabel("trial")
     ax.set_ylabel("fitness (combined, higher is better)")
     ax.set_title(f"optimisation history: {summary['study']}")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
+    ax.legend(loc="best", fontsize=8, framealpha=0.9)
     return _save(fig, path)
 
 
-def plot_genome(space: "SearchSpace", trial, path: Path) -> Path:
+def plot_genome(space: SearchSpace, trial, path: Path) -> Path:
     """Heat map of a trial's genome: rows parameter x model (x part), columns layer groups."""
     import numpy as np
 
     groups = [label for label, _, _ in space.groups]
-    rows: list[tuple[str, Optional[str], Optional[str]]] = []  # (param, model, part), param-major
+    rows: list[tuple[str, str | None, str | None]] = []  # (param, model, part), param-major
     for gene in space.genes:
         key = (gene.param, gene.model, gene.part)
         if key not in rows:
             rows.append(key)
-    rows.sort(key=lambda k: [p for p in space.config.search].index(k[0]))  # stable: keeps model order
+    rows.sort(
+        key=lambda k: [p for p in space.config.search].index(k[0])
+    )  # stable: keeps model order
     values = np.full((len(rows), len(groups)), np.nan)
     shade = np.full_like(values, np.nan)  # position within the gene's bounds, 0..1
     for gene in space.genes:
@@ -422,8 +495,15 @@ def plot_genome(space: "SearchSpace", trial, path: Path) -> Path:
         size = 8 if len(groups) <= 12 else 6
         for (r, c), value in np.ndenumerate(values):
             if not np.isnan(value):
-                ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=size,
-                        color="black" if shade[r, c] > 0.6 else "white")
+                ax.text(
+                    c,
+                    r,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=size,
+                    color="black" if shade[r, c] > 0.6 else "white",
+                )
     for r in range(1, len(rows)):  # a rule between parameters
         if rows[r][0] != rows[r - 1][0]:
             ax.axhline(r - 0.5, color="white", lw=2)
@@ -431,8 +511,11 @@ def plot_genome(space: "SearchSpace", trial, path: Path) -> Path:
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.set_xlabel("layer group")
     fitness = _finite(trial.user_attrs.get("fitness"))
-    ax.set_title(f"genome of trial #{trial.number} ({space.method.name}"
-                 + (f", fitness {fitness:.4f})" if fitness is not None else ")"), fontsize=10)
+    ax.set_title(
+        f"genome of trial #{trial.number} ({space.method.name}"
+        + (f", fitness {fitness:.4f})" if fitness is not None else ")"),
+        fontsize=10,
+    )
     fig.colorbar(image, ax=ax, label="position within bounds (low → high)", shrink=0.9)
     return _save(fig, path)
 
@@ -444,7 +527,8 @@ def plot_tasks(summary: dict[str, Any], path: Path) -> Path:
     tasks = summary["tasks"]
     best = summary["best"]
     series = [(f"best #{best['number']}", best)] + [
-        (b["baseline"], b) for b in summary["baselines"]
+        (b["baseline"], b)
+        for b in summary["baselines"]
         if b["fitness"] is not None and b["number"] != best["number"]
     ]
     if best["baseline"]:  # the best trial is itself a baseline
@@ -457,9 +541,15 @@ def plot_tasks(summary: dict[str, Any], path: Path) -> Path:
     for i, (label, row) in enumerate(series):
         heights = [row["per_task"].get(task) for task in tasks]
         heights = [np.nan if h is None else h for h in heights]
-        bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, heights, width,
-                      label=label, color="C1" if i == 0 else colours[row["baseline"]],
-                      edgecolor="black" if i == 0 else "none", lw=0.8)
+        bars = ax.bar(
+            x + (i - (len(series) - 1) / 2) * width,
+            heights,
+            width,
+            label=label,
+            color="C1" if i == 0 else colours[row["baseline"]],
+            edgecolor="black" if i == 0 else "none",
+            lw=0.8,
+        )
         if len(series) * len(tasks) <= 40:
             ax.bar_label(bars, fmt="%.2f", fontsize=6.5, padding=1)
     ax.set_xticks(x, tasks, rotation=20 if len(tasks) > 4 else 0)

@@ -89,10 +89,14 @@ def test_sigkill_mid_search_loses_at_most_the_trial_in_flight(tmp_path, small_po
     )
     deadline = time.time() + 240
     while time.time() < deadline:
-        if (run_dir / "study.db").exists():
-            done = [t for t in trials_of(run_dir) if t.state.name == "COMPLETE"]
-            if len(done) >= 3:
-                break
+        done = []
+        if (run_dir / "run.json").exists():
+            try:
+                done = [t for t in trials_of(run_dir) if t.state.name == "COMPLETE"]
+            except KeyError:  # the study is not created yet
+                pass
+        if len(done) >= 3:
+            break
         time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import click
 
 
 @click.command("report")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--top", default=10, show_default=True, type=click.IntRange(min=1), help="Trials in the table.")
+@click.option(
+    "--top", default=10, show_default=True, type=click.IntRange(min=1), help="Trials in the table."
+)
 @click.option(
     "--out",
     type=click.Path(path_type=Path, file_okay=False),
     help="Folder for the plots and summary.json (default: RUN_DIR/report).",
 )
-def report(run_dir: Path, top: int, out: Optional[Path]) -> None:
+def report(run_dir: Path, top: int, out: Path | None) -> None:
     """Summarise the search in RUN_DIR: a table of the best trials against the baselines,
     history / genome / per-task plots and summary.json. Loads no model."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -1,0 +1,277 @@
+"""Merge throughput: evomerge against mergekit 0.1.5 on synthetic ~0.5B-parameter bf16 models.
+
+    python bench/merge_throughput.py [--params 0.5e9] [--skip-mergekit] [--profile]
+
+Builds a base and two fine-tunes (random Llama-shaped tensors written straight to safetensors
+shards: no model is instantiated), merges the same `ties` and `dare_ties` recipes with
+`evomerge merge` (in-process `run_merge`) and with mergekit (one process, its Python API, in the
+environment of tests/mergekit_env.py), and prints for each:
+
+  - wall seconds for both, and the ratio mergekit / evomerge (mergekit's start-up, paid once
+    per `mergekit-yaml` call, is reported separately and added for the "CLI" ratio);
+  - evomerge's throughput in GB/s of bytes read + written, next to this machine's memory-copy
+    bandwidth measured in the same run (torch copy of a 1 GiB buffer, also read + written).
+
+Both sides use every core (torch's default); set OMP_NUM_THREADS to change that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import math
+import os
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[1]
+GB = 1e9
+
+RECIPES = {
+    "ties": """
+merge_method: ties
+base_model: {base}
+dtype: bfloat16
+parameters: {{normalize: true}}
+models:
+  - model: {ft0}
+    parameters: {{weight: 0.5, density: 0.5}}
+  - model: {ft1}
+    parameters: {{weight: 0.5, density: 0.5}}
+""",
+    "dare_ties": """
+merge_method: dare_ties
+base_model: {base}
+dtype: bfloat16
+models:
+  - model: {ft0}
+    parameters: {{weight: 0.5, density: 0.5}}
+  - model: {ft1}
+    parameters: {{weight: 0.5, density: 0.5}}
+""",
+}
+
+
+# --- synthetic models ----------------------------------------------------------------------
+def llama_shapes(params: float) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """A Llama config (GQA, untied head) of about `params` parameters and its tensor shapes."""
+    hidden = int(min(2048, max(128, 64 * round(math.sqrt(params / 450) / 64))))
+    heads = max(2, hidden // 64)
+    kv_heads = max(1, heads // 4)
+    inter = 64 * round(2.75 * hidden / 64)
+    vocab = 32 * hidden
+    head_dim = hidden // heads
+    per_layer = (
+        2 * hidden * hidden + 2 * hidden * kv_heads * head_dim + 3 * hidden * inter + 2 * hidden
+    )
+    layers = max(2, round((params - 2 * vocab * hidden - hidden) / per_layer))
+    config = dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+        hidden_act="silu",
+        rope_theta=10000.0,
+    )
+    kv = kv_heads * head_dim
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (hidden,),
+                p + "self_attn.q_proj.weight": (hidden, hidden),
+                p + "self_attn.k_proj.weight": (kv, hidden),
+                p + "self_attn.v_proj.weight": (kv, hidden),
+                p + "self_attn.o_proj.weight": (hidden, hidden),
+                p + "post_attention_layernorm.weight": (hidden,),
+                p + "mlp.gate_proj.weight": (inter, hidden),
+                p + "mlp.up_proj.weight": (inter, hidden),
+                p + "mlp.down_proj.weight": (hidden, inter),
+            }
+        )
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    return config, shapes
+
+
+def write_models(root: Path, params: float, shard_bytes: int = 1 << 30) -> dict[str, Path]:
+    """base, ft0, ft1 as sharded bf16 safetensors folders; fine-tunes = base + small noise."""
+    config, shapes = llama_shapes(params)
+    folders = {name: root / name for name in ("base", "ft0", "ft1")}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+    writers = {name: _ShardWriter(folder, shard_bytes) for name, folder in folders.items()}
+    g = torch.Generator().manual_seed(0)
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            base = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            base = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+        writers["base"].add(name, base)
+        for ft in ("ft0", "ft1"):
+            noise = torch.randn(shape, generator=g).mul_(0.002)
+            writers[ft].add(name, (base.float() + noise).to(torch.bfloat16))
+    for writer in writers.values():
+        writer.finish()
+    return folders
+
+
+class _ShardWriter:
+    def __init__(self, folder: Path, shard_bytes: int):
+        self.folder, self.shard_bytes = folder, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes, self.index, self.files = 0, {}, []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+
+    def _flush(self) -> None:
+        file = f"model-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.pending, str(self.folder / file), metadata={"format": "pt"})
+        self.index.update({name: file for name in self.pending})
+        self.files.append(file)
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        if self.pending:
+            self._flush()
+        total = sum((self.folder / f).stat().st_size for f in self.files)
+        index = {"metadata": {"total_size": total}, "weight_map": self.index}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+
+
+# --- measurements --------------------------------------------------------------------------
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes read + written per second by torch's copy of an `nbytes` buffer (best of runs)."""
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch the pages
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - started)
+    return 2 * nbytes / best
+
+
+def run_evomerge(folders: dict[str, Path], out_root: Path, profile: bool) -> dict[str, dict]:
+    from evomerge.merge import run_merge
+    from evomerge.recipe import parse_recipe
+
+    results = {}
+    for name, template in RECIPES.items():
+        recipe = parse_recipe(template.format(**folders))
+        profiler = cProfile.Profile() if profile else None
+        started = time.perf_counter()
+        if profiler:
+            profiler.enable()
+        summary = run_merge(recipe, out_root / f"evo-{name}", seed=0, force=True)
+        if profiler:
+            profiler.disable()
+        seconds = time.perf_counter() - started
+        results[name] = {
+            "seconds": seconds,
+            "bytes": summary.bytes_read + summary.bytes_written,
+        }
+        if profiler:
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
+            results[name]["profile"] = text.getvalue()
+    return results
+
+
+def run_mergekit(folders: dict[str, Path], out_root: Path) -> tuple[dict[str, dict], float]:
+    """Per-recipe merge seconds inside one mergekit process, and that process's start-up."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from mergekit_env import mergekit_python_or_reason, run_driver
+
+    python, reason = mergekit_python_or_reason()
+    if python is None:
+        raise SystemExit(f"mergekit is not available: {reason} (or pass --skip-mergekit)")
+    jobs = [
+        {"name": name, "recipe": template.format(**folders), "out": str(out_root / f"mk-{name}"), "seed": 0}
+        for name, template in RECIPES.items()
+    ]
+    threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
+    started = time.perf_counter()
+    results = run_driver(python, {"threads": threads, "merges": jobs}, timeout=3600)
+    wall = time.perf_counter() - started
+    for name, result in results.items():
+        if not result["ok"]:
+            raise SystemExit(f"mergekit failed on {name}: {result['error']}")
+    startup = wall - sum(r["seconds"] for r in results.values())
+    return results, startup
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", type=float, default=0.5e9, help="parameters per model")
+    parser.add_argument("--skip-mergekit", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="cProfile evomerge's merges")
+    parser.add_argument("--workdir", type=Path, help="where models go (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the models and outputs")
+    args = parser.parse_args(argv)
+
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="evomerge-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        config, shapes = llama_shapes(args.params)
+        numel = sum(math.prod(s) for s in shapes.values())
+        print(
+            f"models: {numel / 1e6:.0f}M parameters each (bf16, {config['num_hidden_layers']} "
+            f"layers, hidden {config['hidden_size']}), base + 2; torch threads "
+            f"{torch.get_num_threads()}"
+        )
+        started = time.perf_counter()
+        folders = write_models(root / "models", args.params)
+        print(f"wrote models in {time.perf_counter() - started:.1f} s under {root}")
+        bandwidth = copy_bandwidth()
+        print(f"memory copy bandwidth: {bandwidth / GB:.1f} GB/s (read + write)")
+
+        evo = run_evomerge(folders, root / "out", args.profile)
+        mk, startup = ({}, 0.0) if args.skip_mergekit else run_mergekit(folders, root / "out")
+        if mk:
+            print(f"mergekit start-up (once per mergekit-yaml call): {startup:.1f} s")
+        print(f"{'recipe':<10} {'evomerge s':>10} {'GB/s':>6} {'% copy':>7} {'mergekit s':>10} "
+              f"{'ratio':>6} {'ratio CLI':>9}")
+        for name, result in evo.items():
+            rate = result["bytes"] / result["seconds"]
+            line = f"{name:<10} {result['seconds']:>10.1f} {rate / GB:>6.2f} {100 * rate / bandwidth:>6.1f}%"
+            if name in mk:
+                theirs = mk[name]["seconds"]
+                line += f" {theirs:>10.1f} {theirs / result['seconds']:>5.1f}x"
+                line += f" {(theirs + startup) / result['seconds']:>8.1f}x"
+            print(line)
+        for name, result in evo.items():
+            if "profile" in result:
+                print(f"\n--- evomerge {name}: top functions by own time ---\n{result['profile']}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""`evomerge report` on real Optuna studies built trial by trial: no model is run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from evomerge.errors import UserError
+from evomerge.report import PLOTS, make_report, multi_fidelity_saving, report_run
+from evomerge.space import SearchSpace, load_space
+
+TASKS = ("evomerge_add", "evomerge_rev", "evomerge_sort")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def make_space(name: str = "dare_ties_layers", models=None, num_layers: int = 4) -> SearchSpace:
+    return SearchSpace(
+        load_space(name),
+        base="b",
+        models=models or {"a": "pa", "b2": "pb"},
+        num_layers=num_layers,
+        dtype="float32",
+    )
+
+
+def add_trial(
+    study, space, genome, *, fitness=None, fidelity="full", baseline=None, seconds=None, fail=None
+):
+    """One finished trial with the attributes `Search.objective` records."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    attrs = {}
+    if baseline:
+        attrs["baseline"] = baseline
+    if fail:
+        attrs["fail_reason"] = fail
+    else:
+        per_task = {task: round(fitness + 0.1 * (i - 1), 6) for i, task in enumerate(TASKS)}
+        attrs.update(fidelity=fidelity, fitness=fitness, subset_fitness=fitness, per_task=per_task)
+    if seconds is not None:
+        attrs["eval_seconds"] = seconds
+    multi = len(study.directions) > 1
+    trial = optuna.trial.create_trial(
+        params=genome,
+        distributions={g.name: FloatDistribution(g.low, g.high) for g in space.genes},
+        value=None if fail or multi else fitness,
+        values=[attrs["per_task"][t] for t in TASKS] if multi and not fail else None,
+        state=optuna.trial.TrialState.FAIL if fail else optuna.trial.TrialState.COMPLETE,
+        user_attrs=attrs,
+    )
+    study.add_trial(trial)
+    return study.trials[-1].number
+
+
+def random_genome(space: SearchSpace, rng: random.Random) -> dict[str, float]:
+    return {g.name: rng.uniform(g.low, g.high) for g in space.genes}
+
+
+def build_study(
+    storage: str, space: SearchSpace, *, directions=("maximize",), seconds: bool = True
+):
+    """Baselines, then searched trials: a subset-only trial scores highest, but the best
+    full evaluation (0.8) is the one `export` takes. Subset passes take 1 s, full ones 4 s more."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=storage, study_name="evomerge", directions=list(directions))
+    rng = random.Random(0)
+    fitness = {"uniform": 0.5, "dare_ties_0.5": 0.55, "only_a": 0.3, "only_b2": 0.35}
+    for label, genome in space.baselines().items():
+        add_trial(
+            study,
+            space,
+            genome,
+            fitness=fitness.get(label, 0.3),
+            baseline=label,
+            seconds=5.0 if seconds else None,
+        )
+    plan = [(0.6, "subset"), (0.8, "full"), (0.95, "subset"), (0.4, "subset"), (0.7, "full")]
+    numbers = {}
+    for value, fidelity in plan:
+        numbers[value] = add_trial(
+            study,
+            space,
+            random_genome(space, rng),
+            fitness=value,
+            fidelity=fidelity,
+            seconds=(5.0 if fidelity == "full" else 1.0) if seconds else None,
+        )
+    add_trial(
+        study,
+        space,
+        random_genome(space, rng),
+        fail="CandidateError: the fitness is not a finite number",
+    )
+    return study, numbers
+
+
+def check_png(path: Path) -> None:
+    from matplotlib.image import imread
+
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    height, width = imread(path).shape[:2]
+    assert height > 100 and width > 100
+
+
+def test_report_on_a_study(tmp_path: Path):
+    space = make_space()
+    study, numbers = build_study(f"sqlite:///{tmp_path / 'study.db'}", space)
+    report = make_report(study, space, tmp_path / "out", top=4, title="demo")
+
+    for name in PLOTS:
+        check_png(tmp_path / "out" / name)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (
+        summary["best"]["number"] == numbers[0.8]
+    )  # the best *full* evaluation, not the 0.95 subset one
+    assert summary["best"]["fitness"] == pytest.approx(0.8)
+    assert summary["best"]["per_task"] == pytest.approx(
+        {"evomerge_add": 0.7, "evomerge_rev": 0.8, "evomerge_sort": 0.9}
+    )
+    assert [row["fitness"] for row in summary["top"]] == pytest.approx([0.95, 0.8, 0.7, 0.6])
+    assert {b["baseline"]: b["fitness"] for b in summary["baselines"]} == pytest.approx(
+        {"uniform": 0.5, "dare_ties_0.5": 0.55, "only_a": 0.3, "only_b2": 0.35}
+    )
+    assert summary["counts"] == {
+        "trials": 10,
+        "complete": 9,
+        "failed": 1,
+        "running": 0,
+        "full_evaluations": 6,
+        "subset_only": 3,
+    }
+    # 9 trials x 4 s full pass, minus 3 x 1 s + 6 x 5 s actually spent
+    assert summary["multi_fidelity"]["subset_only_fraction"] == pytest.approx(3 / 9)
+    assert summary["multi_fidelity"]["eval_seconds_saved"] == pytest.approx(9 * 4 - 33)
+
+    for label in ("uniform", "dare_ties_0.5", "only_a", "only_b2"):
+        assert label in report.text
+    assert "3 of 9 trials (33%) scored on the subset only" in report.text
+    assert "9 complete, 1 failed, 6 full evaluations" in report.text
+    best_line = next(line for line in report.text.splitlines() if line.startswith("*"))
+    assert best_line.split()[1] == str(numbers[0.8])
+
+
+def test_saving_is_unknown_without_eval_seconds(tmp_path: Path):
+    space = make_space()
+    study, _ = build_study(f"sqlite:///{tmp_path / 'study.db'}", space, seconds=False)
+    report = make_report(study, space, tmp_path / "out")
+    assert report.summary["multi_fidelity"]["eval_seconds_saved"] is None
+    assert "time saved unknown" in report.text
+    assert multi_fidelity_saving([])["subset_only_fraction"] is None
+
+
+@pytest.mark.parametrize(
+    "space_name, models, rows",
+    [
+        ("dare_ties_layers_split", {"a": "pa", "b2": "pb"}, 2 * 2 * 2),  # params x models x parts
+        ("slerp_layers", {"a": "pa"}, 1),  # one per-group parameter
+        ("linear_global", {"a": "pa", "b2": "pb", "c": "pc"}, 3),  # a single group "all"
+    ],
+)
+def test_genome_heat_map_for_other_spaces(tmp_path: Path, space_name, models, rows):
+    from optuna.trial import TrialState
+
+    space = make_space(space_name, models, num_layers=6)
+    assert len({(g.param, g.model, g.part) for g in space.genes}) == rows
+    study, _ = build_study(f"sqlite:///{tmp_path / 'study.db'}", space, seconds=False)
+    assert any(t.state == TrialState.COMPLETE for t in study.trials)
+    make_report(study, space, tmp_path / "out")
+    check_png(tmp_path / "out" / "genome.png")
+
+
+def test_multi_objective_study(tmp_path: Path):
+    space = make_space()
+    study, _ = build_study(
+        f"sqlite:///{tmp_path / 'study.db'}", space, directions=("maximize",) * 3
+    )
+    report = make_report(study, space, tmp_path / "out")
+    front = report.summary["pareto_front"]
+    assert front and report.summary["best"]["number"] in front
+    assert "Pareto front" in report.text
+
+
+def test_no_completed_trial_is_a_user_error(tmp_path: Path):
+    import optuna
+
+    space = make_space()
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="evomerge")
+    add_trial(study, space, random_genome(space, random.Random(1)), fail="CandidateError: boom")
+    with pytest.raises(UserError, match="no completed trial"):
+        make_report(study, space, tmp_path / "out")
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+# --- the command, on a run folder made by hand (config.yaml, run.json, study.db) --------------
+def make_run_folder(run_dir: Path, *, trials: bool = True) -> Path:
+    from evomerge.search import RUN_FORMAT
+
+    run_dir.mkdir()
+    config = {
+        "pool": {"base": "/nowhere/base", "models": {"a": "/nowhere/a", "b2": "/nowhere/b"}},
+        "space": "dare_ties_layers",
+        "fitness": {"tasks": list(TASKS)},
+    }
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    (run_dir / "run.json").write_text(
+        json.dumps({"run_format": RUN_FORMAT, "evomerge_version": "test"})
+    )
+    space = make_space()
+    if trials:
+        build_study(f"sqlite:///{run_dir / 'study.db'}", space)
+    else:
+        import optuna
+
+        optuna.create_study(storage=f"sqlite:///{run_dir / 'study.db'}", study_name="evomerge")
+    return run_dir
+
+
+def test_cli_report(tmp_path: Path):
+    from evomerge.cli import cli
+
+    run_dir = make_run_folder(tmp_path / "run")
+    result = CliRunner().invoke(cli, ["report", str(run_dir), "--top", "3"])
+    assert result.exit_code == 0, result.output
+    assert "top 3 of 9 complete trials" in result.output
+    assert f"optuna-dashboard sqlite:///{(run_dir / 'study.db').resolve()}" in result.output
+    for name in (*PLOTS, "summary.json"):
+        assert (run_dir / "report" / name).is_file()
+    assert len(json.loads((run_dir / "report" / "summary.json").read_text())["top"]) == 3
+
+    result = CliRunner().invoke(cli, ["report", str(run_dir), "--out", str(tmp_path / "elsewhere")])
+    assert result.exit_code == 0, result.output
+    check_png(tmp_path / "elsewhere" / "history.png")
+
+
+def test_cli_bad_inputs(tmp_path: Path):
+    from evomerge.cli import cli
+
+    with pytest.raises(UserError, match="not an evomerge run folder"):
+        report_run(tmp_path)
+    empty = make_run_folder(tmp_path / "empty", trials=False)
+    result = CliRunner().invoke(cli, ["report", str(empty)])
+    assert isinstance(result.exception, UserError) and "no completed trial" in str(result.exception)
+    result = CliRunner().invoke(cli, ["report", str(empty), "--top", "0"])
+    assert result.exit_code == 2
+
+
+@pytest.mark.slow
+def test_cli_report_on_a_real_search(tmp_path: Path, small_pool: Path):
+    """`evomerge search` on the small demo pool, then `evomerge report` in a fresh process."""
+    import subprocess
+    import sys
+
+    config = {
+        "pool": {
+            "base": str(small_pool / "base"),
+            "models": {n: str(small_pool / n) for n in ("add", "rev")},
+        },
+        "space": "dare_ties_layers",
+        "fitness": {
+            "task_paths": [str(small_pool / "tasks")],
+            "tasks": list(TASKS),
+            "subset": {"count": 8},
+        },
+        "search": {
+            "sampler": "cmaes",
+            "trials": 6,
+            "seed": 0,
+            "promotion": {"quantile": 0.5, "warmup": 2},
+        },
+        "threads": 1,
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "run"
+    for args in (
+        ["search", str(tmp_path / "run.yaml"), "--run-dir", str(run_dir)],
+        ["report", str(run_dir)],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "evomerge", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "uniform" in done.stdout and "only_add" in done.stdout
+    summary = json.loads((run_dir / "report" / "summary.json").read_text())
+    assert summary["counts"]["complete"] + summary["counts"]["failed"] == 6
+    assert {b["baseline"] for b in summary["baselines"]} >= {"uniform", "only_add", "only_rev"}
+    for name in PLOTS:
+        check_png(run_dir / "report" / name)
