@@ -29,7 +29,11 @@ $(MERGEKIT_VENV)/.installed: constraints.txt
 	touch $@
 
 demo: venv
-	$(VENV)/bin/evomerge demo $(RUN)
+	test -f runs/demo-pool/pool.json || $(VENV)/bin/evomerge pool demo runs/demo-pool
+	if [ -f $(RUN)/run.json ]; then $(VENV)/bin/evomerge resume $(RUN); \
+	else $(VENV)/bin/evomerge search configs/demo.yaml --run-dir $(RUN); fi
+	$(VENV)/bin/evomerge export $(RUN) $(RUN)/best-merge --force
+	$(VENV)/bin/evomerge report $(RUN)
 
 test: venv mergekit-venv
 	EVOMERGE_MERGEKIT_PYTHON=$(CURDIR)/$(MERGEKIT_VENV)/bin/python $(VENV)/bin/python -m pytest -q

@@ -142,12 +142,17 @@ class Search:
 
     def _score(self, trial: "optuna.Trial", recipe: Recipe):
         """Materialise and score: the subset first, the full set only when promising."""
+        started = time.perf_counter()
         self.candidate.apply(recipe)
+        trial.set_user_attr("merge_seconds", time.perf_counter() - started)
         result = self.evaluator.score(full=False)
+        seconds = result.seconds
         trial.set_user_attr("subset_fitness", result.value)
         if not result.full and self._promising(result.value):
             result = self.evaluator.score(full=True)
+            seconds += result.seconds
         trial.set_user_attr("fidelity", "full" if result.full else "subset")
+        trial.set_user_attr("eval_seconds", seconds)  # subset + full passes together
         if not math.isfinite(result.value):
             raise CandidateError("the fitness is not a finite number")
         return result
