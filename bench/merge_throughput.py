@@ -74,22 +74,22 @@ def llama_shapes(params: float) -> tuple[dict, dict[str, tuple[int, ...]]]:
         2 * hidden * hidden + 2 * hidden * kv_heads * head_dim + 3 * hidden * inter + 2 * hidden
     )
     layers = max(2, round((params - 2 * vocab * hidden - hidden) / per_layer))
-    config = dict(
-        architectures=["LlamaForCausalLM"],
-        model_type="llama",
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        vocab_size=vocab,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        torch_dtype="bfloat16",
-        hidden_act="silu",
-        rope_theta=10000.0,
-    )
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "hidden_act": "silu",
+        "rope_theta": 10000.0,
+    }
     kv = kv_heads * head_dim
     shapes = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(layers):
@@ -212,7 +212,12 @@ def run_mergekit(folders: dict[str, Path], out_root: Path) -> tuple[dict[str, di
     if python is None:
         raise SystemExit(f"mergekit is not available: {reason} (or pass --skip-mergekit)")
     jobs = [
-        {"name": name, "recipe": template.format(**folders), "out": str(out_root / f"mk-{name}"), "seed": 0}
+        {
+            "name": name,
+            "recipe": template.format(**folders),
+            "out": str(out_root / f"mk-{name}"),
+            "seed": 0,
+        }
         for name, template in RECIPES.items()
     ]
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
@@ -255,8 +260,10 @@ def main(argv=None) -> None:
         mk, startup = ({}, 0.0) if args.skip_mergekit else run_mergekit(folders, root / "out")
         if mk:
             print(f"mergekit start-up (once per mergekit-yaml call): {startup:.1f} s")
-        print(f"{'recipe':<10} {'evomerge s':>10} {'GB/s':>6} {'% copy':>7} {'mergekit s':>10} "
-              f"{'ratio':>6} {'ratio CLI':>9}")
+        print(
+            f"{'recipe':<10} {'evomerge s':>10} {'GB/s':>6} {'% copy':>7} {'mergekit s':>10} "
+            f"{'ratio':>6} {'ratio CLI':>9}"
+        )
         for name, result in evo.items():
             rate = result["bytes"] / result["seconds"]
             line = f"{name:<10} {result['seconds']:>10.1f} {rate / GB:>6.2f} {100 * rate / bandwidth:>6.1f}%"

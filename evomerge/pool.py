@@ -125,7 +125,7 @@ SIZES: dict[str, PoolSize] = {
     ),
     "small": PoolSize(
         hidden=64, layers=2, heads=1, kv_heads=1, intermediate=128, batch=32,
-        base_steps=300, base_lr=3e-3, spec_steps=150, spec_lr=2e-3,
+        base_steps=300, base_lr=3e-3, spec_steps=200, spec_lr=3e-3,
     ),
 }
 

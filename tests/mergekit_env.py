@@ -8,7 +8,8 @@ subprocesses running `mergekit_driver.py`, which does many merges per process to
 Where the environment comes from, in order:
   1. EVOMERGE_MERGEKIT_PYTHON=/path/to/python — an existing mergekit environment;
   2. `.venv-mergekit/bin/python` if it exists;
-  3. created now, if EVOMERGE_MERGEKIT=1 (this downloads torch and mergekit);
+  3. created now, if EVOMERGE_MERGEKIT=1 (this downloads torch and mergekit; set
+     EVOMERGE_MERGEKIT_TORCH_INDEX to take torch from another index, e.g. its CPU wheels);
 otherwise the mergekit tests are skipped with the reason from `mergekit_python_or_reason()`.
 
     python tests/mergekit_env.py          # create .venv-mergekit/ (what `make test` runs)
@@ -23,7 +24,6 @@ import sys
 import tempfile
 import venv
 from pathlib import Path
-from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 ENV_DIR = REPO / ".venv-mergekit"
@@ -37,14 +37,18 @@ def _python_in(env_dir: Path) -> Path:
 
 
 def create_env(env_dir: Path = ENV_DIR) -> Path:
-    """Create the mergekit environment; returns its python. Torch first (CPU wheels are what
-    mergekit needs here), then mergekit under the repository's constraints, which pin torch so
-    that pip cannot swap it for another build."""
+    """Create the mergekit environment; returns its python. Torch first, at the version
+    evomerge's own environment uses (so that both sides run the same kernels), then mergekit
+    under the repository's constraints, which pin torch so that pip cannot move it."""
     python = _python_in(env_dir)
     if not python.exists():
         venv.EnvBuilder(with_pip=True, clear=False).create(env_dir)
     pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, f"torch=={TORCH_VERSION}"], check=True)
+    # EVOMERGE_MERGEKIT_TORCH_INDEX=https://download.pytorch.org/whl/cpu avoids the CUDA wheels.
+    index = os.environ.get("EVOMERGE_MERGEKIT_TORCH_INDEX")
+    subprocess.run(
+        [*pip, f"torch=={TORCH_VERSION}", *(["--index-url", index] if index else [])], check=True
+    )
     subprocess.run(
         [*pip, "-c", str(REPO / "constraints.txt"), f"mergekit=={MERGEKIT_VERSION}"], check=True
     )
@@ -52,23 +56,25 @@ def create_env(env_dir: Path = ENV_DIR) -> Path:
     return python
 
 
-def _check_version(python: Path) -> Optional[str]:
+def _check_version(python: Path) -> str | None:
     """None if `python` imports mergekit 0.1.5, else why not."""
     probe = "import importlib.metadata as m; print(m.version('mergekit'))"
     try:
         out = subprocess.run(
-            [str(python), "-c", probe], capture_output=True, text=True, timeout=120
+            [str(python), "-c", probe], capture_output=True, text=True, timeout=120, check=False
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"{python} does not run: {exc}"
     if out.returncode != 0:
         return f"{python} cannot import mergekit: {out.stderr.strip().splitlines()[-1:]}"
     if out.stdout.strip() != MERGEKIT_VERSION:
-        return f"{python} has mergekit {out.stdout.strip()}, the golden tests need {MERGEKIT_VERSION}"
+        return (
+            f"{python} has mergekit {out.stdout.strip()}, the golden tests need {MERGEKIT_VERSION}"
+        )
     return None
 
 
-def mergekit_python_or_reason() -> tuple[Optional[Path], str]:
+def mergekit_python_or_reason() -> tuple[Path | None, str]:
     """(python of a mergekit 0.1.5 environment, "") or (None, why the tests must skip)."""
     explicit = os.environ.get("EVOMERGE_MERGEKIT_PYTHON")
     if explicit:
@@ -99,9 +105,12 @@ def run_driver(python: Path, jobs: dict, *, timeout: float = 900) -> dict:
             text=True,
             timeout=timeout,
             env=env,
+            check=False,  # judged below, with mergekit's stderr in the message
         )
         if proc.returncode != 0 or not results_path.exists():
-            raise RuntimeError(f"mergekit driver failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+            raise RuntimeError(
+                f"mergekit driver failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+            )
         return json.loads(results_path.read_text())
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import torch
@@ -42,7 +41,7 @@ class Case:
     rtol: float = 0.0
     atol: float = 0.0
     # For "topk": which magnitude boundaries to excuse ("top" for TIES, "band" for breadcrumbs).
-    boundary: Optional[str] = None
+    boundary: str | None = None
 
 
 CASES = [
@@ -650,7 +649,9 @@ def test_matches_mergekit(case: Case, golden):
             if not bool(unexplained.any()):
                 continue
         diff = (a.double() - b.double()).abs()
-        failures.append(f"{name}: {int((a != b).sum())}/{a.numel()} differ, max |diff| {diff.max():.3g}")
+        failures.append(
+            f"{name}: {int((a != b).sum())}/{a.numel()} differ, max |diff| {diff.max():.3g}"
+        )
     assert not failures, "\n".join(failures)
     print(f"{case.id}: {inexact} elements within the '{case.check}' allowance")
     # The merge did something: the output is none of its inputs.
@@ -668,7 +669,7 @@ def _tied_at_boundary(case: Case, pool: dict[str, Path], name: str) -> torch.Ten
     plan = plan_merge(parse_recipe(_recipe_text(case, pool)))
     job = next(j for j in plan.jobs if j.out_name == name)
     dtype = _merge_dtype(case)
-    load = lambda ref: plan.checkpoints[ref.model].tensor(ref.name).to(dtype)  # noqa: E731
+    load = lambda ref: plan.checkpoints[ref.model].tensor(ref.name).to(dtype)
     base = load(job.base)
     excused = torch.zeros(base.shape, dtype=torch.bool)
     for i, ref in enumerate(job.inputs):

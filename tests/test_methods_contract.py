@@ -12,7 +12,6 @@ through sin/acos, so the result is x only up to rounding.
 
 from __future__ import annotations
 
-import math
 import string
 
 import pytest
@@ -81,7 +80,9 @@ def _assert_near(actual: torch.Tensor, expected: torch.Tensor, ulps: int = 4) ->
     eps = torch.finfo(expected.dtype).eps
     scale = expected.abs().max().double().item()
     diff = (actual.double() - expected.double()).abs().max().item()
-    assert diff <= ulps * eps * max(scale, 1e-30), f"max |diff| {diff:.3g} > {ulps} ulp of {scale:.3g}"
+    assert diff <= ulps * eps * max(scale, 1e-30), (
+        f"max |diff| {diff:.3g} > {ulps} ulp of {scale:.3g}"
+    )
 
 
 # --- method contracts ----------------------------------------------------------------------
@@ -117,7 +118,9 @@ def test_equal_inputs_give_that_input(name, with_base, dtype):
         _assert_near(out, x)
 
 
-@pytest.mark.parametrize("name", [m for m in METHODS if any(p.name in ("weight", "t") for p in get_method(m).params)])
+@pytest.mark.parametrize(
+    "name", [m for m in METHODS if any(p.name in ("weight", "t") for p in get_method(m).params)]
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_one_hot_weights_give_that_model(name, dtype):
     method = get_method(name)
@@ -153,7 +156,9 @@ def test_dtype_and_shape_are_kept(name, dtype, shape):
     models = [_random(shape, dtype, seed=20 + i) for i in range(n)]
     base = _random(shape, dtype, seed=98) if method.base_role != "input" else None
     density = 0.5 if name.startswith(("dare", "della", "ties", "breadcrumbs")) else 1.0
-    out = _merge(method, models, base, _kwargs(method, n, weights=[0.5, 0.3, 0.2][:n], density=density))
+    out = _merge(
+        method, models, base, _kwargs(method, n, weights=[0.5, 0.3, 0.2][:n], density=density)
+    )
     assert out.dtype == dtype
     assert out.shape == torch.Size(shape)
     assert out.device == models[0].device
@@ -229,12 +234,35 @@ def test_filtered_settings_parse_and_resolve_like_the_first_match(entries, tenso
 
 # Junk: arbitrary text, and YAML built from the recipe vocabulary with wrong shapes and types.
 keys = st.sampled_from(
-    ["merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
-     "tokenizer_source", "chat_template", "model", "layer_range", "sources", "filter", "value",
-     "weight", "density", "t", "modles", "paramters", "lambda"]
+    [
+        "merge_method",
+        "models",
+        "slices",
+        "base_model",
+        "parameters",
+        "dtype",
+        "out_dtype",
+        "tokenizer_source",
+        "chat_template",
+        "model",
+        "layer_range",
+        "sources",
+        "filter",
+        "value",
+        "weight",
+        "density",
+        "t",
+        "modles",
+        "paramters",
+        "lambda",
+    ]
 )
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-5, 50), finite, st.text(string.printable, max_size=8),
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 50),
+    finite,
+    st.text(string.printable, max_size=8),
     st.sampled_from(["linear", "ties", "slerp", "bfloat16", "union", "base", "a", "b"]),
 )
 junk_data = st.recursive(

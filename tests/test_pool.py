@@ -79,9 +79,7 @@ def test_specialists_beat_base_on_own_skill(small_pool: Path, small_pool_models:
     from evomerge.fitness import Evaluator, FitnessConfig
 
     manifest = pool.load_manifest(small_pool)
-    config = FitnessConfig(
-        tasks=manifest["tasks"], task_paths=[manifest["task_path"]], batch_size=64
-    )
+    config = FitnessConfig(tasks=manifest["tasks"], task_paths=[manifest["task_path"]])
     # One live model; each specialist's weights are copied in, as the search will do.
     live = copy.deepcopy(small_pool_models["base"])
     evaluator = Evaluator(live, small_pool_models["tokenizer"], config, tmp_path / "run")
@@ -90,10 +88,12 @@ def test_specialists_beat_base_on_own_skill(small_pool: Path, small_pool_models:
         with torch.no_grad():
             for p, src in zip(live.parameters(), small_pool_models[name].parameters()):
                 p.copy_(src)
-        scores[name] = evaluator.score(full=True).per_task
+        scores[name] = evaluator.score(full=True).metrics
     for skill in pool.SKILLS:
-        task = pool.TASK_PREFIX + skill
-        assert scores[skill][task] >= scores["base"][task] + 0.1, (skill, scores)
+        own, base = scores[skill][pool.TASK_PREFIX + skill], scores["base"][pool.TASK_PREFIX + skill]
+        # The small pool is a smoke-sized version: clearly better, not the full pool's margins.
+        assert own["acc,none"] >= base["acc,none"] + 0.05, (skill, scores)
+        assert own["perplexity,none"] < base["perplexity,none"], (skill, scores)
 
 
 def test_existing_folder_needs_force(small_pool: Path) -> None:

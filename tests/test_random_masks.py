@@ -21,8 +21,7 @@ import pytest
 import torch
 
 from evomerge.merge import run_merge
-from evomerge.methods import MergeInputs, get_method
-from evomerge.methods import sparsify
+from evomerge.methods import MergeInputs, get_method, sparsify
 from evomerge.random_fields import SCALE, UniformField
 from evomerge.recipe import parse_recipe
 
@@ -75,7 +74,10 @@ def test_a_draw_depends_only_on_the_element_index():
 # --- DARE ----------------------------------------------------------------------------------
 def _inputs(deltas: list[torch.Tensor], base: torch.Tensor, seed: int, name="w") -> MergeInputs:
     return MergeInputs(
-        models=[base + d for d in deltas], base=base, tensor_name=name, field=UniformField(seed, name)
+        models=[base + d for d in deltas],
+        base=base,
+        tensor_name=name,
+        field=UniformField(seed, name),
     )
 
 
@@ -118,8 +120,11 @@ def test_dare_linear_is_unbiased_over_seeds():
     base = _delta((64, 64), seed=9) * 10
     deltas = [_delta((64, 64), seed=s) for s in (10, 11)]
     weights, p, seeds = [0.6, 0.4], 0.3, 300
-    common = dict(weight=weights, normalize=False, lambda_=1.0, int8_mask=False)
-    undropped = reference.merge(_inputs(deltas, base, 0), **common, density=[1.0, 1.0], rescale=False) - base
+    common = {"weight": weights, "normalize": False, "lambda_": 1.0, "int8_mask": False}
+    undropped = (
+        reference.merge(_inputs(deltas, base, 0), **common, density=[1.0, 1.0], rescale=False)
+        - base
+    )
     total = torch.zeros_like(base, dtype=torch.float64)
     for seed in range(seeds):
         merged = method.merge(_inputs(deltas, base, seed), **common, density=[p, p], rescale=True)
@@ -139,9 +144,10 @@ def test_della_keeps_density_on_average_and_favours_large_magnitudes():
     density, epsilon = 0.4, 0.15
     delta = _delta((512, 2048), seed=4)
     inputs = _inputs([delta], torch.zeros_like(delta), seed=0)
-    keep = sparsified_delta(
-        inputs, 0, rule="della", density=density, epsilon=epsilon, rescale=False
-    ) != 0
+    keep = (
+        sparsified_delta(inputs, 0, rule="della", density=density, epsilon=epsilon, rescale=False)
+        != 0
+    )
     assert _sigmas(int(keep.sum()), delta.numel(), density) < 5
     # Within each row, the top half by magnitude is kept with mean probability
     # density + epsilon / 2, the bottom half with density - epsilon / 2.
@@ -186,14 +192,14 @@ models:
 }
 
 # Large enough (up to 256 x 1024 elements per tensor) that torch splits work over threads.
-POOL_CONFIG = dict(
-    vocab_size=1024,
-    hidden_size=256,
-    intermediate_size=704,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-)
+POOL_CONFIG = {
+    "vocab_size": 1024,
+    "hidden_size": 256,
+    "intermediate_size": 704,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+}
 
 _SUBPROCESS = """
 import json, sys, torch
@@ -224,7 +230,9 @@ def runs(tmp_path_factory):
         jobs = [(text, str(root / name / f"threads{threads}"), 42) for name, text in texts.items()]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         procs.append(
-            subprocess.Popen([sys.executable, "-c", _SUBPROCESS, str(threads), json.dumps(jobs)], env=env)
+            subprocess.Popen(
+                [sys.executable, "-c", _SUBPROCESS, str(threads), json.dumps(jobs)], env=env
+            )
         )
         for name in texts:
             out[name, f"threads{threads}"] = root / name / f"threads{threads}"

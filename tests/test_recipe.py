@@ -7,11 +7,11 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+# Recipes exercising every kind of setting; model names need not exist to be parsed.
+from test_mergekit_golden import CASES  # tests/ is on sys.path under pytest
+
 from evomerge.errors import UserError
 from evomerge.recipe import Recipe, parse_recipe
-
-# Recipes exercising every kind of setting; model names need not exist to be parsed.
-from test_mergekit_golden import CASES  # noqa: E402  (tests/ is on sys.path under pytest)
 
 WRITE_BACK = {case.id: case.recipe.replace("$", "") for case in CASES}
 WRITE_BACK["chat_template_tokenizer"] = """
@@ -62,7 +62,9 @@ def test_mergekit_reads_our_yaml_as_it_reads_the_original(name, mergekit_parsed)
 
 # Round trip for generated recipes, not just the hand-written ones.
 names = st.sampled_from(["org/a", "org/b", "./local/c", "d"])
-numbers = st.one_of(st.integers(-3, 3), st.floats(-2, 2, allow_nan=False).map(lambda x: round(x, 6)))
+numbers = st.one_of(
+    st.integers(-3, 3), st.floats(-2, 2, allow_nan=False).map(lambda x: round(x, 6))
+)
 values = st.one_of(numbers, st.lists(numbers, min_size=1, max_size=4), st.booleans())
 conditionals = st.lists(
     st.builds(
@@ -109,7 +111,11 @@ def test_generated_recipes_round_trip(data):
     [
         ("merge_methd: linear\nmodels: [{model: a}]", "merge_methd", "merge_method"),
         ("merge_method: linear\nmodels: [{model: a}]\nbase_modle: a", "base_modle", "base_model"),
-        ("merge_method: linear\nmodels: [{model: a, paramters: {weight: 1}}]", "paramters", "parameters"),
+        (
+            "merge_method: linear\nmodels: [{model: a, paramters: {weight: 1}}]",
+            "paramters",
+            "parameters",
+        ),
         (
             "merge_method: passthrough\nslices: [{sources: [{model: a, layer_rnage: [0, 2]}]}]",
             "layer_rnage",
