@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's progress bars would dominate the output
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -35,7 +34,7 @@ def _median_time(fn, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("pool", nargs="?", type=Path, help="a built demo pool (default: build small)")
+    parser.add_argument("pool", nargs="?", type=Path, help="a demo pool (default: build small)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
@@ -56,7 +55,8 @@ def main() -> None:
     manifest = load_manifest(pool_dir)
     model = AutoModelForCausalLM.from_pretrained(manifest["models"]["base"]).eval()
     tok = AutoTokenizer.from_pretrained(manifest["models"]["base"])
-    donor = AutoModelForCausalLM.from_pretrained(manifest["models"][next(iter(manifest["skills"]))])
+    first_skill = next(iter(manifest["skills"]))
+    donor = AutoModelForCausalLM.from_pretrained(manifest["models"][first_skill])
 
     config = FitnessConfig(
         tasks=manifest["tasks"], task_paths=[manifest["task_path"]], batch_size=args.batch_size

@@ -274,8 +274,7 @@ def write_tasks(task_dir: Path, n_test: int = N_TEST) -> list[str]:
         name = TASK_PREFIX + skill
         data_rel = f"data/{skill}_test.jsonl"
         with open(task_dir / data_rel, "w", encoding="utf-8") as fh:
-            for doc in test_set(skill, n_test):
-                fh.write(json.dumps(doc) + "\n")
+            fh.writelines(json.dumps(doc) + "\n" for doc in test_set(skill, n_test))
         yaml_text = (
             f"# evomerge demo skill '{skill}': {SKILL_DESCRIPTIONS[skill]}\n"
             f"# Written by evomerge.pool.write_tasks; data_files are relative to this file.\n"

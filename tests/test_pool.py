@@ -107,7 +107,7 @@ def test_cli_user_error_is_one_line_exit_2(small_pool: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-c", "from evomerge.cli import main; main()",
          "pool", "demo", str(small_pool), "--size", "small"],
-        capture_output=True, text=True, timeout=60,
+        check=False, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "--force" in proc.stderr
