@@ -38,7 +38,7 @@ def run_one(pool: Path, space: str, sampler: str, seed: int, trials: int, workdi
             "threads": 1,
         }
     )
-    run_dir = workdir / f"{sampler}-{seed}"
+    run_dir = workdir / f"{space}-{sampler}-{seed}"
     write_run_folder(config, run_dir)
     search = Search(config, run_dir)
     search.run(until=trials, progress=False)
@@ -60,12 +60,14 @@ def main() -> None:
     args = parser.parse_args()
 
     results: dict[str, list[float]] = {}
-    baselines: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        # The classic recipes, scored once: the baselines of the two-parameters-per-model
+        # dare_ties space (uniform, dare_ties 0.5/0.5, each specialist alone).
+        _, baselines = run_one(args.pool, "dare_ties_global", "random", 0, 5, Path(tmp) / "reference")
         for sampler in args.samplers:
             for seed in args.seeds:
                 started = time.perf_counter()
-                best, baselines = run_one(args.pool, args.space, sampler, seed, args.trials, Path(tmp))
+                best, _ = run_one(args.pool, args.space, sampler, seed, args.trials, Path(tmp))
                 results.setdefault(sampler, []).append(best)
                 print(f"{sampler:>7} seed {seed}: best {best:.4f}  ({time.perf_counter() - started:.0f} s)", flush=True)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from functools import cached_property
@@ -27,6 +28,8 @@ _LAYER_RE = re.compile(r"(^|\.)(layers|h|blocks|block|layer)\.(\d+)\.")
 
 # Above this a header is not a real safetensors header but an attack or a corrupt file.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def layer_index(tensor_name: str) -> Optional[int]:
@@ -51,7 +54,12 @@ class Checkpoint:
         self._name_to_file: dict[str, Path] = {}
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
         for file in self._files:
-            for name, (shape, dtype) in _read_header(file).items():
+            if file.suffix == ".safetensors":
+                header = _read_header(file)
+            else:  # --allow-pickle: loaded once, weights only, memory-mapped
+                self._handles[file] = _load_pickle(file)
+                header = {n: (tuple(t.shape), _dtype_code(t.dtype)) for n, t in self._handles[file].items()}
+            for name, (shape, dtype) in header.items():
                 self._name_to_file[name] = file
                 self._meta[name] = (shape, dtype)
 
@@ -78,6 +86,8 @@ class Checkpoint:
 
         file = self._name_to_file[name]
         handle = self._handles.get(file)
+        if isinstance(handle, dict):  # a pickle checkpoint's state dict
+            return handle[name]
         try:
             if handle is None:
                 handle = self._handles[file] = safe_open(str(file), framework="pt")
@@ -108,6 +118,43 @@ class Checkpoint:
     @property
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for f in self._files)
+
+
+def check_compatible(checkpoints: dict[str, Checkpoint]) -> None:
+    """Refuse to merge models that are not one architecture with one vocabulary.
+
+    Compared with the first model: the config's `model_type` and `architectures` (where both
+    configs give them), the vocabulary size (config `vocab_size`), and the set of tensor names
+    with layer numbers left out (so models with different layer counts can still be sliced).
+    Tensor shapes are checked per tensor by the planner.
+    """
+    (first_ref, first), *others = checkpoints.items()
+    for ref, other in others:
+        for key in ("model_type", "architectures"):
+            a, b = first.config.get(key), other.config.get(key)
+            if a is not None and b is not None and a != b:
+                raise UserError(
+                    f"models {first_ref!r} ({key} {a}) and {ref!r} ({key} {b}) have different "
+                    "architectures and cannot be merged"
+                )
+        a, b = first.config.get("vocab_size"), other.config.get("vocab_size")
+        if a is not None and b is not None and a != b:
+            raise UserError(
+                f"models {first_ref!r} ({a} tokens) and {ref!r} ({b} tokens) have different "
+                "vocabularies; evomerge merges only models that share one tokenizer"
+            )
+        mine, theirs = _name_templates(first.names), _name_templates(other.names)
+        if mine != theirs:
+            extra = sorted(theirs - mine)
+            if extra:
+                what = f"{ref!r} has tensor {extra[0]!r}, which {first_ref!r} lacks"
+            else:
+                what = f"{ref!r} lacks tensor {sorted(mine - theirs)[0]!r}, which {first_ref!r} has"
+            raise UserError(f"models {first_ref!r} and {ref!r} have different architectures: {what}")
+
+
+def _name_templates(names: list[str]) -> set[str]:
+    return {_LAYER_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}.N.", n, count=1) for n in names}
 
 
 def resolve_model_path(reference: str) -> Path:
@@ -152,14 +199,52 @@ def _tensor_files(folder: Path, *, allow_pickle: bool) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if files:
         return files
-    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+    pickles = [
+        f for f in sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt")) if f.name not in _NOT_WEIGHTS
+    ]
+    if pickles:
         if not allow_pickle:
             raise UserError(
                 f"{folder} holds only pickle weights (.bin/.pt), which can run code when "
                 "loaded; convert them to safetensors or pass --allow-pickle"
             )
-        raise UserError(f"{folder}: pickle checkpoints are not supported yet; convert to safetensors")
+        return pickles
     raise UserError(f"{folder} contains no .safetensors weights")
+
+
+# Pickles a training run leaves beside its weights: never model weights, never loaded.
+_NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth"}
+
+
+def _load_pickle(file: Path) -> dict[str, "torch.Tensor"]:
+    """A pickle state dict, read with `weights_only=True`: plain tensors and containers only,
+    never arbitrary objects, so a malicious file is refused instead of run."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"{file} holds more than plain weights (pickled objects that could run code); refused"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:  # truncated, old format, not a pickle
+        raise UserError(f"cannot read pickle weights {file}: {str(exc).splitlines()[0]}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{file} is not a state dict of tensors")
+    return state
+
+
+_DTYPE_CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def _dtype_code(dtype: "torch.dtype") -> str:
+    name = str(dtype).removeprefix("torch.")
+    return _DTYPE_CODES.get(name, name.upper())
 
 
 def _read_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -179,6 +264,8 @@ def _read_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
             header = json.loads(handle.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise UserError(f"{file} has an unreadable safetensors header") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{file} has an unreadable safetensors header")
     out = {}
     data_bytes = size - 8 - header_len
     for name, info in header.items():
@@ -191,5 +278,7 @@ def _read_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
             raise UserError(f"{file}: malformed header entry for {name!r}") from None
         if not 0 <= start <= end <= data_bytes:
             raise UserError(f"{file} is truncated or corrupt: tensor {name!r} lies past its end")
+        if dtype in _ITEMSIZE and end - start != _ITEMSIZE[dtype] * math.prod(shape):
+            raise UserError(f"{file} is corrupt: tensor {name!r} has {end - start} bytes for shape {list(shape)}")
         out[name] = (shape, dtype)
     return out

@@ -52,6 +52,12 @@ def load_inputs(plan: MergePlan, job: TensorJob, *, seed: int, device: str = "cp
 
     refs = list(job.inputs) + ([job.base] if job.base else [])
     tensors = [plan.checkpoints[r.model].tensor(r.name) for r in refs]
+    for ref, tensor in zip(refs, tensors):
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise UserError(
+                f"model {ref.model!r} has NaN or Inf values in tensor {ref.name!r}; "
+                "refusing to merge a broken checkpoint"
+            )
     dtype = merge_dtype(plan, tensors)
     tensors = [t.to(device=device, dtype=dtype) for t in tensors]
     base = tensors.pop() if job.base else None

@@ -7,8 +7,11 @@ the user expects one.
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,24 +48,80 @@ def parse_size(text: str) -> int:
 
 @contextmanager
 def staged_output(out_dir: Path, *, force: bool) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces `out_dir` in one rename."""
+    """Yield a temporary folder; on success it replaces `out_dir` in one rename.
+
+    The temporary folder is `.NAME.partial-HOST.PID-XXXX` beside `out_dir`. On an error it is
+    removed, with any parent folders this call created, and an `OSError` (full disk, quota,
+    read-only file system) becomes one `UserError` sentence. A process killed outright
+    (SIGKILL, power loss) cannot clean up: the next write to the same destination from the
+    same host removes the partial folders whose process is gone.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         raise UserError(f"output {str(out_dir)!r} exists and is not empty; pass --force to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    created = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]
+    staging = None
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(out_dir)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{_owner()}-", dir=out_dir.parent))
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        if isinstance(exc, OSError):
+            reason = exc.strerror or str(exc)
+            raise UserError(f"writing {str(out_dir)!r} failed ({reason}); nothing was written there") from None
         raise
     old = None
     if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{staging.name.rsplit('-', 1)[-1]}")
+        old = out_dir.with_name(f".{out_dir.name}.old-{staging.name.rsplit('.partial-', 1)[-1]}")
         out_dir.rename(old)
     staging.rename(out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def _owner() -> str:
+    """`HOST.PID` of this process, as it appears in staging folder names."""
+    host = "".join(c for c in socket.gethostname() if c.isalnum())[:32] or "host"
+    return f"{host}.{os.getpid()}"
+
+
+def remove_stale_staging(out_dir: Path) -> list[Path]:
+    """Remove the `.NAME.partial-*` folders of `out_dir` left by dead processes of this host.
+
+    A `.NAME.old-*` folder (the previous model, moved aside by `--force`) is removed only once
+    `out_dir` exists again; if a kill fell between the two renames it is the user's only copy."""
+    removed = []
+    host = _owner().rsplit(".", 1)[0]
+    for kind in ("partial", "old"):
+        prefix = f".{out_dir.name}.{kind}-"
+        for folder in out_dir.parent.glob(f"{glob.escape(prefix)}*"):
+            owner = folder.name[len(prefix):].rpartition("-")[0]
+            owner_host, _, pid = owner.rpartition(".")
+            if owner_host != host or not pid.isdigit() or _alive(int(pid)):
+                continue
+            if kind == "old" and not out_dir.exists():
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 class ShardedWriter:
@@ -87,8 +146,13 @@ class ShardedWriter:
     def _flush(self) -> None:
         from safetensors.torch import save_file
 
+        from safetensors import SafetensorError
+
         index = len(self._shards)
-        save_file(self._pending, str(self.folder / f"shard-{index}.tmp"), metadata={"format": "pt"})
+        try:
+            save_file(self._pending, str(self.folder / f"shard-{index}.tmp"), metadata={"format": "pt"})
+        except SafetensorError as exc:  # the Rust writer's I/O errors (a full disk) are not OSErrors
+            raise OSError(str(exc).removeprefix("Error while serializing: ")) from None
         self._shards.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
 

@@ -12,7 +12,7 @@ import keyword
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from evomerge.checkpoint import Checkpoint, layer_index, with_layer_index
+from evomerge.checkpoint import Checkpoint, check_compatible, layer_index, with_layer_index
 from evomerge.errors import UserError
 from evomerge.methods import MergeMethod, get_method
 from evomerge.recipe import Parameters, Recipe, Slice, SliceSource, resolve_setting
@@ -64,6 +64,7 @@ def plan_merge(
     checkpoints = {
         ref: opened.get(ref) or Checkpoint(ref, allow_pickle=allow_pickle) for ref in recipe.model_paths()
     }
+    check_compatible(checkpoints)
     slices = _as_slices(recipe, checkpoints)
     config_source = recipe.base_model or slices[0].sources[0].model
     reference = checkpoints[config_source]

@@ -20,6 +20,7 @@ from evomerge import __version__
 from evomerge.candidate import CandidateError, LiveCandidate
 from evomerge.config import RunConfig
 from evomerge.errors import UserError
+from evomerge.heartbeat import JournalHeartbeat
 from evomerge.recipe import Recipe
 from evomerge.space import SearchSpace, load_space
 
@@ -38,7 +39,8 @@ def storage_url(config: RunConfig, run_dir: Path) -> str:
 
 def open_storage(url: str, *, heartbeat_seconds: int = 10, grace_seconds: int = 60):
     """Optuna storage for a URL; RDB storages get heartbeats so a dead worker's trial is
-    failed (and retried once) instead of staying RUNNING forever."""
+    failed (and retried once) instead of staying RUNNING forever. Journal storages have no
+    heartbeat in Optuna 5: `Search` runs `evomerge.heartbeat.JournalHeartbeat` for them."""
     import warnings
 
     import optuna
@@ -70,10 +72,13 @@ def open_config_storage(config: RunConfig, run_dir: Path):
     )
 
 
-def make_sampler(config: RunConfig):
+def make_sampler(config: RunConfig, *, seeded: bool = True):
     import optuna
 
-    seed = config.search.seed
+    # Processes that join a study (workers, resume) must not replay the seeded draws of the
+    # process that started it: equal seeds make equal random/TPE proposals (and equal first
+    # CMA-ES draws) in every worker. A study run by many workers is not reproducible anyway.
+    seed = config.search.seed if seeded else None
     return {
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True),
@@ -89,7 +94,7 @@ def task_names(config: RunConfig) -> list[str]:
 def load_or_create_study(config: RunConfig, storage, *, create: bool) -> "optuna.Study":
     import optuna
 
-    sampler = make_sampler(config)
+    sampler = make_sampler(config, seeded=create)
     name = config.search.study_name
     if create:
         directions = ["maximize"] * len(task_names(config)) if config.search.sampler == "multi" else ["maximize"]
@@ -102,12 +107,29 @@ def load_or_create_study(config: RunConfig, storage, *, create: bool) -> "optuna
         raise UserError(f"no study named {name!r} in the storage") from None
 
 
+def prepare_study(config: RunConfig, storage, space: SearchSpace) -> "optuna.Study":
+    """Create the study (or open it if it exists); a new study gets the baselines queued."""
+    study = load_or_create_study(config, storage, create=True)
+    if config.search.baselines and not study.trials:
+        for label, genome in space.baselines().items():
+            study.enqueue_trial(genome, user_attrs={"baseline": label})
+    return study
+
+
+def worker_name() -> str:
+    import os
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 # --- the search ----------------------------------------------------------------------------
 class Search:
     """Everything one worker needs, built once; `run` does trials until the budget is met."""
 
     def __init__(self, config: RunConfig, run_dir: Path, *, storage=None, create: bool = True):
         import torch
+        from optuna.storages import JournalStorage
 
         from evomerge.fitness import Evaluator
 
@@ -116,10 +138,14 @@ class Search:
             torch.set_num_threads(config.threads)
         self.space = build_space(config)
         self.storage = storage or open_config_storage(config, self.run_dir)
-        self.study = load_or_create_study(config, self.storage, create=create)
-        if create and config.search.baselines and not self.study.trials:
-            for label, genome in self.space.baselines().items():
-                self.study.enqueue_trial(genome, user_attrs={"baseline": label})
+        if create:
+            self.study = prepare_study(config, self.storage, self.space)
+        else:
+            self.study = load_or_create_study(config, self.storage, create=False)
+        self.heartbeat = None  # RDB storages beat inside Optuna; journal storages need ours
+        if isinstance(self.storage, JournalStorage):
+            self.heartbeat = JournalHeartbeat(interval=config.search.heartbeat_seconds, grace=config.search.grace_seconds)
+        self.worker = worker_name()
         model, tokenizer = load_eval_model(config)
         template = self.space.decode({g.name: (g.low + g.high) / 2 for g in self.space.genes})
         self.candidate = LiveCandidate(model, template, seed=config.search.merge_seed, device=config.device)
@@ -128,6 +154,13 @@ class Search:
 
     # ask -> decode -> materialise -> score -> tell (tell is Optuna's, on return/raise)
     def objective(self, trial: "optuna.Trial"):
+        trial.set_user_attr("worker", self.worker)
+        if self.heartbeat is None:
+            return self._objective(trial)
+        with self.heartbeat.beating(trial):
+            return self._objective(trial)
+
+    def _objective(self, trial: "optuna.Trial"):
         genome = {g.name: trial.suggest_float(g.name, g.low, g.high) for g in self.space.genes}
         try:
             result = self._score(trial, self.space.decode(genome))
@@ -180,14 +213,26 @@ class Search:
 
     def run(self, *, until: int, timeout_s: Optional[float] = None, progress: bool = True) -> None:
         """Run trials until the study holds `until` finished ones (counting every worker's)."""
+        import warnings
+
         import optuna
         from optuna.study import MaxTrialsCallback
         from optuna.trial import TrialState
 
+        # A worker that died left its trial RUNNING: fail (and retry) it now, even if the budget
+        # is met; then before each trial, which Optuna does itself for RDB storages.
+        callbacks = []
+        if self.heartbeat is not None:
+            self.heartbeat.fail_stale(self.study)
+            callbacks.append(self.heartbeat.fail_stale)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(self.study)  # a no-op without heartbeats
         remaining = until - self.finished_trials()
         if remaining <= 0:
             return
-        callbacks = [MaxTrialsCallback(until, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED))]
+        callbacks.append(MaxTrialsCallback(until, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)))
         bar = _ProgressBar(remaining, self) if progress else None
         if bar:
             callbacks.append(bar)
@@ -228,9 +273,11 @@ def load_eval_model(config: RunConfig):
     from evomerge.merge import torch_dtype
 
     dtype = torch_dtype(config.pool.dtype) or torch.float32
-    model = AutoModelForCausalLM.from_pretrained(config.pool.base, dtype=dtype, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        config.pool.base, dtype=dtype, use_safetensors=True, trust_remote_code=False
+    )
     model.to(config.device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(config.pool.base)
+    tokenizer = AutoTokenizer.from_pretrained(config.pool.base, trust_remote_code=False)
     return model, tokenizer
 
 

@@ -17,6 +17,7 @@ its bounds, so the map from genome to recipe is one-to-one and smooth (no foldin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -118,9 +119,14 @@ class SearchSpace:
         return groups
 
     def _bounds(self, name: str) -> tuple[float, float]:
-        bounds = self.config.search[name] or self.method.param(name).bounds
+        param = self.method.param(name)
+        bounds = self.config.search[name] or param.bounds
         if bounds is None:
             raise UserError(f"search space: give bounds for {name!r}")
+        if not all(math.isfinite(b) for b in bounds):
+            raise UserError(f"search space: the bounds of {name!r} must be finite numbers")
+        for bound in bounds:
+            param.check_limits(float(bound), "in the search space")
         return float(bounds[0]), float(bounds[1])
 
     def _genes(self) -> list[Gene]:
@@ -144,7 +150,14 @@ class SearchSpace:
         """The recipe a genome stands for: one slice per layer group."""
         missing = [g.name for g in self.genes if g.name not in genome]
         if missing:
-            raise ValueError(f"genome lacks genes {missing[:3]}")
+            raise UserError(f"the genome lacks genes {missing[:3]}; was the search space changed?")
+        for gene in self.genes:
+            value = genome[gene.name]
+            if not (isinstance(value, (int, float)) and gene.low <= value <= gene.high):
+                raise UserError(
+                    f"gene {gene.name!r} = {value!r} lies outside its bounds [{gene.low:g}, {gene.high:g}]; "
+                    "was the search space changed?"
+                )
         slices = []
         for label, start, end in self.groups:
             sources = [

@@ -34,7 +34,7 @@ def command(recipe_path, out_dir, device, seed, out_dtype, shard_size, force, al
 
     if threads:
         torch.set_num_threads(threads)
-    with tqdm(total=0, unit="tensor", desc="merging", leave=False) as bar:
+    with tqdm(total=0, unit="tensor", desc="merging", leave=False, delay=1.0) as bar:  # no bar before a quick error
 
         def progress(done: int, total: int) -> None:
             bar.total = total

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import click
 
 
-def _run(config, run_dir: Path, *, more: Optional[int], create: bool) -> None:
+def _run(config, run_dir: Path, *, more: Optional[int], create: bool, search=None) -> None:
     """Run until the study's budget (config search.trials) is met, or `more` trials more."""
     from evomerge.search import Search, best_trial, run_summary
 
-    search = Search(config, run_dir, create=create)
+    search = search or Search(config, run_dir, create=create)
     until = search.finished_trials() + more if more else config.search.trials
     timeout = config.search.timeout_minutes
     try:
@@ -32,13 +33,18 @@ def _run(config, run_dir: Path, *, more: Optional[int], create: bool) -> None:
 @click.command("search")
 @click.argument("config_path", metavar="CONFIG.yaml", type=click.Path(path_type=Path))
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Run folder (default: runs/<config name>).")
-@click.option("--trials", type=int, help="Trials to run (default: the config's search.trials).")
+@click.option(
+    "--trials",
+    type=click.IntRange(min=0),
+    help="Trials to run (default: the config's search.trials). 0: only create the run folder and "
+    "the study (baselines queued), for `evomerge worker` processes to run.",
+)
 def search(config_path: Path, run_dir: Optional[Path], trials: Optional[int]) -> None:
     """Start a search over merge recipes described by CONFIG.yaml."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from evomerge.config import load_run_config
     from evomerge.errors import UserError
-    from evomerge.search import write_run_folder
+    from evomerge.search import Search, write_run_folder
 
     config = load_run_config(config_path)
     run_dir = run_dir or Path("runs") / config_path.stem
@@ -46,8 +52,33 @@ def search(config_path: Path, run_dir: Optional[Path], trials: Optional[int]) ->
         raise UserError(f"{str(run_dir)!r} already holds a run; continue it with: evomerge resume {run_dir}")
     if trials:
         config = config.model_copy(update={"search": config.search.model_copy(update={"trials": trials})})
-    write_run_folder(config, run_dir)
-    _run(config, run_dir, more=None, create=True)
+    with _removed_on_failure(run_dir):  # a failed set-up (missing model, unknown task, ...) leaves no run
+        write_run_folder(config, run_dir)
+        if trials == 0:
+            from evomerge.search import build_space, open_config_storage, prepare_study
+
+            prepare_study(config, open_config_storage(config, run_dir), build_space(config))
+            click.echo(f"study ready ({config.search.trials} trials); start workers with: evomerge worker {run_dir}")
+            return
+        search = Search(config, run_dir, create=True)
+    _run(config, run_dir, more=None, create=True, search=search)
+
+
+@contextmanager
+def _removed_on_failure(run_dir: Path) -> Iterator[None]:
+    """Undo a failed set-up: remove what the block added to `run_dir` (all of it if it was new)."""
+    import shutil
+
+    existed = set(run_dir.iterdir()) if run_dir.is_dir() else None
+    try:
+        yield
+    except BaseException:
+        if existed is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        else:
+            for entry in set(run_dir.iterdir()) - existed:
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        raise
 
 
 @click.command("resume")

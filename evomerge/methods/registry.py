@@ -9,6 +9,7 @@ method is one function and one `register(...)` call.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
 
@@ -27,7 +28,9 @@ class Param:
     """One parameter of a merge method.
 
     `per_model` parameters take one value per input model (`weight`, `density`); the others
-    one value per tensor (`t`, `lambda`). `bounds` is the range a search explores by default.
+    one value per tensor (`t`, `lambda`). `bounds` is the range a search explores by default;
+    `limits` the range that makes sense at all (a density is a fraction): recipes and search
+    spaces outside it are refused. Numbers must be finite.
     """
 
     name: str
@@ -35,6 +38,7 @@ class Param:
     default: Any = REQUIRED
     kind: type = float
     bounds: Optional[tuple[float, float]] = None
+    limits: Optional[tuple[float, float]] = None
 
     @property
     def required(self) -> bool:
@@ -55,12 +59,21 @@ class Param:
                 return int(value)
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
         except (TypeError, ValueError):
             raise UserError(
-                f"parameter {self.name!r} for {where} must be a {self.kind.__name__}, "
+                f"parameter {self.name!r} for {where} must be a finite {self.kind.__name__}, "
                 f"got {value!r}"
             ) from None
+        self.check_limits(number, f"for {where}")
+        return number
+
+    def check_limits(self, value: float, where: str) -> None:
+        if self.limits is not None and not self.limits[0] <= value <= self.limits[1]:
+            low, high = self.limits
+            raise UserError(f"parameter {self.name!r} {where} must lie in [{low:g}, {high:g}], got {value!r}")
 
 
 # How a method treats `base_model`:
@@ -90,9 +103,10 @@ class MergeInputs:
         field: Optional["UniformField"] = None,
     ):
         self.models, self.base, self.tensor_name, self.field = models, base, tensor_name, field
-        self._memo: dict[tuple[str, int], "torch.Tensor"] = {}
+        self._memo: dict[tuple[str, int], Any] = {}
 
-    def _cached(self, kind: str, index: int, compute: Callable[[], "torch.Tensor"]):
+    def cached(self, kind: str, index: int, compute: Callable[[], Any]):
+        """`compute()` on first use for (kind, model index); the kept value afterwards."""
         key = (kind, index)
         if key not in self._memo:
             self._memo[key] = compute()
@@ -100,27 +114,27 @@ class MergeInputs:
 
     def delta(self, index: int) -> "torch.Tensor":
         """The task vector tau_i = theta_i - theta_base."""
-        return self._cached("delta", index, lambda: self.models[index] - self.base)
+        return self.cached("delta", index, lambda: self.models[index] - self.base)
 
     def magnitude_ranks(self, index: int) -> "torch.Tensor":
         from evomerge.methods.sparsify import magnitude_ranks
 
-        return self._cached("desc", index, lambda: magnitude_ranks(self.delta(index)))
+        return self.cached("desc", index, lambda: magnitude_ranks(self.delta(index)))
 
     def ascending_ranks(self, index: int) -> "torch.Tensor":
         from evomerge.methods.sparsify import ascending_ranks
 
-        return self._cached("asc", index, lambda: ascending_ranks(self.delta(index)))
+        return self.cached("asc", index, lambda: ascending_ranks(self.delta(index)))
 
     def row_ranks(self, index: int) -> "torch.Tensor":
         from evomerge.methods.sparsify import row_ranks
 
-        return self._cached("rows", index, lambda: row_ranks(self.delta(index)))
+        return self.cached("rows", index, lambda: row_ranks(self.delta(index)))
 
     def draws(self, index: int) -> "torch.Tensor":
         """24-bit random integers for every element of model `index`'s tensor."""
         shape, device = self.models[index].shape, self.models[index].device
-        return self._cached("draws", index, lambda: self.field.integers(index, shape, device))
+        return self.cached("draws", index, lambda: self.field.integers(index, shape, device))
 
 
 @dataclass(frozen=True)

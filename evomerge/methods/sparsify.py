@@ -18,17 +18,21 @@ from evomerge.random_fields import SCALE, keep_threshold
 def magnitude_ranks(delta: torch.Tensor) -> torch.Tensor:
     """Rank of every element by |delta|, largest first; ties go to the lower index."""
     order = torch.sort(delta.abs().flatten().float(), descending=True, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks[order] = torch.arange(order.numel(), device=order.device)
-    return ranks.view(delta.shape)
+    return _positions(order).view(delta.shape)
 
 
 def ascending_ranks(delta: torch.Tensor) -> torch.Tensor:
     """Rank of every element by |delta|, smallest first; ties go to the lower index."""
     order = torch.sort(delta.abs().flatten().float(), stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks[order] = torch.arange(order.numel(), device=order.device)
-    return ranks.view(delta.shape)
+    return _positions(order).view(delta.shape)
+
+
+def _positions(order: torch.Tensor) -> torch.Tensor:
+    """Inverse permutation: where each element landed in `order` (int32 when it fits)."""
+    dtype = torch.int32 if order.numel() < 2**31 else torch.int64
+    ranks = torch.empty(order.shape, dtype=dtype, device=order.device)
+    ranks[order] = torch.arange(order.numel(), dtype=dtype, device=order.device)
+    return ranks
 
 
 def magnitude_keep_count(density: float, numel: int) -> int:
@@ -88,26 +92,35 @@ def l1_rescale(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
     (DARE's "rescale" in mergekit matches L1 norms rather than dividing by the density.)
     """
-    before, after = exact_abs_sum(delta), exact_abs_sum(kept)
+    shift = fixed_point_shift(delta)
+    before, after = exact_abs_sum(delta, shift), exact_abs_sum(kept, shift)
+    return kept * l1_factor(before, after, kept.dtype)
+
+
+def l1_factor(before: float, after: float, dtype: torch.dtype) -> torch.Tensor:
+    """before / after in `dtype`, or 1 where either norm is (nearly) zero."""
     if before < 1e-7 or after < 1e-7:
-        return kept
-    return kept * torch.tensor(before / after, dtype=kept.dtype, device=kept.device)
+        return torch.ones((), dtype=dtype)
+    return torch.tensor(before / after, dtype=dtype)
 
 
-def exact_abs_sum(x: torch.Tensor, chunk: int = 1 << 24) -> float:
+def fixed_point_shift(x: torch.Tensor) -> int:
+    """The power of two that scales |x| into int64 with room to sum every element."""
+    peak = x.detach().abs().max().item() if x.numel() else 0.0
+    if peak == 0 or not math.isfinite(peak):
+        return 0
+    headroom = 62 - math.ceil(math.log2(x.numel() + 1))
+    return headroom - math.frexp(peak)[1]
+
+
+def exact_abs_sum(x: torch.Tensor, shift: int, chunk: int = 1 << 24) -> float:
     """sum(|x|) as an exact fixed-point integer sum, so the order of addition cannot matter.
 
-    Values are scaled by a power of two chosen from the maximum and truncated to int64; the
-    integer sum cannot overflow and is the same on every device and thread count.
+    Each |x| is scaled by 2**shift (see `fixed_point_shift`, computed from the largest value
+    of the full task vector) and truncated to int64; the integer sum cannot overflow and is
+    the same on every device and thread count.
     """
     flat = x.detach().flatten()
-    if flat.numel() == 0:
-        return 0.0
-    peak = flat.abs().max().item()
-    if peak == 0 or not math.isfinite(peak):
-        return peak
-    headroom = 62 - math.ceil(math.log2(flat.numel() + 1))
-    shift = headroom - math.frexp(peak)[1]
     total = 0
     for start in range(0, flat.numel(), chunk):
         part = flat[start : start + chunk].abs().double() * (2.0**shift)

@@ -95,6 +95,8 @@ def multislerp(
     flat = points.view(points.shape[0], -1)  # (M, N)
     w = torch.tensor(weight, dtype=points.dtype, device=points.device)
     if normalize_weights:
+        if abs(sum(weight)) < 1e-12:
+            raise ValueError("the weights sum to 0, so they cannot be normalised; change them or set normalize_weights: false")
         w = w / w.sum()
     norms = torch.norm(flat, dim=-1, keepdim=True)  # (M, 1)
     units = flat / (norms + eps)
@@ -118,7 +120,7 @@ register(
     MergeMethod(
         name="slerp",
         merge=slerp,
-        params=(Param("t", per_model=False, bounds=(0.0, 1.0)),),
+        params=(Param("t", per_model=False, bounds=(0.0, 1.0), limits=(0.0, 1.0)),),
         base_role="required",
         min_models=1,
         max_models=1,

@@ -97,6 +97,9 @@ def task_vector_merge(
 ) -> torch.Tensor:
     if not inputs.models:
         return inputs.base
+    if rule in (None, "magnitude", "random") and _kernel_ready(inputs):
+        return _fused(inputs, weight, density, rule=rule, rescale=rescale, consensus=consensus,
+                      normalize=normalize, lambda_=lambda_)  # fmt: skip
     deltas = torch.stack(
         [
             sparsified_delta(
@@ -116,6 +119,61 @@ def task_vector_merge(
     )
 
 
+def _kernel_ready(inputs: MergeInputs) -> bool:
+    from evomerge import kernel
+
+    return kernel.applies([inputs.base, *inputs.models]) and kernel.library() is not None
+
+
+def _fused(
+    inputs: MergeInputs,
+    weight: list[float],
+    density: list[float],
+    *,
+    rule: Sparsifier,
+    rescale: bool,
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+) -> torch.Tensor:
+    """The same merge as `sparsified_delta` + `combine`, in one pass (evomerge/kernel)."""
+    from evomerge import kernel
+
+    dtype = inputs.base.dtype
+    deltas, keys, thresholds, factors = [], [], [], []
+    for i in range(len(inputs.models)):
+        delta = inputs.delta(i)
+        key, threshold = None, 0
+        if rule is not None and density[i] < 1:
+            if rule == "magnitude":
+                key = inputs.magnitude_ranks(i)
+                threshold = sparsify.magnitude_keep_count(density[i], delta.numel())
+            else:
+                key, threshold = inputs.draws(i), sparsify.keep_threshold(density[i])
+        factor = torch.ones((), dtype=dtype)
+        if key is not None and rescale:
+            shift, before = inputs.cached("l1", i, lambda: _l1_norm(delta))
+            after = kernel.kept_abs_sum(delta, key, threshold, 2.0**shift) * 2.0**-shift
+            factor = sparsify.l1_factor(before, after, dtype)
+        deltas.append(delta)
+        keys.append(key)
+        thresholds.append(threshold)
+        factors.append(factor)
+    w = torch.tensor(weight, dtype=dtype)
+    plain_divisor = w.sum()
+    if plain_divisor.abs() < 1e-8:
+        plain_divisor = torch.ones((), dtype=dtype)
+    return kernel.tv_merge(
+        inputs.base, deltas, keys, thresholds, torch.stack(factors), w,
+        consensus=consensus, normalize=normalize, plain_divisor=float(plain_divisor), lambda_=lambda_,
+    )  # fmt: skip
+
+
+def _l1_norm(delta: torch.Tensor) -> tuple[int, float]:
+    shift = sparsify.fixed_point_shift(delta)
+    return shift, sparsify.exact_abs_sum(delta, shift)
+
+
 def _family_member(
     name: str,
     *,
@@ -127,16 +185,16 @@ def _family_member(
 ) -> MergeMethod:
     params = [
         Param("weight", per_model=True, bounds=(0.0, 1.0)),
-        Param("density", per_model=True, default=1.0, bounds=(0.0, 1.0)),
+        Param("density", per_model=True, default=1.0, bounds=(0.0, 1.0), limits=(0.0, 1.0)),
         Param("lambda", per_model=False, default=1.0, bounds=(0.5, 1.5)),
         Param("normalize", per_model=False, default=normalize, kind=bool),
         Param("rescale", per_model=False, default=rescale, kind=bool),
         Param("int8_mask", per_model=False, default=False, kind=bool),
     ]
     if rule == "breadcrumbs":
-        params.append(Param("gamma", per_model=True, default=0.01, bounds=(0.0, 0.1)))
+        params.append(Param("gamma", per_model=True, default=0.01, bounds=(0.0, 0.1), limits=(0.0, 1.0)))
     if rule == "della":
-        params.append(Param("epsilon", per_model=True, default=0.15, bounds=(0.0, 0.3)))
+        params.append(Param("epsilon", per_model=True, default=0.15, bounds=(0.0, 0.3), limits=(0.0, 1.0)))
     return MergeMethod(
         name=name,
         merge=partial(task_vector_merge, rule=rule, consensus=consensus),

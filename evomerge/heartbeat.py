@@ -1,0 +1,92 @@
+"""Heartbeats for journal-file studies, so a dead worker's trial does not stay RUNNING forever.
+
+Optuna 5 gives heartbeats only to `RDBStorage` (SQLite, PostgreSQL, MySQL): Optuna's own loop beats
+for the running trial, and before each new trial fails the trials whose worker stopped beating and
+queues them again with `RetryHeartbeatStaleTrialCallback`. `JournalStorage` has no such hook (its
+heartbeat support, optuna/optuna#6615, is not in 5.0), so this module does the same with Optuna's
+public API:
+
+- while a trial runs, a thread stamps it with the user attribute `heartbeat` (seconds since the
+  epoch) every `interval` seconds;
+- before each trial (and when a worker starts), a worker fails every RUNNING trial whose last
+  stamp, or start if it has none yet, is more than `grace` seconds old, and queues each one once
+  more (`max_retry`), exactly as `RetryHeartbeatStaleTrialCallback` does for RDB storages.
+
+The stamps are wall-clock times of the workers, so workers on several nodes need synchronised
+clocks (NTP); the grace period should exceed the longest pause of a live worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    import optuna
+
+LOG = logging.getLogger(__name__)
+
+HEARTBEAT_ATTR = "heartbeat"
+
+
+class JournalHeartbeat:
+    """Beat for the running trial; fail and retry the trials of workers that stopped beating."""
+
+    def __init__(self, *, interval: int, grace: int, max_retry: int = 1):
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        if grace <= interval:
+            raise ValueError(f"grace ({grace} s) must be longer than the heartbeat interval ({interval} s)")
+        self.interval, self.grace = interval, grace
+        self._retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    @contextmanager
+    def beating(self, trial: "optuna.Trial") -> Iterator[None]:
+        """Stamp `trial` every `interval` seconds while the body runs."""
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        stop = threading.Event()
+
+        def beat() -> None:
+            while True:
+                try:
+                    trial.set_user_attr(HEARTBEAT_ATTR, time.time())
+                except UpdateFinishedTrialError:  # another worker judged this one dead
+                    LOG.warning("trial %d was failed by another worker (no heartbeat for %d s)", trial.number, self.grace)
+                    return
+                if stop.wait(self.interval):
+                    return
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def fail_stale(self, study: "optuna.Study", *_: object) -> list[int]:
+        """Fail (and queue once more) the RUNNING trials that stopped beating; their numbers.
+
+        The signature also fits `study.optimize(callbacks=...)`, which calls it after each trial.
+        """
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
+
+        now, failed = time.time(), []
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
+            last = max(trial.user_attrs.get(HEARTBEAT_ATTR, 0.0), started)
+            if now - last <= self.grace:
+                continue
+            try:
+                study.tell(trial.number, state=TrialState.FAIL)
+            except (ValueError, UpdateFinishedTrialError):  # another worker failed it first
+                continue
+            LOG.warning("trial %d: no heartbeat for %.0f s; marked failed", trial.number, now - last)
+            self._retry(study, trial)
+            failed.append(trial.number)
+        return failed

@@ -1,0 +1,412 @@
+"""Bad inputs: each one ends in ONE sentence on stderr (`error: ...`), exit code 2, and nothing
+written — no output folder, no run folder, no leftover staging folder.
+
+Merge cases run the real CLI entry point (`evomerge.cli.main`) in-process on tiny Llama models;
+search cases run `python -m evomerge` in a subprocess on the small demo pool, as users do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tiny_models import build_tiny_pool
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+# --- helpers ---------------------------------------------------------------------------------
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file and folder under `root` with a hash of its content: "was anything written?"."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        out[rel] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+    return out
+
+
+def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """Run `evomerge ARGS` through the real entry point; (exit code, stderr)."""
+    from evomerge.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["evomerge", *args])
+    capsys.readouterr()  # drop what the test's own set-up printed
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def evomerge(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "evomerge", *args], env=ENV, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_one_sentence(code: int, err: str, *needles: str, progress_before: bool = False) -> None:
+    """Exit code 2 and stderr = exactly one line `error: ...` holding every needle.
+
+    `progress_before`: a search's set-up may log progress (study created, weights loaded,
+    datasets prepared) before the error; the error must still be the one and last line of its
+    kind. As on a terminal, a progress bar cleared with a carriage return does not count."""
+    assert code == 2, err
+    lines = [line.rsplit("\r", 1)[-1] for line in err.strip().split("\n")]
+    lines = [line for line in lines if line.strip()]
+    assert "Traceback" not in err, err
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    if not progress_before:
+        assert lines == errors, err
+    for needle in needles:
+        assert needle in errors[0], f"{needle!r} not in {errors[0]!r}"
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> dict[str, Path]:
+    torch.set_num_threads(1)
+    return build_tiny_pool(tmp_path_factory.mktemp("tiny"), n_models=2)
+
+
+@pytest.fixture
+def work(tmp_path) -> Path:
+    """The folder where each case writes its inputs and expects no output to appear."""
+    return tmp_path
+
+
+def linear_recipe(*models: Path, **parameters) -> dict:
+    return {
+        "merge_method": "linear",
+        "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models],
+        **({"parameters": parameters} if parameters else {}),
+    }
+
+
+def merge_fails(monkeypatch, capsys, work: Path, recipe, *needles: str, extra=()) -> str:
+    """`evomerge merge` of `recipe` (a dict or YAML text) must fail cleanly, writing nothing."""
+    file = work / "recipe.yaml"
+    file.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe))
+    before = snapshot(work)
+    code, err = cli(monkeypatch, capsys, "merge", str(file), str(work / "out" / "model"), *extra)
+    assert_one_sentence(code, err, *needles)
+    assert snapshot(work) == before, "something was written"
+    return err
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def rewrite_tensors(folder: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    file = folder / "model.safetensors"
+    tensors = load_file(file)
+    change(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+# --- recipes ---------------------------------------------------------------------------------
+def test_malformed_yaml(monkeypatch, capsys, work, pool):
+    merge_fails(monkeypatch, capsys, work, "merge_method: linear\nmodels: [\n  - {model: a\n", "line")
+
+
+def test_unknown_key_names_the_closest_valid_key(monkeypatch, capsys, work, pool):
+    recipe = linear_recipe(pool["ft0"], pool["ft1"])
+    recipe["merge_methd"] = recipe.pop("merge_method")
+    merge_fails(monkeypatch, capsys, work, recipe, "merge_methd", "did you mean 'merge_method'")
+
+
+def test_unknown_merge_method(monkeypatch, capsys, work, pool):
+    recipe = {**linear_recipe(pool["ft0"], pool["ft1"]), "merge_method": "linaer"}
+    merge_fails(monkeypatch, capsys, work, recipe, "linaer", "did you mean 'linear'")
+
+
+def test_missing_model_path(monkeypatch, capsys, work, pool):
+    recipe = linear_recipe(pool["ft0"], work / "no-such-model")
+    merge_fails(monkeypatch, capsys, work, recipe, "no-such-model", "does not exist")
+
+
+def test_folder_without_safetensors(monkeypatch, capsys, work, pool):
+    empty = work / "empty-model"
+    empty.mkdir()
+    shutil.copy(pool["ft0"] / "config.json", empty)
+    merge_fails(monkeypatch, capsys, work, linear_recipe(pool["ft0"], empty), "no .safetensors")
+
+
+def _pickle_model(src: Path, dst: Path) -> Path:
+    from safetensors.torch import load_file
+
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst)
+    torch.save(load_file(src / "model.safetensors"), dst / "pytorch_model.bin")
+    return dst
+
+
+def test_pickle_weights_are_refused_without_allow_pickle(monkeypatch, capsys, work, pool):
+    pickled = _pickle_model(pool["ft1"], work / "pickled")
+    merge_fails(monkeypatch, capsys, work, linear_recipe(pool["ft0"], pickled), "pickle", "--allow-pickle")
+
+
+def test_allow_pickle_loads_weights_only_and_merges_the_same(monkeypatch, capsys, work, pool):
+    from safetensors.torch import load_file
+
+    pickled = _pickle_model(pool["ft1"], work / "pickled")
+    for name, second in (("from-pickle", pickled), ("from-safetensors", pool["ft1"])):
+        (work / f"{name}.yaml").write_text(yaml.safe_dump(linear_recipe(pool["ft0"], second)))
+        code, err = cli(monkeypatch, capsys, "merge", str(work / f"{name}.yaml"), str(work / name), "--allow-pickle")
+        assert code == 0, err
+    a, b = load_file(work / "from-pickle" / "model.safetensors"), load_file(work / "from-safetensors" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _RunsCode:
+    """A pickle payload: unpickling it (without weights_only) would create `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_allow_pickle_never_runs_pickled_code(monkeypatch, capsys, work, pool):
+    evil = work / "evil"
+    evil.mkdir()
+    shutil.copy(pool["ft1"] / "config.json", evil)
+    marker = work / "pwned"
+    torch.save({"model.embed_tokens.weight": torch.zeros(2), "x": _RunsCode(marker)}, evil / "pytorch_model.bin")
+    merge_fails(monkeypatch, capsys, work, linear_recipe(pool["ft0"], evil), "refused", extra=("--allow-pickle",))
+    assert not marker.exists()
+
+
+def test_truncated_safetensors(monkeypatch, capsys, work, pool):
+    broken = copy_model(pool["ft1"], work / "truncated")
+    file = broken / "model.safetensors"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    merge_fails(monkeypatch, capsys, work, linear_recipe(pool["ft0"], broken), "truncated")
+
+
+def test_corrupt_safetensors_header(monkeypatch, capsys, work, pool):
+    broken = copy_model(pool["ft1"], work / "corrupt")
+    data = bytearray((broken / "model.safetensors").read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    data[8 : 8 + header_len] = b"\xff" * header_len  # not JSON
+    (broken / "model.safetensors").write_bytes(bytes(data))
+    merge_fails(monkeypatch, capsys, work, linear_recipe(pool["ft0"], broken), "unreadable safetensors header")
+
+
+def test_header_claiming_an_absurd_size(monkeypatch, capsys, work, pool):
+    broken = copy_model(pool["ft1"], work / "absurd")
+    (broken / "model.safetensors").write_bytes((2**62).to_bytes(8, "little") + b"{}" + b"\0" * 64)
+    merge_fails(monkeypatch, capsys, work, linear_recipe(pool["ft0"], broken), "claims", "header")
+
+
+# --- the pool ---------------------------------------------------------------------------------
+def test_shapes_that_differ_between_models(monkeypatch, capsys, work, pool):
+    wider = build_tiny_pool(work / "wider", n_models=0, intermediate_size=64)["base"]
+    merge_fails(monkeypatch, capsys, work, linear_recipe(pool["ft0"], wider), "different shapes", "mlp")
+
+
+def test_different_architectures_by_config(monkeypatch, capsys, work, pool):
+    other = copy_model(pool["ft1"], work / "mistral")
+    config = json.loads((other / "config.json").read_text())
+    config.update(model_type="mistral", architectures=["MistralForCausalLM"])
+    (other / "config.json").write_text(json.dumps(config))
+    merge_fails(monkeypatch, capsys, work, linear_recipe(pool["ft0"], other), "different architectures", "mistral")
+
+
+def test_different_architectures_by_tensor_names(monkeypatch, capsys, work, pool):
+    other = copy_model(pool["ft1"], work / "with-bias")
+    rewrite_tensors(other, lambda t: t.update({"model.layers.2.self_attn.q_proj.bias": torch.zeros(32)}))
+    merge_fails(
+        monkeypatch, capsys, work, linear_recipe(pool["ft0"], other),
+        "different architectures", "model.layers.N.self_attn.q_proj.bias",
+    )
+
+
+def test_different_vocabularies(monkeypatch, capsys, work, pool):
+    """Policy: models must share one vocabulary (config vocab_size); the message names both."""
+    bigger = build_tiny_pool(work / "vocab", n_models=0, vocab_size=80)["base"]
+    merge_fails(monkeypatch, capsys, work, linear_recipe(pool["ft0"], bigger), "vocabularies", "64 tokens", "80 tokens")
+
+
+def test_nan_in_a_source_is_refused_with_the_tensor_name(monkeypatch, capsys, work, pool):
+    broken = copy_model(pool["ft1"], work / "nan")
+    rewrite_tensors(broken, lambda t: t["model.layers.1.mlp.up_proj.weight"].__setitem__((0, 0), float("nan")))
+    merge_fails(monkeypatch, capsys, work, linear_recipe(pool["ft0"], broken), "NaN", "model.layers.1.mlp.up_proj.weight")
+
+
+def test_inf_in_a_source_is_refused(monkeypatch, capsys, work, pool):
+    broken = copy_model(pool["ft1"], work / "inf")
+    rewrite_tensors(broken, lambda t: t["model.norm.weight"].__setitem__(3, float("inf")))
+    merge_fails(monkeypatch, capsys, work, linear_recipe(pool["ft0"], broken), "Inf", "model.norm.weight")
+
+
+# --- parameters -------------------------------------------------------------------------------
+def test_density_above_one(monkeypatch, capsys, work, pool):
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(pool["base"]),
+        "models": [{"model": str(pool[m]), "parameters": {"weight": 0.5, "density": 1.5}} for m in ("ft0", "ft1")],
+    }
+    merge_fails(monkeypatch, capsys, work, recipe, "'density'", "[0, 1]", "1.5")
+
+
+def test_negative_t_for_slerp(monkeypatch, capsys, work, pool):
+    recipe = {
+        "merge_method": "slerp",
+        "base_model": str(pool["base"]),
+        "models": [{"model": str(pool["ft0"])}],
+        "parameters": {"t": -0.5},
+    }
+    merge_fails(monkeypatch, capsys, work, recipe, "'t'", "-0.5")
+
+
+def test_nan_parameter(monkeypatch, capsys, work, pool):
+    recipe = linear_recipe(pool["ft0"], pool["ft1"])
+    recipe["models"][0]["parameters"]["weight"] = ".nan"
+    merge_fails(monkeypatch, capsys, work, recipe, "'weight'", "finite")
+
+
+def test_negative_task_arithmetic_weights_stay_allowed(monkeypatch, capsys, work, pool):
+    """mergekit allows negative weights (task negation); only what is invalid is refused."""
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(pool["base"]),
+        "models": [{"model": str(pool["ft0"]), "parameters": {"weight": -0.5}}],
+    }
+    (work / "r.yaml").write_text(yaml.safe_dump(recipe))
+    code, err = cli(monkeypatch, capsys, "merge", str(work / "r.yaml"), str(work / "out"))
+    assert code == 0, err
+
+
+def test_weights_summing_to_zero_with_normalize(monkeypatch, capsys, work, pool):
+    recipe = linear_recipe(pool["ft0"], pool["ft1"])
+    recipe["models"][1]["parameters"]["weight"] = -1.0
+    merge_fails(monkeypatch, capsys, work, recipe, "sum to 0", "normalize")
+
+
+def test_layer_range_beyond_the_model(monkeypatch, capsys, work, pool):
+    recipe = {
+        "merge_method": "passthrough",
+        "slices": [{"sources": [{"model": str(pool["ft0"]), "layer_range": [2, 9]}]}],
+    }
+    merge_fails(monkeypatch, capsys, work, recipe, "layer_range", "4 layers")
+
+
+def test_output_folder_that_exists(monkeypatch, capsys, work, pool):
+    out = work / "out" / "model"
+    out.mkdir(parents=True)
+    (out / "keep.txt").write_text("mine")
+    err = merge_fails(monkeypatch, capsys, work, linear_recipe(pool["ft0"], pool["ft1"]), "exists", "--force")
+    assert (out / "keep.txt").read_text() == "mine" and err
+
+
+# --- searches ---------------------------------------------------------------------------------
+def search_config(work: Path, pool: Path, **changes) -> Path:
+    config = {
+        "pool": {
+            "base": str(pool / "base"),
+            "models": {name: str(pool / name) for name in ("add", "rev", "sort")},
+            "dtype": "float32",
+        },
+        "space": "linear_global",
+        "fitness": {
+            "task_paths": [str(pool / "tasks")],
+            "tasks": ["evomerge_add", "evomerge_rev"],
+            "subset": {"count": 4},
+            "batch_size": 32,
+        },
+        "search": {"sampler": "cmaes", "trials": 2, "seed": 0},
+        "threads": 1,
+    }
+    for dotted, value in changes.items():
+        *parents, key = dotted.split("__")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[key] = value
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def search_fails(work: Path, config: Path, *needles: str) -> float:
+    before = snapshot(work)
+    started = time.perf_counter()
+    result = evomerge("search", str(config), "--run-dir", str(work / "runs" / "run"))
+    assert_one_sentence(result.returncode, result.stderr, *needles, progress_before=True)
+    assert snapshot(work) == before, "the failed set-up left files behind"
+    return time.perf_counter() - started
+
+
+def test_unknown_sampler(work, small_pool):
+    search_fails(work, search_config(work, small_pool, search__sampler="cmaez"), "search.sampler", "cmaes")
+
+
+@pytest.mark.slow
+def test_unknown_task(work, small_pool):
+    config = search_config(work, small_pool, fitness__tasks=["evomerge_ad"])
+    search_fails(work, config, "unknown lm-eval task 'evomerge_ad'", "evomerge_add")
+
+
+@pytest.mark.slow
+def test_unknown_metric(work, small_pool):
+    config = search_config(work, small_pool, fitness__tasks=[{"name": "evomerge_add", "metric": "acuracy"}])
+    search_fails(work, config, "no metric 'acuracy'", "acc")
+
+
+@pytest.mark.slow
+def test_missing_task_data_file(work, small_pool):
+    tasks = shutil.copytree(small_pool / "tasks", work / "tasks")
+    data = next(p for p in tasks.rglob("*.jsonl") if "add" in p.name)
+    data.unlink()
+    config = search_config(work, small_pool, fitness__task_paths=[str(tasks)])
+    search_fails(work, config, "task data", data.name)
+
+
+@pytest.mark.slow
+def test_unreachable_storage_is_one_sentence_and_quick(work, small_pool):
+    config = search_config(work, small_pool, search__storage="postgresql://evomerge@127.0.0.1:1/nothing")
+    seconds = search_fails(work, config, "postgresql://evomerge@127.0.0.1:1/nothing")
+    assert seconds < 60
+
+
+def test_search_space_bounds_outside_the_limits(work, small_pool):
+    space = {"method": "ties", "search": {"weight": [0.0, 1.0], "density": [0.5, 1.5]}}
+    search_fails(work, search_config(work, small_pool, space=space), "'density'", "[0, 1]")
+
+
+def test_missing_pool_model(work, small_pool):
+    config = search_config(work, small_pool, pool__base=str(work / "nowhere"))
+    search_fails(work, config, "nowhere", "does not exist")
+
+
+def test_run_folder_of_an_incompatible_version(work, small_pool):
+    from evomerge.config import load_run_config
+    from evomerge.search import write_run_folder
+
+    run_dir = work / "old-run"
+    write_run_folder(load_run_config(search_config(work, small_pool)), run_dir)
+    meta = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**meta, "run_format": 999, "evomerge_version": "9.9"}))
+    before = snapshot(work)
+    for command in ("resume", "worker"):
+        result = evomerge(command, str(run_dir))
+        assert_one_sentence(result.returncode, result.stderr, "9.9", "run format 999")
+    result = evomerge("export", str(run_dir), str(work / "exported"))
+    assert_one_sentence(result.returncode, result.stderr, "run format 999")
+    assert snapshot(work) == before
