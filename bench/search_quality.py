@@ -38,7 +38,7 @@ def run_one(pool: Path, space: str, sampler: str, seed: int, trials: int, workdi
             "threads": 1,
         }
     )
-    run_dir = workdir / f"{space}-{sampler}-{seed}"
+    run_dir = workdir / f"{Path(space).stem}-{sampler}-{seed}"
     write_run_folder(config, run_dir)
     search = Search(config, run_dir)
     search.run(until=trials, progress=False)

@@ -228,16 +228,27 @@ def _is_union_branch(part: str) -> bool:
 def _valid_keys_at(model_cls: type[BaseModel], data: Any, loc: tuple) -> list[str]:
     """The field names of the pydantic model that sits at `loc` inside `model_cls`."""
     current: Any = model_cls
+    dict_key_next = False
     for part in loc:
         if isinstance(part, int) or _is_union_branch(part):
+            continue
+        if dict_key_next:  # a key of a mapping field (a parameter name), not a field itself
+            dict_key_next = False
             continue
         field = current.model_fields.get(part) if isinstance(current, type) else None
         if field is None:
             return []
+        dict_key_next = _is_mapping(field.annotation)
         current = _inner_model(field.annotation)
         if current is None:
             return []
     return list(current.model_fields) if isinstance(current, type) else []
+
+
+def _is_mapping(annotation: Any) -> bool:
+    if getattr(annotation, "__origin__", None) is dict:
+        return True
+    return any(_is_mapping(arg) for arg in getattr(annotation, "__args__", ()))
 
 
 def _inner_model(annotation: Any) -> Optional[type[BaseModel]]:

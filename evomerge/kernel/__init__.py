@@ -28,7 +28,9 @@ import torch
 
 LOG = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("tv_merge.c")
-FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
+# -march=native: the library is built per machine (the cache key includes the CPU's flags);
+# -ffp-contract=off keeps every multiply and add separately rounded, as torch does.
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
 _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
@@ -46,7 +48,7 @@ def library() -> Optional[ctypes.CDLL]:
     if compiler is None:
         LOG.info("no C compiler found; the merge kernel runs as torch ops")
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"tv_merge-{key}.so"
     if not target.exists():
         try:
@@ -61,6 +63,14 @@ def library() -> Optional[ctypes.CDLL]:
     lib = ctypes.CDLL(str(target))
     _declare(lib)
     return lib
+
+
+def _cpu_flags() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line for line in lines if line.startswith(("flags", "Features"))), "")
 
 
 def _declare(lib: ctypes.CDLL) -> None:

@@ -44,7 +44,7 @@ static inline float sign_of(float x) { return (float)((x > 0.0f) - (x < 0.0f)); 
         _Pragma("omp parallel for reduction(+ : total) schedule(static)")                  \
         for (int64_t e = 0; e < n; e++) {                                                   \
             if (key == 0 || key[e] < threshold)                                             \
-                total += (int64_t)floor((double)fabsf(LOAD(delta[e])) * scale);             \
+                total += (int64_t)((double)fabsf(LOAD(delta[e])) * scale); /* >= 0: trunc == floor */ \
         }                                                                                   \
         return total;                                                                       \
     }
@@ -62,47 +62,65 @@ DEFINE_KEPT_SUM(kept_abs_sum_bf16, uint16_t, LOAD_BF16)
  *   tau_i = deltas[i], s_i = keys[i][e] < thresholds[i] (keys[i] == 0: keep all),
  *   rescale[i] = the L1 factor (1 when not rescaling), m_i the sign-consensus mask.
  * Without consensus, Z = plain_divisor (computed by the caller like torch does).
+ * MERGE_BODY is instantiated for each model count up to 8 so that the compiler unrolls the
+ * loops over models and vectorises the loop over elements.
  */
+#define MERGE_ARGS(T)                                                                       \
+    int models, int64_t n, const T *base, const T **deltas, const int32_t **keys,          \
+        const int32_t *thresholds, const float *rescale, const float *weights,             \
+        int consensus, int normalize, float plain_divisor, int use_lambda, float lambda,   \
+        T *out
+
+#define MERGE_BODY(M, T, LOAD, STORE, ROUND)                                                \
+    _Pragma("omp parallel for simd schedule(static)")                                      \
+    for (int64_t e = 0; e < n; e++) {                                                       \
+        float weighted[MAX_MODELS];                                                         \
+        for (int i = 0; i < (M); i++) {                                                     \
+            float d = LOAD(deltas[i][e]);                                                   \
+            int keep = keys[i] == 0 || keys[i][e] < thresholds[i];                          \
+            float kept = keep ? d : ROUND(d * 0.0f);                                        \
+            kept = ROUND(kept * rescale[i]);                                                \
+            weighted[i] = ROUND(kept * weights[i]);                                         \
+        }                                                                                   \
+        float mixed, divisor;                                                               \
+        if (consensus) {                                                                    \
+            float total = weighted[0];                                                      \
+            for (int i = 1; i < (M); i++) total = total + weighted[i];                      \
+            float elected = ROUND(total) >= 0.0f ? 1.0f : -1.0f;                            \
+            float agree = sign_of(weighted[0]) == elected ? 1.0f : 0.0f;                    \
+            mixed = ROUND(weighted[0] * agree);                                             \
+            divisor = ROUND(weights[0] * agree);                                            \
+            for (int i = 1; i < (M); i++) {                                                 \
+                agree = sign_of(weighted[i]) == elected ? 1.0f : 0.0f;                      \
+                mixed = mixed + ROUND(weighted[i] * agree);                                 \
+                divisor = divisor + ROUND(weights[i] * agree);                              \
+            }                                                                               \
+            mixed = ROUND(mixed);                                                           \
+            divisor = ROUND(divisor);                                                       \
+            divisor = divisor == 0.0f ? 1.0f : divisor;                                     \
+        } else {                                                                            \
+            mixed = weighted[0];                                                            \
+            for (int i = 1; i < (M); i++) mixed = mixed + weighted[i];                      \
+            mixed = ROUND(mixed);                                                           \
+            divisor = plain_divisor;                                                        \
+        }                                                                                   \
+        if (normalize) mixed = ROUND(mixed / divisor);                                      \
+        if (use_lambda) mixed = ROUND(mixed * lambda);                                      \
+        out[e] = STORE(ROUND(LOAD(base[e]) + mixed));                                       \
+    }
+
 #define DEFINE_MERGE(NAME, T, LOAD, STORE, ROUND)                                           \
-    void NAME(int models, int64_t n, const T *base, const T **deltas, const int32_t **keys, \
-              const int32_t *thresholds, const float *rescale, const float *weights,       \
-              int consensus, int normalize, float plain_divisor, int use_lambda,           \
-              float lambda, T *out) {                                                      \
-        _Pragma("omp parallel for schedule(static)")                                       \
-        for (int64_t e = 0; e < n; e++) {                                                   \
-            float weighted[MAX_MODELS];                                                     \
-            for (int i = 0; i < models; i++) {                                              \
-                float d = LOAD(deltas[i][e]);                                               \
-                float kept = (keys[i] == 0 || keys[i][e] < thresholds[i]) ? d : ROUND(d * 0.0f); \
-                kept = ROUND(kept * rescale[i]);                                            \
-                weighted[i] = ROUND(kept * weights[i]);                                     \
-            }                                                                               \
-            float mixed, divisor;                                                           \
-            if (consensus) {                                                                \
-                float total = weighted[0];                                                  \
-                for (int i = 1; i < models; i++) total = total + weighted[i];               \
-                float elected = ROUND(total) >= 0.0f ? 1.0f : -1.0f;                        \
-                mixed = 0.0f;                                                               \
-                divisor = 0.0f;                                                             \
-                for (int i = 0; i < models; i++) {                                          \
-                    float agree = sign_of(weighted[i]) == elected ? 1.0f : 0.0f;            \
-                    float contribution = ROUND(weighted[i] * agree);                        \
-                    float share = ROUND(weights[i] * agree);                                \
-                    mixed = i == 0 ? contribution : mixed + contribution;                   \
-                    divisor = i == 0 ? share : divisor + share;                             \
-                }                                                                           \
-                mixed = ROUND(mixed);                                                       \
-                divisor = ROUND(divisor);                                                   \
-                if (divisor == 0.0f) divisor = 1.0f;                                        \
-            } else {                                                                        \
-                mixed = weighted[0];                                                        \
-                for (int i = 1; i < models; i++) mixed = mixed + weighted[i];               \
-                mixed = ROUND(mixed);                                                       \
-                divisor = plain_divisor;                                                    \
-            }                                                                               \
-            if (normalize) mixed = ROUND(mixed / divisor);                                  \
-            if (use_lambda) mixed = ROUND(mixed * lambda);                                  \
-            out[e] = STORE(ROUND(LOAD(base[e]) + mixed));                                   \
+    void NAME(MERGE_ARGS(T)) {                                                              \
+        switch (models) {                                                                   \
+        case 1: { MERGE_BODY(1, T, LOAD, STORE, ROUND) break; }                             \
+        case 2: { MERGE_BODY(2, T, LOAD, STORE, ROUND) break; }                             \
+        case 3: { MERGE_BODY(3, T, LOAD, STORE, ROUND) break; }                             \
+        case 4: { MERGE_BODY(4, T, LOAD, STORE, ROUND) break; }                             \
+        case 5: { MERGE_BODY(5, T, LOAD, STORE, ROUND) break; }                             \
+        case 6: { MERGE_BODY(6, T, LOAD, STORE, ROUND) break; }                             \
+        case 7: { MERGE_BODY(7, T, LOAD, STORE, ROUND) break; }                             \
+        case 8: { MERGE_BODY(8, T, LOAD, STORE, ROUND) break; }                             \
+        default: { MERGE_BODY(models, T, LOAD, STORE, ROUND) break; }                       \
         }                                                                                   \
     }
 

@@ -1,0 +1,111 @@
+"""Merge-kernel throughput: one per-layer dare_ties candidate over base + 3 sources.
+
+    python bench/kernel.py [--params 2e8] [--dtype float32|bfloat16] [--threads 2]
+
+Builds synthetic resident inputs the way the search holds them (task vectors, random draws,
+per-model density and weight for every tensor), then times materialising candidates with the
+fused kernel and with plain torch ops, and the machine's memory bandwidth (a large tensor copy)
+in the same run. Prints bytes moved per second as a fraction of that bandwidth.
+
+Bytes counted for the kernel: per element, each model's task vector and draws read twice (the
+L1-rescale pass and the merge pass), the base read once, the result written once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import torch  # noqa: E402
+
+
+def bandwidth(numel: int, repeats: int = 5) -> float:
+    """GB/s of a tensor copy (bytes read + written)."""
+    src = torch.ones(numel, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def build(params: float, dtype: torch.dtype, models: int = 3):
+    from evomerge.methods.registry import MergeInputs
+    from evomerge.random_fields import UniformField
+
+    shape = (4096, 4096)
+    count = max(1, round(params / (shape[0] * shape[1])))
+    generator = torch.Generator().manual_seed(0)
+    jobs = []
+    for t in range(count):
+        base = torch.randn(shape, generator=generator).to(dtype)
+        sources = [(base.float() + torch.randn(shape, generator=generator) * 0.01).to(dtype) for _ in range(models)]
+        inputs = MergeInputs(sources, base, f"model.layers.{t}.mlp.weight", UniformField(0, f"t{t}"))
+        for i in range(models):  # what the search computes once, before its first trial
+            inputs.delta(i)
+            inputs.draws(i)
+        jobs.append(inputs)
+    return jobs
+
+
+def candidate(jobs, *, rng: torch.Generator, models: int = 3):
+    from evomerge.methods.task_arithmetic import task_vector_merge
+
+    for inputs in jobs:  # per-layer genes: every tensor gets its own weights and densities
+        weight = (torch.rand(models, generator=rng) * 0.8 + 0.1).tolist()
+        density = (torch.rand(models, generator=rng) * 0.6 + 0.3).tolist()
+        task_vector_merge(inputs, weight=weight, density=density, normalize=False, rescale=True,
+                          lambda_=1.0, rule="random", consensus=True)  # fmt: skip
+
+
+def timed(jobs, repeats: int) -> float:
+    rng = torch.Generator().manual_seed(1)
+    candidate(jobs, rng=rng)  # warm-up (and the one-time kernel build)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        candidate(jobs, rng=rng)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=float, default=1e8, help="parameters per model")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+
+    jobs = build(args.params, dtype)
+    numel = sum(j.delta(0).numel() for j in jobs)
+    moved = numel * (3 * 2 * (itemsize + 4) + 2 * itemsize)
+    copy_gbps = bandwidth(min(numel, 1 << 27))
+
+    from evomerge import kernel
+
+    fused = timed(jobs, args.repeats) if kernel.library() is not None else float("nan")
+    os.environ["EVOMERGE_KERNEL"] = "off"
+    kernel.library.cache_clear()
+    plain = timed(jobs, args.repeats)
+
+    resident = 3 * (itemsize + 4)
+    print(f"dare_ties candidate, base + 3 sources, {numel / 1e6:.0f}M parameters per model, {args.dtype}, {args.threads} threads")
+    print(f"  memory copy bandwidth:     {copy_gbps:6.1f} GB/s")
+    print(f"  fused kernel:              {fused:6.3f} s  {moved / fused / 1e9:6.1f} GB/s  = {moved / fused / 1e9 / copy_gbps:5.1%} of copy bandwidth")
+    print(f"  torch ops:                 {plain:6.3f} s  {moved / plain / 1e9:6.1f} GB/s  = {moved / plain / 1e9 / copy_gbps:5.1%}")
+    print(f"  fused / torch speed-up:    {plain / fused:6.1f}x")
+    print(f"  resident per parameter:    {resident} bytes per source (task vector {itemsize} + draws 4) + the base")
+
+
+if __name__ == "__main__":
+    main()
