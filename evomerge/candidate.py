@@ -39,6 +39,8 @@ class LiveCandidate:
         self.checkpoints: dict[str, Checkpoint] = plan.checkpoints
         self.seed = seed
         self.inputs = {job.out_name: load_inputs(plan, job, seed=seed, device=device) for job in plan.jobs}
+        for inputs in self.inputs.values():
+            inputs.reused = True
         state = dict(model.named_parameters())
         state.update(dict(model.named_buffers()))
         missing = [name for name in self.inputs if name not in state]

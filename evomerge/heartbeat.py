@@ -21,8 +21,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import optuna
@@ -39,12 +40,14 @@ class JournalHeartbeat:
         from optuna.storages import RetryHeartbeatStaleTrialCallback
 
         if grace <= interval:
-            raise ValueError(f"grace ({grace} s) must be longer than the heartbeat interval ({interval} s)")
+            raise ValueError(
+                f"grace ({grace} s) must be longer than the heartbeat interval ({interval} s)"
+            )
         self.interval, self.grace = interval, grace
         self._retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
     @contextmanager
-    def beating(self, trial: "optuna.Trial") -> Iterator[None]:
+    def beating(self, trial: optuna.Trial) -> Iterator[None]:
         """Stamp `trial` every `interval` seconds while the body runs."""
         from optuna.exceptions import UpdateFinishedTrialError
 
@@ -55,7 +58,11 @@ class JournalHeartbeat:
                 try:
                     trial.set_user_attr(HEARTBEAT_ATTR, time.time())
                 except UpdateFinishedTrialError:  # another worker judged this one dead
-                    LOG.warning("trial %d was failed by another worker (no heartbeat for %d s)", trial.number, self.grace)
+                    LOG.warning(
+                        "trial %d was failed by another worker (no heartbeat for %d s)",
+                        trial.number,
+                        self.grace,
+                    )
                     return
                 if stop.wait(self.interval):
                     return
@@ -68,7 +75,7 @@ class JournalHeartbeat:
             stop.set()
             thread.join()
 
-    def fail_stale(self, study: "optuna.Study", *_: object) -> list[int]:
+    def fail_stale(self, study: optuna.Study, *_: object) -> list[int]:
         """Fail (and queue once more) the RUNNING trials that stopped beating; their numbers.
 
         The signature also fits `study.optimize(callbacks=...)`, which calls it after each trial.
@@ -86,7 +93,9 @@ class JournalHeartbeat:
                 study.tell(trial.number, state=TrialState.FAIL)
             except (ValueError, UpdateFinishedTrialError):  # another worker failed it first
                 continue
-            LOG.warning("trial %d: no heartbeat for %.0f s; marked failed", trial.number, now - last)
+            LOG.warning(
+                "trial %d: no heartbeat for %.0f s; marked failed", trial.number, now - last
+            )
             self._retry(study, trial)
             failed.append(trial.number)
         return failed

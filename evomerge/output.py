@@ -97,17 +97,18 @@ def remove_stale_staging(out_dir: Path) -> list[Path]:
     """Remove the `.NAME.partial-*` folders of `out_dir` left by dead processes of this host.
 
     A `.NAME.old-*` folder (the previous model, moved aside by `--force`) is removed only once
-    `out_dir` exists again; if a kill fell between the two renames it is the user's only copy."""
+    `out_dir` exists again: if a kill fell between the two renames of `staged_output`, it and
+    its finished `.NAME.partial-*` twin (same suffix) are kept for the user to pick from."""
     removed = []
     host = _owner().rsplit(".", 1)[0]
     for kind in ("partial", "old"):
         prefix = f".{out_dir.name}.{kind}-"
         for folder in out_dir.parent.glob(f"{glob.escape(prefix)}*"):
-            owner = folder.name[len(prefix):].rpartition("-")[0]
-            owner_host, _, pid = owner.rpartition(".")
+            suffix = folder.name[len(prefix):]
+            owner_host, _, pid = suffix.rpartition("-")[0].rpartition(".")
             if owner_host != host or not pid.isdigit() or _alive(int(pid)):
                 continue
-            if kind == "old" and not out_dir.exists():
+            if not out_dir.exists() and (kind == "old" or out_dir.with_name(f".{out_dir.name}.old-{suffix}").exists()):
                 continue
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)

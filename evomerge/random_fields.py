@@ -61,15 +61,19 @@ class UniformField:
         digest = hashlib.blake2b(text, digest_size=8).digest()
         return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
 
+    def hash_key(self, model_index: int, high: int = 0) -> int:
+        """The key of elements high * 2**32 + low: their draw is mix32(low-offset + key)."""
+        key_lo, key_hi = self._keys(model_index)
+        return key_lo ^ _mix32_int(high ^ key_hi)
+
     def integers(self, model_index: int, shape: torch.Size, device="cpu") -> torch.Tensor:
         """int32 values uniform on [0, 2**24), shaped like the tensor."""
-        key_lo, key_hi = self._keys(model_index)
         numel = shape.numel()
         out = torch.empty(numel, dtype=torch.int32, device=device)
         for start in range(0, numel, _CHUNK):
             stop = min(start + _CHUNK, numel)
             # element index = high * 2**32 + low; the high part keys the whole chunk
-            key = _as_int32(key_lo ^ _mix32_int((start >> 32) ^ key_hi) ^ (start & 0xFFFFFFFF))
+            key = _as_int32(self.hash_key(model_index, start >> 32) ^ (start & 0xFFFFFFFF))
             h = torch.arange(0, stop - start, dtype=torch.int32, device=device)
             h += key  # wraps: equals (low index + key) mod 2**32 bit for bit
             _mix32(h)

@@ -58,7 +58,9 @@ def postgres_url():
     data, port = folder / "data", _free_port()
 
     def run(*cmd: str) -> None:
-        done = subprocess.run([*as_user, *cmd], capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [*as_user, *cmd], check=False, capture_output=True, text=True, timeout=120
+        )
         if done.returncode != 0:
             log = (folder / "server.log").read_text() if (folder / "server.log").exists() else ""
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout}{done.stderr}{log}")
@@ -73,6 +75,11 @@ def postgres_url():
     try:
         yield f"postgresql+psycopg2://evomerge@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=60)
+        subprocess.run(
+            [*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
+            check=False,
+            capture_output=True,
+            timeout=60,
+        )
         time.sleep(0.2)
         shutil.rmtree(folder, ignore_errors=True)

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from tiny_models import build_tiny_pool
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -51,7 +50,7 @@ def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
 
 def evomerge(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "evomerge", *args], env=ENV, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "evomerge", *args], check=False, env=ENV, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -383,6 +382,20 @@ def test_unreachable_storage_is_one_sentence_and_quick(work, small_pool):
     config = search_config(work, small_pool, search__storage="postgresql://evomerge@127.0.0.1:1/nothing")
     seconds = search_fails(work, config, "postgresql://evomerge@127.0.0.1:1/nothing")
     assert seconds < 60
+
+
+@pytest.mark.slow
+def test_nan_in_a_pool_model_is_refused_at_search_set_up(work, small_pool):
+    from safetensors.torch import load_file, save_file
+
+    broken = shutil.copytree(small_pool / "rev", work / "rev-nan")
+    file = next(broken.glob("*.safetensors"))
+    tensors = load_file(file)
+    name = next(n for n in tensors if ".mlp." in n)
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, file, metadata={"format": "pt"})
+    config = search_config(work, small_pool, pool__models={"add": str(small_pool / "add"), "rev": str(broken)})
+    search_fails(work, config, "NaN", name)
 
 
 def test_search_space_bounds_outside_the_limits(work, small_pool):

@@ -15,7 +15,7 @@ from evomerge.random_fields import UniformField
 pytestmark = pytest.mark.skipif(kernel.library() is None, reason="no C compiler to build the kernel")
 
 
-def make_inputs(dtype: torch.dtype, models: int = 3, shape=(64, 96), seed: int = 0) -> MergeInputs:
+def make_inputs(dtype: torch.dtype, models: int = 3, shape=(64, 96), seed: int = 0, reused=False) -> MergeInputs:
     generator = torch.Generator().manual_seed(seed)
     base = torch.randn(shape, generator=generator)
     tensors = []
@@ -26,7 +26,9 @@ def make_inputs(dtype: torch.dtype, models: int = 3, shape=(64, 96), seed: int =
             delta[:4] = -delta[:4].abs()  # conflicting signs
         tensors.append((base + delta).to(dtype))
     # bf16 rounding makes many |delta| equal: stable-rank tie-breaking is exercised too
-    return MergeInputs(models=tensors, base=base.to(dtype), tensor_name="layers.0.w", field=UniformField(7, "layers.0.w"))
+    inputs = MergeInputs(models=tensors, base=base.to(dtype), tensor_name="layers.0.w", field=UniformField(7, "layers.0.w"))
+    inputs.reused = reused  # reused: magnitude ranks cached; one-shot: radix select
+    return inputs
 
 
 def torch_path(inputs, weight, density, *, rule, rescale, consensus, normalize, lambda_):
@@ -38,6 +40,7 @@ def torch_path(inputs, weight, density, *, rule, rescale, consensus, normalize, 
 
 CASES = list(
     itertools.product(
+        [False, True],  # inputs reused across trials (the search) or merged once
         [torch.float32, torch.bfloat16],
         [None, "magnitude", "random"],
         [True, False],  # consensus
@@ -47,9 +50,9 @@ CASES = list(
 )
 
 
-@pytest.mark.parametrize("dtype,rule,consensus,normalize,rescale", CASES)
-def test_kernel_matches_torch_ops(dtype, rule, consensus, normalize, rescale):
-    inputs = make_inputs(dtype)
+@pytest.mark.parametrize("reused,dtype,rule,consensus,normalize,rescale", CASES)
+def test_kernel_matches_torch_ops(reused, dtype, rule, consensus, normalize, rescale):
+    inputs = make_inputs(dtype, reused=reused)
     for weight, density, lambda_ in (
         ([0.3, 0.5, 0.2], [0.5, 0.7, 0.3], 1.0),
         ([1.0, -0.4, 0.7], [1.0, 0.2, 0.9], 0.8),  # a negative weight flips a model's vote
@@ -62,6 +65,26 @@ def test_kernel_matches_torch_ops(dtype, rule, consensus, normalize, rescale):
         assert got.dtype == expected.dtype
         assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                            expected.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)), (weight, density)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("numel", [1, 7, 5000, (1 << 22) + 3])  # the last spans two hash chunks
+def test_inline_draws_and_magnitude_cut_match_the_torch_definitions(dtype, numel):
+    from evomerge.kernel import KeepRule, kept_abs_sum
+    from evomerge.methods.sparsify import magnitude_ranks
+    from evomerge.random_fields import keep_threshold
+
+    generator = torch.Generator().manual_seed(numel)
+    delta = (torch.randn(numel, generator=generator) * 0.01).to(dtype)
+    field = UniformField(3, "x")
+    ones = torch.ones_like(delta)
+    for p in (0.0, 0.3, 0.999):
+        expected = int((field.integers(1, delta.shape) < keep_threshold(p)).sum())
+        assert kept_abs_sum(ones, KeepRule.hash_below(field.hash_key(1), keep_threshold(p)), 1.0) == expected
+    ranks = magnitude_ranks(delta)
+    for k in sorted({0, 1, numel // 3, numel - 1, numel}):
+        expected = int(((ranks < k) * (delta.double().abs() * 2.0**30).floor()).sum())
+        assert kept_abs_sum(delta, KeepRule.top_magnitudes(delta, k), 2.0**30) == expected
 
 
 def test_kernel_is_the_same_with_any_thread_count():

@@ -21,7 +21,7 @@ from test_search import ENV, evomerge, write_config
 
 pytestmark = pytest.mark.slow
 
-TRIALS = 24
+TRIALS = 30
 POPSIZE = 7  # CMA-ES population for the 3 genes of linear_global: 4 + floor(3 ln 3)
 
 
@@ -35,19 +35,26 @@ def open_study(url: str, name: str):
 
 
 def trials_by(study, worker: str, state: str):
-    return [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") == worker and t.state.name == state]
+    return [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.user_attrs.get("worker") == worker and t.state.name == state
+    ]
 
 
 def kill_mid_trial(proc: subprocess.Popen, study, worker: str, deadline: float) -> int:
-    """SIGKILL `proc` while it is running a trial; return that trial's number.
+    """SIGKILL `proc` while it is scoring a candidate; return that trial's number.
 
-    A trial of the demo pool takes well under a second, so the worker is frozen first
-    (SIGSTOP) and killed only if it is then inside a trial; otherwise it is let go and tried again.
+    A trial of the demo pool takes well under a second, so the worker is frozen first (SIGSTOP)
+    and killed only if it is then scoring a merged candidate (a trial killed before its genome is
+    drawn is retried with a fresh one); otherwise it is let go and tried again.
     """
     while time.time() < deadline:
         assert proc.poll() is None, "the worker to kill exited first (the budget was met too soon)"
         proc.send_signal(signal.SIGSTOP)
-        running = trials_by(study, worker, "RUNNING")
+        running = [
+            t for t in trials_by(study, worker, "RUNNING") if "merge_seconds" in t.user_attrs
+        ]
         if running:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -67,10 +74,18 @@ def storage_url(request, tmp_path) -> str:
 def test_three_workers_one_killed(tmp_path, small_pool, storage_url):
     study_name = f"workers-{tmp_path.name}"
     config = write_config(
-        tmp_path, small_pool, trials=TRIALS, storage=storage_url, study_name=study_name, heartbeat_seconds=1, grace_seconds=3
+        tmp_path,
+        small_pool,
+        trials=TRIALS,
+        storage=storage_url,
+        study_name=study_name,
+        heartbeat_seconds=1,
+        grace_seconds=3,
     )
     run_dir = tmp_path / "run"
-    evomerge("search", str(config), "--run-dir", str(run_dir), "--trials", "0")  # study + baselines only
+    evomerge(
+        "search", str(config), "--run-dir", str(run_dir), "--trials", "0"
+    )  # study + baselines only
     study = open_study(storage_url, study_name)
     assert len(study.trials) == 4 and all(t.state.name == "WAITING" for t in study.trials)
 
@@ -82,10 +97,19 @@ def test_three_workers_one_killed(tmp_path, small_pool, storage_url):
     try:
         deadline = time.time() + 180
         while not trials_by(study, names[0], "COMPLETE"):  # the victim has done real work
-            assert time.time() < deadline and victim.poll() is None, "the first worker finished no trial"
+            assert time.time() < deadline and victim.poll() is None, (
+                "the first worker finished no trial"
+            )
             time.sleep(0.2)
-        before = {t.number: t.value for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"}
+        before = {
+            t.number: t.value
+            for t in study.get_trials(deepcopy=False)
+            if t.state.name == "COMPLETE"
+        }
         killed = kill_mid_trial(victim, study, names[0], deadline)
+        # the survivors must still be running trials after the grace period to fail it
+        finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+        assert len(finished) <= TRIALS - 12, "the victim worker got going too late"
         for proc in survivors:
             proc.wait(timeout=180)
     finally:
@@ -115,27 +139,36 @@ def test_three_workers_one_killed(tmp_path, small_pool, storage_url):
     # nothing finished was lost, and every result is whole
     assert {n: by_number[n].value for n in before} == before
     complete = [t for t in trials if t.state.name == "COMPLETE"]
-    assert all(t.value == t.user_attrs["fitness"] and t.user_attrs["worker"] in names for t in complete)
+    assert all(
+        t.value == t.user_attrs["fitness"] and t.user_attrs["worker"] in names for t in complete
+    )
     assert {t.user_attrs["worker"] for t in complete} == set(names)  # all three did work
     # workers propose different genomes (they do not replay each other's seeded draws)
-    genomes = [tuple(sorted(t.params.items())) for t in trials if "failed_trial" not in t.system_attrs]
+    genomes = [
+        tuple(sorted(t.params.items())) for t in trials if "failed_trial" not in t.system_attrs
+    ]
     assert len(set(genomes)) == len(genomes)
 
-    # one CMA-ES shared through the storage: a generation starts only once POPSIZE trials of the
-    # previous one are complete, whichever workers ran them
+    # one CMA-ES shared through the storage: no trial of a generation is scored before POPSIZE
+    # trials of the previous one are complete, whichever workers ran them (a trial draws its
+    # genome between its start and its end)
     generation = {t.number: t.system_attrs.get("cma:generation") for t in complete}
     assert max(g for g in generation.values() if g is not None) >= 1
     for g in sorted({g for g in generation.values() if g}):
-        first = min(t.datetime_start for t in trials if t.system_attrs.get("cma:generation") == g)
-        done = [t for t in complete if generation[t.number] == g - 1 and t.datetime_complete <= first]
+        first = min(t.datetime_complete for t in complete if generation[t.number] == g)
+        done = [
+            t for t in complete if generation[t.number] == g - 1 and t.datetime_complete < first
+        ]
         assert len(done) >= POPSIZE, (g, len(done))
     assert len({t.user_attrs["worker"] for t in complete if generation[t.number] == 0}) >= 2
 
-    # the run folder works as any other: export, report, resume
+    # the run folder works as any other: export, report (and resume, below)
     evomerge("export", str(run_dir), str(tmp_path / "best"))
     assert (tmp_path / "best" / "model.safetensors").exists()
     report = evomerge("report", str(run_dir)).stdout
     assert "best" in report.lower()
+    if not storage_url.endswith(".log"):
+        return  # resume opens either storage the same way; once keeps the test set short
     evomerge("resume", str(run_dir), "--trials", "1")
     after = open_study(storage_url, study_name).get_trials(deepcopy=False)
     assert [t.number for t in after] == list(range(len(trials) + 1))

@@ -70,6 +70,7 @@ def _removed_on_failure(run_dir: Path) -> Iterator[None]:
     import shutil
 
     existed = set(run_dir.iterdir()) if run_dir.is_dir() else None
+    new_parents = [p for p in run_dir.parents if not p.exists()]  # innermost first
     try:
         yield
     except BaseException:
@@ -78,6 +79,11 @@ def _removed_on_failure(run_dir: Path) -> Iterator[None]:
         else:
             for entry in set(run_dir.iterdir()) - existed:
                 shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        for parent in new_parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
         raise
 
 

@@ -14,6 +14,7 @@ import difflib
 import logging
 import random
 import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,13 +116,14 @@ def copy_task_paths(task_paths: list[Path], dest: Path, cache_dir: Path) -> list
         if not src.exists():
             raise UserError(f"task path {src} does not exist.")
         target = dest / f"{i}-{src.stem}"
-        if target.exists():
-            shutil.rmtree(target)
-        target.mkdir(parents=True)
+        # Built aside and renamed into place: workers starting together on one run folder must
+        # not delete the copy another one is reading.
+        dest.mkdir(parents=True, exist_ok=True)
+        fresh = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=dest))
         files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
         root = src.parent if src.is_file() else src
         for f in files:
-            out = target / f.relative_to(root)
+            out = fresh / f.relative_to(root)
             out.parent.mkdir(parents=True, exist_ok=True)
             if f.suffix in YAML_SUFFIXES:
                 try:
@@ -130,8 +132,29 @@ def copy_task_paths(task_paths: list[Path], dest: Path, cache_dir: Path) -> list
                     raise UserError(f"task file {f} is not valid YAML: {exc}") from None
             elif f.suffix == ".py":
                 shutil.copyfile(f, out)
+        _put_in_place(fresh, target)
         copies.append(target)
     return copies
+
+
+def _put_in_place(fresh: Path, target: Path) -> None:
+    """Rename the folder `fresh` to `target`; an identical `target` (another worker's) is kept."""
+    try:
+        fresh.rename(target)
+        return
+    except OSError:  # target exists and is not empty
+        pass
+    if _tree_bytes(fresh) == _tree_bytes(target):
+        shutil.rmtree(fresh)
+        return
+    stale = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+    target.rename(stale / "copy")
+    fresh.rename(target)
+    shutil.rmtree(stale, ignore_errors=True)
+
+
+def _tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 # ----------------------------------------------------------------------------- task set

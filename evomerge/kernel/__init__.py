@@ -73,13 +73,56 @@ def _cpu_flags() -> str:
     return next((line for line in lines if line.startswith(("flags", "Features"))), "")
 
 
+class KeepRule(ctypes.Structure):
+    """Which elements of one model's task vector survive (see tv_merge.c)."""
+
+    _fields_ = [
+        ("mode", ctypes.c_int32),
+        ("threshold", ctypes.c_int32),
+        ("key", ctypes.c_void_p),
+        ("hash_key", ctypes.c_uint32),
+        ("cut_bits", ctypes.c_uint32),
+        ("cutoff", ctypes.c_int64),
+    ]
+
+    @classmethod
+    def keep_all(cls) -> "KeepRule":
+        return cls(mode=0)
+
+    @classmethod
+    def key_below(cls, key: torch.Tensor, threshold: int) -> "KeepRule":
+        """key[e] < threshold, e.g. precomputed magnitude ranks (int32)."""
+        rule = cls(mode=1, threshold=threshold, key=key.data_ptr())
+        rule._keepalive = key
+        return rule
+
+    @classmethod
+    def hash_below(cls, hash_key: int, threshold: int) -> "KeepRule":
+        """The DARE draw of each element (random_fields.UniformField) < threshold."""
+        return cls(mode=2, threshold=min(threshold, 2**31 - 1), hash_key=hash_key)
+
+    @classmethod
+    def top_magnitudes(cls, delta: torch.Tensor, k: int) -> "KeepRule":
+        """The k largest |delta|, ties to lower indices (same as magnitude ranks < k)."""
+        if k >= delta.numel():
+            return cls.keep_all()
+        if k <= 0:
+            return cls(mode=3, cut_bits=0xFFFFFFFF, cutoff=0)
+        cut_bits, cutoff = ctypes.c_uint32(), ctypes.c_int64()
+        fn = getattr(library(), f"magnitude_cut_{_DTYPES[delta.dtype]}")
+        fn(delta.data_ptr(), delta.numel(), k, ctypes.byref(cut_bits), ctypes.byref(cutoff))
+        return cls(mode=3, cut_bits=cut_bits.value, cutoff=cutoff.value)
+
+
 def _declare(lib: ctypes.CDLL) -> None:
-    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     for suffix in _DTYPES.values():
         kept = getattr(lib, f"kept_abs_sum_{suffix}")
-        kept.argtypes, kept.restype = [p, p, i32, i64, ctypes.c_double], i64
+        kept.argtypes, kept.restype = [p, ctypes.POINTER(KeepRule), i64, ctypes.c_double], i64
+        cut = getattr(lib, f"magnitude_cut_{suffix}")
+        cut.argtypes, cut.restype = [p, i64, i64, p, p], None
         merge = getattr(lib, f"tv_merge_{suffix}")
-        merge.argtypes = [ctypes.c_int, i64, p, p, p, p, p, p, ctypes.c_int, ctypes.c_int, f32, ctypes.c_int, f32, p]
+        merge.argtypes = [ctypes.c_int, i64, p, p, p, p, p, ctypes.c_int, ctypes.c_int, f32, ctypes.c_int, f32, p]
         merge.restype = None
     lib.set_threads.argtypes = [ctypes.c_int]
     lib.max_models.restype = ctypes.c_int
@@ -92,22 +135,22 @@ def applies(tensors: list[torch.Tensor]) -> bool:
         and first.dtype in _DTYPES
         and all(t.is_contiguous() and t.dtype == first.dtype for t in tensors)
         and first.numel() < 2**31
+        and len(tensors) <= 65
     )
 
 
-def kept_abs_sum(delta: torch.Tensor, key: Optional[torch.Tensor], threshold: int, scale: float) -> int:
+def kept_abs_sum(delta: torch.Tensor, rule: KeepRule, scale: float) -> int:
     """sum of floor(|delta| * scale) over the kept elements (see sparsify.exact_abs_sum)."""
     lib = library()
-    fn = getattr(lib, f"kept_abs_sum_{_DTYPES[delta.dtype]}")
     lib.set_threads(torch.get_num_threads())
-    return fn(delta.data_ptr(), key.data_ptr() if key is not None else None, threshold, delta.numel(), scale)
+    fn = getattr(lib, f"kept_abs_sum_{_DTYPES[delta.dtype]}")
+    return fn(delta.data_ptr(), ctypes.byref(rule), delta.numel(), scale)
 
 
 def tv_merge(
     base: torch.Tensor,
     deltas: list[torch.Tensor],
-    keys: list[Optional[torch.Tensor]],
-    thresholds: list[int],
+    rules: list[KeepRule],
     rescale: torch.Tensor,  # (M,) in the merge dtype
     weights: torch.Tensor,  # (M,) in the merge dtype
     *,
@@ -119,15 +162,13 @@ def tv_merge(
     lib = library()
     models = len(deltas)
     out = torch.empty_like(base)
-    pointers = ctypes.c_void_p * models
-    delta_ptrs = pointers(*[d.data_ptr() for d in deltas])
-    key_ptrs = pointers(*[k.data_ptr() if k is not None else None for k in keys])
-    thresholds_c = (ctypes.c_int32 * models)(*thresholds)
+    delta_ptrs = (ctypes.c_void_p * models)(*[d.data_ptr() for d in deltas])
+    rules_c = (KeepRule * models)(*rules)
     rescale_c = (ctypes.c_float * models)(*rescale.float().tolist())
     weights_c = (ctypes.c_float * models)(*weights.float().tolist())
     lib.set_threads(torch.get_num_threads())
     getattr(lib, f"tv_merge_{_DTYPES[base.dtype]}")(
-        models, base.numel(), base.data_ptr(), delta_ptrs, key_ptrs, thresholds_c, rescale_c, weights_c,
+        models, base.numel(), base.data_ptr(), delta_ptrs, rules_c, rescale_c, weights_c,
         int(consensus), int(normalize), plain_divisor, int(lambda_ != 1), lambda_, out.data_ptr(),
     )  # fmt: skip
     return out

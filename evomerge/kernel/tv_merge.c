@@ -1,20 +1,41 @@
 /* Fused task-vector merge for the CPU: one pass over memory per tensor (plus one per model
- * for the L1 rescale), multi-threaded with OpenMP.
+ * for DARE's L1 rescale), multi-threaded with OpenMP.
  *
  * It computes exactly what evomerge/methods/task_arithmetic.py computes with torch ops, op
- * for op and rounding for rounding, so the search's candidates stay bit-identical to
- * `evomerge merge` (tests/test_kernel.py checks it):
+ * for op and rounding for rounding, so candidates and merges stay bit-identical to the torch
+ * code (tests/test_kernel.py checks it):
  *   float32: every op in float32, sums over models left to right;
  *   bfloat16: every op computed in float32 and rounded to bfloat16 (round-to-nearest-even),
  *             except sums over models, which accumulate in float32 and round once
  *             (what torch's CPU kernels do).
  * Compile with -ffp-contract=off: a fused multiply-add would change the rounding.
+ *
+ * Which elements of a task vector survive is a `keep_rule` per model:
+ *   KEEP_ALL        no sparsification;
+ *   KEEP_KEY_BELOW  key[e] < threshold (precomputed magnitude ranks);
+ *   KEEP_HASH_BELOW the DARE draw of element e < threshold, hashed here exactly as
+ *                   evomerge/random_fields.py does (no memory for draws at all);
+ *   KEEP_MAGNITUDE  |d| above the cut, or equal to it and e < cutoff (TIES top-k by a radix
+ *                   select instead of a sort; ties go to lower indices, like the ranks).
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAX_MODELS 64
+#define HASH_CHUNK_BITS 22 /* random_fields._CHUNK */
+
+enum { KEEP_ALL = 0, KEEP_KEY_BELOW = 1, KEEP_HASH_BELOW = 2, KEEP_MAGNITUDE = 3 };
+
+typedef struct {
+    int32_t mode;
+    int32_t threshold;
+    const int32_t *key;
+    uint32_t hash_key;  /* key_lo ^ mix32(key_hi): the chunk key before the chunk offset */
+    uint32_t cut_bits;  /* KEEP_MAGNITUDE: bits of |d| at the cut (as float32) */
+    int64_t cutoff;     /* KEEP_MAGNITUDE: ties at the cut are kept below this index */
+} keep_rule;
 
 static inline float bf16_to_f32(uint16_t b) {
     uint32_t u = ((uint32_t)b) << 16;
@@ -33,94 +54,191 @@ static inline uint16_t f32_to_bf16(float f) {
 
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 static inline float round_f32(float f) { return f; }
-
 static inline float sign_of(float x) { return (float)((x > 0.0f) - (x < 0.0f)); }
 
-/* sum over kept elements of floor(|delta| * 2^shift), exact in int64 */
-#define DEFINE_KEPT_SUM(NAME, T, LOAD)                                                      \
-    int64_t NAME(const T *delta, const int32_t *key, int32_t threshold, int64_t n,         \
-                 double scale) {                                                            \
-        int64_t total = 0;                                                                  \
-        _Pragma("omp parallel for reduction(+ : total) schedule(static)")                  \
-        for (int64_t e = 0; e < n; e++) {                                                   \
-            if (key == 0 || key[e] < threshold)                                             \
-                total += (int64_t)((double)fabsf(LOAD(delta[e])) * scale); /* >= 0: trunc == floor */ \
-        }                                                                                   \
-        return total;                                                                       \
-    }
+static inline uint32_t abs_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u & 0x7fffffffu;
+}
+
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    return x ^ (x >> 16);
+}
+
+static inline uint32_t draw24(uint32_t hash_key, int64_t e) {
+    uint32_t chunk_start = (uint32_t)(e & ~(((int64_t)1 << HASH_CHUNK_BITS) - 1));
+    uint32_t h = (uint32_t)(e - (int64_t)chunk_start) + (hash_key ^ chunk_start);
+    return mix32(h) >> 8;
+}
+
+static inline int keep_magnitude(const keep_rule *r, int64_t e, float d) {
+    uint32_t a = abs_bits(d);
+    return (a > r->cut_bits) | ((a == r->cut_bits) & (e < r->cutoff)); /* branch-free */
+}
 
 #define LOAD_F32(x) (x)
 #define LOAD_BF16(x) bf16_to_f32(x)
 #define STORE_F32(x) (x)
 #define STORE_BF16(x) f32_to_bf16(x)
 
+/* Runs BODY(e, d, keep) for e in [start, stop) with the rule's mode decided once, outside the
+ * loop, so that each loop vectorises. */
+#define FOR_EACH_KEPT(rule, delta, LOAD, start, stop, BODY)                                 \
+    switch ((rule)->mode) {                                                                 \
+    case KEEP_KEY_BELOW:                                                                    \
+        for (int64_t e = (start); e < (stop); e++) {                                        \
+            float d = LOAD((delta)[e]);                                                     \
+            int keep = (rule)->key[e] < (rule)->threshold;                                  \
+            BODY                                                                            \
+        }                                                                                   \
+        break;                                                                              \
+    case KEEP_HASH_BELOW:                                                                   \
+        for (int64_t e = (start); e < (stop); e++) {                                        \
+            float d = LOAD((delta)[e]);                                                     \
+            int keep = draw24((rule)->hash_key, e) < (uint32_t)(rule)->threshold;           \
+            BODY                                                                            \
+        }                                                                                   \
+        break;                                                                              \
+    case KEEP_MAGNITUDE:                                                                    \
+        for (int64_t e = (start); e < (stop); e++) {                                        \
+            float d = LOAD((delta)[e]);                                                     \
+            int keep = keep_magnitude((rule), e, d);                                        \
+            BODY                                                                            \
+        }                                                                                   \
+        break;                                                                              \
+    default:                                                                                \
+        for (int64_t e = (start); e < (stop); e++) {                                        \
+            float d = LOAD((delta)[e]);                                                     \
+            int keep = 1;                                                                   \
+            BODY                                                                            \
+        }                                                                                   \
+    }
+
+#define BLOCK 1024
+
+/* sum over kept elements of floor(|delta| * scale), exact in int64 (scale = 2^shift) */
+#define DEFINE_KEPT_SUM(NAME, T, LOAD)                                                      \
+    int64_t NAME(const T *delta, const keep_rule *rule, int64_t n, double scale) {         \
+        int64_t total = 0;                                                                  \
+        _Pragma("omp parallel for reduction(+ : total) schedule(static)")                  \
+        for (int64_t start = 0; start < n; start += BLOCK) {                                \
+            int64_t stop = start + BLOCK < n ? start + BLOCK : n, part = 0;                 \
+            FOR_EACH_KEPT(rule, delta, LOAD, start, stop,                                   \
+                          part += (int64_t)((double)fabsf(d) * scale) * keep;)          \
+            total += part;                                                                  \
+        }                                                                                   \
+        return total;                                                                       \
+    }
+
 DEFINE_KEPT_SUM(kept_abs_sum_f32, float, LOAD_F32)
 DEFINE_KEPT_SUM(kept_abs_sum_bf16, uint16_t, LOAD_BF16)
 
 /*
+ * The magnitude cut for keeping the k largest |d| (1 <= k < n): radix select over the bits
+ * of |d| as float32 (monotonic for non-negative numbers), high 16 bits then low 16 bits,
+ * then a scan for the index below which ties at the cut are kept.
+ */
+#define DEFINE_MAGNITUDE_CUT(NAME, T, LOAD)                                                 \
+    void NAME(const T *delta, int64_t n, int64_t k, uint32_t *cut_bits, int64_t *cutoff) {  \
+        int64_t *hist = calloc(65536, sizeof(int64_t));                                     \
+        for (int64_t e = 0; e < n; e++) hist[abs_bits(LOAD(delta[e])) >> 16]++;             \
+        int64_t above = 0;                                                                  \
+        int high = 65535;                                                                   \
+        while (above + hist[high] < k) above += hist[high--];                               \
+        memset(hist, 0, 65536 * sizeof(int64_t));                                           \
+        for (int64_t e = 0; e < n; e++) {                                                   \
+            uint32_t a = abs_bits(LOAD(delta[e]));                                          \
+            if ((int)(a >> 16) == high) hist[a & 0xffffu]++;                                \
+        }                                                                                   \
+        int low = 65535;                                                                    \
+        while (above + hist[low] < k) above += hist[low--];                                 \
+        free(hist);                                                                         \
+        uint32_t bits = ((uint32_t)high << 16) | (uint32_t)low;                             \
+        int64_t need = k - above, seen = 0, e = 0;                                          \
+        for (; e < n && seen < need; e++) seen += abs_bits(LOAD(delta[e])) == bits;         \
+        *cut_bits = bits;                                                                   \
+        *cutoff = e;                                                                        \
+    }
+
+DEFINE_MAGNITUDE_CUT(magnitude_cut_f32, float, LOAD_F32)
+DEFINE_MAGNITUDE_CUT(magnitude_cut_bf16, uint16_t, LOAD_BF16)
+
+/*
  * out = base + lambda * sum_i(w_i m_i s_i tau_i) / Z   (see task_arithmetic.py), where
- *   tau_i = deltas[i], s_i = keys[i][e] < thresholds[i] (keys[i] == 0: keep all),
- *   rescale[i] = the L1 factor (1 when not rescaling), m_i the sign-consensus mask.
- * Without consensus, Z = plain_divisor (computed by the caller like torch does).
- * MERGE_BODY is instantiated for each model count up to 8 so that the compiler unrolls the
- * loops over models and vectorises the loop over elements.
+ *   tau_i = deltas[i], s_i = rules[i], rescale[i] = the L1 factor (1 when not rescaling),
+ *   m_i the sign-consensus mask. Without consensus, Z = plain_divisor (from the caller).
+ * Work goes in blocks: first each model's weighted, sparsified task vector for the block
+ * (one vectorised loop per model and rule), then the combination across models (unrolled
+ * for up to 4 models).
  */
 #define MERGE_ARGS(T)                                                                       \
-    int models, int64_t n, const T *base, const T **deltas, const int32_t **keys,          \
-        const int32_t *thresholds, const float *rescale, const float *weights,             \
-        int consensus, int normalize, float plain_divisor, int use_lambda, float lambda,   \
-        T *out
+    int models, int64_t n, const T *base, const T **deltas, const keep_rule *rules,        \
+        const float *rescale, const float *weights, int consensus, int normalize,          \
+        float plain_divisor, int use_lambda, float lambda, T *out
 
-#define MERGE_BODY(M, T, LOAD, STORE, ROUND)                                                \
-    _Pragma("omp parallel for simd schedule(static)")                                      \
-    for (int64_t e = 0; e < n; e++) {                                                       \
-        float weighted[MAX_MODELS];                                                         \
-        for (int i = 0; i < (M); i++) {                                                     \
-            float d = LOAD(deltas[i][e]);                                                   \
-            int keep = keys[i] == 0 || keys[i][e] < thresholds[i];                          \
-            float kept = keep ? d : ROUND(d * 0.0f);                                        \
-            kept = ROUND(kept * rescale[i]);                                                \
-            weighted[i] = ROUND(kept * weights[i]);                                         \
-        }                                                                                   \
+/* The loop over a block's elements, branch-free so that it vectorises: flags are selects. */
+#define COMBINE(M, CONSENSUS, T, LOAD, STORE, ROUND)                                        \
+    for (int64_t j = 0; j < len; j++) {                                                     \
         float mixed, divisor;                                                               \
-        if (consensus) {                                                                    \
-            float total = weighted[0];                                                      \
-            for (int i = 1; i < (M); i++) total = total + weighted[i];                      \
+        if (CONSENSUS) {                                                                    \
+            float total = weighted[0][j];                                                   \
+            for (int i = 1; i < (M); i++) total = total + weighted[i][j];                   \
             float elected = ROUND(total) >= 0.0f ? 1.0f : -1.0f;                            \
-            float agree = sign_of(weighted[0]) == elected ? 1.0f : 0.0f;                    \
-            mixed = ROUND(weighted[0] * agree);                                             \
+            float agree = sign_of(weighted[0][j]) == elected ? 1.0f : 0.0f;                 \
+            mixed = ROUND(weighted[0][j] * agree);                                          \
             divisor = ROUND(weights[0] * agree);                                            \
             for (int i = 1; i < (M); i++) {                                                 \
-                agree = sign_of(weighted[i]) == elected ? 1.0f : 0.0f;                      \
-                mixed = mixed + ROUND(weighted[i] * agree);                                 \
+                agree = sign_of(weighted[i][j]) == elected ? 1.0f : 0.0f;                   \
+                mixed = mixed + ROUND(weighted[i][j] * agree);                              \
                 divisor = divisor + ROUND(weights[i] * agree);                              \
             }                                                                               \
             mixed = ROUND(mixed);                                                           \
             divisor = ROUND(divisor);                                                       \
             divisor = divisor == 0.0f ? 1.0f : divisor;                                     \
         } else {                                                                            \
-            mixed = weighted[0];                                                            \
-            for (int i = 1; i < (M); i++) mixed = mixed + weighted[i];                      \
+            mixed = weighted[0][j];                                                         \
+            for (int i = 1; i < (M); i++) mixed = mixed + weighted[i][j];                   \
             mixed = ROUND(mixed);                                                           \
             divisor = plain_divisor;                                                        \
         }                                                                                   \
-        if (normalize) mixed = ROUND(mixed / divisor);                                      \
-        if (use_lambda) mixed = ROUND(mixed * lambda);                                      \
-        out[e] = STORE(ROUND(LOAD(base[e]) + mixed));                                       \
+        float normalized = ROUND(mixed / divisor);                                          \
+        mixed = normalize ? normalized : mixed;                                             \
+        float scaled = ROUND(mixed * lambda);                                               \
+        mixed = use_lambda ? scaled : mixed;                                                \
+        out[start + j] = STORE(ROUND(LOAD(base[start + j]) + mixed));                       \
+    }
+
+#define COMBINE_M(M, T, LOAD, STORE, ROUND)                                                 \
+    if (consensus) {                                                                        \
+        COMBINE(M, 1, T, LOAD, STORE, ROUND)                                                \
+    } else {                                                                                \
+        COMBINE(M, 0, T, LOAD, STORE, ROUND)                                                \
     }
 
 #define DEFINE_MERGE(NAME, T, LOAD, STORE, ROUND)                                           \
     void NAME(MERGE_ARGS(T)) {                                                              \
-        switch (models) {                                                                   \
-        case 1: { MERGE_BODY(1, T, LOAD, STORE, ROUND) break; }                             \
-        case 2: { MERGE_BODY(2, T, LOAD, STORE, ROUND) break; }                             \
-        case 3: { MERGE_BODY(3, T, LOAD, STORE, ROUND) break; }                             \
-        case 4: { MERGE_BODY(4, T, LOAD, STORE, ROUND) break; }                             \
-        case 5: { MERGE_BODY(5, T, LOAD, STORE, ROUND) break; }                             \
-        case 6: { MERGE_BODY(6, T, LOAD, STORE, ROUND) break; }                             \
-        case 7: { MERGE_BODY(7, T, LOAD, STORE, ROUND) break; }                             \
-        case 8: { MERGE_BODY(8, T, LOAD, STORE, ROUND) break; }                             \
-        default: { MERGE_BODY(models, T, LOAD, STORE, ROUND) break; }                       \
+        _Pragma("omp parallel for schedule(static)")                                       \
+        for (int64_t start = 0; start < n; start += BLOCK) {                                \
+            int64_t stop = start + BLOCK < n ? start + BLOCK : n, len = stop - start;       \
+            float weighted[MAX_MODELS][BLOCK];                                              \
+            for (int i = 0; i < models; i++) {                                              \
+                float *w_out = weighted[i] - start, scale = rescale[i], w = weights[i];     \
+                FOR_EACH_KEPT(&rules[i], deltas[i], LOAD, start, stop,                      \
+                              float kept = d * (float)keep; /* d or a signed 0, exact */   \
+                              w_out[e] = ROUND(ROUND(kept * scale) * w);)                   \
+            }                                                                               \
+            switch (models) {                                                               \
+            case 1: COMBINE_M(1, T, LOAD, STORE, ROUND) break;                              \
+            case 2: COMBINE_M(2, T, LOAD, STORE, ROUND) break;                              \
+            case 3: COMBINE_M(3, T, LOAD, STORE, ROUND) break;                              \
+            case 4: COMBINE_M(4, T, LOAD, STORE, ROUND) break;                              \
+            default: COMBINE_M(models, T, LOAD, STORE, ROUND) break;                        \
+            }                                                                               \
         }                                                                                   \
     }
 

@@ -103,6 +103,7 @@ class MergeInputs:
         field: Optional["UniformField"] = None,
     ):
         self.models, self.base, self.tensor_name, self.field = models, base, tensor_name, field
+        self.reused = False  # set by the search: then caching ranks pays off
         self._memo: dict[tuple[str, int], Any] = {}
 
     def cached(self, kind: str, index: int, compute: Callable[[], Any]):

@@ -140,33 +140,42 @@ def _fused(
     from evomerge import kernel
 
     dtype = inputs.base.dtype
-    deltas, keys, thresholds, factors = [], [], [], []
+    deltas, rules, factors = [], [], []
     for i in range(len(inputs.models)):
         delta = inputs.delta(i)
-        key, threshold = None, 0
-        if rule is not None and density[i] < 1:
-            if rule == "magnitude":
-                key = inputs.magnitude_ranks(i)
-                threshold = sparsify.magnitude_keep_count(density[i], delta.numel())
-            else:
-                key, threshold = inputs.draws(i), sparsify.keep_threshold(density[i])
+        rule_i = _keep_rule(inputs, i, rule, density[i])
         factor = torch.ones((), dtype=dtype)
-        if key is not None and rescale:
+        if rule_i.mode != kernel.KeepRule.keep_all().mode and rescale:
             shift, before = inputs.cached("l1", i, lambda: _l1_norm(delta))
-            after = kernel.kept_abs_sum(delta, key, threshold, 2.0**shift) * 2.0**-shift
+            after = kernel.kept_abs_sum(delta, rule_i, 2.0**shift) * 2.0**-shift
             factor = sparsify.l1_factor(before, after, dtype)
         deltas.append(delta)
-        keys.append(key)
-        thresholds.append(threshold)
+        rules.append(rule_i)
         factors.append(factor)
     w = torch.tensor(weight, dtype=dtype)
     plain_divisor = w.sum()
     if plain_divisor.abs() < 1e-8:
         plain_divisor = torch.ones((), dtype=dtype)
     return kernel.tv_merge(
-        inputs.base, deltas, keys, thresholds, torch.stack(factors), w,
+        inputs.base, deltas, rules, torch.stack(factors), w,
         consensus=consensus, normalize=normalize, plain_divisor=float(plain_divisor), lambda_=lambda_,
     )  # fmt: skip
+
+
+def _keep_rule(inputs: MergeInputs, index: int, rule: Sparsifier, density: float):
+    """The kernel's form of `sparsified_delta`'s mask: precomputed magnitude ranks when the
+    inputs are reused across trials, a radix select otherwise; DARE draws hashed inline."""
+    from evomerge.kernel import KeepRule
+
+    if rule is None or density >= 1:
+        return KeepRule.keep_all()
+    delta = inputs.delta(index)
+    if rule == "random":
+        return KeepRule.hash_below(inputs.field.hash_key(index), sparsify.keep_threshold(density))
+    k = sparsify.magnitude_keep_count(density, delta.numel())
+    if inputs.reused:
+        return KeepRule.key_below(inputs.magnitude_ranks(index), k)
+    return KeepRule.top_magnitudes(delta, k)
 
 
 def _l1_norm(delta: torch.Tensor) -> tuple[int, float]:

@@ -1,0 +1,198 @@
+"""Faults: a killed merge, a full disk, a candidate that collapses to NaN, files that would run
+code. Whatever happens, nothing half-done is left where the user looks, and nothing the user
+did not ask for is executed."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from tiny_models import build_tiny_pool
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def evomerge(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "evomerge", *args], check=False, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def linear_recipe(tmp: Path, *models: Path) -> Path:
+    recipe = {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models]}
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> dict[str, Path]:
+    torch.set_num_threads(1)
+    return build_tiny_pool(tmp_path_factory.mktemp("tiny"), n_models=2)
+
+
+# --- a killed merge -------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sigkill_during_merge_leaves_no_model_and_the_next_run_cleans_up(tmp_path):
+    """Killed mid-write: the destination does not exist (only a hidden `.NAME.partial-*`
+    folder does), and the next merge to the same destination removes that leftover."""
+    torch.set_num_threads(1)
+    big = build_tiny_pool(tmp_path / "big", n_models=1, hidden_size=512, intermediate_size=1024, num_hidden_layers=8)
+    recipe = linear_recipe(tmp_path, big["base"], big["ft0"])
+    out = tmp_path / "out" / "model"
+    args = [sys.executable, "-m", "evomerge", "merge", str(recipe), str(out), "--shard-size", "1MB"]
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if any(out.parent.glob(".model.partial-*/shard-1.tmp")):  # the merge is mid-way
+            break
+        time.sleep(0.002)
+    assert proc.poll() is None, "the merge finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    assert not out.exists()
+    leftovers = list(out.parent.glob(".model.partial-*"))
+    assert len(leftovers) == 1 and str(proc.pid) in leftovers[0].name
+
+    result = evomerge("merge", str(recipe), str(out))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model"]
+    assert (out / "model.safetensors").exists()
+
+
+def test_stale_staging_of_a_live_process_is_kept(tmp_path):
+    """Cleanup removes only the leftovers of dead processes: a merge still running to the same
+    destination keeps its folder."""
+    from evomerge.output import _owner, remove_stale_staging
+
+    host = _owner().rsplit(".", 1)[0]
+    live = tmp_path / f".model.partial-{_owner()}-abc123"
+    dead = tmp_path / f".model.partial-{host}.{2**22 + 12345}-def456"
+    other_host = tmp_path / ".model.partial-someotherhost.1-ghi789"
+    # killed between the two renames of --force: the old model and the finished new one
+    twins = [tmp_path / f".model.{kind}-{host}.{2**22 + 12346}-jkl012" for kind in ("old", "partial")]
+    for folder in (live, dead, other_host, *twins):
+        folder.mkdir()
+    assert remove_stale_staging(tmp_path / "model") == [dead]
+    assert live.exists() and other_host.exists() and not dead.exists()
+    assert all(t.exists() for t in twins)
+    (tmp_path / "model").mkdir()  # once the destination exists again, the twins are stale
+    assert sorted(remove_stale_staging(tmp_path / "model")) == sorted(twins)
+
+
+# --- a full disk ------------------------------------------------------------------------------
+def test_full_disk_injected_write_error(tmp_path, pool, monkeypatch, capsys):
+    """The shard writer's save raising ENOSPC: one sentence, exit 2, nothing at the destination."""
+    import safetensors.torch
+
+    from evomerge.cli import main
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    out = tmp_path / "new" / "model"
+    monkeypatch.setattr(sys, "argv", ["evomerge", "merge", str(linear_recipe(tmp_path, pool["ft0"], pool["ft1"])), str(out)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2
+    assert err.startswith("error: ") and "No space left on device" in err and str(out) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]  # not even `new/`
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (needs root and mount rights; skipped elsewhere)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=False, capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_full_disk_real(tmp_path, small_disk):
+    """A real ENOSPC from a 1 MiB file system (the merged model is ~2 MB)."""
+    torch.set_num_threads(1)
+    models = build_tiny_pool(tmp_path / "models", n_models=1, hidden_size=128, intermediate_size=256)
+    out = small_disk / "model"
+    result = evomerge("merge", str(linear_recipe(tmp_path, models["base"], models["ft0"])), str(out))
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip().splitlines()[-1].rsplit("\r", 1)[-1]
+    assert line.startswith("error: ") and "No space left on device" in line, result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(small_disk.iterdir()) == []
+
+
+# --- a candidate that collapses -----------------------------------------------------------------
+@pytest.mark.slow
+def test_nan_candidate_fails_its_trial_and_the_search_goes_on(tmp_path, small_pool):
+    """Weights up to 1e40 overflow float32: those candidates are NaN/Inf, fail with a reason,
+    and the search still runs every trial (the in-bounds baselines complete)."""
+    import optuna
+
+    config = {
+        "pool": {"base": str(small_pool / "base"), "models": {n: str(small_pool / n) for n in ("add", "rev", "sort")}},
+        "space": {"method": "linear", "search": {"weight": [0.0, 1.0e40]}, "fixed": {"normalize": False}},
+        "fitness": {"task_paths": [str(small_pool / "tasks")], "tasks": ["evomerge_add"], "subset": {"count": 4}},
+        "search": {"sampler": "cmaes", "trials": 6, "seed": 0},
+        "threads": 1,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_dir = tmp_path / "run"
+    result = evomerge("search", str(path), "--run-dir", str(run_dir), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="evomerge", storage=f"sqlite:///{run_dir / 'study.db'}")
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 6
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert failed and all("NaN or Inf" in t.user_attrs["fail_reason"] for t in failed)
+    assert any(t.state.name == "COMPLETE" for t in trials)
+
+
+# --- code that must not run -------------------------------------------------------------------
+def _with_remote_code(src: Path, dst: Path, marker: Path) -> Path:
+    """A copy of a model folder whose config and tokenizer config point at custom code that
+    would create `marker` if it were ever imported."""
+    shutil.copytree(src, dst)
+    (dst / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\nEvil = object\n")
+    config = json.loads((dst / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.Evil", "AutoModelForCausalLM": "evil.Evil"}
+    (dst / "config.json").write_text(json.dumps(config))
+    tok_file = dst / "tokenizer_config.json"
+    tok = json.loads(tok_file.read_text()) if tok_file.exists() else {}
+    tok["auto_map"] = {"AutoTokenizer": ["evil.Evil", None]}
+    tok_file.write_text(json.dumps(tok))
+    return dst
+
+
+def test_remote_code_is_never_run(tmp_path, small_pool):
+    """The search's evaluation model and `evomerge eval` load with trust_remote_code=False."""
+    from evomerge.cli.eval_cmd import _load_model
+    from evomerge.search import load_eval_model
+
+    marker = tmp_path / "remote-code-ran"
+    model_dir = _with_remote_code(small_pool / "base", tmp_path / "model", marker)
+    config = SimpleNamespace(pool=SimpleNamespace(base=str(model_dir), dtype="float32"), device="cpu")
+    for model, _ in (load_eval_model(config), _load_model(model_dir)):
+        assert type(model).__module__.startswith("transformers.")
+    assert not marker.exists()
