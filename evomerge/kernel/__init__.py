@@ -121,6 +121,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         kept.argtypes, kept.restype = [p, ctypes.POINTER(KeepRule), i64, ctypes.c_double], i64
         cut = getattr(lib, f"magnitude_cut_{suffix}")
         cut.argtypes, cut.restype = [p, i64, i64, p, p], None
+        peak = getattr(lib, f"abs_max_{suffix}")
+        peak.argtypes, peak.restype = [p, i64], ctypes.c_float
         merge = getattr(lib, f"tv_merge_{suffix}")
         merge.argtypes = [ctypes.c_int, i64, p, p, p, p, p, ctypes.c_int, ctypes.c_int, f32, ctypes.c_int, f32, p]
         merge.restype = None
@@ -145,6 +147,12 @@ def kept_abs_sum(delta: torch.Tensor, rule: KeepRule, scale: float) -> int:
     lib.set_threads(torch.get_num_threads())
     fn = getattr(lib, f"kept_abs_sum_{_DTYPES[delta.dtype]}")
     return fn(delta.data_ptr(), ctypes.byref(rule), delta.numel(), scale)
+
+
+def abs_max(delta: torch.Tensor) -> float:
+    lib = library()
+    lib.set_threads(torch.get_num_threads())
+    return getattr(lib, f"abs_max_{_DTYPES[delta.dtype]}")(delta.data_ptr(), delta.numel())
 
 
 def tv_merge(

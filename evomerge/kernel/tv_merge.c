@@ -138,6 +138,21 @@ static inline int keep_magnitude(const keep_rule *r, int64_t e, float d) {
 DEFINE_KEPT_SUM(kept_abs_sum_f32, float, LOAD_F32)
 DEFINE_KEPT_SUM(kept_abs_sum_bf16, uint16_t, LOAD_BF16)
 
+/* max |delta| (NaN-free inputs), for the fixed-point scale of the exact L1 sums */
+#define DEFINE_ABS_MAX(NAME, T, LOAD)                                                       \
+    float NAME(const T *delta, int64_t n) {                                                 \
+        float peak = 0.0f;                                                                  \
+        _Pragma("omp parallel for reduction(max : peak) schedule(static)")                 \
+        for (int64_t e = 0; e < n; e++) {                                                   \
+            float a = fabsf(LOAD(delta[e]));                                                \
+            peak = a > peak ? a : peak;                                                     \
+        }                                                                                   \
+        return peak;                                                                        \
+    }
+
+DEFINE_ABS_MAX(abs_max_f32, float, LOAD_F32)
+DEFINE_ABS_MAX(abs_max_bf16, uint16_t, LOAD_BF16)
+
 /*
  * The magnitude cut for keeping the k largest |d| (1 <= k < n): radix select over the bits
  * of |d| as float32 (monotonic for non-negative numbers), high 16 bits then low 16 bits,

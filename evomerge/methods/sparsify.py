@@ -104,9 +104,11 @@ def l1_factor(before: float, after: float, dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor(before / after, dtype=dtype)
 
 
-def fixed_point_shift(x: torch.Tensor) -> int:
-    """The power of two that scales |x| into int64 with room to sum every element."""
-    peak = x.detach().abs().max().item() if x.numel() else 0.0
+def fixed_point_shift(x: torch.Tensor, peak: float | None = None) -> int:
+    """The power of two that scales |x| into int64 with room to sum every element.
+    `peak` is max |x| when the caller has it."""
+    if peak is None:
+        peak = x.detach().abs().max().item() if x.numel() else 0.0
     if peak == 0 or not math.isfinite(peak):
         return 0
     headroom = 62 - math.ceil(math.log2(x.numel() + 1))

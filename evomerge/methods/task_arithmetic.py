@@ -179,8 +179,11 @@ def _keep_rule(inputs: MergeInputs, index: int, rule: Sparsifier, density: float
 
 
 def _l1_norm(delta: torch.Tensor) -> tuple[int, float]:
-    shift = sparsify.fixed_point_shift(delta)
-    return shift, sparsify.exact_abs_sum(delta, shift)
+    """(shift, exact L1 norm) of a task vector, as `sparsify.l1_rescale` computes them."""
+    from evomerge import kernel
+
+    shift = sparsify.fixed_point_shift(delta, kernel.abs_max(delta))
+    return shift, kernel.kept_abs_sum(delta, kernel.KeepRule.keep_all(), 2.0**shift) * 2.0**-shift
 
 
 def _family_member(
