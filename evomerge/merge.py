@@ -72,8 +72,12 @@ def _all_finite(tensor: "torch.Tensor") -> bool:
 
     import torch
 
+    from evomerge import kernel
+
     if tensor.numel() == 0:
         return True
+    if kernel.applies([tensor]) and kernel.library() is not None:
+        return kernel.all_finite(tensor)
     return all(math.isfinite(v) for v in torch.aminmax(tensor.flatten()))
 
 

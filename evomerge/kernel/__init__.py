@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -73,6 +73,17 @@ def _cpu_flags() -> str:
     return next((line for line in lines if line.startswith(("flags", "Features"))), "")
 
 
+class TaskVector(NamedTuple):
+    """tau = x - base as the kernel reads it: a stored task vector (base None), or a model and
+    the base, subtracted on the fly (a one-shot merge then never stores tau at all)."""
+
+    x: torch.Tensor
+    base: Optional[torch.Tensor] = None
+
+    def pointers(self) -> tuple[int, Optional[int]]:
+        return self.x.data_ptr(), self.base.data_ptr() if self.base is not None else None
+
+
 class KeepRule(ctypes.Structure):
     """Which elements of one model's task vector survive (see tv_merge.c)."""
 
@@ -89,6 +100,10 @@ class KeepRule(ctypes.Structure):
     def keep_all(cls) -> "KeepRule":
         return cls(mode=0)
 
+    @property
+    def keeps_all(self) -> bool:
+        return self.mode == 0
+
     @classmethod
     def key_below(cls, key: torch.Tensor, threshold: int) -> "KeepRule":
         """key[e] < threshold, e.g. precomputed magnitude ranks (int32)."""
@@ -102,30 +117,36 @@ class KeepRule(ctypes.Structure):
         return cls(mode=2, threshold=min(threshold, 2**31 - 1), hash_key=hash_key)
 
     @classmethod
-    def top_magnitudes(cls, delta: torch.Tensor, k: int) -> "KeepRule":
-        """The k largest |delta|, ties to lower indices (same as magnitude ranks < k)."""
-        if k >= delta.numel():
+    def top_magnitudes(cls, tau: TaskVector, k: int) -> "KeepRule":
+        """The k largest |tau|, ties to lower indices (same as magnitude ranks < k)."""
+        if k >= tau.x.numel():
             return cls.keep_all()
         if k <= 0:
             return cls(mode=3, cut_bits=0xFFFFFFFF, cutoff=0)
         cut_bits, cutoff = ctypes.c_uint32(), ctypes.c_int64()
-        fn = getattr(library(), f"magnitude_cut_{_DTYPES[delta.dtype]}")
-        fn(delta.data_ptr(), delta.numel(), k, ctypes.byref(cut_bits), ctypes.byref(cutoff))
+        _call("magnitude_cut", tau.x, *tau.pointers(), tau.x.numel(), k, ctypes.byref(cut_bits), ctypes.byref(cutoff))
         return cls(mode=3, cut_bits=cut_bits.value, cutoff=cutoff.value)
+
+
+def _call(name: str, like: torch.Tensor, *args):
+    lib = library()
+    lib.set_threads(torch.get_num_threads())
+    return getattr(lib, f"{name}_{_DTYPES[like.dtype]}")(*args)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     for suffix in _DTYPES.values():
-        kept = getattr(lib, f"kept_abs_sum_{suffix}")
-        kept.argtypes, kept.restype = [p, ctypes.POINTER(KeepRule), i64, ctypes.c_double], i64
-        cut = getattr(lib, f"magnitude_cut_{suffix}")
-        cut.argtypes, cut.restype = [p, i64, i64, p, p], None
-        peak = getattr(lib, f"abs_max_{suffix}")
-        peak.argtypes, peak.restype = [p, i64], ctypes.c_float
-        merge = getattr(lib, f"tv_merge_{suffix}")
-        merge.argtypes = [ctypes.c_int, i64, p, p, p, p, p, ctypes.c_int, ctypes.c_int, f32, ctypes.c_int, f32, p]
-        merge.restype = None
+        signatures = {
+            "kept_abs_sum": ([p, p, ctypes.POINTER(KeepRule), i64, ctypes.c_double], i64),
+            "abs_max": ([p, p, i64], f32),
+            "all_finite": ([p, i64], ctypes.c_int),
+            "magnitude_cut": ([p, p, i64, i64, p, p], None),
+            "tv_merge": ([ctypes.c_int, i64, p, p, p, p, p, p, ctypes.c_int, ctypes.c_int, f32, ctypes.c_int, f32, p], None),
+        }
+        for name, (argtypes, restype) in signatures.items():
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes, fn.restype = argtypes, restype
     lib.set_threads.argtypes = [ctypes.c_int]
     lib.max_models.restype = ctypes.c_int
 
@@ -135,29 +156,29 @@ def applies(tensors: list[torch.Tensor]) -> bool:
     return (
         first.device.type == "cpu"
         and first.dtype in _DTYPES
-        and all(t.is_contiguous() and t.dtype == first.dtype for t in tensors)
+        and all(t.is_contiguous() and t.dtype == first.dtype and t.shape == first.shape for t in tensors)
         and first.numel() < 2**31
         and len(tensors) <= 65
     )
 
 
-def kept_abs_sum(delta: torch.Tensor, rule: KeepRule, scale: float) -> int:
-    """sum of floor(|delta| * scale) over the kept elements (see sparsify.exact_abs_sum)."""
-    lib = library()
-    lib.set_threads(torch.get_num_threads())
-    fn = getattr(lib, f"kept_abs_sum_{_DTYPES[delta.dtype]}")
-    return fn(delta.data_ptr(), ctypes.byref(rule), delta.numel(), scale)
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN or Inf in a float32/bfloat16 CPU tensor (a bit test, one pass)."""
+    return bool(_call("all_finite", x, x.contiguous().data_ptr(), x.numel()))
 
 
-def abs_max(delta: torch.Tensor) -> float:
-    lib = library()
-    lib.set_threads(torch.get_num_threads())
-    return getattr(lib, f"abs_max_{_DTYPES[delta.dtype]}")(delta.data_ptr(), delta.numel())
+def kept_abs_sum(tau: TaskVector, rule: KeepRule, scale: float) -> int:
+    """sum of floor(|tau| * scale) over the kept elements (see sparsify.exact_abs_sum)."""
+    return _call("kept_abs_sum", tau.x, *tau.pointers(), ctypes.byref(rule), tau.x.numel(), scale)
+
+
+def abs_max(tau: TaskVector) -> float:
+    return _call("abs_max", tau.x, *tau.pointers(), tau.x.numel())
 
 
 def tv_merge(
     base: torch.Tensor,
-    deltas: list[torch.Tensor],
+    taus: list[TaskVector],
     rules: list[KeepRule],
     rescale: torch.Tensor,  # (M,) in the merge dtype
     weights: torch.Tensor,  # (M,) in the merge dtype
@@ -167,16 +188,16 @@ def tv_merge(
     plain_divisor: float,
     lambda_: float,
 ) -> torch.Tensor:
-    lib = library()
-    models = len(deltas)
+    """base + lambda * sum_i(w_i m_i s_i tau_i) / Z, all task vectors relative to one base."""
+    models = len(taus)
+    sub_base = taus[0].base.data_ptr() if taus[0].base is not None else None
     out = torch.empty_like(base)
-    delta_ptrs = (ctypes.c_void_p * models)(*[d.data_ptr() for d in deltas])
+    xs = (ctypes.c_void_p * models)(*[t.x.data_ptr() for t in taus])
     rules_c = (KeepRule * models)(*rules)
     rescale_c = (ctypes.c_float * models)(*rescale.float().tolist())
     weights_c = (ctypes.c_float * models)(*weights.float().tolist())
-    lib.set_threads(torch.get_num_threads())
-    getattr(lib, f"tv_merge_{_DTYPES[base.dtype]}")(
-        models, base.numel(), base.data_ptr(), delta_ptrs, rules_c, rescale_c, weights_c,
+    _call(
+        "tv_merge", base, models, base.numel(), base.data_ptr(), xs, sub_base, rules_c, rescale_c, weights_c,
         int(consensus), int(normalize), plain_divisor, int(lambda_ != 1), lambda_, out.data_ptr(),
     )  # fmt: skip
     return out

@@ -24,6 +24,9 @@
 #include <string.h>
 
 #define MAX_MODELS 64
+/* Below this many elements a parallel region costs more than it saves (and on a busy
+ * machine a thread waiting at the region's barrier can lose a whole time slice). */
+#define PARALLEL_MIN (1 << 18)
 #define HASH_CHUNK_BITS 22 /* random_fields._CHUNK */
 
 enum { KEEP_ALL = 0, KEEP_KEY_BELOW = 1, KEEP_HASH_BELOW = 2, KEEP_MAGNITUDE = 3 };
@@ -86,115 +89,173 @@ static inline int keep_magnitude(const keep_rule *r, int64_t e, float d) {
 #define STORE_F32(x) (x)
 #define STORE_BF16(x) f32_to_bf16(x)
 
-/* Runs BODY(e, d, keep) for e in [start, stop) with the rule's mode decided once, outside the
- * loop, so that each loop vectorises. */
-#define FOR_EACH_KEPT(rule, delta, LOAD, start, stop, BODY)                                 \
+/* One block of task-vector values as float: x - base (rounded to T, like torch's
+ * subtraction), or x itself when base is NULL (x already holds the task vector). */
+#define DEFINE_LOAD_BLOCK(NAME, T, LOAD, ROUND)                                             \
+    static inline void NAME(const T *x, const T *base, int64_t start, int64_t len,          \
+                            float *out) {                                                   \
+        if (base) {                                                                         \
+            for (int64_t j = 0; j < len; j++)                                               \
+                out[j] = ROUND(LOAD(x[start + j]) - LOAD(base[start + j]));                 \
+        } else {                                                                            \
+            for (int64_t j = 0; j < len; j++) out[j] = LOAD(x[start + j]);                  \
+        }                                                                                   \
+    }
+
+DEFINE_LOAD_BLOCK(load_block_f32, float, LOAD_F32, round_f32)
+DEFINE_LOAD_BLOCK(load_block_bf16, uint16_t, LOAD_BF16, round_bf16)
+
+/* Runs BODY with `d` (the task-vector value) and `keep` (0/1) for the block's elements
+ * j = 0..len-1 (element e = start + j), the rule's mode decided once outside the loop so
+ * that each loop vectorises. */
+#define FOR_EACH_KEPT(rule, block, start, len, BODY)                                        \
     switch ((rule)->mode) {                                                                 \
     case KEEP_KEY_BELOW:                                                                    \
-        for (int64_t e = (start); e < (stop); e++) {                                        \
-            float d = LOAD((delta)[e]);                                                     \
-            int keep = (rule)->key[e] < (rule)->threshold;                                  \
+        for (int64_t j = 0; j < (len); j++) {                                               \
+            float d = (block)[j];                                                           \
+            int keep = (rule)->key[(start) + j] < (rule)->threshold;                        \
             BODY                                                                            \
         }                                                                                   \
         break;                                                                              \
     case KEEP_HASH_BELOW:                                                                   \
-        for (int64_t e = (start); e < (stop); e++) {                                        \
-            float d = LOAD((delta)[e]);                                                     \
-            int keep = draw24((rule)->hash_key, e) < (uint32_t)(rule)->threshold;           \
+        for (int64_t j = 0; j < (len); j++) {                                               \
+            float d = (block)[j];                                                           \
+            int keep = draw24((rule)->hash_key, (start) + j) < (uint32_t)(rule)->threshold; \
             BODY                                                                            \
         }                                                                                   \
         break;                                                                              \
     case KEEP_MAGNITUDE:                                                                    \
-        for (int64_t e = (start); e < (stop); e++) {                                        \
-            float d = LOAD((delta)[e]);                                                     \
-            int keep = keep_magnitude((rule), e, d);                                        \
+        for (int64_t j = 0; j < (len); j++) {                                               \
+            float d = (block)[j];                                                           \
+            int keep = keep_magnitude((rule), (start) + j, d);                              \
             BODY                                                                            \
         }                                                                                   \
         break;                                                                              \
     default:                                                                                \
-        for (int64_t e = (start); e < (stop); e++) {                                        \
-            float d = LOAD((delta)[e]);                                                     \
+        for (int64_t j = 0; j < (len); j++) {                                               \
+            float d = (block)[j];                                                           \
             int keep = 1;                                                                   \
             BODY                                                                            \
         }                                                                                   \
     }
 
 #define BLOCK 1024
+#define BLOCKS(n) for (int64_t start = 0; start < (n); start += BLOCK)
+#define BLOCK_LEN(n) ((n) - start < BLOCK ? (n) - start : BLOCK)
 
-/* sum over kept elements of floor(|delta| * scale), exact in int64 (scale = 2^shift) */
-#define DEFINE_KEPT_SUM(NAME, T, LOAD)                                                      \
-    int64_t NAME(const T *delta, const keep_rule *rule, int64_t n, double scale) {         \
+/* sum over kept elements of floor(|d| * scale), exact in int64 (scale = 2^shift) */
+#define DEFINE_KEPT_SUM(NAME, T, LOAD_BLOCK)                                                \
+    int64_t NAME(const T *x, const T *base, const keep_rule *rule, int64_t n, double scale) { \
         int64_t total = 0;                                                                  \
-        _Pragma("omp parallel for reduction(+ : total) schedule(static)")                  \
-        for (int64_t start = 0; start < n; start += BLOCK) {                                \
-            int64_t stop = start + BLOCK < n ? start + BLOCK : n, part = 0;                 \
-            FOR_EACH_KEPT(rule, delta, LOAD, start, stop,                                   \
-                          part += (int64_t)((double)fabsf(d) * scale) * keep;)          \
+        _Pragma("omp parallel for reduction(+ : total) schedule(static) if (n > PARALLEL_MIN)")                  \
+        BLOCKS(n) {                                                                         \
+            int64_t len = BLOCK_LEN(n), part = 0;                                           \
+            float block[BLOCK];                                                             \
+            LOAD_BLOCK(x, base, start, len, block);                                         \
+            FOR_EACH_KEPT(rule, block, start, len,                                          \
+                          part += (int64_t)((double)fabsf(d) * scale) * keep;)              \
             total += part;                                                                  \
         }                                                                                   \
         return total;                                                                       \
     }
 
-DEFINE_KEPT_SUM(kept_abs_sum_f32, float, LOAD_F32)
-DEFINE_KEPT_SUM(kept_abs_sum_bf16, uint16_t, LOAD_BF16)
+DEFINE_KEPT_SUM(kept_abs_sum_f32, float, load_block_f32)
+DEFINE_KEPT_SUM(kept_abs_sum_bf16, uint16_t, load_block_bf16)
 
-/* max |delta| (NaN-free inputs), for the fixed-point scale of the exact L1 sums */
-#define DEFINE_ABS_MAX(NAME, T, LOAD)                                                       \
-    float NAME(const T *delta, int64_t n) {                                                 \
+/* max |d|, for the fixed-point scale of the exact L1 sums (inputs are NaN-free) */
+#define DEFINE_ABS_MAX(NAME, T, LOAD_BLOCK)                                                 \
+    float NAME(const T *x, const T *base, int64_t n) {                                      \
         float peak = 0.0f;                                                                  \
-        _Pragma("omp parallel for reduction(max : peak) schedule(static)")                 \
-        for (int64_t e = 0; e < n; e++) {                                                   \
-            float a = fabsf(LOAD(delta[e]));                                                \
-            peak = a > peak ? a : peak;                                                     \
+        _Pragma("omp parallel for reduction(max : peak) schedule(static) if (n > PARALLEL_MIN)")                 \
+        BLOCKS(n) {                                                                         \
+            int64_t len = BLOCK_LEN(n);                                                     \
+            float block[BLOCK], part = 0.0f;                                                \
+            LOAD_BLOCK(x, base, start, len, block);                                         \
+            for (int64_t j = 0; j < len; j++) {                                             \
+                float a = fabsf(block[j]);                                                  \
+                part = a > part ? a : part;                                                 \
+            }                                                                               \
+            peak = part > peak ? part : peak;                                               \
         }                                                                                   \
         return peak;                                                                        \
     }
 
-DEFINE_ABS_MAX(abs_max_f32, float, LOAD_F32)
-DEFINE_ABS_MAX(abs_max_bf16, uint16_t, LOAD_BF16)
+DEFINE_ABS_MAX(abs_max_f32, float, load_block_f32)
+DEFINE_ABS_MAX(abs_max_bf16, uint16_t, load_block_bf16)
+
+/* 1 when no element is NaN or +-Inf (exponent bits all ones) */
+#define DEFINE_ALL_FINITE(NAME, T, EXP_MASK)                                                \
+    int NAME(const T *x, int64_t n) {                                                       \
+        int64_t bad = 0;                                                                    \
+        _Pragma("omp parallel for reduction(+ : bad) schedule(static) if (n > PARALLEL_MIN)")                    \
+        for (int64_t e = 0; e < n; e++) bad += (x[e] & (EXP_MASK)) == (EXP_MASK);           \
+        return bad == 0;                                                                    \
+    }
+
+DEFINE_ALL_FINITE(all_finite_f32, uint32_t, 0x7f800000u)
+DEFINE_ALL_FINITE(all_finite_bf16, uint16_t, 0x7f80u)
 
 /*
  * The magnitude cut for keeping the k largest |d| (1 <= k < n): radix select over the bits
  * of |d| as float32 (monotonic for non-negative numbers), high 16 bits then low 16 bits,
  * then a scan for the index below which ties at the cut are kept.
  */
-#define DEFINE_MAGNITUDE_CUT(NAME, T, LOAD)                                                 \
-    void NAME(const T *delta, int64_t n, int64_t k, uint32_t *cut_bits, int64_t *cutoff) {  \
+#define DEFINE_MAGNITUDE_CUT(NAME, T, LOAD_BLOCK)                                           \
+    void NAME(const T *x, const T *base, int64_t n, int64_t k, uint32_t *cut_bits,          \
+              int64_t *cutoff) {                                                            \
         int64_t *hist = calloc(65536, sizeof(int64_t));                                     \
-        for (int64_t e = 0; e < n; e++) hist[abs_bits(LOAD(delta[e])) >> 16]++;             \
+        float block[BLOCK];                                                                 \
+        BLOCKS(n) {                                                                         \
+            int64_t len = BLOCK_LEN(n);                                                     \
+            LOAD_BLOCK(x, base, start, len, block);                                         \
+            for (int64_t j = 0; j < len; j++) hist[abs_bits(block[j]) >> 16]++;             \
+        }                                                                                   \
         int64_t above = 0;                                                                  \
         int high = 65535;                                                                   \
         while (above + hist[high] < k) above += hist[high--];                               \
         memset(hist, 0, 65536 * sizeof(int64_t));                                           \
-        for (int64_t e = 0; e < n; e++) {                                                   \
-            uint32_t a = abs_bits(LOAD(delta[e]));                                          \
-            if ((int)(a >> 16) == high) hist[a & 0xffffu]++;                                \
+        BLOCKS(n) {                                                                         \
+            int64_t len = BLOCK_LEN(n);                                                     \
+            LOAD_BLOCK(x, base, start, len, block);                                         \
+            for (int64_t j = 0; j < len; j++) {                                             \
+                uint32_t a = abs_bits(block[j]);                                            \
+                if ((int)(a >> 16) == high) hist[a & 0xffffu]++;                            \
+            }                                                                               \
         }                                                                                   \
         int low = 65535;                                                                    \
         while (above + hist[low] < k) above += hist[low--];                                 \
         free(hist);                                                                         \
         uint32_t bits = ((uint32_t)high << 16) | (uint32_t)low;                             \
-        int64_t need = k - above, seen = 0, e = 0;                                          \
-        for (; e < n && seen < need; e++) seen += abs_bits(LOAD(delta[e])) == bits;         \
+        int64_t need = k - above, seen = 0, e = n;                                          \
+        BLOCKS(n) {                                                                         \
+            int64_t len = BLOCK_LEN(n);                                                     \
+            LOAD_BLOCK(x, base, start, len, block);                                         \
+            int64_t j = 0;                                                                  \
+            for (; j < len && seen < need; j++) seen += abs_bits(block[j]) == bits;         \
+            if (seen == need) {                                                             \
+                e = start + j;                                                              \
+                break;                                                                      \
+            }                                                                               \
+        }                                                                                   \
         *cut_bits = bits;                                                                   \
         *cutoff = e;                                                                        \
     }
 
-DEFINE_MAGNITUDE_CUT(magnitude_cut_f32, float, LOAD_F32)
-DEFINE_MAGNITUDE_CUT(magnitude_cut_bf16, uint16_t, LOAD_BF16)
+DEFINE_MAGNITUDE_CUT(magnitude_cut_f32, float, load_block_f32)
+DEFINE_MAGNITUDE_CUT(magnitude_cut_bf16, uint16_t, load_block_bf16)
 
 /*
  * out = base + lambda * sum_i(w_i m_i s_i tau_i) / Z   (see task_arithmetic.py), where
- *   tau_i = deltas[i], s_i = rules[i], rescale[i] = the L1 factor (1 when not rescaling),
- *   m_i the sign-consensus mask. Without consensus, Z = plain_divisor (from the caller).
+ *   tau_i = xs[i] - (sub_base or nothing), s_i = rules[i], rescale[i] = the L1 factor
+ *   (1 when not rescaling), m_i the sign-consensus mask; Z = plain_divisor without consensus.
  * Work goes in blocks: first each model's weighted, sparsified task vector for the block
  * (one vectorised loop per model and rule), then the combination across models (unrolled
  * for up to 4 models).
  */
 #define MERGE_ARGS(T)                                                                       \
-    int models, int64_t n, const T *base, const T **deltas, const keep_rule *rules,        \
-        const float *rescale, const float *weights, int consensus, int normalize,          \
-        float plain_divisor, int use_lambda, float lambda, T *out
+    int models, int64_t n, const T *base, const T **xs, const T *sub_base,                 \
+        const keep_rule *rules, const float *rescale, const float *weights, int consensus, \
+        int normalize, float plain_divisor, int use_lambda, float lambda, T *out
 
 /* The loop over a block's elements, branch-free so that it vectorises: flags are selects. */
 #define COMBINE(M, CONSENSUS, T, LOAD, STORE, ROUND)                                        \
@@ -235,17 +296,18 @@ DEFINE_MAGNITUDE_CUT(magnitude_cut_bf16, uint16_t, LOAD_BF16)
         COMBINE(M, 0, T, LOAD, STORE, ROUND)                                                \
     }
 
-#define DEFINE_MERGE(NAME, T, LOAD, STORE, ROUND)                                           \
+#define DEFINE_MERGE(NAME, T, LOAD, STORE, ROUND, LOAD_BLOCK)                               \
     void NAME(MERGE_ARGS(T)) {                                                              \
-        _Pragma("omp parallel for schedule(static)")                                       \
-        for (int64_t start = 0; start < n; start += BLOCK) {                                \
-            int64_t stop = start + BLOCK < n ? start + BLOCK : n, len = stop - start;       \
-            float weighted[MAX_MODELS][BLOCK];                                              \
+        _Pragma("omp parallel for schedule(static) if (n > PARALLEL_MIN)")                 \
+        BLOCKS(n) {                                                                         \
+            int64_t len = BLOCK_LEN(n);                                                     \
+            float weighted[MAX_MODELS][BLOCK], block[BLOCK];                                \
             for (int i = 0; i < models; i++) {                                              \
-                float *w_out = weighted[i] - start, scale = rescale[i], w = weights[i];     \
-                FOR_EACH_KEPT(&rules[i], deltas[i], LOAD, start, stop,                      \
+                float *w_out = weighted[i], scale = rescale[i], w = weights[i];             \
+                LOAD_BLOCK(xs[i], sub_base, start, len, block);                             \
+                FOR_EACH_KEPT(&rules[i], block, start, len,                                 \
                               float kept = d * (float)keep; /* d or a signed 0, exact */   \
-                              w_out[e] = ROUND(ROUND(kept * scale) * w);)                   \
+                              w_out[j] = ROUND(ROUND(kept * scale) * w);)                   \
             }                                                                               \
             switch (models) {                                                               \
             case 1: COMBINE_M(1, T, LOAD, STORE, ROUND) break;                              \
@@ -257,8 +319,8 @@ DEFINE_MAGNITUDE_CUT(magnitude_cut_bf16, uint16_t, LOAD_BF16)
         }                                                                                   \
     }
 
-DEFINE_MERGE(tv_merge_f32, float, LOAD_F32, STORE_F32, round_f32)
-DEFINE_MERGE(tv_merge_bf16, uint16_t, LOAD_BF16, STORE_BF16, round_bf16)
+DEFINE_MERGE(tv_merge_f32, float, LOAD_F32, STORE_F32, round_f32, load_block_f32)
+DEFINE_MERGE(tv_merge_bf16, uint16_t, LOAD_BF16, STORE_BF16, round_bf16, load_block_bf16)
 
 int max_models(void) { return MAX_MODELS; }
 

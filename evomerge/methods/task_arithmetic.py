@@ -140,16 +140,17 @@ def _fused(
     from evomerge import kernel
 
     dtype = inputs.base.dtype
-    deltas, rules, factors = [], [], []
+    taus, rules, factors = [], [], []
     for i in range(len(inputs.models)):
-        delta = inputs.delta(i)
-        rule_i = _keep_rule(inputs, i, rule, density[i])
+        # The search reuses stored task vectors; a one-shot merge subtracts on the fly.
+        tau = kernel.TaskVector(inputs.delta(i)) if inputs.reused else kernel.TaskVector(inputs.models[i], inputs.base)
+        rule_i = _keep_rule(inputs, i, tau, rule, density[i])
         factor = torch.ones((), dtype=dtype)
-        if rule_i.mode != kernel.KeepRule.keep_all().mode and rescale:
-            shift, before = inputs.cached("l1", i, lambda: _l1_norm(delta))
-            after = kernel.kept_abs_sum(delta, rule_i, 2.0**shift) * 2.0**-shift
+        if rescale and not rule_i.keeps_all:
+            shift, before = inputs.cached("l1", i, lambda: _l1_norm(tau))
+            after = kernel.kept_abs_sum(tau, rule_i, 2.0**shift) * 2.0**-shift
             factor = sparsify.l1_factor(before, after, dtype)
-        deltas.append(delta)
+        taus.append(tau)
         rules.append(rule_i)
         factors.append(factor)
     w = torch.tensor(weight, dtype=dtype)
@@ -157,33 +158,32 @@ def _fused(
     if plain_divisor.abs() < 1e-8:
         plain_divisor = torch.ones((), dtype=dtype)
     return kernel.tv_merge(
-        inputs.base, deltas, rules, torch.stack(factors), w,
+        inputs.base, taus, rules, torch.stack(factors), w,
         consensus=consensus, normalize=normalize, plain_divisor=float(plain_divisor), lambda_=lambda_,
     )  # fmt: skip
 
 
-def _keep_rule(inputs: MergeInputs, index: int, rule: Sparsifier, density: float):
+def _keep_rule(inputs: MergeInputs, index: int, tau, rule: Sparsifier, density: float):
     """The kernel's form of `sparsified_delta`'s mask: precomputed magnitude ranks when the
     inputs are reused across trials, a radix select otherwise; DARE draws hashed inline."""
     from evomerge.kernel import KeepRule
 
     if rule is None or density >= 1:
         return KeepRule.keep_all()
-    delta = inputs.delta(index)
     if rule == "random":
         return KeepRule.hash_below(inputs.field.hash_key(index), sparsify.keep_threshold(density))
-    k = sparsify.magnitude_keep_count(density, delta.numel())
+    k = sparsify.magnitude_keep_count(density, inputs.base.numel())
     if inputs.reused:
         return KeepRule.key_below(inputs.magnitude_ranks(index), k)
-    return KeepRule.top_magnitudes(delta, k)
+    return KeepRule.top_magnitudes(tau, k)
 
 
-def _l1_norm(delta: torch.Tensor) -> tuple[int, float]:
+def _l1_norm(tau) -> tuple[int, float]:
     """(shift, exact L1 norm) of a task vector, as `sparsify.l1_rescale` computes them."""
     from evomerge import kernel
 
-    shift = sparsify.fixed_point_shift(delta, kernel.abs_max(delta))
-    return shift, kernel.kept_abs_sum(delta, kernel.KeepRule.keep_all(), 2.0**shift) * 2.0**-shift
+    shift = sparsify.fixed_point_shift(tau.x, kernel.abs_max(tau))
+    return shift, kernel.kept_abs_sum(tau, kernel.KeepRule.keep_all(), 2.0**shift) * 2.0**-shift
 
 
 def _family_member(
