@@ -170,3 +170,51 @@ def test_resume_refuses_a_changed_pool(tmp_path, small_pool):
     result = evomerge("resume", str(run_dir), check=False)
     assert result.returncode == 2
     assert "pool changed" in result.stderr and "rev" in result.stderr
+
+
+def test_multi_objective_search_exports_from_the_pareto_front(tmp_path, small_pool):
+    import optuna
+
+    from evomerge.search import best_trial
+
+    run_dir = tmp_path / "run"
+    evomerge("search", str(write_config(tmp_path, small_pool, trials=8, sampler="multi")), "--run-dir", str(run_dir))
+    study = optuna.load_study(study_name="evomerge", storage=f"sqlite:///{run_dir / 'study.db'}")
+    assert len(study.directions) == 3  # one objective per task
+    chosen = best_trial(study)
+    front = {t.number for t in study.best_trials}
+    assert chosen.number in front
+    assert chosen.user_attrs["fitness"] == max(
+        t.user_attrs["fitness"] for t in study.best_trials if t.user_attrs.get("fidelity") == chosen.user_attrs["fidelity"]
+    )
+    evomerge("export", str(run_dir), str(tmp_path / "out"))
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_ctrl_c_stops_cleanly_and_resume_continues(tmp_path, small_pool):
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path, small_pool, trials=200)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evomerge", "search", str(config), "--run-dir", str(run_dir)],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        done = []
+        if (run_dir / "run.json").exists():
+            try:
+                done = [t for t in trials_of(run_dir) if t.state.name == "COMPLETE"]
+            except KeyError:
+                pass
+        if len(done) >= 2:
+            break
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "evomerge resume" in stderr
+    trials = trials_of(run_dir)
+    assert all(t.state.name != "RUNNING" for t in trials)  # (queued baselines stay WAITING)
+    finished = sum(t.state.name in ("COMPLETE", "FAIL") for t in trials)
+    evomerge("resume", str(run_dir), "--trials", "1")
+    assert sum(t.state.name in ("COMPLETE", "FAIL") for t in trials_of(run_dir)) == finished + 1
