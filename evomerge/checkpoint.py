@@ -177,7 +177,7 @@ def _download(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:  # the hub raises many types; all mean "not available here"
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        why = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else type(exc).__name__
+        why = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else f"unreachable or unknown there: {type(exc).__name__}"
         raise UserError(
             f"model {repo_id!r} is not a local folder and could not be fetched from the "
             f"Hugging Face hub ({why})"

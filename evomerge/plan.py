@@ -164,7 +164,7 @@ class _Planner:
             )
         )
 
-    def _resolve(self, param, tensor_name: str, t: float, scopes: list, model: str = None):
+    def _resolve(self, param, tensor_name: str, t: float, scopes: list, model: Optional[str] = None):
         for scope in scopes:
             if scope and param.name in scope:
                 value = resolve_setting(scope[param.name], tensor_name, t)
