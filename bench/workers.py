@@ -11,6 +11,10 @@ full evaluations is alike. Prints trials per minute and the ratio to 1 worker, t
   running  trials / (last trial's end - first trial's start), read from the study: the search
            itself, without each worker's start-up (imports, loading the pool, building tasks)
   wall     trials / time from starting the workers until the last one exits
+  cpu      CPU seconds of all workers per trial, each worker's start-up taken out (measured
+           once: a worker joining a finished study loads everything and leaves): unlike the
+           rates it hardly depends on other load on the machine; flat means the workers do not
+           get in each other's way (the storage is no bottleneck), so the rate scales with cores
 
 The demo pool is built with `evomerge pool demo runs/demo-pool` if missing (~2 min). Trials on
 one machine share its cores: with C cores, more than C one-thread workers cannot go faster.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -53,6 +58,7 @@ def run_workers(config: Path, run_dir: Path, workers: int) -> dict:
         check=True,
         capture_output=True,
     )
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     logs = [(run_dir / f"worker-{i}.log").open("w") for i in range(workers)]
     procs = [
@@ -63,6 +69,8 @@ def run_workers(config: Path, run_dir: Path, workers: int) -> dict:
     ]
     codes = [p.wait() for p in procs]
     wall = time.perf_counter() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = sum(getattr(cpu_after, f) - getattr(cpu_before, f) for f in ("ru_utime", "ru_stime"))
     for log in logs:
         log.close()
     if any(codes):
@@ -75,6 +83,7 @@ def run_workers(config: Path, run_dir: Path, workers: int) -> dict:
         "trials": len(trials),
         "running": len(trials) / span * 60,
         "wall": len(trials) / wall * 60,
+        "cpu_total": cpu,
     }
 
 
@@ -108,18 +117,29 @@ def main() -> None:
         print(f"{n} worker(s) ...", flush=True)
         rows[n] = run_workers(path, tmp / f"run-{n}", n)
 
+    # start-up CPU of one worker: join the last (finished) study, which loads all and exits
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(
+        evomerge("worker", str(tmp / f"run-{n}")), env=ENV, check=True, capture_output=True
+    )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    startup = sum(getattr(after, f) - getattr(before, f) for f in ("ru_utime", "ru_stime"))
+    for n, r in rows.items():
+        r["cpu"] = (r["cpu_total"] - n * startup) / r["trials"]
+
     ref = rows.get(1) or next(iter(rows.values()))
     print(
         f"\n{args.config.name}, {args.trials} trials, {args.storage} storage, 1 thread per worker, "
-        f"{os.cpu_count()} cores, load average before: {load_before:.1f}"
+        f"{os.cpu_count()} cores, load average before: {load_before:.1f}; "
+        f"start-up {startup:.1f} CPU s per worker"
     )
     print(
-        f"{'workers':>7}  {'trials':>6}  {'running/min':>11}  {'ratio':>5}  {'wall/min':>8}  {'ratio':>5}"
+        f"{'workers':>7}  {'trials':>6}  {'running/min':>11}  {'ratio':>5}  {'wall/min':>8}  {'ratio':>5}  {'cpu s/trial':>11}"
     )
     for n, r in rows.items():
         print(
             f"{n:>7}  {r['trials']:>6}  {r['running']:>11.1f}  {r['running'] / ref['running']:>5.2f}  "
-            f"{r['wall']:>8.1f}  {r['wall'] / ref['wall']:>5.2f}"
+            f"{r['wall']:>8.1f}  {r['wall'] / ref['wall']:>5.2f}  {r['cpu']:>11.2f}"
         )
     print(f"(run folders in {tmp})")
 
