@@ -16,7 +16,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from evomerge.checkpoint import Checkpoint
-from evomerge.merge import load_inputs, run_method
+from evomerge.merge import all_finite, load_inputs, run_method
 from evomerge.plan import plan_merge
 from evomerge.recipe import Recipe
 
@@ -56,6 +56,6 @@ class LiveCandidate:
         with torch.no_grad():
             for job in plan.jobs:
                 merged = run_method(plan, job, self.inputs[job.out_name])
-                if not torch.isfinite(merged).all():
+                if not all_finite(merged):
                     raise CandidateError(f"the merged tensor {job.out_name!r} has NaN or Inf values")
                 self.targets[job.out_name].copy_(merged)
