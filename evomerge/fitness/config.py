@@ -82,7 +82,9 @@ class FitnessConfig(BaseModel):
     YAMLs are read relative to the YAML file itself."""
     subset: SubsetConfig | None = None
     """Used by `Evaluator.score(full=False)`; without it every call scores the full tasks."""
-    backend: Literal["hf"] = "hf"
+    backend: Literal["hf", "vllm"] = "hf"
+    """`hf`: lm-eval's HFLM over the live model; `vllm`: one vLLM engine per run, the live
+    model's weights pushed into it after each change (needs vLLM: `make vllm-venv` on CPU)."""
     batch_size: int = Field(default=64, ge=1)
     max_length: int | None = Field(default=None, ge=1)
     offline: bool = True
