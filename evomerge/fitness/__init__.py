@@ -2,7 +2,7 @@
 
 - `config`    — `FitnessConfig`: tasks (name, metric, weight, direction), task paths, subset.
 - `tasks`     — builds the lm-eval tasks once (local task folders made location-independent).
-- `backends`  — wraps the live model as an lm-eval `LM` ("hf"; "vllm" later).
+- `backends`  — wraps the live model as an lm-eval `LM` ("hf", or "vllm" in `vllm_backend`).
 - `env`       — offline environment and run-local caches.
 - `evaluator` — `Evaluator.score()` -> `FitnessResult`.
 

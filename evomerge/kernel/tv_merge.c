@@ -57,7 +57,8 @@ static inline uint16_t f32_to_bf16(float f) {
 
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 static inline float round_f32(float f) { return f; }
-static inline float sign_of(float x) { return (float)((x > 0.0f) - (x < 0.0f)); }
+/* 1 where x has the elected sign (zeros never agree: their sign is 0), else 0 */
+#define AGREES(x, positive) ((positive) ? ((x) > 0.0f ? 1.0f : 0.0f) : ((x) < 0.0f ? 1.0f : 0.0f))
 
 static inline uint32_t abs_bits(float f) {
     uint32_t u;
@@ -257,19 +258,19 @@ DEFINE_MAGNITUDE_CUT(magnitude_cut_bf16, uint16_t, load_block_bf16)
         const keep_rule *rules, const float *rescale, const float *weights, int consensus, \
         int normalize, float plain_divisor, int use_lambda, float lambda, T *out
 
-/* The loop over a block's elements, branch-free so that it vectorises: flags are selects. */
-#define COMBINE(M, CONSENSUS, T, LOAD, STORE, ROUND)                                        \
+/* The loop over a block's elements, branch-free so that it vectorises. */
+#define COMBINE(M, CONSENSUS, NORMALIZE, T, LOAD, STORE, ROUND)                             \
     for (int64_t j = 0; j < len; j++) {                                                     \
         float mixed, divisor;                                                               \
         if (CONSENSUS) {                                                                    \
             float total = weighted[0][j];                                                   \
             for (int i = 1; i < (M); i++) total = total + weighted[i][j];                   \
-            float elected = ROUND(total) >= 0.0f ? 1.0f : -1.0f;                            \
-            float agree = sign_of(weighted[0][j]) == elected ? 1.0f : 0.0f;                 \
+            int positive = ROUND(total) >= 0.0f; /* the elected sign; an exact 0 counts as + */ \
+            float agree = AGREES(weighted[0][j], positive);                                 \
             mixed = ROUND(weighted[0][j] * agree);                                          \
             divisor = ROUND(weights[0] * agree);                                            \
             for (int i = 1; i < (M); i++) {                                                 \
-                agree = sign_of(weighted[i][j]) == elected ? 1.0f : 0.0f;                   \
+                agree = AGREES(weighted[i][j], positive);                                   \
                 mixed = mixed + ROUND(weighted[i][j] * agree);                              \
                 divisor = divisor + ROUND(weights[i] * agree);                              \
             }                                                                               \
@@ -282,18 +283,22 @@ DEFINE_MAGNITUDE_CUT(magnitude_cut_bf16, uint16_t, load_block_bf16)
             mixed = ROUND(mixed);                                                           \
             divisor = plain_divisor;                                                        \
         }                                                                                   \
-        float normalized = ROUND(mixed / divisor);                                          \
-        mixed = normalize ? normalized : mixed;                                             \
+        if (NORMALIZE) mixed = ROUND(mixed / divisor);                                      \
         float scaled = ROUND(mixed * lambda);                                               \
         mixed = use_lambda ? scaled : mixed;                                                \
         out[start + j] = STORE(ROUND(LOAD(base[start + j]) + mixed));                       \
     }
 
+/* consensus and normalize fixed at compile time: no dead division in the hot loop */
 #define COMBINE_M(M, T, LOAD, STORE, ROUND)                                                 \
-    if (consensus) {                                                                        \
-        COMBINE(M, 1, T, LOAD, STORE, ROUND)                                                \
+    if (consensus && normalize) {                                                           \
+        COMBINE(M, 1, 1, T, LOAD, STORE, ROUND)                                             \
+    } else if (consensus) {                                                                 \
+        COMBINE(M, 1, 0, T, LOAD, STORE, ROUND)                                             \
+    } else if (normalize) {                                                                 \
+        COMBINE(M, 0, 1, T, LOAD, STORE, ROUND)                                             \
     } else {                                                                                \
-        COMBINE(M, 0, T, LOAD, STORE, ROUND)                                                \
+        COMBINE(M, 0, 0, T, LOAD, STORE, ROUND)                                             \
     }
 
 #define DEFINE_MERGE(NAME, T, LOAD, STORE, ROUND, LOAD_BLOCK)                               \
