@@ -58,4 +58,4 @@ test: venv mergekit-venv
 	EVOMERGE_MERGEKIT_PYTHON=$(CURDIR)/$(MERGEKIT_VENV)/bin/python $(VENV)/bin/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) $(MERGEKIT_VENV) runs
+	rm -rf $(VENV) $(MERGEKIT_VENV) $(VLLM_VENV) runs

@@ -138,7 +138,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     for suffix in _DTYPES.values():
         signatures = {
-            "kept_abs_sum": ([p, p, ctypes.POINTER(KeepRule), i64, ctypes.c_double], i64),
+            "kept_abs_sum": ([p, p, ctypes.POINTER(KeepRule), i64, ctypes.c_double, p], i64),
             "abs_max": ([p, p, i64], f32),
             "all_finite": ([p, i64], ctypes.c_int),
             "magnitude_cut": ([p, p, i64, i64, p, p], None),
@@ -167,9 +167,12 @@ def all_finite(x: torch.Tensor) -> bool:
     return bool(_call("all_finite", x, x.contiguous().data_ptr(), x.numel()))
 
 
-def kept_abs_sum(tau: TaskVector, rule: KeepRule, scale: float) -> int:
-    """sum of floor(|tau| * scale) over the kept elements (see sparsify.exact_abs_sum)."""
-    return _call("kept_abs_sum", tau.x, *tau.pointers(), ctypes.byref(rule), tau.x.numel(), scale)
+def abs_sums(tau: TaskVector, rule: KeepRule, scale: float) -> tuple[int, int]:
+    """(kept, all): sums of floor(|tau| * scale) over the kept elements and over every element
+    (see sparsify.exact_abs_sum), in one pass."""
+    everything = ctypes.c_int64()
+    kept = _call("kept_abs_sum", tau.x, *tau.pointers(), ctypes.byref(rule), tau.x.numel(), scale, ctypes.byref(everything))
+    return kept, everything.value
 
 
 def abs_max(tau: TaskVector) -> float:

@@ -144,19 +144,24 @@ DEFINE_LOAD_BLOCK(load_block_bf16, uint16_t, LOAD_BF16, round_bf16)
 #define BLOCKS(n) for (int64_t start = 0; start < (n); start += BLOCK)
 #define BLOCK_LEN(n) ((n) - start < BLOCK ? (n) - start : BLOCK)
 
-/* sum over kept elements of floor(|d| * scale), exact in int64 (scale = 2^shift) */
+/* sums of floor(|d| * scale) over the kept elements and over all of them, exact in int64
+ * (scale = 2^shift): DARE's L1 rescale factor is all / kept */
 #define DEFINE_KEPT_SUM(NAME, T, LOAD_BLOCK)                                                \
-    int64_t NAME(const T *x, const T *base, const keep_rule *rule, int64_t n, double scale) { \
-        int64_t total = 0;                                                                  \
-        _Pragma("omp parallel for reduction(+ : total) schedule(static) if (n > PARALLEL_MIN)")                  \
+    int64_t NAME(const T *x, const T *base, const keep_rule *rule, int64_t n, double scale, \
+                 int64_t *all) {                                                            \
+        int64_t total = 0, everything = 0;                                                  \
+        _Pragma("omp parallel for reduction(+ : total, everything) schedule(static) if (n > PARALLEL_MIN)") \
         BLOCKS(n) {                                                                         \
-            int64_t len = BLOCK_LEN(n), part = 0;                                           \
+            int64_t len = BLOCK_LEN(n), part = 0, whole = 0;                                \
             float block[BLOCK];                                                             \
             LOAD_BLOCK(x, base, start, len, block);                                         \
             FOR_EACH_KEPT(rule, block, start, len,                                          \
-                          part += (int64_t)((double)fabsf(d) * scale) * keep;)              \
+                          int64_t q = (int64_t)((double)fabsf(d) * scale);                  \
+                          part += q * keep; whole += q;)                                    \
             total += part;                                                                  \
+            everything += whole;                                                            \
         }                                                                                   \
+        *all = everything;                                                                  \
         return total;                                                                       \
     }
 

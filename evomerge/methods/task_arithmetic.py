@@ -146,10 +146,10 @@ def _fused(
         tau = kernel.TaskVector(inputs.delta(i)) if inputs.reused else kernel.TaskVector(inputs.models[i], inputs.base)
         rule_i = _keep_rule(inputs, i, tau, rule, density[i])
         factor = torch.ones((), dtype=dtype)
-        if rescale and not rule_i.keeps_all:
-            shift, before = inputs.cached("l1", i, lambda: _l1_norm(tau))
-            after = kernel.kept_abs_sum(tau, rule_i, 2.0**shift) * 2.0**-shift
-            factor = sparsify.l1_factor(before, after, dtype)
+        if rescale and not rule_i.keeps_all:  # L1 norms as sparsify.l1_rescale computes them
+            shift = inputs.cached("shift", i, lambda: sparsify.fixed_point_shift(tau.x, kernel.abs_max(tau)))
+            after, before = kernel.abs_sums(tau, rule_i, 2.0**shift)
+            factor = sparsify.l1_factor(before * 2.0**-shift, after * 2.0**-shift, dtype)
         taus.append(tau)
         rules.append(rule_i)
         factors.append(factor)
@@ -176,14 +176,6 @@ def _keep_rule(inputs: MergeInputs, index: int, tau, rule: Sparsifier, density: 
     if inputs.reused:
         return KeepRule.key_below(inputs.magnitude_ranks(index), k)
     return KeepRule.top_magnitudes(tau, k)
-
-
-def _l1_norm(tau) -> tuple[int, float]:
-    """(shift, exact L1 norm) of a task vector, as `sparsify.l1_rescale` computes them."""
-    from evomerge import kernel
-
-    shift = sparsify.fixed_point_shift(tau.x, kernel.abs_max(tau))
-    return shift, kernel.kept_abs_sum(tau, kernel.KeepRule.keep_all(), 2.0**shift) * 2.0**-shift
 
 
 def _family_member(
