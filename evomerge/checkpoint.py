@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import re
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -30,6 +30,18 @@ _LAYER_RE = re.compile(r"(^|\.)(layers|h|blocks|block|layer)\.(\d+)\.")
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+@lru_cache(maxsize=1)
+def _torch_dtypes() -> dict:
+    """safetensors dtype codes -> torch dtypes."""
+    import torch
+
+    return {
+        "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+        "U8": torch.uint8, "BOOL": torch.bool,
+    }  # fmt: skip
 
 
 def layer_index(tensor_name: str) -> Optional[int]:
@@ -79,6 +91,9 @@ class Checkpoint:
     def dtype_name(self, name: str) -> str:
         """The safetensors dtype code of a tensor: F32, BF16, F16, ..."""
         return self._meta[name][1]
+
+    def torch_dtype(self, name: str) -> "torch.dtype":
+        return _torch_dtypes()[self.dtype_name(name)]
 
     def tensor(self, name: str) -> "torch.Tensor":
         """One tensor, read from its (memory-mapped) file."""

@@ -34,15 +34,29 @@ def torch_dtype(name: Optional[str]):
     return None if name is None else getattr(torch, TORCH_DTYPES[name])
 
 
-def merge_dtype(plan: MergePlan, tensors: list["torch.Tensor"]) -> "torch.dtype":
+def output_layout(plan: MergePlan, out_dtype: Optional[str] = None) -> list["TensorSpec"]:
+    """Name, shape and dtype of every output tensor, from the input headers alone."""
+    from evomerge.output import TensorSpec
+
+    cast = torch_dtype(out_dtype or plan.recipe.out_dtype)
+    layout = []
+    for job in plan.jobs:
+        refs = list(job.inputs) + ([job.base] if job.base else [])
+        ckpt = plan.checkpoints[refs[0].model]
+        dtype = cast or merge_dtype(plan, [plan.checkpoints[r.model].torch_dtype(r.name) for r in refs])
+        layout.append(TensorSpec(job.out_name, ckpt.shape(refs[0].name), dtype))
+    return layout
+
+
+def merge_dtype(plan: MergePlan, dtypes: list["torch.dtype"]) -> "torch.dtype":
     """The recipe's `dtype`, else the promoted dtype of the inputs (as mergekit does)."""
     import torch
 
     dtype = torch_dtype(plan.recipe.dtype)
     if dtype is None:
-        dtype = tensors[0].dtype
-        for t in tensors[1:]:
-            dtype = torch.promote_types(dtype, t.dtype)
+        dtype = dtypes[0]
+        for other in dtypes[1:]:
+            dtype = torch.promote_types(dtype, other)
     return dtype
 
 
@@ -58,7 +72,7 @@ def load_inputs(plan: MergePlan, job: TensorJob, *, seed: int, device: str = "cp
                 f"model {ref.model!r} has NaN or Inf values in tensor {ref.name!r}; "
                 "refusing to merge a broken checkpoint"
             )
-    dtype = merge_dtype(plan, tensors)
+    dtype = merge_dtype(plan, [t.dtype for t in tensors])
     tensors = [t.to(device=device, dtype=dtype) for t in tensors]
     base = tensors.pop() if job.base else None
     field = UniformField(seed, job.out_name) if plan.method.randomized else None
@@ -135,7 +149,7 @@ def run_merge(
     plan = plan_merge(recipe, allow_pickle=allow_pickle)
     final_dtype = out_dtype or recipe.out_dtype or recipe.dtype
     with staged_output(Path(out_dir), force=force) as staging:
-        writer = ShardedWriter(staging, shard_bytes)
+        writer = ShardedWriter(staging, output_layout(plan, out_dtype), shard_bytes)
         for done, (name, tensor) in enumerate(
             merged_tensors(plan, seed=seed, device=device, out_dtype=out_dtype), start=1
         ):

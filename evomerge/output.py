@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
+import queue
 import shutil
 import socket
 import tempfile
+import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional
 
@@ -125,54 +129,132 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class ShardedWriter:
-    """Collects tensors into shards of at most `max_shard_bytes`, writing each when full."""
+@dataclass(frozen=True)
+class TensorSpec:
+    """An output tensor as the plan predicts it, before it exists."""
 
-    def __init__(self, folder: Path, max_shard_bytes: int):
+    name: str
+    shape: tuple[int, ...]
+    dtype: "torch.dtype"
+
+    @property
+    def nbytes(self) -> int:
+        import torch
+
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+_SAFETENSORS_DTYPES = {
+    "float64": "F64", "float32": "F32", "bfloat16": "BF16", "float16": "F16", "int64": "I64",
+    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}  # fmt: skip
+
+
+class ShardedWriter:
+    """Streams tensors into safetensors shards of at most `max_shard_bytes`, in the order of
+    `layout`, as the merge produces them.
+
+    The plan knows every output tensor's name, shape and dtype up front, so each shard's header
+    is written first and the tensor bytes follow one by one from a background thread: the merge
+    never holds more than a few finished tensors, and disk writes overlap the merge arithmetic.
+    """
+
+    def __init__(self, folder: Path, layout: list[TensorSpec], max_shard_bytes: int):
         self.folder = Path(folder)
-        self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, "torch.Tensor"] = {}
-        self._pending_bytes = 0
-        self._shards: list[list[str]] = []
-        self.total_bytes = 0
+        self.layout = layout
+        self.shards = _assign_shards(layout, max_shard_bytes)
+        self.total_bytes = sum(spec.nbytes for spec in layout)
+        self._next = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=4)  # bounds the finished tensors in memory
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._write_shards, name="evomerge-writer", daemon=True)
+        self._thread.start()
 
     def add(self, name: str, tensor: "torch.Tensor") -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.detach().to("cpu").contiguous()
-        self._pending_bytes += size
-        self.total_bytes += size
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        from safetensors import SafetensorError
-
-        index = len(self._shards)
-        try:
-            save_file(self._pending, str(self.folder / f"shard-{index}.tmp"), metadata={"format": "pt"})
-        except SafetensorError as exc:  # the Rust writer's I/O errors (a full disk) are not OSErrors
-            raise OSError(str(exc).removeprefix("Error while serializing: ")) from None
-        self._shards.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
+        spec = self.layout[self._next]
+        if (name, tuple(tensor.shape), tensor.dtype) != (spec.name, spec.shape, spec.dtype):
+            raise RuntimeError(f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} does not match the planned {spec}")
+        self._next += 1
+        self._put(tensor.detach().to("cpu").contiguous())
 
     def finish(self) -> list[str]:
-        """Name the shards `model-0000i-of-0000n.safetensors` and write the index."""
-        if self._pending or not self._shards:
-            self._flush()
-        count = len(self._shards)
-        names = []
-        weight_map = {}
-        for i, tensors in enumerate(self._shards):
+        """Wait for the writes; name the shards `model-0000i-of-0000n.safetensors`; index."""
+        if self._next != len(self.layout):
+            raise RuntimeError(f"{len(self.layout) - self._next} planned tensors were never written")
+        self._put(None)
+        self._thread.join()
+        self._raise_if_failed()
+        count = len(self.shards)
+        names, weight_map = [], {}
+        for i, specs in enumerate(self.shards):
             name = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
             (self.folder / f"shard-{i}.tmp").rename(self.folder / name)
             names.append(name)
-            weight_map.update((t, name) for t in tensors)
+            weight_map.update((spec.name, name) for spec in specs)
         if count > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         return names
+
+    def _put(self, item) -> None:
+        while True:  # never block forever on a writer thread that died
+            self._raise_if_failed()
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _write_shards(self) -> None:
+        try:
+            for i, specs in enumerate(self.shards):
+                with open(self.folder / f"shard-{i}.tmp", "wb") as handle:
+                    handle.write(_header(specs))
+                    for _ in specs:
+                        write_bytes(handle, self._queue.get())
+            self._queue.get()  # the end marker
+        except BaseException as exc:  # reported to the merging thread at its next add/finish
+            self._error = exc
+            while True:  # unblock a producer waiting on a full queue
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+
+
+def write_bytes(handle, tensor: "torch.Tensor") -> None:
+    """A tensor's raw little-endian bytes (one place, so tests can inject a full disk)."""
+    import torch
+
+    handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+
+
+def _assign_shards(layout: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in layout:
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def _header(specs: list[TensorSpec]) -> bytes:
+    """The safetensors header: 8-byte little-endian length, then JSON padded to 8 bytes."""
+    entries, offset = {"__metadata__": {"format": "pt"}}, 0
+    for spec in specs:
+        dtype = _SAFETENSORS_DTYPES[str(spec.dtype).removeprefix("torch.")]
+        entries[spec.name] = {"dtype": dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
 
 
 def write_config(src: Path, dst: Path, *, num_layers: int, dtype: Optional[str]) -> None:

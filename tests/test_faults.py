@@ -94,15 +94,15 @@ def test_stale_staging_of_a_live_process_is_kept(tmp_path):
 
 # --- a full disk ------------------------------------------------------------------------------
 def test_full_disk_injected_write_error(tmp_path, pool, monkeypatch, capsys):
-    """The shard writer's save raising ENOSPC: one sentence, exit 2, nothing at the destination."""
-    import safetensors.torch
+    """The shard writer's write raising ENOSPC: one sentence, exit 2, nothing at the destination."""
+    import evomerge.output
 
     from evomerge.cli import main
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr(evomerge.output, "write_bytes", full_disk)
     out = tmp_path / "new" / "model"
     monkeypatch.setattr(sys, "argv", ["evomerge", "merge", str(linear_recipe(tmp_path, pool["ft0"], pool["ft1"])), str(out)])
     with pytest.raises(SystemExit) as exit_:
