@@ -7,8 +7,9 @@ shards: no model is instantiated), merges the same `ties` and `dare_ties` recipe
 `evomerge merge` (in-process `run_merge`) and with mergekit (one process, its Python API, in the
 environment of tests/mergekit_env.py), and prints for each:
 
-  - wall seconds for both, and the ratio mergekit / evomerge (mergekit's start-up, paid once
-    per `mergekit-yaml` call, is reported separately and added for the "CLI" ratio);
+  - wall seconds for both, and the ratio mergekit / evomerge in-process; then the same ratio
+    for the command lines: `mergekit-yaml` (its in-process time plus its start-up, measured once)
+    against a timed `evomerge merge` subprocess (imports and all);
   - evomerge's throughput in GB/s of bytes read + written, next to this machine's memory-copy
     bandwidth measured in the same run (torch copy of a 1 GiB buffer, also read + written).
 
@@ -25,6 +26,7 @@ import math
 import os
 import pstats
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -192,8 +194,16 @@ def run_evomerge(folders: dict[str, Path], out_root: Path, profile: bool) -> dic
         if profiler:
             profiler.disable()
         seconds = time.perf_counter() - started
+        recipe_file = out_root / f"{name}.yaml"
+        recipe_file.write_text(recipe.to_yaml())
+        started = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "evomerge", "merge", str(recipe_file), str(out_root / f"evo-cli-{name}"), "--force"],
+            check=True, capture_output=True,
+        )  # fmt: skip
         results[name] = {
             "seconds": seconds,
+            "cli_seconds": time.perf_counter() - started,
             "bytes": summary.bytes_read + summary.bytes_written,
         }
         if profiler:
@@ -262,7 +272,7 @@ def main(argv=None) -> None:
             print(f"mergekit start-up (once per mergekit-yaml call): {startup:.1f} s")
         print(
             f"{'recipe':<10} {'evomerge s':>10} {'GB/s':>6} {'% copy':>7} {'mergekit s':>10} "
-            f"{'ratio':>6} {'ratio CLI':>9}"
+            f"{'ratio':>6} {'evomerge CLI s':>14} {'ratio CLI':>9}"
         )
         for name, result in evo.items():
             rate = result["bytes"] / result["seconds"]
@@ -270,7 +280,8 @@ def main(argv=None) -> None:
             if name in mk:
                 theirs = mk[name]["seconds"]
                 line += f" {theirs:>10.1f} {theirs / result['seconds']:>5.1f}x"
-                line += f" {(theirs + startup) / result['seconds']:>8.1f}x"
+                cli = result["cli_seconds"]
+                line += f" {cli:>14.1f} {(theirs + startup) / cli:>8.1f}x"
             print(line)
         for name, result in evo.items():
             if "profile" in result:
