@@ -148,7 +148,6 @@ def _declare(lib: ctypes.CDLL) -> None:
             fn = getattr(lib, f"{name}_{suffix}")
             fn.argtypes, fn.restype = argtypes, restype
     lib.set_threads.argtypes = [ctypes.c_int]
-    lib.max_models.restype = ctypes.c_int
 
 
 def applies(tensors: list[torch.Tensor]) -> bool:
@@ -158,7 +157,7 @@ def applies(tensors: list[torch.Tensor]) -> bool:
         and first.dtype in _DTYPES
         and all(t.is_contiguous() and t.dtype == first.dtype and t.shape == first.shape for t in tensors)
         and first.numel() < 2**31
-        and len(tensors) <= 65
+        and len(tensors) <= 65  # MAX_MODELS in tv_merge.c, plus the base
     )
 
 

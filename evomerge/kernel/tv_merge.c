@@ -332,8 +332,6 @@ DEFINE_MAGNITUDE_CUT(magnitude_cut_bf16, uint16_t, load_block_bf16)
 DEFINE_MERGE(tv_merge_f32, float, LOAD_F32, STORE_F32, round_f32, load_block_f32)
 DEFINE_MERGE(tv_merge_bf16, uint16_t, LOAD_BF16, STORE_BF16, round_bf16, load_block_bf16)
 
-int max_models(void) { return MAX_MODELS; }
-
 #ifdef _OPENMP
 #include <omp.h>
 void set_threads(int n) { omp_set_num_threads(n); }
