@@ -55,6 +55,20 @@ def trials_of(run_dir: Path):
     return study.get_trials(deepcopy=False)
 
 
+def wait_for_completed(run_dir: Path, count: int, timeout: float = 240) -> None:
+    """Poll the study of a search running in another process until `count` trials completed."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run_dir / "run.json").exists():
+            try:
+                if sum(t.state.name == "COMPLETE" for t in trials_of(run_dir)) >= count:
+                    return
+            except KeyError:  # the study is not created yet
+                pass
+        time.sleep(0.3)
+    raise AssertionError(f"{count} trials did not complete within {timeout} s")
+
+
 def test_resume_continues_the_same_cmaes_run(tmp_path, small_pool):
     """9 trials, stop, resume for 6 more in a new process: the CMA-ES generation that spans
     the restart is completed from both processes' trials, and the next one starts from it.
@@ -87,17 +101,7 @@ def test_sigkill_mid_search_loses_at_most_the_trial_in_flight(tmp_path, small_po
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        done = []
-        if (run_dir / "run.json").exists():
-            try:
-                done = [t for t in trials_of(run_dir) if t.state.name == "COMPLETE"]
-            except KeyError:  # the study is not created yet
-                pass
-        if len(done) >= 3:
-            break
-        time.sleep(0.5)
+    wait_for_completed(run_dir, 3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = {t.number: t.value for t in trials_of(run_dir) if t.state.name == "COMPLETE"}
@@ -198,17 +202,7 @@ def test_ctrl_c_stops_cleanly_and_resume_continues(tmp_path, small_pool):
         [sys.executable, "-m", "evomerge", "search", str(config), "--run-dir", str(run_dir)],
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        done = []
-        if (run_dir / "run.json").exists():
-            try:
-                done = [t for t in trials_of(run_dir) if t.state.name == "COMPLETE"]
-            except KeyError:
-                pass
-        if len(done) >= 2:
-            break
-        time.sleep(0.3)
+    wait_for_completed(run_dir, 2)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130
