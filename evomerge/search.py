@@ -99,9 +99,16 @@ def load_or_create_study(config: RunConfig, storage, *, create: bool) -> "optuna
     name = config.search.study_name
     if create:
         directions = ["maximize"] * len(task_names(config)) if config.search.sampler == "multi" else ["maximize"]
-        return optuna.create_study(
+        study = optuna.create_study(
             storage=storage, study_name=name, sampler=sampler, directions=directions, load_if_exists=True
         )
+        started = [t for t in study.get_trials(deepcopy=False) if "baseline" not in t.user_attrs or t.state.is_finished()]
+        if started:  # another run's study: mixing its trials into a new run would corrupt both
+            raise UserError(
+                f"the storage already holds a study named {name!r} with {len(study.trials)} trials; "
+                "continue it with `evomerge resume`/`evomerge worker`, or choose another search.study_name"
+            )
+        return study
     try:
         return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     except KeyError:

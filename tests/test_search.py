@@ -212,3 +212,13 @@ def test_ctrl_c_stops_cleanly_and_resume_continues(tmp_path, small_pool):
     finished = sum(t.state.name in ("COMPLETE", "FAIL") for t in trials)
     evomerge("resume", str(run_dir), "--trials", "1")
     assert sum(t.state.name in ("COMPLETE", "FAIL") for t in trials_of(run_dir)) == finished + 1
+
+
+def test_a_new_search_refuses_a_study_another_run_started(tmp_path, small_pool):
+    shared = f"journal:{tmp_path / 'shared-study.log'}"
+    config = write_config(tmp_path, small_pool, trials=1, storage=shared)
+    evomerge("search", str(config), "--run-dir", str(tmp_path / "first"))
+    second = evomerge("search", str(config), "--run-dir", str(tmp_path / "second"), check=False)
+    assert second.returncode == 2
+    assert "already holds a study named 'evomerge'" in second.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "second").exists()
