@@ -167,6 +167,19 @@ def _row(trial) -> dict[str, Any]:
     return row
 
 
+def _baseline_trials(trials) -> list:
+    """One trial per baseline label: the completed one when a killed baseline was retried
+    (the retry carries the same label)."""
+    from optuna.trial import TrialState
+
+    chosen: dict[str, object] = {}
+    for t in trials:
+        label = t.user_attrs.get("baseline")
+        if label is not None and (label not in chosen or t.state == TrialState.COMPLETE):
+            chosen[label] = t
+    return list(chosen.values())
+
+
 def summarise(study: optuna.Study, *, top: int = 10) -> dict[str, Any]:
     """The table data: best trial, top `top` trials by fitness, baselines, counts, saving."""
     from optuna.trial import TrialState
@@ -194,7 +207,7 @@ def summarise(study: optuna.Study, *, top: int = 10) -> dict[str, Any]:
         "best": _row(best) if best is not None else None,
         "top": [_row(t) for t in ranked[:top]],
         "pareto_front": sorted(pareto),
-        "baselines": [_row(t) for t in trials if "baseline" in t.user_attrs],
+        "baselines": [_row(t) for t in _baseline_trials(trials)],
         "counts": {
             "trials": len(trials),
             "complete": sum(t.state == TrialState.COMPLETE for t in trials),

@@ -308,3 +308,16 @@ def test_cli_report_on_a_real_search(tmp_path: Path, small_pool: Path):
     assert {b["baseline"] for b in summary["baselines"]} >= {"uniform", "only_add", "only_rev"}
     for name in PLOTS:
         check_png(run_dir / "report" / name)
+
+
+def test_a_retried_baseline_is_listed_once_with_its_completed_run():
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from evomerge.report import _baseline_trials
+
+    dist = {"x": FloatDistribution(0, 1)}
+    killed = create_trial(params={"x": 0.5}, distributions=dist, state=TrialState.FAIL, user_attrs={"baseline": "uniform"})
+    retry = create_trial(params={"x": 0.5}, distributions=dist, value=0.3, user_attrs={"baseline": "uniform"})
+    other = create_trial(params={"x": 1.0}, distributions=dist, value=0.2, user_attrs={"baseline": "only_a"})
+    assert _baseline_trials([killed, retry, other]) == [retry, other]
