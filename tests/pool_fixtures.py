@@ -41,3 +41,22 @@ def small_pool_models(small_pool: Path) -> dict:
     }
     models["tokenizer"] = AutoTokenizer.from_pretrained(manifest["models"]["base"])
     return models
+
+
+SKILLS = ("add", "rev", "sort")
+
+
+def pool_search_config(pool: Path, *, tasks, subset: int, search: dict, space="linear_global", **fitness) -> dict:
+    """A search config (as a mapping) over a demo pool folder: its three specialists, its
+    tasks, 1 thread. Tests pass what they vary."""
+    return {
+        "pool": {
+            "base": str(pool / "base"),
+            "models": {name: str(pool / name) for name in SKILLS},
+            "dtype": "float32",
+        },
+        "space": space,
+        "fitness": {"task_paths": [str(pool / "tasks")], "tasks": list(tasks), "subset": {"count": subset}, **fitness},
+        "search": search,
+        "threads": 1,
+    }

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from pool_fixtures import pool_search_config
 from tiny_models import build_tiny_pool
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -316,22 +317,13 @@ def test_output_folder_that_exists(monkeypatch, capsys, work, pool):
 
 # --- searches ---------------------------------------------------------------------------------
 def search_config(work: Path, pool: Path, **changes) -> Path:
-    config = {
-        "pool": {
-            "base": str(pool / "base"),
-            "models": {name: str(pool / name) for name in ("add", "rev", "sort")},
-            "dtype": "float32",
-        },
-        "space": "linear_global",
-        "fitness": {
-            "task_paths": [str(pool / "tasks")],
-            "tasks": ["evomerge_add", "evomerge_rev"],
-            "subset": {"count": 4},
-            "batch_size": 32,
-        },
-        "search": {"sampler": "cmaes", "trials": 2, "seed": 0},
-        "threads": 1,
-    }
+    config = pool_search_config(
+        pool,
+        tasks=["evomerge_add", "evomerge_rev"],
+        subset=4,
+        batch_size=32,
+        search={"sampler": "cmaes", "trials": 2, "seed": 0},
+    )
     for dotted, value in changes.items():
         *parents, key = dotted.split("__")
         node = config

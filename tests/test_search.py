@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pool_fixtures import pool_search_config
 
 pytestmark = pytest.mark.slow
 
@@ -18,22 +19,14 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def write_config(tmp: Path, pool: Path, *, space="linear_global", trials=6, **search) -> Path:
-    config = {
-        "pool": {
-            "base": str(pool / "base"),
-            "models": {name: str(pool / name) for name in ("add", "rev", "sort")},
-            "dtype": "float32",
-        },
-        "space": space,
-        "fitness": {
-            "task_paths": [str(pool / "tasks")],
-            "tasks": ["evomerge_add", "evomerge_rev", "evomerge_sort"],
-            "subset": {"count": 8},
-            "batch_size": 32,
-        },
-        "search": {"sampler": "cmaes", "trials": trials, "seed": 3, **search},
-        "threads": 1,
-    }
+    config = pool_search_config(
+        pool,
+        space=space,
+        tasks=["evomerge_add", "evomerge_rev", "evomerge_sort"],
+        subset=8,
+        batch_size=32,
+        search={"sampler": "cmaes", "trials": trials, "seed": 3, **search},
+    )
     path = tmp / f"config-{len(list(tmp.glob('config-*')))}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 import pytest
+from pool_fixtures import pool_search_config
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -39,22 +40,9 @@ def search(small_pool: Path, tmp_path_factory: pytest.TempPathFactory):
     from evomerge.search import Search
 
     config = RunConfig.model_validate(
-        {
-            "pool": {
-                "base": str(small_pool / "base"),
-                "models": {name: str(small_pool / name) for name in ("add", "rev", "sort")},
-                "dtype": "float32",
-            },
-            "space": "linear_global",
-            "fitness": {
-                "task_paths": [str(small_pool / "tasks")],
-                "tasks": TASKS,
-                "subset": {"count": 8},
-                "backend": "vllm",
-            },
-            "search": {"sampler": "cmaes", "trials": 4, "seed": 3},
-            "threads": 1,
-        }
+        pool_search_config(
+            small_pool, tasks=TASKS, subset=8, backend="vllm", search={"sampler": "cmaes", "trials": 4, "seed": 3}
+        )
     )
     return Search(config, tmp_path_factory.mktemp("vllm-run"))
 
