@@ -64,7 +64,8 @@ def plan_merge(
     checkpoints = {
         ref: opened.get(ref) or Checkpoint(ref, allow_pickle=allow_pickle) for ref in recipe.model_paths()
     }
-    check_compatible(checkpoints)
+    if any(ref not in opened for ref in checkpoints):  # models opened earlier were checked then
+        check_compatible(checkpoints)
     slices = _as_slices(recipe, checkpoints)
     config_source = recipe.base_model or slices[0].sources[0].model
     reference = checkpoints[config_source]
