@@ -2,10 +2,11 @@
 
     python bench/kernel.py [--params 2e8] [--dtype float32|bfloat16] [--threads 2]
 
-Builds synthetic resident inputs the way the search holds them (task vectors, random draws,
-per-model density and weight for every tensor), then times materialising candidates with the
-fused kernel and with plain torch ops, and the machine's memory bandwidth (a large tensor copy)
-in the same run. Prints bytes moved per second as a fraction of that bandwidth.
+Builds synthetic resident inputs the way the search holds them (task vectors, the live
+model's parameter each result goes into, per-model density and weight for every tensor), then
+times materialising candidates with the fused kernel and with plain torch ops, and the
+machine's memory bandwidth (a large tensor copy) in the same run. Prints bytes moved per second
+as a fraction of that bandwidth.
 
 Bytes counted: per element, each model's task vector read twice (the L1-rescale pass and the
 merge pass), the base read once, the result written once. DARE's random draws are hashed in
@@ -49,6 +50,7 @@ def build(params: float, dtype: torch.dtype, models: int = 3):
         sources = [(base.float() + torch.randn(shape, generator=generator) * 0.01).to(dtype) for _ in range(models)]
         inputs = MergeInputs(sources, base, f"model.layers.{t}.mlp.weight", UniformField(0, f"t{t}"))
         inputs.reused = True
+        inputs.destination = torch.empty_like(base)  # the live model's parameter
         for i in range(models):  # what the search computes once, before its first trial
             inputs.delta(i)
         jobs.append(inputs)
@@ -79,7 +81,7 @@ def timed(jobs, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=float, default=1e8, help="parameters per model")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()

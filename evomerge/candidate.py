@@ -47,6 +47,8 @@ class LiveCandidate:
         if missing:
             raise ValueError(f"the evaluation model has no parameters {missing[:3]}")
         self.targets = {name: state[name] for name in self.inputs}
+        for name, inputs in self.inputs.items():
+            inputs.destination = self.targets[name]  # methods that can write in place do
 
     def apply(self, recipe: Recipe) -> None:
         """Materialise `recipe` into the live model."""
@@ -58,4 +60,6 @@ class LiveCandidate:
                 merged = run_method(plan, job, self.inputs[job.out_name])
                 if not all_finite(merged):
                     raise CandidateError(f"the merged tensor {job.out_name!r} has NaN or Inf values")
-                self.targets[job.out_name].copy_(merged)
+                target = self.targets[job.out_name]
+                if merged is not target:
+                    target.copy_(merged)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -41,7 +42,7 @@ def torch_path(inputs, weight, density, *, rule, rescale, consensus, normalize, 
 CASES = list(
     itertools.product(
         [False, True],  # inputs reused across trials (the search) or merged once
-        [torch.float32, torch.bfloat16],
+        [torch.float32, torch.bfloat16, torch.float16],
         [None, "magnitude", "random"],
         [True, False],  # consensus
         [True, False],  # normalize
@@ -63,11 +64,14 @@ def test_kernel_matches_torch_ops(reused, dtype, rule, consensus, normalize, res
         expected = torch_path(inputs, weight, density, **options)
         got = _fused(inputs, weight, density, **options)
         assert got.dtype == expected.dtype
-        assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
-                           expected.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)), (weight, density)
+        assert torch.equal(bits(got), bits(expected)), (weight, density)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int32 if x.dtype == torch.float32 else torch.int16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("numel", [1, 7, 5000, (1 << 22) + 3])  # the last spans two hash chunks
 def test_inline_draws_and_magnitude_cut_match_the_torch_definitions(dtype, numel):
     from evomerge.kernel import KeepRule, TaskVector, abs_sums
@@ -81,7 +85,7 @@ def test_inline_draws_and_magnitude_cut_match_the_torch_definitions(dtype, numel
     for p in (0.0, 0.3, 0.999):
         expected = int((field.integers(1, delta.shape) < keep_threshold(p)).sum())
         rule = KeepRule.hash_below(field.hash_key(1), keep_threshold(p))
-        assert abs_sums(TaskVector(ones), rule, 1.0) == (expected, numel)
+        assert abs_sums([TaskVector(ones)], [rule], [1.0]) == [(expected, numel)]
     ranks = magnitude_ranks(delta)
     base = torch.randn(numel, generator=generator).to(dtype)
     model = (base.float() + delta.float()).to(dtype)
@@ -89,20 +93,22 @@ def test_inline_draws_and_magnitude_cut_match_the_torch_definitions(dtype, numel
     sub_ranks = magnitude_ranks(subtracted)
     for k in sorted({0, 1, numel // 3, numel - 1, numel}):
         expected = int(((ranks < k) * (delta.double().abs() * 2.0**30).floor()).sum())
-        assert abs_sums(TaskVector(delta), KeepRule.top_magnitudes(TaskVector(delta), k), 2.0**30)[0] == expected
+        assert abs_sums([TaskVector(delta)], [KeepRule.top_magnitudes(TaskVector(delta), k)], [2.0**30])[0][0] == expected
         expected = int(((sub_ranks < k) * (subtracted.double().abs() * 2.0**30).floor()).sum())
         tau = TaskVector(model, base)
-        assert abs_sums(tau, KeepRule.top_magnitudes(tau, k), 2.0**30)[0] == expected
+        assert abs_sums([tau], [KeepRule.top_magnitudes(tau, k)], [2.0**30])[0][0] == expected
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_all_finite_sees_every_nan_and_inf(dtype):
-    x = torch.randn(10_000).to(dtype)
-    assert kernel.all_finite(x)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_abs_peak_is_the_largest_magnitude_and_sees_every_nan_and_inf(dtype):
+    x = torch.randn(300_000).to(dtype)  # above the kernel's threshold for threads
+    x[123] = -7.5
+    assert kernel.abs_peak(x) == 7.5
     for bad in (float("nan"), float("inf"), float("-inf")):
         y = x.clone()
         y[7777] = bad
-        assert not kernel.all_finite(y)
+        peak = kernel.abs_peak(y)
+        assert math.isnan(peak) if math.isnan(bad) else peak == math.inf
 
 
 def test_kernel_is_the_same_with_any_thread_count():
@@ -117,3 +123,19 @@ def test_kernel_is_the_same_with_any_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_finite_value_converts_and_rounds_like_torch(dtype):
+    """Loads, stores and per-op rounding over the whole range of the type: subnormals,
+    overflow to Inf, ties to even."""
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    every = every[torch.isfinite(every)]
+    inputs = MergeInputs(models=[every.clone(), every.flip(0).contiguous()], base=torch.zeros_like(every), tensor_name="w")
+    for weight, lambda_ in (([1.0, 0.0], 1.0), ([0.7, 0.3], 1.0), ([0.55, 0.45], 0.9), ([3.0, -2.5], 1.0)):
+        options = dict(rule=None, rescale=False, consensus=False, normalize=False, lambda_=lambda_)
+        expected = torch_path(inputs, weight, [1.0, 1.0], **options)
+        got = _fused(inputs, weight, [1.0, 1.0], **options)
+        finite = torch.isfinite(expected)
+        assert torch.equal(torch.isfinite(got), finite)
+        assert torch.equal(bits(got)[finite], bits(expected)[finite]), weight

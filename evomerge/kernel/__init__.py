@@ -28,10 +28,11 @@ import torch
 
 LOG = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("tv_merge.c")
+SOURCES = [SOURCE, SOURCE.with_name("tv_merge_typed.h")]  # the second is included by the first
 # -march=native: the library is built per machine (the cache key includes the CPU's flags);
 # -ffp-contract=off keeps every multiply and add separately rounded, as torch does.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
-_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
 def _cache_dir() -> Path:
@@ -48,7 +49,8 @@ def library() -> Optional[ctypes.CDLL]:
     if compiler is None:
         LOG.info("no C compiler found; the merge kernel runs as torch ops")
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
+    source = b"".join(path.read_bytes() for path in SOURCES)
+    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"tv_merge-{key}.so"
     if not target.exists():
         try:
@@ -138,9 +140,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     for suffix in _DTYPES.values():
         signatures = {
-            "kept_abs_sum": ([p, p, ctypes.POINTER(KeepRule), i64, ctypes.c_double, p], i64),
-            "abs_max": ([p, p, i64], f32),
-            "all_finite": ([p, i64], ctypes.c_int),
+            "abs_peak": ([p, i64], f32),
+            "abs_sums": ([ctypes.c_int, i64, p, p, ctypes.POINTER(KeepRule), p, p, p], None),
             "magnitude_cut": ([p, p, i64, i64, p, p], None),
             "tv_merge": ([ctypes.c_int, i64, p, p, p, p, p, p, ctypes.c_int, ctypes.c_int, f32, ctypes.c_int, f32, p], None),
         }
@@ -151,9 +152,11 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def applies(tensors: list[torch.Tensor]) -> bool:
+    """Whether the kernel is built here and takes these tensors (one shape, one dtype)."""
     first = tensors[0]
     return (
         first.device.type == "cpu"
+        and library() is not None  # loading it settles which dtypes it has
         and first.dtype in _DTYPES
         and all(t.is_contiguous() and t.dtype == first.dtype and t.shape == first.shape for t in tensors)
         and first.numel() < 2**31
@@ -161,21 +164,27 @@ def applies(tensors: list[torch.Tensor]) -> bool:
     )
 
 
-def all_finite(x: torch.Tensor) -> bool:
-    """No NaN or Inf in a float32/bfloat16 CPU tensor (a bit test, one pass)."""
-    return bool(_call("all_finite", x, x.contiguous().data_ptr(), x.numel()))
+def abs_peak(x: torch.Tensor) -> float:
+    """max |x| of a CPU tensor in a kernel dtype: NaN if x holds a NaN, Inf for an Inf (a
+    comparison of magnitude bits, one pass)."""
+    if x.numel() == 0:
+        return 0.0
+    return _call("abs_peak", x, x.contiguous().data_ptr(), x.numel())
 
 
-def abs_sums(tau: TaskVector, rule: KeepRule, scale: float) -> tuple[int, int]:
-    """(kept, all): sums of floor(|tau| * scale) over the kept elements and over every element
-    (see sparsify.exact_abs_sum), in one pass."""
-    everything = ctypes.c_int64()
-    kept = _call("kept_abs_sum", tau.x, *tau.pointers(), ctypes.byref(rule), tau.x.numel(), scale, ctypes.byref(everything))
-    return kept, everything.value
-
-
-def abs_max(tau: TaskVector) -> float:
-    return _call("abs_max", tau.x, *tau.pointers(), tau.x.numel())
+def abs_sums(taus: list[TaskVector], rules: list[KeepRule], scales: list[float]) -> list[tuple[int, int]]:
+    """For each task vector: (kept, all), the sums of floor(|tau| * scale) over its kept
+    elements and over every element (see sparsify.exact_abs_sum), all in one pass. The task
+    vectors share one base (or none)."""
+    models = len(taus)
+    first = taus[0]
+    xs = (ctypes.c_void_p * models)(*[t.x.data_ptr() for t in taus])
+    kept, every = (ctypes.c_int64 * models)(), (ctypes.c_int64 * models)()
+    _call(
+        "abs_sums", first.x, models, first.x.numel(), xs, first.pointers()[1], (KeepRule * models)(*rules),
+        (ctypes.c_double * models)(*scales), kept, every,
+    )  # fmt: skip
+    return list(zip(kept, every))
 
 
 def tv_merge(
@@ -189,11 +198,13 @@ def tv_merge(
     normalize: bool,
     plain_divisor: float,
     lambda_: float,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """base + lambda * sum_i(w_i m_i s_i tau_i) / Z, all task vectors relative to one base."""
+    """base + lambda * sum_i(w_i m_i s_i tau_i) / Z, all task vectors relative to one base,
+    into `out` when given (a buffer like `base`: the search reuses one per tensor)."""
     models = len(taus)
     sub_base = taus[0].base.data_ptr() if taus[0].base is not None else None
-    out = torch.empty_like(base)
+    out = torch.empty_like(base) if out is None else out
     xs = (ctypes.c_void_p * models)(*[t.x.data_ptr() for t in taus])
     rules_c = (KeepRule * models)(*rules)
     rescale_c = (ctypes.c_float * models)(*rescale.float().tolist())

@@ -87,12 +87,13 @@ def della_mask(row_ranks: torch.Tensor, draws: torch.Tensor, density: float, eps
     return draws.double() < probs * SCALE
 
 
-def l1_rescale(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+def l1_rescale(delta: torch.Tensor, kept: torch.Tensor, bound: float) -> torch.Tensor:
     """Scale the kept delta so that its L1 norm equals that of the full delta.
 
     (DARE's "rescale" in mergekit matches L1 norms rather than dividing by the density.)
+    `bound` >= max |delta| sizes the exact sums (see MergeInputs.tau_bound).
     """
-    shift = fixed_point_shift(delta)
+    shift = fixed_point_shift(delta.numel(), bound)
     before, after = exact_abs_sum(delta, shift), exact_abs_sum(kept, shift)
     return kept * l1_factor(before, after, kept.dtype)
 
@@ -104,22 +105,20 @@ def l1_factor(before: float, after: float, dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor(before / after, dtype=dtype)
 
 
-def fixed_point_shift(x: torch.Tensor, peak: float | None = None) -> int:
-    """The power of two that scales |x| into int64 with room to sum every element.
-    `peak` is max |x| when the caller has it."""
-    if peak is None:
-        peak = x.detach().abs().max().item() if x.numel() else 0.0
-    if peak == 0 or not math.isfinite(peak):
+def fixed_point_shift(numel: int, bound: float) -> int:
+    """The power of two that scales values up to `bound` into int64 with room to sum `numel`
+    of them."""
+    if bound == 0 or not math.isfinite(bound):
         return 0
-    headroom = 62 - math.ceil(math.log2(x.numel() + 1))
-    return headroom - math.frexp(peak)[1]
+    headroom = 62 - math.ceil(math.log2(numel + 1))
+    return headroom - math.frexp(bound)[1]
 
 
 def exact_abs_sum(x: torch.Tensor, shift: int, chunk: int = 1 << 24) -> float:
     """sum(|x|) as an exact fixed-point integer sum, so the order of addition cannot matter.
 
-    Each |x| is scaled by 2**shift (see `fixed_point_shift`, computed from the largest value
-    of the full task vector) and truncated to int64; the integer sum cannot overflow and is
+    Each |x| is scaled by 2**shift (see `fixed_point_shift`, sized by a bound on the full
+    task vector) and truncated to int64; the integer sum cannot overflow and is
     the same on every device and thread count.
     """
     flat = x.detach().flatten()

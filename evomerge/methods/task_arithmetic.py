@@ -48,7 +48,7 @@ def sparsified_delta(
             return torch.zeros_like(delta)
         keep = sparsify.della_mask(inputs.row_ranks(index), inputs.draws(index), density, epsilon)
     kept = delta * keep.to(delta.dtype)
-    return sparsify.l1_rescale(delta, kept) if rescale else kept
+    return sparsify.l1_rescale(delta, kept, inputs.tau_bound(index)) if rescale else kept
 
 
 def combine(
@@ -122,7 +122,7 @@ def task_vector_merge(
 def _kernel_ready(inputs: MergeInputs) -> bool:
     from evomerge import kernel
 
-    return kernel.applies([inputs.base, *inputs.models]) and kernel.library() is not None
+    return kernel.applies([inputs.base, *inputs.models])
 
 
 def _fused(
@@ -139,20 +139,20 @@ def _fused(
     """The same merge as `sparsified_delta` + `combine`, in one pass (evomerge/kernel)."""
     from evomerge import kernel
 
-    dtype = inputs.base.dtype
-    taus, rules, factors = [], [], []
-    for i in range(len(inputs.models)):
-        # The search reuses stored task vectors; a one-shot merge subtracts on the fly.
-        tau = kernel.TaskVector(inputs.delta(i)) if inputs.reused else kernel.TaskVector(inputs.models[i], inputs.base)
-        rule_i = _keep_rule(inputs, i, tau, rule, density[i])
-        factor = torch.ones((), dtype=dtype)
-        if rescale and not rule_i.keeps_all:  # L1 norms as sparsify.l1_rescale computes them
-            shift = inputs.cached("shift", i, lambda: sparsify.fixed_point_shift(tau.x, kernel.abs_max(tau)))
-            after, before = kernel.abs_sums(tau, rule_i, 2.0**shift)
-            factor = sparsify.l1_factor(before * 2.0**-shift, after * 2.0**-shift, dtype)
-        taus.append(tau)
-        rules.append(rule_i)
-        factors.append(factor)
+    dtype, models = inputs.base.dtype, len(inputs.models)
+    # The search reuses stored task vectors; a one-shot merge subtracts on the fly.
+    taus = [
+        kernel.TaskVector(inputs.delta(i)) if inputs.reused else kernel.TaskVector(inputs.models[i], inputs.base)
+        for i in range(models)
+    ]
+    rules = [_keep_rule(inputs, i, taus[i], rule, density[i]) for i in range(models)]
+    factors = [torch.ones((), dtype=dtype)] * models
+    rescaled = [i for i in range(models) if rescale and not rules[i].keeps_all]
+    if rescaled:  # L1 norms as sparsify.l1_rescale computes them, every model in one pass
+        shifts = [sparsify.fixed_point_shift(inputs.base.numel(), inputs.tau_bound(i)) for i in rescaled]
+        sums = kernel.abs_sums([taus[i] for i in rescaled], [rules[i] for i in rescaled], [2.0**s for s in shifts])
+        for i, shift, (after, before) in zip(rescaled, shifts, sums):
+            factors[i] = sparsify.l1_factor(before * 2.0**-shift, after * 2.0**-shift, dtype)
     w = torch.tensor(weight, dtype=dtype)
     plain_divisor = w.sum()
     if plain_divisor.abs() < 1e-8:
@@ -160,7 +160,16 @@ def _fused(
     return kernel.tv_merge(
         inputs.base, taus, rules, torch.stack(factors), w,
         consensus=consensus, normalize=normalize, plain_divisor=float(plain_divisor), lambda_=lambda_,
+        out=_destination(inputs),
     )  # fmt: skip
+
+
+def _destination(inputs: MergeInputs) -> Optional[torch.Tensor]:
+    """The caller's output buffer when the kernel can write into it."""
+    out, base = inputs.destination, inputs.base
+    if out is not None and out.dtype == base.dtype and out.shape == base.shape and out.is_contiguous() and out.device == base.device:
+        return out
+    return None
 
 
 def _keep_rule(inputs: MergeInputs, index: int, tau, rule: Sparsifier, density: float):

@@ -1,0 +1,209 @@
+/* The kernels for one storage type; included by tv_merge.c once per type with T, BITS,
+ * ABS_MASK, SUFFIX and IS_FLOAT32 defined (see there). No include guard on purpose. */
+
+#define FN(name) CONCAT(name, SUFFIX)
+#define LOAD(x) FN(load)(x)
+#define ROUND(x) FN(round)(x)
+#define STORE(x) FN(store)(x)
+
+/* One block of task-vector values as float: x - base (rounded to T, like torch's
+ * subtraction), or x itself when base is NULL (x already holds the task vector; float32 then
+ * needs no copy at all). */
+static inline const float *FN(load_block)(const T *x, const T *base, int64_t start, int64_t len,
+                                          float *buf) {
+    if (base) {
+        for (int64_t j = 0; j < len; j++) buf[j] = ROUND(LOAD(x[start + j]) - LOAD(base[start + j]));
+        return buf;
+    }
+#if IS_FLOAT32
+    return (const float *)(x + start);
+#else
+    for (int64_t j = 0; j < len; j++) buf[j] = LOAD(x[start + j]);
+    return buf;
+#endif
+}
+
+/* max |x| as a float (NaN when x holds a NaN, Inf for an Inf): the largest of the magnitude
+ * bits, which order like the magnitudes themselves. One pass; finiteness for free. */
+float FN(abs_peak)(const T *x, int64_t n) {
+    const BITS *bits = (const BITS *)x;
+    BITS peak = 0;
+#pragma omp parallel for reduction(max : peak) schedule(static) if (n > PARALLEL_MIN)
+    for (int64_t e = 0; e < n; e++) {
+        BITS a = bits[e] & ABS_MASK;
+        peak = a > peak ? a : peak;
+    }
+    T value;
+    memcpy(&value, &peak, sizeof(T));
+    return LOAD(value);
+}
+
+/* For each model i: sums of floor(|d| * scales[i]) over its kept elements and over all of
+ * them, exact in int64 (scales are powers of two), in one pass over every model: DARE's L1
+ * rescale factor is all / kept. */
+void FN(abs_sums)(int models, int64_t n, const T **xs, const T *sub_base, const keep_rule *rules,
+                  const double *scales, int64_t *kept, int64_t *all) {
+    int64_t kept_sum[MAX_MODELS] = {0}, all_sum[MAX_MODELS] = {0};
+#pragma omp parallel for reduction(+ : kept_sum[:MAX_MODELS], all_sum[:MAX_MODELS]) schedule(static) if (n > PARALLEL_MIN)
+    BLOCKS(n) {
+        int64_t len = BLOCK_LEN(n);
+        float buf[BLOCK];
+        for (int i = 0; i < models; i++) {
+            const float *block = FN(load_block)(xs[i], sub_base, start, len, buf);
+            double scale = scales[i];
+            int64_t part = 0, whole = 0;
+            FOR_EACH_KEPT(&rules[i], block, start, len,
+                          int64_t q = (int64_t)((double)fabsf(d) * scale);
+                          part += q * keep; whole += q;)
+            kept_sum[i] += part;
+            all_sum[i] += whole;
+        }
+    }
+    for (int i = 0; i < models; i++) {
+        kept[i] = kept_sum[i];
+        all[i] = all_sum[i];
+    }
+}
+
+/*
+ * The magnitude cut for keeping the k largest |d| (1 <= k < n): radix select over the bits
+ * of |d| as float32 (monotonic for non-negative numbers), high 16 bits then low 16 bits,
+ * then a scan for the index below which ties at the cut are kept.
+ */
+void FN(magnitude_cut)(const T *x, const T *base, int64_t n, int64_t k, uint32_t *cut_bits,
+                       int64_t *cutoff) {
+    int64_t *hist = calloc(65536, sizeof(int64_t));
+    float buf[BLOCK];
+    BLOCKS(n) {
+        int64_t len = BLOCK_LEN(n);
+        const float *block = FN(load_block)(x, base, start, len, buf);
+        for (int64_t j = 0; j < len; j++) hist[abs_bits(block[j]) >> 16]++;
+    }
+    int64_t above = 0;
+    int high = 65535;
+    while (above + hist[high] < k) above += hist[high--];
+    memset(hist, 0, 65536 * sizeof(int64_t));
+    BLOCKS(n) {
+        int64_t len = BLOCK_LEN(n);
+        const float *block = FN(load_block)(x, base, start, len, buf);
+        for (int64_t j = 0; j < len; j++) {
+            uint32_t a = abs_bits(block[j]);
+            if ((int)(a >> 16) == high) hist[a & 0xffffu]++;
+        }
+    }
+    int low = 65535;
+    while (above + hist[low] < k) above += hist[low--];
+    free(hist);
+    uint32_t bits = ((uint32_t)high << 16) | (uint32_t)low;
+    int64_t need = k - above, seen = 0, e = n;
+    BLOCKS(n) {
+        int64_t len = BLOCK_LEN(n);
+        const float *block = FN(load_block)(x, base, start, len, buf);
+        int64_t j = 0;
+        for (; j < len && seen < need; j++) seen += abs_bits(block[j]) == bits;
+        if (seen == need) {
+            e = start + j;
+            break;
+        }
+    }
+    *cut_bits = bits;
+    *cutoff = e;
+}
+
+/* One model's share of a block: w * s * tau (s = keep mask times the L1 factor), each
+ * product rounded to T as torch rounds it; multiplying by the mask is exact. */
+static inline void FN(weigh_block)(const T *x, const T *sub_base, const keep_rule *rule,
+                                   float scale, float w, int64_t start, int64_t len, float *buf,
+                                   float *weighted) {
+    const float *block = FN(load_block)(x, sub_base, start, len, buf);
+    if (scale == 1.0f) {
+        FOR_EACH_KEPT(rule, block, start, len, weighted[j] = ROUND(d * (float)keep * w);)
+    } else {
+        FOR_EACH_KEPT(rule, block, start, len, weighted[j] = ROUND(ROUND(d * (float)keep * scale) * w);)
+    }
+}
+
+/* The combination across models, for the block's elements. Sums over models accumulate in
+ * float and round once. The elected sign is the sign of the sum rounded to T, which is the
+ * sign of the float sum: a sum of T values is a multiple of T's smallest step, so it cannot
+ * round to zero unless it is zero. Multiplying by `agree` (0 or 1) is exact. */
+#define COMBINE(M, CONSENSUS, NORMALIZE)                                                    \
+    for (int64_t j = 0; j < len; j++) {                                                     \
+        float mixed, divisor = plain_divisor;                                               \
+        if (CONSENSUS) {                                                                    \
+            float total = weighted[0][j];                                                   \
+            for (int i = 1; i < (M); i++) total = total + weighted[i][j];                   \
+            int positive = total >= 0.0f; /* an exact 0 counts as + */                      \
+            float agree = AGREES(weighted[0][j], positive);                                 \
+            mixed = weighted[0][j] * agree;                                                 \
+            divisor = weights[0] * agree;                                                   \
+            for (int i = 1; i < (M); i++) {                                                 \
+                agree = AGREES(weighted[i][j], positive);                                   \
+                mixed = mixed + weighted[i][j] * agree;                                     \
+                divisor = divisor + weights[i] * agree;                                     \
+            }                                                                               \
+            mixed = ROUND(mixed);                                                           \
+            divisor = ROUND(divisor);                                                       \
+            divisor = divisor == 0.0f ? 1.0f : divisor;                                     \
+        } else {                                                                            \
+            mixed = weighted[0][j];                                                         \
+            for (int i = 1; i < (M); i++) mixed = mixed + weighted[i][j];                   \
+            mixed = ROUND(mixed);                                                           \
+        }                                                                                   \
+        if (NORMALIZE) mixed = ROUND(mixed / divisor);                                      \
+        if (use_lambda) mixed = ROUND(mixed * lambda);                                      \
+        out[start + j] = STORE(LOAD(base[start + j]) + mixed);                              \
+    }
+
+/* consensus and normalize fixed at compile time: no dead division in the hot loop */
+#define COMBINE_M(M)                                                                        \
+    if (consensus && normalize) {                                                           \
+        COMBINE(M, 1, 1)                                                                    \
+    } else if (consensus) {                                                                 \
+        COMBINE(M, 1, 0)                                                                    \
+    } else if (normalize) {                                                                 \
+        COMBINE(M, 0, 1)                                                                    \
+    } else {                                                                                \
+        COMBINE(M, 0, 0)                                                                    \
+    }
+
+/*
+ * out = base + lambda * sum_i(w_i m_i s_i tau_i) / Z   (see task_arithmetic.py), where
+ *   tau_i = xs[i] - (sub_base or nothing), s_i = rules[i], rescale[i] = the L1 factor
+ *   (1 when not rescaling), m_i the sign-consensus mask; Z = plain_divisor without consensus.
+ * Work goes in blocks: first each model's weighted, sparsified task vector for the block
+ * (one vectorised loop per model and rule), then the combination across models (unrolled
+ * for up to 4 models).
+ */
+void FN(tv_merge)(int models, int64_t n, const T *base, const T **xs, const T *sub_base,
+                  const keep_rule *rules, const float *rescale, const float *weights,
+                  int consensus, int normalize, float plain_divisor, int use_lambda,
+                  float lambda, T *out) {
+#pragma omp parallel for schedule(static) if (n > PARALLEL_MIN)
+    BLOCKS(n) {
+        int64_t len = BLOCK_LEN(n);
+        float weighted[MAX_MODELS][BLOCK], buf[BLOCK];
+        for (int i = 0; i < models; i++)
+            FN(weigh_block)(xs[i], sub_base, &rules[i], rescale[i], weights[i], start, len, buf,
+                            weighted[i]);
+        switch (models) {
+        case 1: COMBINE_M(1) break;
+        case 2: COMBINE_M(2) break;
+        case 3: COMBINE_M(3) break;
+        case 4: COMBINE_M(4) break;
+        default: COMBINE_M(models) break;
+        }
+    }
+}
+
+#undef COMBINE
+#undef COMBINE_M
+#undef FN
+#undef LOAD
+#undef ROUND
+#undef STORE
+#undef T
+#undef BITS
+#undef ABS_MASK
+#undef SUFFIX
+#undef IS_FLOAT32
