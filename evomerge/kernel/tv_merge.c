@@ -204,6 +204,7 @@ static inline int32_t ties_below(const keep_rule *r, int64_t start, int64_t len)
 #define ABS_MASK 0x7fffffffu
 #define SUFFIX f32
 #define IS_FLOAT32 1
+#define IS_BF16 0
 #include "tv_merge_typed.h"
 
 #define T uint16_t
@@ -211,6 +212,7 @@ static inline int32_t ties_below(const keep_rule *r, int64_t start, int64_t len)
 #define ABS_MASK 0x7fffu
 #define SUFFIX bf16
 #define IS_FLOAT32 0
+#define IS_BF16 1
 #include "tv_merge_typed.h"
 
 #define T uint16_t
@@ -218,6 +220,7 @@ static inline int32_t ties_below(const keep_rule *r, int64_t start, int64_t len)
 #define ABS_MASK 0x7fffu
 #define SUFFIX f16
 #define IS_FLOAT32 0
+#define IS_BF16 0
 #include "tv_merge_typed.h"
 
 #ifdef _OPENMP
