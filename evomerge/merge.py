@@ -99,12 +99,21 @@ def run_method(plan: MergePlan, job: TensorJob, inputs: MergeInputs) -> "torch.T
 
 
 def merged_tensors(
-    plan: MergePlan, *, seed: int, device: str = "cpu", out_dtype: Optional[str] = None
+    plan: MergePlan,
+    *,
+    seed: int,
+    device: str = "cpu",
+    out_dtype: Optional[str] = None,
+    destinations: Optional[Callable[[], "torch.Tensor"]] = None,
 ) -> Iterator[tuple[str, "torch.Tensor"]]:
-    """(name, tensor) for every output tensor, cast to `out_dtype` if given."""
+    """(name, tensor) for every output tensor, cast to `out_dtype` if given. `destinations()`
+    offers a buffer for the next result (methods that can write in place do)."""
     cast = torch_dtype(out_dtype or plan.recipe.out_dtype)
     for job in plan.jobs:
-        result = run_method(plan, job, load_inputs(plan, job, seed=seed, device=device))
+        inputs = load_inputs(plan, job, seed=seed, device=device)
+        if destinations is not None and cast is None and device == "cpu":
+            inputs.destination = destinations()
+        result = run_method(plan, job, inputs)
         yield job.out_name, result if cast is None else result.to(cast)
 
 
@@ -143,7 +152,8 @@ def run_merge(
     with staged_output(Path(out_dir), force=force) as staging:
         writer = ShardedWriter(staging, output_layout(plan, out_dtype), shard_bytes)
         for done, (name, tensor) in enumerate(
-            merged_tensors(plan, seed=seed, device=device, out_dtype=out_dtype), start=1
+            merged_tensors(plan, seed=seed, device=device, out_dtype=out_dtype, destinations=writer.destination),
+            start=1,
         ):
             writer.add(name, tensor)
             if progress:

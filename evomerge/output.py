@@ -157,7 +157,13 @@ class ShardedWriter:
     The plan knows every output tensor's name, shape and dtype up front, so each shard's header
     is written first and the tensor bytes follow one by one from a background thread: the merge
     never holds more than a few finished tensors, and disk writes overlap the merge arithmetic.
+
+    `destination()` lends a buffer for the next tensor, one the writer has finished with when
+    it can (layers repeat their shapes): methods that write in place then reuse memory that is
+    already mapped, instead of faulting in fresh pages for every output tensor.
     """
+
+    SPARE_BUFFERS = 2  # kept per shape and dtype for reuse
 
     def __init__(self, folder: Path, layout: list[TensorSpec], max_shard_bytes: int):
         self.folder = Path(folder)
@@ -167,15 +173,40 @@ class ShardedWriter:
         self._next = 0
         self._queue: queue.Queue = queue.Queue(maxsize=4)  # bounds the finished tensors in memory
         self._error: Optional[BaseException] = None
+        self._lent: dict[int, "torch.Tensor"] = {}  # data_ptr -> a buffer from destination()
+        self._spare: dict[tuple, list] = {}  # (shape, dtype) -> buffers free for reuse
+        self._spare_lock = threading.Lock()
         self._thread = threading.Thread(target=self._write_shards, name="evomerge-writer", daemon=True)
         self._thread.start()
+
+    def destination(self) -> "torch.Tensor":
+        """A buffer for the next planned tensor, to merge into (see the class notes)."""
+        import torch
+
+        spec = self.layout[self._next]
+        with self._spare_lock:
+            spare = self._spare.get((spec.shape, spec.dtype))
+            buffer = spare.pop() if spare else None
+        if buffer is None:
+            buffer = torch.empty(spec.shape, dtype=spec.dtype)
+        self._lent[buffer.data_ptr()] = buffer
+        return buffer
 
     def add(self, name: str, tensor: "torch.Tensor") -> None:
         spec = self.layout[self._next]
         if (name, tuple(tensor.shape), tensor.dtype) != (spec.name, spec.shape, spec.dtype):
             raise RuntimeError(f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} does not match the planned {spec}")
         self._next += 1
+        for pointer, buffer in list(self._lent.items()):  # lent, but the result went elsewhere
+            if buffer is not tensor:
+                self._recycle(self._lent.pop(pointer))
         self._put(tensor.detach().to("cpu").contiguous())
+
+    def _recycle(self, buffer: "torch.Tensor") -> None:
+        with self._spare_lock:
+            spare = self._spare.setdefault((tuple(buffer.shape), buffer.dtype), [])
+            if len(spare) < self.SPARE_BUFFERS:
+                spare.append(buffer)
 
     def finish(self) -> list[str]:
         """Wait for the writes; name the shards `model-0000i-of-0000n.safetensors`; index."""
@@ -215,7 +246,11 @@ class ShardedWriter:
                 with open(self.folder / f"shard-{i}.tmp", "wb") as handle:
                     handle.write(_header(specs))
                     for _ in specs:
-                        write_bytes(handle, self._queue.get())
+                        tensor = self._queue.get()
+                        write_bytes(handle, tensor)
+                        lent = self._lent.pop(tensor.data_ptr(), None)
+                        if lent is not None:  # written: a buffer of ours, free again
+                            self._recycle(lent)
             self._queue.get()  # the end marker
         except BaseException as exc:  # reported to the merging thread at its next add/finish
             self._error = exc

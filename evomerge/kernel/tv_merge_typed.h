@@ -62,7 +62,7 @@ void FN(abs_sums)(int models, int64_t n, const T **xs, const T *sub_base, const 
             int64_t part = 0, whole = 0;
             FOR_EACH_KEPT(&rules[i], block, start, len,
                           int64_t q = (int64_t)((double)fabsf(d) * scale);
-                          part += q * keep; whole += q;)
+                          part += keep ? q : 0; whole += q;)
             kept_sum[i] += part;
             all_sum[i] += whole;
         }
