@@ -1,6 +1,6 @@
 """Merge throughput: evomerge against mergekit 0.1.5 on synthetic ~0.5B-parameter bf16 models.
 
-    python bench/merge_throughput.py [--params 0.5e9] [--skip-mergekit] [--profile]
+    python bench/merge_throughput.py [--params 0.5e9] [--repeats 1] [--skip-mergekit] [--profile]
 
 Builds a base and two fine-tunes (random Llama-shaped tensors written straight to safetensors
 shards: no model is instantiated), merges the same `ties` and `dare_ties` recipes with
@@ -13,7 +13,10 @@ environment of tests/mergekit_env.py), and prints for each:
   - evomerge's throughput in GB/s of bytes read + written, next to this machine's memory-copy
     bandwidth measured in the same run (torch copy of a 1 GiB buffer, also read + written).
 
-Both sides use every core (torch's default); set OMP_NUM_THREADS to change that.
+Both sides use every core (torch's default); set OMP_NUM_THREADS to change that. Every timed
+merge, of either tool, starts after an untimed os.sync() and its output is deleted once timed,
+so none competes with the write-back of another's gigabyte; --repeats N keeps the best of N
+runs, for both tools alike.
 """
 
 from __future__ import annotations
@@ -179,42 +182,53 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return 2 * nbytes / best
 
 
-def run_evomerge(folders: dict[str, Path], out_root: Path, profile: bool) -> dict[str, dict]:
+def settled() -> None:
+    """Flush dirty pages before a timed merge (not timed): each merge then starts from the same
+    state instead of competing with the write-back of the previous merge's output."""
+    os.sync()
+
+
+def run_evomerge(folders: dict[str, Path], out_root: Path, profile: bool, repeats: int) -> dict[str, dict]:
+    """Best of `repeats` for each recipe: in-process `run_merge`, then a timed `evomerge merge`
+    subprocess (imports and all). Every output is deleted once timed."""
     from evomerge.merge import run_merge
     from evomerge.recipe import parse_recipe
 
     results = {}
     for name, template in RECIPES.items():
         recipe = parse_recipe(template.format(**folders))
-        profiler = cProfile.Profile() if profile else None
-        started = time.perf_counter()
-        if profiler:
-            profiler.enable()
-        summary = run_merge(recipe, out_root / f"evo-{name}", seed=0, force=True)
-        if profiler:
-            profiler.disable()
-        seconds = time.perf_counter() - started
         recipe_file = out_root / f"{name}.yaml"
+        recipe_file.parent.mkdir(parents=True, exist_ok=True)
         recipe_file.write_text(recipe.to_yaml())
-        started = time.perf_counter()
-        subprocess.run(
-            [sys.executable, "-m", "evomerge", "merge", str(recipe_file), str(out_root / f"evo-cli-{name}"), "--force"],
-            check=True, capture_output=True,
-        )  # fmt: skip
-        results[name] = {
-            "seconds": seconds,
-            "cli_seconds": time.perf_counter() - started,
-            "bytes": summary.bytes_read + summary.bytes_written,
-        }
-        if profiler:
-            text = io.StringIO()
-            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
-            results[name]["profile"] = text.getvalue()
+        out = out_root / f"evo-{name}"
+        result = results[name] = {"seconds": math.inf, "cli_seconds": math.inf}
+        for attempt in range(repeats):
+            profiler = cProfile.Profile() if profile and attempt == 0 else None
+            settled()
+            started = time.perf_counter()
+            if profiler:
+                profiler.enable()
+            summary = run_merge(recipe, out, seed=0)
+            if profiler:
+                profiler.disable()
+            result["seconds"] = min(result["seconds"], time.perf_counter() - started)
+            result["bytes"] = summary.bytes_read + summary.bytes_written
+            shutil.rmtree(out)
+            if profiler:
+                text = io.StringIO()
+                pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
+                result["profile"] = text.getvalue()
+            settled()
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "evomerge", "merge", str(recipe_file), str(out)], check=True, capture_output=True)
+            result["cli_seconds"] = min(result["cli_seconds"], time.perf_counter() - started)
+            shutil.rmtree(out)
     return results
 
 
-def run_mergekit(folders: dict[str, Path], out_root: Path) -> tuple[dict[str, dict], float]:
-    """Per-recipe merge seconds inside one mergekit process, and that process's start-up."""
+def run_mergekit(folders: dict[str, Path], out_root: Path, repeats: int) -> tuple[dict[str, dict], float]:
+    """Per-recipe merge seconds (best of `repeats`) inside one mergekit process, and that
+    process's start-up."""
     sys.path.insert(0, str(REPO / "tests"))
     from mergekit_env import mergekit_python_or_reason, run_driver
 
@@ -223,21 +237,25 @@ def run_mergekit(folders: dict[str, Path], out_root: Path) -> tuple[dict[str, di
         raise SystemExit(f"mergekit is not available: {reason} (or pass --skip-mergekit)")
     jobs = [
         {
-            "name": name,
+            "name": f"{name}#{attempt}",
             "recipe": template.format(**folders),
             "out": str(out_root / f"mk-{name}"),
             "seed": 0,
+            "discard": True,
         }
         for name, template in RECIPES.items()
+        for attempt in range(repeats)
     ]
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     started = time.perf_counter()
-    results = run_driver(python, {"threads": threads, "merges": jobs}, timeout=3600)
+    runs = run_driver(python, {"threads": threads, "settle": True, "merges": jobs}, timeout=3600 * repeats)
     wall = time.perf_counter() - started
-    for name, result in results.items():
+    for name, result in runs.items():
         if not result["ok"]:
             raise SystemExit(f"mergekit failed on {name}: {result['error']}")
-    startup = wall - sum(r["seconds"] for r in results.values())
+    # start-up: whatever the process spent outside the timed merges (the syncs are tiny by then)
+    startup = wall - sum(r["seconds"] for r in runs.values())
+    results = {name: {"seconds": min(runs[f"{name}#{a}"]["seconds"] for a in range(repeats))} for name in RECIPES}
     return results, startup
 
 
@@ -247,7 +265,8 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-mergekit", action="store_true")
     parser.add_argument("--profile", action="store_true", help="cProfile evomerge's merges")
     parser.add_argument("--workdir", type=Path, help="where models go (default: a temp dir)")
-    parser.add_argument("--keep", action="store_true", help="keep the models and outputs")
+    parser.add_argument("--keep", action="store_true", help="keep the models")
+    parser.add_argument("--repeats", type=int, default=1, help="best of this many runs, for both tools")
     args = parser.parse_args(argv)
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="evomerge-bench-"))
@@ -266,8 +285,8 @@ def main(argv=None) -> None:
         bandwidth = copy_bandwidth()
         print(f"memory copy bandwidth: {bandwidth / GB:.1f} GB/s (read + write)")
 
-        evo = run_evomerge(folders, root / "out", args.profile)
-        mk, startup = ({}, 0.0) if args.skip_mergekit else run_mergekit(folders, root / "out")
+        evo = run_evomerge(folders, root / "out", args.profile, args.repeats)
+        mk, startup = ({}, 0.0) if args.skip_mergekit else run_mergekit(folders, root / "out", args.repeats)
         if mk:
             print(f"mergekit start-up (once per mergekit-yaml call): {startup:.1f} s")
         print(

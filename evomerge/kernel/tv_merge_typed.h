@@ -73,6 +73,33 @@ void FN(abs_sums)(int models, int64_t n, const T **xs, const T *sub_base, const 
     }
 }
 
+/* hist[bucket(|d|)] over every element, `bucket` = the high 16 bits of |d| as float32, or
+ * (with `high` >= 0) the low 16 bits of those whose high bits equal `high`; one histogram per
+ * thread, summed (the counts do not depend on the split). */
+static void FN(magnitude_histogram)(const T *x, const T *base, int64_t n, int high, int64_t *hist) {
+#pragma omp parallel if (n > PARALLEL_MIN)
+    {
+        int64_t *local = calloc(65536, sizeof(int64_t));
+        float buf[BLOCK];
+#pragma omp for schedule(static)
+        BLOCKS(n) {
+            int64_t len = BLOCK_LEN(n);
+            const float *block = FN(load_block)(x, base, start, len, buf);
+            if (high < 0) {
+                for (int64_t j = 0; j < len; j++) local[abs_bits(block[j]) >> 16]++;
+            } else {
+                for (int64_t j = 0; j < len; j++) {
+                    uint32_t a = abs_bits(block[j]);
+                    if ((int)(a >> 16) == high) local[a & 0xffffu]++;
+                }
+            }
+        }
+#pragma omp critical
+        for (int b = 0; b < 65536; b++) hist[b] += local[b];
+        free(local);
+    }
+}
+
 /*
  * The magnitude cut for keeping the k largest |d| (1 <= k < n): radix select over the bits
  * of |d| as float32 (monotonic for non-negative numbers), high 16 bits then low 16 bits,
@@ -81,29 +108,18 @@ void FN(abs_sums)(int models, int64_t n, const T **xs, const T *sub_base, const 
 void FN(magnitude_cut)(const T *x, const T *base, int64_t n, int64_t k, uint32_t *cut_bits,
                        int64_t *cutoff) {
     int64_t *hist = calloc(65536, sizeof(int64_t));
-    float buf[BLOCK];
-    BLOCKS(n) {
-        int64_t len = BLOCK_LEN(n);
-        const float *block = FN(load_block)(x, base, start, len, buf);
-        for (int64_t j = 0; j < len; j++) hist[abs_bits(block[j]) >> 16]++;
-    }
+    FN(magnitude_histogram)(x, base, n, -1, hist);
     int64_t above = 0;
     int high = 65535;
     while (above + hist[high] < k) above += hist[high--];
     memset(hist, 0, 65536 * sizeof(int64_t));
-    BLOCKS(n) {
-        int64_t len = BLOCK_LEN(n);
-        const float *block = FN(load_block)(x, base, start, len, buf);
-        for (int64_t j = 0; j < len; j++) {
-            uint32_t a = abs_bits(block[j]);
-            if ((int)(a >> 16) == high) hist[a & 0xffffu]++;
-        }
-    }
+    FN(magnitude_histogram)(x, base, n, high, hist);
     int low = 65535;
     while (above + hist[low] < k) above += hist[low--];
     free(hist);
     uint32_t bits = ((uint32_t)high << 16) | (uint32_t)low;
     int64_t need = k - above, seen = 0, e = n;
+    float buf[BLOCK];
     BLOCKS(n) {
         int64_t len = BLOCK_LEN(n);
         const float *block = FN(load_block)(x, base, start, len, buf);
