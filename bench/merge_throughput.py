@@ -8,8 +8,8 @@ shards: no model is instantiated), merges the same `ties` and `dare_ties` recipe
 environment of tests/mergekit_env.py), and prints for each:
 
   - wall seconds for both, and the ratio mergekit / evomerge in-process; then the same ratio
-    for the command lines: `mergekit-yaml` (its in-process time plus its start-up, measured once)
-    against a timed `evomerge merge` subprocess (imports and all);
+    for the command lines: a fresh process per merge on both sides (a timed `evomerge merge`,
+    and mergekit's start-up, imports and one merge, which is what `mergekit-yaml` does);
   - evomerge's throughput in GB/s of bytes read + written, next to this machine's memory-copy
     bandwidth measured in the same run (torch copy of a 1 GiB buffer, also read + written).
 
@@ -226,37 +226,32 @@ def run_evomerge(folders: dict[str, Path], out_root: Path, profile: bool, repeat
     return results
 
 
-def run_mergekit(folders: dict[str, Path], out_root: Path, repeats: int) -> tuple[dict[str, dict], float]:
-    """Per-recipe merge seconds (best of `repeats`) inside one mergekit process, and that
-    process's start-up."""
+def run_mergekit(folders: dict[str, Path], out_root: Path, repeats: int) -> dict[str, dict]:
+    """For each recipe, best of `repeats`: the merge's seconds inside mergekit, and the wall
+    time of the whole process (start-up, imports, one merge), which is what a `mergekit-yaml`
+    call costs. One fresh process per merge, like the evomerge CLI runs."""
     sys.path.insert(0, str(REPO / "tests"))
     from mergekit_env import mergekit_python_or_reason, run_driver
 
     python, reason = mergekit_python_or_reason()
     if python is None:
         raise SystemExit(f"mergekit is not available: {reason} (or pass --skip-mergekit)")
-    jobs = [
-        {
-            "name": f"{name}#{attempt}",
-            "recipe": template.format(**folders),
-            "out": str(out_root / f"mk-{name}"),
-            "seed": 0,
-            "discard": True,
-        }
-        for name, template in RECIPES.items()
-        for attempt in range(repeats)
-    ]
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
-    started = time.perf_counter()
-    runs = run_driver(python, {"threads": threads, "settle": True, "merges": jobs}, timeout=3600 * repeats)
-    wall = time.perf_counter() - started
-    for name, result in runs.items():
-        if not result["ok"]:
-            raise SystemExit(f"mergekit failed on {name}: {result['error']}")
-    # start-up: whatever the process spent outside the timed merges (the syncs are tiny by then)
-    startup = wall - sum(r["seconds"] for r in runs.values())
-    results = {name: {"seconds": min(runs[f"{name}#{a}"]["seconds"] for a in range(repeats))} for name in RECIPES}
-    return results, startup
+    results = {}
+    for name, template in RECIPES.items():
+        job = {"name": name, "recipe": template.format(**folders), "out": str(out_root / f"mk-{name}"), "seed": 0}
+        result = results[name] = {"seconds": math.inf, "cli_seconds": math.inf}
+        for _ in range(repeats):
+            settled()
+            started = time.perf_counter()
+            run = run_driver(python, {"threads": threads, "merges": [job]}, timeout=3600)[name]
+            wall = time.perf_counter() - started
+            if not run["ok"]:
+                raise SystemExit(f"mergekit failed on {name}: {run['error']}")
+            result["seconds"] = min(result["seconds"], run["seconds"])
+            result["cli_seconds"] = min(result["cli_seconds"], wall)
+            shutil.rmtree(job["out"])
+    return results
 
 
 def main(argv=None) -> None:
@@ -286,21 +281,19 @@ def main(argv=None) -> None:
         print(f"memory copy bandwidth: {bandwidth / GB:.1f} GB/s (read + write)")
 
         evo = run_evomerge(folders, root / "out", args.profile, args.repeats)
-        mk, startup = ({}, 0.0) if args.skip_mergekit else run_mergekit(folders, root / "out", args.repeats)
-        if mk:
-            print(f"mergekit start-up (once per mergekit-yaml call): {startup:.1f} s")
+        mk = {} if args.skip_mergekit else run_mergekit(folders, root / "out", args.repeats)
         print(
             f"{'recipe':<10} {'evomerge s':>10} {'GB/s':>6} {'% copy':>7} {'mergekit s':>10} "
-            f"{'ratio':>6} {'evomerge CLI s':>14} {'ratio CLI':>9}"
+            f"{'ratio':>6} {'evomerge CLI s':>14} {'mergekit CLI s':>14} {'ratio CLI':>9}"
         )
         for name, result in evo.items():
             rate = result["bytes"] / result["seconds"]
             line = f"{name:<10} {result['seconds']:>10.1f} {rate / GB:>6.2f} {100 * rate / bandwidth:>6.1f}%"
             if name in mk:
-                theirs = mk[name]["seconds"]
-                line += f" {theirs:>10.1f} {theirs / result['seconds']:>5.1f}x"
-                cli = result["cli_seconds"]
-                line += f" {cli:>14.1f} {(theirs + startup) / cli:>8.1f}x"
+                theirs = mk[name]
+                line += f" {theirs['seconds']:>10.1f} {theirs['seconds'] / result['seconds']:>5.1f}x"
+                line += f" {result['cli_seconds']:>14.1f} {theirs['cli_seconds']:>14.1f}"
+                line += f" {theirs['cli_seconds'] / result['cli_seconds']:>8.1f}x"
             print(line)
         for name, result in evo.items():
             if "profile" in result:

@@ -5,20 +5,14 @@ their recipes to this script at once. It uses mergekit's public Python API only.
 
     python mergekit_driver.py JOBS.json RESULTS.json
 
-JOBS.json: {"threads": 1, "settle": false,
-            "merges": [{"name", "recipe" (YAML text), "out" (folder), "seed" (int or null),
-                        "discard": false}],
+JOBS.json: {"threads": 1,
+            "merges": [{"name", "recipe" (YAML text), "out" (folder), "seed" (int or null)}],
             "parse":  [{"name", "recipe" (YAML text)}]}
 RESULTS.json: {name: {"ok": bool, "error": str, "seconds": float, "config": dict}}
 A failing job is recorded, not raised, so one refusal does not hide the other results.
-"settle" flushes the page cache to disk before each timed merge (os.sync, not timed) and
-"discard" deletes a merge's output after timing it: benchmarks then time every merge from the
-same state, not with the previous merge's gigabyte still being written back.
 """
 
 import json
-import os
-import shutil
 import sys
 import time
 import traceback
@@ -45,8 +39,6 @@ def main(jobs_path: str, results_path: str) -> None:
         except Exception as exc:  # noqa: BLE001 (any refusal is recorded for the test to judge)
             results[job["name"]] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     for job in jobs.get("merges", []):
-        if jobs.get("settle"):
-            os.sync()
         started = time.perf_counter()
         try:
             config = MergeConfiguration.model_validate(yaml.safe_load(job["recipe"]))
@@ -59,8 +51,6 @@ def main(jobs_path: str, results_path: str) -> None:
             )
             run_merge(config, job["out"], options)
             results[job["name"]] = {"ok": True, "seconds": time.perf_counter() - started}
-            if job.get("discard"):
-                shutil.rmtree(job["out"])
         except Exception as exc:  # noqa: BLE001 (recorded, so one failure hides no other)
             results[job["name"]] = {
                 "ok": False,
