@@ -173,7 +173,8 @@ class ShardedWriter:
         self._next = 0
         self._queue: queue.Queue = queue.Queue(maxsize=4)  # bounds the finished tensors in memory
         self._error: Optional[BaseException] = None
-        self._lent: dict[int, "torch.Tensor"] = {}  # data_ptr -> a buffer from destination()
+        self._offered: Optional["torch.Tensor"] = None  # destination() for the next tensor
+        self._in_flight: dict[int, "torch.Tensor"] = {}  # data_ptr -> a lent buffer in the queue
         self._spare: dict[tuple, list] = {}  # (shape, dtype) -> buffers free for reuse
         self._spare_lock = threading.Lock()
         self._thread = threading.Thread(target=self._write_shards, name="evomerge-writer", daemon=True)
@@ -189,7 +190,7 @@ class ShardedWriter:
             buffer = spare.pop() if spare else None
         if buffer is None:
             buffer = torch.empty(spec.shape, dtype=spec.dtype)
-        self._lent[buffer.data_ptr()] = buffer
+        self._offered = buffer
         return buffer
 
     def add(self, name: str, tensor: "torch.Tensor") -> None:
@@ -197,9 +198,11 @@ class ShardedWriter:
         if (name, tuple(tensor.shape), tensor.dtype) != (spec.name, spec.shape, spec.dtype):
             raise RuntimeError(f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} does not match the planned {spec}")
         self._next += 1
-        for pointer, buffer in list(self._lent.items()):  # lent, but the result went elsewhere
-            if buffer is not tensor:
-                self._recycle(self._lent.pop(pointer))
+        offered, self._offered = self._offered, None
+        if offered is not None and offered.data_ptr() == tensor.data_ptr():
+            self._in_flight[offered.data_ptr()] = offered  # free again once written
+        elif offered is not None:  # the result went elsewhere: the buffer was never used
+            self._recycle(offered)
         self._put(tensor.detach().to("cpu").contiguous())
 
     def _recycle(self, buffer: "torch.Tensor") -> None:
@@ -248,7 +251,7 @@ class ShardedWriter:
                     for _ in specs:
                         tensor = self._queue.get()
                         write_bytes(handle, tensor)
-                        lent = self._lent.pop(tensor.data_ptr(), None)
+                        lent = self._in_flight.pop(tensor.data_ptr(), None)
                         if lent is not None:  # written: a buffer of ours, free again
                             self._recycle(lent)
             self._queue.get()  # the end marker

@@ -41,3 +41,37 @@ def test_a_hub_id_without_a_hub_is_one_sentence(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="not a local folder and could not be fetched"):
         Checkpoint("some-org/some-model")
+
+
+def test_writer_reuses_a_buffer_only_once_its_bytes_are_written(tmp_path, monkeypatch):
+    """Results merged into lent buffers, with a writer thread slower than the merge (the queue
+    fills up): every tensor on disk is the one merged for it, none overwritten by a later one."""
+    import time
+
+    import evomerge.output as output
+    from evomerge.output import ShardedWriter, TensorSpec
+
+    slow_write = output.write_bytes
+
+    def write_slowly(handle, tensor):
+        time.sleep(0.005)
+        slow_write(handle, tensor)
+
+    monkeypatch.setattr(output, "write_bytes", write_slowly)
+    layout = [TensorSpec(f"t{i}", (64, 32), torch.float32) for i in range(40)]
+    layout.insert(7, TensorSpec("odd", (3,), torch.float32))
+    writer = ShardedWriter(tmp_path, layout, max_shard_bytes=1 << 40)
+    expected = {}
+    for spec in layout:
+        buffer = writer.destination()
+        if spec.name == "t5":  # a method that returns a new tensor instead
+            value = torch.full(spec.shape, -5.0)
+        else:
+            value = buffer
+            value.fill_(float(len(expected)))
+        expected[spec.name] = value.clone()
+        writer.add(spec.name, value)
+    writer.finish()
+    written = load_file(str(tmp_path / "model.safetensors"))
+    assert written.keys() == expected.keys()
+    assert all(torch.equal(written[name], expected[name]) for name in expected)
