@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import sqlalchemy.exc
 import yaml
 from pool_fixtures import pool_search_config
 
@@ -57,6 +58,8 @@ def wait_for_completed(run_dir: Path, count: int, timeout: float = 240) -> None:
                 if sum(t.state.name == "COMPLETE" for t in trials_of(run_dir)) >= count:
                     return
             except KeyError:  # the study is not created yet
+                pass
+            except sqlalchemy.exc.OperationalError:  # racing the search's own schema creation
                 pass
         time.sleep(0.3)
     raise AssertionError(f"{count} trials did not complete within {timeout} s")
