@@ -1,5 +1,7 @@
 """`evomerge merge RECIPE OUT_DIR`: one classic merge, like mergekit-yaml."""
 
+import gc
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -27,10 +29,11 @@ def command(recipe_path, out_dir, device, seed, out_dtype, shard_size, force, al
     recipe = load_recipe(recipe_path)
     shard_bytes = parse_size(shard_size)
 
-    import torch
-    from tqdm import tqdm
+    with _objects_kept_from_gc():  # importing torch makes ~180k long-lived objects
+        import torch
+        from tqdm import tqdm
 
-    from evomerge.merge import run_merge
+        from evomerge.merge import run_merge
 
     if threads:
         torch.set_num_threads(threads)
@@ -55,3 +58,15 @@ def command(recipe_path, out_dir, device, seed, out_dtype, shard_size, force, al
         f"merged {summary.tensors} tensors ({summary.bytes_written / 1e9:.3f} GB written, "
         f"{summary.bytes_read / 1e9:.3f} GB read) in {summary.seconds:.1f} s -> {summary.out_dir}"
     )
+
+
+@contextmanager
+def _objects_kept_from_gc():
+    """No cyclic garbage collection while importing, then the imported objects set aside for
+    good (gc.freeze): otherwise the collector walks them again and again during the merge."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
