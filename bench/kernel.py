@@ -1,12 +1,12 @@
 """Merge-kernel throughput: one per-layer dare_ties candidate over base + 3 sources.
 
-    python bench/kernel.py [--params 2e8] [--dtype float32|bfloat16] [--threads 2]
+    python bench/kernel.py [--params 1e8] [--dtype float32|bfloat16|float16] [--threads 2]
 
 Builds synthetic resident inputs the way the search holds them (task vectors, the live
 model's parameter each result goes into, per-model density and weight for every tensor), then
 times materialising candidates with the fused kernel and with plain torch ops, and the
-machine's memory bandwidth (a large tensor copy) in the same run. Prints bytes moved per second
-as a fraction of that bandwidth.
+machine's memory bandwidth (a large tensor copy, timed between the candidates) in the same
+run. Prints bytes moved per second as a fraction of that bandwidth (best runs of each).
 
 Bytes counted: per element, each model's task vector read twice (the L1-rescale pass and the
 merge pass), the base read once, the result written once. DARE's random draws are hashed in
@@ -24,17 +24,24 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 import torch  # noqa: E402
 
 
-def bandwidth(numel: int, repeats: int = 5) -> float:
-    """GB/s of a tensor copy (bytes read + written)."""
-    src = torch.ones(numel, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(repeats):
+class CopyTimer:
+    """A large tensor copy, timed between candidates so that bandwidth and kernel see the same
+    machine (it is shared and noisy): GB/s of bytes read + written, best run."""
+
+    def __init__(self, numel: int):
+        self.src = torch.ones(numel, dtype=torch.float32)
+        self.dst = torch.empty_like(self.src)
+        self.dst.copy_(self.src)
+        self.best = float("inf")
+
+    def run(self) -> None:
         start = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.numel() * 4 / best / 1e9
+        self.dst.copy_(self.src)
+        self.best = min(self.best, time.perf_counter() - start)
+
+    @property
+    def gbps(self) -> float:
+        return 2 * self.src.numel() * 4 / self.best / 1e9
 
 
 def build(params: float, dtype: torch.dtype, models: int = 3):
@@ -67,14 +74,16 @@ def candidate(jobs, *, rng: torch.Generator, models: int = 3):
                           lambda_=1.0, rule="random", consensus=True)  # fmt: skip
 
 
-def timed(jobs, repeats: int) -> float:
+def timed(jobs, repeats: int, copy: CopyTimer) -> float:
     rng = torch.Generator().manual_seed(1)
     candidate(jobs, rng=rng)  # warm-up (and the one-time kernel build)
     best = float("inf")
     for _ in range(repeats):
+        copy.run()
         start = time.perf_counter()
         candidate(jobs, rng=rng)
         best = min(best, time.perf_counter() - start)
+    copy.run()
     return best
 
 
@@ -83,7 +92,7 @@ def main() -> None:
     parser.add_argument("--params", type=float, default=1e8, help="parameters per model")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -92,14 +101,15 @@ def main() -> None:
     jobs = build(args.params, dtype)
     numel = sum(j.delta(0).numel() for j in jobs)
     moved = numel * (3 * 2 * itemsize + 2 * itemsize)
-    copy_gbps = bandwidth(min(numel, 1 << 27))
+    copy = CopyTimer(min(numel, 1 << 27))
 
     from evomerge import kernel
 
-    fused = timed(jobs, args.repeats) if kernel.library() is not None else float("nan")
+    fused = timed(jobs, args.repeats, copy) if kernel.library() is not None else float("nan")
     os.environ["EVOMERGE_KERNEL"] = "off"
     kernel.library.cache_clear()
-    plain = timed(jobs, args.repeats)
+    plain = timed(jobs, args.repeats, copy)
+    copy_gbps = copy.gbps
 
     resident = itemsize
     print(f"dare_ties candidate, base + 3 sources, {numel / 1e6:.0f}M parameters per model, {args.dtype}, {args.threads} threads")

@@ -5,7 +5,7 @@
 
 Times one trial split into phases, for two ways of turning a genome into a scored model:
 
-  in-memory  `LiveCandidate.apply` (merge from resident inputs, copy each result into the live
+  in-memory  `LiveCandidate.apply` (merge from resident inputs, each result written into the live
              model in place), then `Evaluator.score` on that same model: what `evomerge search`
              does.
   on-disk    `run_merge` into a temporary folder, then `AutoModelForCausalLM.from_pretrained` of
@@ -80,11 +80,12 @@ def apply_timed(candidate, recipe) -> dict[str, float]:
     """`LiveCandidate.apply` with its steps timed apart: merge (which includes check), swap.
 
     The same steps as `apply` (plan, merge each tensor, check it is finite, copy it into the
-    live parameter); the callers also time `apply` itself as a cross-check."""
+    live parameter unless the kernel wrote it there); the callers also time `apply` itself as
+    a cross-check."""
     import torch
 
     from evomerge.candidate import CandidateError
-    from evomerge.merge import run_method
+    from evomerge.merge import all_finite, run_method
     from evomerge.plan import plan_merge
 
     merge = check = swap = 0.0
@@ -94,10 +95,12 @@ def apply_timed(candidate, recipe) -> dict[str, float]:
         for job in plan.jobs:
             merged = run_method(plan, job, candidate.inputs[job.out_name])
             checking = time.perf_counter()
-            if not torch.isfinite(merged).all():
+            if not all_finite(merged):
                 raise CandidateError(f"the merged tensor {job.out_name!r} has NaN or Inf values")
             copying = time.perf_counter()
-            candidate.targets[job.out_name].copy_(merged)
+            target = candidate.targets[job.out_name]
+            if merged is not target:
+                target.copy_(merged)
             done = time.perf_counter()
             merge += copying - started
             check += copying - checking
@@ -324,7 +327,7 @@ def main(argv=None) -> None:
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; run took {time.perf_counter() - started:.0f} s"
     )
     print(
-        "in-memory: merge = plan + merge + finite check (as apply does), swap = in-place copy into the live model"
+        "in-memory: merge = plan + merge + finite check (as apply does), swap = in-place copy into the live model (none where the kernel wrote there)"
     )
     print(
         "on-disk:   merge = run_merge to a folder (read sources, merge, write), "
