@@ -357,7 +357,7 @@ def main(argv=None) -> None:
             f"{disk.median('tasks'):.3f} s new Evaluator (tasks + HFLM)"
         )
         print(
-            f"  in-memory merge includes {mem.median('check'):.4f} s of torch.isfinite(merged).all()"
+            f"  in-memory merge includes {mem.median('check'):.4f} s of the finiteness check"
         )
         print(
             f"  LiveCandidate.apply itself (cross-check of merge+swap): {mem.median('apply'):.4f} s"
@@ -378,7 +378,7 @@ def main(argv=None) -> None:
         )
         print(f"  ratio on-disk / in-memory, merge+swap:   {disk_ms / mem_ms:6.2f}x")
         print(
-            f"  in-memory merge includes {smem.median('check'):.4f} s of torch.isfinite(merged).all()"
+            f"  in-memory merge includes {smem.median('check'):.4f} s of the finiteness check"
         )
         print(
             f"  LiveCandidate.apply itself (cross-check of merge+swap): {smem.median('apply'):.3f} s"
