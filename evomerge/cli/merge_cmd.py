@@ -1,6 +1,7 @@
 """`evomerge merge RECIPE OUT_DIR`: one classic merge, like mergekit-yaml."""
 
 import gc
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,6 +30,10 @@ def command(recipe_path, out_dir, device, seed, out_dtype, shard_size, force, al
     recipe = load_recipe(recipe_path)
     shard_bytes = parse_size(shard_size)
 
+    # Idle OpenMP threads sleep instead of spinning between kernel calls, leaving the cores to
+    # the Python code and the writer thread that run in between (OpenMP reads this when torch
+    # loads it; a user's own setting wins).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     with _objects_kept_from_gc():  # importing torch makes ~180k long-lived objects
         import torch
         from tqdm import tqdm
