@@ -194,8 +194,9 @@ static inline int32_t ties_below(const keep_rule *r, int64_t start, int64_t len)
     }
 
 /* ---- one set of kernels per storage type --------------------------------------------------
- * T: the element type; BITS: an unsigned integer of its size; ABS_MASK: all bits but the
- * sign; SUFFIX names the functions (tv_merge_f32, ...). */
+ * T: the element type as stored (16-bit types as their bits); BITS: an unsigned integer of
+ * its size; ABS_MASK: all bits but the sign; SUFFIX names the functions (tv_merge_f32, ...)
+ * and the load/round/store helpers above; IS_FLOAT32 / IS_BF16 pick the few special cases. */
 #define CONCAT_(a, b) a##_##b
 #define CONCAT(a, b) CONCAT_(a, b)
 

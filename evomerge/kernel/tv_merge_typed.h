@@ -1,5 +1,5 @@
 /* The kernels for one storage type; included by tv_merge.c once per type with T, BITS,
- * ABS_MASK, SUFFIX and IS_FLOAT32 defined (see there). No include guard on purpose. */
+ * ABS_MASK, SUFFIX, IS_FLOAT32 and IS_BF16 defined (see there). No include guard on purpose. */
 
 #define FN(name) CONCAT(name, SUFFIX)
 #define LOAD(x) FN(load)(x)
