@@ -201,7 +201,8 @@ def tv_merge(
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """base + lambda * sum_i(w_i m_i s_i tau_i) / Z, all task vectors relative to one base,
-    into `out` when given (a buffer like `base`: the search reuses one per tensor)."""
+    into `out` when given (a buffer like `base`: the live model's parameter in the search, a
+    buffer lent by the output writer in a plain merge)."""
     models = len(taus)
     sub_base = taus[0].base.data_ptr() if taus[0].base is not None else None
     out = torch.empty_like(base) if out is None else out

@@ -50,39 +50,7 @@ typedef struct {
 
 /* ---- storage types: load to float, round to the type, store ---------------------------- */
 
-static inline float load_f32(float x) { return x; }
-static inline float round_f32(float x) { return x; }
-static inline float store_f32(float x) { return x; }
-
-static inline float load_bf16(uint16_t b) {
-    uint32_t u = ((uint32_t)b) << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t store_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest, ties to even */
-    return (uint16_t)(u >> 16);
-}
-
-/* store_bf16 then load_bf16, without the NaN test: inside the kernel every NaN has its low 16
- * bits zero (bfloat16 inputs, or NaNs arithmetic made from them, or the default NaN), and
- * rounding leaves such a NaN unchanged. */
-static inline float round_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    u &= 0xffff0000u;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* float16 by integer arithmetic (after F. Giesen's branch-free conversions) rather than
- * _Float16, which compilers vectorise only on CPUs with native float16 arithmetic. */
+/* the bits of a float and back (memcpy: the aliasing-safe way, compiled to nothing) */
 static inline float as_float(uint32_t u) {
     float f;
     memcpy(&f, &u, 4);
@@ -95,6 +63,29 @@ static inline uint32_t as_bits(float f) {
     return u;
 }
 
+static inline float load_f32(float x) { return x; }
+static inline float round_f32(float x) { return x; }
+static inline float store_f32(float x) { return x; }
+
+static inline float load_bf16(uint16_t b) { return as_float((uint32_t)b << 16); }
+
+static inline uint16_t store_bf16(float f) {
+    uint32_t u = as_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest, ties to even */
+    return (uint16_t)(u >> 16);
+}
+
+/* store_bf16 then load_bf16, without the NaN test: inside the kernel every NaN has its low 16
+ * bits zero (bfloat16 inputs, or NaNs arithmetic made from them, or the default NaN), and
+ * rounding leaves such a NaN unchanged. */
+static inline float round_bf16(float f) {
+    uint32_t u = as_bits(f);
+    return as_float((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u);
+}
+
+/* float16 by integer arithmetic (after F. Giesen's branch-free conversions) rather than
+ * _Float16, which compilers vectorise only on CPUs with native float16 arithmetic. */
 static inline float load_f16(uint16_t h) {
     uint32_t magnitude = (uint32_t)(h & 0x7fffu) << 13, exponent = magnitude & (0x7c00u << 13);
     uint32_t normal = magnitude + ((127 - 15) << 23);
@@ -123,11 +114,7 @@ static inline float round_f16(float f) { return load_f16(store_f16(f)); }
 /* 1 where x has the elected sign (zeros never agree: their sign is 0), else 0 */
 #define AGREES(x, positive) ((positive) ? ((x) > 0.0f ? 1.0f : 0.0f) : ((x) < 0.0f ? 1.0f : 0.0f))
 
-static inline uint32_t abs_bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return u & 0x7fffffffu;
-}
+static inline uint32_t abs_bits(float f) { return as_bits(f) & 0x7fffffffu; }
 
 static inline uint32_t mix32(uint32_t x) {
     x ^= x >> 16;
