@@ -59,7 +59,7 @@ def wait_for_completed(run_dir: Path, count: int, timeout: float = 240) -> None:
                     return
             except KeyError:  # the study is not created yet
                 pass
-            except sqlalchemy.exc.OperationalError:  # racing the search's own schema creation
+            except sqlalchemy.exc.DBAPIError:  # racing the search's own schema creation
                 pass
         time.sleep(0.3)
     raise AssertionError(f"{count} trials did not complete within {timeout} s")
