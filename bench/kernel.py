@@ -9,7 +9,8 @@ machine's memory bandwidth (a large tensor copy, timed between the candidates) i
 run. Prints bytes moved per second as a fraction of that bandwidth (best runs of each).
 
 Bytes counted: per element, each model's task vector read twice (the L1-rescale pass and the
-merge pass), the base read once, the result written once. DARE's random draws are hashed in
+merge pass), the base read once, the result written once, and each model's keep bit written by
+the first pass and read by the second (1/8 byte each way). DARE's random draws are hashed in
 the kernel, not read from memory.
 """
 
@@ -100,7 +101,7 @@ def main() -> None:
 
     jobs = build(args.params, dtype)
     numel = sum(j.delta(0).numel() for j in jobs)
-    moved = numel * (3 * 2 * itemsize + 2 * itemsize)
+    moved = numel * (3 * 2 * itemsize + 2 * itemsize + 3 * 2 / 8)
     copy = CopyTimer(min(numel, 1 << 27))
 
     from evomerge import kernel

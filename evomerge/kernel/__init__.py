@@ -96,6 +96,7 @@ class KeepRule(ctypes.Structure):
         ("hash_key", ctypes.c_uint32),
         ("cut_bits", ctypes.c_uint32),
         ("cutoff", ctypes.c_int64),
+        ("bits", ctypes.c_void_p),
     ]
 
     @classmethod
@@ -117,6 +118,13 @@ class KeepRule(ctypes.Structure):
     def hash_below(cls, hash_key: int, threshold: int) -> "KeepRule":
         """The DARE draw of each element (random_fields.UniformField) < threshold."""
         return cls(mode=2, threshold=min(threshold, 2**31 - 1), hash_key=hash_key)
+
+    @classmethod
+    def stored_bits(cls, bits: torch.Tensor) -> "KeepRule":
+        """Element e kept where bit e % 8 of bits[e // 8] is set (abs_sums stores them)."""
+        rule = cls(mode=4, bits=bits.data_ptr())
+        rule._keepalive = bits
+        return rule
 
     @classmethod
     def top_magnitudes(cls, tau: TaskVector, k: int) -> "KeepRule":
@@ -141,7 +149,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     for suffix in _DTYPES.values():
         signatures = {
             "abs_peak": ([p, i64], f32),
-            "abs_sums": ([ctypes.c_int, i64, p, p, ctypes.POINTER(KeepRule), p, p, p], None),
+            "abs_sums": ([ctypes.c_int, i64, p, p, ctypes.POINTER(KeepRule), p, p, p, p], None),
             "magnitude_cut": ([p, p, i64, i64, p, p], None),
             "tv_merge": ([ctypes.c_int, i64, p, p, p, p, p, p, ctypes.c_int, ctypes.c_int, f32, ctypes.c_int, f32, p], None),
         }
@@ -172,19 +180,29 @@ def abs_peak(x: torch.Tensor) -> float:
     return _call("abs_peak", x, x.contiguous().data_ptr(), x.numel())
 
 
-def abs_sums(taus: list[TaskVector], rules: list[KeepRule], scales: list[float]) -> list[tuple[int, int]]:
+def abs_sums(
+    taus: list[TaskVector], rules: list[KeepRule], scales: list[float]
+) -> tuple[list[tuple[int, int]], list[KeepRule]]:
     """For each task vector: (kept, all), the sums of floor(|tau| * scale) over its kept
     elements and over every element (see sparsify.exact_abs_sum), all in one pass. The task
-    vectors share one base (or none)."""
+    vectors share one base (or none).
+
+    Also returns the rules for the merge pass: each DARE rule becomes the bits of what it
+    kept, stored in the same pass (1 bit per element: reading it is cheaper than hashing
+    every element again)."""
     models = len(taus)
     first = taus[0]
+    n = first.x.numel()
     xs = (ctypes.c_void_p * models)(*[t.x.data_ptr() for t in taus])
+    bits = [torch.empty((n + 7) // 8, dtype=torch.uint8) if rule.mode == 2 else None for rule in rules]
+    bits_c = (ctypes.c_void_p * models)(*[b.data_ptr() if b is not None else None for b in bits])
     kept, every = (ctypes.c_int64 * models)(), (ctypes.c_int64 * models)()
     _call(
-        "abs_sums", first.x, models, first.x.numel(), xs, first.pointers()[1], (KeepRule * models)(*rules),
-        (ctypes.c_double * models)(*scales), kept, every,
+        "abs_sums", first.x, models, n, xs, first.pointers()[1], (KeepRule * models)(*rules),
+        (ctypes.c_double * models)(*scales), kept, every, bits_c,
     )  # fmt: skip
-    return list(zip(kept, every))
+    after = [rule if b is None else KeepRule.stored_bits(b) for rule, b in zip(rules, bits)]
+    return list(zip(kept, every)), after
 
 
 def tv_merge(

@@ -1,19 +1,10 @@
 /* The kernels for one storage type; included by tv_merge.c once per type with T, BITS,
- * ABS_MASK, SUFFIX, IS_FLOAT32 and IS_BF16 defined (see there). No include guard on purpose. */
+ * ABS_MASK, SUFFIX and IS_FLOAT32 defined (see there). No include guard on purpose. */
 
 #define FN(name) CONCAT(name, SUFFIX)
 #define LOAD(x) FN(load)(x)
 #define ROUND(x) FN(round)(x)
 #define STORE(x) FN(store)(x)
-/* An exact product (by 0 or 1): rounding is a no-op. For bfloat16 the no-op rounding stays,
- * because gcc 12 vectorises the combination loop only with it (7x faster); float16's
- * rounding is too dear to waste. */
-#if IS_BF16
-#define EXACT(x) ROUND(x)
-#else
-#define EXACT(x) (x)
-#endif
-
 /* One block of task-vector values as float: x - base (rounded to T, like torch's
  * subtraction), or x itself when base is NULL (x already holds the task vector; float32 then
  * needs no copy at all). */
@@ -48,21 +39,25 @@ float FN(abs_peak)(const T *x, int64_t n) {
 
 /* For each model i: sums of floor(|d| * scales[i]) over its kept elements and over all of
  * them, exact in int64 (scales are powers of two), in one pass over every model: DARE's L1
- * rescale factor is all / kept. */
+ * rescale factor is all / kept. Where bits[i] is not NULL (n/8 bytes rounded up), which
+ * elements were kept is stored there too (KEEP_BITS), for tv_merge to read rather than
+ * decide again. */
 void FN(abs_sums)(int models, int64_t n, const T **xs, const T *sub_base, const keep_rule *rules,
-                  const double *scales, int64_t *kept, int64_t *all) {
+                  const double *scales, int64_t *kept, int64_t *all, uint8_t **bits) {
     int64_t kept_sum[MAX_MODELS] = {0}, all_sum[MAX_MODELS] = {0};
 #pragma omp parallel for reduction(+ : kept_sum[:MAX_MODELS], all_sum[:MAX_MODELS]) schedule(static) if (n > PARALLEL_MIN)
     BLOCKS(n) {
         int64_t len = BLOCK_LEN(n);
         float buf[BLOCK];
+        uint8_t flags[BLOCK] = {0};
         for (int i = 0; i < models; i++) {
             const float *block = FN(load_block)(xs[i], sub_base, start, len, buf);
             double scale = scales[i];
             int64_t part = 0, whole = 0;
             FOR_EACH_KEPT(&rules[i], block, start, len,
                           int64_t q = (int64_t)((double)fabsf(d) * scale);
-                          part += keep ? q : 0; whole += q;)
+                          part += keep ? q : 0; whole += q; flags[j] = (uint8_t)keep;)
+            if (bits[i]) pack_bits(flags, len, bits[i] + start / 8);
             kept_sum[i] += part;
             all_sum[i] += whole;
         }
@@ -150,7 +145,7 @@ static inline void FN(weigh_block)(const T *x, const T *sub_base, const keep_rul
 /* The combination across models, for the block's elements. Sums over models accumulate in
  * float and round once. The elected sign is the sign of the sum rounded to T, which is the
  * sign of the float sum: a sum of T values is a multiple of T's smallest step, so it cannot
- * round to zero unless it is zero. Products with `agree` (0 or 1) are exact (EXACT). */
+ * round to zero unless it is zero. Products with `agree` (0 or 1) are exact: no rounding. */
 #define COMBINE(M, CONSENSUS, NORMALIZE)                                                    \
     for (int64_t j = 0; j < len; j++) {                                                     \
         float mixed, divisor = plain_divisor;                                               \
@@ -159,12 +154,12 @@ static inline void FN(weigh_block)(const T *x, const T *sub_base, const keep_rul
             for (int i = 1; i < (M); i++) total = total + weighted[i][j];                   \
             int positive = total >= 0.0f; /* an exact 0 counts as + */                      \
             float agree = AGREES(weighted[0][j], positive);                                 \
-            mixed = EXACT(weighted[0][j] * agree);                                          \
-            divisor = EXACT(weights[0] * agree);                                            \
+            mixed = weighted[0][j] * agree;                                                 \
+            divisor = weights[0] * agree;                                                   \
             for (int i = 1; i < (M); i++) {                                                 \
                 agree = AGREES(weighted[i][j], positive);                                   \
-                mixed = mixed + EXACT(weighted[i][j] * agree);                              \
-                divisor = divisor + EXACT(weights[i] * agree);                              \
+                mixed = mixed + weighted[i][j] * agree;                                     \
+                divisor = divisor + weights[i] * agree;                                     \
             }                                                                               \
             mixed = ROUND(mixed);                                                           \
             divisor = ROUND(divisor);                                                       \
@@ -227,10 +222,8 @@ void FN(tv_merge)(int models, int64_t n, const T *base, const T **xs, const T *s
 #undef LOAD
 #undef ROUND
 #undef STORE
-#undef EXACT
 #undef T
 #undef BITS
 #undef ABS_MASK
 #undef SUFFIX
 #undef IS_FLOAT32
-#undef IS_BF16

@@ -150,9 +150,10 @@ def _fused(
     rescaled = [i for i in range(models) if rescale and not rules[i].keeps_all]
     if rescaled:  # L1 norms as sparsify.l1_rescale computes them, every model in one pass
         shifts = [sparsify.fixed_point_shift(inputs.base.numel(), inputs.tau_bound(i)) for i in rescaled]
-        sums = kernel.abs_sums([taus[i] for i in rescaled], [rules[i] for i in rescaled], [2.0**s for s in shifts])
-        for i, shift, (after, before) in zip(rescaled, shifts, sums):
+        sums, kept_rules = kernel.abs_sums([taus[i] for i in rescaled], [rules[i] for i in rescaled], [2.0**s for s in shifts])
+        for i, shift, (after, before), kept in zip(rescaled, shifts, sums, kept_rules):
             factors[i] = sparsify.l1_factor(before * 2.0**-shift, after * 2.0**-shift, dtype)
+            rules[i] = kept
     w = torch.tensor(weight, dtype=dtype)
     plain_divisor = w.sum()
     if plain_divisor.abs() < 1e-8:
