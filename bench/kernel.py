@@ -1,6 +1,6 @@
-"""Merge-kernel throughput: one per-layer dare_ties candidate over base + 3 sources.
+"""Merge-kernel throughput: one per-layer dare_ties (or ties) candidate over base + 3 sources.
 
-    python bench/kernel.py [--params 1e8] [--dtype float32|bfloat16|float16] [--threads 2]
+    python bench/kernel.py [--params 1e8] [--dtype float32|bfloat16|float16] [--method dare_ties|ties] [--threads 2]
 
 Builds synthetic resident inputs the way the search holds them (task vectors, the live
 model's parameter each result goes into, per-model density and weight for every tensor), then
@@ -8,10 +8,10 @@ times materialising candidates with the fused kernel and with plain torch ops, a
 machine's memory bandwidth (a large tensor copy, timed between the candidates) in the same
 run. Prints bytes moved per second as a fraction of that bandwidth (best runs of each).
 
-Bytes counted: per element, each model's task vector read twice (the L1-rescale pass and the
-merge pass), the base read once, the result written once, and each model's keep bit written by
-the first pass and read by the second (1/8 byte each way). DARE's random draws are hashed in
-the kernel, not read from memory.
+Bytes counted, per element: dare_ties reads each model's task vector twice (the L1-rescale
+pass and the merge pass) and writes then reads its keep bit (1/8 byte each way); DARE's random
+draws are hashed in the kernel, not read from memory. ties reads each task vector once and its
+precomputed magnitude rank (int32). Both read the base once and write the result once.
 """
 
 from __future__ import annotations
@@ -65,24 +65,30 @@ def build(params: float, dtype: torch.dtype, models: int = 3):
     return jobs
 
 
-def candidate(jobs, *, rng: torch.Generator, models: int = 3):
+# each method as its registry entry runs it (task_arithmetic.py)
+METHODS = {
+    "dare_ties": dict(rule="random", consensus=True, normalize=False, rescale=True),
+    "ties": dict(rule="magnitude", consensus=True, normalize=True, rescale=False),
+}
+
+
+def candidate(jobs, method: str, *, rng: torch.Generator, models: int = 3):
     from evomerge.methods.task_arithmetic import task_vector_merge
 
     for inputs in jobs:  # per-layer genes: every tensor gets its own weights and densities
         weight = (torch.rand(models, generator=rng) * 0.8 + 0.1).tolist()
         density = (torch.rand(models, generator=rng) * 0.6 + 0.3).tolist()
-        task_vector_merge(inputs, weight=weight, density=density, normalize=False, rescale=True,
-                          lambda_=1.0, rule="random", consensus=True)  # fmt: skip
+        task_vector_merge(inputs, weight=weight, density=density, lambda_=1.0, **METHODS[method])
 
 
-def timed(jobs, repeats: int, copy: CopyTimer) -> float:
+def timed(jobs, method: str, repeats: int, copy: CopyTimer) -> float:
     rng = torch.Generator().manual_seed(1)
-    candidate(jobs, rng=rng)  # warm-up (and the one-time kernel build)
+    candidate(jobs, method, rng=rng)  # warm-up (the one-time kernel build, ties's ranks)
     best = float("inf")
     for _ in range(repeats):
         copy.run()
         start = time.perf_counter()
-        candidate(jobs, rng=rng)
+        candidate(jobs, method, rng=rng)
         best = min(best, time.perf_counter() - start)
     copy.run()
     return best
@@ -92,6 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=float, default=1e8, help="parameters per model")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--method", choices=sorted(METHODS), default="dare_ties")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
@@ -101,24 +108,27 @@ def main() -> None:
 
     jobs = build(args.params, dtype)
     numel = sum(j.delta(0).numel() for j in jobs)
-    moved = numel * (3 * 2 * itemsize + 2 * itemsize + 3 * 2 / 8)
+    per_source = 2 * itemsize + 2 / 8 if args.method == "dare_ties" else itemsize + 4
+    moved = numel * (3 * per_source + 2 * itemsize)
     copy = CopyTimer(min(numel, 1 << 27))
 
     from evomerge import kernel
 
-    fused = timed(jobs, args.repeats, copy) if kernel.library() is not None else float("nan")
+    fused = timed(jobs, args.method, args.repeats, copy) if kernel.library() is not None else float("nan")
     os.environ["EVOMERGE_KERNEL"] = "off"
     kernel.library.cache_clear()
-    plain = timed(jobs, args.repeats, copy)
+    plain = timed(jobs, args.method, args.repeats, copy)
     copy_gbps = copy.gbps
 
-    resident = itemsize
-    print(f"dare_ties candidate, base + 3 sources, {numel / 1e6:.0f}M parameters per model, {args.dtype}, {args.threads} threads")
+    print(f"{args.method} candidate, base + 3 sources, {numel / 1e6:.0f}M parameters per model, {args.dtype}, {args.threads} threads")
     print(f"  memory copy bandwidth:     {copy_gbps:6.1f} GB/s")
     print(f"  fused kernel:              {fused:6.3f} s  {moved / fused / 1e9:6.1f} GB/s  = {moved / fused / 1e9 / copy_gbps:5.1%} of copy bandwidth")
     print(f"  torch ops:                 {plain:6.3f} s  {moved / plain / 1e9:6.1f} GB/s  = {moved / plain / 1e9 / copy_gbps:5.1%}")
     print(f"  fused / torch speed-up:    {plain / fused:6.1f}x")
-    print(f"  precomputed per parameter: {resident} bytes per source (its task vector; DARE draws are hashed on the fly)")
+    if args.method == "dare_ties":
+        print(f"  precomputed per parameter: {itemsize} bytes per source (its task vector; DARE draws are hashed on the fly)")
+    else:
+        print(f"  precomputed per parameter: {itemsize + 4} bytes per source (its task vector and int32 magnitude rank)")
 
 
 if __name__ == "__main__":
