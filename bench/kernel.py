@@ -1,6 +1,7 @@
 """Merge-kernel throughput: one per-layer dare_ties (or ties) candidate over base + 3 sources.
 
-    python bench/kernel.py [--params 1e8] [--dtype float32|bfloat16|float16] [--method dare_ties|ties] [--threads 2]
+    python bench/kernel.py [--params 1e8] [--dtype float32|bfloat16|float16] [--method dare_ties|ties]
+                           [--threads 2] [--device cpu|cuda]
 
 Builds synthetic resident inputs the way the search holds them (task vectors, the live
 model's parameter each result goes into, per-model density and weight for every tensor), then
@@ -9,7 +10,7 @@ machine's memory bandwidth (a large tensor copy, timed between the candidates) i
 run. Prints bytes moved per second as a fraction of that bandwidth (best runs of each).
 
 Bytes counted, per element: dare_ties reads each model's task vector twice (the L1-rescale
-pass and the merge pass) and writes then reads its keep bit (1/8 byte each way); DARE's random
+pass and the merge pass) and, on the CPU, writes then reads its keep bit (1/8 byte each way); DARE's random
 draws are hashed in the kernel, not read from memory. ties reads each task vector once and its
 precomputed magnitude rank (int32). Both read the base once and write the result once.
 """
@@ -29,8 +30,8 @@ class CopyTimer:
     """A large tensor copy, timed between candidates so that bandwidth and kernel see the same
     machine (it is shared and noisy): GB/s of bytes read + written, best run."""
 
-    def __init__(self, numel: int):
-        self.src = torch.ones(numel, dtype=torch.float32)
+    def __init__(self, numel: int, device: str):
+        self.src = torch.ones(numel, dtype=torch.float32, device=device)
         self.dst = torch.empty_like(self.src)
         self.dst.copy_(self.src)
         self.best = float("inf")
@@ -38,6 +39,7 @@ class CopyTimer:
     def run(self) -> None:
         start = time.perf_counter()
         self.dst.copy_(self.src)
+        sync(self.src.device)
         self.best = min(self.best, time.perf_counter() - start)
 
     @property
@@ -45,7 +47,12 @@ class CopyTimer:
         return 2 * self.src.numel() * 4 / self.best / 1e9
 
 
-def build(params: float, dtype: torch.dtype, models: int = 3):
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(params: float, dtype: torch.dtype, device: str, models: int = 3):
     from evomerge.methods.registry import MergeInputs
     from evomerge.random_fields import UniformField
 
@@ -56,6 +63,7 @@ def build(params: float, dtype: torch.dtype, models: int = 3):
     for t in range(count):
         base = torch.randn(shape, generator=generator).to(dtype)
         sources = [(base.float() + torch.randn(shape, generator=generator) * 0.01).to(dtype) for _ in range(models)]
+        base, sources = base.to(device), [s.to(device) for s in sources]
         inputs = MergeInputs(sources, base, f"model.layers.{t}.mlp.weight", UniformField(0, f"t{t}"))
         inputs.reused = True
         inputs.destination = torch.empty_like(base)  # the live model's parameter
@@ -89,6 +97,7 @@ def timed(jobs, method: str, repeats: int, copy: CopyTimer) -> float:
         copy.run()
         start = time.perf_counter()
         candidate(jobs, method, rng=rng)
+        sync(jobs[0].base.device)
         best = min(best, time.perf_counter() - start)
     copy.run()
     return best
@@ -100,23 +109,26 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--method", choices=sorted(METHODS), default="dare_ties")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the Triton kernel against HBM bandwidth")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     itemsize = torch.tensor([], dtype=dtype).element_size()
 
-    jobs = build(args.params, dtype)
+    jobs = build(args.params, dtype, args.device)
     numel = sum(j.delta(0).numel() for j in jobs)
-    per_source = 2 * itemsize + 2 / 8 if args.method == "dare_ties" else itemsize + 4
+    keep_bits = 2 / 8 if args.device == "cpu" else 0  # the GPU hashes again instead
+    per_source = 2 * itemsize + keep_bits if args.method == "dare_ties" else itemsize + 4
     moved = numel * (3 * per_source + 2 * itemsize)
-    copy = CopyTimer(min(numel, 1 << 27))
+    copy = CopyTimer(min(numel, 1 << 27), args.device)
 
     from evomerge import kernel
 
-    fused = timed(jobs, args.method, args.repeats, copy) if kernel.library() is not None else float("nan")
+    fused = timed(jobs, args.method, args.repeats, copy) if kernel.applies([jobs[0].base]) else float("nan")
     os.environ["EVOMERGE_KERNEL"] = "off"
     kernel.library.cache_clear()
+    kernel.gpu_ready.cache_clear()
     plain = timed(jobs, args.method, args.repeats, copy)
     copy_gbps = copy.gbps
 

@@ -1,14 +1,15 @@
-"""The fused CPU kernel for the task-vector family (task arithmetic, TIES, DARE).
+"""The fused kernels for the task-vector family (task arithmetic, TIES, DARE).
 
 Per trial the search re-merges every tensor from resident task vectors, ranks and random
-draws. With torch ops that is a dozen passes over memory per tensor; `tv_merge.c` does it in
-one pass (plus one per model for DARE's L1 rescale), multi-threaded. It follows the torch
-code of `evomerge.methods.task_arithmetic` op for op, so results are bit-identical
-(tests/test_kernel.py); where it does not apply (other devices or dtypes, breadcrumbs/della,
-no C compiler) the torch code runs instead.
+draws. With torch ops that is a dozen passes over memory per tensor; `tv_merge.c` does it on
+the CPU in one pass (plus one over all models for DARE's L1 rescale), multi-threaded, and
+`triton_merge.py` on CUDA GPUs. Both follow the torch code of
+`evomerge.methods.task_arithmetic` op for op, so results are bit-identical
+(tests/test_kernel.py, tests/test_kernel_triton.py); where neither applies (other devices or
+dtypes, breadcrumbs/della, no C compiler, no Triton) the torch code runs instead.
 
 The C source is compiled once per machine with the system's C compiler into the user cache
-(`$XDG_CACHE_HOME/evomerge`, default `~/.cache/evomerge`); set EVOMERGE_KERNEL=off to disable it.
+(`$XDG_CACHE_HOME/evomerge`, default `~/.cache/evomerge`); EVOMERGE_KERNEL=off disables both kernels.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _cache_dir() -> Path:
 @lru_cache(maxsize=1)
 def library() -> Optional[ctypes.CDLL]:
     """The compiled kernel, or None when it is disabled or cannot be built here."""
-    if os.environ.get("EVOMERGE_KERNEL", "on").lower() in ("off", "0", "false"):
+    if _disabled():
         return None
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
@@ -65,6 +66,10 @@ def library() -> Optional[ctypes.CDLL]:
     lib = ctypes.CDLL(str(target))
     _declare(lib)
     return lib
+
+
+def _disabled() -> bool:
+    return os.environ.get("EVOMERGE_KERNEL", "on").lower() in ("off", "0", "false")
 
 
 def _cpu_flags() -> str:
@@ -160,16 +165,39 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def applies(tensors: list[torch.Tensor]) -> bool:
-    """Whether the kernel is built here and takes these tensors (one shape, one dtype)."""
+    """Whether a fused kernel takes these tensors (one shape, one dtype): the C kernel on the
+    CPU when it is built here, the Triton kernel on a CUDA GPU where it passed its self-check."""
     first = tensors[0]
-    return (
-        first.device.type == "cpu"
-        and library() is not None  # loading it settles which dtypes it has
-        and first.dtype in _DTYPES
+    fits = (
+        first.dtype in _DTYPES
         and all(t.is_contiguous() and t.dtype == first.dtype and t.shape == first.shape for t in tensors)
         and first.numel() < 2**31
         and len(tensors) <= 65  # MAX_MODELS in tv_merge.c, plus the base
     )
+    if not fits:
+        return False
+    if first.device.type == "cpu":
+        return library() is not None
+    return first.device.type == "cuda" and gpu_ready(first.device, first.dtype)
+
+
+@lru_cache(maxsize=None)
+def gpu_ready(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernel runs on this GPU and gives the CPU's bits for this dtype: it
+    is checked once per process against the CPU merge on small random inputs, every rule
+    included; on any failure the torch code runs instead, with a warning."""
+    if _disabled():
+        return False
+    try:
+        from evomerge.methods.task_arithmetic import kernel_self_check
+
+        mismatch = kernel_self_check(device, dtype)
+    except Exception as exc:  # no triton, a compile error, a driver problem
+        LOG.warning("the Triton merge kernel is unavailable on %s (%s); using torch ops", device, exc)
+        return False
+    if mismatch:
+        LOG.warning("the Triton merge kernel differs from the CPU on %s for %s (%s); using torch ops", device, dtype, mismatch)
+    return not mismatch
 
 
 def abs_peak(x: torch.Tensor) -> float:
@@ -190,6 +218,10 @@ def abs_sums(
     Also returns the rules for the merge pass: each DARE rule becomes the bits of what it
     kept, stored in the same pass (1 bit per element: reading it is cheaper than hashing
     every element again)."""
+    if taus[0].x.is_cuda:  # the GPU hashes again in the merge pass: compute is cheap there
+        from evomerge.kernel import triton_merge
+
+        return triton_merge.abs_sums(taus, rules, scales), rules
     models = len(taus)
     first = taus[0]
     n = first.x.numel()
@@ -221,9 +253,14 @@ def tv_merge(
     """base + lambda * sum_i(w_i m_i s_i tau_i) / Z, all task vectors relative to one base,
     into `out` when given (a buffer like `base`: the live model's parameter in the search, a
     buffer lent by the output writer in a plain merge)."""
+    out = torch.empty_like(base) if out is None else out
+    if base.is_cuda:
+        from evomerge.kernel import triton_merge
+
+        return triton_merge.tv_merge(base, taus, rules, rescale, weights, consensus=consensus, normalize=normalize,
+                                     plain_divisor=plain_divisor, lambda_=lambda_, out=out)  # fmt: skip
     models = len(taus)
     sub_base = taus[0].base.data_ptr() if taus[0].base is not None else None
-    out = torch.empty_like(base) if out is None else out
     xs = (ctypes.c_void_p * models)(*[t.x.data_ptr() for t in taus])
     rules_c = (KeepRule * models)(*rules)
     rescale_c = (ctypes.c_float * models)(*rescale.float().tolist())

@@ -19,6 +19,7 @@ import torch
 
 from evomerge.methods import sparsify
 from evomerge.methods.registry import MergeInputs, MergeMethod, Param, register
+from evomerge.random_fields import UniformField
 
 Sparsifier = Optional[Literal["magnitude", "random", "breadcrumbs", "della"]]
 
@@ -165,6 +166,34 @@ def _fused(
     )  # fmt: skip
 
 
+def kernel_self_check(device: torch.device, dtype: torch.dtype) -> str:
+    """'' when the fused kernel on `device` gives the CPU's bits on small random inputs, else
+    the merge that differed: DARE-TIES with its L1 rescale and TIES with normalisation (both
+    with the base subtracted on the fly and with stored task vectors and ranks), and task
+    arithmetic with lambda (see kernel.gpu_ready)."""
+    generator = torch.Generator().manual_seed(0)
+    numel = 3 * 1024 + 17  # a few kernel blocks and a ragged end
+    base = torch.randn(numel, generator=generator).to(dtype)
+    models = [(base.float() + 0.02 * torch.randn(numel, generator=generator)).to(dtype) for _ in range(3)]
+    cases = {
+        "dare_ties": dict(rule="random", density=[0.3, 0.5, 1.0], rescale=True, consensus=True, normalize=False, lambda_=1.0),
+        "ties": dict(rule="magnitude", density=[0.2, 0.5, 0.7], rescale=False, consensus=True, normalize=True, lambda_=1.0),
+        "task_arithmetic": dict(rule=None, density=[1.0] * 3, rescale=False, consensus=False, normalize=False, lambda_=0.8),
+    }  # fmt: skip
+    weight = [0.6, -0.3, 0.9]
+    for name, options in cases.items():
+        for reused in (False, True):
+            field = UniformField(7, name)
+            expected = task_vector_merge(MergeInputs(models, base, name, field), weight=weight, **options)
+            inputs = MergeInputs([m.to(device) for m in models], base.to(device), name, field)
+            inputs.reused = reused
+            got = _fused(inputs, weight, **options).cpu()
+            bits = torch.int16 if got.itemsize == 2 else torch.int32
+            if not torch.equal(got.view(bits), expected.view(bits)):
+                return f"{name}, {'stored task vectors' if reused else 'base subtracted on the fly'}"
+    return ""
+
+
 def _destination(inputs: MergeInputs) -> Optional[torch.Tensor]:
     """The caller's output buffer when the kernel can write into it."""
     out, base = inputs.destination, inputs.base
@@ -183,7 +212,7 @@ def _keep_rule(inputs: MergeInputs, index: int, tau, rule: Sparsifier, density: 
     if rule == "random":
         return KeepRule.hash_below(inputs.field.hash_key(index), sparsify.keep_threshold(density))
     k = sparsify.magnitude_keep_count(density, inputs.base.numel())
-    if inputs.reused:
+    if inputs.reused or tau.x.is_cuda:  # the GPU kernel has no radix select
         return KeepRule.key_below(inputs.magnitude_ranks(index), k)
     return KeepRule.top_magnitudes(tau, k)
 

@@ -1,0 +1,88 @@
+"""The Triton kernel (CUDA GPUs) against the C kernel, bit for bit.
+
+Without a GPU it runs in Triton's CPU interpreter (tests/conftest.py), which executes the same
+kernel code with numpy: the integer rounding, the hash, the order of every float operation and
+the exact L1 sums are what is checked here. On a GPU, kernel.gpu_ready repeats a check like
+this against the CPU before the kernel is used.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from evomerge import kernel  # noqa: E402
+from evomerge.kernel import KeepRule, TaskVector, triton_merge  # noqa: E402
+from evomerge.methods.sparsify import magnitude_ranks  # noqa: E402
+from evomerge.random_fields import UniformField, keep_threshold  # noqa: E402
+
+pytestmark = pytest.mark.skipif(kernel.library() is None, reason="the C kernel is the reference here")
+
+NUMEL = 2 * 1024 + 77  # three kernel blocks, the last one ragged
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int32 if x.dtype == torch.float32 else torch.int16)
+
+
+def inputs(dtype, mode, subtract):
+    generator = torch.Generator().manual_seed(len(mode))
+    base = torch.randn(NUMEL, generator=generator).to(dtype)
+    models = [(base.float() + torch.randn(NUMEL, generator=generator) * 0.02).to(dtype) for _ in range(3)]
+    deltas = [m - base for m in models]
+    taus = [TaskVector(m, base) if subtract else TaskVector(d) for m, d in zip(models, deltas)]
+    field = UniformField(3, "w")
+    if mode == "all":
+        rules = [KeepRule.keep_all()] * 3
+    elif mode == "ranks":
+        rules = [KeepRule.key_below(magnitude_ranks(d), NUMEL // (i + 2)) for i, d in enumerate(deltas)]
+    else:  # DARE draws, one model keeping everything
+        rules = [KeepRule.hash_below(field.hash_key(i), keep_threshold(p)) for i, p in enumerate((0.3, 0.6, 1.0))]
+    return base, taus, rules
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["all", "ranks", "draws"])
+@pytest.mark.parametrize("subtract", [False, True])
+def test_triton_kernel_matches_the_c_kernel(dtype, mode, subtract):
+    base, taus, rules = inputs(dtype, mode, subtract)
+    scales = [2.0**40] * 3
+    assert triton_merge.abs_sums(taus, rules, scales) == kernel.abs_sums(taus, rules, scales)[0]
+    weights = torch.tensor([0.5, -0.3, 0.8]).to(dtype)
+    rescale = torch.tensor([1.0, 1.3, 0.9]).to(dtype)
+    for consensus, normalize, lambda_ in itertools.product([False, True], [False, True], [1.0, 0.7]):
+        options = dict(consensus=consensus, normalize=normalize, plain_divisor=float(weights.float().sum()), lambda_=lambda_)
+        expected = kernel.tv_merge(base, taus, rules, rescale, weights, **options, out=torch.empty_like(base))
+        got = triton_merge.tv_merge(base, taus, rules, rescale, weights, **options, out=torch.empty_like(base))
+        assert torch.equal(bits(got), bits(expected)), (consensus, normalize, lambda_)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, on the way to Inf
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_rounding_covers_every_finite_value(dtype):
+    """Products of every finite value with weights that round, overflow and go subnormal."""
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    every = every[torch.isfinite(every)].contiguous()
+    base = torch.zeros_like(every)
+    taus = [TaskVector(every), TaskVector(every.flip(0).contiguous())]
+    rules = [KeepRule.keep_all()] * 2
+    for weight in ([0.7, 0.3], [3.0, -2.5], [1e-3, 0.55]):
+        w = torch.tensor(weight).to(dtype)
+        options = dict(consensus=False, normalize=False, plain_divisor=1.0, lambda_=0.9)
+        expected = kernel.tv_merge(base, taus, rules, torch.ones(2, dtype=dtype), w, **options)
+        got = triton_merge.tv_merge(base, taus, rules, torch.ones(2, dtype=dtype), w, **options, out=torch.empty_like(base))
+        finite = torch.isfinite(expected)
+        assert torch.equal(torch.isfinite(got), finite)
+        assert torch.equal(bits(got)[finite], bits(expected)[finite]), weight
+
+
+def test_triton_draws_cross_hash_chunks(monkeypatch):
+    """Elements past 2**22 hash with their chunk's key, as random_fields draws them."""
+    monkeypatch.setattr(triton_merge, "BLOCK", 1 << 16)  # fewer interpreted programs
+    numel = (1 << 22) + 5
+    field = UniformField(1, "x")
+    rule = KeepRule.hash_below(field.hash_key(0), keep_threshold(0.3))
+    expected = int((field.integers(0, torch.Size([numel])) < keep_threshold(0.3)).sum())
+    assert triton_merge.abs_sums([TaskVector(torch.ones(numel, dtype=torch.bfloat16))], [rule], [1.0]) == [(expected, numel)]
