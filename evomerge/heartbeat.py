@@ -1,16 +1,15 @@
-"""Heartbeats for journal-file studies, so a dead worker's trial does not stay RUNNING forever.
+"""Heartbeats, so a dead worker's trial does not stay RUNNING forever.
 
-Optuna 5 gives heartbeats only to `RDBStorage` (SQLite, PostgreSQL, MySQL): Optuna's own loop beats
-for the running trial, and before each new trial fails the trials whose worker stopped beating and
-queues them again with `RetryHeartbeatStaleTrialCallback`. `JournalStorage` has no such hook (its
-heartbeat support, optuna/optuna#6615, is not in 5.0), so this module does the same with Optuna's
-public API:
+Optuna 5 has heartbeats only for `RDBStorage`, and there a trial whose worker dies between
+creating it and recording its first beat has no heartbeat row and is never found stale (seen as
+a rare orphan RUNNING trial after SIGKILL); `JournalStorage` has none at all
+(optuna/optuna#6615 is not in 5.0). So every storage gets this, built on Optuna's public API:
 
 - while a trial runs, a thread stamps it with the user attribute `heartbeat` (seconds since the
   epoch) every `interval` seconds;
 - before each trial (and when a worker starts), a worker fails every RUNNING trial whose last
   stamp, or start if it has none yet, is more than `grace` seconds old, and queues each one once
-  more (`max_retry`), exactly as `RetryHeartbeatStaleTrialCallback` does for RDB storages.
+  more (`max_retry`) with Optuna's `RetryHeartbeatStaleTrialCallback`.
 
 The stamps are wall-clock times of the workers, so workers on several nodes need synchronised
 clocks (NTP); the grace period should exceed the longest pause of a live worker.
@@ -33,7 +32,7 @@ LOG = logging.getLogger(__name__)
 HEARTBEAT_ATTR = "heartbeat"
 
 
-class JournalHeartbeat:
+class TrialHeartbeat:
     """Beat for the running trial; fail and retry the trials of workers that stopped beating."""
 
     def __init__(self, *, interval: int, grace: int, max_retry: int = 1):
@@ -64,6 +63,8 @@ class JournalHeartbeat:
                         self.grace,
                     )
                     return
+                except Exception as exc:  # a busy or briefly unreachable storage: beat again later
+                    LOG.warning("trial %d: heartbeat not recorded (%s)", trial.number, exc)
                 if stop.wait(self.interval):
                     return
 

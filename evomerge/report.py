@@ -39,7 +39,6 @@ import math
 import os
 import re
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,9 +70,7 @@ def report_run(run_dir: str | Path, *, top: int = 10, out: Path | None = None) -
     run_dir = Path(run_dir)
     config = read_run_folder(run_dir, check_pool=False)
     url = storage_url(config, run_dir)
-    with warnings.catch_warnings():  # open_storage's heartbeat options warn about deprecations
-        warnings.simplefilter("ignore")
-        study = load_or_create_study(config, open_storage(url), create=False)
+    study = load_or_create_study(config, open_storage(url), create=False)
     space = space_for_study(config, study)
     out_dir = Path(out) if out else run_dir / "report"
     return make_report(

@@ -21,7 +21,7 @@ from evomerge.candidate import CandidateError, LiveCandidate
 from evomerge.config import RunConfig
 from evomerge.errors import UserError
 from evomerge.fitness.backends import sync_weights
-from evomerge.heartbeat import JournalHeartbeat
+from evomerge.heartbeat import TrialHeartbeat
 from evomerge.recipe import Recipe
 from evomerge.space import SearchSpace, load_space
 
@@ -38,26 +38,20 @@ def storage_url(config: RunConfig, run_dir: Path) -> str:
     return config.search.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
 
 
-def open_storage(url: str, *, heartbeat_seconds: int = 10, grace_seconds: int = 60):
-    """Optuna storage for a URL; RDB storages get heartbeats so a dead worker's trial is
-    failed (and retried once) instead of staying RUNNING forever. Journal storages have no
-    heartbeat in Optuna 5: `Search` runs `evomerge.heartbeat.JournalHeartbeat` for them."""
+def open_storage(url: str):
+    """Optuna storage for a URL: a journal file or an RDB (SQLite, PostgreSQL, MySQL). A dead
+    worker's trial is failed and retried by `evomerge.heartbeat`, for every storage alike."""
     import warnings
 
     import optuna
-    from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import JournalStorage, RDBStorage
     from optuna.storages.journal import JournalFileBackend
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
         if url.startswith("journal:") or url.endswith(".log"):
             return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
-        return RDBStorage(
-            url,
-            heartbeat_interval=heartbeat_seconds,
-            grace_period=grace_seconds,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-        )
+        return RDBStorage(url)
     except (optuna.exceptions.StorageInternalError, ImportError, ValueError) as exc:
         raise UserError(f"cannot open study storage {url!r}: {exc}") from None
     except Exception as exc:  # SQLAlchemy's connection errors have many types
@@ -67,10 +61,7 @@ def open_storage(url: str, *, heartbeat_seconds: int = 10, grace_seconds: int = 
 
 
 def open_config_storage(config: RunConfig, run_dir: Path):
-    search = config.search
-    return open_storage(
-        storage_url(config, run_dir), heartbeat_seconds=search.heartbeat_seconds, grace_seconds=search.grace_seconds
-    )
+    return open_storage(storage_url(config, run_dir))
 
 
 def make_sampler(config: RunConfig, *, seeded: bool = True):
@@ -137,7 +128,6 @@ class Search:
 
     def __init__(self, config: RunConfig, run_dir: Path, *, storage=None, create: bool = True):
         import torch
-        from optuna.storages import JournalStorage
 
         from evomerge.fitness import Evaluator
 
@@ -151,9 +141,7 @@ class Search:
             self.study = prepare_study(config, self.storage, self.space)
         else:
             self.study = load_or_create_study(config, self.storage, create=False)
-        self.heartbeat = None  # RDB storages beat inside Optuna; journal storages need ours
-        if isinstance(self.storage, JournalStorage):
-            self.heartbeat = JournalHeartbeat(interval=config.search.heartbeat_seconds, grace=config.search.grace_seconds)
+        self.heartbeat = TrialHeartbeat(interval=config.search.heartbeat_seconds, grace=config.search.grace_seconds)
         self.worker = worker_name()
         model, tokenizer = load_eval_model(config)
         template = self.space.decode({g.name: (g.low + g.high) / 2 for g in self.space.genes})
@@ -164,8 +152,6 @@ class Search:
     # ask -> decode -> materialise -> score -> tell (tell is Optuna's, on return/raise)
     def objective(self, trial: "optuna.Trial"):
         trial.set_user_attr("worker", self.worker)
-        if self.heartbeat is None:
-            return self._objective(trial)
         with self.heartbeat.beating(trial):
             return self._objective(trial)
 
@@ -223,22 +209,15 @@ class Search:
 
     def run(self, *, until: int, timeout_s: Optional[float] = None, progress: bool = True) -> None:
         """Run trials until the study holds `until` finished ones (counting every worker's)."""
-        import warnings
 
         import optuna
         from optuna.study import MaxTrialsCallback
         from optuna.trial import TrialState
 
         # A worker that died left its trial RUNNING: fail (and retry) it now, even if the budget
-        # is met; then before each trial, which Optuna does itself for RDB storages.
-        callbacks = []
-        if self.heartbeat is not None:
-            self.heartbeat.fail_stale(self.study)
-            callbacks.append(self.heartbeat.fail_stale)
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(self.study)  # a no-op without heartbeats
+        # is met; then after each trial.
+        self.heartbeat.fail_stale(self.study)
+        callbacks = [self.heartbeat.fail_stale]
         remaining = until - self.finished_trials()
         if remaining <= 0:
             return
