@@ -8,8 +8,8 @@ that what was scored is what ships.
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -209,7 +209,6 @@ class Search:
 
     def run(self, *, until: int, timeout_s: Optional[float] = None, progress: bool = True) -> None:
         """Run trials until the study holds `until` finished ones (counting every worker's)."""
-
         import optuna
         from optuna.study import MaxTrialsCallback
         from optuna.trial import TrialState

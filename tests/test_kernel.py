@@ -87,7 +87,7 @@ def test_inline_draws_and_magnitude_cut_match_the_torch_definitions(dtype, numel
         rule = KeepRule.hash_below(field.hash_key(1), keep_threshold(p))
         sums, (stored,) = abs_sums([TaskVector(ones)], [rule], [1.0])
         assert sums == [(int(kept.sum()), numel)]
-        stored_bits = stored._keepalive.long()  # the kept elements as bits, for the merge pass
+        stored_bits = stored.tensor.long()  # the kept elements as bits, for the merge pass
         unpacked = (stored_bits[torch.arange(numel) // 8] >> (torch.arange(numel) % 8)) & 1
         assert torch.equal(unpacked.bool(), kept)
     ranks = magnitude_ranks(delta)

@@ -92,7 +92,8 @@ class TaskVector(NamedTuple):
 
 
 class KeepRule(ctypes.Structure):
-    """Which elements of one model's task vector survive (see tv_merge.c)."""
+    """Which elements of one model's task vector survive (see tv_merge.c). Rules that point
+    into a tensor (ranks, stored bits) hold it as `tensor`, which keeps the pointer valid."""
 
     _fields_ = [
         ("mode", ctypes.c_int32),
@@ -116,7 +117,7 @@ class KeepRule(ctypes.Structure):
     def key_below(cls, key: torch.Tensor, threshold: int) -> "KeepRule":
         """key[e] < threshold, e.g. precomputed magnitude ranks (int32)."""
         rule = cls(mode=1, threshold=threshold, key=key.data_ptr())
-        rule._keepalive = key
+        rule.tensor = key
         return rule
 
     @classmethod
@@ -128,7 +129,7 @@ class KeepRule(ctypes.Structure):
     def stored_bits(cls, bits: torch.Tensor) -> "KeepRule":
         """Element e kept where bit e % 8 of bits[e // 8] is set (abs_sums stores them)."""
         rule = cls(mode=4, bits=bits.data_ptr())
-        rule._keepalive = bits
+        rule.tensor = bits
         return rule
 
     @classmethod

@@ -150,7 +150,7 @@ def _rule_arrays(taus, rules, device):
     thresholds = torch.tensor([rule.threshold for rule in rules], dtype=torch.int64, device=device)
     hash_keys = torch.tensor([rule.hash_key for rule in rules], dtype=torch.int64, device=device)
     # a model without ranks passes its task vector as a stand-in key (never read)
-    keys = tuple(rule._keepalive if rule.mode == 1 else tau.x for tau, rule in zip(taus, rules))
+    keys = tuple(rule.tensor if rule.mode == 1 else tau.x for tau, rule in zip(taus, rules))
     return modes, thresholds, hash_keys, keys
 
 

@@ -203,8 +203,8 @@ def _destination(inputs: MergeInputs) -> Optional[torch.Tensor]:
 
 
 def _keep_rule(inputs: MergeInputs, index: int, tau, rule: Sparsifier, density: float):
-    """The kernel's form of `sparsified_delta`'s mask: precomputed magnitude ranks when the
-    inputs are reused across trials, a radix select otherwise; DARE draws hashed inline."""
+    """The kernel's form of `sparsified_delta`'s mask: magnitude ranks when the inputs are
+    reused across trials (or on a GPU), a radix select otherwise; DARE draws hashed inline."""
     from evomerge.kernel import KeepRule
 
     if rule is None or density >= 1:
