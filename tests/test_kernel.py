@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import math
+import platform
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -16,7 +20,7 @@ from evomerge.random_fields import UniformField
 pytestmark = pytest.mark.skipif(kernel.library() is None, reason="no C compiler to build the kernel")
 
 
-def make_inputs(dtype: torch.dtype, models: int = 3, shape=(64, 96), seed: int = 0, reused=False) -> MergeInputs:
+def make_inputs(dtype: torch.dtype, models: int = 3, shape=(61, 97), seed: int = 0, reused=False) -> MergeInputs:
     generator = torch.Generator().manual_seed(seed)
     base = torch.randn(shape, generator=generator)
     tensors = []
@@ -53,6 +57,11 @@ CASES = list(
 
 @pytest.mark.parametrize("reused,dtype,rule,consensus,normalize,rescale", CASES)
 def test_kernel_matches_torch_ops(reused, dtype, rule, consensus, normalize, rescale):
+    check_kernel_matches_torch_ops(reused, dtype, rule, consensus, normalize, rescale)
+
+
+def check_kernel_matches_torch_ops(reused, dtype, rule, consensus, normalize, rescale):
+    # 61 x 97 elements: 23 whole blocks of 256 and a last one of 29 (not a multiple of 8)
     inputs = make_inputs(dtype, reused=reused)
     for weight, density, lambda_ in (
         ([0.3, 0.5, 0.2], [0.5, 0.7, 0.3], 1.0),
@@ -133,8 +142,12 @@ def test_kernel_is_the_same_with_any_thread_count():
 def test_every_finite_value_converts_and_rounds_like_torch(dtype):
     """Loads, stores and per-op rounding over the whole range of the type: subnormals,
     overflow to Inf, ties to even."""
+    check_every_finite_value(dtype)
+
+
+def check_every_finite_value(dtype):
     every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
-    every = every[torch.isfinite(every)]
+    every = every[torch.isfinite(every)][1:]  # [1:]: a last block of 255, not a multiple of 8
     inputs = MergeInputs(models=[every.clone(), every.flip(0).contiguous()], base=torch.zeros_like(every), tensor_name="w")
     for weight, lambda_ in (([1.0, 0.0], 1.0), ([0.7, 0.3], 1.0), ([0.55, 0.45], 0.9), ([3.0, -2.5], 1.0)):
         options = dict(rule=None, rescale=False, consensus=False, normalize=False, lambda_=lambda_)
@@ -143,3 +156,31 @@ def test_every_finite_value_converts_and_rounds_like_torch(dtype):
         finite = torch.isfinite(expected)
         assert torch.equal(torch.isfinite(got), finite)
         assert torch.equal(bits(got)[finite], bits(expected)[finite]), weight
+
+
+@pytest.fixture(scope="module")
+def library_without_f16c(tmp_path_factory):
+    """The kernel as built on an x86 CPU without F16C, where float16 rounds inside the loops
+    by integer arithmetic instead of by conversion instructions between them."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("F16C is an x86 extension")
+    built = tmp_path_factory.mktemp("kernel") / "tv_merge_no_f16c.so"
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    subprocess.run([compiler, *kernel.FLAGS, "-mno-f16c", str(kernel.SOURCE), "-o", str(built), "-lm"], check=True)
+    library = ctypes.CDLL(str(built))
+    kernel._declare(library)
+    return library
+
+
+@pytest.fixture
+def kernel_without_f16c(library_without_f16c, monkeypatch):
+    monkeypatch.setattr(kernel, "library", lambda: library_without_f16c)
+
+
+@pytest.mark.parametrize("rule,consensus,normalize,rescale", [c[2:] for c in CASES if not c[0] and c[1] == torch.float16])
+def test_float16_without_f16c_matches_torch_ops(kernel_without_f16c, rule, consensus, normalize, rescale):
+    check_kernel_matches_torch_ops(False, torch.float16, rule, consensus, normalize, rescale)
+
+
+def test_float16_without_f16c_rounds_every_value_like_torch(kernel_without_f16c):
+    check_every_finite_value(torch.float16)

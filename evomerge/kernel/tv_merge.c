@@ -123,6 +123,54 @@ static inline float round_f16(float f) {
     return as_float(r | sign);
 }
 
+/* ---- the same, a block at a time: x[j] as float, float rounded to the type, stored --------
+ * The kernels round between stages a block at a time rather than inside their loops: the
+ * float16 conversions then run as F16C instructions (8 per instruction), which compilers never
+ * vectorise on their own without native float16 arithmetic, and the other types' loops stay
+ * short enough to vectorise. */
+#define CONVERSIONS_BY_LOOP(SUFFIX, T)                                                      \
+    static inline void load_floats_##SUFFIX(const T *x, int64_t len, float *out) {          \
+        for (int64_t j = 0; j < len; j++) out[j] = load_##SUFFIX(x[j]);                     \
+    }                                                                                       \
+    static inline void round_floats_##SUFFIX(float *x, int64_t len) {                       \
+        for (int64_t j = 0; j < len; j++) x[j] = round_##SUFFIX(x[j]);                      \
+    }                                                                                       \
+    static inline void store_floats_##SUFFIX(const float *x, int64_t len, T *out) {         \
+        for (int64_t j = 0; j < len; j++) out[j] = store_##SUFFIX(x[j]);                    \
+    }
+
+CONVERSIONS_BY_LOOP(f32, float)
+CONVERSIONS_BY_LOOP(bf16, uint16_t)
+
+#ifdef __F16C__
+#include <immintrin.h>
+/* F16C rounds to nearest even like store_f16; NaNs keep their payload (store_f16 gives the
+ * default NaN), as torch's own vectorised float16 code does. */
+#define F16_NEAREST _MM_FROUND_TO_NEAREST_INT
+static inline void load_floats_f16(const uint16_t *x, int64_t len, float *out) {
+    int64_t j = 0;
+    for (; j + 8 <= len; j += 8)
+        _mm256_storeu_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + j))));
+    for (; j < len; j++) out[j] = _cvtsh_ss(x[j]);
+}
+
+static inline void round_floats_f16(float *x, int64_t len) {
+    int64_t j = 0;
+    for (; j + 8 <= len; j += 8)
+        _mm256_storeu_ps(x + j, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(x + j), F16_NEAREST)));
+    for (; j < len; j++) x[j] = _cvtsh_ss(_cvtss_sh(x[j], F16_NEAREST));
+}
+
+static inline void store_floats_f16(const float *x, int64_t len, uint16_t *out) {
+    int64_t j = 0;
+    for (; j + 8 <= len; j += 8)
+        _mm_storeu_si128((__m128i *)(out + j), _mm256_cvtps_ph(_mm256_loadu_ps(x + j), F16_NEAREST));
+    for (; j < len; j++) out[j] = _cvtss_sh(x[j], F16_NEAREST);
+}
+#else
+CONVERSIONS_BY_LOOP(f16, uint16_t)
+#endif
+
 /* ---- what every kernel shares ------------------------------------------------------------- */
 
 /* 1 where x has the elected sign (zeros never agree: their sign is 0), else 0; written with
@@ -227,7 +275,9 @@ static inline void unpack_bits(const uint8_t *bits, int64_t len, uint8_t *keep) 
 /* ---- one set of kernels per storage type --------------------------------------------------
  * T: the element type as stored (16-bit types as their bits); BITS: an unsigned integer of
  * its size; ABS_MASK: all bits but the sign; SUFFIX names the functions (tv_merge_f32, ...)
- * and the load/round/store helpers above; IS_FLOAT32 picks the few special cases. */
+ * and the load/round/store helpers above; IS_FLOAT32 picks the few special cases;
+ * ROUNDS_IN_LOOP says whether rounding to T is cheap integer code that vectorises inside the
+ * kernels' loops (1), or conversion instructions (F16C) run as a pass between them (0). */
 #define CONCAT_(a, b) a##_##b
 #define CONCAT(a, b) CONCAT_(a, b)
 
@@ -236,6 +286,7 @@ static inline void unpack_bits(const uint8_t *bits, int64_t len, uint8_t *keep) 
 #define ABS_MASK 0x7fffffffu
 #define SUFFIX f32
 #define IS_FLOAT32 1
+#define ROUNDS_IN_LOOP 1
 #include "tv_merge_typed.h"
 
 #define T uint16_t
@@ -243,6 +294,7 @@ static inline void unpack_bits(const uint8_t *bits, int64_t len, uint8_t *keep) 
 #define ABS_MASK 0x7fffu
 #define SUFFIX bf16
 #define IS_FLOAT32 0
+#define ROUNDS_IN_LOOP 1
 #include "tv_merge_typed.h"
 
 #define T uint16_t
@@ -250,6 +302,11 @@ static inline void unpack_bits(const uint8_t *bits, int64_t len, uint8_t *keep) 
 #define ABS_MASK 0x7fffu
 #define SUFFIX f16
 #define IS_FLOAT32 0
+#ifdef __F16C__
+#define ROUNDS_IN_LOOP 0
+#else
+#define ROUNDS_IN_LOOP 1
+#endif
 #include "tv_merge_typed.h"
 
 #ifdef _OPENMP

@@ -1,25 +1,35 @@
 /* The kernels for one storage type; included by tv_merge.c once per type with T, BITS,
- * ABS_MASK, SUFFIX and IS_FLOAT32 defined (see there). No include guard on purpose. */
+ * ABS_MASK, SUFFIX, IS_FLOAT32 and ROUNDS_IN_LOOP defined (see there). No include guard on purpose. */
 
 #define FN(name) CONCAT(name, SUFFIX)
 #define LOAD(x) FN(load)(x)
+/* Each op's result is rounded to T either where it is computed (ROUND, inside the vectorised
+ * loops) or by a pass over the block after the loop (ROUND_ALL): see ROUNDS_IN_LOOP. */
+#if ROUNDS_IN_LOOP
 #define ROUND(x) FN(round)(x)
-#define STORE(x) FN(store)(x)
+#define ROUND_ALL(x, len)
+#else
+#define ROUND(x) (x)
+#define ROUND_ALL(x, len) FN(round_floats)(x, len)
+#endif
 /* One block of task-vector values as float: x - base (rounded to T, like torch's
  * subtraction), or x itself when base is NULL (x already holds the task vector; float32 then
  * needs no copy at all). */
 static inline const float *FN(load_block)(const T *x, const T *base, int64_t start, int64_t len,
                                           float *buf) {
-    if (base) {
-        for (int64_t j = 0; j < len; j++) buf[j] = ROUND(LOAD(x[start + j]) - LOAD(base[start + j]));
-        return buf;
-    }
 #if IS_FLOAT32
-    return (const float *)(x + start);
+    if (!base) return x + start;
+    for (int64_t j = 0; j < len; j++) buf[j] = x[start + j] - base[start + j];
 #else
-    for (int64_t j = 0; j < len; j++) buf[j] = LOAD(x[start + j]);
-    return buf;
+    FN(load_floats)(x + start, len, buf);
+    if (base) {
+        float sub[BLOCK];
+        FN(load_floats)(base + start, len, sub);
+        for (int64_t j = 0; j < len; j++) buf[j] = ROUND(buf[j] - sub[j]);
+        ROUND_ALL(buf, len);
+    }
 #endif
+    return buf;
 }
 
 /* max |x| as a float (NaN when x holds a NaN, Inf for an Inf): the largest of the magnitude
@@ -138,44 +148,89 @@ static inline void FN(weigh_block)(const T *x, const T *sub_base, const keep_rul
     if (scale == 1.0f) {
         FOR_EACH_KEPT(rule, block, start, len, weighted[j] = ROUND(d * (float)keep * w);)
     } else {
-        FOR_EACH_KEPT(rule, block, start, len, weighted[j] = ROUND(ROUND(d * (float)keep * scale) * w);)
+        FOR_EACH_KEPT(rule, block, start, len, weighted[j] = ROUND(d * (float)keep * scale);)
+        ROUND_ALL(weighted, len);
+        for (int64_t j = 0; j < len; j++) weighted[j] = ROUND(weighted[j] * w);
+    }
+    ROUND_ALL(weighted, len);
+}
+
+/* For the block's element j: `sum` over models and, under consensus, `weight`, the sum of
+ * the weights of the models that agree with the elected sign (only those count in `sum`).
+ * Sums over models accumulate in float and round once. The elected sign is the sign of the
+ * sum rounded to T, which is the sign of the float sum: a sum of T values is a multiple of
+ * T's smallest step, so it cannot round to zero unless it is zero. Products with `agree`
+ * (0 or 1) are exact: no rounding. */
+#define SUMS(M, CONSENSUS)                                                                  \
+    float sum = weighted[0][j], weight = 0.0f;                                              \
+    if (CONSENSUS) {                                                                        \
+        for (int i = 1; i < (M); i++) sum = sum + weighted[i][j];                           \
+        int positive = sum >= 0.0f; /* an exact 0 counts as + */                            \
+        float agree = AGREES(weighted[0][j], positive);                                     \
+        sum = weighted[0][j] * agree;                                                       \
+        weight = weights[0] * agree;                                                        \
+        for (int i = 1; i < (M); i++) {                                                     \
+            agree = AGREES(weighted[i][j], positive);                                       \
+            sum = sum + weighted[i][j] * agree;                                             \
+            weight = weight + weights[i] * agree;                                           \
+        }                                                                                   \
+    } else {                                                                                \
+        for (int i = 1; i < (M); i++) sum = sum + weighted[i][j];                           \
+    }
+
+#if ROUNDS_IN_LOOP
+/* The rest of the merge in the same loop: rounded sum, / Z (the agreeing weights, 0
+ * counting as 1, or plain_divisor), times lambda, plus the base, each step rounded to T. */
+#define COMBINE(M, CONSENSUS, NORMALIZE)                                                    \
+    for (int64_t j = 0; j < len; j++) {                                                     \
+        SUMS(M, CONSENSUS)                                                                  \
+        float mixed = ROUND(sum);                                                           \
+        if (NORMALIZE) {                                                                    \
+            float divisor = (CONSENSUS) ? ROUND(weight) : plain_divisor;                    \
+            divisor = (CONSENSUS) && divisor == 0.0f ? 1.0f : divisor;                      \
+            mixed = ROUND(mixed / divisor);                                                 \
+        }                                                                                   \
+        float scaled = ROUND(mixed * lambda);                                               \
+        mixed = use_lambda ? scaled : mixed;                                                \
+        out[start + j] = FN(store)(LOAD(base[start + j]) + mixed);                          \
+    }
+#else
+/* The same, a step per loop with a rounding pass between steps. */
+#define COMBINE(M, CONSENSUS, NORMALIZE)                                                    \
+    for (int64_t j = 0; j < len; j++) {                                                     \
+        SUMS(M, CONSENSUS)                                                                  \
+        mixed[j] = sum;                                                                     \
+        divisor[j] = (CONSENSUS) ? weight : plain_divisor;                                  \
+    }                                                                                       \
+    FN(finish_block)(mixed, divisor, len, CONSENSUS, NORMALIZE, use_lambda, lambda);        \
+    FN(add_to_base)(base, mixed, start, len, out);
+
+static inline void FN(finish_block)(float *mixed, float *divisor, int64_t len, int consensus,
+                                    int normalize, int use_lambda, float lambda) {
+    ROUND_ALL(mixed, len);
+    if (normalize) {
+        if (consensus) {
+            ROUND_ALL(divisor, len);
+            for (int64_t j = 0; j < len; j++) divisor[j] = divisor[j] == 0.0f ? 1.0f : divisor[j];
+        }
+        for (int64_t j = 0; j < len; j++) mixed[j] = mixed[j] / divisor[j];
+        ROUND_ALL(mixed, len);
+    }
+    if (use_lambda) {
+        for (int64_t j = 0; j < len; j++) mixed[j] = mixed[j] * lambda;
+        ROUND_ALL(mixed, len);
     }
 }
 
-/* The combination across models, for the block's elements. Sums over models accumulate in
- * float and round once. The elected sign is the sign of the sum rounded to T, which is the
- * sign of the float sum: a sum of T values is a multiple of T's smallest step, so it cannot
- * round to zero unless it is zero. Products with `agree` (0 or 1) are exact: no rounding. */
-#define COMBINE(M, CONSENSUS, NORMALIZE)                                                    \
-    for (int64_t j = 0; j < len; j++) {                                                     \
-        float mixed, divisor = plain_divisor;                                               \
-        if (CONSENSUS) {                                                                    \
-            float total = weighted[0][j];                                                   \
-            for (int i = 1; i < (M); i++) total = total + weighted[i][j];                   \
-            int positive = total >= 0.0f; /* an exact 0 counts as + */                      \
-            float agree = AGREES(weighted[0][j], positive);                                 \
-            mixed = weighted[0][j] * agree;                                                 \
-            divisor = weights[0] * agree;                                                   \
-            for (int i = 1; i < (M); i++) {                                                 \
-                agree = AGREES(weighted[i][j], positive);                                   \
-                mixed = mixed + weighted[i][j] * agree;                                     \
-                divisor = divisor + weights[i] * agree;                                     \
-            }                                                                               \
-            mixed = ROUND(mixed);                                                           \
-            divisor = ROUND(divisor);                                                       \
-            divisor = divisor == 0.0f ? 1.0f : divisor;                                     \
-        } else {                                                                            \
-            mixed = weighted[0][j];                                                         \
-            for (int i = 1; i < (M); i++) mixed = mixed + weighted[i][j];                   \
-            mixed = ROUND(mixed);                                                           \
-        }                                                                                   \
-        if (NORMALIZE) mixed = ROUND(mixed / divisor);                                      \
-        float scaled = ROUND(mixed * lambda);                                               \
-        mixed = use_lambda ? scaled : mixed;                                                \
-        out[start + j] = STORE(LOAD(base[start + j]) + mixed);                              \
-    }
+static inline void FN(add_to_base)(const T *base, const float *mixed, int64_t start, int64_t len, T *out) {
+    float sum[BLOCK];
+    FN(load_floats)(base + start, len, sum);
+    for (int64_t j = 0; j < len; j++) sum[j] = sum[j] + mixed[j];
+    FN(store_floats)(sum, len, out + start);
+}
+#endif
 
-/* consensus and normalize fixed at compile time: no dead division in the hot loop */
+/* consensus and normalize fixed at compile time: no dead work in the hot loop */
 #define COMBINE_M(M)                                                                        \
     if (consensus && normalize) {                                                           \
         COMBINE(M, 1, 1)                                                                    \
@@ -203,6 +258,9 @@ void FN(tv_merge)(int models, int64_t n, const T *base, const T **xs, const T *s
     BLOCKS(n) {
         int64_t len = BLOCK_LEN(n);
         float weighted[MAX_MODELS][BLOCK], buf[BLOCK];
+#if !ROUNDS_IN_LOOP
+        float mixed[BLOCK], divisor[BLOCK];
+#endif
         for (int i = 0; i < models; i++)
             FN(weigh_block)(xs[i], sub_base, &rules[i], rescale[i], weights[i], start, len, buf,
                             weighted[i]);
@@ -217,13 +275,15 @@ void FN(tv_merge)(int models, int64_t n, const T *base, const T **xs, const T *s
 }
 
 #undef COMBINE
+#undef SUMS
+#undef ROUND
 #undef COMBINE_M
 #undef FN
 #undef LOAD
-#undef ROUND
-#undef STORE
+#undef ROUND_ALL
 #undef T
 #undef BITS
 #undef ABS_MASK
 #undef SUFFIX
 #undef IS_FLOAT32
+#undef ROUNDS_IN_LOOP
