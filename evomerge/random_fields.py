@@ -4,8 +4,8 @@ A mask must be a pure function of (seed, tensor name, model index, element index
 recipe gives the same model bit for bit whatever the order of work, the thread count or the
 device. `UniformField` hashes those four numbers with a counter-based integer hash (no RNG
 state at all) into 24-bit integers; an element is kept with probability p when its integer is
-below p * 2**24. Everything is exact integer arithmetic in int64, which every torch device
-computes identically.
+below p * 2**24, p rounded up to a multiple of 2**-16 (`keep_threshold`). Everything is exact
+integer arithmetic in int64, which every torch device computes identically.
 """
 
 from __future__ import annotations
@@ -17,6 +17,11 @@ import torch
 
 BITS = 24
 SCALE = 1 << BITS
+# Keep probabilities are multiples of 1 / STEPS: then what a DARE mask keeps, summed over the
+# draws' top 16 bits, is a table of STEPS + 1 numbers per tensor that answers every density
+# (`draw_l1_table`), and the search needs no pass over memory for DARE's L1 rescale.
+STEP_BITS = 16
+STEPS = 1 << STEP_BITS
 _CHUNK = 1 << 22  # elements hashed at once (a power of two, so a chunk never spans 2**32)
 
 
@@ -68,25 +73,32 @@ class UniformField:
 
     def integers(self, model_index: int, shape: torch.Size, device="cpu") -> torch.Tensor:
         """int32 values uniform on [0, 2**24), shaped like the tensor."""
-        numel = shape.numel()
-        out = torch.empty(numel, dtype=torch.int32, device=device)
-        for start in range(0, numel, _CHUNK):
-            stop = min(start + _CHUNK, numel)
+        return self.span(model_index, 0, shape.numel(), device).view(shape)
+
+    def span(self, model_index: int, start: int, stop: int, device="cpu") -> torch.Tensor:
+        """The int32 values of elements start..stop-1 (flat indices)."""
+        out = torch.empty(stop - start, dtype=torch.int32, device=device)
+        at = start
+        while at < stop:
+            chunk = at - at % _CHUNK
+            end = min(chunk + _CHUNK, stop)
             # element index = high * 2**32 + low; the high part keys the whole chunk
-            key = _as_int32(self.hash_key(model_index, start >> 32) ^ (start & 0xFFFFFFFF))
-            h = torch.arange(0, stop - start, dtype=torch.int32, device=device)
+            key = _as_int32(self.hash_key(model_index, chunk >> 32) ^ (chunk & 0xFFFFFFFF))
+            h = torch.arange(at - chunk, end - chunk, dtype=torch.int32, device=device)
             h += key  # wraps: equals (low index + key) mod 2**32 bit for bit
             _mix32(h)
-            out[start:stop] = (h >> (32 - BITS)) & (SCALE - 1)
-        return out.view(shape)
+            out[at - start : end - start] = (h >> (32 - BITS)) & (SCALE - 1)
+            at = end
+        return out
 
     def bernoulli(self, model_index: int, p: float, shape: torch.Size, device="cpu") -> torch.Tensor:
-        """A boolean mask, True with probability p (exactly ceil(p * 2**24) / 2**24)."""
+        """A boolean mask, True with probability p (exactly keep_threshold(p) / 2**24)."""
         return self.integers(model_index, shape, device) < keep_threshold(p)
 
 
 def keep_threshold(p: float) -> int:
-    """The integer below which a 24-bit draw counts as kept with probability p."""
+    """The integer below which a 24-bit draw counts as kept with probability p: p rounded up
+    to a multiple of 1 / STEPS (a density step of 1.5e-5), times 2**24."""
     import math
 
-    return min(SCALE, max(0, math.ceil(p * SCALE)))
+    return min(STEPS, max(0, math.ceil(p * STEPS))) << (BITS - STEP_BITS)

@@ -76,6 +76,21 @@ def check_kernel_matches_torch_ops(reused, dtype, rule, consensus, normalize, re
         assert torch.equal(bits(got), bits(expected)), (weight, density)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("consensus", [True, False])  # dare_ties, dare_linear
+def test_dare_rescale_from_the_draw_table_matches_torch_ops(dtype, consensus):
+    """The search's large tensors take DARE's L1 sums from a table built once, not a pass."""
+    from evomerge.methods.task_arithmetic import DRAW_TABLE_MIN
+
+    inputs = make_inputs(dtype, reused=True, shape=(1024, DRAW_TABLE_MIN // 1024 + 3))
+    for density in ([0.5, 0.7, 0.3], [0.11, 1.0, 0.999], [0.0, 1 / 65536, 0.42]):
+        options = dict(rule="random", rescale=True, consensus=consensus, normalize=False, lambda_=1.0)
+        expected = torch_path(inputs, [0.3, 0.5, 0.2], density, **options)
+        got = _fused(inputs, [0.3, 0.5, 0.2], density, **options)
+        assert torch.equal(bits(got), bits(expected)), density
+    assert all(("l1_table", i) in inputs._memo for i in range(3))  # the table path ran
+
+
 def bits(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.int32 if x.dtype == torch.float32 else torch.int16)
 
@@ -110,6 +125,16 @@ def test_inline_draws_and_magnitude_cut_match_the_torch_definitions(dtype, numel
         expected = int(((sub_ranks < k) * (subtracted.double().abs() * 2.0**30).floor()).sum())
         tau = TaskVector(model, base)
         assert abs_sums([tau], [KeepRule.top_magnitudes(tau, k)], [2.0**30])[0][0][0] == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_draw_l1_table_matches_the_torch_definition(dtype):
+    from evomerge.methods.sparsify import draw_l1_table
+
+    delta = (torch.randn((1 << 22) + 1001) * 0.01).to(dtype)  # two hash chunks, a ragged block
+    field = UniformField(3, "w")
+    expected = draw_l1_table(delta, field, 2, 45)
+    assert torch.equal(kernel.draw_l1_table(delta, field.hash_key(2), 2.0**45), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -104,31 +104,33 @@ class KeepRule(ctypes.Structure):
         ("cutoff", ctypes.c_int64),
         ("bits", ctypes.c_void_p),
     ]
+    # the modes, as tv_merge.c names them
+    KEEP_ALL, KEY_BELOW, HASH_BELOW, MAGNITUDE, BITS = range(5)
 
     @classmethod
     def keep_all(cls) -> "KeepRule":
-        return cls(mode=0)
+        return cls(mode=cls.KEEP_ALL)
 
     @property
     def keeps_all(self) -> bool:
-        return self.mode == 0
+        return self.mode == self.KEEP_ALL
 
     @classmethod
     def key_below(cls, key: torch.Tensor, threshold: int) -> "KeepRule":
         """key[e] < threshold, e.g. precomputed magnitude ranks (int32)."""
-        rule = cls(mode=1, threshold=threshold, key=key.data_ptr())
+        rule = cls(mode=cls.KEY_BELOW, threshold=threshold, key=key.data_ptr())
         rule.tensor = key
         return rule
 
     @classmethod
     def hash_below(cls, hash_key: int, threshold: int) -> "KeepRule":
         """The DARE draw of each element (random_fields.UniformField) < threshold."""
-        return cls(mode=2, threshold=min(threshold, 2**31 - 1), hash_key=hash_key)
+        return cls(mode=cls.HASH_BELOW, threshold=min(threshold, 2**31 - 1), hash_key=hash_key)
 
     @classmethod
     def stored_bits(cls, bits: torch.Tensor) -> "KeepRule":
         """Element e kept where bit e % 8 of bits[e // 8] is set (abs_sums stores them)."""
-        rule = cls(mode=4, bits=bits.data_ptr())
+        rule = cls(mode=cls.BITS, bits=bits.data_ptr())
         rule.tensor = bits
         return rule
 
@@ -138,10 +140,10 @@ class KeepRule(ctypes.Structure):
         if k >= tau.x.numel():
             return cls.keep_all()
         if k <= 0:
-            return cls(mode=3, cut_bits=0xFFFFFFFF, cutoff=0)
+            return cls(mode=cls.MAGNITUDE, cut_bits=0xFFFFFFFF, cutoff=0)
         cut_bits, cutoff = ctypes.c_uint32(), ctypes.c_int64()
         _call("magnitude_cut", tau.x, *tau.pointers(), tau.x.numel(), k, ctypes.byref(cut_bits), ctypes.byref(cutoff))
-        return cls(mode=3, cut_bits=cut_bits.value, cutoff=cutoff.value)
+        return cls(mode=cls.MAGNITUDE, cut_bits=cut_bits.value, cutoff=cutoff.value)
 
 
 def _call(name: str, like: torch.Tensor, *args):
@@ -157,6 +159,7 @@ def _declare(lib: ctypes.CDLL) -> None:
             "abs_peak": ([p, i64], f32),
             "abs_sums": ([ctypes.c_int, i64, p, p, ctypes.POINTER(KeepRule), p, p, p, p], None),
             "magnitude_cut": ([p, p, i64, i64, p, p], None),
+            "draw_l1_table": ([p, i64, ctypes.c_uint32, ctypes.c_double, p], None),
             "tv_merge": ([ctypes.c_int, i64, p, p, p, p, p, p, ctypes.c_int, ctypes.c_int, f32, ctypes.c_int, f32, p], None),
         }
         for name, (argtypes, restype) in signatures.items():
@@ -209,6 +212,16 @@ def abs_peak(x: torch.Tensor) -> float:
     return _call("abs_peak", x, x.contiguous().data_ptr(), x.numel())
 
 
+def draw_l1_table(x: torch.Tensor, hash_key: int, scale: float) -> torch.Tensor:
+    """sparsify.draw_l1_table of a CPU task vector in one pass (scale = 2**shift; hash_key as
+    KeepRule.hash_below takes it)."""
+    from evomerge.random_fields import STEPS
+
+    sums = torch.zeros(STEPS + 1, dtype=torch.int64)
+    _call("draw_l1_table", x, x.contiguous().data_ptr(), x.numel(), hash_key, scale, sums.data_ptr())
+    return sums.cumsum(0)
+
+
 def abs_sums(
     taus: list[TaskVector], rules: list[KeepRule], scales: list[float]
 ) -> tuple[list[tuple[int, int]], list[KeepRule]]:
@@ -227,7 +240,7 @@ def abs_sums(
     first = taus[0]
     n = first.x.numel()
     xs = (ctypes.c_void_p * models)(*[t.x.data_ptr() for t in taus])
-    bits = [torch.empty((n + 7) // 8, dtype=torch.uint8) if rule.mode == 2 else None for rule in rules]
+    bits = [torch.empty((n + 7) // 8, dtype=torch.uint8) if rule.mode == KeepRule.HASH_BELOW else None for rule in rules]
     bits_c = (ctypes.c_void_p * models)(*[b.data_ptr() if b is not None else None for b in bits])
     kept, every = (ctypes.c_int64 * models)(), (ctypes.c_int64 * models)()
     _call(

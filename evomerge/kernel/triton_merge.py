@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from evomerge.kernel import KeepRule
+
 BLOCK = 1024
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _LAUNCH = dict(enable_fp_fusion=False)  # a fused multiply-add would round differently
@@ -150,7 +152,7 @@ def _rule_arrays(taus, rules, device):
     thresholds = torch.tensor([rule.threshold for rule in rules], dtype=torch.int64, device=device)
     hash_keys = torch.tensor([rule.hash_key for rule in rules], dtype=torch.int64, device=device)
     # a model without ranks passes its task vector as a stand-in key (never read)
-    keys = tuple(rule.tensor if rule.mode == 1 else tau.x for tau, rule in zip(taus, rules))
+    keys = tuple(rule.tensor if rule.mode == KeepRule.KEY_BELOW else tau.x for tau, rule in zip(taus, rules))
     return modes, thresholds, hash_keys, keys
 
 

@@ -33,6 +33,7 @@
  * machine a thread waiting at the region's barrier can lose a whole time slice). */
 #define PARALLEL_MIN (1 << 18)
 #define HASH_CHUNK_BITS 22 /* random_fields._CHUNK */
+#define DRAW_STEP_BITS 16  /* random_fields.STEP_BITS: the top bits of a draw a density sees */
 /* Work goes in blocks of this many elements: small enough that a block of every model stays
  * in the L1 cache between the per-model loop and the combination across models (256 was the
  * fastest of 64..4096 here, by 10-20% over 1024). */

@@ -154,6 +154,25 @@ class MergeInputs:
         shape, device = self.models[index].shape, self.models[index].device
         return self.cached("draws", index, lambda: self.field.integers(index, shape, device))
 
+    def l1_shift(self, index: int) -> int:
+        """The fixed-point scale (a power of two) of the exact L1 sums of task vector `index`."""
+        from evomerge.methods.sparsify import fixed_point_shift
+
+        return fixed_point_shift(self.base.numel(), self.tau_bound(index))
+
+    def draw_l1_table(self, index: int) -> "torch.Tensor":
+        """sparsify.draw_l1_table of task vector `index`, on the CPU (read a number per trial)."""
+        from evomerge import kernel
+        from evomerge.methods.sparsify import draw_l1_table
+
+        def compute():
+            delta, shift = self.delta(index), self.l1_shift(index)
+            if delta.device.type == "cpu" and kernel.applies([delta]):
+                return kernel.draw_l1_table(delta, self.field.hash_key(index), 2.0**shift)
+            return draw_l1_table(delta, self.field, index, shift).cpu()
+
+        return self.cached("l1_table", index, compute)
+
 
 def abs_peak(tensor: "torch.Tensor") -> float:
     """max |x| (NaN if x has a NaN, Inf for an Inf): a bit comparison in the kernel, else min

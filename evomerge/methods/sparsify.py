@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from evomerge.random_fields import SCALE, keep_threshold
+from evomerge.random_fields import BITS, SCALE, STEP_BITS, STEPS, UniformField, keep_threshold
 
 
 def magnitude_ranks(delta: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,7 @@ def l1_rescale(delta: torch.Tensor, kept: torch.Tensor, bound: float) -> torch.T
     `bound` >= max |delta| sizes the exact sums (see MergeInputs.tau_bound).
     """
     shift = fixed_point_shift(delta.numel(), bound)
-    before, after = exact_abs_sum(delta, shift), exact_abs_sum(kept, shift)
+    before, after = exact_abs_sum(delta, shift) * 2.0**-shift, exact_abs_sum(kept, shift) * 2.0**-shift
     return kept * l1_factor(before, after, kept.dtype)
 
 
@@ -114,8 +114,9 @@ def fixed_point_shift(numel: int, bound: float) -> int:
     return headroom - math.frexp(bound)[1]
 
 
-def exact_abs_sum(x: torch.Tensor, shift: int, chunk: int = 1 << 24) -> float:
-    """sum(|x|) as an exact fixed-point integer sum, so the order of addition cannot matter.
+def exact_abs_sum(x: torch.Tensor, shift: int, chunk: int = 1 << 24) -> int:
+    """sum(|x|) * 2**shift as an exact fixed-point integer sum, so the order of addition cannot
+    matter.
 
     Each |x| is scaled by 2**shift (see `fixed_point_shift`, sized by a bound on the full
     task vector) and truncated to int64; the integer sum cannot overflow and is
@@ -124,6 +125,23 @@ def exact_abs_sum(x: torch.Tensor, shift: int, chunk: int = 1 << 24) -> float:
     flat = x.detach().flatten()
     total = 0
     for start in range(0, flat.numel(), chunk):
-        part = flat[start : start + chunk].abs().double() * (2.0**shift)
-        total += int(part.floor().to(torch.int64).sum().item())
-    return total * 2.0**-shift
+        total += int(_fixed_point(flat[start : start + chunk], shift).sum().item())
+    return total
+
+
+def _fixed_point(x: torch.Tensor, shift: int) -> torch.Tensor:
+    return (x.abs().double() * (2.0**shift)).floor().to(torch.int64)
+
+
+def draw_l1_table(delta: torch.Tensor, field: UniformField, index: int, shift: int, chunk: int = 1 << 22) -> torch.Tensor:
+    """What a DARE mask keeps of |delta|, for every density at once: entry b (0..STEPS) is
+    exact_abs_sum of delta where its draws are below b * 2**(BITS - STEP_BITS), i.e. under
+    keep_threshold of density b / STEPS. The last entry is the whole sum. Built once per task
+    vector (one pass), it turns the L1 norms of DARE's rescale into two lookups per trial."""
+    flat = delta.detach().flatten()
+    sums = torch.zeros(STEPS + 1, dtype=torch.int64, device=flat.device)
+    for start in range(0, flat.numel(), chunk):
+        stop = min(start + chunk, flat.numel())
+        step = field.span(index, start, stop, flat.device) >> (BITS - STEP_BITS)
+        sums.index_add_(0, step.long() + 1, _fixed_point(flat[start:stop], shift))  # kept from step + 1 on
+    return sums.cumsum(0)

@@ -19,7 +19,7 @@ import torch
 
 from evomerge.methods import sparsify
 from evomerge.methods.registry import MergeInputs, MergeMethod, Param, register
-from evomerge.random_fields import UniformField
+from evomerge.random_fields import BITS, STEP_BITS, UniformField
 
 Sparsifier = Optional[Literal["magnitude", "random", "breadcrumbs", "della"]]
 
@@ -149,12 +149,9 @@ def _fused(
     rules = [_keep_rule(inputs, i, taus[i], rule, density[i]) for i in range(models)]
     factors = [torch.ones((), dtype=dtype)] * models
     rescaled = [i for i in range(models) if rescale and not rules[i].keeps_all]
-    if rescaled:  # L1 norms as sparsify.l1_rescale computes them, every model in one pass
-        shifts = [sparsify.fixed_point_shift(inputs.base.numel(), inputs.tau_bound(i)) for i in rescaled]
-        sums, kept_rules = kernel.abs_sums([taus[i] for i in rescaled], [rules[i] for i in rescaled], [2.0**s for s in shifts])
-        for i, shift, (after, before), kept in zip(rescaled, shifts, sums, kept_rules):
-            factors[i] = sparsify.l1_factor(before * 2.0**-shift, after * 2.0**-shift, dtype)
-            rules[i] = kept
+    for i, (after, before) in _l1_sums(inputs, taus, rules, rescaled).items():
+        scale = 2.0 ** -inputs.l1_shift(i)  # L1 norms as sparsify.l1_rescale computes them
+        factors[i] = sparsify.l1_factor(before * scale, after * scale, dtype)
     w = torch.tensor(weight, dtype=dtype)
     plain_divisor = w.sum()
     if plain_divisor.abs() < 1e-8:
@@ -164,6 +161,32 @@ def _fused(
         consensus=consensus, normalize=normalize, plain_divisor=float(plain_divisor), lambda_=lambda_,
         out=_destination(inputs),
     )  # fmt: skip
+
+
+# Tensors at least this large keep a draw table for DARE's rescale in the search (512 KiB
+# per task vector: at most half a byte per element); smaller ones sum in a pass per trial.
+DRAW_TABLE_MIN = 1 << 20
+
+
+def _l1_sums(inputs: MergeInputs, taus: list, rules: list, rescaled: list[int]) -> dict[int, tuple[int, int]]:
+    """{i: (kept, all)}: the exact L1 sums of task vector i (scaled by 2**inputs.l1_shift(i))
+    over what rules[i] keeps and over every element. DARE masks of a task vector the search
+    reuses read them from its draw table; the rest take one pass over all of them together,
+    whose DARE rules then become the stored bits of what they kept (rules is updated)."""
+    from evomerge import kernel
+
+    sums = {}
+    for i in rescaled:
+        if inputs.reused and rules[i].mode == kernel.KeepRule.HASH_BELOW and inputs.base.numel() >= DRAW_TABLE_MIN:
+            table = inputs.draw_l1_table(i)
+            sums[i] = int(table[rules[i].threshold >> (BITS - STEP_BITS)]), int(table[-1])
+    scanned = [i for i in rescaled if i not in sums]
+    if scanned:
+        shifts = [2.0 ** inputs.l1_shift(i) for i in scanned]
+        found, after = kernel.abs_sums([taus[i] for i in scanned], [rules[i] for i in scanned], shifts)
+        for i, pair, rule in zip(scanned, found, after):
+            sums[i], rules[i] = pair, rule
+    return sums
 
 
 def kernel_self_check(device: torch.device, dtype: torch.dtype) -> str:
