@@ -143,6 +143,7 @@ class Search:
             self.study = load_or_create_study(config, self.storage, create=False)
         self.heartbeat = TrialHeartbeat(interval=config.search.heartbeat_seconds, grace=config.search.grace_seconds)
         self.worker = worker_name()
+        self.running: Optional[int] = None  # the number of the trial this worker is on
         model, tokenizer = load_eval_model(config)
         template = self.space.decode({g.name: (g.low + g.high) / 2 for g in self.space.genes})
         self.candidate = LiveCandidate(model, template, seed=config.search.merge_seed, device=config.device)
@@ -151,6 +152,7 @@ class Search:
 
     # ask -> decode -> materialise -> score -> tell (tell is Optuna's, on return/raise)
     def objective(self, trial: "optuna.Trial"):
+        self.running = trial.number
         trial.set_user_attr("worker", self.worker)
         with self.heartbeat.beating(trial):
             return self._objective(trial)
@@ -225,18 +227,39 @@ class Search:
         if bar:
             callbacks.append(bar)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        deadline = time.monotonic() + timeout_s if timeout_s else None
         try:
-            self.study.optimize(
-                self.objective,
-                n_trials=remaining,
-                timeout=timeout_s,
-                callbacks=callbacks,
-                catch=(Exception,),
-                gc_after_trial=False,
-            )
+            while (remaining := until - self.finished_trials()) > 0:
+                left = deadline - time.monotonic() if deadline else None
+                if left is not None and left <= 0:
+                    break
+                try:
+                    self.study.optimize(
+                        self.objective,
+                        n_trials=remaining,
+                        timeout=left,
+                        callbacks=callbacks,
+                        catch=(Exception,),
+                        gc_after_trial=False,
+                    )
+                    break
+                except ValueError:  # Optuna's "Cannot tell a FAIL trial"
+                    if not self._lost_running_trial():
+                        raise
+                    LOG.warning(
+                        "trial %d was failed by another worker while it ran here (its heartbeats came "
+                        "later than search.grace_seconds); its result is dropped and the search goes on",
+                        self.running,
+                    )
         finally:
             if bar:
                 bar.close()
+
+    def _lost_running_trial(self) -> bool:
+        """Whether the trial this worker ran was finished by another worker: one that judged
+        it dead because its heartbeats were late (a pause longer than the grace period)."""
+        trial = next((t for t in self.study.get_trials(deepcopy=False) if t.number == self.running), None)
+        return trial is not None and trial.state.is_finished()
 
 
 def build_space(config: RunConfig) -> SearchSpace:

@@ -144,6 +144,32 @@ def test_export_equals_the_scored_candidate_bit_for_bit(tmp_path, small_pool):
     assert all(torch.equal(again[k], exported[k]) for k in exported)
 
 
+def test_a_worker_whose_trial_another_worker_failed_goes_on(tmp_path, small_pool):
+    """A worker paused past the grace period finds its trial failed by a peer when it tells
+    its result (Optuna: "Cannot tell a FAIL trial"): it drops that result and goes on."""
+    import torch
+    from optuna.trial import TrialState
+
+    from evomerge.config import load_run_config
+    from evomerge.search import Search, write_run_folder
+
+    torch.set_num_threads(1)
+    run_dir = tmp_path / "run"
+    config = load_run_config(write_config(tmp_path, small_pool, trials=3, baselines=False, sampler="random"))
+    write_run_folder(config, run_dir)
+    search = Search(config, run_dir)
+    score = search._score
+
+    def judged_dead_while_scored(trial, recipe):
+        if trial.number == 0:  # what a peer's fail_stale does to a trial with late heartbeats
+            search.study.tell(trial.number, state=TrialState.FAIL)
+        return score(trial, recipe)
+
+    search._score = judged_dead_while_scored
+    search.run(until=3, progress=False)
+    assert [t.state.name for t in search.study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+
+
 def test_failing_candidates_are_recorded_and_the_search_goes_on(tmp_path, small_pool):
     space = {"method": "della", "search": {"density": [0.05, 0.95], "weight": [0.0, 1.0]}, "fixed": {"epsilon": 0.3}}
     run_dir = tmp_path / "run"
