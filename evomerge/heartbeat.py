@@ -7,9 +7,10 @@ a rare orphan RUNNING trial after SIGKILL); `JournalStorage` has none at all
 
 - while a trial runs, a thread stamps it with the user attribute `heartbeat` (seconds since the
   epoch) every `interval` seconds;
-- before each trial (and when a worker starts), a worker fails every RUNNING trial whose last
-  stamp, or start if it has none yet, is more than `grace` seconds old, and queues each one once
-  more (`max_retry`) with Optuna's `RetryHeartbeatStaleTrialCallback`.
+- after each trial (and when a worker starts), a worker fails every RUNNING trial whose last
+  stamp, or start if it has none yet, is more than `grace` seconds old and still the same at a
+  check at least an interval later, and queues each one once more (`max_retry`) with Optuna's
+  `RetryHeartbeatStaleTrialCallback`.
 
 The stamps are wall-clock times of the workers, so workers on several nodes need synchronised
 clocks (NTP); the grace period should exceed the longest pause of a live worker.
@@ -44,6 +45,7 @@ class TrialHeartbeat:
             )
         self.interval, self.grace = interval, grace
         self._retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        self._suspects: dict[int, tuple[float, float]] = {}  # trial -> (its last stamp, first seen stale)
 
     @contextmanager
     def beating(self, trial: optuna.Trial) -> Iterator[None]:
@@ -76,6 +78,15 @@ class TrialHeartbeat:
             stop.set()
             thread.join()
 
+    def fail_stale_at_start(self, study: optuna.Study) -> list[int]:
+        """fail_stale, checked twice an interval apart (a worker starting finds a dead one's
+        trial without waiting for a trial of its own)."""
+        failed = self.fail_stale(study)
+        if self._suspects:
+            time.sleep(self.interval)
+            failed += self.fail_stale(study)
+        return failed
+
     def fail_stale(self, study: optuna.Study, *_: object) -> list[int]:
         """Fail (and queue once more) the RUNNING trials that stopped beating; their numbers.
 
@@ -84,11 +95,18 @@ class TrialHeartbeat:
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
-        now, failed = time.time(), []
+        now, failed, suspects = time.time(), [], {}
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
             last = max(trial.user_attrs.get(HEARTBEAT_ATTR, 0.0), started)
             if now - last <= self.grace:
+                continue
+            # Stale now, but failed only if still without a new stamp at a later check, at least
+            # a heartbeat interval on: when the storage itself stalled every worker (a journal
+            # file's lock held by a killed worker), the live ones beat again as soon as it frees.
+            seen = self._suspects.get(trial.number)
+            suspects[trial.number] = seen if seen and seen[0] == last else (last, now)
+            if not seen or seen[0] != last or now - seen[1] < self.interval:
                 continue
             try:
                 study.tell(trial.number, state=TrialState.FAIL)
@@ -99,4 +117,6 @@ class TrialHeartbeat:
             )
             self._retry(study, trial)
             failed.append(trial.number)
+            suspects.pop(trial.number)
+        self._suspects = suspects
         return failed

@@ -217,7 +217,7 @@ class Search:
 
         # A worker that died left its trial RUNNING: fail (and retry) it now, even if the budget
         # is met; then after each trial.
-        self.heartbeat.fail_stale(self.study)
+        self.heartbeat.fail_stale_at_start(self.study)
         callbacks = [self.heartbeat.fail_stale]
         remaining = until - self.finished_trials()
         if remaining <= 0:
