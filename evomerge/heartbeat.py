@@ -10,7 +10,10 @@ a rare orphan RUNNING trial after SIGKILL); `JournalStorage` has none at all
 - after each trial (and when a worker starts), a worker fails every RUNNING trial whose last
   stamp, or start if it has none yet, is more than `grace` seconds old and still the same at a
   check at least an interval later, and queues each one once more (`max_retry`) with Optuna's
-  `RetryHeartbeatStaleTrialCallback`.
+  `RetryHeartbeatStaleTrialCallback`;
+- a worker whose budget is met leaves only once every RUNNING trial has stamped since then
+  (`silent_since`): a dead worker's trial is failed after the grace period, and its retry
+  run, before the last worker leaves.
 
 The stamps are wall-clock times of the workers, so workers on several nodes need synchronised
 clocks (NTP); the grace period should exceed the longest pause of a live worker.
@@ -87,6 +90,14 @@ class TrialHeartbeat:
             failed += self.fail_stale(study)
         return failed
 
+    def silent_since(self, study: optuna.Study, since: float) -> list[int]:
+        """The RUNNING trials with no stamp since `since`: a live worker's stamps one within an
+        interval; a dead one's is failed by `fail_stale` once the grace period is over."""
+        from optuna.trial import TrialState
+
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return [t.number for t in running if _last_sign_of_life(t) < since]
+
     def fail_stale(self, study: optuna.Study, *_: object) -> list[int]:
         """Fail (and queue once more) the RUNNING trials that stopped beating; their numbers.
 
@@ -97,8 +108,7 @@ class TrialHeartbeat:
 
         now, failed, suspects = time.time(), [], {}
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
-            last = max(trial.user_attrs.get(HEARTBEAT_ATTR, 0.0), started)
+            last = _last_sign_of_life(trial)
             if now - last <= self.grace:
                 continue
             # Stale now, but failed only if still without a new stamp at a later check, at least
@@ -120,3 +130,9 @@ class TrialHeartbeat:
             suspects.pop(trial.number)
         self._suspects = suspects
         return failed
+
+
+def _last_sign_of_life(trial: optuna.trial.FrozenTrial) -> float:
+    """The trial's last heartbeat stamp, or its start if it has none yet."""
+    started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
+    return max(trial.user_attrs.get(HEARTBEAT_ATTR, 0.0), started)

@@ -210,7 +210,9 @@ class Search:
         return len(self.study.get_trials(deepcopy=False, states=states))
 
     def run(self, *, until: int, timeout_s: Optional[float] = None, progress: bool = True) -> None:
-        """Run trials until the study holds `until` finished ones (counting every worker's)."""
+        """Run trials until the study holds `until` finished ones (counting every worker's), then
+        stay until every peer's running trial has beaten since: a dead worker's trial is failed
+        and retried here, not left RUNNING."""
         import optuna
         from optuna.study import MaxTrialsCallback
         from optuna.trial import TrialState
@@ -218,42 +220,59 @@ class Search:
         # A worker that died left its trial RUNNING: fail (and retry) it now, even if the budget
         # is met; then after each trial.
         self.heartbeat.fail_stale_at_start(self.study)
-        callbacks = [self.heartbeat.fail_stale]
+        callbacks = [
+            self.heartbeat.fail_stale,
+            MaxTrialsCallback(until, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)),
+        ]
         remaining = until - self.finished_trials()
-        if remaining <= 0:
-            return
-        callbacks.append(MaxTrialsCallback(until, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)))
-        bar = _ProgressBar(remaining, self) if progress else None
+        bar = _ProgressBar(remaining, self) if progress and remaining > 0 else None
         if bar:
             callbacks.append(bar)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         deadline = time.monotonic() + timeout_s if timeout_s else None
         try:
-            while (remaining := until - self.finished_trials()) > 0:
-                left = deadline - time.monotonic() if deadline else None
-                if left is not None and left <= 0:
-                    break
-                try:
-                    self.study.optimize(
-                        self.objective,
-                        n_trials=remaining,
-                        timeout=left,
-                        callbacks=callbacks,
-                        catch=(Exception,),
-                        gc_after_trial=False,
-                    )
-                    break
-                except ValueError:  # Optuna's "Cannot tell a FAIL trial"
-                    if not self._lost_running_trial():
-                        raise
-                    LOG.warning(
-                        "trial %d was failed by another worker while it ran here (its heartbeats came "
-                        "later than search.grace_seconds); its result is dropped and the search goes on",
-                        self.running,
-                    )
+            met = None  # when this worker found the budget met and nothing queued
+            while deadline is None or (left := deadline - time.monotonic()) > 0:
+                remaining = until - self.finished_trials()
+                if remaining <= 0 and not self._queued_retries():
+                    met = met or time.time()
+                    if not self.heartbeat.silent_since(self.study, met):
+                        break
+                    time.sleep(self.heartbeat.interval)  # the silent trial beats, ends or goes stale
+                    self.heartbeat.fail_stale(self.study)
+                    continue
+                met = None
+                self._optimize(max(remaining, 1), left if deadline else None, callbacks)
         finally:
             if bar:
                 bar.close()
+
+    def _optimize(self, n_trials: int, timeout: Optional[float], callbacks: list) -> None:
+        try:
+            self.study.optimize(
+                self.objective,
+                n_trials=n_trials,
+                timeout=timeout,
+                callbacks=callbacks,
+                catch=(Exception,),
+                gc_after_trial=False,
+            )
+        except ValueError:  # Optuna's "Cannot tell a FAIL trial"
+            if not self._lost_running_trial():
+                raise
+            LOG.warning(
+                "trial %d was failed by another worker while it ran here (its heartbeats came "
+                "later than search.grace_seconds); its result is dropped and the search goes on",
+                self.running,
+            )
+
+    def _queued_retries(self) -> bool:
+        """Whether a failed trial's retry waits to be run (queued baselines do not count: a
+        `--trials 0` search queues them and stops)."""
+        from optuna.trial import TrialState
+
+        waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        return any("failed_trial" in t.system_attrs for t in waiting)
 
     def _lost_running_trial(self) -> bool:
         """Whether the trial this worker ran was finished by another worker: one that judged

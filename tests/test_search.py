@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
-import sqlalchemy.exc
 import yaml
 from pool_fixtures import pool_search_config
 
@@ -50,16 +51,20 @@ def trials_of(run_dir: Path):
 
 
 def wait_for_completed(run_dir: Path, count: int, timeout: float = 240) -> None:
-    """Poll the study of a search running in another process until `count` trials completed."""
+    """Poll the study of a search running in another process until `count` trials completed.
+
+    Read-only and without Optuna: opening the study through Optuna while the search creates it
+    would race its schema creation (and write to the database from the test)."""
     deadline = time.time() + timeout
+    database = run_dir / "study.db"
     while time.time() < deadline:
-        if (run_dir / "run.json").exists():
+        if database.exists():
             try:
-                if sum(t.state.name == "COMPLETE" for t in trials_of(run_dir)) >= count:
+                with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+                    (done,) = db.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()
+                if done >= count:
                     return
-            except KeyError:  # the study is not created yet
-                pass
-            except sqlalchemy.exc.DBAPIError:  # racing the search's own schema creation
+            except sqlite3.OperationalError:  # no trials table yet, or locked for a moment
                 pass
         time.sleep(0.3)
     raise AssertionError(f"{count} trials did not complete within {timeout} s")
@@ -168,6 +173,32 @@ def test_a_worker_whose_trial_another_worker_failed_goes_on(tmp_path, small_pool
     search._score = judged_dead_while_scored
     search.run(until=3, progress=False)
     assert [t.state.name for t in search.study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+
+
+def test_a_worker_whose_budget_is_met_waits_out_a_dead_peers_trial(tmp_path, small_pool):
+    """A peer died mid-trial just before the budget was met: the last worker does not leave
+    that trial RUNNING; it waits out the grace period, fails it and runs its retry."""
+    import torch
+
+    from evomerge.config import load_run_config
+    from evomerge.search import Search, write_run_folder
+
+    torch.set_num_threads(1)
+    run_dir = tmp_path / "run"
+    config = load_run_config(
+        write_config(
+            tmp_path, small_pool, trials=1, baselines=False, sampler="random",
+            heartbeat_seconds=1, grace_seconds=2,
+        )
+    )
+    write_run_folder(config, run_dir)
+    search = Search(config, run_dir)
+    orphan = search.study.ask()  # the dead peer's trial: a genome, then no heartbeat ever
+    genome = {g.name: orphan.suggest_float(g.name, g.low, g.high) for g in search.space.genes}
+    search.run(until=0, progress=False)  # the budget is met already
+    trials = search.study.get_trials(deepcopy=False)
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[1].system_attrs["failed_trial"] == orphan.number and trials[1].params == genome
 
 
 def test_failing_candidates_are_recorded_and_the_search_goes_on(tmp_path, small_pool):
