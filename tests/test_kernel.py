@@ -183,29 +183,33 @@ def check_every_finite_value(dtype):
         assert torch.equal(bits(got)[finite], bits(expected)[finite]), weight
 
 
-@pytest.fixture(scope="module")
-def library_without_f16c(tmp_path_factory):
-    """The kernel as built on an x86 CPU without F16C, where float16 rounds inside the loops
-    by integer arithmetic instead of by conversion instructions between them."""
+# The kernel as built for other x86 CPUs: without F16C, float16 rounds inside the loops by
+# integer arithmetic; with F16C but no AVX-512, its conversions go 8 at a time instead of 16.
+OTHER_X86_BUILDS = {"no-f16c": "-mno-f16c", "f16c-no-avx512": "-mno-avx512f"}
+
+
+@pytest.fixture(scope="module", params=sorted(OTHER_X86_BUILDS))
+def other_x86_library(request, tmp_path_factory):
     if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("F16C is an x86 extension")
-    built = tmp_path_factory.mktemp("kernel") / "tv_merge_no_f16c.so"
+        pytest.skip("F16C and AVX-512 are x86 extensions")
+    built = tmp_path_factory.mktemp("kernel") / f"tv_merge_{request.param}.so"
     compiler = shutil.which("cc") or shutil.which("gcc")
-    subprocess.run([compiler, *kernel.FLAGS, "-mno-f16c", str(kernel.SOURCE), "-o", str(built), "-lm"], check=True)
+    flags = [*kernel.FLAGS, OTHER_X86_BUILDS[request.param]]
+    subprocess.run([compiler, *flags, str(kernel.SOURCE), "-o", str(built), "-lm"], check=True)
     library = ctypes.CDLL(str(built))
     kernel._declare(library)
     return library
 
 
 @pytest.fixture
-def kernel_without_f16c(library_without_f16c, monkeypatch):
-    monkeypatch.setattr(kernel, "library", lambda: library_without_f16c)
+def other_x86_kernel(other_x86_library, monkeypatch):
+    monkeypatch.setattr(kernel, "library", lambda: other_x86_library)
 
 
 @pytest.mark.parametrize("rule,consensus,normalize,rescale", [c[2:] for c in CASES if not c[0] and c[1] == torch.float16])
-def test_float16_without_f16c_matches_torch_ops(kernel_without_f16c, rule, consensus, normalize, rescale):
+def test_float16_on_other_x86_builds_matches_torch_ops(other_x86_kernel, rule, consensus, normalize, rescale):
     check_kernel_matches_torch_ops(False, torch.float16, rule, consensus, normalize, rescale)
 
 
-def test_float16_without_f16c_rounds_every_value_like_torch(kernel_without_f16c):
+def test_float16_on_other_x86_builds_rounds_every_value_like_torch(other_x86_kernel):
     check_every_finite_value(torch.float16)
