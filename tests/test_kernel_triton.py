@@ -1,6 +1,7 @@
 """The Triton kernel (CUDA GPUs) against the C kernel, bit for bit.
 
-Without a GPU it runs in Triton's CPU interpreter (tests/conftest.py), which executes the same
+On a CUDA GPU it runs there (the inputs are copied to the GPU, the results compared on the
+CPU); without one it runs in Triton's CPU interpreter (tests/conftest.py), which executes the same
 kernel code with numpy: the integer rounding, the hash, the order of every float operation and
 the exact L1 sums are what is checked here. On a GPU, kernel.gpu_ready repeats a check like
 this against the CPU before the kernel is used.
@@ -21,6 +22,14 @@ from evomerge.random_fields import UniformField, keep_threshold  # noqa: E402
 pytestmark = pytest.mark.skipif(kernel.library() is None, reason="the C kernel is the reference here")
 
 NUMEL = 2 * 1024 + 77  # three kernel blocks, the last one ragged
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def on_device(base, taus, rules):
+    """The kernel's inputs where the Triton kernel runs (the C kernel keeps the CPU copies)."""
+    move = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
+    rules = [KeepRule.key_below(move(r.tensor), r.threshold) if r.mode == KeepRule.KEY_BELOW else r for r in rules]
+    return move(base), [TaskVector(move(t.x), move(t.base)) for t in taus], rules
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:
@@ -49,14 +58,15 @@ def inputs(dtype, mode, subtract):
 def test_triton_kernel_matches_the_c_kernel(dtype, mode, subtract):
     base, taus, rules = inputs(dtype, mode, subtract)
     scales = [2.0**40] * 3
-    assert triton_merge.abs_sums(taus, rules, scales) == kernel.abs_sums(taus, rules, scales)[0]
+    on_base, on_taus, on_rules = on_device(base, taus, rules)
+    assert triton_merge.abs_sums(on_taus, on_rules, scales) == kernel.abs_sums(taus, rules, scales)[0]
     weights = torch.tensor([0.5, -0.3, 0.8]).to(dtype)
     rescale = torch.tensor([1.0, 1.3, 0.9]).to(dtype)
     for consensus, normalize, lambda_ in itertools.product([False, True], [False, True], [1.0, 0.7]):
         options = dict(consensus=consensus, normalize=normalize, plain_divisor=float(weights.float().sum()), lambda_=lambda_)
         expected = kernel.tv_merge(base, taus, rules, rescale, weights, **options, out=torch.empty_like(base))
-        got = triton_merge.tv_merge(base, taus, rules, rescale, weights, **options, out=torch.empty_like(base))
-        assert torch.equal(bits(got), bits(expected)), (consensus, normalize, lambda_)
+        got = triton_merge.tv_merge(on_base, on_taus, on_rules, rescale, weights, **options, out=torch.empty_like(on_base))
+        assert torch.equal(bits(got.cpu()), bits(expected)), (consensus, normalize, lambda_)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, on the way to Inf
@@ -68,11 +78,12 @@ def test_triton_rounding_covers_every_finite_value(dtype):
     base = torch.zeros_like(every)
     taus = [TaskVector(every), TaskVector(every.flip(0).contiguous())]
     rules = [KeepRule.keep_all()] * 2
+    on_base, on_taus, _ = on_device(base, taus, rules)
     for weight in ([0.7, 0.3], [3.0, -2.5], [1e-3, 0.55]):
         w = torch.tensor(weight).to(dtype)
         options = dict(consensus=False, normalize=False, plain_divisor=1.0, lambda_=0.9)
         expected = kernel.tv_merge(base, taus, rules, torch.ones(2, dtype=dtype), w, **options)
-        got = triton_merge.tv_merge(base, taus, rules, torch.ones(2, dtype=dtype), w, **options, out=torch.empty_like(base))
+        got = triton_merge.tv_merge(on_base, on_taus, rules, torch.ones(2, dtype=dtype), w, **options, out=torch.empty_like(on_base)).cpu()
         finite = torch.isfinite(expected)
         assert torch.equal(torch.isfinite(got), finite)
         assert torch.equal(bits(got)[finite], bits(expected)[finite]), weight
@@ -80,9 +91,11 @@ def test_triton_rounding_covers_every_finite_value(dtype):
 
 def test_triton_draws_cross_hash_chunks(monkeypatch):
     """Elements past 2**22 hash with their chunk's key, as random_fields draws them."""
-    monkeypatch.setattr(triton_merge, "BLOCK", 1 << 16)  # fewer interpreted programs
+    if DEVICE.type == "cpu":
+        monkeypatch.setattr(triton_merge, "BLOCK", 1 << 16)  # fewer interpreted programs
     numel = (1 << 22) + 5
     field = UniformField(1, "x")
     rule = KeepRule.hash_below(field.hash_key(0), keep_threshold(0.3))
     expected = int((field.integers(0, torch.Size([numel])) < keep_threshold(0.3)).sum())
-    assert triton_merge.abs_sums([TaskVector(torch.ones(numel, dtype=torch.bfloat16))], [rule], [1.0]) == [(expected, numel)]
+    ones = torch.ones(numel, dtype=torch.bfloat16, device=DEVICE)
+    assert triton_merge.abs_sums([TaskVector(ones)], [rule], [1.0]) == [(expected, numel)]
