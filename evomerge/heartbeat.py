@@ -91,8 +91,8 @@ class TrialHeartbeat:
         return failed
 
     def silent_since(self, study: optuna.Study, since: float) -> list[int]:
-        """The RUNNING trials with no stamp since `since`: a live worker's stamps one within an
-        interval; a dead one's is failed by `fail_stale` once the grace period is over."""
+        """The RUNNING trials with no stamp since `since`. A live worker stamps its trial within
+        an interval; a dead worker's trial is failed by `fail_stale` after the grace period."""
         from optuna.trial import TrialState
 
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
