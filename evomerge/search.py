@@ -231,13 +231,21 @@ class Search:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         deadline = time.monotonic() + timeout_s if timeout_s else None
         try:
-            met = None  # when this worker found the budget met and nothing queued
+            met, told = None, False  # when this worker found the budget met and nothing queued
             while deadline is None or (left := deadline - time.monotonic()) > 0:
                 remaining = until - self.finished_trials()
                 if remaining <= 0 and not self._queued_retries():
                     met = met or time.time()
-                    if not self.heartbeat.silent_since(self.study, met):
+                    silent = self.heartbeat.silent_since(self.study, met)
+                    if not silent:
                         break
+                    if not told and time.time() - met > 2 * self.heartbeat.interval:
+                        told = True  # a live worker would have beaten by now
+                        LOG.warning(
+                            "the budget is met; waiting for trial(s) %s of another worker, silent for %.0f s or more "
+                            "(a dead worker's trial is failed after search.grace_seconds and run here)",
+                            silent, time.time() - met,
+                        )
                     time.sleep(self.heartbeat.interval)  # the silent trial beats, ends or goes stale
                     self.heartbeat.fail_stale(self.study)
                     continue

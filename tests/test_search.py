@@ -175,7 +175,7 @@ def test_a_worker_whose_trial_another_worker_failed_goes_on(tmp_path, small_pool
     assert [t.state.name for t in search.study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
 
 
-def test_a_worker_whose_budget_is_met_waits_out_a_dead_peers_trial(tmp_path, small_pool):
+def test_a_worker_whose_budget_is_met_waits_out_a_dead_peers_trial(tmp_path, small_pool, caplog):
     """A peer died mid-trial just before the budget was met: the last worker does not leave
     that trial RUNNING; it waits out the grace period, fails it and runs its retry."""
     import torch
@@ -199,6 +199,7 @@ def test_a_worker_whose_budget_is_met_waits_out_a_dead_peers_trial(tmp_path, sma
     trials = search.study.get_trials(deepcopy=False)
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
     assert trials[1].system_attrs["failed_trial"] == orphan.number and trials[1].params == genome
+    assert f"waiting for trial(s) [{orphan.number}] of another worker" in caplog.text
 
 
 def test_failing_candidates_are_recorded_and_the_search_goes_on(tmp_path, small_pool):
