@@ -231,29 +231,37 @@ class Search:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         deadline = time.monotonic() + timeout_s if timeout_s else None
         try:
-            met, told = None, False  # when this worker found the budget met and nothing queued
-            while deadline is None or (left := deadline - time.monotonic()) > 0:
+            while True:
+                left = deadline - time.monotonic() if deadline else None
+                if left is not None and left <= 0:
+                    break
                 remaining = until - self.finished_trials()
-                if remaining <= 0 and not self._queued_retries():
-                    met = met or time.time()
-                    silent = self.heartbeat.silent_since(self.study, met)
-                    if not silent:
-                        break
-                    if not told and time.time() - met > 2 * self.heartbeat.interval:
-                        told = True  # a live worker would have beaten by now
-                        LOG.warning(
-                            "the budget is met; waiting for trial(s) %s of another worker, silent for %.0f s or more "
-                            "(a dead worker's trial is failed after search.grace_seconds and run here)",
-                            silent, time.time() - met,
-                        )
-                    time.sleep(self.heartbeat.interval)  # the silent trial beats, ends or goes stale
-                    self.heartbeat.fail_stale(self.study)
-                    continue
-                met = None
-                self._optimize(max(remaining, 1), left if deadline else None, callbacks)
+                if remaining > 0 or self._queued_retries():
+                    self._optimize(max(remaining, 1), left, callbacks)
+                elif not self._wait_for_silent_trials(deadline):
+                    break
         finally:
             if bar:
                 bar.close()
+
+    def _wait_for_silent_trials(self, deadline: Optional[float]) -> bool:
+        """With the budget met, wait while another worker's RUNNING trial has not beaten since:
+        it beats, ends, or goes stale. True when a stale one was failed and its retry queued."""
+        met, told = time.time(), False
+        while silent := self.heartbeat.silent_since(self.study, met):
+            if deadline and time.monotonic() >= deadline:
+                return False
+            if not told and time.time() - met > 2 * self.heartbeat.interval:
+                told = True  # a live worker would have beaten by now
+                LOG.warning(
+                    "the budget is met; waiting for trial(s) %s of another worker, silent for %.0f s or more "
+                    "(a dead worker's trial is failed after search.grace_seconds and run here)",
+                    silent, time.time() - met,
+                )
+            time.sleep(self.heartbeat.interval)
+            if self.heartbeat.fail_stale(self.study):
+                return True
+        return False
 
     def _optimize(self, n_trials: int, timeout: Optional[float], callbacks: list) -> None:
         try:

@@ -149,9 +149,8 @@ def _fused(
     rules = [_keep_rule(inputs, i, taus[i], rule, density[i]) for i in range(models)]
     factors = [torch.ones((), dtype=dtype)] * models
     rescaled = [i for i in range(models) if rescale and not rules[i].keeps_all]
-    for i, (after, before) in _l1_sums(inputs, taus, rules, rescaled).items():
-        scale = 2.0 ** -inputs.l1_shift(i)  # L1 norms as sparsify.l1_rescale computes them
-        factors[i] = sparsify.l1_factor(before * scale, after * scale, dtype)
+    for i, (after, before) in _l1_norms(inputs, taus, rules, rescaled).items():
+        factors[i] = sparsify.l1_factor(before, after, dtype)
     w = torch.tensor(weight, dtype=dtype)
     plain_divisor = w.sum()
     if plain_divisor.abs() < 1e-8:
@@ -168,13 +167,15 @@ def _fused(
 DRAW_TABLE_MIN = 1 << 20
 
 
-def _l1_sums(inputs: MergeInputs, taus: list, rules: list, rescaled: list[int]) -> dict[int, tuple[int, int]]:
-    """{i: (kept, all)}: the exact L1 sums of task vector i (scaled by 2**inputs.l1_shift(i))
-    over what rules[i] keeps and over every element. DARE masks of a task vector the search
-    reuses read them from its draw table; the rest take one pass over all of them together,
-    whose DARE rules then become the stored bits of what they kept (rules is updated)."""
+def _l1_norms(inputs: MergeInputs, taus: list, rules: list, rescaled: list[int]) -> dict[int, tuple[float, float]]:
+    """{i: (kept, all)}: the L1 norms of task vector i over what rules[i] keeps and over every
+    element, from exact fixed-point sums as sparsify.l1_rescale computes them. DARE masks of a
+    task vector the search reuses read them from its draw table; the rest take one pass over
+    all of them together, whose DARE rules then become the stored bits of what they kept
+    (rules is updated)."""
     from evomerge import kernel
 
+    shifts = {i: inputs.l1_shift(i) for i in rescaled}
     sums = {}
     for i in rescaled:
         if inputs.reused and rules[i].mode == kernel.KeepRule.HASH_BELOW and inputs.base.numel() >= DRAW_TABLE_MIN:
@@ -182,11 +183,11 @@ def _l1_sums(inputs: MergeInputs, taus: list, rules: list, rescaled: list[int]) 
             sums[i] = int(table[rules[i].threshold >> (BITS - STEP_BITS)]), int(table[-1])
     scanned = [i for i in rescaled if i not in sums]
     if scanned:
-        shifts = [2.0 ** inputs.l1_shift(i) for i in scanned]
-        found, after = kernel.abs_sums([taus[i] for i in scanned], [rules[i] for i in scanned], shifts)
+        scales = [2.0 ** shifts[i] for i in scanned]
+        found, after = kernel.abs_sums([taus[i] for i in scanned], [rules[i] for i in scanned], scales)
         for i, pair, rule in zip(scanned, found, after):
             sums[i], rules[i] = pair, rule
-    return sums
+    return {i: (kept * 2.0 ** -shifts[i], every * 2.0 ** -shifts[i]) for i, (kept, every) in sums.items()}
 
 
 def kernel_self_check(device: torch.device, dtype: torch.dtype) -> str:
