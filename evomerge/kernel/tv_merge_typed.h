@@ -176,9 +176,14 @@ static inline void FN(weigh_block)(const T *x, const T *sub_base, const keep_rul
     if (scale == 1.0f) {
         FOR_EACH_KEPT(rule, block, start, len, weighted[j] = ROUND(d * (float)keep * w);)
     } else {
+#if ROUNDS_IN_LOOP /* both products in one loop */
+        FOR_EACH_KEPT(rule, block, start, len,
+                      weighted[j] = ROUND(ROUND(d * (float)keep * scale) * w);)
+#else
         FOR_EACH_KEPT(rule, block, start, len, weighted[j] = ROUND(d * (float)keep * scale);)
         ROUND_ALL(weighted, len);
         for (int64_t j = 0; j < len; j++) weighted[j] = ROUND(weighted[j] * w);
+#endif
     }
     ROUND_ALL(weighted, len);
 }
@@ -187,20 +192,24 @@ static inline void FN(weigh_block)(const T *x, const T *sub_base, const keep_rul
  * the weights of the models that agree with the elected sign (only those count in `sum`).
  * Sums over models accumulate in float and round once. The elected sign is the sign of the
  * sum rounded to T, which is the sign of the float sum: a sum of T values is a multiple of
- * T's smallest step, so it cannot round to zero unless it is zero. Products with `agree`
- * (0 or 1) are exact: no rounding. */
+ * T's smallest step, so it cannot round to zero unless it is zero. A model that disagrees
+ * adds x * 0, as torch's product with a 0/1 mask does (a signed zero, or NaN from an Inf);
+ * products with the mask are exact. (`weight` multiplies by the mask rather than selecting:
+ * with two ?: in the loop gcc gives up vectorising it.) */
 #define SUMS(M, CONSENSUS)                                                                  \
     float sum = weighted[0][j], weight = 0.0f;                                              \
     if (CONSENSUS) {                                                                        \
         for (int i = 1; i < (M); i++) sum = sum + weighted[i][j];                           \
-        int positive = sum >= 0.0f; /* an exact 0 counts as + */                            \
-        float agree = AGREES(weighted[0][j], positive);                                     \
-        sum = weighted[0][j] * agree;                                                       \
-        weight = weights[0] * agree;                                                        \
+        uint32_t flip = sum >= 0.0f ? 0u : 0x80000000u; /* an exact 0 counts as + */        \
+        float x = weighted[0][j];                                                           \
+        int agree = agrees(x, flip);                                                        \
+        sum = agree ? x : x * 0.0f;                                                         \
+        weight = weights[0] * (float)agree;                                                 \
         for (int i = 1; i < (M); i++) {                                                     \
-            agree = AGREES(weighted[i][j], positive);                                       \
-            sum = sum + weighted[i][j] * agree;                                             \
-            weight = weight + weights[i] * agree;                                           \
+            x = weighted[i][j];                                                             \
+            agree = agrees(x, flip);                                                        \
+            sum = sum + (agree ? x : x * 0.0f);                                             \
+            weight = weight + weights[i] * (float)agree;                                    \
         }                                                                                   \
     } else {                                                                                \
         for (int i = 1; i < (M); i++) sum = sum + weighted[i][j];                           \
@@ -228,7 +237,7 @@ static inline void FN(weigh_block)(const T *x, const T *sub_base, const keep_rul
     for (int64_t j = 0; j < len; j++) {                                                     \
         SUMS(M, CONSENSUS)                                                                  \
         mixed[j] = sum;                                                                     \
-        divisor[j] = (CONSENSUS) ? weight : plain_divisor;                                  \
+        if (NORMALIZE) divisor[j] = (CONSENSUS) ? weight : plain_divisor;                   \
     }                                                                                       \
     FN(finish_block)(mixed, divisor, len, CONSENSUS, NORMALIZE, use_lambda, lambda);        \
     FN(add_to_base)(base, mixed, start, len, out);
