@@ -234,15 +234,15 @@ static inline void unpack_bits(const uint8_t *bits, int64_t len, uint8_t *keep) 
     }
 }
 
-/* Runs BODY with `d` (the task-vector value) and `keep` (0/1) for the block's elements
- * j = 0..len-1 (element start + j), the rule's mode decided once outside the loop and its
- * per-block constants hoisted, so that each loop vectorises in 32-bit lanes. */
-#define FOR_EACH_KEPT(rule, block, start, len, BODY)                                        \
+/* Runs BODY with `d` (the task-vector value, TO_FLOAT(block[j])) and `keep` (0/1) for the
+ * block's elements j = 0..len-1 (element start + j), the rule's mode decided once outside
+ * the loop and its per-block constants hoisted, so that each loop vectorises in 32-bit lanes. */
+#define FOR_EACH_KEPT(rule, block, TO_FLOAT, start, len, BODY)                              \
     switch ((rule)->mode) {                                                                 \
     case KEEP_KEY_BELOW: {                                                                  \
         const int32_t *key = (rule)->key + (start), threshold = (rule)->threshold;          \
         for (int64_t j = 0; j < (len); j++) {                                               \
-            float d = (block)[j];                                                           \
+            float d = TO_FLOAT((block)[j]);                                                 \
             int keep = key[j] < threshold;                                                  \
             BODY                                                                            \
         }                                                                                   \
@@ -254,7 +254,7 @@ static inline void unpack_bits(const uint8_t *bits, int64_t len, uint8_t *keep) 
         uint32_t draw[BLOCK]; /* hashed in a loop of their own: 15% faster than inline */   \
         for (int64_t j = 0; j < (len); j++) draw[j] = mix32(first + (uint32_t)j) >> 8;      \
         for (int64_t j = 0; j < (len); j++) {                                               \
-            float d = (block)[j];                                                           \
+            float d = TO_FLOAT((block)[j]);                                                 \
             int keep = draw[j] < threshold;                                                 \
             BODY                                                                            \
         }                                                                                   \
@@ -264,7 +264,7 @@ static inline void unpack_bits(const uint8_t *bits, int64_t len, uint8_t *keep) 
         uint32_t cut = (rule)->cut_bits;                                                    \
         int32_t ties = ties_below((rule), (start), (len));                                  \
         for (int64_t j = 0; j < (len); j++) {                                               \
-            float d = (block)[j];                                                           \
+            float d = TO_FLOAT((block)[j]);                                                 \
             uint32_t a = abs_bits(d);                                                       \
             int keep = (a > cut) | ((a == cut) & ((int32_t)j < ties)); /* branch-free */    \
             BODY                                                                            \
@@ -275,7 +275,7 @@ static inline void unpack_bits(const uint8_t *bits, int64_t len, uint8_t *keep) 
         uint8_t flags[BLOCK];                                                               \
         unpack_bits((rule)->bits + (start) / 8, (len), flags);                              \
         for (int64_t j = 0; j < (len); j++) {                                               \
-            float d = (block)[j];                                                           \
+            float d = TO_FLOAT((block)[j]);                                                 \
             int keep = flags[j];                                                            \
             BODY                                                                            \
         }                                                                                   \
@@ -283,7 +283,7 @@ static inline void unpack_bits(const uint8_t *bits, int64_t len, uint8_t *keep) 
     }                                                                                       \
     default:                                                                                \
         for (int64_t j = 0; j < (len); j++) {                                               \
-            float d = (block)[j];                                                           \
+            float d = TO_FLOAT((block)[j]);                                                 \
             int keep = 1;                                                                   \
             BODY                                                                            \
         }                                                                                   \

@@ -64,7 +64,7 @@ void FN(abs_sums)(int models, int64_t n, const T **xs, const T *sub_base, const 
             const float *block = FN(load_block)(xs[i], sub_base, start, len, buf);
             double scale = scales[i];
             int64_t part = 0, whole = 0;
-            FOR_EACH_KEPT(&rules[i], block, start, len,
+            FOR_EACH_KEPT(&rules[i], block, load_f32, start, len,
                           int64_t q = (int64_t)((double)fabsf(d) * scale);
                           part += keep ? q : 0; whole += q; flags[j] = (uint8_t)keep;)
             if (bits[i]) pack_bits(flags, len, bits[i] + start / 8);
@@ -169,23 +169,31 @@ void FN(magnitude_cut)(const T *x, const T *base, int64_t n, int64_t k, uint32_t
 
 /* One model's share of a block: w * s * tau (s = keep mask times the L1 factor), each
  * product rounded to T as torch rounds it; multiplying by the mask is exact. */
+#define WEIGH(block, TO_FLOAT)                                                              \
+    if (scale == 1.0f) {                                                                    \
+        FOR_EACH_KEPT(rule, block, TO_FLOAT, start, len,                                    \
+                      weighted[j] = ROUND(d * (float)keep * w);)                            \
+    } else if (ROUNDS_IN_LOOP) { /* both products in one loop */                            \
+        FOR_EACH_KEPT(rule, block, TO_FLOAT, start, len,                                    \
+                      weighted[j] = ROUND(ROUND(d * (float)keep * scale) * w);)             \
+    } else {                                                                                \
+        FOR_EACH_KEPT(rule, block, TO_FLOAT, start, len,                                    \
+                      weighted[j] = ROUND(d * (float)keep * scale);)                        \
+        ROUND_ALL(weighted, len);                                                           \
+        for (int64_t j = 0; j < len; j++) weighted[j] = ROUND(weighted[j] * w);             \
+    }                                                                                       \
+    ROUND_ALL(weighted, len);
+
 static inline void FN(weigh_block)(const T *x, const T *sub_base, const keep_rule *rule,
                                    float scale, float w, int64_t start, int64_t len, float *buf,
                                    float *weighted) {
-    const float *block = FN(load_block)(x, sub_base, start, len, buf);
-    if (scale == 1.0f) {
-        FOR_EACH_KEPT(rule, block, start, len, weighted[j] = ROUND(d * (float)keep * w);)
+    if (ROUNDS_IN_LOOP && !sub_base) { /* a stored task vector, converted as it is read */
+        const T *stored = x + start;
+        WEIGH(stored, LOAD)
     } else {
-#if ROUNDS_IN_LOOP /* both products in one loop */
-        FOR_EACH_KEPT(rule, block, start, len,
-                      weighted[j] = ROUND(ROUND(d * (float)keep * scale) * w);)
-#else
-        FOR_EACH_KEPT(rule, block, start, len, weighted[j] = ROUND(d * (float)keep * scale);)
-        ROUND_ALL(weighted, len);
-        for (int64_t j = 0; j < len; j++) weighted[j] = ROUND(weighted[j] * w);
-#endif
+        const float *block = FN(load_block)(x, sub_base, start, len, buf);
+        WEIGH(block, load_f32)
     }
-    ROUND_ALL(weighted, len);
 }
 
 /* For the block's element j: `sum` over models and, under consensus, `weight`, the sum of
@@ -312,6 +320,7 @@ void FN(tv_merge)(int models, int64_t n, const T *base, const T **xs, const T *s
 }
 
 #undef COMBINE
+#undef WEIGH
 #undef SUMS
 #undef ROUND
 #undef COMBINE_M
