@@ -3,9 +3,12 @@
 A mask must be a pure function of (seed, tensor name, model index, element index), so that a
 recipe gives the same model bit for bit whatever the order of work, the thread count or the
 device. `UniformField` hashes those four numbers with a counter-based integer hash (no RNG
-state at all) into 24-bit integers; an element is kept with probability p when its integer is
-below p * 2**24, p rounded up to a multiple of 2**-16 (`keep_threshold`). Everything is exact
-integer arithmetic in int64, which every torch device computes identically.
+state at all) into 16-bit integers, two per hash: elements 2k and 2k + 1 take the low and
+high halves of the hash of k (the hash is a bijection of 32-bit integers, so the halves are
+as independent as two separate draws, and a draw costs half a hash). An element is kept with
+probability p when its integer is below p * 2**16, p rounded up to a multiple of 2**-16
+(`keep_threshold`). Everything is exact integer arithmetic in int32/int64, which every torch
+device computes identically.
 """
 
 from __future__ import annotations
@@ -15,13 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-BITS = 24
-SCALE = 1 << BITS
-# Keep probabilities are multiples of 1 / STEPS: then what a DARE mask keeps, summed over the
-# draws' top 16 bits, is a table of STEPS + 1 numbers per tensor that answers every density
+BITS = 16
+# Keep probabilities are multiples of 1 / SCALE, the draws' own step: then what a DARE mask
+# keeps, summed by draw, is a table of SCALE + 1 numbers per tensor that answers every density
 # (`draw_l1_table`), and the search needs no pass over memory for DARE's L1 rescale.
-STEP_BITS = 16
-STEPS = 1 << STEP_BITS
+SCALE = 1 << BITS
 _CHUNK = 1 << 22  # elements hashed at once (a power of two, so a chunk never spans 2**32)
 
 
@@ -53,7 +54,7 @@ def _as_int32(x: int) -> int:
 
 @dataclass(frozen=True)
 class UniformField:
-    """Random 24-bit integers for every element of one tensor, per model.
+    """Random 16-bit integers for every element of one tensor, per model.
 
     `seed` is the recipe's seed; `tensor_name` the output tensor's name.
     """
@@ -67,12 +68,13 @@ class UniformField:
         return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
 
     def hash_key(self, model_index: int, high: int = 0) -> int:
-        """The key of elements high * 2**32 + low: their draw is mix32(low-offset + key)."""
+        """The key of elements high * 2**32 + low: a chunk's elements 2k and 2k + 1 draw the
+        low and high halves of mix32(k + (key ^ chunk start))."""
         key_lo, key_hi = self._keys(model_index)
         return key_lo ^ _mix32_int(high ^ key_hi)
 
     def integers(self, model_index: int, shape: torch.Size, device="cpu") -> torch.Tensor:
-        """int32 values uniform on [0, 2**24), shaped like the tensor."""
+        """int32 values uniform on [0, 2**16), shaped like the tensor."""
         return self.span(model_index, 0, shape.numel(), device).view(shape)
 
     def span(self, model_index: int, start: int, stop: int, device="cpu") -> torch.Tensor:
@@ -84,21 +86,23 @@ class UniformField:
             end = min(chunk + _CHUNK, stop)
             # element index = high * 2**32 + low; the high part keys the whole chunk
             key = _as_int32(self.hash_key(model_index, chunk >> 32) ^ (chunk & 0xFFFFFFFF))
-            h = torch.arange(at - chunk, end - chunk, dtype=torch.int32, device=device)
-            h += key  # wraps: equals (low index + key) mod 2**32 bit for bit
+            first, last = at - chunk, end - chunk  # element offsets in the chunk
+            h = torch.arange(first >> 1, (last + 1) >> 1, dtype=torch.int32, device=device)
+            h += key  # wraps: equals (pair index + key) mod 2**32 bit for bit
             _mix32(h)
-            out[at - start : end - start] = (h >> (32 - BITS)) & (SCALE - 1)
+            halves = torch.stack((h & 0xFFFF, (h >> 16) & 0xFFFF), dim=1).flatten()
+            out[at - start : end - start] = halves[first & 1 : (first & 1) + end - at]
             at = end
         return out
 
     def bernoulli(self, model_index: int, p: float, shape: torch.Size, device="cpu") -> torch.Tensor:
-        """A boolean mask, True with probability p (exactly keep_threshold(p) / 2**24)."""
+        """A boolean mask, True with probability p (exactly keep_threshold(p) / 2**16)."""
         return self.integers(model_index, shape, device) < keep_threshold(p)
 
 
 def keep_threshold(p: float) -> int:
-    """The integer below which a 24-bit draw counts as kept with probability p: p rounded up
-    to a multiple of 1 / STEPS (a density step of 1.5e-5), times 2**24."""
+    """The integer below which a 16-bit draw counts as kept with probability p: p rounded up
+    to a multiple of 1 / SCALE (a density step of 1.5e-5), times SCALE."""
     import math
 
-    return min(STEPS, max(0, math.ceil(p * STEPS))) << (BITS - STEP_BITS)
+    return min(SCALE, max(0, math.ceil(p * SCALE)))

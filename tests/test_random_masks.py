@@ -39,13 +39,28 @@ def test_kept_fraction_is_binomial(p):
     assert _sigmas(int(mask.sum()), N, p) < 5
 
 
-def test_integers_are_uniform_over_24_bits():
+def test_integers_are_uniform_over_16_bits():
     draws = UniformField(3, "t").integers(0, torch.Size([N]))
     assert int(draws.min()) >= 0 and int(draws.max()) < SCALE
-    counts = torch.bincount(draws >> 20, minlength=16).double()  # 16 equal-width bins
+    counts = torch.bincount(draws >> 12, minlength=16).double()  # 16 equal-width bins
     expected = N / 16
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 50  # chi-squared, 15 degrees of freedom: p < 1e-5 above 50
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_the_two_halves_of_one_hash_are_independent_draws(p):
+    """Elements 2k and 2k + 1 share a hash (its low and high halves): kept together with
+    probability p * p, and their joint 16 x 16 histogram flat."""
+    draws = UniformField(5, "model.layers.3.self_attn.q_proj.weight").integers(1, torch.Size([N]))
+    even, odd = draws[0::2], draws[1::2]
+    threshold = round(p * SCALE)
+    both = int(((even < threshold) & (odd < threshold)).sum())
+    assert _sigmas(both, N // 2, (threshold / SCALE) ** 2) < 5
+    joint = torch.bincount((even >> 12) * 16 + (odd >> 12), minlength=256).double()
+    expected = N / 2 / 256
+    chi2 = float(((joint - expected) ** 2 / expected).sum())
+    assert chi2 < 360  # 255 degrees of freedom: p < 2e-5 above 360
 
 
 def test_masks_of_different_models_names_and_seeds_are_independent():
@@ -76,8 +91,8 @@ def test_a_draw_depends_only_on_the_element_index():
 def test_keep_probabilities_step_by_a_65536th():
     from evomerge.random_fields import keep_threshold
 
-    assert [keep_threshold(p) for p in (0.0, 1.0, 0.5, 1 / 65536)] == [0, SCALE, SCALE // 2, 256]
-    assert keep_threshold(0.3) == math.ceil(0.3 * 65536) * 256  # rounded up to the next step
+    assert [keep_threshold(p) for p in (0.0, 1.0, 0.5, 1 / 65536)] == [0, SCALE, SCALE // 2, 1]
+    assert keep_threshold(0.3) == math.ceil(0.3 * 65536)  # rounded up to the next step
     assert keep_threshold(-1) == 0 and keep_threshold(2) == SCALE
 
 
@@ -94,7 +109,7 @@ def test_draw_l1_table_holds_the_exact_l1_sum_of_every_dare_mask():
     for density in (1 / 65536, 0.1, 0.5, 0.77, 0.999):
         threshold = keep_threshold(density)
         kept = delta * field.bernoulli(1, density, delta.shape)
-        assert int(table[threshold >> 8]) == exact_abs_sum(kept, shift), density
+        assert int(table[threshold]) == exact_abs_sum(kept, shift), density
 
 
 # --- DARE ----------------------------------------------------------------------------------

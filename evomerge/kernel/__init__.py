@@ -215,9 +215,9 @@ def abs_peak(x: torch.Tensor) -> float:
 def draw_l1_table(x: torch.Tensor, hash_key: int, scale: float) -> torch.Tensor:
     """sparsify.draw_l1_table of a CPU task vector in one pass (scale = 2**shift; hash_key as
     KeepRule.hash_below takes it)."""
-    from evomerge.random_fields import STEPS
+    from evomerge.random_fields import SCALE
 
-    sums = torch.zeros(STEPS + 1, dtype=torch.int64)
+    sums = torch.zeros(SCALE + 1, dtype=torch.int64)
     _call("draw_l1_table", x, x.contiguous().data_ptr(), x.numel(), hash_key, scale, sums.data_ptr())
     return sums.cumsum(0)
 

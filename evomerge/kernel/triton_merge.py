@@ -78,7 +78,8 @@ def _keep(key_ptr, modes_ptr, thresholds_ptr, hash_keys_ptr, i, offs, mask):
     e = offs.to(tl.uint32)
     chunk = e & 0xFFC00000  # the start of its hash chunk (random_fields._CHUNK = 2**22)
     key = tl.load(hash_keys_ptr + i).to(tl.uint32)
-    drawn = (_mix32((e - chunk) + (key ^ chunk)) >> 8).to(tl.int64) < threshold
+    pair = _mix32(((e - chunk) >> 1) + (key ^ chunk))  # elements 2k, 2k + 1: its low, high half
+    drawn = ((pair >> ((e & 1) * 16)) & 0xFFFF).to(tl.int64) < threshold
     keep = tl.where(mode == 0, True, tl.where(mode == 1, ranked, drawn))
     return keep.to(tl.float32)
 

@@ -33,7 +33,7 @@
  * machine a thread waiting at the region's barrier can lose a whole time slice). */
 #define PARALLEL_MIN (1 << 18)
 #define HASH_CHUNK_BITS 22 /* random_fields._CHUNK */
-#define DRAW_STEP_BITS 16  /* random_fields.STEP_BITS: the top bits of a draw a density sees */
+#define DRAW_BITS 16       /* random_fields.BITS: a draw is half a hash */
 /* Work goes in blocks of this many elements: small enough that a block of every model stays
  * in the L1 cache between the per-model loop and the combination across models (256 was the
  * fastest of 64..4096 here, by 10-20% over 1024). */
@@ -202,11 +202,26 @@ static inline uint32_t mix32(uint32_t x) {
     return x ^ (x >> 16);
 }
 
-/* The hash input of a block's first element: blocks never straddle a hash chunk (BLOCK
- * divides the chunk size), so element start + j hashes block_hash + j, in 32 bits. */
-static inline uint32_t block_hash(uint32_t hash_key, int64_t start) {
+/* The DARE draws of a block's elements (random_fields.UniformField): elements 2k and 2k + 1
+ * of a hash chunk take the low and high halves of mix32(k + (hash_key ^ chunk start)).
+ * Blocks start at even elements and never straddle a chunk (BLOCK divides the chunk size).
+ * Each hash is stored whole and read back as two halves (a union: the halves of a uint32 in
+ * memory order), faster than shifting them apart. */
+typedef union {
+    uint32_t pairs[BLOCK / 2];
+    uint16_t of[BLOCK];
+} block_draws;
+
+static inline void draw_block(uint32_t hash_key, int64_t start, int64_t len, block_draws *draws) {
     uint32_t chunk_start = (uint32_t)(start & ~(((int64_t)1 << HASH_CHUNK_BITS) - 1));
-    return (uint32_t)(start - (int64_t)chunk_start) + (hash_key ^ chunk_start);
+    uint32_t first = (uint32_t)((start - (int64_t)chunk_start) >> 1) + (hash_key ^ chunk_start);
+    for (int64_t k = 0; k < (len + 1) / 2; k++) {
+        uint32_t h = mix32(first + (uint32_t)k);
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        h = (h << 16) | (h >> 16); /* the low half first in memory */
+#endif
+        draws->pairs[k] = h;
+    }
 }
 
 /* KEEP_MAGNITUDE: ties at the cut are kept for j below this (the cutoff, block-relative) */
@@ -249,13 +264,12 @@ static inline void unpack_bits(const uint8_t *bits, int64_t len, uint8_t *keep) 
         break;                                                                              \
     }                                                                                       \
     case KEEP_HASH_BELOW: {                                                                 \
-        uint32_t first = block_hash((rule)->hash_key, (start));                             \
         uint32_t threshold = (uint32_t)(rule)->threshold;                                   \
-        uint32_t draw[BLOCK]; /* hashed in a loop of their own: 15% faster than inline */   \
-        for (int64_t j = 0; j < (len); j++) draw[j] = mix32(first + (uint32_t)j) >> 8;      \
+        block_draws draws; /* hashed in a loop of their own: 15% faster than inline */      \
+        draw_block((rule)->hash_key, (start), (len), &draws);                               \
         for (int64_t j = 0; j < (len); j++) {                                               \
             float d = TO_FLOAT((block)[j]);                                                 \
-            int keep = draw[j] < threshold;                                                 \
+            int keep = draws.of[j] < threshold;                                             \
             BODY                                                                            \
         }                                                                                   \
         break;                                                                              \

@@ -79,29 +79,25 @@ void FN(abs_sums)(int models, int64_t n, const T **xs, const T *sub_base, const 
 }
 
 /* DARE's L1 table (sparsify.draw_l1_table) before its cumulative sum: sums[b + 1] gets
- * floor(|x| * scale) of every element whose draw (as KEEP_HASH_BELOW hashes it) has b as its
- * top DRAW_STEP_BITS bits. One table per thread, summed (exact integers: the split cannot
- * matter). */
+ * floor(|x| * scale) of every element whose draw (as KEEP_HASH_BELOW draws it) is b. One
+ * table per thread, summed (exact integers: the split cannot matter). */
 void FN(draw_l1_table)(const T *x, int64_t n, uint32_t hash_key, double scale, int64_t *sums) {
 #pragma omp parallel if (n > PARALLEL_MIN)
     {
-        int64_t *local = calloc(((size_t)1 << DRAW_STEP_BITS) + 1, sizeof(int64_t));
+        int64_t *local = calloc(((size_t)1 << DRAW_BITS) + 1, sizeof(int64_t));
         float buf[BLOCK];
-        uint32_t step[BLOCK];
+        block_draws draws;
         int64_t q[BLOCK];
 #pragma omp for schedule(static)
         BLOCKS(n) {
             int64_t len = BLOCK_LEN(n);
             const float *block = FN(load_block)(x, NULL, start, len, buf);
-            uint32_t first = block_hash(hash_key, start);
-            for (int64_t j = 0; j < len; j++) { /* vectorised: the hash and the fixed point */
-                step[j] = mix32(first + (uint32_t)j) >> (32 - DRAW_STEP_BITS);
-                q[j] = (int64_t)((double)fabsf(block[j]) * scale);
-            }
-            for (int64_t j = 0; j < len; j++) local[step[j] + 1] += q[j];
+            draw_block(hash_key, start, len, &draws);
+            for (int64_t j = 0; j < len; j++) q[j] = (int64_t)((double)fabsf(block[j]) * scale);
+            for (int64_t j = 0; j < len; j++) local[draws.of[j] + 1] += q[j];
         }
 #pragma omp critical
-        for (int64_t b = 0; b <= ((int64_t)1 << DRAW_STEP_BITS); b++) sums[b] += local[b];
+        for (int64_t b = 0; b <= ((int64_t)1 << DRAW_BITS); b++) sums[b] += local[b];
         free(local);
     }
 }

@@ -150,7 +150,7 @@ class MergeInputs:
         return self.cached("rows", index, lambda: row_ranks(self.delta(index)))
 
     def draws(self, index: int) -> "torch.Tensor":
-        """24-bit random integers for every element of model `index`'s tensor."""
+        """16-bit random integers for every element of model `index`'s tensor."""
         shape, device = self.models[index].shape, self.models[index].device
         return self.cached("draws", index, lambda: self.field.integers(index, shape, device))
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from evomerge.random_fields import BITS, SCALE, STEP_BITS, STEPS, UniformField, keep_threshold
+from evomerge.random_fields import SCALE, UniformField, keep_threshold
 
 
 def magnitude_ranks(delta: torch.Tensor) -> torch.Tensor:
@@ -134,14 +134,14 @@ def _fixed_point(x: torch.Tensor, shift: int) -> torch.Tensor:
 
 
 def draw_l1_table(delta: torch.Tensor, field: UniformField, index: int, shift: int, chunk: int = 1 << 22) -> torch.Tensor:
-    """What a DARE mask keeps of |delta|, for every density at once: entry b (0..STEPS) is
-    exact_abs_sum of delta where its draws are below b * 2**(BITS - STEP_BITS), i.e. under
-    keep_threshold of density b / STEPS. The last entry is the whole sum. Built once per task
-    vector (one pass), it turns the L1 norms of DARE's rescale into two lookups per trial."""
+    """What a DARE mask keeps of |delta|, for every density at once: entry b (0..SCALE) is
+    exact_abs_sum of delta where its draws are below b, i.e. under keep_threshold of density
+    b / SCALE. The last entry is the whole sum. Built once per task vector (one pass), it turns
+    the L1 norms of DARE's rescale into two lookups per trial."""
     flat = delta.detach().flatten()
-    sums = torch.zeros(STEPS + 1, dtype=torch.int64, device=flat.device)
+    sums = torch.zeros(SCALE + 1, dtype=torch.int64, device=flat.device)
     for start in range(0, flat.numel(), chunk):
         stop = min(start + chunk, flat.numel())
-        step = field.span(index, start, stop, flat.device) >> (BITS - STEP_BITS)
-        sums.index_add_(0, step.long() + 1, _fixed_point(flat[start:stop], shift))  # kept from step + 1 on
+        draw = field.span(index, start, stop, flat.device)
+        sums.index_add_(0, draw.long() + 1, _fixed_point(flat[start:stop], shift))  # kept from draw + 1 on
     return sums.cumsum(0)

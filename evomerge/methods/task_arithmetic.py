@@ -19,7 +19,7 @@ import torch
 
 from evomerge.methods import sparsify
 from evomerge.methods.registry import MergeInputs, MergeMethod, Param, register
-from evomerge.random_fields import BITS, STEP_BITS, UniformField
+from evomerge.random_fields import UniformField
 
 Sparsifier = Optional[Literal["magnitude", "random", "breadcrumbs", "della"]]
 
@@ -180,7 +180,7 @@ def _l1_norms(inputs: MergeInputs, taus: list, rules: list, rescaled: list[int])
     for i in rescaled:
         if inputs.reused and rules[i].mode == kernel.KeepRule.HASH_BELOW and inputs.base.numel() >= DRAW_TABLE_MIN:
             table = inputs.draw_l1_table(i)
-            sums[i] = int(table[rules[i].threshold >> (BITS - STEP_BITS)]), int(table[-1])
+            sums[i] = int(table[rules[i].threshold]), int(table[-1])
     scanned = [i for i in rescaled if i not in sums]
     if scanned:
         scales = [2.0 ** shifts[i] for i in scanned]
