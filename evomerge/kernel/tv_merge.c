@@ -156,6 +156,9 @@ CONVERSIONS_BY_LOOP(bf16, uint16_t)
 #define F16_ROUND(v) _mm512_cvtph_ps(_mm512_cvtps_ph(v, F16_NEAREST))
 #define F32_LOAD _mm512_loadu_ps
 #define F32_STORE _mm512_storeu_ps
+#define F32_ADD _mm512_add_ps
+#define F32_MUL _mm512_mul_ps
+#define F32_SET1 _mm512_set1_ps
 #else
 #define F16_WIDE 8
 #define F16_LOAD(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
@@ -163,6 +166,9 @@ CONVERSIONS_BY_LOOP(bf16, uint16_t)
 #define F16_ROUND(v) _mm256_cvtph_ps(_mm256_cvtps_ph(v, F16_NEAREST))
 #define F32_LOAD _mm256_loadu_ps
 #define F32_STORE _mm256_storeu_ps
+#define F32_ADD _mm256_add_ps
+#define F32_MUL _mm256_mul_ps
+#define F32_SET1 _mm256_set1_ps
 #endif
 static inline void load_floats_f16(const uint16_t *x, int64_t len, float *out) {
     int64_t j = 0;
@@ -180,6 +186,25 @@ static inline void store_floats_f16(const float *x, int64_t len, uint16_t *out) 
     int64_t j = 0;
     for (; j + F16_WIDE <= len; j += F16_WIDE) F16_STORE(out + j, F32_LOAD(x + j));
     for (; j < len; j++) out[j] = _cvtss_sh(x[j], F16_NEAREST);
+}
+
+/* Two steps of a merge in one pass, each rounding the step before it (a pass per rounding
+ * would load and store the block twice more): x = round(x) * w ... */
+static inline void times_rounded_f16(float *x, int64_t len, float w) {
+    int64_t j = 0;
+    for (; j + F16_WIDE <= len; j += F16_WIDE)
+        F32_STORE(x + j, F32_MUL(F16_ROUND(F32_LOAD(x + j)), F32_SET1(w)));
+    for (; j < len; j++) x[j] = _cvtsh_ss(_cvtss_sh(x[j], F16_NEAREST)) * w;
+}
+
+/* ... and out = base + round(mixed), stored as float16 */
+static inline void add_rounded_to_base_f16(const uint16_t *base, const float *mixed, int64_t len,
+                                           uint16_t *out) {
+    int64_t j = 0;
+    for (; j + F16_WIDE <= len; j += F16_WIDE)
+        F16_STORE(out + j, F32_ADD(F16_LOAD(base + j), F16_ROUND(F32_LOAD(mixed + j))));
+    for (; j < len; j++)
+        out[j] = _cvtss_sh(_cvtsh_ss(base[j]) + _cvtsh_ss(_cvtss_sh(mixed[j], F16_NEAREST)), F16_NEAREST);
 }
 #else
 CONVERSIONS_BY_LOOP(f16, uint16_t)

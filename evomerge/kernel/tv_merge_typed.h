@@ -165,18 +165,21 @@ void FN(magnitude_cut)(const T *x, const T *base, int64_t n, int64_t k, uint32_t
 
 /* One model's share of a block: w * s * tau (s = keep mask times the L1 factor), each
  * product rounded to T as torch rounds it; multiplying by the mask is exact. */
+#if ROUNDS_IN_LOOP /* both products in one loop */
+#define WEIGH_SCALED(block, TO_FLOAT)                                                       \
+    FOR_EACH_KEPT(rule, block, TO_FLOAT, start, len,                                        \
+                  weighted[j] = ROUND(ROUND(d * (float)keep * scale) * w);)
+#else
+#define WEIGH_SCALED(block, TO_FLOAT)                                                       \
+    FOR_EACH_KEPT(rule, block, TO_FLOAT, start, len, weighted[j] = d * (float)keep * scale;) \
+    FN(times_rounded)(weighted, len, w);
+#endif
 #define WEIGH(block, TO_FLOAT)                                                              \
     if (scale == 1.0f) {                                                                    \
         FOR_EACH_KEPT(rule, block, TO_FLOAT, start, len,                                    \
                       weighted[j] = ROUND(d * (float)keep * w);)                            \
-    } else if (ROUNDS_IN_LOOP) { /* both products in one loop */                            \
-        FOR_EACH_KEPT(rule, block, TO_FLOAT, start, len,                                    \
-                      weighted[j] = ROUND(ROUND(d * (float)keep * scale) * w);)             \
     } else {                                                                                \
-        FOR_EACH_KEPT(rule, block, TO_FLOAT, start, len,                                    \
-                      weighted[j] = ROUND(d * (float)keep * scale);)                        \
-        ROUND_ALL(weighted, len);                                                           \
-        for (int64_t j = 0; j < len; j++) weighted[j] = ROUND(weighted[j] * w);             \
+        WEIGH_SCALED(block, TO_FLOAT)                                                       \
     }                                                                                       \
     ROUND_ALL(weighted, len);
 
@@ -236,7 +239,8 @@ static inline void FN(weigh_block)(const T *x, const T *sub_base, const keep_rul
         out[start + j] = FN(store)(LOAD(base[start + j]) + mixed);                          \
     }
 #else
-/* The same, a step per loop with a rounding pass between steps. */
+/* The same, a step per loop, each rounding the result of the step before it as it reads it
+ * (float16's conversions run as F16C instructions a block at a time). */
 #define COMBINE(M, CONSENSUS, NORMALIZE)                                                    \
     for (int64_t j = 0; j < len; j++) {                                                     \
         SUMS(M, CONSENSUS)                                                                  \
@@ -244,30 +248,20 @@ static inline void FN(weigh_block)(const T *x, const T *sub_base, const keep_rul
         if (NORMALIZE) divisor[j] = (CONSENSUS) ? weight : plain_divisor;                   \
     }                                                                                       \
     FN(finish_block)(mixed, divisor, len, CONSENSUS, NORMALIZE, use_lambda, lambda);        \
-    FN(add_to_base)(base, mixed, start, len, out);
+    FN(add_rounded_to_base)(base + start, mixed, len, out + start);
 
+/* mixed / Z, times lambda: the last step's result is left unrounded (the store rounds it) */
 static inline void FN(finish_block)(float *mixed, float *divisor, int64_t len, int consensus,
                                     int normalize, int use_lambda, float lambda) {
-    ROUND_ALL(mixed, len);
     if (normalize) {
+        ROUND_ALL(mixed, len);
         if (consensus) {
             ROUND_ALL(divisor, len);
             for (int64_t j = 0; j < len; j++) divisor[j] = divisor[j] == 0.0f ? 1.0f : divisor[j];
         }
         for (int64_t j = 0; j < len; j++) mixed[j] = mixed[j] / divisor[j];
-        ROUND_ALL(mixed, len);
     }
-    if (use_lambda) {
-        for (int64_t j = 0; j < len; j++) mixed[j] = mixed[j] * lambda;
-        ROUND_ALL(mixed, len);
-    }
-}
-
-static inline void FN(add_to_base)(const T *base, const float *mixed, int64_t start, int64_t len, T *out) {
-    float sum[BLOCK];
-    FN(load_floats)(base + start, len, sum);
-    for (int64_t j = 0; j < len; j++) sum[j] = sum[j] + mixed[j];
-    FN(store_floats)(sum, len, out + start);
+    if (use_lambda) FN(times_rounded)(mixed, len, lambda);
 }
 #endif
 
@@ -317,6 +311,7 @@ void FN(tv_merge)(int models, int64_t n, const T *base, const T **xs, const T *s
 
 #undef COMBINE
 #undef WEIGH
+#undef WEIGH_SCALED
 #undef SUMS
 #undef ROUND
 #undef COMBINE_M
