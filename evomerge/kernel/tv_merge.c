@@ -74,20 +74,19 @@ static inline float store_f32(float x) { return x; }
 
 static inline float load_bf16(uint16_t b) { return as_float((uint32_t)b << 16); }
 
-static inline uint16_t store_bf16(float f) {
+/* float to bfloat16 bits (in the high half), rounded to nearest, ties to even. No NaN test:
+ * inside the kernel every NaN has its low 16 bits zero (bfloat16 inputs, NaNs arithmetic made
+ * from them, or the default NaN), and rounding leaves such a NaN unchanged; a general
+ * conversion would have to keep a NaN with only low payload bits from rounding to Inf. */
+static inline uint32_t rounded_bf16_bits(float f) {
     uint32_t u = as_bits(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest, ties to even */
-    return (uint16_t)(u >> 16);
+    return (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
 }
 
-/* store_bf16 then load_bf16, without the NaN test: inside the kernel every NaN has its low 16
- * bits zero (bfloat16 inputs, or NaNs arithmetic made from them, or the default NaN), and
- * rounding leaves such a NaN unchanged. */
-static inline float round_bf16(float f) {
-    uint32_t u = as_bits(f);
-    return as_float((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u);
-}
+static inline uint16_t store_bf16(float f) { return (uint16_t)(rounded_bf16_bits(f) >> 16); }
+
+/* store_bf16 then load_bf16 */
+static inline float round_bf16(float f) { return as_float(rounded_bf16_bits(f)); }
 
 /* float16 by integer arithmetic (after F. Giesen's branch-free conversions) rather than
  * _Float16, which compilers vectorise only on CPUs with native float16 arithmetic. */
@@ -124,20 +123,14 @@ static inline float round_f16(float f) {
     return as_float(r | sign);
 }
 
-/* ---- the same, a block at a time: x[j] as float, float rounded to the type, stored --------
- * The kernels round between stages a block at a time rather than inside their loops: the
- * float16 conversions then run as F16C instructions (8 per instruction, 16 with AVX-512),
- * which compilers never vectorise on their own without native float16 arithmetic, and the
- * other types' loops stay short enough to vectorise. */
+/* ---- the same, a block at a time ----------------------------------------------------------
+ * load_floats: x[j] as float, for every type. float16 with F16C also rounds a block at a
+ * time, between the stages of a merge rather than inside its loops (ROUNDS_IN_LOOP 0): its
+ * conversions then run as F16C instructions (8 per instruction, 16 with AVX-512), which
+ * compilers never vectorise on their own without native float16 arithmetic. */
 #define CONVERSIONS_BY_LOOP(SUFFIX, T)                                                      \
     static inline void load_floats_##SUFFIX(const T *x, int64_t len, float *out) {          \
         for (int64_t j = 0; j < len; j++) out[j] = load_##SUFFIX(x[j]);                     \
-    }                                                                                       \
-    static inline void round_floats_##SUFFIX(float *x, int64_t len) {                       \
-        for (int64_t j = 0; j < len; j++) x[j] = round_##SUFFIX(x[j]);                      \
-    }                                                                                       \
-    static inline void store_floats_##SUFFIX(const float *x, int64_t len, T *out) {         \
-        for (int64_t j = 0; j < len; j++) out[j] = store_##SUFFIX(x[j]);                    \
     }
 
 CONVERSIONS_BY_LOOP(f32, float)
@@ -180,12 +173,6 @@ static inline void round_floats_f16(float *x, int64_t len) {
     int64_t j = 0;
     for (; j + F16_WIDE <= len; j += F16_WIDE) F32_STORE(x + j, F16_ROUND(F32_LOAD(x + j)));
     for (; j < len; j++) x[j] = _cvtsh_ss(_cvtss_sh(x[j], F16_NEAREST));
-}
-
-static inline void store_floats_f16(const float *x, int64_t len, uint16_t *out) {
-    int64_t j = 0;
-    for (; j + F16_WIDE <= len; j += F16_WIDE) F16_STORE(out + j, F32_LOAD(x + j));
-    for (; j < len; j++) out[j] = _cvtss_sh(x[j], F16_NEAREST);
 }
 
 /* Two steps of a merge in one pass, each rounding the step before it (a pass per rounding
