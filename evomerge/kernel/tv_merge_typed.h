@@ -171,8 +171,9 @@ void FN(magnitude_cut)(const T *x, const T *base, int64_t n, int64_t k, uint32_t
                   weighted[j] = ROUND(ROUND(d * (float)keep * scale) * w);)
 #else
 #define WEIGH_SCALED(block, TO_FLOAT)                                                       \
-    FOR_EACH_KEPT(rule, block, TO_FLOAT, start, len, weighted[j] = d * (float)keep * scale;) \
-    FN(times_rounded)(weighted, len, w);
+    FOR_EACH_KEPT(rule, block, TO_FLOAT, start, len,                                        \
+                  weighted[j] = d * (float)keep * scale;)                                   \
+    FN(times_rounded)(weighted, len, w); /* round(d * keep * scale) * w, in one F16C pass */
 #endif
 #define WEIGH(block, TO_FLOAT)                                                              \
     if (scale == 1.0f) {                                                                    \
