@@ -165,20 +165,23 @@ void FN(magnitude_cut)(const T *x, const T *base, int64_t n, int64_t k, uint32_t
 
 /* One model's share of a block: w * s * tau (s = keep mask times the L1 factor), each
  * product rounded to T as torch rounds it; multiplying by the mask is exact. */
+/* d * keep as torch computes it (d, or a zero of d's sign, or NaN from an Inf), as a select:
+ * one op fewer than converting keep to float and multiplying */
+#define MASKED(d, keep) ((keep) ? (d) : (d) * 0.0f)
 #if ROUNDS_IN_LOOP /* both products in one loop */
 #define WEIGH_SCALED(block, TO_FLOAT)                                                       \
     FOR_EACH_KEPT(rule, block, TO_FLOAT, start, len,                                        \
-                  weighted[j] = ROUND(ROUND(d * (float)keep * scale) * w);)
+                  weighted[j] = ROUND(ROUND(MASKED(d, keep) * scale) * w);)
 #else
 #define WEIGH_SCALED(block, TO_FLOAT)                                                       \
     FOR_EACH_KEPT(rule, block, TO_FLOAT, start, len,                                        \
-                  weighted[j] = d * (float)keep * scale;)                                   \
+                  weighted[j] = MASKED(d, keep) * scale;)                                   \
     FN(times_rounded)(weighted, len, w); /* round(d * keep * scale) * w, in one F16C pass */
 #endif
 #define WEIGH(block, TO_FLOAT)                                                              \
     if (scale == 1.0f) {                                                                    \
         FOR_EACH_KEPT(rule, block, TO_FLOAT, start, len,                                    \
-                      weighted[j] = ROUND(d * (float)keep * w);)                            \
+                      weighted[j] = ROUND(MASKED(d, keep) * w);)                            \
     } else {                                                                                \
         WEIGH_SCALED(block, TO_FLOAT)                                                       \
     }                                                                                       \
@@ -312,6 +315,7 @@ void FN(tv_merge)(int models, int64_t n, const T *base, const T **xs, const T *s
 
 #undef COMBINE
 #undef WEIGH
+#undef MASKED
 #undef WEIGH_SCALED
 #undef SUMS
 #undef ROUND
