@@ -229,7 +229,7 @@ static inline void FN(weigh_block)(const T *x, const T *sub_base, const keep_rul
 #if ROUNDS_IN_LOOP
 /* The rest of the merge in the same loop: rounded sum, / Z (the agreeing weights, 0
  * counting as 1, or plain_divisor), times lambda, plus the base, each step rounded to T. */
-#define COMBINE(M, CONSENSUS, NORMALIZE)                                                    \
+#define COMBINE(M, CONSENSUS, NORMALIZE, LAMBDA)                                            \
     for (int64_t j = 0; j < len; j++) {                                                     \
         SUMS(M, CONSENSUS)                                                                  \
         float mixed = ROUND(sum);                                                           \
@@ -238,14 +238,20 @@ static inline void FN(weigh_block)(const T *x, const T *sub_base, const keep_rul
             divisor = (CONSENSUS) && divisor == 0.0f ? 1.0f : divisor;                      \
             mixed = ROUND(mixed / divisor);                                                 \
         }                                                                                   \
-        float scaled = ROUND(mixed * lambda);                                               \
-        mixed = use_lambda ? scaled : mixed;                                                \
+        if (LAMBDA) mixed = ROUND(mixed * lambda);                                          \
         out[start + j] = FN(store)(LOAD(base[start + j]) + mixed);                          \
+    }
+/* lambda fixed at compile time too: gcc keeps a runtime test's work in the loop */
+#define COMBINE_L(M, CONSENSUS, NORMALIZE)                                                  \
+    if (use_lambda) {                                                                       \
+        COMBINE(M, CONSENSUS, NORMALIZE, 1)                                                 \
+    } else {                                                                                \
+        COMBINE(M, CONSENSUS, NORMALIZE, 0)                                                 \
     }
 #else
 /* The same, a step per loop, each rounding the result of the step before it as it reads it
  * (float16's conversions run as F16C instructions a block at a time). */
-#define COMBINE(M, CONSENSUS, NORMALIZE)                                                    \
+#define COMBINE_L(M, CONSENSUS, NORMALIZE)                                                  \
     for (int64_t j = 0; j < len; j++) {                                                     \
         SUMS(M, CONSENSUS)                                                                  \
         mixed[j] = sum;                                                                     \
@@ -272,13 +278,13 @@ static inline void FN(finish_block)(float *mixed, float *divisor, int64_t len, i
 /* consensus and normalize fixed at compile time: no dead work in the hot loop */
 #define COMBINE_M(M)                                                                        \
     if (consensus && normalize) {                                                           \
-        COMBINE(M, 1, 1)                                                                    \
+        COMBINE_L(M, 1, 1)                                                                  \
     } else if (consensus) {                                                                 \
-        COMBINE(M, 1, 0)                                                                    \
+        COMBINE_L(M, 1, 0)                                                                  \
     } else if (normalize) {                                                                 \
-        COMBINE(M, 0, 1)                                                                    \
+        COMBINE_L(M, 0, 1)                                                                  \
     } else {                                                                                \
-        COMBINE(M, 0, 0)                                                                    \
+        COMBINE_L(M, 0, 0)                                                                  \
     }
 
 /*
@@ -314,6 +320,7 @@ void FN(tv_merge)(int models, int64_t n, const T *base, const T **xs, const T *s
 }
 
 #undef COMBINE
+#undef COMBINE_L
 #undef WEIGH
 #undef MASKED
 #undef WEIGH_SCALED
