@@ -124,8 +124,9 @@ class KeepRule(ctypes.Structure):
 
     @classmethod
     def hash_below(cls, hash_key: int, threshold: int) -> "KeepRule":
-        """The DARE draw of each element (random_fields.UniformField) < threshold."""
-        return cls(mode=cls.HASH_BELOW, threshold=min(threshold, 2**31 - 1), hash_key=hash_key)
+        """The DARE draw of each element (random_fields.UniformField) < threshold (at most
+        random_fields.SCALE, as keep_threshold gives it)."""
+        return cls(mode=cls.HASH_BELOW, threshold=threshold, hash_key=hash_key)
 
     @classmethod
     def stored_bits(cls, bits: torch.Tensor) -> "KeepRule":

@@ -204,6 +204,11 @@ CONVERSIONS_BY_LOOP(f16, uint16_t)
  * 0). One xor and one compare, where testing x > 0 and x < 0 takes two and mask logic. */
 static inline int agrees(float x, uint32_t flip) { return (int32_t)(as_bits(x) ^ flip) > 0; }
 
+/* x * keep (keep 0 or 1) as torch's product with a 0/1 mask computes it: x, or x * 0 (a zero
+ * of x's sign, or NaN from an Inf or a NaN); a select is one op fewer than converting keep to
+ * float and multiplying */
+static inline float masked(float x, int keep) { return keep ? x : x * 0.0f; }
+
 static inline uint32_t abs_bits(float f) { return as_bits(f) & 0x7fffffffu; }
 
 static inline uint32_t mix32(uint32_t x) {

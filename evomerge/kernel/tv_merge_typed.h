@@ -165,23 +165,20 @@ void FN(magnitude_cut)(const T *x, const T *base, int64_t n, int64_t k, uint32_t
 
 /* One model's share of a block: w * s * tau (s = keep mask times the L1 factor), each
  * product rounded to T as torch rounds it; multiplying by the mask is exact. */
-/* d * keep as torch computes it (d, or a zero of d's sign, or NaN from an Inf), as a select:
- * one op fewer than converting keep to float and multiplying */
-#define MASKED(d, keep) ((keep) ? (d) : (d) * 0.0f)
 #if ROUNDS_IN_LOOP /* both products in one loop */
 #define WEIGH_SCALED(block, TO_FLOAT)                                                       \
     FOR_EACH_KEPT(rule, block, TO_FLOAT, start, len,                                        \
-                  weighted[j] = ROUND(ROUND(MASKED(d, keep) * scale) * w);)
+                  weighted[j] = ROUND(ROUND(masked(d, keep) * scale) * w);)
 #else
 #define WEIGH_SCALED(block, TO_FLOAT)                                                       \
     FOR_EACH_KEPT(rule, block, TO_FLOAT, start, len,                                        \
-                  weighted[j] = MASKED(d, keep) * scale;)                                   \
+                  weighted[j] = masked(d, keep) * scale;)                                   \
     FN(times_rounded)(weighted, len, w); /* round(d * keep * scale) * w, in one F16C pass */
 #endif
 #define WEIGH(block, TO_FLOAT)                                                              \
     if (scale == 1.0f) {                                                                    \
         FOR_EACH_KEPT(rule, block, TO_FLOAT, start, len,                                    \
-                      weighted[j] = ROUND(MASKED(d, keep) * w);)                            \
+                      weighted[j] = ROUND(masked(d, keep) * w);)                            \
     } else {                                                                                \
         WEIGH_SCALED(block, TO_FLOAT)                                                       \
     }                                                                                       \
@@ -203,10 +200,9 @@ static inline void FN(weigh_block)(const T *x, const T *sub_base, const keep_rul
  * the weights of the models that agree with the elected sign (only those count in `sum`).
  * Sums over models accumulate in float and round once. The elected sign is the sign of the
  * sum rounded to T, which is the sign of the float sum: a sum of T values is a multiple of
- * T's smallest step, so it cannot round to zero unless it is zero. A model that disagrees
- * adds x * 0, as torch's product with a 0/1 mask does (a signed zero, or NaN from an Inf);
- * products with the mask are exact. (`weight` multiplies by the mask rather than selecting:
- * with two ?: in the loop gcc gives up vectorising it.) */
+ * T's smallest step, so it cannot round to zero unless it is zero. Products with the
+ * agreement mask are exact. (`weight` multiplies by the mask rather than selecting: with two
+ * selects in the loop gcc gives up vectorising it.) */
 #define SUMS(M, CONSENSUS)                                                                  \
     float sum = weighted[0][j], weight = 0.0f;                                              \
     if (CONSENSUS) {                                                                        \
@@ -214,12 +210,12 @@ static inline void FN(weigh_block)(const T *x, const T *sub_base, const keep_rul
         uint32_t flip = sum >= 0.0f ? 0u : 0x80000000u; /* an exact 0 counts as + */        \
         float x = weighted[0][j];                                                           \
         int agree = agrees(x, flip);                                                        \
-        sum = agree ? x : x * 0.0f;                                                         \
+        sum = masked(x, agree);                                                             \
         weight = weights[0] * (float)agree;                                                 \
         for (int i = 1; i < (M); i++) {                                                     \
             x = weighted[i][j];                                                             \
             agree = agrees(x, flip);                                                        \
-            sum = sum + (agree ? x : x * 0.0f);                                             \
+            sum = sum + masked(x, agree);                                                   \
             weight = weight + weights[i] * (float)agree;                                    \
         }                                                                                   \
     } else {                                                                                \
@@ -322,7 +318,6 @@ void FN(tv_merge)(int models, int64_t n, const T *base, const T **xs, const T *s
 #undef COMBINE
 #undef COMBINE_L
 #undef WEIGH
-#undef MASKED
 #undef WEIGH_SCALED
 #undef SUMS
 #undef ROUND
