@@ -30,6 +30,8 @@ def make_inputs(dtype: torch.dtype, models: int = 3, shape=(61, 97), seed: int =
         if i == 1:
             delta[:4] = -delta[:4].abs()  # conflicting signs
         tensors.append((base + delta).to(dtype))
+        tensors[-1][0, :5] = -0.0  # a base of -0 with nothing added: sums of -0 must give +0 (as torch's do)
+    base[0, :5] = -0.0
     # bf16 rounding makes many |delta| equal: stable-rank tie-breaking is exercised too
     inputs = MergeInputs(models=tensors, base=base.to(dtype), tensor_name="layers.0.w", field=UniformField(7, "layers.0.w"))
     inputs.reused = reused  # reused: magnitude ranks cached; one-shot: radix select
@@ -67,6 +69,7 @@ def check_kernel_matches_torch_ops(reused, dtype, rule, consensus, normalize, re
         ([0.3, 0.5, 0.2], [0.5, 0.7, 0.3], 1.0),
         ([1.0, -0.4, 0.7], [1.0, 0.2, 0.9], 0.8),  # a negative weight flips a model's vote
         ([0.0, 0.0, 0.0], [0.5, 0.5, 0.5], 1.0),  # zero weights: the divisor fallbacks
+        ([-0.3, -0.5, -0.2], [0.5, 0.7, 0.3], 1.0),  # every weighted zero a -0
         ([0.6, 0.3, 0.1], [0.0, 1e-3, 1.0], 1.3),  # density 0 and a single kept element
     ):
         options = dict(rule=rule, rescale=rescale, consensus=consensus, normalize=normalize, lambda_=lambda_)
@@ -173,19 +176,43 @@ def test_every_finite_value_converts_and_rounds_like_torch(dtype):
 def check_every_finite_value(dtype):
     every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     every = every[torch.isfinite(every)][1:]  # [1:]: a last block of 255, not a multiple of 8
-    inputs = MergeInputs(models=[every.clone(), every.flip(0).contiguous()], base=torch.zeros_like(every), tensor_name="w")
+    models = [every.clone(), every.flip(0).contiguous()]
+    inputs = MergeInputs(models=models, base=torch.zeros_like(every), tensor_name="w", field=UniformField(5, "w"))
+    plain = dict(rule=None, rescale=False, consensus=False, normalize=False)
     for weight, lambda_ in (([1.0, 0.0], 1.0), ([0.7, 0.3], 1.0), ([0.55, 0.45], 0.9), ([3.0, -2.5], 1.0)):
-        options = dict(rule=None, rescale=False, consensus=False, normalize=False, lambda_=lambda_)
-        expected = torch_path(inputs, weight, [1.0, 1.0], **options)
-        got = _fused(inputs, weight, [1.0, 1.0], **options)
-        finite = torch.isfinite(expected)
-        assert torch.equal(torch.isfinite(got), finite)
-        assert torch.equal(bits(got)[finite], bits(expected)[finite]), weight
+        check_same_finite_bits(inputs, weight, [1.0, 1.0], **plain, lambda_=lambda_)
+    # dare_ties over stored task vectors large enough for draw tables: the search's hot path
+    # (bfloat16 has a path of its own for it on CPUs with AVX512_BF16, which hands subnormals
+    # back to the generic code)
+    from evomerge.methods.task_arithmetic import DRAW_TABLE_MIN
+
+    copies = DRAW_TABLE_MIN // every.numel() + 1
+    models = [torch.cat([m.roll(c * 101) for c in range(copies)]) for m in models]
+    inputs = MergeInputs(models=models, base=torch.zeros_like(models[0]), tensor_name="w", field=UniformField(5, "w"))
+    inputs.reused = True
+    dare_ties = dict(rule="random", rescale=True, consensus=True, normalize=False, lambda_=1.0)
+    for weight in ([0.7, 0.3], [3.0, -2.5], [1e-30, 0.5]):  # 1e-30: products near the subnormals
+        check_same_finite_bits(inputs, weight, [0.6, 0.9], **dare_ties)
+    assert ("l1_table", 0) in inputs._memo  # the table path ran
+
+
+def check_same_finite_bits(inputs, weight, density, **options):
+    expected = torch_path(inputs, weight, density, **options)
+    got = _fused(inputs, weight, density, **options)
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(got), finite)
+    assert torch.equal(bits(got)[finite], bits(expected)[finite]), (weight, options)
 
 
 # The kernel as built for other x86 CPUs: without F16C, float16 rounds inside the loops by
-# integer arithmetic; with F16C but no AVX-512, its conversions go 8 at a time instead of 16.
-OTHER_X86_BUILDS = {"no-f16c": "-mno-f16c", "f16c-no-avx512": "-mno-avx512f"}
+# integer arithmetic; with F16C but no AVX-512, its conversions go 8 at a time instead of 16;
+# without AVX512_BF16, bfloat16 takes the generic code everywhere. Each build: the dtype whose
+# code it changes.
+OTHER_X86_BUILDS = {
+    "no-f16c": ("-mno-f16c", torch.float16),
+    "f16c-no-avx512": ("-mno-avx512f", torch.float16),
+    "no-avx512-bf16": ("-mno-avx512bf16", torch.bfloat16),
+}
 
 
 @pytest.fixture(scope="module", params=sorted(OTHER_X86_BUILDS))
@@ -194,22 +221,26 @@ def other_x86_library(request, tmp_path_factory):
         pytest.skip("F16C and AVX-512 are x86 extensions")
     built = tmp_path_factory.mktemp("kernel") / f"tv_merge_{request.param}.so"
     compiler = shutil.which("cc") or shutil.which("gcc")
-    flags = [*kernel.FLAGS, OTHER_X86_BUILDS[request.param]]
-    subprocess.run([compiler, *flags, str(kernel.SOURCE), "-o", str(built), "-lm"], check=True)
+    flag, dtype = OTHER_X86_BUILDS[request.param]
+    subprocess.run([compiler, *kernel.FLAGS, flag, str(kernel.SOURCE), "-o", str(built), "-lm"], check=True)
     library = ctypes.CDLL(str(built))
     kernel._declare(library)
-    return library
+    return library, dtype
 
 
 @pytest.fixture
 def other_x86_kernel(other_x86_library, monkeypatch):
-    monkeypatch.setattr(kernel, "library", lambda: other_x86_library)
+    """The build, in place of the library; the dtype it concerns."""
+    library, dtype = other_x86_library
+    monkeypatch.setattr(kernel, "library", lambda: library)
+    return dtype
 
 
-@pytest.mark.parametrize("rule,consensus,normalize,rescale", [c[2:] for c in CASES if not c[0] and c[1] == torch.float16])
-def test_float16_on_other_x86_builds_matches_torch_ops(other_x86_kernel, rule, consensus, normalize, rescale):
-    check_kernel_matches_torch_ops(False, torch.float16, rule, consensus, normalize, rescale)
+@pytest.mark.parametrize("reused,rule,consensus,normalize,rescale", [c[:1] + c[2:] for c in CASES if c[1] == torch.float16])
+def test_other_x86_builds_match_torch_ops(other_x86_kernel, reused, rule, consensus, normalize, rescale):
+    check_kernel_matches_torch_ops(reused, other_x86_kernel, rule, consensus, normalize, rescale)
 
 
-def test_float16_on_other_x86_builds_rounds_every_value_like_torch(other_x86_kernel):
-    check_every_finite_value(torch.float16)
+def test_other_x86_builds_round_every_value_like_torch(other_x86_kernel):
+    check_every_finite_value(other_x86_kernel)
+

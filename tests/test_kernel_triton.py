@@ -40,6 +40,8 @@ def inputs(dtype, mode, subtract):
     generator = torch.Generator().manual_seed(len(mode))
     base = torch.randn(NUMEL, generator=generator).to(dtype)
     models = [(base.float() + torch.randn(NUMEL, generator=generator) * 0.02).to(dtype) for _ in range(3)]
+    for x in (base, *models):
+        x[:5] = -0.0  # a base of -0 with nothing added: sums of -0s are +0, as torch's are
     deltas = [m - base for m in models]
     taus = [TaskVector(m, base) if subtract else TaskVector(d) for m, d in zip(models, deltas)]
     field = UniformField(3, "w")
@@ -60,13 +62,14 @@ def test_triton_kernel_matches_the_c_kernel(dtype, mode, subtract):
     scales = [2.0**40] * 3
     on_base, on_taus, on_rules = on_device(base, taus, rules)
     assert triton_merge.abs_sums(on_taus, on_rules, scales) == kernel.abs_sums(taus, rules, scales)[0]
-    weights = torch.tensor([0.5, -0.3, 0.8]).to(dtype)
     rescale = torch.tensor([1.0, 1.3, 0.9]).to(dtype)
-    for consensus, normalize, lambda_ in itertools.product([False, True], [False, True], [1.0, 0.7]):
+    signs = ([1, -1, 1], [-1, -1, -1])  # the second: every weighted zero a -0
+    for sign, consensus, normalize, lambda_ in itertools.product(signs, [False, True], [False, True], [1.0, 0.7]):
+        weights = (torch.tensor([0.5, 0.3, 0.8]) * torch.tensor(sign)).to(dtype)
         options = dict(consensus=consensus, normalize=normalize, plain_divisor=float(weights.float().sum()), lambda_=lambda_)
         expected = kernel.tv_merge(base, taus, rules, rescale, weights, **options, out=torch.empty_like(base))
         got = triton_merge.tv_merge(on_base, on_taus, on_rules, rescale, weights, **options, out=torch.empty_like(on_base))
-        assert torch.equal(bits(got.cpu()), bits(expected)), (consensus, normalize, lambda_)
+        assert torch.equal(bits(got.cpu()), bits(expected)), (sign, consensus, normalize, lambda_)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, on the way to Inf

@@ -117,13 +117,13 @@ def _tv_merge_kernel(base_ptr, taus, keys, sub_base_ptr, modes_ptr, thresholds_p
             agree = tl.where(positive, w > 0.0, w < 0.0).to(tl.float32)
             term = w * agree
             weight = tl.load(weights_ptr + i) * agree
-            mixed = term if i == 0 else mixed + term
-            divisor = weight if i == 0 else divisor + weight
+            mixed = mixed + term  # from +0, as torch sums (a sum of -0s is +0)
+            divisor = divisor + weight
         mixed = _round(mixed, KIND)
         divisor = _round(divisor, KIND)
         divisor = tl.where(divisor == 0.0, 1.0, divisor)
     else:
-        mixed = _round(total, KIND)
+        mixed = _round(0.0 + total, KIND)  # ((0 + w0) + w1) + ...: torch's sum, signed zeros included
         divisor = tl.zeros([BLOCK], tl.float32) + plain_divisor
     if NORMALIZE:
         mixed = _round(tl.math.div_rn(mixed, divisor), KIND)

@@ -330,6 +330,7 @@ static inline void unpack_bits(const uint8_t *bits, int64_t len, uint8_t *keep) 
 #define CONCAT(a, b) CONCAT_(a, b)
 
 #define T float
+#define FAST_PATHS 0
 #define BITS uint32_t
 #define ABS_MASK 0x7fffffffu
 #define SUFFIX f32
@@ -337,6 +338,12 @@ static inline void unpack_bits(const uint8_t *bits, int64_t len, uint8_t *keep) 
 #define ROUNDS_IN_LOOP 1
 #include "tv_merge_typed.h"
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include "tv_merge_bf16_avx512.h"
+#define FAST_PATHS 1
+#else
+#define FAST_PATHS 0
+#endif
 #define T uint16_t
 #define BITS uint16_t
 #define ABS_MASK 0x7fffu
@@ -350,6 +357,7 @@ static inline void unpack_bits(const uint8_t *bits, int64_t len, uint8_t *keep) 
 #define ABS_MASK 0x7fffu
 #define SUFFIX f16
 #define IS_FLOAT32 0
+#define FAST_PATHS 0
 #ifdef __F16C__
 #define ROUNDS_IN_LOOP 0
 #else

@@ -1,5 +1,5 @@
 /* The kernels for one storage type; included by tv_merge.c once per type with T, BITS,
- * ABS_MASK, SUFFIX, IS_FLOAT32 and ROUNDS_IN_LOOP defined (see there). No include guard on purpose. */
+ * ABS_MASK, SUFFIX, IS_FLOAT32, ROUNDS_IN_LOOP and FAST_PATHS defined (see there). No include guard on purpose. */
 
 #define FN(name) CONCAT(name, SUFFIX)
 #define LOAD(x) FN(load)(x)
@@ -198,35 +198,32 @@ static inline void FN(weigh_block)(const T *x, const T *sub_base, const keep_rul
 
 /* For the block's element j: `sum` over models and, under consensus, `weight`, the sum of
  * the weights of the models that agree with the elected sign (only those count in `sum`).
- * Sums over models accumulate in float and round once. The elected sign is the sign of the
- * sum rounded to T, which is the sign of the float sum: a sum of T values is a multiple of
- * T's smallest step, so it cannot round to zero unless it is zero. Products with the
- * agreement mask are exact. (`weight` multiplies by the mask rather than selecting: with two
- * selects in the loop gcc gives up vectorising it.) */
+ * Sums over models accumulate in float and round once, starting from +0 as torch's do (a sum
+ * of -0s is +0). The elected sign is the sign of the sum rounded to T, which is the sign of
+ * the float sum: a sum of T values is a multiple of T's smallest step, so it cannot round to
+ * zero unless it is zero. Products with the agreement mask are exact. (`weight` multiplies by
+ * the mask rather than selecting: with two selects in the loop gcc gives up vectorising it.) */
 #define SUMS(M, CONSENSUS)                                                                  \
     float sum = weighted[0][j], weight = 0.0f;                                              \
+    for (int i = 1; i < (M); i++) sum = sum + weighted[i][j];                               \
     if (CONSENSUS) {                                                                        \
-        for (int i = 1; i < (M); i++) sum = sum + weighted[i][j];                           \
         uint32_t flip = sum >= 0.0f ? 0u : 0x80000000u; /* an exact 0 counts as + */        \
-        float x = weighted[0][j];                                                           \
-        int agree = agrees(x, flip);                                                        \
-        sum = masked(x, agree);                                                             \
-        weight = weights[0] * (float)agree;                                                 \
-        for (int i = 1; i < (M); i++) {                                                     \
-            x = weighted[i][j];                                                             \
-            agree = agrees(x, flip);                                                        \
+        sum = 0.0f;                                                                         \
+        for (int i = 0; i < (M); i++) {                                                     \
+            float x = weighted[i][j];                                                       \
+            int agree = agrees(x, flip);                                                    \
             sum = sum + masked(x, agree);                                                   \
             weight = weight + weights[i] * (float)agree;                                    \
         }                                                                                   \
     } else {                                                                                \
-        for (int i = 1; i < (M); i++) sum = sum + weighted[i][j];                           \
+        sum = 0.0f + sum; /* ((0 + w0) + w1) + ...: the same but for the sign of a zero */  \
     }
 
 #if ROUNDS_IN_LOOP
 /* The rest of the merge in the same loop: rounded sum, / Z (the agreeing weights, 0
  * counting as 1, or plain_divisor), times lambda, plus the base, each step rounded to T. */
 #define COMBINE(M, CONSENSUS, NORMALIZE, LAMBDA)                                            \
-    for (int64_t j = 0; j < len; j++) {                                                     \
+    for (int64_t j = first; j < len; j++) {                                                 \
         SUMS(M, CONSENSUS)                                                                  \
         float mixed = ROUND(sum);                                                           \
         if (NORMALIZE) {                                                                    \
@@ -271,6 +268,21 @@ static inline void FN(finish_block)(float *mixed, float *divisor, int64_t len, i
 }
 #endif
 
+#if !FAST_PATHS /* what tv_merge_bf16_avx512.h does for bfloat16 where the CPU has AVX512_BF16 */
+static inline int FN(weigh_fast)(const T *x, const T *sub_base, const keep_rule *rule, float scale, float w,
+                                 int64_t start, int64_t len, float *weighted) {
+    (void)x, (void)sub_base, (void)rule, (void)scale, (void)w, (void)start, (void)len, (void)weighted;
+    return 0;
+}
+
+static inline int64_t FN(combine_fast)(int models, const float (*weighted)[BLOCK], const T *base, int consensus,
+                                       int normalize, int use_lambda, int64_t start, int64_t len, T *out) {
+    (void)models, (void)weighted, (void)base, (void)consensus, (void)normalize, (void)use_lambda;
+    (void)start, (void)len, (void)out;
+    return 0;
+}
+#endif
+
 /* consensus and normalize fixed at compile time: no dead work in the hot loop */
 #define COMBINE_M(M)                                                                        \
     if (consensus && normalize) {                                                           \
@@ -303,8 +315,13 @@ void FN(tv_merge)(int models, int64_t n, const T *base, const T **xs, const T *s
         float mixed[BLOCK], divisor[BLOCK];
 #endif
         for (int i = 0; i < models; i++)
-            FN(weigh_block)(xs[i], sub_base, &rules[i], rescale[i], weights[i], start, len, buf,
-                            weighted[i]);
+            if (!FN(weigh_fast)(xs[i], sub_base, &rules[i], rescale[i], weights[i], start, len, weighted[i]))
+                FN(weigh_block)(xs[i], sub_base, &rules[i], rescale[i], weights[i], start, len, buf,
+                                weighted[i]);
+        /* elements below `first` are combined and stored already */
+        int64_t first = FN(combine_fast)(models, (const float(*)[BLOCK])weighted, base, consensus, normalize,
+                                         use_lambda, start, len, out);
+        (void)first;
         switch (models) {
         case 1: COMBINE_M(1) break;
         case 2: COMBINE_M(2) break;
@@ -331,3 +348,4 @@ void FN(tv_merge)(int models, int64_t n, const T *base, const T **xs, const T *s
 #undef SUFFIX
 #undef IS_FLOAT32
 #undef ROUNDS_IN_LOOP
+#undef FAST_PATHS

@@ -12,6 +12,7 @@ One function, configured eight ways, like the papers describe one idea eight way
 
 from __future__ import annotations
 
+import itertools
 from functools import partial
 from typing import Literal, Optional
 
@@ -199,22 +200,23 @@ def kernel_self_check(device: torch.device, dtype: torch.dtype) -> str:
     numel = 3 * 1024 + 17  # a few kernel blocks and a ragged end
     base = torch.randn(numel, generator=generator).to(dtype)
     models = [(base.float() + 0.02 * torch.randn(numel, generator=generator)).to(dtype) for _ in range(3)]
+    for x in (base, *models):
+        x[:8] = -0.0  # with all weights negative, sums of -0s: +0, as torch sums
     cases = {
         "dare_ties": dict(rule="random", density=[0.3, 0.5, 1.0], rescale=True, consensus=True, normalize=False, lambda_=1.0),
         "ties": dict(rule="magnitude", density=[0.2, 0.5, 0.7], rescale=False, consensus=True, normalize=True, lambda_=1.0),
         "task_arithmetic": dict(rule=None, density=[1.0] * 3, rescale=False, consensus=False, normalize=False, lambda_=0.8),
     }  # fmt: skip
-    weight = [0.6, -0.3, 0.9]
-    for name, options in cases.items():
-        for reused in (False, True):
-            field = UniformField(7, name)
-            expected = task_vector_merge(MergeInputs(models, base, name, field), weight=weight, **options)
-            inputs = MergeInputs([m.to(device) for m in models], base.to(device), name, field)
-            inputs.reused = reused
-            got = _fused(inputs, weight, **options).cpu()
-            bits = torch.int16 if got.itemsize == 2 else torch.int32
-            if not torch.equal(got.view(bits), expected.view(bits)):
-                return f"{name}, {'stored task vectors' if reused else 'base subtracted on the fly'}"
+    weights = ([0.6, -0.3, 0.9], [-0.6, -0.3, -0.9])
+    for (name, options), reused, weight in itertools.product(cases.items(), (False, True), weights):
+        field = UniformField(7, name)
+        expected = task_vector_merge(MergeInputs(models, base, name, field), weight=weight, **options)
+        inputs = MergeInputs([m.to(device) for m in models], base.to(device), name, field)
+        inputs.reused = reused
+        got = _fused(inputs, weight, **options).cpu()
+        bits = torch.int16 if got.itemsize == 2 else torch.int32
+        if not torch.equal(got.view(bits), expected.view(bits)):
+            return f"{name}, {'stored task vectors' if reused else 'base subtracted on the fly'}, weights {weight}"
     return ""
 
 
