@@ -94,6 +94,29 @@ def test_dare_rescale_from_the_draw_table_matches_torch_ops(dtype, consensus):
     assert all(("l1_table", i) in inputs._memo for i in range(3))  # the table path ran
 
 
+def test_the_fast_bfloat16_path_is_asked_for_only_where_no_value_can_be_subnormal():
+    from evomerge.methods.task_arithmetic import NORMAL_FLOOR, _subnormal_free
+
+    def ask(scale, weight, *, smallest_tau=2.0**-95, smallest_base=1.0, dtype=torch.bfloat16, reused=True):
+        base = torch.ones(64)
+        base[3], base[5] = 0.0, smallest_base
+        tau = torch.full((64,), 0.5)
+        tau[3] = smallest_tau  # where the base is 0, so that base + tau keeps it
+        inputs = MergeInputs(models=[(base + tau).to(dtype)], base=base.to(dtype), tensor_name="w")
+        inputs.reused = reused
+        assert inputs.floor(0) == smallest_tau and inputs.floor(1) == smallest_base
+        return _subnormal_free(inputs, torch.tensor([scale]), torch.tensor([weight]))
+
+    assert NORMAL_FLOOR == 2.0**-99
+    assert ask(1.0, 2.0**-4)  # 2^-95 * 2^-4 = 2^-99, the least it takes
+    assert not ask(1.0, 2.0**-5)
+    assert not ask(0.5, 2.0**-4)  # a factor below 1 counts too
+    assert ask(3.0, -1.0) and ask(1.0, 0.0)  # larger factors and weights; a zero weight adds zeros
+    assert not ask(1.0, 1.0, smallest_base=2.0**-100)  # the base plus a term might be subnormal
+    assert not ask(1.0, 1.0, dtype=torch.float32)  # float32 has no such path
+    assert not ask(1.0, 1.0, reused=False)  # a plain merge reads each input once: no pass for floors
+
+
 def bits(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.int32 if x.dtype == torch.float32 else torch.int16)
 
@@ -152,6 +175,19 @@ def test_abs_peak_is_the_largest_magnitude_and_sees_every_nan_and_inf(dtype):
         assert math.isnan(peak) if math.isnan(bad) else peak == math.inf
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_abs_floor_is_the_smallest_nonzero_magnitude(dtype):
+    x = torch.zeros((1 << 19) + 3, dtype=dtype)  # several threads' shares
+    assert kernel.abs_floor(x) == math.inf  # nothing nonzero
+    smallest = torch.finfo(dtype).smallest_normal / 4  # a subnormal
+    x[::1000] = 3.0
+    x[77_777] = -smallest
+    x[-1] = -0.5
+    assert kernel.abs_floor(x) == smallest
+    x[77_777] = 0.0
+    assert kernel.abs_floor(x) == 0.5
+
+
 def test_kernel_is_the_same_with_any_thread_count():
     inputs = make_inputs(torch.float32, shape=(512, 300))
     options = dict(rule="random", rescale=True, consensus=True, normalize=False, lambda_=1.0)
@@ -181,19 +217,23 @@ def check_every_finite_value(dtype):
     plain = dict(rule=None, rescale=False, consensus=False, normalize=False)
     for weight, lambda_ in (([1.0, 0.0], 1.0), ([0.7, 0.3], 1.0), ([0.55, 0.45], 0.9), ([3.0, -2.5], 1.0)):
         check_same_finite_bits(inputs, weight, [1.0, 1.0], **plain, lambda_=lambda_)
-    # dare_ties over stored task vectors large enough for draw tables: the search's hot path
-    # (bfloat16 has a path of its own for it on CPUs with AVX512_BF16, which hands subnormals
-    # back to the generic code)
-    from evomerge.methods.task_arithmetic import DRAW_TABLE_MIN
+    # dare_ties over stored task vectors large enough for draw tables: the search's hot path,
+    # which for bfloat16 on CPUs with AVX512_BF16 takes a path of its own where no value can
+    # be subnormal: not so with every value, but so without the magnitudes below 2^-90
+    from evomerge.methods.task_arithmetic import DRAW_TABLE_MIN, _subnormal_free
 
-    copies = DRAW_TABLE_MIN // every.numel() + 1
-    models = [torch.cat([m.roll(c * 101) for c in range(copies)]) for m in models]
-    inputs = MergeInputs(models=models, base=torch.zeros_like(models[0]), tensor_name="w", field=UniformField(5, "w"))
-    inputs.reused = True
     dare_ties = dict(rule="random", rescale=True, consensus=True, normalize=False, lambda_=1.0)
-    for weight in ([0.7, 0.3], [3.0, -2.5], [1e-30, 0.5]):  # 1e-30: products near the subnormals
-        check_same_finite_bits(inputs, weight, [0.6, 0.9], **dare_ties)
-    assert ("l1_table", 0) in inputs._memo  # the table path ran
+    for values in (every, every[every.float().abs() >= 2.0**-90]):
+        copies = DRAW_TABLE_MIN // values.numel() + 1
+        models = [torch.cat([m.roll(c * 101) for c in range(copies)]) for m in (values, values.flip(0))]
+        base = models[0].roll(7)
+        inputs = MergeInputs(models=models, base=base, tensor_name="w", field=UniformField(5, "w"))
+        inputs.reused = True
+        for weight in ([0.7, 0.3], [3.0, -2.5], [1e-30, 0.5]):  # 1e-30: products near the subnormals
+            check_same_finite_bits(inputs, weight, [0.6, 0.9], **dare_ties)
+        assert ("l1_table", 0) in inputs._memo  # the table path ran
+        fast = _subnormal_free(inputs, torch.ones(2), torch.tensor([0.7, 0.3]).to(dtype))
+        assert fast == (dtype == torch.bfloat16 and values is not every)
 
 
 def check_same_finite_bits(inputs, weight, density, **options):

@@ -158,10 +158,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     for suffix in _DTYPES.values():
         signatures = {
             "abs_peak": ([p, i64], f32),
+            "abs_floor": ([p, i64], f32),
             "abs_sums": ([ctypes.c_int, i64, p, p, ctypes.POINTER(KeepRule), p, p, p, p], None),
             "magnitude_cut": ([p, p, i64, i64, p, p], None),
             "draw_l1_table": ([p, i64, ctypes.c_uint32, ctypes.c_double, p], None),
-            "tv_merge": ([ctypes.c_int, i64, p, p, p, p, p, p, ctypes.c_int, ctypes.c_int, f32, ctypes.c_int, f32, p], None),
+            "tv_merge": ([ctypes.c_int, i64, p, p, p, p, p, p, ctypes.c_int, ctypes.c_int, f32, ctypes.c_int, f32, ctypes.c_int, p], None),
         }
         for name, (argtypes, restype) in signatures.items():
             fn = getattr(lib, f"{name}_{suffix}")
@@ -211,6 +212,12 @@ def abs_peak(x: torch.Tensor) -> float:
     if x.numel() == 0:
         return 0.0
     return _call("abs_peak", x, x.contiguous().data_ptr(), x.numel())
+
+
+def abs_floor(x: torch.Tensor) -> float:
+    """min |x| over the nonzero elements of a CPU tensor in a kernel dtype (Inf if there are
+    none), one pass."""
+    return _call("abs_floor", x, x.contiguous().data_ptr(), x.numel())
 
 
 def draw_l1_table(x: torch.Tensor, hash_key: int, scale: float) -> torch.Tensor:
@@ -264,10 +271,13 @@ def tv_merge(
     plain_divisor: float,
     lambda_: float,
     out: Optional[torch.Tensor] = None,
+    subnormal_free: bool = False,
 ) -> torch.Tensor:
     """base + lambda * sum_i(w_i m_i s_i tau_i) / Z, all task vectors relative to one base,
     into `out` when given (a buffer like `base`: the live model's parameter in the search, a
-    buffer lent by the output writer in a plain merge)."""
+    buffer lent by the output writer in a plain merge). `subnormal_free`: no value of this
+    merge can be subnormal (task_arithmetic._subnormal_free), which lets bfloat16 round with
+    AVX512_BF16's instruction."""
     out = torch.empty_like(base) if out is None else out
     if base.is_cuda:
         from evomerge.kernel import triton_merge
@@ -282,6 +292,6 @@ def tv_merge(
     weights_c = (ctypes.c_float * models)(*weights.float().tolist())
     _call(
         "tv_merge", base, models, base.numel(), base.data_ptr(), xs, sub_base, rules_c, rescale_c, weights_c,
-        int(consensus), int(normalize), plain_divisor, int(lambda_ != 1), lambda_, out.data_ptr(),
+        int(consensus), int(normalize), plain_divisor, int(lambda_ != 1), lambda_, int(subnormal_free), out.data_ptr(),
     )  # fmt: skip
     return out

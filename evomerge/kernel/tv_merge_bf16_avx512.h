@@ -4,13 +4,13 @@
  *
  * The instruction rounds to nearest even like round_bf16 and keeps quiet NaNs as round_bf16
  * does (every NaN in the kernel is quiet with its low 16 bits zero), but it reads subnormal
- * inputs as zero. So every value it rounds is checked (vfpclassps), and a model's block, or
- * the rest of a block's combination, that meets a subnormal is redone by the generic code.
- * Included by tv_merge.c on CPUs with AVX512_BF16; tests/test_kernel.py checks these paths
- * and a build without them against the torch code. */
+ * inputs as zero. tv_merge therefore runs these only for merges in which no value can be
+ * subnormal (its subnormal_free, which task_arithmetic._subnormal_free decides from the
+ * smallest magnitudes of the inputs, known once per search). Included by tv_merge.c on CPUs
+ * with AVX512_BF16; tests/test_kernel.py checks these paths, and a build without them,
+ * against the torch code. */
 #include <immintrin.h>
 
-#define SUBNORMAL 0x20 /* vfpclassps: denormal */
 #define SIGN_BIT 0x80000000
 
 typedef struct {
@@ -28,28 +28,25 @@ static inline floats32 widen_bf16(__m512i packed) {
                       _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(high_words, high, packed))};
 }
 
-/* 32 floats rounded to bfloat16, packed in element order; *subnormal collects the lanes the
- * instruction would have flushed */
-static inline __m512i narrow_bf16(floats32 x, __mmask16 *subnormal) {
-    __mmask16 found = _kor_mask16(_mm512_fpclass_ps_mask(x.low, SUBNORMAL), _mm512_fpclass_ps_mask(x.high, SUBNORMAL));
-    *subnormal = _kor_mask16(*subnormal, found);
-    return (__m512i)_mm512_cvtne2ps_pbh(x.high, x.low);
-}
+/* 32 floats rounded to bfloat16, packed in element order */
+static inline __m512i narrow_bf16(floats32 x) { return (__m512i)_mm512_cvtne2ps_pbh(x.high, x.low); }
 
-static inline floats32 rounded_bf16(floats32 x, __mmask16 *subnormal) {
-    return widen_bf16(narrow_bf16(x, subnormal));
-}
+static inline floats32 rounded_bf16(floats32 x) { return widen_bf16(narrow_bf16(x)); }
 
-/* masked(x, keep) * y: x, or x * 0 where dropped, times y */
-static inline floats32 keep_times(floats32 x, __mmask32 drop, __m512 y) {
-    const __m512 zero = _mm512_setzero_ps();
-    x.low = _mm512_mask_mul_ps(x.low, (__mmask16)drop, x.low, zero);
-    x.high = _mm512_mask_mul_ps(x.high, (__mmask16)_kshiftri_mask32(drop, 16), x.high, zero);
+static inline floats32 times(floats32 x, __m512 y) {
     return (floats32){_mm512_mul_ps(x.low, y), _mm512_mul_ps(x.high, y)};
 }
 
-/* weigh_block for a stored task vector under DARE draws: round(round(d * keep * scale) * w).
- * 0 when it does not apply (or met a subnormal): the caller then runs the generic code. */
+/* masked(x, keep): x, or x * 0 where dropped */
+static inline floats32 drop_where(floats32 x, __mmask32 drop) {
+    const __m512 zero = _mm512_setzero_ps();
+    x.low = _mm512_mask_mul_ps(x.low, (__mmask16)drop, x.low, zero);
+    x.high = _mm512_mask_mul_ps(x.high, (__mmask16)_kshiftri_mask32(drop, 16), x.high, zero);
+    return x;
+}
+
+/* weigh_block for a stored task vector under DARE draws: round(round(d * keep * scale) * w);
+ * 0 when it does not apply (the caller then runs weigh_block) */
 static inline int weigh_fast_bf16(const uint16_t *x, const uint16_t *sub_base, const keep_rule *rule,
                                   float scale, float w, int64_t start, int64_t len, float *weighted) {
     if (rule->mode != KEEP_HASH_BELOW || sub_base || len % 32 || rule->threshold > 0xffff) return 0;
@@ -57,20 +54,18 @@ static inline int weigh_fast_bf16(const uint16_t *x, const uint16_t *sub_base, c
     draw_block(rule->hash_key, start, len, &draws);
     const __m512i threshold = _mm512_set1_epi16((short)rule->threshold);
     const __m512 scale_v = _mm512_set1_ps(scale), w_v = _mm512_set1_ps(w);
-    __mmask16 subnormal = 0;
     for (int64_t j = 0; j < len; j += 32) {
         __mmask32 drop = _mm512_cmpge_epu16_mask(_mm512_loadu_si512(draws.of + j), threshold);
         floats32 d = widen_bf16(_mm512_loadu_si512(x + start + j));
-        floats32 p = rounded_bf16(keep_times(d, drop, scale_v), &subnormal);
-        floats32 q = rounded_bf16((floats32){_mm512_mul_ps(p.low, w_v), _mm512_mul_ps(p.high, w_v)}, &subnormal);
+        floats32 q = rounded_bf16(times(rounded_bf16(times(drop_where(d, drop), scale_v)), w_v));
         _mm512_storeu_ps(weighted + j, q.low);
         _mm512_storeu_ps(weighted + j + 16, q.high);
     }
-    return subnormal == 0;
+    return 1;
 }
 
 /* SUMS with consensus for 16 elements: the sum over models of the weighted values that agree
- * with the elected sign (the others add x * 0) */
+ * with the elected sign (the others add x * 0), from +0 like SUMS */
 static inline __m512 agreeing_sum(int models, const float (*weighted)[BLOCK], int64_t j) {
     __m512 sum = _mm512_loadu_ps(weighted[0] + j);
     for (int i = 1; i < models; i++) sum = _mm512_add_ps(sum, _mm512_loadu_ps(weighted[i] + j));
@@ -82,27 +77,23 @@ static inline __m512 agreeing_sum(int models, const float (*weighted)[BLOCK], in
         __mmask16 differ = _mm512_cmple_epi32_mask(_mm512_xor_si512(_mm512_castps_si512(x), flip),
                                                    _mm512_setzero_si512());
         x = _mm512_mask_mul_ps(x, differ, x, _mm512_setzero_ps());
-        agreeing = _mm512_add_ps(agreeing, x); /* from +0, like SUMS */
+        agreeing = _mm512_add_ps(agreeing, x);
     }
     return agreeing;
 }
 
-/* COMBINE with consensus and nothing after the sum (dare_ties): out = base + round(sum),
- * 32 elements at a time. Returns how many elements it stored: it stops before 32 that meet a
- * subnormal, and leaves a ragged end, to the generic loop. */
+/* COMBINE with consensus and nothing after the sum (dare_ties): out = base + round(sum), 32
+ * elements at a time. Returns how many elements it stored (0 when it does not apply): a
+ * ragged end is left to the generic loop. */
 static inline int64_t combine_fast_bf16(int models, const float (*weighted)[BLOCK], const uint16_t *base,
                                         int consensus, int normalize, int use_lambda, int64_t start,
                                         int64_t len, uint16_t *out) {
     if (!consensus || normalize || use_lambda) return 0;
     int64_t j = 0;
     for (; j + 32 <= len; j += 32) {
-        __mmask16 subnormal = 0;
-        floats32 sum = {agreeing_sum(models, weighted, j), agreeing_sum(models, weighted, j + 16)};
-        floats32 mixed = rounded_bf16(sum, &subnormal);
+        floats32 mixed = rounded_bf16((floats32){agreeing_sum(models, weighted, j), agreeing_sum(models, weighted, j + 16)});
         floats32 b = widen_bf16(_mm512_loadu_si512(base + start + j));
-        __m512i merged = narrow_bf16((floats32){_mm512_add_ps(b.low, mixed.low), _mm512_add_ps(b.high, mixed.high)},
-                                     &subnormal);
-        if (subnormal) break;
+        __m512i merged = narrow_bf16((floats32){_mm512_add_ps(b.low, mixed.low), _mm512_add_ps(b.high, mixed.high)});
         _mm512_storeu_si512(out + start + j, merged);
     }
     return j;

@@ -47,6 +47,23 @@ float FN(abs_peak)(const T *x, int64_t n) {
     return LOAD(value);
 }
 
+/* min |x| over the nonzero elements of x as a float (Inf when there are none): the smallest
+ * nonzero magnitude bits (a - 1 wraps the zeros round to the largest), one pass. */
+float FN(abs_floor)(const T *x, int64_t n) {
+    const BITS *bits = (const BITS *)x;
+    BITS floor = (BITS)-1;
+#pragma omp parallel for reduction(min : floor) schedule(static) if (n > PARALLEL_MIN)
+    for (int64_t e = 0; e < n; e++) {
+        BITS a = (BITS)((bits[e] & ABS_MASK) - 1);
+        floor = a < floor ? a : floor;
+    }
+    if (floor == (BITS)-1) return INFINITY;
+    floor = (BITS)(floor + 1);
+    T value;
+    memcpy(&value, &floor, sizeof(T));
+    return LOAD(value);
+}
+
 /* For each model i: sums of floor(|d| * scales[i]) over its kept elements and over all of
  * them, exact in int64 (scales are powers of two), in one pass over every model: DARE's L1
  * rescale factor is all / kept. Where bits[i] is not NULL (n/8 bytes rounded up), which
@@ -301,12 +318,13 @@ static inline int64_t FN(combine_fast)(int models, const float (*weighted)[BLOCK
  *   (1 when not rescaling), m_i the sign-consensus mask; Z = plain_divisor without consensus.
  * Work goes in blocks: first each model's weighted, sparsified task vector for the block
  * (one vectorised loop per model and rule), then the combination across models (unrolled
- * for up to 4 models).
+ * for up to 4 models). subnormal_free: the caller has made sure that no value this merge
+ * computes can be subnormal (task_arithmetic._subnormal_free), which the fast paths need.
  */
 void FN(tv_merge)(int models, int64_t n, const T *base, const T **xs, const T *sub_base,
                   const keep_rule *rules, const float *rescale, const float *weights,
                   int consensus, int normalize, float plain_divisor, int use_lambda,
-                  float lambda, T *out) {
+                  float lambda, int subnormal_free, T *out) {
 #pragma omp parallel for schedule(static) if (n > PARALLEL_MIN)
     BLOCKS(n) {
         int64_t len = BLOCK_LEN(n);
@@ -315,12 +333,14 @@ void FN(tv_merge)(int models, int64_t n, const T *base, const T **xs, const T *s
         float mixed[BLOCK], divisor[BLOCK];
 #endif
         for (int i = 0; i < models; i++)
-            if (!FN(weigh_fast)(xs[i], sub_base, &rules[i], rescale[i], weights[i], start, len, weighted[i]))
+            if (!(subnormal_free && FN(weigh_fast)(xs[i], sub_base, &rules[i], rescale[i], weights[i], start,
+                                                   len, weighted[i])))
                 FN(weigh_block)(xs[i], sub_base, &rules[i], rescale[i], weights[i], start, len, buf,
                                 weighted[i]);
         /* elements below `first` are combined and stored already */
-        int64_t first = FN(combine_fast)(models, (const float(*)[BLOCK])weighted, base, consensus, normalize,
-                                         use_lambda, start, len, out);
+        int64_t first = subnormal_free ? FN(combine_fast)(models, (const float(*)[BLOCK])weighted, base,
+                                                          consensus, normalize, use_lambda, start, len, out)
+                                       : 0;
         (void)first;
         switch (models) {
         case 1: COMBINE_M(1) break;

@@ -156,11 +156,37 @@ def _fused(
     plain_divisor = w.sum()
     if plain_divisor.abs() < 1e-8:
         plain_divisor = torch.ones((), dtype=dtype)
+    rescale_factors = torch.stack(factors)
     return kernel.tv_merge(
-        inputs.base, taus, rules, torch.stack(factors), w,
+        inputs.base, taus, rules, rescale_factors, w,
         consensus=consensus, normalize=normalize, plain_divisor=float(plain_divisor), lambda_=lambda_,
-        out=_destination(inputs),
+        out=_destination(inputs), subnormal_free=_subnormal_free(inputs, rescale_factors, w),
     )  # fmt: skip
+
+
+# Where no nonzero input to a product, and no nonzero product, falls below this, no value in
+# a merge can be subnormal (see _subnormal_free).
+NORMAL_FLOOR = 2.0**-99
+
+
+def _subnormal_free(inputs: MergeInputs, rescale: torch.Tensor, weights: torch.Tensor) -> bool:
+    """Whether no value this merge computes can be subnormal, which bfloat16's fast path on
+    CPUs with AVX512_BF16 needs (its rounding instruction reads subnormals as zero). Asked only
+    where the answer is worth a pass per input: bfloat16 task vectors the search reuses.
+
+    If every nonzero |tau_i| * min(1, s_i) * min(1, |w_i|) (w_i not 0) and every nonzero
+    |theta_base| is at least 2^-99, every weighted term is 0 or at least 2^-100 in magnitude (the
+    roundings on the way cost less than a factor 2), so a multiple of 2^-107 as a bfloat16
+    number; so is every sum of such terms, and the base plus one: none of them is nonzero below
+    2^-107, far from the subnormals (below 2^-126)."""
+    if not (inputs.reused and inputs.base.dtype == torch.bfloat16 and inputs.base.device.type == "cpu"):
+        return False
+    if inputs.floor(len(inputs.models)) < NORMAL_FLOOR:
+        return False
+    for i, (scale, weight) in enumerate(zip(rescale.float().tolist(), weights.float().tolist())):
+        if weight != 0 and inputs.floor(i) * min(1.0, abs(scale)) * min(1.0, abs(weight)) < NORMAL_FLOOR:
+            return False
+    return True
 
 
 # Tensors at least this large keep a draw table for DARE's rescale in the search (512 KiB
