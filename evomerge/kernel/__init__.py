@@ -29,7 +29,7 @@ import torch
 
 LOG = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("tv_merge.c")
-SOURCES = [SOURCE, SOURCE.with_name("tv_merge_typed.h"), SOURCE.with_name("tv_merge_bf16_avx512.h")]  # included by the first
+SOURCES = [SOURCE, SOURCE.with_name("tv_merge_typed.h"), SOURCE.with_name("tv_merge_avx512.h")]  # included by the first
 # -march=native: the library is built per machine (the cache key includes the CPU's flags);
 # -ffp-contract=off keeps every multiply and add separately rounded, as torch does.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]

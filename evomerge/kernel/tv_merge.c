@@ -325,9 +325,17 @@ static inline void unpack_bits(const uint8_t *bits, int64_t len, uint8_t *keep) 
  * its size; ABS_MASK: all bits but the sign; SUFFIX names the functions (tv_merge_f32, ...)
  * and the load/round/store helpers above; IS_FLOAT32 picks the few special cases;
  * ROUNDS_IN_LOOP says whether rounding to T is cheap integer code that vectorises inside the
- * kernels' loops (1), or conversion instructions (F16C) run as a pass between them (0). */
+ * kernels' loops (1), or conversion instructions (F16C) run as a pass between them (0);
+ * FAST_PATHS whether tv_merge_avx512.h has the dare_ties path for T on this CPU. */
 #define CONCAT_(a, b) a##_##b
 #define CONCAT(a, b) CONCAT_(a, b)
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__)
+#include "tv_merge_avx512.h"
+#define AVX512_PATHS 1
+#else
+#define AVX512_PATHS 0
+#endif
 
 #define T float
 #define FAST_PATHS 0
@@ -338,8 +346,7 @@ static inline void unpack_bits(const uint8_t *bits, int64_t len, uint8_t *keep) 
 #define ROUNDS_IN_LOOP 1
 #include "tv_merge_typed.h"
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
-#include "tv_merge_bf16_avx512.h"
+#if AVX512_PATHS && defined(__AVX512BF16__)
 #define FAST_PATHS 1
 #else
 #define FAST_PATHS 0
@@ -357,7 +364,7 @@ static inline void unpack_bits(const uint8_t *bits, int64_t len, uint8_t *keep) 
 #define ABS_MASK 0x7fffu
 #define SUFFIX f16
 #define IS_FLOAT32 0
-#define FAST_PATHS 0
+#define FAST_PATHS AVX512_PATHS
 #ifdef __F16C__
 #define ROUNDS_IN_LOOP 0
 #else

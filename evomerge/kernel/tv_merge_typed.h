@@ -262,13 +262,14 @@ static inline void FN(weigh_block)(const T *x, const T *sub_base, const keep_rul
 /* The same, a step per loop, each rounding the result of the step before it as it reads it
  * (float16's conversions run as F16C instructions a block at a time). */
 #define COMBINE_L(M, CONSENSUS, NORMALIZE)                                                  \
-    for (int64_t j = 0; j < len; j++) {                                                     \
+    for (int64_t j = first; j < len; j++) {                                                 \
         SUMS(M, CONSENSUS)                                                                  \
         mixed[j] = sum;                                                                     \
         if (NORMALIZE) divisor[j] = (CONSENSUS) ? weight : plain_divisor;                   \
     }                                                                                       \
-    FN(finish_block)(mixed, divisor, len, CONSENSUS, NORMALIZE, use_lambda, lambda);        \
-    FN(add_rounded_to_base)(base + start, mixed, len, out + start);
+    FN(finish_block)(mixed + first, divisor + first, len - first, CONSENSUS, NORMALIZE,     \
+                     use_lambda, lambda);                                                   \
+    FN(add_rounded_to_base)(base + start + first, mixed + first, len - first, out + start + first);
 
 /* mixed / Z, times lambda: the last step's result is left unrounded (the store rounds it) */
 static inline void FN(finish_block)(float *mixed, float *divisor, int64_t len, int consensus,
@@ -285,17 +286,19 @@ static inline void FN(finish_block)(float *mixed, float *divisor, int64_t len, i
 }
 #endif
 
-#if !FAST_PATHS /* what tv_merge_bf16_avx512.h does for bfloat16 where the CPU has AVX512_BF16 */
+#if !FAST_PATHS /* what tv_merge_avx512.h does for 16-bit types on CPUs with AVX-512 */
 static inline int FN(weigh_fast)(const T *x, const T *sub_base, const keep_rule *rule, float scale, float w,
-                                 int64_t start, int64_t len, float *weighted) {
+                                 int64_t start, int64_t len, float *weighted, int subnormal_free) {
     (void)x, (void)sub_base, (void)rule, (void)scale, (void)w, (void)start, (void)len, (void)weighted;
+    (void)subnormal_free;
     return 0;
 }
 
 static inline int64_t FN(combine_fast)(int models, const float (*weighted)[BLOCK], const T *base, int consensus,
-                                       int normalize, int use_lambda, int64_t start, int64_t len, T *out) {
+                                       int normalize, int use_lambda, int64_t start, int64_t len, T *out,
+                                       int subnormal_free) {
     (void)models, (void)weighted, (void)base, (void)consensus, (void)normalize, (void)use_lambda;
-    (void)start, (void)len, (void)out;
+    (void)start, (void)len, (void)out, (void)subnormal_free;
     return 0;
 }
 #endif
@@ -319,7 +322,7 @@ static inline int64_t FN(combine_fast)(int models, const float (*weighted)[BLOCK
  * Work goes in blocks: first each model's weighted, sparsified task vector for the block
  * (one vectorised loop per model and rule), then the combination across models (unrolled
  * for up to 4 models). subnormal_free: the caller has made sure that no value this merge
- * computes can be subnormal (task_arithmetic._subnormal_free), which the fast paths need.
+ * computes can be subnormal (task_arithmetic._subnormal_free), which bfloat16's fast path needs.
  */
 void FN(tv_merge)(int models, int64_t n, const T *base, const T **xs, const T *sub_base,
                   const keep_rule *rules, const float *rescale, const float *weights,
@@ -333,14 +336,13 @@ void FN(tv_merge)(int models, int64_t n, const T *base, const T **xs, const T *s
         float mixed[BLOCK], divisor[BLOCK];
 #endif
         for (int i = 0; i < models; i++)
-            if (!(subnormal_free && FN(weigh_fast)(xs[i], sub_base, &rules[i], rescale[i], weights[i], start,
-                                                   len, weighted[i])))
+            if (!FN(weigh_fast)(xs[i], sub_base, &rules[i], rescale[i], weights[i], start, len, weighted[i],
+                                subnormal_free))
                 FN(weigh_block)(xs[i], sub_base, &rules[i], rescale[i], weights[i], start, len, buf,
                                 weighted[i]);
         /* elements below `first` are combined and stored already */
-        int64_t first = subnormal_free ? FN(combine_fast)(models, (const float(*)[BLOCK])weighted, base,
-                                                          consensus, normalize, use_lambda, start, len, out)
-                                       : 0;
+        int64_t first = FN(combine_fast)(models, (const float(*)[BLOCK])weighted, base, consensus, normalize,
+                                         use_lambda, start, len, out, subnormal_free);
         (void)first;
         switch (models) {
         case 1: COMBINE_M(1) break;
