@@ -21,12 +21,12 @@ typedef struct {
     __m512 low, high; /* elements 0-15 and 16-31 of 32 */
 } floats32;
 
-/* ---- 32 values of a 16-bit type (one vector, element order) to floats and back ---------- */
+/* ---- 32 values of a 16-bit type (in memory; packed in one vector) to floats and back ----- */
 
 #ifdef __AVX512BF16__
 /* each bfloat16 moved to the high half of its own 32-bit lane, the low half zeroed (one word
  * permutation per 16) */
-static inline floats32 widen_bf16(__m512i packed) {
+static inline floats32 unpack_bf16(__m512i packed) {
     const __m512i low = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0,
                                          7, 0, 6, 0, 5, 0, 4, 0, 3, 0, 2, 0, 1, 0, 0, 0);
     const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
@@ -35,14 +35,16 @@ static inline floats32 widen_bf16(__m512i packed) {
                       _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(high_words, high, packed))};
 }
 
+static inline floats32 widen_bf16(const uint16_t *values) { return unpack_bf16(_mm512_loadu_si512(values)); }
+
 static inline __m512i narrow_bf16(floats32 x) { return (__m512i)_mm512_cvtne2ps_pbh(x.high, x.low); }
 
-static inline floats32 rounded_bf16(floats32 x) { return widen_bf16(narrow_bf16(x)); }
+static inline floats32 rounded_bf16(floats32 x) { return unpack_bf16(narrow_bf16(x)); }
 #endif
 
-static inline floats32 widen_f16(__m512i packed) {
-    return (floats32){_mm512_cvtph_ps(_mm512_castsi512_si256(packed)),
-                      _mm512_cvtph_ps(_mm512_extracti64x4_epi64(packed, 1))};
+static inline floats32 widen_f16(const uint16_t *values) {
+    return (floats32){_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)values)),
+                      _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(values + 16)))};
 }
 
 static inline __m512i narrow_f16(floats32 x) {
@@ -54,7 +56,7 @@ static inline floats32 rounded_f16(floats32 x) { return (floats32){F16_ROUND(x.l
 
 /* ---- the paths, for either type (gcc inlines the conversions passed in) ----------------- */
 
-typedef floats32 (*widen_fn)(__m512i);
+typedef floats32 (*widen_fn)(const uint16_t *);
 typedef __m512i (*narrow_fn)(floats32);
 typedef floats32 (*round_fn)(floats32);
 
@@ -82,7 +84,7 @@ static inline int weigh_fast_16(const uint16_t *x, const uint16_t *sub_base, con
     const __m512 scale_v = _mm512_set1_ps(scale), w_v = _mm512_set1_ps(w);
     for (int64_t j = 0; j < len; j += 32) {
         __mmask32 drop = _mm512_cmpge_epu16_mask(_mm512_loadu_si512(draws.of + j), threshold);
-        floats32 d = widen(_mm512_loadu_si512(x + start + j));
+        floats32 d = widen(x + start + j);
         floats32 q = rounded(times(rounded(times(drop_where(d, drop), scale_v)), w_v));
         _mm512_storeu_ps(weighted + j, q.low);
         _mm512_storeu_ps(weighted + j + 16, q.high);
@@ -118,7 +120,7 @@ static inline int64_t combine_fast_16(int models, const float (*weighted)[BLOCK]
     int64_t j = 0;
     for (; j + 32 <= len; j += 32) {
         floats32 mixed = rounded((floats32){agreeing_sum(models, weighted, j), agreeing_sum(models, weighted, j + 16)});
-        floats32 b = widen(_mm512_loadu_si512(base + start + j));
+        floats32 b = widen(base + start + j);
         __m512i merged = narrow((floats32){_mm512_add_ps(b.low, mixed.low), _mm512_add_ps(b.high, mixed.high)});
         _mm512_storeu_si512(out + start + j, merged);
     }
