@@ -104,7 +104,7 @@ def test_the_fast_bfloat16_path_is_asked_for_only_where_no_value_can_be_subnorma
         tau[3] = smallest_tau  # where the base is 0, so that base + tau keeps it
         inputs = MergeInputs(models=[(base + tau).to(dtype)], base=base.to(dtype), tensor_name="w")
         inputs.reused = reused
-        assert inputs.floor(0) == smallest_tau and inputs.floor(1) == smallest_base
+        assert inputs.min_magnitude(0) == smallest_tau and inputs.min_magnitude(1) == smallest_base
         return _subnormal_free(inputs, torch.tensor([scale]), torch.tensor([weight]))
 
     assert NORMAL_FLOOR == 2.0**-99
@@ -176,16 +176,16 @@ def test_abs_peak_is_the_largest_magnitude_and_sees_every_nan_and_inf(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_abs_floor_is_the_smallest_nonzero_magnitude(dtype):
+def test_min_magnitude_is_the_smallest_nonzero_one(dtype):
     x = torch.zeros((1 << 19) + 3, dtype=dtype)  # several threads' shares
-    assert kernel.abs_floor(x) == math.inf  # nothing nonzero
+    assert kernel.min_magnitude(x) == math.inf  # nothing nonzero
     smallest = torch.finfo(dtype).smallest_normal / 4  # a subnormal
     x[::1000] = 3.0
     x[77_777] = -smallest
     x[-1] = -0.5
-    assert kernel.abs_floor(x) == smallest
+    assert kernel.min_magnitude(x) == smallest
     x[77_777] = 0.0
-    assert kernel.abs_floor(x) == 0.5
+    assert kernel.min_magnitude(x) == 0.5
 
 
 def test_kernel_is_the_same_with_any_thread_count():

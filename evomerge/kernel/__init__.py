@@ -158,7 +158,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     for suffix in _DTYPES.values():
         signatures = {
             "abs_peak": ([p, i64], f32),
-            "abs_floor": ([p, i64], f32),
+            "min_magnitude": ([p, i64], f32),
             "abs_sums": ([ctypes.c_int, i64, p, p, ctypes.POINTER(KeepRule), p, p, p, p], None),
             "magnitude_cut": ([p, p, i64, i64, p, p], None),
             "draw_l1_table": ([p, i64, ctypes.c_uint32, ctypes.c_double, p], None),
@@ -214,10 +214,10 @@ def abs_peak(x: torch.Tensor) -> float:
     return _call("abs_peak", x, x.contiguous().data_ptr(), x.numel())
 
 
-def abs_floor(x: torch.Tensor) -> float:
+def min_magnitude(x: torch.Tensor) -> float:
     """min |x| over the nonzero elements of a CPU tensor in a kernel dtype (Inf if there are
     none), one pass."""
-    return _call("abs_floor", x, x.contiguous().data_ptr(), x.numel())
+    return _call("min_magnitude", x, x.contiguous().data_ptr(), x.numel())
 
 
 def draw_l1_table(x: torch.Tensor, hash_key: int, scale: float) -> torch.Tensor:

@@ -49,18 +49,18 @@ float FN(abs_peak)(const T *x, int64_t n) {
 
 /* min |x| over the nonzero elements of x as a float (Inf when there are none): the smallest
  * nonzero magnitude bits (a - 1 wraps the zeros round to the largest), one pass. */
-float FN(abs_floor)(const T *x, int64_t n) {
+float FN(min_magnitude)(const T *x, int64_t n) {
     const BITS *bits = (const BITS *)x;
-    BITS floor = (BITS)-1;
-#pragma omp parallel for reduction(min : floor) schedule(static) if (n > PARALLEL_MIN)
+    BITS least = (BITS)-1;
+#pragma omp parallel for reduction(min : least) schedule(static) if (n > PARALLEL_MIN)
     for (int64_t e = 0; e < n; e++) {
         BITS a = (BITS)((bits[e] & ABS_MASK) - 1);
-        floor = a < floor ? a : floor;
+        least = a < least ? a : least;
     }
-    if (floor == (BITS)-1) return INFINITY;
-    floor = (BITS)(floor + 1);
+    if (least == (BITS)-1) return INFINITY;
+    least = (BITS)(least + 1);
     T value;
-    memcpy(&value, &floor, sizeof(T));
+    memcpy(&value, &least, sizeof(T));
     return LOAD(value);
 }
 

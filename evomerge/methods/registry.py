@@ -125,11 +125,11 @@ class MergeInputs:
         tensor = self.models[index] if index < len(self.models) else self.base
         return self.cached("peak", index, lambda: abs_peak(tensor))
 
-    def floor(self, index: int) -> float:
+    def min_magnitude(self, index: int) -> float:
         """min |x| over the nonzero elements of task vector `index` (index `len(models)`: the
         base itself); Inf when there are none."""
         tensor = self.delta(index) if index < len(self.models) else self.base
-        return self.cached("floor", index, lambda: abs_floor(tensor))
+        return self.cached("min_magnitude", index, lambda: min_magnitude(tensor))
 
     def tau_bound(self, index: int) -> float:
         """max |theta_i| + max |theta_base|: a bound on |tau_i| known without a pass over the
@@ -195,14 +195,14 @@ def abs_peak(tensor: "torch.Tensor") -> float:
     return torch.maximum(-low, high).item()  # maximum propagates NaN
 
 
-def abs_floor(tensor: "torch.Tensor") -> float:
+def min_magnitude(tensor: "torch.Tensor") -> float:
     """min |x| over the nonzero elements (Inf if there are none), one pass."""
     import torch
 
     from evomerge import kernel
 
     if tensor.device.type == "cpu" and kernel.applies([tensor]):
-        return kernel.abs_floor(tensor)
+        return kernel.min_magnitude(tensor)
     magnitudes = tensor.abs()
     nonzero = magnitudes[magnitudes != 0]
     return nonzero.min().item() if nonzero.numel() else float("inf")

@@ -181,10 +181,10 @@ def _subnormal_free(inputs: MergeInputs, rescale: torch.Tensor, weights: torch.T
     2^-107, far from the subnormals (below 2^-126)."""
     if not (inputs.reused and inputs.base.dtype == torch.bfloat16 and inputs.base.device.type == "cpu"):
         return False
-    if inputs.floor(len(inputs.models)) < NORMAL_FLOOR:
+    if inputs.min_magnitude(len(inputs.models)) < NORMAL_FLOOR:
         return False
     for i, (scale, weight) in enumerate(zip(rescale.float().tolist(), weights.float().tolist())):
-        if weight != 0 and inputs.floor(i) * min(1.0, abs(scale)) * min(1.0, abs(weight)) < NORMAL_FLOOR:
+        if weight != 0 and inputs.min_magnitude(i) * min(1.0, abs(scale)) * min(1.0, abs(weight)) < NORMAL_FLOOR:
             return False
     return True
 
