@@ -114,7 +114,7 @@ def test_the_fast_bfloat16_path_is_asked_for_only_where_no_value_can_be_subnorma
     assert ask(3.0, -1.0) and ask(1.0, 0.0)  # larger factors and weights; a zero weight adds zeros
     assert not ask(1.0, 1.0, smallest_base=2.0**-100)  # the base plus a term might be subnormal
     assert not ask(1.0, 1.0, dtype=torch.float32)  # float32 has no such path
-    assert not ask(1.0, 1.0, reused=False)  # a plain merge reads each input once: no pass for floors
+    assert not ask(1.0, 1.0, reused=False)  # a plain merge reads each input once: no pass for its smallest magnitudes
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:
