@@ -286,23 +286,6 @@ static inline void FN(finish_block)(float *mixed, float *divisor, int64_t len, i
 }
 #endif
 
-#if !FAST_PATHS /* what tv_merge_avx512.h does for 16-bit types on CPUs with AVX-512 */
-static inline int FN(weigh_fast)(const T *x, const T *sub_base, const keep_rule *rule, float scale, float w,
-                                 int64_t start, int64_t len, float *weighted, int subnormal_free) {
-    (void)x, (void)sub_base, (void)rule, (void)scale, (void)w, (void)start, (void)len, (void)weighted;
-    (void)subnormal_free;
-    return 0;
-}
-
-static inline int64_t FN(combine_fast)(int models, const float (*weighted)[BLOCK], const T *base, int consensus,
-                                       int normalize, int use_lambda, int64_t start, int64_t len, T *out,
-                                       int subnormal_free) {
-    (void)models, (void)weighted, (void)base, (void)consensus, (void)normalize, (void)use_lambda;
-    (void)start, (void)len, (void)out, (void)subnormal_free;
-    return 0;
-}
-#endif
-
 /* consensus and normalize fixed at compile time: no dead work in the hot loop */
 #define COMBINE_M(M)                                                                        \
     if (consensus && normalize) {                                                           \
@@ -328,6 +311,7 @@ void FN(tv_merge)(int models, int64_t n, const T *base, const T **xs, const T *s
                   const keep_rule *rules, const float *rescale, const float *weights,
                   int consensus, int normalize, float plain_divisor, int use_lambda,
                   float lambda, int subnormal_free, T *out) {
+    (void)subnormal_free; /* read by the fast paths only */
 #pragma omp parallel for schedule(static) if (n > PARALLEL_MIN)
     BLOCKS(n) {
         int64_t len = BLOCK_LEN(n);
@@ -335,15 +319,19 @@ void FN(tv_merge)(int models, int64_t n, const T *base, const T **xs, const T *s
 #if !ROUNDS_IN_LOOP
         float mixed[BLOCK], divisor[BLOCK];
 #endif
-        for (int i = 0; i < models; i++)
-            if (!FN(weigh_fast)(xs[i], sub_base, &rules[i], rescale[i], weights[i], start, len, weighted[i],
-                                subnormal_free))
-                FN(weigh_block)(xs[i], sub_base, &rules[i], rescale[i], weights[i], start, len, buf,
-                                weighted[i]);
-        /* elements below `first` are combined and stored already */
-        int64_t first = FN(combine_fast)(models, (const float(*)[BLOCK])weighted, base, consensus, normalize,
-                                         use_lambda, start, len, out, subnormal_free);
-        (void)first;
+        int64_t first = 0; /* elements below it are combined and stored already */
+        for (int i = 0; i < models; i++) {
+#if FAST_PATHS /* tv_merge_avx512.h, where it applies */
+            if (FN(weigh_fast)(xs[i], sub_base, &rules[i], rescale[i], weights[i], start, len, weighted[i],
+                               subnormal_free))
+                continue;
+#endif
+            FN(weigh_block)(xs[i], sub_base, &rules[i], rescale[i], weights[i], start, len, buf, weighted[i]);
+        }
+#if FAST_PATHS
+        first = FN(combine_fast)(models, (const float(*)[BLOCK])weighted, base, consensus, normalize, use_lambda,
+                                 start, len, out, subnormal_free);
+#endif
         switch (models) {
         case 1: COMBINE_M(1) break;
         case 2: COMBINE_M(2) break;
