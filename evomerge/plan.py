@@ -12,6 +12,7 @@ import keyword
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from evomerge.adapters import open_checkpoint
 from evomerge.checkpoint import Checkpoint, check_compatible, layer_index, with_layer_index
 from evomerge.errors import UserError
 from evomerge.methods import MergeMethod, get_method
@@ -62,7 +63,7 @@ def plan_merge(
     method = get_method(recipe.merge_method)
     opened = checkpoints or {}
     checkpoints = {
-        ref: opened.get(ref) or Checkpoint(ref, allow_pickle=allow_pickle) for ref in recipe.model_paths()
+        ref: opened.get(ref) or open_checkpoint(ref, allow_pickle=allow_pickle) for ref in recipe.model_paths()
     }
     if any(ref not in opened for ref in checkpoints):  # models opened earlier were checked then
         check_compatible(checkpoints)

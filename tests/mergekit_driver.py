@@ -48,6 +48,7 @@ def main(jobs_path: str, results_path: str) -> None:
                 quiet=True,
                 random_seed=job.get("seed"),
                 out_shard_size=job.get("shard_bytes", 5_000_000_000),
+                lora_merge_cache=job.get("lora_cache"),  # where `base+adapter` models are merged
             )
             run_merge(config, job["out"], options)
             results[job["name"]] = {"ok": True, "seconds": time.perf_counter() - started}

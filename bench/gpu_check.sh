@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU checks, as one script for a lent CUDA machine (no network there): the Triton kernel's
+# tests on the GPU, its throughput against HBM bandwidth, and a short search with device: cuda.
+#   bash bench/gpu_check.sh [OUT_DIR]
+# Python packages the machine lacks travel as wheels in .whl/ (see docs/BENCHMARKS.md); the demo
+# pool (runs/demo-pool) must be built first.
+set -u
+out=${1:-/tmp/gpu-check}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD
+fi
+export OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+which gcc cc
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_triton.py 2>&1 | tail -8
+for dtype in float32 bfloat16 float16; do
+    timeout 90 python3 bench/kernel.py --device cuda --dtype "$dtype" --torch-repeats 2 2>&1 | tail -6
+done
+timeout 90 python3 bench/kernel.py --device cuda --dtype bfloat16 --method ties --torch-repeats 2 2>&1 | tail -6
+# A search on the GPU: the demo config with device: cuda (kernel, live model and scoring there).
+sed -e 's/^device: cpu/device: cuda/' -e 's/trials: 40/trials: 16/' configs/demo.yaml > configs/_gpu_demo.yaml
+timeout 240 python3 -m evomerge search configs/_gpu_demo.yaml --run-dir "$out/gpu-run" 2>&1 | tail -5
+timeout 120 python3 -m evomerge export "$out/gpu-run" "$out/gpu-run/best-merge" --force 2>&1 | tail -3
+timeout 60 python3 -m evomerge report "$out/gpu-run" 2>&1 | head -30
+rm -f configs/_gpu_demo.yaml

@@ -1,0 +1,209 @@
+"""PEFT LoRA adapters as recipe inputs (`model: base+adapter`), against mergekit 0.1.5.
+
+Adapters are written here as PEFT saves them (adapter_config.json + adapter_model.safetensors with
+`base_model.model.<module>.lora_A.weight` keys), so mergekit loads them through PEFT itself.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from evomerge.adapters import AdapterCheckpoint, open_checkpoint
+from evomerge.checkpoint import Checkpoint
+from evomerge.errors import UserError
+from evomerge.merge import run_merge
+from evomerge.recipe import parse_recipe
+from tiny_models import build_tiny_pool
+
+RANK = 4
+
+
+def write_adapter(folder: Path, base: Path, *, dtype=torch.float32, seed=0, **config) -> Path:
+    """A LoRA adapter for the tiny Llama: q, v and down projections and the embeddings."""
+    generator = torch.Generator().manual_seed(seed)
+    base_ckpt = Checkpoint(str(base))
+    tensors = {}
+    for name in base_ckpt.names:
+        module = name.removesuffix(".weight")
+        if module.endswith(("q_proj", "v_proj", "down_proj")):
+            out_dim, in_dim = base_ckpt.shape(name)
+            rank = config.get("rank_pattern", {}).get(module.split(".")[-1], RANK)
+            a = torch.randn(rank, in_dim, generator=generator) * 0.1
+            b = torch.randn(out_dim, rank, generator=generator) * 0.1
+            tensors[f"base_model.model.{module}.lora_A.weight"] = a.to(dtype)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = b.to(dtype)
+        elif module.endswith("embed_tokens"):
+            vocab, dim = base_ckpt.shape(name)
+            tensors[f"base_model.model.{module}.lora_embedding_A"] = (torch.randn(RANK, vocab, generator=generator) * 0.1).to(dtype)
+            tensors[f"base_model.model.{module}.lora_embedding_B"] = (torch.randn(dim, RANK, generator=generator) * 0.1).to(dtype)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    settings = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": RANK,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": ["q_proj", "v_proj", "down_proj", "embed_tokens"],
+        "base_model_name_or_path": str(base),
+        "fan_in_fan_out": False,
+        **config,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(settings))
+    return folder
+
+
+@pytest.fixture(scope="module", params=["fp32", "bf16"])
+def lora_pool(request, tmp_path_factory):
+    dtype = torch.float32 if request.param == "fp32" else torch.bfloat16
+    root = tmp_path_factory.mktemp(f"lora-{request.param}")
+    folders = build_tiny_pool(root, dtype=dtype, n_models=1)
+    folders["plain"] = write_adapter(root / "plain", folders["base"])
+    folders["rslora"] = write_adapter(
+        root / "rslora", folders["base"], dtype=dtype, seed=1, use_rslora=True,
+        rank_pattern={"down_proj": 2}, alpha_pattern={"q_proj": 16},
+    )
+    return request.param, folders
+
+
+def test_a_lora_recipe_matches_mergekit(lora_pool, mergekit_python, tmp_path):
+    from mergekit_env import run_driver
+
+    pool_name, folders = lora_pool
+    dtype = "float32" if pool_name == "fp32" else "bfloat16"
+    recipes = {
+        "single": f"merge_method: linear\ndtype: {dtype}\nmodels:\n"
+        f"  - model: {folders['base']}+{folders['plain']}\n    parameters: {{weight: 1.0}}\n",
+        "two_adapters": f"merge_method: task_arithmetic\nbase_model: {folders['base']}\ndtype: {dtype}\nmodels:\n"
+        f"  - model: {folders['base']}+{folders['plain']}\n    parameters: {{weight: 0.7}}\n"
+        f"  - model: {folders['base']}+{folders['rslora']}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {folders['ft0']}\n    parameters: {{weight: 0.3}}\n",
+    }
+    jobs = {
+        "threads": 1,
+        "merges": [
+            {"name": name, "recipe": text, "out": str(tmp_path / f"mk-{name}"), "seed": 0, "lora_cache": str(tmp_path / "cache")}
+            for name, text in recipes.items()
+        ],
+    }
+    results = run_driver(mergekit_python, jobs)
+    for name, text in recipes.items():
+        assert results[name]["ok"], results[name].get("traceback")
+        run_merge(parse_recipe(text), tmp_path / f"em-{name}")
+        ours = load_file(str(tmp_path / f"em-{name}" / "model.safetensors"))
+        theirs = {}
+        for file in sorted((tmp_path / f"mk-{name}").glob("*.safetensors")):
+            theirs.update(load_file(str(file)))
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert ours[key].dtype == theirs[key].dtype, key
+            assert torch.equal(ours[key], theirs[key]), f"{name}: {key} differs"
+
+
+def test_the_adapter_changes_exactly_the_tensors_it_targets(lora_pool):
+    _, folders = lora_pool
+    base = Checkpoint(str(folders["base"]))
+    adapted = open_checkpoint(f"{folders['base']}+{folders['plain']}")
+    assert isinstance(adapted, AdapterCheckpoint)
+    changed = {name for name in base.names if not torch.equal(base.tensor(name), adapted.tensor(name))}
+    assert changed == set(adapted.factors)
+    assert any("embed_tokens" in n for n in changed) and any("down_proj" in n for n in changed)
+    name = next(n for n in changed if n.endswith("q_proj.weight"))
+    factors = adapted.factors[name]
+    expected = (base.tensor(name).float() + (factors.b @ factors.a) * 2.0).to(base.torch_dtype(name))
+    assert torch.equal(adapted.tensor(name), expected)  # alpha 8 / r 4
+
+
+def test_a_folder_with_a_plus_in_its_name_is_a_plain_model(tmp_path):
+    folders = build_tiny_pool(tmp_path / "a+b", n_models=0)
+    assert type(open_checkpoint(str(folders["base"]))) is Checkpoint
+
+
+def _merge_cli(recipe: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    recipe_file = out.parent / "recipe.yaml"
+    recipe_file.write_text(recipe)
+    return subprocess.run(
+        [sys.executable, "-m", "evomerge", "merge", str(recipe_file), str(out), *extra],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+
+
+def _bad(tmp_path, make_adapter) -> str:
+    folders = build_tiny_pool(tmp_path / "pool", n_models=1)
+    adapter = make_adapter(tmp_path / "adapter", folders)
+    recipe = f"merge_method: linear\nmodels:\n  - model: {folders['base']}+{adapter}\n    parameters: {{weight: 1.0}}\n"
+    out = tmp_path / "out"
+    result = _merge_cli(recipe, out)
+    assert result.returncode == 2, result.stderr
+    assert not out.exists()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_bad_adapters_are_refused_with_one_sentence(tmp_path):
+    def not_an_adapter(folder, folders):
+        folder.mkdir()
+        return folder
+
+    def pickle_only(folder, folders):
+        write_adapter(folder, folders["base"])
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        torch.save(tensors, folder / "adapter_model.bin")
+        (folder / "adapter_model.safetensors").unlink()
+        return folder
+
+    def other_base(folder, folders):
+        return write_adapter(folder, folders["base"], base_model_name_or_path=str(folders["ft0"]))
+
+    def missing_module(folder, folders):
+        write_adapter(folder, folders["base"])
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        tensors["base_model.model.model.layers.0.mlp.nope.lora_A.weight"] = torch.zeros(RANK, 32)
+        tensors["base_model.model.model.layers.0.mlp.nope.lora_B.weight"] = torch.zeros(32, RANK)
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        return folder
+
+    def wrong_shape(folder, folders):
+        write_adapter(folder, folders["base"])
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        key = next(k for k in tensors if k.endswith("q_proj.lora_B.weight"))
+        tensors[key] = torch.zeros(7, RANK)
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        return folder
+
+    def dora(folder, folders):
+        return write_adapter(folder, folders["base"], use_dora=True)
+
+    expected = {
+        not_an_adapter: "no adapter_config.json",
+        pickle_only: "--allow-pickle",
+        other_base: "was trained on",
+        missing_module: "which the base model lacks",
+        wrong_shape: "does not fit the base",
+        dora: "DoRA",
+    }
+    for index, (make, words) in enumerate(expected.items()):
+        assert words in _bad(tmp_path / str(index), make)
+
+
+def test_a_pickle_adapter_loads_weights_only_when_allowed(tmp_path):
+    folders = build_tiny_pool(tmp_path / "pool", n_models=0)
+    adapter = write_adapter(tmp_path / "adapter", folders["base"])
+    reference = open_checkpoint(f"{folders['base']}+{adapter}")
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    torch.save(tensors, adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(UserError, match="--allow-pickle"):
+        open_checkpoint(f"{folders['base']}+{adapter}")
+    pickled = open_checkpoint(f"{folders['base']}+{adapter}", allow_pickle=True)
+    for name in reference.factors:
+        assert torch.equal(pickled.tensor(name), reference.tensor(name))
