@@ -1,0 +1,141 @@
+"""Data-flow candidates: what is scored is what `evomerge merge` and mergekit 0.1.5 build from the
+exported passthrough recipe, bit for bit, and a trial copies no weights."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from evomerge.dataflow import DataflowCandidate, DataflowConfig, DataflowSpace, Step
+from evomerge.errors import UserError
+from evomerge.merge import run_merge
+from tiny_models import build_tiny_pool
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    return build_tiny_pool(tmp_path_factory.mktemp("dfs"), n_models=2)
+
+
+def make_space(pool, **settings) -> DataflowSpace:
+    config = DataflowConfig(kind="dataflow", **settings)
+    return DataflowSpace(config, base=str(pool["base"]), models={"ft0": str(pool["ft0"]), "ft1": str(pool["ft1"])}, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def live(pool):
+    space = make_space(pool, repeats=2, scale=(0.5, 1.5))
+    model = AutoModelForCausalLM.from_pretrained(pool["base"], dtype=torch.float32).eval()
+    return space, model, DataflowCandidate(model, space, dtype=torch.float32)
+
+
+def random_genomes(space, count, seed=0):
+    rng = random.Random(seed)
+    return [{g.name: rng.uniform(g.low, g.high) for g in space.genes} for _ in range(count)]
+
+
+BATCH = torch.randint(1, 60, (3, 12), generator=torch.Generator().manual_seed(0))
+
+
+def test_the_scored_candidate_is_the_exported_model(live, tmp_path):
+    space, model, candidate = live
+    for index, genome in enumerate(random_genomes(space, 6)):
+        candidate.apply(genome)
+        with torch.no_grad():
+            scored = model(BATCH).logits
+            generated = model.generate(BATCH[:1], max_new_tokens=6, do_sample=False)
+        out = tmp_path / str(index)
+        run_merge(space.decode(genome), out)
+        exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        assert exported.config.num_hidden_layers == len(space.path(genome))
+        with torch.no_grad():
+            assert torch.equal(exported(BATCH).logits, scored)
+            assert torch.equal(exported.generate(BATCH[:1], max_new_tokens=6, do_sample=False), generated)
+
+
+def test_a_layer_used_twice_keeps_two_cache_slots(live, tmp_path):
+    space, model, candidate = live
+    path = [Step("ft0", 0), Step("ft0", 1), Step("ft0", 0), Step("ft1", 3, 0.7)]
+    candidate.assemble(path)
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2, 3]
+    with torch.no_grad():
+        cached = model.generate(BATCH[:1], max_new_tokens=6, do_sample=False, use_cache=True)
+        uncached = model.generate(BATCH[:1], max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_a_trial_copies_no_weights_but_the_scaled_projections(live):
+    space, model, candidate = live
+    path = [Step("base", 0), Step("ft0", 1, 0.8), Step("ft0", 2), Step("ft1", 2)]
+    candidate.assemble(path)
+    resident = {p.data_ptr() for source in candidate.sources.values() for p in source.parameters()}
+    fresh = [name for name, p in model.named_parameters() if p.data_ptr() not in resident]
+    assert sorted(fresh) == ["model.layers.1.mlp.down_proj.weight", "model.layers.1.self_attn.o_proj.weight"]
+    source = candidate.sources["ft0"].model.layers[1]
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, source.mlp.down_proj.weight * 0.8)
+
+
+def test_baselines_are_the_models_themselves(pool, live, tmp_path):
+    space, model, candidate = live
+    baselines = space.baselines()
+    assert set(baselines) == {"base_path", "only_ft0", "only_ft1"}
+    candidate.apply(baselines["only_ft1"])
+    specialist = AutoModelForCausalLM.from_pretrained(pool["ft1"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(model(BATCH).logits, specialist(BATCH).logits)
+    run_merge(space.decode(baselines["only_ft1"]), tmp_path / "out")
+    ours, theirs = load_file(str(tmp_path / "out" / "model.safetensors")), load_file(str(pool["ft1"] / "model.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_paths_are_bounded_and_runs_become_slices(pool):
+    space = make_space(pool, repeats=2, max_layers=3)
+    everything = {g.name: 1.0 for g in space.genes}
+    assert len(space.path(everything)) == 3
+    recipe = space.decode({g.name: float(g.model == "ft0") for g in space.genes})
+    assert [s.sources[0].layer_range for s in recipe.slices] == [(0, 3)]  # 3 = max_layers
+    assert space.path({g.name: 0.0 for g in space.genes}) == [Step("base", 0)]
+
+
+@pytest.mark.mergekit
+def test_mergekit_merges_the_exported_recipe_to_the_same_tensors(live, mergekit_python, tmp_path):
+    from mergekit_env import run_driver
+
+    space, _, _ = live
+    genomes = random_genomes(space, 3, seed=1)
+    jobs = {"threads": 1, "merges": [
+        {"name": str(i), "recipe": space.decode(g).to_yaml(), "out": str(tmp_path / f"mk{i}"), "seed": 0}
+        for i, g in enumerate(genomes)
+    ]}
+    results = run_driver(mergekit_python, jobs)
+    for i, genome in enumerate(genomes):
+        assert results[str(i)]["ok"], results[str(i)].get("traceback")
+        run_merge(space.decode(genome), tmp_path / f"em{i}")
+        ours = load_file(str(tmp_path / f"em{i}" / "model.safetensors"))
+        theirs = {}
+        for file in (tmp_path / f"mk{i}").glob("*.safetensors"):
+            theirs.update(load_file(str(file)))
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_bad_data_flow_spaces_are_refused(pool, tmp_path):
+    with pytest.raises(UserError, match="exceeds the bound repeats x base depth"):
+        make_space(pool, repeats=2, max_layers=9)
+    with pytest.raises(UserError, match="not in the pool"):
+        make_space(pool, sources=["base", "ft9"])
+    wide = build_tiny_pool(tmp_path / "wide", n_models=0, intermediate_size=64)["base"]
+    with pytest.raises(UserError, match="do not fit the base"):
+        DataflowSpace(DataflowConfig(kind="dataflow"), base=str(pool["base"]), models={"wide": str(wide)}, dtype=None)
+    other = tmp_path / "mistral"
+    shutil.copytree(pool["ft0"], other)
+    config = (other / "config.json").read_text().replace('"llama"', '"mistral"').replace("LlamaForCausalLM", "MistralForCausalLM")
+    (other / "config.json").write_text(config)
+    with pytest.raises(UserError, match="different architectures"):
+        DataflowSpace(DataflowConfig(kind="dataflow"), base=str(pool["base"]), models={"m": str(other)}, dtype=None)
