@@ -1,6 +1,7 @@
 """Merge throughput: evomerge against mergekit 0.1.5 on synthetic ~0.5B-parameter bf16 models.
 
     python bench/merge_throughput.py [--params 0.5e9] [--repeats 1] [--skip-mergekit] [--profile]
+                                     [--lora-rank 16]
 
 Builds a base and two fine-tunes (random Llama-shaped tensors written straight to safetensors
 shards: no model is instantiated), merges the same `ties` and `dare_ties` recipes with
@@ -17,6 +18,11 @@ Both sides use every core (torch's default); set OMP_NUM_THREADS to change that.
 merge, of either tool, starts after an untimed os.sync() and its output is deleted once timed,
 so none competes with the write-back of another's gigabyte; --repeats N keeps the best of N
 runs, for both tools alike.
+
+The `lora` row merges two PEFT LoRA adapters of the base (rank --lora-rank on every linear layer,
+`model: base+adapter`) by task arithmetic, and adds the peak resident memory of each tool's
+process: evomerge applies an adapter per tensor as it reads it, mergekit first merges each
+adapter into a full model (PEFT's merge_and_unload) and saves it to a cache folder.
 """
 
 from __future__ import annotations
@@ -62,6 +68,16 @@ models:
     parameters: {{weight: 0.5, density: 0.5}}
   - model: {ft1}
     parameters: {{weight: 0.5, density: 0.5}}
+""",
+    "lora": """
+merge_method: task_arithmetic
+base_model: {base}
+dtype: bfloat16
+models:
+  - model: {base}+{lora0}
+    parameters: {{weight: 0.5}}
+  - model: {base}+{lora1}
+    parameters: {{weight: 0.5}}
 """,
 }
 
@@ -137,6 +153,34 @@ def write_models(root: Path, params: float, shard_bytes: int = 1 << 30) -> dict[
             writers[ft].add(name, (base.float() + noise).to(torch.bfloat16))
     for writer in writers.values():
         writer.finish()
+    return folders
+
+
+def write_adapters(root: Path, base: Path, rank: int) -> dict[str, Path]:
+    """lora0, lora1: PEFT LoRA adapters of `base` on every linear layer of the decoder."""
+    from safetensors import safe_open
+
+    folders = {}
+    g = torch.Generator().manual_seed(1)
+    index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    for name in ("lora0", "lora1"):
+        folder = folders[name] = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for tensor, file in index.items():
+            if ".layers." not in tensor or "proj" not in tensor:
+                continue
+            with safe_open(str(base / file), framework="pt") as handle:
+                out_dim, in_dim = handle.get_slice(tensor).get_shape()
+            module = tensor.removesuffix(".weight")
+            tensors[f"base_model.model.{module}.lora_A.weight"] = (torch.randn(rank, in_dim, generator=g) * 0.01).to(torch.bfloat16)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = (torch.randn(out_dim, rank, generator=g) * 0.01).to(torch.bfloat16)
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+            "lora_dropout": 0.0, "bias": "none", "base_model_name_or_path": str(base),
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        }))
     return folders
 
 
@@ -220,10 +264,23 @@ def run_evomerge(folders: dict[str, Path], out_root: Path, profile: bool, repeat
                 result["profile"] = text.getvalue()
             settled()
             started = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "evomerge", "merge", str(recipe_file), str(out)], check=True, capture_output=True)
+            run = subprocess.run([sys.executable, "-c", _PEAK_MEMORY, "merge", str(recipe_file), str(out)], check=True, capture_output=True, text=True)
             result["cli_seconds"] = min(result["cli_seconds"], time.perf_counter() - started)
+            result["peak_gb"] = int(run.stderr.strip().splitlines()[-1]) * 1024 / GB
             shutil.rmtree(out)
     return results
+
+
+# `evomerge ARGS...`, then its peak resident memory (KiB) as the last line of stderr: VmHWM,
+# which starts anew at exec (ru_maxrss would carry this parent process's peak over).
+_PEAK_MEMORY = (
+    "import re, runpy, sys\n"
+    "sys.argv = ['evomerge', *sys.argv[1:]]\n"
+    "try:\n    runpy.run_module('evomerge', run_name='__main__')\n"
+    "except SystemExit as exc:\n    code = exc.code\nelse:\n    code = 0\n"
+    "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1), file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
 
 
 def run_mergekit(folders: dict[str, Path], out_root: Path, repeats: int) -> dict[str, dict]:
@@ -239,7 +296,8 @@ def run_mergekit(folders: dict[str, Path], out_root: Path, repeats: int) -> dict
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     results = {}
     for name, template in RECIPES.items():
-        job = {"name": name, "recipe": template.format(**folders), "out": str(out_root / f"mk-{name}"), "seed": 0}
+        job = {"name": name, "recipe": template.format(**folders), "out": str(out_root / f"mk-{name}"), "seed": 0,
+               "lora_cache": str(out_root / "mk-lora-cache")}
         result = results[name] = {"seconds": math.inf, "cli_seconds": math.inf}
         for _ in range(repeats):
             settled()
@@ -250,7 +308,9 @@ def run_mergekit(folders: dict[str, Path], out_root: Path, repeats: int) -> dict
                 raise SystemExit(f"mergekit failed on {name}: {run['error']}")
             result["seconds"] = min(result["seconds"], run["seconds"])
             result["cli_seconds"] = min(result["cli_seconds"], wall)
+            result["peak_gb"] = run["peak_kib"] * 1024 / GB
             shutil.rmtree(job["out"])
+            shutil.rmtree(job["lora_cache"], ignore_errors=True)  # each run merges its adapters anew
     return results
 
 
@@ -262,6 +322,7 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", type=Path, help="where models go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the models")
     parser.add_argument("--repeats", type=int, default=1, help="best of this many runs, for both tools")
+    parser.add_argument("--lora-rank", type=int, default=16, help="rank of the adapters of the lora row")
     args = parser.parse_args(argv)
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="evomerge-bench-"))
@@ -276,6 +337,7 @@ def main(argv=None) -> None:
         )
         started = time.perf_counter()
         folders = write_models(root / "models", args.params)
+        folders.update(write_adapters(root / "models", folders["base"], args.lora_rank))
         print(f"wrote models in {time.perf_counter() - started:.1f} s under {root}")
         bandwidth = copy_bandwidth()
         print(f"memory copy bandwidth: {bandwidth / GB:.1f} GB/s (read + write)")
@@ -285,6 +347,7 @@ def main(argv=None) -> None:
         print(
             f"{'recipe':<10} {'evomerge s':>10} {'GB/s':>6} {'% copy':>7} {'mergekit s':>10} "
             f"{'ratio':>6} {'evomerge CLI s':>14} {'mergekit CLI s':>14} {'ratio CLI':>9}"
+            f" {'evomerge GB':>11} {'mergekit GB':>11}"
         )
         for name, result in evo.items():
             rate = result["bytes"] / result["seconds"]
@@ -294,6 +357,7 @@ def main(argv=None) -> None:
                 line += f" {theirs['seconds']:>10.1f} {theirs['seconds'] / result['seconds']:>5.1f}x"
                 line += f" {result['cli_seconds']:>14.1f} {theirs['cli_seconds']:>14.1f}"
                 line += f" {theirs['cli_seconds'] / result['cli_seconds']:>8.1f}x"
+                line += f" {result['peak_gb']:>11.2f} {theirs['peak_gb']:>11.2f}"
             print(line)
         for name, result in evo.items():
             if "profile" in result:

@@ -13,6 +13,7 @@ A failing job is recorded, not raised, so one refusal does not hide the other re
 """
 
 import json
+import re
 import sys
 import time
 import traceback
@@ -51,7 +52,9 @@ def main(jobs_path: str, results_path: str) -> None:
                 lora_merge_cache=job.get("lora_cache"),  # where `base+adapter` models are merged
             )
             run_merge(config, job["out"], options)
-            results[job["name"]] = {"ok": True, "seconds": time.perf_counter() - started}
+            # The process's peak resident memory so far (VmHWM starts anew at exec, ru_maxrss not).
+            peak_kib = int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1))
+            results[job["name"]] = {"ok": True, "seconds": time.perf_counter() - started, "peak_kib": peak_kib}
         except Exception as exc:  # noqa: BLE001 (recorded, so one failure hides no other)
             results[job["name"]] = {
                 "ok": False,
