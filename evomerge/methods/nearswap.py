@@ -25,7 +25,8 @@ def nearswap(inputs: MergeInputs, *, t: float) -> torch.Tensor:
         # w = 0 everywhere. torch divides by multiplying with the reciprocal, which overflows
         # float16 for distances under 2**-16, so 0 / d would be 0 * inf = NaN (as in mergekit).
         return a.clone()
-    distance = torch.abs(a - b).clamp(min=1e-6)
+    # The search reuses one MergeInputs across trials: only w depends on t.
+    distance = inputs.cached("distance", 0, lambda: torch.abs(a - b).clamp(min=1e-6))
     w = (t / distance).clamp(min=0, max=1)
     return w * b + (1 - w) * a
 

@@ -29,7 +29,7 @@ from evomerge.methods.registry import MergeInputs, MergeMethod, Param, register
 
 def updates(inputs: MergeInputs, epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(m_i tau_i, m_i, c): the kept task vectors and masks (M, N), and the counts (1, N)."""
-    tau = torch.stack([m - inputs.base for m in inputs.models]).view(len(inputs.models), -1)
+    tau = torch.stack([inputs.delta(i) for i in range(len(inputs.models))]).view(len(inputs.models), -1)
     updated = tau.abs() > epsilon
     counts = updated.sum(dim=0, keepdim=True)  # int64
     return tau * updated, updated, counts
