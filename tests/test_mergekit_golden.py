@@ -723,10 +723,9 @@ models:
 
 # --- building and running everything once per session ---------------------------------------
 def _recipe_text(case: Case, pool: dict[str, Path]) -> str:
-    text = case.recipe
-    for name in sorted(pool, key=len, reverse=True):
-        text = text.replace(f"${name}", str(pool[name]))
-    return text
+    from mergekit_env import fill_in_paths
+
+    return fill_in_paths(case.recipe, pool)
 
 
 @pytest.fixture(scope="session")

@@ -41,16 +41,10 @@ def _load(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-def _with_paths(text: str, pool: dict[str, Path]) -> str:
-    for name in sorted(pool, key=len, reverse=True):
-        text = text.replace(f"${name}", str(pool[name]))
-    return text
-
-
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory, mergekit_python):
     """{job name: (evomerge folder, mergekit folder, mergekit result)}, one mergekit process."""
-    from mergekit_env import run_driver
+    from mergekit_env import fill_in_paths, run_driver
     from tiny_models import build_tiny_pool
 
     root = tmp_path_factory.mktemp("methods")
@@ -64,7 +58,7 @@ def merged(tmp_path_factory, mergekit_python):
 
     for method, body in RECIPES.items():
         recipe_file = root / f"{method}.yaml"
-        recipe_file.write_text(f"merge_method: {method}\n" + _with_paths(body, pool))
+        recipe_file.write_text(f"merge_method: {method}\n" + fill_in_paths(body, pool))
         out = root / "cli" / method
         result = CliRunner().invoke(cli, ["merge", str(recipe_file), str(out)])
         assert result.exit_code == 0, result.output
@@ -82,7 +76,7 @@ def merged(tmp_path_factory, mergekit_python):
 
     # Embeddings and lm_head of 32768 x 32 = 1,048,576 elements: mergekit samples 10^6.
     big = build_tiny_pool(root / "big", dtype=torch.float32, n_models=1, seed=8, vocab_size=32768)
-    text = _with_paths(f"merge_method: arcee_fusion\n{RECIPES['arcee_fusion'].replace('ft1', 'ft0')}", big)
+    text = fill_in_paths(f"merge_method: arcee_fusion\n{RECIPES['arcee_fusion'].replace('ft1', 'ft0')}", big)
     run_merge(parse_recipe(text), root / "big-evo", seed=0)
     compare_with_mergekit("arcee_fusion-large", text, root / "big-evo")
 
