@@ -36,7 +36,8 @@ def outlier_threshold(scores: torch.Tensor) -> torch.Tensor:
     """median + 1.5 IQR, from the order statistics floor(q (n - 1)) for q = 1/4, 1/2, 3/4."""
     flat = scores.reshape(-1)
     last = flat.numel() - 1
-    q1, median, q3 = (flat.kthvalue(index + 1).values for index in (last // 4, last // 2, 3 * last // 4))
+    ranks = (last // 4, last // 2, 3 * last // 4)  # 0-based, as in mergekit's sorted array
+    q1, median, q3 = (flat.kthvalue(rank + 1).values for rank in ranks)
     return median + 1.5 * (q3 - q1)
 
 

@@ -29,7 +29,8 @@ from evomerge.methods.registry import MergeInputs, MergeMethod, Param, register
 
 def updates(inputs: MergeInputs, epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(m_i tau_i, m_i, c): the kept task vectors and masks (M, N), and the counts (1, N)."""
-    tau = torch.stack([inputs.delta(i) for i in range(len(inputs.models))]).view(len(inputs.models), -1)
+    count = len(inputs.models)
+    tau = torch.stack([inputs.delta(i) for i in range(count)]).view(count, -1)  # (M, N)
     updated = tau.abs() > epsilon
     counts = updated.sum(dim=0, keepdim=True)  # int64
     return tau * updated, updated, counts
@@ -56,10 +57,14 @@ def ramplus_tl(inputs: MergeInputs, *, r: float, alpha: float, epsilon: float) -
     return (inputs.base + merged.view_as(inputs.base)).to(inputs.base.dtype)
 
 
-EPSILON = Param("epsilon", per_model=False, default=1e-5, bounds=(0.0, 1e-3), limits=(0.0, math.inf))
+EPSILON = Param(
+    "epsilon", per_model=False, default=1e-5, bounds=(0.0, 1e-3), limits=(0.0, math.inf)
+)
 REFERENCE = "https://arxiv.org/abs/2601.13572"
 
-register(MergeMethod(name="ram", merge=ram, params=(EPSILON,), base_role="required", reference=REFERENCE))
+register(
+    MergeMethod(name="ram", merge=ram, params=(EPSILON,), base_role="required", reference=REFERENCE)
+)
 register(
     MergeMethod(
         name="ramplus_tl",
