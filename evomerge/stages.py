@@ -72,16 +72,19 @@ def load_stages(path: Path) -> list[Stage]:
 
 
 def _documents(path: Path) -> Optional[list[Any]]:
-    """The file's YAML documents if there are two or more, else None."""
+    """The file's YAML documents if they are stages (two or more, or one with a name)."""
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError):
         return None  # load_recipe says why in one sentence
     try:
         documents = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError:
-        return None  # load_recipe reports where
-    return documents if len(documents) > 1 else None
+    except yaml.YAMLError as exc:  # worded as load_recipe words it, but for any document
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}: {problem or 'malformed YAML'}{where}") from None
+    named = len(documents) == 1 and isinstance(documents[0], dict) and "name" in documents[0]
+    return documents if len(documents) > 1 or named else None
 
 
 def _is_plain_name(name: Any) -> bool:

@@ -164,6 +164,10 @@ def _linear(name, model: str) -> str:
         (_linear("x/y", "$ft0") + "---\n" + _linear(None, "x/y"), "name 'x/y' must be a plain word"),
         (_linear("a", "$ft0") + "---\n- not a recipe\n", "(document 2): expected a mapping"),
         (
+            _linear("a", "$ft0") + "---\nmodels: [\n",
+            "stages.yaml: expected the node content, but found '<stream end>' at line 6",
+        ),
+        (
             _linear("a", "$ft0") + "---\n" + _linear(None, "a").replace("linear", "linaer"),
             "the final merge: unknown merge method 'linaer'",
         ),
@@ -190,3 +194,5 @@ def test_a_one_document_recipe_is_one_unnamed_stage(tmp_path):
     assert stage.name is None and stage.recipe.merge_method == "linear"
     with pytest.raises(UserError, match="does not exist"):
         load_stages(tmp_path / "missing.yaml")
+    (named,) = load_stages(_write(tmp_path, "name: x\n" + recipe.read_text(), "named.yaml"))
+    assert named.name == "x" and named.recipe == stage.recipe  # mergekit-multi reads it so
