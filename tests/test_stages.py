@@ -180,7 +180,8 @@ def _linear(name, model: str) -> str:
 def test_bad_stage_structure_is_one_sentence_exit_2_nothing_written(
     pool, tmp_path, monkeypatch, capsys, text, fragment
 ):
-    from test_bad_inputs import assert_one_sentence, cli as run_cli
+    from test_bad_inputs import assert_one_sentence
+    from test_bad_inputs import cli as run_cli
 
     recipe = _write(tmp_path, _filled(text, pool))
     code, err = run_cli(monkeypatch, capsys, "merge", str(recipe), str(tmp_path / "out"))
