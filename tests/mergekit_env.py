@@ -92,6 +92,13 @@ def mergekit_python_or_reason() -> tuple[Path | None, str]:
     return (None, problem) if problem else (python, "")
 
 
+def fill_in_paths(recipe_text: str, folders: dict) -> str:
+    """A recipe with $name standing for model folders (`$base`, `$ft0`, ...) made concrete."""
+    for name in sorted(folders, key=len, reverse=True):  # $ft10 before $ft1
+        recipe_text = recipe_text.replace(f"${name}", str(folders[name]))
+    return recipe_text
+
+
 def run_driver(python: Path, jobs: dict, *, timeout: float = 900) -> dict:
     """Run mergekit_driver.py once with `jobs`; returns its results by job name."""
     with tempfile.TemporaryDirectory(prefix="mkdriver-") as tmp:

@@ -452,6 +452,150 @@ models:
   - model: $ft1
 """,
     ),
+    # --- nearswap / arcee_fusion / ram / ramplus_tl ------------------------------------------
+    # arcee_fusion and ramplus_tl promote 16-bit inputs to float32 (a float32 mask, a float32
+    # lambda), and mergekit 0.1.5 then writes float32 unless out_dtype is given; evomerge
+    # rounds to the merge dtype. Their 16-bit cases name out_dtype, so both round the same
+    # float32 values once.
+    Case(
+        "nearswap_fp32_gradients_filters",
+        "fp32",
+        """
+merge_method: nearswap
+base_model: $base
+models:
+  - model: $ft0
+parameters:
+  t:
+    - filter: self_attn
+      value: [0.0, 0.01, 0.05]
+    - filter: mlp
+      value: 0.002
+    - value: 0.0
+""",
+    ),
+    Case(
+        "nearswap_bf16",
+        "bf16",
+        """
+merge_method: nearswap
+base_model: $ft1
+models:
+  - model: $ft2
+parameters: {t: 0.01}
+""",
+    ),
+    Case(
+        "arcee_fusion_fp32",
+        "fp32",
+        """
+merge_method: arcee_fusion
+base_model: $base
+models:
+  - model: $base
+  - model: $ft0
+""",
+    ),
+    Case(
+        "arcee_fusion_bf16",
+        "bf16",
+        """
+merge_method: arcee_fusion
+base_model: $ft0
+out_dtype: bfloat16
+models:
+  - model: $ft1
+""",
+    ),
+    Case(
+        "ram_fp32",
+        "fp32",
+        """
+merge_method: ram
+base_model: $base
+models:
+  - model: $ft0
+  - model: $ft1
+  - model: $ft2
+""",
+    ),
+    Case(
+        "ram_bf16_epsilon_gradient",
+        "bf16",
+        """
+merge_method: ram
+base_model: $base
+parameters:
+  epsilon:
+    - filter: mlp
+      value: [0.0, 0.02]
+    - value: 0.01
+models:
+  - model: $ft0
+  - model: $ft1
+""",
+    ),
+    Case(
+        "ramplus_tl_fp32",
+        "fp32",
+        """
+merge_method: ramplus_tl
+base_model: $base
+models:
+  - model: $ft0
+  - model: $ft1
+  - model: $ft2
+""",
+    ),
+    Case(
+        "ramplus_tl_fp32_gradients_filters",
+        "fp32",
+        """
+merge_method: ramplus_tl
+base_model: $base
+parameters:
+  r: [0.1, 0.9]
+  alpha:
+    - filter: self_attn
+      value: 2.0
+    - value: 0.05
+  epsilon: 0.01
+models:
+  - model: $ft0
+  - model: $ft1
+""",
+    ),
+    Case(
+        "ramplus_tl_bf16_out_bf16",
+        "bf16",
+        """
+merge_method: ramplus_tl
+base_model: $base
+out_dtype: bfloat16
+parameters: {r: 0.5, alpha: 1.0}
+models:
+  - model: $ft0
+  - model: $ft1
+  - model: $ft2
+""",
+    ),
+    Case(
+        "ramplus_tl_fp32_dtype_bf16_out_fp32",
+        "fp32",
+        """
+merge_method: ramplus_tl
+base_model: $base
+dtype: bfloat16
+out_dtype: float32
+models:
+  - model: $ft0
+  - model: $ft1
+""",
+        # mergekit writes its float32 sum of the bf16 inputs; evomerge rounds it to the merge
+        # dtype (bf16) first: at most half a bf16 ulp apart.
+        check="close",
+        rtol=2.0**-8,
+    ),
     # --- slices ------------------------------------------------------------------------------
     Case(
         "passthrough_stack_fp32",
@@ -579,10 +723,9 @@ models:
 
 # --- building and running everything once per session ---------------------------------------
 def _recipe_text(case: Case, pool: dict[str, Path]) -> str:
-    text = case.recipe
-    for name in sorted(pool, key=len, reverse=True):
-        text = text.replace(f"${name}", str(pool[name]))
-    return text
+    from mergekit_env import fill_in_paths
+
+    return fill_in_paths(case.recipe, pool)
 
 
 @pytest.fixture(scope="session")

@@ -25,9 +25,9 @@ import click
 def command(recipe_path, out_dir, device, seed, out_dtype, shard_size, force, allow_pickle, threads):
     """Merge the models of RECIPE.yaml (mergekit format) into OUT_DIR."""
     from evomerge.output import parse_size
-    from evomerge.recipe import load_recipe
+    from evomerge.stages import load_stages
 
-    recipe = load_recipe(recipe_path)
+    stages = load_stages(recipe_path)  # one recipe, or mergekit-multi's named stages
     shard_bytes = parse_size(shard_size)
 
     # Idle OpenMP threads sleep instead of spinning between kernel calls, leaving the cores to
@@ -38,7 +38,7 @@ def command(recipe_path, out_dir, device, seed, out_dtype, shard_size, force, al
         import torch
         from tqdm import tqdm
 
-        from evomerge.merge import run_merge
+        from evomerge.stages import run_stages
 
     if threads:
         torch.set_num_threads(threads)
@@ -48,8 +48,8 @@ def command(recipe_path, out_dir, device, seed, out_dtype, shard_size, force, al
             bar.total = total
             bar.update(done - bar.n)
 
-        summary = run_merge(
-            recipe,
+        summary = run_stages(
+            stages,
             out_dir,
             seed=seed,
             device=device,
