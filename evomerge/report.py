@@ -1,7 +1,8 @@
 """`evomerge report`: what a search found, as a table, three plots and `summary.json`.
 
-Everything is read from the study in Optuna storage and the run folder's gene list; no model
-(and no torch) is loaded and the pool need not exist any more. `report_run(run_dir)` writes, into `RUN_DIR/report/` (or `out`):
+Everything is read from the study in Optuna storage and the gene list in `run.json`; no model
+(and no torch) is loaded and the pool need not exist any more. `report_run(run_dir)` writes,
+into `RUN_DIR/report/` (or `out`):
 
 - `history.png`   fitness per trial (filled: full evaluation, hollow: subset only), the
                   running best, failed trials as crosses, each baseline as a labelled line;
@@ -165,7 +166,7 @@ def summarise(study: optuna.Study, *, top: int = 10) -> dict[str, Any]:
     """The table data: best trial, top `top` trials by fitness, baselines, counts, saving."""
     from optuna.trial import TrialState
 
-    from evomerge.study import best_trial, pareto_front
+    from evomerge.study import best_trial
 
     trials = study.get_trials(deepcopy=False)
     complete = [
@@ -179,9 +180,7 @@ def summarise(study: optuna.Study, *, top: int = 10) -> dict[str, Any]:
         tasks += [k for k in t.user_attrs.get("per_task") or {} if k not in tasks]
     ranked = sorted(complete, key=lambda t: (-t.user_attrs["fitness"], t.number))
     pareto = (
-        {t.number for t in pareto_front([t for t in trials if t.state == TrialState.COMPLETE], study.directions)}
-        if len(study.directions) > 1 and complete
-        else set()
+        {t.number for t in study.best_trials} if len(study.directions) > 1 and complete else set()
     )
     return {
         "study": study.study_name,

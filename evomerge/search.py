@@ -100,16 +100,23 @@ class Search:
                 bar.close()
 
     def trial(self, trials: Sequence) -> None:
-        """One trial, told to the study: complete with its score, or failed with the reason
-        (the search goes on). `trials` is the scan of the study made just before."""
+        """One trial: ask -> decode -> materialise -> score -> tell. A failing candidate is told
+        failed, with its reason, and the search goes on. `trials` is the scan made just before."""
         trial = self.study.ask()
         try:
             with self.workers.beating(trial):
-                values = self._evaluate(trial, trials)
+                trial.set_user_attr("worker", self.worker)
+                genome = {g.name: trial.suggest_float(g.name, g.low, g.high) for g in self.space.genes}
+                recipe = self.space.decode(genome)
+                started = time.perf_counter()
+                self.candidate.apply(recipe)
+                sync_weights(self.evaluator.lm)  # vllm: push into the engine; hf: nothing to do
+                trial.set_user_attr("merge_seconds", time.perf_counter() - started)
+                values = self._score(trial, trials)
         except KeyboardInterrupt:  # Ctrl-C: no trial is left RUNNING
             self._tell_failed(trial, None)
             raise
-        except Exception as exc:  # a failing candidate, recorded with its reason
+        except Exception as exc:
             self._tell_failed(trial, exc)
             return
         try:
@@ -117,19 +124,17 @@ class Search:
         except ValueError:  # Optuna's "Cannot tell a FAIL trial"
             self._lost(trial)
 
-    # ask -> decode -> materialise -> score (tell is `trial`'s)
-    def _evaluate(self, trial: "optuna.Trial", trials: Sequence):
-        trial.set_user_attr("worker", self.worker)
-        genome = {g.name: trial.suggest_float(g.name, g.low, g.high) for g in self.space.genes}
-        recipe = self.space.decode(genome)
-        started = time.perf_counter()
-        self.candidate.apply(recipe)
-        sync_weights(self.evaluator.lm)  # vllm: push into the engine; hf: nothing to do
-        trial.set_user_attr("merge_seconds", time.perf_counter() - started)
-        result, subset_value, eval_seconds = self._score(trials)
+    def _score(self, trial: "optuna.Trial", trials: Sequence):
+        """Score the subset, the full set only when promising; record the scores on `trial`
+        and return what the study maximises."""
+        result = self.evaluator.score(full=False)
+        subset_value, seconds = result.value, result.seconds
+        if not result.full and self._promising(subset_value, trials):
+            result = self.evaluator.score(full=True)
+            seconds += result.seconds
         trial.set_user_attr("subset_fitness", subset_value)
         trial.set_user_attr("fidelity", "full" if result.full else "subset")
-        trial.set_user_attr("eval_seconds", eval_seconds)  # subset + full passes together
+        trial.set_user_attr("eval_seconds", seconds)  # subset + full passes together
         if not math.isfinite(result.value):
             raise CandidateError("the fitness is not a finite number")
         trial.set_user_attr("fitness", result.value)
@@ -137,15 +142,6 @@ class Search:
         if self.per_task:
             return [self._signed(name, value) for name, value in result.per_task.items()]
         return result.value
-
-    def _score(self, trials: Sequence):
-        """The subset first, the full set only when promising: (result, subset score, seconds)."""
-        result = self.evaluator.score(full=False)
-        subset_value, seconds = result.value, result.seconds
-        if not result.full and self._promising(subset_value, trials):
-            result = self.evaluator.score(full=True)
-            seconds += result.seconds
-        return result, subset_value, seconds
 
     def _signed(self, task: str, value: float) -> float:
         return value if self.evaluator.tasks.maximize[task] else -value
