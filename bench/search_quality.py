@@ -23,7 +23,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 def run_one(pool: Path, space: str, sampler: str, seed: int, trials: int, workdir: Path):
     from evomerge.config import RunConfig
-    from evomerge.search import Search, write_run_folder
+    from evomerge.run_folder import write_run_folder
+    from evomerge.search import Search
 
     config = RunConfig.model_validate(
         {

@@ -44,7 +44,7 @@ def evomerge(*args: str) -> list[str]:
 def study_trials(run_dir: Path):
     import optuna
 
-    from evomerge.search import open_storage
+    from evomerge.study import open_storage
 
     meta = yaml.safe_load((run_dir / "config.yaml").read_text())["search"]
     url = meta["storage"] or f"sqlite:///{run_dir / 'study.db'}"

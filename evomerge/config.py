@@ -6,7 +6,7 @@
       dtype: float32
     space: dare_ties_layers              # a file in search_spaces/, a path, or a mapping
     fitness: {task_paths: [eval_tasks], tasks: [...], subset: {count: 40}}
-    search: {sampler: cmaes, trials: 40, seed: 0}
+    search: {sampler: cmaes, trials: 40, seed: 0}   # objectives: combined | per_task
     device: cpu
 
 Relative paths are read relative to the config file.
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import UserError
 from evomerge.fitness.config import FitnessConfig
@@ -58,7 +58,10 @@ class Promotion(BaseModel):
 
 class SearchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    sampler: Literal["cmaes", "tpe", "random", "multi"] = "cmaes"
+    sampler: Literal["cmaes", "tpe", "random"] = "cmaes"
+    objectives: Literal["combined", "per_task"] = "combined"
+    """`combined`: maximise the weighted fitness; `per_task`: one objective per task, a Pareto
+    front of trade-offs (export takes the front's best combined fitness)."""
     trials: int = Field(default=40, ge=1)
     timeout_minutes: Optional[float] = Field(default=None, gt=0)
     seed: int = 0
@@ -71,6 +74,25 @@ class SearchConfig(BaseModel):
     """Workers on SQL storage beat this often; a trial whose worker stopped beating for
     `grace_seconds` (killed, node lost) is marked failed and retried once."""
     grace_seconds: int = Field(default=60, ge=1)
+
+    @field_validator("sampler", mode="before")
+    @classmethod
+    def _no_multi(cls, value: Any) -> Any:
+        if value == "multi":
+            raise ValueError(
+                "'multi' is not a sampler: for one objective per task write "
+                "`objectives: per_task` with `sampler: tpe` (or random)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _sampler_fits_objectives(self) -> "SearchConfig":
+        if self.objectives == "per_task" and self.sampler == "cmaes":
+            raise ValueError(
+                "the cmaes sampler optimises one objective; with `objectives: per_task` "
+                "choose `sampler: tpe` or `sampler: random`"
+            )
+        return self
 
 
 class ExportConfig(BaseModel):

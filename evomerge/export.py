@@ -8,28 +8,25 @@ candidate bit for bit (when exported in the merge dtype).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from evomerge import __version__
 from evomerge.errors import UserError
-from evomerge.merge import MergeSummary, run_merge
-from evomerge.output import parse_size
-from evomerge.search import (
-    best_trial,
-    build_space,
-    load_or_create_study,
-    open_config_storage,
-    read_run_folder,
-    trial_recipe,
-)
+from evomerge.run_folder import build_space, read_run_folder
+from evomerge.study import best_trial, open_run_study
+
+if TYPE_CHECKING:
+    from evomerge.merge import MergeSummary
+    from evomerge.recipe import Recipe
+    from evomerge.space import SearchSpace
 
 
 def export_trial(run_dir: Path, out_dir: Path, *, trial_number: Optional[int] = None, force: bool = False) -> MergeSummary:
-    config = read_run_folder(run_dir)
-    study = load_or_create_study(config, open_config_storage(config, Path(run_dir)), create=False)
-    trial = _pick(study, trial_number)
-    space = build_space(config)
-    recipe = trial_recipe(space, trial)
+    from evomerge.merge import run_merge  # torch: for the merge, not for reading the study
+    from evomerge.output import parse_size
+
+    config, trial = pick_trial(run_dir, trial_number)
+    recipe = trial_recipe(build_space(config), trial)
     if config.export.out_dtype:
         recipe = recipe.model_copy(update={"out_dtype": config.export.out_dtype})
     card = model_card(recipe, trial, config, run_dir)
@@ -42,6 +39,17 @@ def export_trial(run_dir: Path, out_dir: Path, *, trial_number: Optional[int] = 
         force=force,
         extra_files={"README.md": card},
     )
+
+
+def pick_trial(run_dir: Path, trial_number: Optional[int] = None):
+    """The run's config and the trial to export: number `trial_number`, or the best."""
+    config = read_run_folder(run_dir)
+    return config, _pick(open_run_study(config, Path(run_dir)), trial_number)
+
+
+def trial_recipe(space: SearchSpace, trial) -> Recipe:
+    """The recipe a trial scored: its genome decoded in the run's space."""
+    return space.decode({g.name: trial.params[g.name] for g in space.genes})
 
 
 def _pick(study, trial_number: Optional[int]):

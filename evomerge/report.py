@@ -1,7 +1,8 @@
 """`evomerge report`: what a search found, as a table, three plots and `summary.json`.
 
-Everything is read from the study in Optuna storage; no model is loaded and the pool need
-not exist any more. `report_run(run_dir)` writes, into `RUN_DIR/report/` (or `out`):
+Everything is read from the study in Optuna storage and the gene list in `run.json`; no model
+(and no torch) is loaded and the pool need not exist any more. `report_run(run_dir)` writes,
+into `RUN_DIR/report/` (or `out`):
 
 - `history.png`   fitness per trial (filled: full evaluation, hollow: subset only), the
                   running best, failed trials as crosses, each baseline as a labelled line;
@@ -11,7 +12,7 @@ not exist any more. `report_run(run_dir)` writes, into `RUN_DIR/report/` (or `ou
 - `tasks.png`     per-task scores of the best trial beside each baseline;
 - `summary.json`  the table data: best trial, top trials, baselines, counts, saving.
 
-"Best" is `search.best_trial`, the trial `evomerge export` takes: the best full-fidelity
+"Best" is `study.best_trial`, the trial `evomerge export` takes: the best full-fidelity
 trial (subset scores are noisier), or of a multi-objective study's Pareto front the one with
 the best combined fitness.
 
@@ -37,7 +38,6 @@ import json
 import logging
 import math
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +48,7 @@ from evomerge.errors import UserError
 if TYPE_CHECKING:
     import optuna
 
-    from evomerge.space import SearchSpace
+    from evomerge.run_folder import RunGenes
 
 LOG = logging.getLogger(__name__)
 
@@ -65,29 +65,34 @@ class Report:
 # --- entry points --------------------------------------------------------------------------
 def report_run(run_dir: str | Path, *, top: int = 10, out: Path | None = None) -> Report:
     """Report on the run folder `run_dir`; files go to `out` (default `RUN_DIR/report`)."""
-    from evomerge.search import load_or_create_study, open_storage, read_run_folder, storage_url
+    from evomerge.run_folder import read_run_folder, read_run_genes
+    from evomerge.study import open_storage, open_study, storage_url
 
     run_dir = Path(run_dir)
     config = read_run_folder(run_dir, check_pool=False)
     url = storage_url(config, run_dir)
-    study = load_or_create_study(config, open_storage(url), create=False)
-    space = space_for_study(config, study)
+    study = open_study(config, open_storage(url))
     out_dir = Path(out) if out else run_dir / "report"
     return make_report(
-        study, space, out_dir, top=top, title=str(run_dir), dashboard=f"optuna-dashboard {url}"
+        study,
+        read_run_genes(run_dir),
+        out_dir,
+        top=top,
+        title=str(run_dir),
+        dashboard=f"optuna-dashboard {url}",
     )
 
 
 def make_report(
     study: optuna.Study,
-    space: SearchSpace,
+    genes: RunGenes,
     out_dir: Path,
     *,
     top: int = 10,
     title: str = "",
     dashboard: str | None = None,
 ) -> Report:
-    """Table, plots and summary.json for `study`, whose genes are those of `space`.
+    """Table, plots and summary.json for `study`, whose genes are `genes`.
 
     `title` names the run in the text; `dashboard` is the command that opens the study in
     optuna-dashboard, shown in the text and kept in summary.json."""
@@ -106,7 +111,7 @@ def make_report(
     )
     files = [
         plot_history(study, summary, out_dir / "history.png"),
-        plot_genome(space, best, out_dir / "genome.png"),
+        plot_genome(genes, best, out_dir / "genome.png"),
         plot_tasks(summary, out_dir / "tasks.png"),
     ]
     summary["plots"] = [f.name for f in files]
@@ -118,26 +123,6 @@ def make_report(
         text += f"\ndashboard: {dashboard}"
     text += "\n" + "\n".join(f"wrote {f}" for f in files)
     return Report(text=text, summary=summary, files=files)
-
-
-def space_for_study(config, study: optuna.Study) -> SearchSpace:
-    """The run's search space, without opening the pool: the layer count only sets the group
-    labels, so it is read back from the gene names (`L4-5.…` -> at least 6 layers)."""
-    from evomerge.space import SearchSpace, load_space
-
-    ends = [
-        int(m.group(1))
-        for t in study.get_trials(deepcopy=False)
-        for name in t.params
-        if (m := re.match(r"L\d+-(\d+)\.", name))
-    ]
-    return SearchSpace(
-        load_space(config.space),
-        base=config.pool.base,
-        models=dict(config.pool.models),
-        num_layers=max(ends) + 1 if ends else 1,  # no labels: one group "all", any count does
-        dtype=config.pool.dtype,
-    )
 
 
 # --- the data --------------------------------------------------------------------------------
@@ -181,7 +166,7 @@ def summarise(study: optuna.Study, *, top: int = 10) -> dict[str, Any]:
     """The table data: best trial, top `top` trials by fitness, baselines, counts, saving."""
     from optuna.trial import TrialState
 
-    from evomerge.search import best_trial
+    from evomerge.study import best_trial
 
     trials = study.get_trials(deepcopy=False)
     complete = [
@@ -189,7 +174,7 @@ def summarise(study: optuna.Study, *, top: int = 10) -> dict[str, Any]:
         for t in trials
         if t.state == TrialState.COMPLETE and _finite(t.user_attrs.get("fitness")) is not None
     ]
-    best = best_trial(study)
+    best = best_trial(study, trials)
     tasks: list[str] = []
     for t in complete:
         tasks += [k for k in t.user_attrs.get("per_task") or {} if k not in tasks]
@@ -474,28 +459,27 @@ def plot_history(study: optuna.Study, summary: dict[str, Any], path: Path) -> Pa
     return _save(fig, path)
 
 
-def plot_genome(space: SearchSpace, trial, path: Path) -> Path:
+def plot_genome(genes: RunGenes, trial, path: Path) -> Path:
     """Heat map of a trial's genome: rows parameter x model (x part), columns layer groups."""
     import numpy as np
 
-    groups = [label for label, _, _ in space.groups]
+    groups = list(genes.groups)
     rows: list[tuple[str, str | None, str | None]] = []  # (param, model, part), param-major
-    for gene in space.genes:
-        key = (gene.param, gene.model, gene.part)
+    for gene in genes.genes:
+        key = (gene["param"], gene["model"], gene["part"])
         if key not in rows:
             rows.append(key)
-    rows.sort(
-        key=lambda k: [p for p in space.config.search].index(k[0])
-    )  # stable: keeps model order
+    params = list(dict.fromkeys(gene["param"] for gene in genes.genes))
+    rows.sort(key=lambda k: params.index(k[0]))  # stable: keeps model order
     values = np.full((len(rows), len(groups)), np.nan)
     shade = np.full_like(values, np.nan)  # position within the gene's bounds, 0..1
-    for gene in space.genes:
-        value = trial.params.get(gene.name)
+    for gene in genes.genes:
+        value = trial.params.get(gene["name"])
         if value is None:
             continue
-        r, c = rows.index((gene.param, gene.model, gene.part)), groups.index(gene.group)
-        values[r, c] = value
-        shade[r, c] = (value - gene.low) / (gene.high - gene.low)
+        r = rows.index((gene["param"], gene["model"], gene["part"]))
+        values[r, groups.index(gene["group"])] = value
+        shade[r, groups.index(gene["group"])] = (value - gene["low"]) / (gene["high"] - gene["low"])
 
     labels = [" · ".join(x for x in (model, part, param) if x) for param, model, part in rows]
     fig = _figure(2.2 + 0.75 * len(groups) + 0.06 * max(map(len, labels)), 1.4 + 0.38 * len(rows))
@@ -522,7 +506,7 @@ def plot_genome(space: SearchSpace, trial, path: Path) -> Path:
     ax.set_xlabel("layer group")
     fitness = _finite(trial.user_attrs.get("fitness"))
     ax.set_title(
-        f"genome of trial #{trial.number} ({space.method.name}"
+        f"genome of trial #{trial.number} ({genes.method}"
         + (f", fitness {fitness:.4f})" if fitness is not None else ")"),
         fontsize=10,
     )

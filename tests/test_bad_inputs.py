@@ -402,7 +402,7 @@ def test_missing_pool_model(work, small_pool):
 
 def test_run_folder_of_an_incompatible_version(work, small_pool):
     from evomerge.config import load_run_config
-    from evomerge.search import write_run_folder
+    from evomerge.run_folder import write_run_folder
 
     run_dir = work / "old-run"
     write_run_folder(load_run_config(search_config(work, small_pool)), run_dir)

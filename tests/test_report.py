@@ -15,6 +15,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from evomerge.errors import UserError
 from evomerge.report import PLOTS, make_report, multi_fidelity_saving, report_run
+from evomerge.run_folder import RunGenes
 from evomerge.space import SearchSpace, load_space
 
 TASKS = ("evomerge_add", "evomerge_rev", "evomerge_sort")
@@ -41,7 +42,7 @@ def make_space(name: str = "dare_ties_layers", models=None, num_layers: int = 4)
 def add_trial(
     study, space, genome, *, fitness=None, fidelity="full", baseline=None, seconds=None, fail=None
 ):
-    """One finished trial with the attributes `Search.objective` records."""
+    """One finished trial with the attributes `Search.trial` records."""
     import optuna
     from optuna.distributions import FloatDistribution
 
@@ -123,7 +124,7 @@ def check_png(path: Path) -> None:
 def test_report_on_a_study(tmp_path: Path):
     space = make_space()
     study, numbers = build_study(f"sqlite:///{tmp_path / 'study.db'}", space)
-    report = make_report(study, space, tmp_path / "out", top=4, title="demo")
+    report = make_report(study, RunGenes.of(space), tmp_path / "out", top=4, title="demo")
 
     for name in PLOTS:
         check_png(tmp_path / "out" / name)
@@ -162,7 +163,7 @@ def test_report_on_a_study(tmp_path: Path):
 def test_saving_is_unknown_without_eval_seconds(tmp_path: Path):
     space = make_space()
     study, _ = build_study(f"sqlite:///{tmp_path / 'study.db'}", space, seconds=False)
-    report = make_report(study, space, tmp_path / "out")
+    report = make_report(study, RunGenes.of(space), tmp_path / "out")
     assert report.summary["multi_fidelity"]["eval_seconds_saved"] is None
     assert "time saved unknown" in report.text
     assert multi_fidelity_saving([])["subset_only_fraction"] is None
@@ -183,7 +184,7 @@ def test_genome_heat_map_for_other_spaces(tmp_path: Path, space_name, models, ro
     assert len({(g.param, g.model, g.part) for g in space.genes}) == rows
     study, _ = build_study(f"sqlite:///{tmp_path / 'study.db'}", space, seconds=False)
     assert any(t.state == TrialState.COMPLETE for t in study.trials)
-    make_report(study, space, tmp_path / "out")
+    make_report(study, RunGenes.of(space), tmp_path / "out")
     check_png(tmp_path / "out" / "genome.png")
 
 
@@ -192,7 +193,7 @@ def test_multi_objective_study(tmp_path: Path):
     study, _ = build_study(
         f"sqlite:///{tmp_path / 'study.db'}", space, directions=("maximize",) * 3
     )
-    report = make_report(study, space, tmp_path / "out")
+    report = make_report(study, RunGenes.of(space), tmp_path / "out")
     front = report.summary["pareto_front"]
     assert front and report.summary["best"]["number"] in front
     assert "Pareto front" in report.text
@@ -205,13 +206,15 @@ def test_no_completed_trial_is_a_user_error(tmp_path: Path):
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="evomerge")
     add_trial(study, space, random_genome(space, random.Random(1)), fail="CandidateError: boom")
     with pytest.raises(UserError, match="no completed trial"):
-        make_report(study, space, tmp_path / "out")
+        make_report(study, RunGenes.of(space), tmp_path / "out")
     assert not (tmp_path / "out" / "summary.json").exists()
 
 
 # --- the command, on a run folder made by hand (config.yaml, run.json, study.db) --------------
 def make_run_folder(run_dir: Path, *, trials: bool = True) -> Path:
-    from evomerge.search import RUN_FORMAT
+    from evomerge.config import RunConfig
+    from evomerge.fingerprint import pool_fingerprints
+    from evomerge.run_folder import RUN_FORMAT
 
     run_dir.mkdir()
     config = {
@@ -220,10 +223,10 @@ def make_run_folder(run_dir: Path, *, trials: bool = True) -> Path:
         "fitness": {"tasks": list(TASKS)},
     }
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    (run_dir / "run.json").write_text(
-        json.dumps({"run_format": RUN_FORMAT, "evomerge_version": "test"})
-    )
+    (run_dir / "pool.json").write_text(json.dumps(pool_fingerprints(RunConfig.model_validate(config))))
     space = make_space()
+    meta = {"run_format": RUN_FORMAT, "evomerge_version": "test", "space": RunGenes.of(space).to_json()}
+    (run_dir / "run.json").write_text(json.dumps(meta))
     if trials:
         build_study(f"sqlite:///{run_dir / 'study.db'}", space)
     else:
@@ -248,6 +251,42 @@ def test_cli_report(tmp_path: Path):
     result = CliRunner().invoke(cli, ["report", str(run_dir), "--out", str(tmp_path / "elsewhere")])
     assert result.exit_code == 0, result.output
     check_png(tmp_path / "elsewhere" / "history.png")
+
+
+def test_report_and_export_read_a_run_without_torch_or_the_search(tmp_path: Path):
+    """Reading a study (report; export up to the merge itself) loads no torch, no search,
+    no candidate and no lm-eval, and draws the genome from the gene list in run.json."""
+    import subprocess
+    import sys
+
+    run_dir = make_run_folder(tmp_path / "run")
+    code = f"""
+import sys
+from evomerge.export import pick_trial
+from evomerge.report import report_run
+
+report = report_run({str(run_dir)!r})
+config, trial = pick_trial({str(run_dir)!r})
+heavy = ("torch", "transformers", "lm_eval", "evomerge.search", "evomerge.candidate",
+         "evomerge.space", "evomerge.merge", "evomerge.fitness.backends")
+loaded = [name for name in heavy if name in sys.modules]
+assert not loaded, loaded
+print(trial.number, report.summary["best"]["number"])
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    exported, best = done.stdout.split()
+    assert exported == best
+    check_png(run_dir / "report" / "genome.png")
+
+
+def test_a_run_folder_without_a_gene_list_is_a_user_error(tmp_path: Path):
+    run_dir = make_run_folder(tmp_path / "run")
+    meta = json.loads((run_dir / "run.json").read_text())
+    del meta["space"]
+    (run_dir / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="has no gene list"):
+        report_run(run_dir)
 
 
 def test_cli_bad_inputs(tmp_path: Path):

@@ -43,6 +43,13 @@ def evomerge(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
+def set_up_like_the_cli(config, run_dir: Path) -> None:
+    """What `evomerge search` sets process-wide before it builds a `Search`."""
+    from evomerge.cli.process import set_up_process
+
+    set_up_process(threads=1, hf_home=run_dir / "hf", offline=config.fitness.offline)
+
+
 def trials_of(run_dir: Path):
     import optuna
 
@@ -121,14 +128,15 @@ def test_export_equals_the_scored_candidate_bit_for_bit(tmp_path, small_pool):
     from safetensors.torch import load_file
 
     from evomerge.config import load_run_config
-    from evomerge.export import export_trial
+    from evomerge.export import export_trial, trial_recipe
     from evomerge.merge import run_merge
     from evomerge.recipe import load_recipe
-    from evomerge.search import Search, trial_recipe, write_run_folder
+    from evomerge.run_folder import write_run_folder
+    from evomerge.search import Search
 
-    torch.set_num_threads(1)
     run_dir = tmp_path / "run"
     config = load_run_config(write_config(tmp_path, small_pool, space="dare_ties_layers", trials=7))
+    set_up_like_the_cli(config, run_dir)
     write_run_folder(config, run_dir)
     search = Search(config, run_dir)
     search.run(until=7, progress=False)
@@ -149,41 +157,42 @@ def test_export_equals_the_scored_candidate_bit_for_bit(tmp_path, small_pool):
     assert all(torch.equal(again[k], exported[k]) for k in exported)
 
 
-def test_a_worker_whose_trial_another_worker_failed_goes_on(tmp_path, small_pool):
-    """A worker paused past the grace period finds its trial failed by a peer when it tells
-    its result (Optuna: "Cannot tell a FAIL trial"): it drops that result and goes on."""
-    import torch
+def test_a_worker_whose_trial_another_worker_failed_goes_on(tmp_path, small_pool, caplog):
+    """A worker paused past the grace period finds its trial failed by a peer when it records
+    or tells its result (Optuna: "Cannot tell a FAIL trial"): it drops that result and goes on."""
     from optuna.trial import TrialState
 
     from evomerge.config import load_run_config
-    from evomerge.search import Search, write_run_folder
+    from evomerge.run_folder import write_run_folder
+    from evomerge.search import Search
 
-    torch.set_num_threads(1)
     run_dir = tmp_path / "run"
     config = load_run_config(write_config(tmp_path, small_pool, trials=3, baselines=False, sampler="random"))
+    set_up_like_the_cli(config, run_dir)
     write_run_folder(config, run_dir)
     search = Search(config, run_dir)
-    score = search._score
+    score = search.evaluator.score
 
-    def judged_dead_while_scored(trial, recipe):
-        if trial.number == 0:  # what a peer's fail_stale does to a trial with late heartbeats
-            search.study.tell(trial.number, state=TrialState.FAIL)
-        return score(trial, recipe)
+    def judged_dead_while_scored(**kwargs):
+        running = search.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if running[0].number == 0:  # what a peer's fail_stale does to a trial with late heartbeats
+            search.study.tell(0, state=TrialState.FAIL)
+        return score(**kwargs)
 
-    search._score = judged_dead_while_scored
-    search.run(until=3, progress=False)
+    search.evaluator.score = judged_dead_while_scored
+    with caplog.at_level("WARNING", logger="evomerge.search"):
+        search.run(until=3, progress=False)
     assert [t.state.name for t in search.study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert "trial 0 was failed by another worker while it ran here" in caplog.text
 
 
 def test_a_worker_whose_budget_is_met_waits_out_a_dead_peers_trial(tmp_path, small_pool, caplog):
     """A peer died mid-trial just before the budget was met: the last worker does not leave
     that trial RUNNING; it waits out the grace period, fails it and runs its retry."""
-    import torch
-
     from evomerge.config import load_run_config
-    from evomerge.search import Search, write_run_folder
+    from evomerge.run_folder import write_run_folder
+    from evomerge.search import Search
 
-    torch.set_num_threads(1)
     run_dir = tmp_path / "run"
     config = load_run_config(
         write_config(
@@ -191,6 +200,7 @@ def test_a_worker_whose_budget_is_met_waits_out_a_dead_peers_trial(tmp_path, sma
             heartbeat_seconds=1, grace_seconds=2,
         )
     )
+    set_up_like_the_cli(config, run_dir)
     write_run_folder(config, run_dir)
     search = Search(config, run_dir)
     orphan = search.study.ask()  # the dead peer's trial: a genome, then no heartbeat ever
@@ -233,14 +243,17 @@ def test_resume_refuses_a_changed_pool(tmp_path, small_pool):
 def test_multi_objective_search_exports_from_the_pareto_front(tmp_path, small_pool):
     import optuna
 
-    from evomerge.search import best_trial
+    from evomerge.study import best_trial, pareto_front
 
     run_dir = tmp_path / "run"
-    evomerge("search", str(write_config(tmp_path, small_pool, trials=8, sampler="multi")), "--run-dir", str(run_dir))
+    config = write_config(tmp_path, small_pool, trials=8, sampler="tpe", objectives="per_task")
+    evomerge("search", str(config), "--run-dir", str(run_dir))
     study = optuna.load_study(study_name="evomerge", storage=f"sqlite:///{run_dir / 'study.db'}")
     assert len(study.directions) == 3  # one objective per task
     chosen = best_trial(study)
     front = {t.number for t in study.best_trials}
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    assert {t.number for t in pareto_front(complete, study.directions)} == front
     assert chosen.number in front
     assert chosen.user_attrs["fitness"] == max(
         t.user_attrs["fitness"] for t in study.best_trials if t.user_attrs.get("fidelity") == chosen.user_attrs["fidelity"]
@@ -276,3 +289,16 @@ def test_a_new_search_refuses_a_study_another_run_started(tmp_path, small_pool):
     assert second.returncode == 2
     assert "already holds a study named 'evomerge'" in second.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "second").exists()
+
+
+def test_sampler_multi_is_refused_with_what_to_write_instead(tmp_path, small_pool):
+    for search, words in (
+        ({"sampler": "multi"}, "objectives: per_task"),
+        ({"sampler": "cmaes", "objectives": "per_task"}, "sampler: tpe"),
+    ):
+        run_dir = tmp_path / f"run-{len(words)}"
+        result = evomerge("search", str(write_config(tmp_path, small_pool, **search)), "--run-dir", str(run_dir), check=False)
+        assert result.returncode == 2
+        line = result.stderr.strip().splitlines()[-1]
+        assert line.startswith("error: ") and words in line, result.stderr
+        assert not run_dir.exists()

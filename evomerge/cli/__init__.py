@@ -1,7 +1,8 @@
 """Command line: `evomerge <command>`.
 
 Each command lives in its own module and imports torch & co. inside its body, so that
-`--help` and argument errors answer instantly.
+`--help` and argument errors answer instantly. Process-wide settings (threads, Hugging Face
+variables, Optuna's logging) are made by the commands through `cli.process.set_up_process`.
 """
 
 import logging

@@ -173,6 +173,9 @@ def command(model, task_args, task_paths, config_path, limit, batch_size, thread
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     with tempfile.TemporaryDirectory(prefix="evomerge-eval-") as tmp:
         work = Path(run_dir) if run_dir else Path(tmp)
+        from evomerge.cli.process import set_up_process
+
+        set_up_process(hf_home=work / "hf", offline=config.offline)  # before lm-eval loads
         import torch
 
         from evomerge.fitness.evaluator import Evaluator

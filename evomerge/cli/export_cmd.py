@@ -15,6 +15,9 @@ import click
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 def export(run_dir: Path, out_dir: Path, trial_number: Optional[int], force: bool) -> None:
     """Write a trial's recipe (mergekit YAML) and merged model (HF folder) to OUT_DIR."""
+    from evomerge.cli.process import set_up_process
+
+    set_up_process()
     from evomerge.export import export_trial
 
     summary = export_trial(run_dir, out_dir, trial_number=trial_number, force=force)

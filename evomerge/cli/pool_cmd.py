@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import click
@@ -32,7 +31,9 @@ def demo(out_dir: Path, size: str, force: bool) -> None:
     Writes OUT_DIR/base, OUT_DIR/<skill> (HF folders), OUT_DIR/tasks (lm-eval tasks with
     held-out data) and OUT_DIR/pool.json. Deterministic: the same command gives the same pool.
     """
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from evomerge.cli.process import set_up_process
+
+    set_up_process()
     from evomerge.pool import build_pool
 
     manifest = build_pool(out_dir, size=size, force=force)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -21,7 +20,9 @@ import click
 def report(run_dir: Path, top: int, out: Path | None) -> None:
     """Summarise the search in RUN_DIR: a table of the best trials against the baselines,
     history / genome / per-task plots and summary.json. Loads no model."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from evomerge.cli.process import set_up_process
+
+    set_up_process()
     from evomerge.report import report_run
 
     click.echo(report_run(run_dir, top=top, out=out).text)

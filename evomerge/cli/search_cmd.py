@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -10,20 +9,27 @@ from typing import Iterator, Optional
 import click
 
 
-def _run(config, run_dir: Path, *, more: Optional[int], create: bool, search=None) -> None:
-    """Run until the study's budget (config search.trials) is met, or `more` trials more."""
-    from evomerge.search import Search, best_trial, run_summary
+def _set_up(config, run_dir: Path) -> None:
+    """The process settings of a search, made before torch or lm-eval load."""
+    from evomerge.cli.process import set_up_process
 
-    search = search or Search(config, run_dir, create=create)
-    until = search.finished_trials() + more if more else config.search.trials
+    set_up_process(threads=config.threads, hf_home=run_dir / "hf", offline=config.fitness.offline)
+
+
+def _run(search, run_dir: Path, *, more: Optional[int]) -> None:
+    """Run until the study's budget (config search.trials) is met, or `more` trials more."""
+    from evomerge.study import best_trial, finished_count, run_summary
+
+    config = search.config
+    until = finished_count(search.study.get_trials(deepcopy=False)) + more if more else config.search.trials
     timeout = config.search.timeout_minutes
     try:
         search.run(until=until, timeout_s=timeout * 60 if timeout else None)
     except KeyboardInterrupt:
         click.echo(f"\nstopped; every finished trial is saved. Continue with: evomerge resume {run_dir}", err=True)
         raise SystemExit(130)
-    summary = run_summary(search.study)
-    best = best_trial(search.study)
+    trials = search.study.get_trials(deepcopy=False)
+    summary, best = run_summary(trials), best_trial(search.study, trials)
     line = f"{summary['complete']} complete, {summary['failed']} failed, {summary['full_evaluations']} full evaluations"
     if best is not None:
         line += f"; best trial #{best.number}: fitness {best.user_attrs['fitness']:.4f}"
@@ -41,10 +47,9 @@ def _run(config, run_dir: Path, *, more: Optional[int], create: bool, search=Non
 )
 def search(config_path: Path, run_dir: Optional[Path], trials: Optional[int]) -> None:
     """Start a search over merge recipes described by CONFIG.yaml."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     from evomerge.config import load_run_config
     from evomerge.errors import UserError
-    from evomerge.search import Search, write_run_folder
+    from evomerge.run_folder import write_run_folder
 
     config = load_run_config(config_path)
     run_dir = run_dir or Path("runs") / config_path.stem
@@ -52,16 +57,20 @@ def search(config_path: Path, run_dir: Optional[Path], trials: Optional[int]) ->
         raise UserError(f"{str(run_dir)!r} already holds a run; continue it with: evomerge resume {run_dir}")
     if trials:
         config = config.model_copy(update={"search": config.search.model_copy(update={"trials": trials})})
+    _set_up(config, run_dir)
     with _removed_on_failure(run_dir):  # a failed set-up (missing model, unknown task, ...) leaves no run
         write_run_folder(config, run_dir)
         if trials == 0:
-            from evomerge.search import build_space, open_config_storage, prepare_study
+            from evomerge.run_folder import build_space
+            from evomerge.study import create_study, open_run_storage
 
-            prepare_study(config, open_config_storage(config, run_dir), build_space(config))
+            create_study(config, open_run_storage(config, run_dir), build_space(config))
             click.echo(f"study ready ({config.search.trials} trials); start workers with: evomerge worker {run_dir}")
             return
+        from evomerge.search import Search
+
         search = Search(config, run_dir, create=True)
-    _run(config, run_dir, more=None, create=True, search=search)
+    _run(search, run_dir, more=None)
 
 
 @contextmanager
@@ -92,11 +101,13 @@ def _removed_on_failure(run_dir: Path) -> Iterator[None]:
 @click.option("--trials", type=int, help="Run this many more trials (default: until the budget is met).")
 def resume(run_dir: Path, trials: Optional[int]) -> None:
     """Continue the study of RUN_DIR: same storage, same sampler state."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from evomerge.search import read_run_folder
+    from evomerge.run_folder import read_run_folder
 
     config = read_run_folder(run_dir)
-    _run(config, run_dir, more=trials, create=False)
+    _set_up(config, run_dir)
+    from evomerge.search import Search
+
+    _run(Search(config, run_dir, create=False), run_dir, more=trials)
 
 
 @click.command("worker")
@@ -107,13 +118,15 @@ def resume(run_dir: Path, trials: Optional[int]) -> None:
 @click.option("--trials", type=int, help="Run this many trials (default: until the study's budget is met).")
 def worker(run_dir: Path, storage: Optional[str], study_name: Optional[str], device: Optional[str], trials: Optional[int]) -> None:
     """Join the study of RUN_DIR as one more worker (one per GPU or node)."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from evomerge.search import read_run_folder
+    from evomerge.run_folder import read_run_folder
 
     config = read_run_folder(run_dir)
     search_cfg = config.search.model_copy(update={k: v for k, v in {"storage": storage, "study_name": study_name}.items() if v})
     config = config.model_copy(update={"search": search_cfg, "device": device or config.device})
-    _run(config, run_dir, more=trials, create=False)
+    _set_up(config, run_dir)
+    from evomerge.search import Search
+
+    _run(Search(config, run_dir, create=False), run_dir, more=trials)
 
 
 commands = (search, resume, worker)

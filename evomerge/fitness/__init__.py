@@ -3,7 +3,6 @@
 - `config`    — `FitnessConfig`: tasks (name, metric, weight, direction), task paths, subset.
 - `tasks`     — builds the lm-eval tasks once (local task folders made location-independent).
 - `backends`  — wraps the live model as an lm-eval `LM` ("hf", or "vllm" in `vllm_backend`).
-- `env`       — offline environment and run-local caches.
 - `evaluator` — `Evaluator.score()` -> `FitnessResult`.
 
 Importing this package is cheap; torch and lm-eval load when an `Evaluator` is built.

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.fitness.config import FitnessConfig, combine
-from evomerge.fitness.env import prepare_environment
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,6 @@ class Evaluator:
         self.config = config
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        prepare_environment(self.run_dir, offline=config.offline)
 
         from evomerge.fitness.backends import make_lm
         from evomerge.fitness.tasks import build_task_set
