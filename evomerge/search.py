@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from evomerge import __version__
-from evomerge.candidate import CandidateError, LiveCandidate
+from evomerge.candidate import CandidateError, CompiledCandidate
 from evomerge.config import RunConfig
 from evomerge.errors import UserError
 from evomerge.fitness.backends import sync_weights
@@ -145,8 +145,7 @@ class Search:
         self.worker = worker_name()
         self.running: Optional[int] = None  # the number of the trial this worker is on
         model, tokenizer = load_eval_model(config)
-        template = self.space.decode({g.name: (g.low + g.high) / 2 for g in self.space.genes})
-        self.candidate = LiveCandidate(model, template, seed=config.search.merge_seed, device=config.device)
+        self.candidate = CompiledCandidate(model, self.space, seed=config.search.merge_seed, device=config.device)
         self.evaluator = Evaluator(model, tokenizer, config.fitness, self.run_dir)
         self.multi = config.search.sampler == "multi"
 
@@ -160,7 +159,7 @@ class Search:
     def _objective(self, trial: "optuna.Trial"):
         genome = {g.name: trial.suggest_float(g.name, g.low, g.high) for g in self.space.genes}
         try:
-            result = self._score(trial, self.space.decode(genome))
+            result = self._score(trial, genome)
         except Exception as exc:  # recorded as a failed trial with its reason; the search goes on
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
             raise
@@ -170,10 +169,10 @@ class Search:
             return [self._signed(name, value) for name, value in result.per_task.items()]
         return result.value
 
-    def _score(self, trial: "optuna.Trial", recipe: Recipe):
+    def _score(self, trial: "optuna.Trial", genome: dict[str, float]):
         """Materialise and score: the subset first, the full set only when promising."""
         started = time.perf_counter()
-        self.candidate.apply(recipe)
+        self.candidate.apply(genome)
         sync_weights(self.evaluator.lm)  # vllm: push into the engine; hf: nothing to do
         trial.set_user_attr("merge_seconds", time.perf_counter() - started)
         result = self.evaluator.score(full=False)

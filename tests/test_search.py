@@ -124,7 +124,7 @@ def test_export_equals_the_scored_candidate_bit_for_bit(tmp_path, small_pool):
     from evomerge.export import export_trial
     from evomerge.merge import run_merge
     from evomerge.recipe import load_recipe
-    from evomerge.search import Search, trial_recipe, write_run_folder
+    from evomerge.search import Search, write_run_folder
 
     torch.set_num_threads(1)
     run_dir = tmp_path / "run"
@@ -134,7 +134,7 @@ def test_export_equals_the_scored_candidate_bit_for_bit(tmp_path, small_pool):
     search.run(until=7, progress=False)
     trial = search.study.trials[-1]  # a CMA-ES proposal: densities < 1, so DARE masks are in play
     assert trial.state.name == "COMPLETE"
-    search.candidate.apply(trial_recipe(search.space, trial))
+    search.candidate.apply(trial.params)
     scored = {name: t.detach().clone() for name, t in search.candidate.targets.items()}
 
     export_trial(run_dir, tmp_path / "export", trial_number=trial.number)
