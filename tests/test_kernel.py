@@ -321,3 +321,11 @@ def test_the_merge_reports_an_inf_made_by_any_block():
             weight=[10.0], density=[1.0], normalize=False, rescale=False, lambda_=1.0
         )
         assert not finite and torch.isinf(merged[where]) and torch.isfinite(merged).sum() == base.numel() - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_gpu_self_check_passes_where_the_kernel_is_right(dtype):
+    """gpu_ready's comparison, run here against the C kernel (on a GPU it runs the Triton one)."""
+    from evomerge.kernel.task_vectors import self_check
+
+    assert self_check(torch.device("cpu"), dtype) == ""
