@@ -65,7 +65,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(params: float, dtype: torch.dtype, device: str, models: int = 3):
+def build(params: float, dtype: torch.dtype, device: str, method: str, models: int = 3):
+    """Resident inputs as the search holds them: one FusedTensor per tensor, with the live
+    model's parameter its result goes into."""
+    from evomerge.kernel.task_vectors import FusedTensor
     from evomerge.methods.registry import MergeInputs
     from evomerge.random_fields import UniformField
 
@@ -78,55 +81,60 @@ def build(params: float, dtype: torch.dtype, device: str, models: int = 3):
         sources = [(base.float() + torch.randn(shape, generator=generator) * 0.01).to(dtype) for _ in range(models)]
         base, sources = base.to(device), [s.to(device) for s in sources]
         inputs = MergeInputs(sources, base, f"model.layers.{t}.mlp.weight", UniformField(0, f"t{t}"))
-        inputs.reused = True
-        inputs.destination = torch.empty_like(base)  # the live model's parameter
         for i in range(models):  # what the search computes once, before its first trial
             inputs.delta(i)
-        jobs.append(inputs)
+        fused = FusedTensor(inputs, rule=METHODS[method]["rule"], consensus=METHODS[method]["consensus"], resident=True)
+        jobs.append((fused, torch.empty_like(base)))
     return jobs
 
 
-# each method as its registry entry runs it (task_arithmetic.py)
+# each method as its registry entry configures it (task_arithmetic.py)
 METHODS = {
     "dare_ties": dict(rule="random", consensus=True, normalize=False, rescale=True),
     "ties": dict(rule="magnitude", consensus=True, normalize=True, rescale=False),
 }
 
 
-def candidate(jobs, method: str, *, rng: torch.Generator, models: int = 3):
+def candidate(jobs, method: str, *, rng: torch.Generator, fused: bool, models: int = 3):
+    """One candidate: by the fused kernel into each live parameter, or by the torch code."""
     from evomerge.methods.task_arithmetic import task_vector_merge
 
-    for inputs in jobs:  # per-layer genes: every tensor gets its own weights and densities
+    options = METHODS[method]
+    for tensor, live in jobs:  # per-layer genes: every tensor gets its own weights and densities
         weight = (torch.rand(models, generator=rng) * 0.8 + 0.1).tolist()
         density = (torch.rand(models, generator=rng) * 0.6 + 0.3).tolist()
-        task_vector_merge(inputs, weight=weight, density=density, lambda_=1.0, **METHODS[method])
+        parameters = dict(weight=weight, density=density, lambda_=1.0, normalize=options["normalize"], rescale=options["rescale"])
+        if fused:
+            tensor.merge(**parameters, out=live)
+        else:
+            task_vector_merge(tensor.inputs, **parameters, rule=options["rule"], consensus=options["consensus"])
 
 
 def precompute(jobs, method: str, models: int = 3) -> tuple[float, int]:
     """What the search computes once per run for `method`: seconds, bytes kept. (bfloat16
     also finds each input's smallest nonzero magnitude, a float, for its fast path's gate.)"""
     start, kept = time.perf_counter(), 0
-    for inputs in jobs:
+    for tensor, _ in jobs:
         for i in range(models):
-            table = inputs.draw_l1_table(i) if method == "dare_ties" else inputs.magnitude_ranks(i)
+            table = tensor.draw_l1_table(i) if method == "dare_ties" else tensor.inputs.magnitude_ranks(i)
             kept += table.numel() * table.element_size()
-        if inputs.base.dtype == torch.bfloat16 and inputs.base.device.type == "cpu":
+        if tensor.inputs.base.dtype == torch.bfloat16 and tensor.inputs.base.device.type == "cpu":
             for i in range(models + 1):
-                inputs.min_magnitude(i)
-    sync(jobs[0].base.device)
+                tensor.min_magnitude(i)
+    sync(jobs[0][0].inputs.base.device)
     return time.perf_counter() - start, kept
 
 
-def timed(jobs, method: str, repeats: int, copy: CopyTimer) -> tuple[float, list[tuple[float, float]]]:
+def timed(jobs, method: str, repeats: int, copy: CopyTimer, *, fused: bool) -> tuple[float, list[tuple[float, float]]]:
     """Best seconds per candidate, and (seconds, copy GB/s just before) for every run."""
     rng = torch.Generator().manual_seed(1)
-    candidate(jobs, method, rng=rng)  # warm-up
+    candidate(jobs, method, rng=rng, fused=fused)  # warm-up
     runs = []
     for _ in range(repeats):
         copy_gbps = copy.run()
         start = time.perf_counter()
-        candidate(jobs, method, rng=rng)
-        sync(jobs[0].base.device)
+        candidate(jobs, method, rng=rng, fused=fused)
+        sync(jobs[0][0].inputs.base.device)
         runs.append((time.perf_counter() - start, copy_gbps))
     copy.run()
     return min(seconds for seconds, _ in runs), runs
@@ -146,21 +154,19 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     itemsize = torch.tensor([], dtype=dtype).element_size()
 
-    jobs = build(args.params, dtype, args.device)
-    numel = sum(j.delta(0).numel() for j in jobs)
+    jobs = build(args.params, dtype, args.device, args.method)
+    numel = sum(tensor.inputs.base.numel() for tensor, _ in jobs)
     per_source = itemsize if args.method == "dare_ties" else itemsize + 4
     moved = numel * (3 * per_source + 2 * itemsize)
     copy = CopyTimer(min(numel, 1 << 27), args.device)
 
-    from evomerge import kernel
+    from evomerge.kernel import task_vectors
 
-    kernel.library()  # built (or found in the cache) before anything is timed
+    base = jobs[0][0].inputs.base
+    applies = task_vectors.applies([base])  # the kernel built (or found in the cache) before anything is timed
     prepared, table_bytes = precompute(jobs, args.method)
-    fused, fused_runs = timed(jobs, args.method, args.repeats, copy) if kernel.applies([jobs[0].base]) else (float("nan"), [])
-    os.environ["EVOMERGE_KERNEL"] = "off"
-    kernel.library.cache_clear()
-    kernel.gpu_ready.cache_clear()
-    plain, _ = timed(jobs, args.method, args.torch_repeats, copy)
+    fused, fused_runs = timed(jobs, args.method, args.repeats, copy, fused=True) if applies else (float("nan"), [])
+    plain, _ = timed(jobs, args.method, args.torch_repeats, copy, fused=False)
     copy_gbps = copy.gbps
 
     print(f"{args.method} candidate, base + 3 sources, {numel / 1e6:.0f}M parameters per model, {args.dtype}, {args.threads} threads")

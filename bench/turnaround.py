@@ -1,13 +1,14 @@
 """Genome-to-score turnaround: in-memory candidates against write-to-disk-and-reload.
 
-    python bench/turnaround.py [--config configs/demo.yaml] [--repeats 3] [--threads 1]
+    python bench/turnaround.py [--config configs/demo.yaml] [--space NAME] [--repeats 3] [--threads 1]
                                [--params 0.5e9] [--skip-synthetic] [--skip-demo]
 
 Times one trial split into phases, for two ways of turning a genome into a scored model:
 
-  in-memory  `LiveCandidate.apply` (merge from resident inputs, each result written into the live
-             model in place), then `Evaluator.score` on that same model: what `evomerge search`
-             does.
+  in-memory  `CompiledCandidate.apply(genome)` (the space compiled once per run: the genome's
+             values written into the tensor jobs, each merged from resident inputs straight
+             into the live model's parameter, its finiteness checked in the same pass), then
+             `Evaluator.score` on that same model: what `evomerge search` does.
   on-disk    `run_merge` into a temporary folder, then `AutoModelForCausalLM.from_pretrained` of
              it and a new `Evaluator` (lm-eval tasks + HFLM), then `score`: what mergekit-evolve's
              on-disk mode does (its `simple_evaluate` call rebuilds the tasks every trial too).
@@ -76,37 +77,29 @@ def random_genomes(space, count: int, seed: int) -> list[dict[str, float]]:
     return [{g.name: rng.uniform(g.low, g.high) for g in space.genes} for _ in range(count)]
 
 
-def apply_timed(candidate, recipe) -> dict[str, float]:
-    """`LiveCandidate.apply` with its steps timed apart: merge (which includes check), swap.
+def apply_timed(candidate, genome) -> dict[str, float]:
+    """`CompiledCandidate.apply` with its steps timed apart: merge (the parameters filled in,
+    then the kernel's pass, which also finds whether the result is finite, or the method's
+    torch code) and swap (where the result is not in the live parameter yet: the copy there,
+    which checks finiteness as it goes).
 
-    The same steps as `apply` (plan, merge each tensor, check it is finite, copy it into the
-    live parameter unless the kernel wrote it there); the callers also time `apply` itself as
-    a cross-check."""
-    import torch
-
+    The same steps as `apply` (`PreparedTensor.run_into`); the callers also time `apply`
+    itself as a cross-check."""
     from evomerge.candidate import CandidateError
-    from evomerge.merge import all_finite, run_method
-    from evomerge.plan import plan_merge
+    from evomerge.kernel.cpu import copy_finite
 
-    merge = check = swap = 0.0
-    started = time.perf_counter()
-    plan = plan_merge(recipe, checkpoints=candidate.checkpoints)
-    with torch.no_grad():
-        for job in plan.jobs:
-            merged = run_method(plan, job, candidate.inputs[job.out_name])
-            checking = time.perf_counter()
-            if not all_finite(merged):
-                raise CandidateError(f"the merged tensor {job.out_name!r} has NaN or Inf values")
-            copying = time.perf_counter()
-            target = candidate.targets[job.out_name]
-            if merged is not target:
-                target.copy_(merged)
-            done = time.perf_counter()
-            merge += copying - started
-            check += copying - checking
-            swap += done - copying
-            started = done
-    return {"merge": merge, "check": check, "swap": swap}
+    merge = swap = 0.0
+    for job in candidate.jobs:
+        started = time.perf_counter()
+        merged, finite = job.tensor.run(job.parameters(genome), out=job.target)
+        copying = time.perf_counter()
+        if merged is not job.target:
+            finite = copy_finite(merged, job.target)
+        merge += copying - started
+        swap += time.perf_counter() - copying
+        if not finite:
+            raise CandidateError(f"the merged tensor {job.name!r} has NaN or Inf values")
+    return {"merge": merge, "swap": swap}
 
 
 def read_all(tensors) -> float:
@@ -143,9 +136,9 @@ def bench_demo(config, repeats: int, root: Path) -> tuple[Timings, Timings, dict
     seed = config.search.merge_seed
     genomes = random_genomes(search.space, repeats + 1, seed=0)
 
-    def in_memory(recipe) -> tuple[float, dict]:
-        phases = apply_timed(search.candidate, recipe)
-        _, apply = timed(search.candidate.apply, recipe)
+    def in_memory(genome) -> tuple[float, dict]:
+        phases = apply_timed(search.candidate, genome)
+        _, apply = timed(search.candidate.apply, genome)
         result, score = timed(search.evaluator.score, full=False)
         return result.value, {**phases, "score": score, "apply": apply}
 
@@ -173,9 +166,8 @@ def bench_demo(config, repeats: int, root: Path) -> tuple[Timings, Timings, dict
     mem, disk = Timings(), Timings()
     mismatches = []
     for i, genome in enumerate(genomes):
-        recipe = search.space.decode(genome)
-        value_mem, t_mem = in_memory(recipe)
-        value_disk, t_disk = on_disk(recipe)
+        value_mem, t_mem = in_memory(genome)
+        value_disk, t_disk = on_disk(search.space.decode(genome))
         if value_mem != value_disk:
             mismatches.append((i, value_mem, value_disk))
         if i > 0:  # genome 0 warms both paths up
@@ -200,7 +192,7 @@ def bench_synthetic(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from evomerge.candidate import LiveCandidate
+    from evomerge.candidate import CompiledCandidate
     from evomerge.merge import run_merge
     from evomerge.space import SearchSpace, load_space
 
@@ -218,19 +210,17 @@ def bench_synthetic(
     )
     started = time.perf_counter()
     live = AutoModelForCausalLM.from_pretrained(folders["base"], dtype=torch.bfloat16).eval()
-    template = space.decode({g.name: (g.low + g.high) / 2 for g in space.genes})
-    candidate = LiveCandidate(live, template, seed=0)
+    candidate = CompiledCandidate(live, space, seed=0)
     setup = time.perf_counter() - started
     genomes = random_genomes(space, repeats + 1, seed=0)
 
     mem, disk = Timings(), Timings()
     mismatches = []
     for i, genome in enumerate(genomes):
-        recipe = space.decode(genome)
-        phases = apply_timed(candidate, recipe)
-        _, apply = timed(candidate.apply, recipe)
+        phases = apply_timed(candidate, genome)
+        _, apply = timed(candidate.apply, genome)
         folder = root / "merged"
-        _, merge_write = timed(run_merge, recipe, folder, seed=0, force=True)
+        _, merge_write = timed(run_merge, space.decode(genome), folder, seed=0, force=True)
         reloaded, load = timed(AutoModelForCausalLM.from_pretrained, folder, dtype=torch.bfloat16)
         # transformers keeps a checkpoint whose dtype matches memory-mapped, so part of the
         # reload is paid at first use; time one read of every weight on both models.
@@ -280,6 +270,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--params", type=float, default=0.5e9, help="synthetic parameters per model"
     )
+    parser.add_argument("--space", help="a search space in place of the config's (e.g. dare_ties_layers)")
     parser.add_argument("--skip-synthetic", action="store_true")
     parser.add_argument("--skip-demo", action="store_true")
     parser.add_argument(
@@ -300,6 +291,8 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     config = load_run_config(args.config).model_copy(update={"threads": args.threads})
+    if args.space:
+        config = config.model_copy(update={"space": args.space})
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="evomerge-turnaround-", dir=args.workdir))
@@ -327,7 +320,8 @@ def main(argv=None) -> None:
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; run took {time.perf_counter() - started:.0f} s"
     )
     print(
-        "in-memory: merge = plan + merge + finite check (as apply does), swap = in-place copy into the live model (none where the kernel wrote there)"
+        "in-memory: merge = parameters from the genome + merge (the kernel finds finiteness in its pass), "
+        "swap = checked copy into the live model (none where the kernel wrote there)"
     )
     print(
         "on-disk:   merge = run_merge to a folder (read sources, merge, write), "
@@ -357,10 +351,8 @@ def main(argv=None) -> None:
             f"{disk.median('tasks'):.3f} s new Evaluator (tasks + HFLM)"
         )
         print(
-            f"  in-memory merge includes {mem.median('check'):.4f} s of the finiteness check"
-        )
-        print(
-            f"  LiveCandidate.apply itself (cross-check of merge+swap): {mem.median('apply'):.4f} s"
+            f"  per-trial non-scoring work in memory, CompiledCandidate.apply(genome) itself "
+            f"(no decode, no plan; cross-check of merge+swap): {mem.median('apply'):.4f} s"
         )
         check = (
             "same score on both paths for every genome"
@@ -374,14 +366,11 @@ def main(argv=None) -> None:
         print(
             f"synthetic: {syn['params'] / 1e9:.2f}B parameters (bf16, {syn['layers']} layers, "
             f"hidden {syn['hidden']}), base + 2, {syn['genes']} genes; wrote models in "
-            f"{syn['write']:.0f} s, live model + LiveCandidate set-up {syn['setup']:.1f} s; no scoring"
+            f"{syn['write']:.0f} s, live model + CompiledCandidate set-up {syn['setup']:.1f} s; no scoring"
         )
         print(f"  ratio on-disk / in-memory, merge+swap:   {disk_ms / mem_ms:6.2f}x")
         print(
-            f"  in-memory merge includes {smem.median('check'):.4f} s of the finiteness check"
-        )
-        print(
-            f"  LiveCandidate.apply itself (cross-check of merge+swap): {smem.median('apply'):.3f} s"
+            f"  CompiledCandidate.apply(genome) itself (cross-check of merge+swap): {smem.median('apply'):.3f} s"
         )
         print(
             f"  on-disk first read of every weight costs {sdisk.median('touch'):.3f} s more than on the "

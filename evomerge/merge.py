@@ -1,8 +1,10 @@
 """Executing a merge plan: read the inputs of one tensor, merge, hand the result on.
 
-`merged_tensors` is the single place where a tensor job becomes a tensor; the plain
-`evomerge merge` command streams its output to disk, and the search calls the same code so
-that what was scored is what ships.
+`PreparedTensor` is the single place where a tensor's inputs and parameters become a tensor:
+it runs the fused kernel where it takes the merge (the task-vector family, evomerge/kernel)
+and the method's own torch code otherwise. The plain `evomerge merge` command streams its
+output to disk (`merged_tensors`), and the search's candidates (evomerge/candidate.py) call the
+same code, so that what was scored is what ships.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from evomerge import __version__
 from evomerge.errors import UserError
-from evomerge.methods.registry import MergeInputs, abs_peak
+from evomerge.methods.registry import MergeInputs, MergeMethod
 from evomerge.plan import MergePlan, TensorJob, plan_merge
 from evomerge.recipe import Recipe
 
@@ -63,39 +65,64 @@ def merge_dtype(plan: MergePlan, dtypes: list["torch.dtype"]) -> "torch.dtype":
 
 def load_inputs(plan: MergePlan, job: TensorJob, *, seed: int, device: str = "cpu") -> MergeInputs:
     """Read one job's tensors, check they are finite, cast to the merge dtype, on `device`."""
+    from evomerge.kernel.cpu import peak
     from evomerge.random_fields import UniformField
 
     refs = list(job.inputs) + ([job.base] if job.base else [])
     tensors = [plan.checkpoints[r.model].tensor(r.name) for r in refs]
-    peaks = [abs_peak(t) if t.is_floating_point() else None for t in tensors]
-    for ref, peak in zip(refs, peaks):
-        if peak is not None and not math.isfinite(peak):
+    peaks = [peak(t) if t.is_floating_point() else None for t in tensors]
+    for ref, value in zip(refs, peaks):
+        if value is not None and not math.isfinite(value):
             raise UserError(
                 f"model {ref.model!r} has NaN or Inf values in tensor {ref.name!r}; "
                 "refusing to merge a broken checkpoint"
             )
     dtype = merge_dtype(plan, [t.dtype for t in tensors])
-    peaks = [peak if t.dtype == dtype else None for t, peak in zip(tensors, peaks)]  # a cast may round
+    peaks = [value if t.dtype == dtype else None for t, value in zip(tensors, peaks)]  # a cast may round
     tensors = [t.to(device=device, dtype=dtype) for t in tensors]
     base = tensors.pop() if job.base else None
     field = UniformField(seed, job.out_name) if plan.method.randomized else None
     return MergeInputs(models=tensors, base=base, tensor_name=job.out_name, field=field, peaks=peaks)
 
 
-def all_finite(tensor: "torch.Tensor") -> bool:
-    """No NaN or Inf (one pass)."""
-    return tensor.numel() == 0 or math.isfinite(abs_peak(tensor))
+class PreparedTensor:
+    """One output tensor's inputs, read once, ready to be merged with any parameters.
 
+    Lifecycle: prepare once (the inputs read, and where the fused kernel takes this merge, the
+    kernel's state made for them), then `run` once per merge. `resident` says that it will be
+    merged many times (the search, once per trial): the kernel then keeps what does not change
+    between merges (task vectors, magnitude ranks, DARE's draw tables); a plain merge runs once
+    and keeps nothing.
+    """
 
-def run_method(plan: MergePlan, job: TensorJob, inputs: MergeInputs) -> "torch.Tensor":
-    """Apply the plan's method to one tensor's inputs with the job's parameters."""
-    import torch
+    def __init__(self, method: MergeMethod, inputs: MergeInputs, *, resident: bool):
+        from evomerge.kernel import task_vectors
 
-    with torch.no_grad():
-        try:
-            return plan.method.merge(inputs, **job.kwargs)
-        except ValueError as exc:  # a method's refusal of these inputs, e.g. della bounds
-            raise UserError(f"{plan.method.name} cannot merge {job.out_name!r}: {exc}") from None
+        self.method, self.inputs = method, inputs
+        self.fused = task_vectors.prepare(method, inputs, resident=resident)
+
+    def run(self, kwargs: dict[str, Any], *, out: Optional["torch.Tensor"] = None) -> tuple["torch.Tensor", Optional[bool]]:
+        """The merged tensor (written into `out` where the kernel can write there) and whether
+        it is finite, where the kernel found that in its pass (None where the method ran)."""
+        import torch
+
+        with torch.no_grad():
+            try:
+                if self.fused is not None:
+                    return self.fused.merge(**kwargs, out=out)
+                return self.method.merge(self.inputs, **kwargs), None
+            except ValueError as exc:  # a method's refusal of these inputs, e.g. della bounds
+                raise UserError(f"{self.method.name} cannot merge {self.inputs.tensor_name!r}: {exc}") from None
+
+    def run_into(self, kwargs: dict[str, Any], target: "torch.Tensor") -> bool:
+        """Merge into `target` (a live model's parameter); whether every value is finite, found
+        in the kernel's pass or in the copy into `target`: never in a pass of its own."""
+        from evomerge.kernel.cpu import copy_finite
+
+        merged, finite = self.run(kwargs, out=target)
+        if merged is not target:
+            finite = copy_finite(merged, target)
+        return finite
 
 
 def merged_tensors(
@@ -107,13 +134,12 @@ def merged_tensors(
     destinations: Optional[Callable[[], "torch.Tensor"]] = None,
 ) -> Iterator[tuple[str, "torch.Tensor"]]:
     """(name, tensor) for every output tensor, cast to `out_dtype` if given. `destinations()`
-    offers a buffer for the next result (methods that can write in place do)."""
+    offers a buffer for the next result (the fused kernel writes into it)."""
     cast = torch_dtype(out_dtype or plan.recipe.out_dtype)
     for job in plan.jobs:
-        inputs = load_inputs(plan, job, seed=seed, device=device)
-        if destinations is not None and cast is None and device == "cpu":
-            inputs.destination = destinations()
-        result = run_method(plan, job, inputs)
+        tensor = PreparedTensor(plan.method, load_inputs(plan, job, seed=seed, device=device), resident=False)
+        out = destinations() if destinations is not None and cast is None and device == "cpu" else None
+        result, _ = tensor.run(job.kwargs, out=out)
         yield job.out_name, result if cast is None else result.to(cast)
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from evomerge.candidate import CandidateError, LiveCandidate
+from evomerge.candidate import CandidateError, CompiledCandidate
 from evomerge.config import RunConfig
 from evomerge.fitness.backends import sync_weights
 from evomerge.run_folder import build_space
@@ -63,8 +63,7 @@ class Search:
         self.workers = Coordinator(interval=config.search.heartbeat_seconds, grace=config.search.grace_seconds)
         self.worker = worker_name()
         model, tokenizer = load_eval_model(config)
-        template = self.space.decode({g.name: (g.low + g.high) / 2 for g in self.space.genes})
-        self.candidate = LiveCandidate(model, template, seed=config.search.merge_seed, device=config.device)
+        self.candidate = CompiledCandidate(model, self.space, seed=config.search.merge_seed, device=config.device)
         self.evaluator = Evaluator(model, tokenizer, config.fitness, self.run_dir)
         self.per_task = config.search.objectives == "per_task"
 
@@ -107,9 +106,8 @@ class Search:
             with self.workers.beating(trial):
                 trial.set_user_attr("worker", self.worker)
                 genome = {g.name: trial.suggest_float(g.name, g.low, g.high) for g in self.space.genes}
-                recipe = self.space.decode(genome)
                 started = time.perf_counter()
-                self.candidate.apply(recipe)
+                self.candidate.apply(genome)
                 sync_weights(self.evaluator.lm)  # vllm: push into the engine; hf: nothing to do
                 trial.set_user_attr("merge_seconds", time.perf_counter() - started)
                 values = self._score(trial, trials)

@@ -12,15 +12,16 @@ import subprocess
 import pytest
 import torch
 
-from evomerge import kernel
+from evomerge.kernel import cpu
+from evomerge.kernel.task_vectors import DRAW_TABLE_MIN, NORMAL_FLOOR, FusedTensor
 from evomerge.methods.registry import MergeInputs
-from evomerge.methods.task_arithmetic import _fused, combine, sparsified_delta
+from evomerge.methods.task_arithmetic import combine, sparsified_delta
 from evomerge.random_fields import UniformField
 
-pytestmark = pytest.mark.skipif(kernel.library() is None, reason="no C compiler to build the kernel")
+pytestmark = pytest.mark.skipif(cpu.library() is None, reason="no C compiler to build the kernel")
 
 
-def make_inputs(dtype: torch.dtype, models: int = 3, shape=(61, 97), seed: int = 0, reused=False) -> MergeInputs:
+def make_inputs(dtype: torch.dtype, models: int = 3, shape=(61, 97), seed: int = 0) -> MergeInputs:
     generator = torch.Generator().manual_seed(seed)
     base = torch.randn(shape, generator=generator)
     tensors = []
@@ -33,9 +34,20 @@ def make_inputs(dtype: torch.dtype, models: int = 3, shape=(61, 97), seed: int =
         tensors[-1][0, :5] = -0.0  # a base of -0 with nothing added: sums of -0 must give +0 (as torch's do)
     base[0, :5] = -0.0
     # bf16 rounding makes many |delta| equal: stable-rank tie-breaking is exercised too
-    inputs = MergeInputs(models=tensors, base=base.to(dtype), tensor_name="layers.0.w", field=UniformField(7, "layers.0.w"))
-    inputs.reused = reused  # reused: magnitude ranks cached; one-shot: radix select
-    return inputs
+    return MergeInputs(models=tensors, base=base.to(dtype), tensor_name="layers.0.w", field=UniformField(7, "layers.0.w"))
+
+
+def fused(inputs, weight, density, *, resident, rule, consensus, **options) -> torch.Tensor:
+    """The kernel's merge; its finiteness flag checked against the result's own values.
+    resident: stored task vectors, cached ranks and draw tables (the search); else one-shot."""
+    fused_tensor = FusedTensor(inputs, rule=rule, consensus=consensus, resident=resident)
+    return fused_tensor_merge(fused_tensor, weight, density, **options)
+
+
+def fused_tensor_merge(fused_tensor: FusedTensor, weight, density, **options) -> torch.Tensor:
+    got, finite = fused_tensor.merge(weight=weight, density=density, **options)
+    assert finite == bool(torch.isfinite(got).all())
+    return got
 
 
 def torch_path(inputs, weight, density, *, rule, rescale, consensus, normalize, lambda_):
@@ -47,7 +59,7 @@ def torch_path(inputs, weight, density, *, rule, rescale, consensus, normalize, 
 
 CASES = list(
     itertools.product(
-        [False, True],  # inputs reused across trials (the search) or merged once
+        [False, True],  # resident: inputs kept across trials (the search), or merged once
         [torch.float32, torch.bfloat16, torch.float16],
         [None, "magnitude", "random"],
         [True, False],  # consensus
@@ -57,14 +69,14 @@ CASES = list(
 )
 
 
-@pytest.mark.parametrize("reused,dtype,rule,consensus,normalize,rescale", CASES)
-def test_kernel_matches_torch_ops(reused, dtype, rule, consensus, normalize, rescale):
-    check_kernel_matches_torch_ops(reused, dtype, rule, consensus, normalize, rescale)
+@pytest.mark.parametrize("resident,dtype,rule,consensus,normalize,rescale", CASES)
+def test_kernel_matches_torch_ops(resident, dtype, rule, consensus, normalize, rescale):
+    check_kernel_matches_torch_ops(resident, dtype, rule, consensus, normalize, rescale)
 
 
-def check_kernel_matches_torch_ops(reused, dtype, rule, consensus, normalize, rescale):
+def check_kernel_matches_torch_ops(resident, dtype, rule, consensus, normalize, rescale):
     # 61 x 97 elements: 23 whole blocks of 256 and a last one of 29 (not a multiple of 8)
-    inputs = make_inputs(dtype, reused=reused)
+    inputs = make_inputs(dtype)
     for weight, density, lambda_ in (
         ([0.3, 0.5, 0.2], [0.5, 0.7, 0.3], 1.0),
         ([1.0, -0.4, 0.7], [1.0, 0.2, 0.9], 0.8),  # a negative weight flips a model's vote
@@ -74,7 +86,7 @@ def check_kernel_matches_torch_ops(reused, dtype, rule, consensus, normalize, re
     ):
         options = dict(rule=rule, rescale=rescale, consensus=consensus, normalize=normalize, lambda_=lambda_)
         expected = torch_path(inputs, weight, density, **options)
-        got = _fused(inputs, weight, density, **options)
+        got = fused(inputs, weight, density, resident=resident, **options)
         assert got.dtype == expected.dtype
         assert torch.equal(bits(got), bits(expected)), (weight, density)
 
@@ -83,29 +95,26 @@ def check_kernel_matches_torch_ops(reused, dtype, rule, consensus, normalize, re
 @pytest.mark.parametrize("consensus", [True, False])  # dare_ties, dare_linear
 def test_dare_rescale_from_the_draw_table_matches_torch_ops(dtype, consensus):
     """The search's large tensors take DARE's L1 sums from a table built once, not a pass."""
-    from evomerge.methods.task_arithmetic import DRAW_TABLE_MIN
-
-    inputs = make_inputs(dtype, reused=True, shape=(1024, DRAW_TABLE_MIN // 1024 + 3))
+    inputs = make_inputs(dtype, shape=(1024, DRAW_TABLE_MIN // 1024 + 3))
+    resident = FusedTensor(inputs, rule="random", consensus=consensus, resident=True)
     for density in ([0.5, 0.7, 0.3], [0.11, 1.0, 0.999], [0.0, 1 / 65536, 0.42]):
-        options = dict(rule="random", rescale=True, consensus=consensus, normalize=False, lambda_=1.0)
-        expected = torch_path(inputs, [0.3, 0.5, 0.2], density, **options)
-        got = _fused(inputs, [0.3, 0.5, 0.2], density, **options)
+        options = dict(rescale=True, normalize=False, lambda_=1.0)
+        expected = torch_path(inputs, [0.3, 0.5, 0.2], density, rule="random", consensus=consensus, **options)
+        got = fused_tensor_merge(resident, [0.3, 0.5, 0.2], density, **options)
         assert torch.equal(bits(got), bits(expected)), density
-    assert all(("l1_table", i) in inputs._memo for i in range(3))  # the table path ran
+    assert sorted(resident._draw_tables) == [0, 1, 2]  # the table path ran
 
 
 def test_the_fast_bfloat16_path_is_asked_for_only_where_no_value_can_be_subnormal():
-    from evomerge.methods.task_arithmetic import NORMAL_FLOOR, _subnormal_free
-
-    def ask(scale, weight, *, smallest_tau=2.0**-95, smallest_base=1.0, dtype=torch.bfloat16, reused=True):
+    def ask(scale, weight, *, smallest_tau=2.0**-95, smallest_base=1.0, dtype=torch.bfloat16, resident=True):
         base = torch.ones(64)
         base[3], base[5] = 0.0, smallest_base
         tau = torch.full((64,), 0.5)
         tau[3] = smallest_tau  # where the base is 0, so that base + tau keeps it
         inputs = MergeInputs(models=[(base + tau).to(dtype)], base=base.to(dtype), tensor_name="w")
-        inputs.reused = reused
-        assert inputs.min_magnitude(0) == smallest_tau and inputs.min_magnitude(1) == smallest_base
-        return _subnormal_free(inputs, torch.tensor([scale]), torch.tensor([weight]))
+        fused_tensor = FusedTensor(inputs, rule="random", consensus=True, resident=resident)
+        assert fused_tensor.min_magnitude(0) == smallest_tau and fused_tensor.min_magnitude(1) == smallest_base
+        return fused_tensor.subnormal_free(torch.tensor([scale]), torch.tensor([weight]))
 
     assert NORMAL_FLOOR == 2.0**-99
     assert ask(1.0, 2.0**-4)  # 2^-95 * 2^-4 = 2^-99, the least it takes
@@ -114,7 +123,7 @@ def test_the_fast_bfloat16_path_is_asked_for_only_where_no_value_can_be_subnorma
     assert ask(3.0, -1.0) and ask(1.0, 0.0)  # larger factors and weights; a zero weight adds zeros
     assert not ask(1.0, 1.0, smallest_base=2.0**-100)  # the base plus a term might be subnormal
     assert not ask(1.0, 1.0, dtype=torch.float32)  # float32 has no such path
-    assert not ask(1.0, 1.0, reused=False)  # a plain merge reads each input once: no pass for its smallest magnitudes
+    assert not ask(1.0, 1.0, resident=False)  # a plain merge reads each input once: no pass for its smallest magnitudes
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +133,8 @@ def bits(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("numel", [1, 7, 5000, (1 << 22) + 3])  # the last spans two hash chunks
 def test_inline_draws_and_magnitude_cut_match_the_torch_definitions(dtype, numel):
-    from evomerge.kernel import KeepRule, TaskVector, abs_sums
+    from evomerge.kernel.cpu import abs_sums, top_magnitudes
+    from evomerge.kernel.rules import KeepRule, TaskVector
     from evomerge.methods.sparsify import magnitude_ranks
     from evomerge.random_fields import keep_threshold
 
@@ -147,10 +157,10 @@ def test_inline_draws_and_magnitude_cut_match_the_torch_definitions(dtype, numel
     sub_ranks = magnitude_ranks(subtracted)
     for k in sorted({0, 1, numel // 3, numel - 1, numel}):
         expected = int(((ranks < k) * (delta.double().abs() * 2.0**30).floor()).sum())
-        assert abs_sums([TaskVector(delta)], [KeepRule.top_magnitudes(TaskVector(delta), k)], [2.0**30])[0][0][0] == expected
+        assert abs_sums([TaskVector(delta)], [top_magnitudes(TaskVector(delta), k)], [2.0**30])[0][0][0] == expected
         expected = int(((sub_ranks < k) * (subtracted.double().abs() * 2.0**30).floor()).sum())
         tau = TaskVector(model, base)
-        assert abs_sums([tau], [KeepRule.top_magnitudes(tau, k)], [2.0**30])[0][0][0] == expected
+        assert abs_sums([tau], [top_magnitudes(tau, k)], [2.0**30])[0][0][0] == expected
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -160,32 +170,32 @@ def test_draw_l1_table_matches_the_torch_definition(dtype):
     delta = (torch.randn((1 << 22) + 1001) * 0.01).to(dtype)  # two hash chunks, a ragged block
     field = UniformField(3, "w")
     expected = draw_l1_table(delta, field, 2, 45)
-    assert torch.equal(kernel.draw_l1_table(delta, field.hash_key(2), 2.0**45), expected)
+    assert torch.equal(cpu.draw_l1_table(delta, field.hash_key(2), 2.0**45), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_abs_peak_is_the_largest_magnitude_and_sees_every_nan_and_inf(dtype):
     x = torch.randn(300_000).to(dtype)  # above the kernel's threshold for threads
     x[123] = -7.5
-    assert kernel.abs_peak(x) == 7.5
+    assert cpu.abs_peak(x) == 7.5
     for bad in (float("nan"), float("inf"), float("-inf")):
         y = x.clone()
         y[7777] = bad
-        peak = kernel.abs_peak(y)
+        peak = cpu.abs_peak(y)
         assert math.isnan(peak) if math.isnan(bad) else peak == math.inf
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_min_magnitude_is_the_smallest_nonzero_one(dtype):
     x = torch.zeros((1 << 19) + 3, dtype=dtype)  # several threads' shares
-    assert kernel.min_magnitude(x) == math.inf  # nothing nonzero
+    assert cpu.min_magnitude(x) == math.inf  # nothing nonzero
     smallest = torch.finfo(dtype).smallest_normal / 4  # a subnormal
     x[::1000] = 3.0
     x[77_777] = -smallest
     x[-1] = -0.5
-    assert kernel.min_magnitude(x) == smallest
+    assert cpu.min_magnitude(x) == smallest
     x[77_777] = 0.0
-    assert kernel.min_magnitude(x) == 0.5
+    assert cpu.min_magnitude(x) == 0.5
 
 
 def test_kernel_is_the_same_with_any_thread_count():
@@ -194,9 +204,9 @@ def test_kernel_is_the_same_with_any_thread_count():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = _fused(inputs, [0.4, 0.4, 0.4], [0.5, 0.5, 0.5], **options)
+        one = fused(inputs, [0.4, 0.4, 0.4], [0.5, 0.5, 0.5], resident=False, **options)
         torch.set_num_threads(2)
-        two = _fused(inputs, [0.4, 0.4, 0.4], [0.5, 0.5, 0.5], **options)
+        two = fused(inputs, [0.4, 0.4, 0.4], [0.5, 0.5, 0.5], resident=False, **options)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
@@ -216,29 +226,28 @@ def check_every_finite_value(dtype):
     inputs = MergeInputs(models=models, base=torch.zeros_like(every), tensor_name="w", field=UniformField(5, "w"))
     plain = dict(rule=None, rescale=False, consensus=False, normalize=False)
     for weight, lambda_ in (([1.0, 0.0], 1.0), ([0.7, 0.3], 1.0), ([0.55, 0.45], 0.9), ([3.0, -2.5], 1.0)):
-        check_same_finite_bits(inputs, weight, [1.0, 1.0], **plain, lambda_=lambda_)
+        check_same_finite_bits(inputs, weight, [1.0, 1.0], **plain, lambda_=lambda_, resident=False)
     # dare_ties over stored task vectors large enough for draw tables: the search's hot path,
     # which for bfloat16 on CPUs with AVX512_BF16 takes a path of its own where no value can
     # be subnormal: not so with every value, but so without the magnitudes below 2^-90
-    from evomerge.methods.task_arithmetic import DRAW_TABLE_MIN, _subnormal_free
-
     dare_ties = dict(rule="random", rescale=True, consensus=True, normalize=False, lambda_=1.0)
     for values in (every, every[every.float().abs() >= 2.0**-90]):
         copies = DRAW_TABLE_MIN // values.numel() + 1
         models = [torch.cat([m.roll(c * 101) for c in range(copies)]) for m in (values, values.flip(0))]
         base = models[0].roll(7)
         inputs = MergeInputs(models=models, base=base, tensor_name="w", field=UniformField(5, "w"))
-        inputs.reused = True
+        resident = FusedTensor(inputs, rule="random", consensus=True, resident=True)
         for weight in ([0.7, 0.3], [3.0, -2.5], [1e-30, 0.5]):  # 1e-30: products near the subnormals
-            check_same_finite_bits(inputs, weight, [0.6, 0.9], **dare_ties)
-        assert ("l1_table", 0) in inputs._memo  # the table path ran
-        fast = _subnormal_free(inputs, torch.ones(2), torch.tensor([0.7, 0.3]).to(dtype))
+            check_same_finite_bits(inputs, weight, [0.6, 0.9], **dare_ties, fused_tensor=resident)
+        assert 0 in resident._draw_tables  # the table path ran
+        fast = resident.subnormal_free(torch.ones(2), torch.tensor([0.7, 0.3]).to(dtype))
         assert fast == (dtype == torch.bfloat16 and values is not every)
 
 
-def check_same_finite_bits(inputs, weight, density, **options):
-    expected = torch_path(inputs, weight, density, **options)
-    got = _fused(inputs, weight, density, **options)
+def check_same_finite_bits(inputs, weight, density, *, rule, consensus, resident=False, fused_tensor=None, **options):
+    expected = torch_path(inputs, weight, density, rule=rule, consensus=consensus, **options)
+    fused_tensor = fused_tensor or FusedTensor(inputs, rule=rule, consensus=consensus, resident=resident)
+    got = fused_tensor_merge(fused_tensor, weight, density, **options)
     finite = torch.isfinite(expected)
     assert torch.equal(torch.isfinite(got), finite)
     assert torch.equal(bits(got)[finite], bits(expected)[finite]), (weight, options)
@@ -262,9 +271,9 @@ def other_x86_library(request, tmp_path_factory):
     built = tmp_path_factory.mktemp("kernel") / f"tv_merge_{request.param}.so"
     compiler = shutil.which("cc") or shutil.which("gcc")
     flag, dtype = OTHER_X86_BUILDS[request.param]
-    subprocess.run([compiler, *kernel.FLAGS, flag, str(kernel.SOURCE), "-o", str(built), "-lm"], check=True)
+    subprocess.run([compiler, *cpu.FLAGS, flag, str(cpu.SOURCE), "-o", str(built), "-lm"], check=True)
     library = ctypes.CDLL(str(built))
-    kernel._declare(library)
+    cpu.declare(library)
     return library, dtype
 
 
@@ -272,15 +281,51 @@ def other_x86_library(request, tmp_path_factory):
 def other_x86_kernel(other_x86_library, monkeypatch):
     """The build, in place of the library; the dtype it concerns."""
     library, dtype = other_x86_library
-    monkeypatch.setattr(kernel, "library", lambda: library)
+    monkeypatch.setattr(cpu, "library", lambda: library)
     return dtype
 
 
-@pytest.mark.parametrize("reused,rule,consensus,normalize,rescale", [c[:1] + c[2:] for c in CASES if c[1] == torch.float16])
-def test_other_x86_builds_match_torch_ops(other_x86_kernel, reused, rule, consensus, normalize, rescale):
-    check_kernel_matches_torch_ops(reused, other_x86_kernel, rule, consensus, normalize, rescale)
+@pytest.mark.parametrize("resident,rule,consensus,normalize,rescale", [c[:1] + c[2:] for c in CASES if c[1] == torch.float16])
+def test_other_x86_builds_match_torch_ops(other_x86_kernel, resident, rule, consensus, normalize, rescale):
+    check_kernel_matches_torch_ops(resident, other_x86_kernel, rule, consensus, normalize, rescale)
 
 
 def test_other_x86_builds_round_every_value_like_torch(other_x86_kernel):
     check_every_finite_value(other_x86_kernel)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_copy_finite_copies_and_sees_every_nan_and_inf(dtype):
+    x = torch.randn((1 << 19) + 5).to(dtype)  # several threads' shares, a ragged end
+    out = torch.empty_like(x)
+    assert cpu.copy_finite(x, out) and torch.equal(out, x)
+    for where in (0, 77_777, x.numel() - 1):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            y = x.clone()
+            y[where] = bad
+            assert not cpu.copy_finite(y, out)
+            assert torch.equal(out.view(torch.uint8), y.view(torch.uint8))
+    assert not cpu.copy_finite(torch.tensor([float("inf")]), torch.empty(1, dtype=torch.float64))  # torch's copy
+
+
+def test_the_merge_reports_an_inf_made_by_any_block():
+    """The kernel's finiteness flag comes from its own pass: one overflowing element in any
+    block (the last one ragged) is enough."""
+    base = torch.zeros(3 * 256 + 7, dtype=torch.bfloat16)
+    for where in (0, 300, base.numel() - 1):
+        model = torch.ones_like(base)
+        model[where] = 3e38
+        inputs = MergeInputs(models=[model], base=base, tensor_name="w")
+        merged, finite = FusedTensor(inputs, rule=None, consensus=False, resident=False).merge(
+            weight=[10.0], density=[1.0], normalize=False, rescale=False, lambda_=1.0
+        )
+        assert not finite and torch.isinf(merged[where]) and torch.isfinite(merged).sum() == base.numel() - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_gpu_self_check_passes_where_the_kernel_is_right(dtype):
+    """gpu_ready's comparison, run here against the C kernel (on a GPU it runs the Triton one)."""
+    from evomerge.kernel.task_vectors import self_check
+
+    assert self_check(torch.device("cpu"), dtype) == ""

@@ -3,8 +3,8 @@
 On a CUDA GPU it runs there (the inputs are copied to the GPU, the results compared on the
 CPU); without one it runs in Triton's CPU interpreter (tests/conftest.py), which executes the same
 kernel code with numpy: the integer rounding, the hash, the order of every float operation and
-the exact L1 sums are what is checked here. On a GPU, kernel.gpu_ready repeats a check like
-this against the CPU before the kernel is used.
+the exact L1 sums are what is checked here, and the finiteness each merge reports. On a GPU,
+task_vectors.gpu_ready repeats a check like this against the CPU before the kernel is used.
 """
 
 import itertools
@@ -14,12 +14,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from evomerge import kernel  # noqa: E402
-from evomerge.kernel import KeepRule, TaskVector, triton_merge  # noqa: E402
+from evomerge.kernel import cpu, triton_merge  # noqa: E402
+from evomerge.kernel.rules import KeepRule, TaskVector  # noqa: E402
 from evomerge.methods.sparsify import magnitude_ranks  # noqa: E402
 from evomerge.random_fields import UniformField, keep_threshold  # noqa: E402
 
-pytestmark = pytest.mark.skipif(kernel.library() is None, reason="the C kernel is the reference here")
+pytestmark = pytest.mark.skipif(cpu.library() is None, reason="the C kernel is the reference here")
 
 NUMEL = 2 * 1024 + 77  # three kernel blocks, the last one ragged
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -61,15 +61,16 @@ def test_triton_kernel_matches_the_c_kernel(dtype, mode, subtract):
     base, taus, rules = inputs(dtype, mode, subtract)
     scales = [2.0**40] * 3
     on_base, on_taus, on_rules = on_device(base, taus, rules)
-    assert triton_merge.abs_sums(on_taus, on_rules, scales) == kernel.abs_sums(taus, rules, scales)[0]
+    assert triton_merge.abs_sums(on_taus, on_rules, scales) == cpu.abs_sums(taus, rules, scales)[0]
     rescale = torch.tensor([1.0, 1.3, 0.9]).to(dtype)
     signs = ([1, -1, 1], [-1, -1, -1])  # the second: every weighted zero a -0
     for sign, consensus, normalize, lambda_ in itertools.product(signs, [False, True], [False, True], [1.0, 0.7]):
         weights = (torch.tensor([0.5, 0.3, 0.8]) * torch.tensor(sign)).to(dtype)
         options = dict(consensus=consensus, normalize=normalize, plain_divisor=float(weights.float().sum()), lambda_=lambda_)
-        expected = kernel.tv_merge(base, taus, rules, rescale, weights, **options, out=torch.empty_like(base))
-        got = triton_merge.tv_merge(on_base, on_taus, on_rules, rescale, weights, **options, out=torch.empty_like(on_base))
+        expected, _ = cpu.tv_merge(base, taus, rules, rescale, weights, **options, out=torch.empty_like(base))
+        got, finite = triton_merge.tv_merge(on_base, on_taus, on_rules, rescale, weights, **options, out=torch.empty_like(on_base))
         assert torch.equal(bits(got.cpu()), bits(expected)), (sign, consensus, normalize, lambda_)
+        assert finite
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, on the way to Inf
@@ -82,14 +83,19 @@ def test_triton_rounding_covers_every_finite_value(dtype):
     taus = [TaskVector(every), TaskVector(every.flip(0).contiguous())]
     rules = [KeepRule.keep_all()] * 2
     on_base, on_taus, _ = on_device(base, taus, rules)
+    flags = []
     for weight in ([0.7, 0.3], [3.0, -2.5], [1e-3, 0.55]):
         w = torch.tensor(weight).to(dtype)
         options = dict(consensus=False, normalize=False, plain_divisor=1.0, lambda_=0.9)
-        expected = kernel.tv_merge(base, taus, rules, torch.ones(2, dtype=dtype), w, **options)
-        got = triton_merge.tv_merge(on_base, on_taus, rules, torch.ones(2, dtype=dtype), w, **options, out=torch.empty_like(on_base)).cpu()
+        expected, expected_finite = cpu.tv_merge(base, taus, rules, torch.ones(2, dtype=dtype), w, **options)
+        got, got_finite = triton_merge.tv_merge(on_base, on_taus, rules, torch.ones(2, dtype=dtype), w, **options, out=torch.empty_like(on_base))
+        got = got.cpu()
         finite = torch.isfinite(expected)
         assert torch.equal(torch.isfinite(got), finite)
         assert torch.equal(bits(got)[finite], bits(expected)[finite]), weight
+        assert got_finite == expected_finite == bool(finite.all())
+        flags.append(got_finite)
+    assert flags == [True, False, True]  # 3.0 and -2.5 overflow the largest values
 
 
 def test_triton_draws_cross_hash_chunks(monkeypatch):

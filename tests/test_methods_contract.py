@@ -165,6 +165,51 @@ def test_dtype_and_shape_are_kept(name, dtype, shape):
     assert bool(torch.isfinite(out).all())
 
 
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("resident", [False, True], ids=["one-shot", "resident"])
+def test_the_executor_gives_the_methods_bits(name, dtype, resident):
+    """The merge executor runs a fused kernel where one takes the merge, else the method: the
+    method's torch code is the reference either way, bit for bit."""
+    from evomerge.merge import PreparedTensor
+
+    method = get_method(name)
+    n = _model_count(method)
+    models = [_random((12, 8), dtype, seed=30 + i) for i in range(n)]
+    base = _random((12, 8), dtype, seed=97) if method.base_role != "input" else None
+    density = 0.5 if name.startswith(("dare", "della", "ties", "breadcrumbs")) else 1.0
+    kwargs = _kwargs(method, n, weights=[0.5, 0.3, 0.2][:n], density=density)
+    expected = _merge(method, models, base, kwargs)
+    field = UniformField(1234, "model.layers.0.mlp.up_proj.weight") if method.randomized else None
+    inputs = MergeInputs(models=list(models), base=base, tensor_name="model.layers.0.mlp.up_proj.weight", field=field)
+    got, finite = PreparedTensor(method, inputs, resident=resident).run(kwargs)
+    assert got.dtype == expected.dtype and torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+    assert finite in (None, True)
+
+
+def test_a_method_is_one_new_file(tmp_path):
+    """evomerge.methods imports every module of its package: a file that registers a method is
+    all it takes (checked on a copy of the package with one more file)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import evomerge
+
+    package = Path(evomerge.__file__).parent
+    shutil.copytree(package, tmp_path / "evomerge", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "evomerge" / "methods" / "halfway.py").write_text(
+        "from evomerge.methods.registry import MergeMethod, register\n"
+        "register(MergeMethod(name='halfway', merge=lambda inputs: (inputs.models[0] + inputs.base) / 2,"
+        " params=(), base_role='required', max_models=1))\n"
+    )
+    check = "from evomerge.methods import method_names; assert 'halfway' in method_names(), method_names()"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", check], env=env, check=True, cwd=tmp_path)
+
+
 def test_every_method_has_a_reference_or_is_trivial():
     for name in METHODS:
         method = get_method(name)

@@ -142,7 +142,7 @@ def test_export_equals_the_scored_candidate_bit_for_bit(tmp_path, small_pool):
     search.run(until=7, progress=False)
     trial = search.study.trials[-1]  # a CMA-ES proposal: densities < 1, so DARE masks are in play
     assert trial.state.name == "COMPLETE"
-    search.candidate.apply(trial_recipe(search.space, trial))
+    search.candidate.apply(trial.params)
     scored = {name: t.detach().clone() for name, t in search.candidate.targets.items()}
 
     export_trial(run_dir, tmp_path / "export", trial_number=trial.number)

@@ -6,7 +6,7 @@
     lm.sync_weights()                                                # ... and pushes it again
     lm_eval.evaluator.evaluate(lm=lm, task_dict=...)                 # scored by the engine
 
-The HF model stays the staging area: `LiveCandidate` writes each merged tensor into it, as for
+The HF model stays the staging area: `CompiledCandidate` writes each merged tensor into it, as for
 the "hf" backend, and `sync_weights` hands its whole state (checkpoint names, unfused) to the
 engine through `LLM.collective_rpc("reload_weights", ...)`, vLLM V1's in-place reload. That goes
 through each model's own `load_weights`, so q/k/v land in the fused `qkv_proj` and gate/up in

@@ -12,8 +12,8 @@ The same computation as tv_merge.c, op for op, so a candidate merged on a GPU ha
 Keep rules per model: 0 keep all, 1 a magnitude rank below the threshold (TIES; there is no
 GPU radix select, so ranks are computed by torch first), 2 the DARE draw below the threshold.
 
-Nothing here runs until task_arithmetic.kernel_self_check has compared it with the CPU on the
-GPU at hand (kernel.gpu_ready). The tests run it in Triton's CPU interpreter
+Nothing here runs until task_vectors.gpu_ready has compared it with the CPU on the GPU at
+hand. The tests run it in Triton's CPU interpreter
 (tests/test_kernel_triton.py); no GPU was available to measure it on yet.
 """
 
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from evomerge.kernel import KeepRule
+from evomerge.kernel.rules import KeepRule
 
 BLOCK = 1024
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -97,7 +97,7 @@ def _weighted(taus, keys, sub_base_ptr, modes_ptr, thresholds_ptr, hash_keys_ptr
 
 @triton.jit
 def _tv_merge_kernel(base_ptr, taus, keys, sub_base_ptr, modes_ptr, thresholds_ptr, hash_keys_ptr,
-                     rescale_ptr, weights_ptr, out_ptr, n, plain_divisor, lambda_,
+                     rescale_ptr, weights_ptr, out_ptr, nonfinite_ptr, n, plain_divisor, lambda_,
                      M: tl.constexpr, KIND: tl.constexpr, HAS_SUB: tl.constexpr, CONSENSUS: tl.constexpr,
                      NORMALIZE: tl.constexpr, USE_LAMBDA: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -132,6 +132,9 @@ def _tv_merge_kernel(base_ptr, taus, keys, sub_base_ptr, modes_ptr, thresholds_p
     base = tl.load(base_ptr + offs, mask=mask, other=0).to(tl.float32)
     merged = _round(base + mixed, KIND)  # exactly representable now: the cast below is exact
     tl.store(out_ptr + offs, merged.to(out_ptr.dtype.element_ty), mask=mask)
+    # an Inf or a NaN in float32 is one in the storage type too: flag it from the registers
+    nonfinite = mask & ((merged.to(tl.uint32, bitcast=True) & 0x7FFFFFFF) >= 0x7F800000)
+    tl.atomic_max(nonfinite_ptr, tl.max(nonfinite.to(tl.int32), axis=0))
 
 
 @triton.jit
@@ -162,7 +165,7 @@ def _grid(n: int):
 
 
 def abs_sums(taus, rules, scales) -> list[tuple[int, int]]:
-    """(kept, all) per task vector, as kernel.abs_sums computes them on the CPU."""
+    """(kept, all) per task vector, as cpu.abs_sums computes them on the CPU."""
     first = taus[0]
     n, device = first.x.numel(), first.x.device
     modes, thresholds, hash_keys, keys = _rule_arrays(taus, rules, device)
@@ -178,15 +181,17 @@ def abs_sums(taus, rules, scales) -> list[tuple[int, int]]:
 
 
 def tv_merge(base, taus, rules, rescale, weights, *, consensus, normalize, plain_divisor, lambda_, out):
-    """base + lambda * sum_i(w_i m_i s_i tau_i) / Z into `out`, as kernel.tv_merge on the CPU."""
+    """base + lambda * sum_i(w_i m_i s_i tau_i) / Z into `out`, and whether it is all finite,
+    as cpu.tv_merge on the CPU."""
     n, device = base.numel(), base.device
+    nonfinite = torch.zeros(1, dtype=torch.int32, device=device)
     modes, thresholds, hash_keys, keys = _rule_arrays(taus, rules, device)
     first = taus[0]
     sub_base = first.base if first.base is not None else base
     _tv_merge_kernel[_grid(n)](
         base, tuple(t.x for t in taus), keys, sub_base, modes, thresholds, hash_keys,
-        rescale.float().to(device), weights.float().to(device), out, n, float(plain_divisor), float(lambda_),
+        rescale.float().to(device), weights.float().to(device), out, nonfinite, n, float(plain_divisor), float(lambda_),
         M=len(taus), KIND=_KIND[base.dtype], HAS_SUB=first.base is not None, CONSENSUS=consensus,
         NORMALIZE=normalize, USE_LAMBDA=lambda_ != 1, BLOCK=BLOCK, **_LAUNCH,
     )  # fmt: skip
-    return out
+    return out, not nonfinite.item()

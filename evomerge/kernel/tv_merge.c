@@ -322,7 +322,8 @@ static inline void unpack_bits(const uint8_t *bits, int64_t len, uint8_t *keep) 
 
 /* ---- one set of kernels per storage type --------------------------------------------------
  * T: the element type as stored (16-bit types as their bits); BITS: an unsigned integer of
- * its size; ABS_MASK: all bits but the sign; SUFFIX names the functions (tv_merge_f32, ...)
+ * its size; ABS_MASK: all bits but the sign; INF_BITS: the bits of +Inf (a magnitude at least
+ * that is an Inf or a NaN); SUFFIX names the functions (tv_merge_f32, ...)
  * and the load/round/store helpers above; IS_FLOAT32 picks the few special cases;
  * ROUNDS_IN_LOOP says whether rounding to T is cheap integer code that vectorises inside the
  * kernels' loops (1), or conversion instructions (F16C) run as a pass between them (0);
@@ -341,6 +342,7 @@ static inline void unpack_bits(const uint8_t *bits, int64_t len, uint8_t *keep) 
 #define FAST_PATHS 0
 #define BITS uint32_t
 #define ABS_MASK 0x7fffffffu
+#define INF_BITS 0x7f800000u
 #define SUFFIX f32
 #define IS_FLOAT32 1
 #define ROUNDS_IN_LOOP 1
@@ -354,6 +356,7 @@ static inline void unpack_bits(const uint8_t *bits, int64_t len, uint8_t *keep) 
 #define T uint16_t
 #define BITS uint16_t
 #define ABS_MASK 0x7fffu
+#define INF_BITS 0x7f80u
 #define SUFFIX bf16
 #define IS_FLOAT32 0
 #define ROUNDS_IN_LOOP 1
@@ -362,6 +365,7 @@ static inline void unpack_bits(const uint8_t *bits, int64_t len, uint8_t *keep) 
 #define T uint16_t
 #define BITS uint16_t
 #define ABS_MASK 0x7fffu
+#define INF_BITS 0x7c00u
 #define SUFFIX f16
 #define IS_FLOAT32 0
 #define FAST_PATHS AVX512_PATHS

@@ -7,7 +7,7 @@
  *     rounds to nearest even like round_bf16 and keeps quiet NaNs as round_bf16 does (every NaN
  *     in the kernel is quiet with its low 16 bits zero), but it reads subnormal inputs as zero:
  *     so it runs only in merges where no value can be subnormal (tv_merge's subnormal_free,
- *     which task_arithmetic._subnormal_free decides from the smallest magnitudes of the inputs,
+ *     which kernel/task_vectors.py's FusedTensor.subnormal_free decides from the smallest magnitudes of the inputs,
  *     known once per search).
  *   float16 (F16C): vcvtps2ph/vcvtph2ps, exact for every value, as the generic code uses them.
  *

@@ -1,5 +1,5 @@
 /* The kernels for one storage type; included by tv_merge.c once per type with T, BITS,
- * ABS_MASK, SUFFIX, IS_FLOAT32, ROUNDS_IN_LOOP and FAST_PATHS defined (see there). No include guard on purpose. */
+ * ABS_MASK, INF_BITS, SUFFIX, IS_FLOAT32, ROUNDS_IN_LOOP and FAST_PATHS defined (see there). No include guard on purpose. */
 
 #define FN(name) CONCAT(name, SUFFIX)
 #define LOAD(x) FN(load)(x)
@@ -45,6 +45,27 @@ float FN(abs_peak)(const T *x, int64_t n) {
     T value;
     memcpy(&value, &peak, sizeof(T));
     return LOAD(value);
+}
+
+/* Whether a block of stored values holds an Inf or a NaN (magnitude bits at least Inf's): read
+ * while the block is still in the L1 cache, so finiteness costs no pass over memory. */
+static inline int FN(any_nonfinite)(const T *x, int64_t len) {
+    const BITS *bits = (const BITS *)x;
+    int bad = 0;
+    for (int64_t j = 0; j < len; j++) bad |= (bits[j] & ABS_MASK) >= INF_BITS;
+    return bad;
+}
+
+/* out = x, and 1 when every value is finite (0 when one is an Inf or a NaN), in one pass. */
+int FN(copy_finite)(const T *x, int64_t n, T *out) {
+    int bad = 0;
+#pragma omp parallel for reduction(| : bad) schedule(static) if (n > PARALLEL_MIN)
+    for (int64_t start = 0; start < n; start += 16 * BLOCK) {
+        int64_t len = n - start < 16 * BLOCK ? n - start : 16 * BLOCK;
+        memcpy(out + start, x + start, (size_t)len * sizeof(T));
+        bad |= FN(any_nonfinite)(out + start, len);
+    }
+    return !bad;
 }
 
 /* min |x| over the nonzero elements of x as a float (Inf when there are none): the smallest
@@ -304,15 +325,18 @@ static inline void FN(finish_block)(float *mixed, float *divisor, int64_t len, i
  *   (1 when not rescaling), m_i the sign-consensus mask; Z = plain_divisor without consensus.
  * Work goes in blocks: first each model's weighted, sparsified task vector for the block
  * (one vectorised loop per model and rule), then the combination across models (unrolled
- * for up to 4 models). subnormal_free: the caller has made sure that no value this merge
- * computes can be subnormal (task_arithmetic._subnormal_free), which bfloat16's fast path needs.
+ * for up to 4 models); each stored block is checked for Infs and NaNs while it is in the L1
+ * cache. Returns 1 when every value of out is finite, else 0. subnormal_free: the caller has
+ * made sure that no value this merge computes can be subnormal
+ * (kernel/task_vectors.py, FusedTensor.subnormal_free), which bfloat16's fast path needs.
  */
-void FN(tv_merge)(int models, int64_t n, const T *base, const T **xs, const T *sub_base,
+int FN(tv_merge)(int models, int64_t n, const T *base, const T **xs, const T *sub_base,
                   const keep_rule *rules, const float *rescale, const float *weights,
                   int consensus, int normalize, float plain_divisor, int use_lambda,
                   float lambda, int subnormal_free, T *out) {
     (void)subnormal_free; /* read by the fast paths only */
-#pragma omp parallel for schedule(static) if (n > PARALLEL_MIN)
+    int nonfinite = 0;
+#pragma omp parallel for reduction(| : nonfinite) schedule(static) if (n > PARALLEL_MIN)
     BLOCKS(n) {
         int64_t len = BLOCK_LEN(n);
         float weighted[MAX_MODELS][BLOCK], buf[BLOCK];
@@ -339,7 +363,9 @@ void FN(tv_merge)(int models, int64_t n, const T *base, const T **xs, const T *s
         case 4: COMBINE_M(4) break;
         default: COMBINE_M(models) break;
         }
+        nonfinite |= FN(any_nonfinite)(out + start, len);
     }
+    return !nonfinite;
 }
 
 #undef COMBINE
@@ -355,6 +381,7 @@ void FN(tv_merge)(int models, int64_t n, const T *base, const T **xs, const T *s
 #undef T
 #undef BITS
 #undef ABS_MASK
+#undef INF_BITS
 #undef SUFFIX
 #undef IS_FLOAT32
 #undef ROUNDS_IN_LOOP

@@ -88,11 +88,12 @@ class MergeInputs:
 
     `models` are the non-base inputs in recipe order (for base role "input": every input).
     `field` draws reproducible random numbers for methods that need them (DARE, DELLA).
+    `peaks` (optional) are max |x| of each model, then the base, when the caller knows them
+    already (the merge executor finds them while checking the inputs are finite).
 
     Everything derived from the inputs alone (task vectors, magnitude ranks, random draws) is
-    computed on first use and kept: a plain merge uses it once, while the search keeps one
-    `MergeInputs` per tensor alive across trials, so each trial does only elementwise work,
-    through exactly the same code as the plain merge.
+    computed on first use and kept for as long as this object lives: a plain merge uses it
+    once, the search keeps one per tensor for the whole run.
     """
 
     def __init__(
@@ -104,12 +105,8 @@ class MergeInputs:
         peaks: Optional[list[Optional[float]]] = None,
     ):
         self.models, self.base, self.tensor_name, self.field = models, base, tensor_name, field
-        self.reused = False  # set by the search: then caching ranks pays off
-        # Where a method may write its result instead of a new tensor (the search's live
-        # parameter: no allocation and no copy per trial).
-        self.destination: Optional["torch.Tensor"] = None
         self._memo: dict[tuple[str, int], Any] = {}
-        for index, peak in enumerate(peaks or []):  # max |x| of each model, then the base
+        for index, peak in enumerate(peaks or []):
             if peak is not None:
                 self._memo["peak", index] = peak
 
@@ -124,12 +121,6 @@ class MergeInputs:
         """max |theta| of model `index` (index `len(models)`: the base)."""
         tensor = self.models[index] if index < len(self.models) else self.base
         return self.cached("peak", index, lambda: abs_peak(tensor))
-
-    def min_magnitude(self, index: int) -> float:
-        """min |x| over the nonzero elements of task vector `index` (index `len(models)`: the
-        base itself); Inf when there are none."""
-        tensor = self.delta(index) if index < len(self.models) else self.base
-        return self.cached("min_magnitude", index, lambda: min_magnitude(tensor))
 
     def tau_bound(self, index: int) -> float:
         """max |theta_i| + max |theta_base|: a bound on |tau_i| known without a pass over the
@@ -160,52 +151,15 @@ class MergeInputs:
         shape, device = self.models[index].shape, self.models[index].device
         return self.cached("draws", index, lambda: self.field.integers(index, shape, device))
 
-    def l1_shift(self, index: int) -> int:
-        """The fixed-point scale (a power of two) of the exact L1 sums of task vector `index`."""
-        from evomerge.methods.sparsify import fixed_point_shift
-
-        return fixed_point_shift(self.base.numel(), self.tau_bound(index))
-
-    def draw_l1_table(self, index: int) -> "torch.Tensor":
-        """sparsify.draw_l1_table of task vector `index`, on the CPU (read a number per trial)."""
-        from evomerge import kernel
-        from evomerge.methods.sparsify import draw_l1_table
-
-        def compute():
-            delta, shift = self.delta(index), self.l1_shift(index)
-            if delta.device.type == "cpu" and kernel.applies([delta]):
-                return kernel.draw_l1_table(delta, self.field.hash_key(index), 2.0**shift)
-            return draw_l1_table(delta, self.field, index, shift).cpu()
-
-        return self.cached("l1_table", index, compute)
-
 
 def abs_peak(tensor: "torch.Tensor") -> float:
-    """max |x| (NaN if x has a NaN, Inf for an Inf): a bit comparison in the kernel, else min
-    and max; one fast pass either way (isfinite().all() is 20x slower on bf16)."""
+    """max |x| by min and max, one pass (NaN if x holds a NaN, Inf for an Inf)."""
     import torch
-
-    from evomerge import kernel
 
     if tensor.numel() == 0:
         return 0.0
-    if tensor.device.type == "cpu" and kernel.applies([tensor]):
-        return kernel.abs_peak(tensor)
     low, high = torch.aminmax(tensor.flatten())
     return torch.maximum(-low, high).item()  # maximum propagates NaN
-
-
-def min_magnitude(tensor: "torch.Tensor") -> float:
-    """min |x| over the nonzero elements (Inf if there are none), one pass."""
-    import torch
-
-    from evomerge import kernel
-
-    if tensor.device.type == "cpu" and kernel.applies([tensor]):
-        return kernel.min_magnitude(tensor)
-    magnitudes = tensor.abs()
-    nonzero = magnitudes[magnitudes != 0]
-    return nonzero.min().item() if nonzero.numel() else float("inf")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,259 @@
+"""The fused path of the task-vector family: task arithmetic, TIES and DARE in one pass.
+
+`evomerge.methods.task_arithmetic` is the reference: torch ops that read like the papers. This
+module computes the same merge, bit for bit (tests/test_kernel.py), in one pass over memory per
+tensor: the C kernel on the CPU (`cpu.py`), the Triton kernel on CUDA GPUs (`triton_merge.py`).
+The merge executor (`evomerge.merge.PreparedTensor`) asks `prepare` whether the kernel takes a
+tensor and otherwise calls the method itself.
+
+Lifecycle: prepare once per run, merge per trial.
+  - `prepare(method, inputs, resident=...)` once per output tensor, after its inputs are read.
+  - `FusedTensor.merge(out=..., **parameters)` per merge, with the method's keyword arguments.
+A `resident` tensor (the search: many merges of the same inputs) keeps, on first use, what does
+not change between trials: its task vectors and magnitude ranks (in `MergeInputs`), DARE's draw
+tables and the inputs' smallest magnitudes (here). A one-shot tensor (`evomerge merge`) keeps
+nothing: task vectors are subtracted on the fly and TIES's top-k is a radix select.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from functools import lru_cache
+from typing import Optional
+
+import torch
+
+from evomerge.kernel import cpu
+from evomerge.kernel.rules import KeepRule, TaskVector
+from evomerge.methods import sparsify
+from evomerge.methods.registry import MergeInputs, MergeMethod
+from evomerge.methods.task_arithmetic import MEMBERS, Sparsifier, task_vector_merge
+from evomerge.random_fields import UniformField
+
+LOG = logging.getLogger(__name__)
+
+FUSED_RULES = (None, "magnitude", "random")  # breadcrumbs and della run the torch code
+# Tensors at least this large keep a draw table for DARE's rescale when resident (512 KiB per
+# task vector: at most half a byte per element); smaller ones sum in a pass per merge.
+DRAW_TABLE_MIN = 1 << 20
+# Where no nonzero input to a product, and no nonzero product, falls below this, no value in
+# a merge can be subnormal (see FusedTensor.subnormal_free).
+NORMAL_FLOOR = 2.0**-99
+
+
+def prepare(method: MergeMethod, inputs: MergeInputs, *, resident: bool) -> Optional["FusedTensor"]:
+    """The kernel's state for merging `inputs` by `method`, or None where the kernel does not
+    take them (another method or rule, another dtype or device, no kernel built)."""
+    member = MEMBERS.get(method.name)
+    if member is None or member.rule not in FUSED_RULES or not inputs.models:
+        return None
+    if not applies([inputs.base, *inputs.models]):
+        return None
+    return FusedTensor(inputs, rule=member.rule, consensus=member.consensus, resident=resident)
+
+
+def applies(tensors: list[torch.Tensor]) -> bool:
+    """Whether a fused kernel takes these tensors (one shape, one dtype): the C kernel on the
+    CPU when it is built here, the Triton kernel on a CUDA GPU where it passed its self-check."""
+    first = tensors[0]
+    if first.device.type == "cuda":
+        return _fits_gpu(tensors) and gpu_ready(first.device, first.dtype)
+    return cpu.fits(tensors)
+
+
+def _fits_gpu(tensors: list[torch.Tensor]) -> bool:
+    first = tensors[0]
+    return (
+        first.dtype in cpu.DTYPES
+        and all(t.is_contiguous() and t.dtype == first.dtype and t.shape == first.shape and t.device == first.device for t in tensors)
+        and first.numel() < 2**31
+        and len(tensors) <= cpu.MAX_MODELS + 1
+    )
+
+
+class FusedTensor:
+    """One output tensor of a task-vector merge, as the kernel merges it (see the module notes)."""
+
+    def __init__(self, inputs: MergeInputs, *, rule: Sparsifier, consensus: bool, resident: bool):
+        self.inputs, self.rule, self.consensus, self.resident = inputs, rule, consensus, resident
+        self.count = len(inputs.models)
+        self._draw_tables: dict[int, torch.Tensor] = {}
+        self._smallest: dict[int, float] = {}
+
+    def merge(
+        self,
+        *,
+        weight: list[float],
+        density: list[float],
+        normalize: bool,
+        rescale: bool,
+        lambda_: float,
+        int8_mask: bool = False,  # a mergekit memory option; it does not change the result
+        out: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, bool]:
+        """task_vector_merge's result (into `out` where the kernel can write there), and
+        whether every value of it is finite (found in the same pass)."""
+        base, dtype = self.inputs.base, self.inputs.base.dtype
+        taus = [self.task_vector(i) for i in range(self.count)]
+        rules = [self.keep_rule(i, taus[i], density[i]) for i in range(self.count)]
+        factors = [torch.ones((), dtype=dtype)] * self.count
+        rescaled = [i for i in range(self.count) if rescale and not rules[i].keeps_all]
+        for i, (after, before) in self.l1_norms(taus, rules, rescaled).items():
+            factors[i] = sparsify.l1_factor(before, after, dtype)
+        w = torch.tensor(weight, dtype=dtype)
+        plain_divisor = w.sum()
+        if plain_divisor.abs() < 1e-8:
+            plain_divisor = torch.ones((), dtype=dtype)
+        rescale_factors = torch.stack(factors)
+        options = dict(consensus=self.consensus, normalize=normalize, plain_divisor=float(plain_divisor), lambda_=lambda_)
+        out = out if self.can_write(out) else torch.empty_like(base)
+        if base.is_cuda:
+            from evomerge.kernel import triton_merge
+
+            return triton_merge.tv_merge(base, taus, rules, rescale_factors, w, **options, out=out)
+        subnormal_free = self.subnormal_free(rescale_factors, w)
+        return cpu.tv_merge(base, taus, rules, rescale_factors, w, **options, out=out, subnormal_free=subnormal_free)
+
+    def can_write(self, out: Optional[torch.Tensor]) -> bool:
+        """Whether the kernel can write the result into `out` (the live model's parameter in
+        the search, a buffer lent by the output writer in a plain merge)."""
+        base = self.inputs.base
+        return out is not None and out.dtype == base.dtype and out.shape == base.shape and out.is_contiguous() and out.device == base.device
+
+    def task_vector(self, index: int) -> TaskVector:
+        """Resident: the stored tau_i; one-shot: theta_i and the base, subtracted on the fly."""
+        if self.resident:
+            return TaskVector(self.inputs.delta(index))
+        return TaskVector(self.inputs.models[index], self.inputs.base)
+
+    def keep_rule(self, index: int, tau: TaskVector, density: float) -> KeepRule:
+        """The kernel's form of sparsified_delta's mask: magnitude ranks when resident (or on
+        a GPU, which has no radix select), a radix select otherwise; DARE draws hashed inline."""
+        if self.rule is None or density >= 1:
+            return KeepRule.keep_all()
+        if self.rule == "random":
+            return KeepRule.hash_below(self.inputs.field.hash_key(index), sparsify.keep_threshold(density))
+        k = sparsify.magnitude_keep_count(density, self.inputs.base.numel())
+        if self.resident or tau.x.is_cuda:
+            return KeepRule.key_below(self.inputs.magnitude_ranks(index), k)
+        return cpu.top_magnitudes(tau, k)
+
+    def l1_norms(self, taus: list, rules: list, rescaled: list[int]) -> dict[int, tuple[float, float]]:
+        """{i: (kept, all)}: the L1 norms of task vector i over what rules[i] keeps and over
+        every element, from exact fixed-point sums as sparsify.l1_rescale computes them. DARE
+        masks of a resident tensor read them from its draw table; the rest take one pass over
+        all of them together, whose DARE rules then become the stored bits of what they kept
+        (rules is updated)."""
+        shifts = {i: self.l1_shift(i) for i in rescaled}
+        sums = {}
+        for i in rescaled:
+            if self.resident and rules[i].mode == KeepRule.HASH_BELOW and self.inputs.base.numel() >= DRAW_TABLE_MIN:
+                table = self.draw_l1_table(i)
+                sums[i] = int(table[rules[i].threshold]), int(table[-1])
+        scanned = [i for i in rescaled if i not in sums]
+        if scanned:
+            scales = [2.0 ** shifts[i] for i in scanned]
+            found, after = self._abs_sums([taus[i] for i in scanned], [rules[i] for i in scanned], scales)
+            for i, pair, rule in zip(scanned, found, after):
+                sums[i], rules[i] = pair, rule
+        return {i: (kept * 2.0 ** -shifts[i], every * 2.0 ** -shifts[i]) for i, (kept, every) in sums.items()}
+
+    def _abs_sums(self, taus: list, rules: list, scales: list[float]):
+        if taus[0].x.is_cuda:  # the GPU hashes again in the merge pass: compute is cheap there
+            from evomerge.kernel import triton_merge
+
+            return triton_merge.abs_sums(taus, rules, scales), rules
+        return cpu.abs_sums(taus, rules, scales)
+
+    def l1_shift(self, index: int) -> int:
+        """The fixed-point scale (a power of two) of the exact L1 sums of task vector `index`."""
+        return sparsify.fixed_point_shift(self.inputs.base.numel(), self.inputs.tau_bound(index))
+
+    def draw_l1_table(self, index: int) -> torch.Tensor:
+        """sparsify.draw_l1_table of task vector `index`, on the CPU (a number read per merge);
+        built on first use and kept."""
+        if index not in self._draw_tables:
+            delta, shift, field = self.inputs.delta(index), self.l1_shift(index), self.inputs.field
+            if cpu.fits([delta]):
+                table = cpu.draw_l1_table(delta, field.hash_key(index), 2.0**shift)
+            else:
+                table = sparsify.draw_l1_table(delta, field, index, shift).cpu()
+            self._draw_tables[index] = table
+        return self._draw_tables[index]
+
+    def min_magnitude(self, index: int) -> float:
+        """min |x| over the nonzero elements of task vector `index` (index `count`: the base
+        itself), Inf when there are none; found on first use and kept."""
+        if index not in self._smallest:
+            tensor = self.inputs.delta(index) if index < self.count else self.inputs.base
+            self._smallest[index] = cpu.min_magnitude(tensor)
+        return self._smallest[index]
+
+    def subnormal_free(self, rescale: torch.Tensor, weights: torch.Tensor) -> bool:
+        """Whether no value this merge computes can be subnormal, which bfloat16's fast path on
+        CPUs with AVX512_BF16 needs (its rounding instruction reads subnormals as zero). Asked
+        only where the answer is worth a pass per input: resident bfloat16 tensors.
+
+        If every nonzero |tau_i| * min(1, s_i) * min(1, |w_i|) (w_i not 0) and every nonzero
+        |theta_base| is at least 2^-99, every weighted term is 0 or at least 2^-100 in magnitude
+        (the roundings on the way cost less than a factor 2), so a multiple of 2^-107 as a
+        bfloat16 number; so is every sum of such terms, and the base plus one: none of them is
+        nonzero below 2^-107, far from the subnormals (below 2^-126)."""
+        base = self.inputs.base
+        if not (self.resident and base.dtype == torch.bfloat16 and base.device.type == "cpu"):
+            return False
+        if self.min_magnitude(self.count) < NORMAL_FLOOR:
+            return False
+        for i, (scale, weight) in enumerate(zip(rescale.float().tolist(), weights.float().tolist())):
+            if weight != 0 and self.min_magnitude(i) * min(1.0, abs(scale)) * min(1.0, abs(weight)) < NORMAL_FLOOR:
+                return False
+        return True
+
+
+# --- the GPU: checked against the CPU before first use ----------------------------------------
+@lru_cache(maxsize=None)
+def gpu_ready(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernel runs on this GPU and gives the CPU's bits for this dtype: it
+    is checked once per process against the torch code on small random inputs, every rule
+    included; on any failure the torch code runs instead, with a warning."""
+    if cpu.disabled():
+        return False
+    try:
+        mismatch = self_check(device, dtype)
+    except Exception as exc:  # no triton, a compile error, a driver problem
+        LOG.warning("the Triton merge kernel is unavailable on %s (%s); using torch ops", device, exc)
+        return False
+    if mismatch:
+        LOG.warning("the Triton merge kernel differs from the CPU on %s for %s (%s); using torch ops", device, dtype, mismatch)
+    return not mismatch
+
+
+def self_check(device: torch.device, dtype: torch.dtype) -> str:
+    """'' when the fused kernel on `device` gives the torch code's bits (and its finiteness)
+    on small random inputs, else the merge that differed: DARE-TIES with its L1 rescale and
+    TIES with normalisation (both one-shot and resident), and task arithmetic with lambda."""
+    generator = torch.Generator().manual_seed(0)
+    numel = 3 * 1024 + 17  # a few kernel blocks and a ragged end
+    base = torch.randn(numel, generator=generator).to(dtype)
+    models = [(base.float() + 0.02 * torch.randn(numel, generator=generator)).to(dtype) for _ in range(3)]
+    for x in (base, *models):
+        x[:8] = -0.0  # with all weights negative, sums of -0s: +0, as torch sums
+    cases = {
+        "dare_ties": dict(rule="random", density=[0.3, 0.5, 1.0], rescale=True, consensus=True, normalize=False, lambda_=1.0),
+        "ties": dict(rule="magnitude", density=[0.2, 0.5, 0.7], rescale=False, consensus=True, normalize=True, lambda_=1.0),
+        "task_arithmetic": dict(rule=None, density=[1.0] * 3, rescale=False, consensus=False, normalize=False, lambda_=0.8),
+    }  # fmt: skip
+    weights = ([0.6, -0.3, 0.9], [-0.6, -0.3, -0.9])
+    for (name, options), resident, weight in itertools.product(cases.items(), (False, True), weights):
+        field = UniformField(7, name)
+        expected = task_vector_merge(MergeInputs(models, base, name, field), weight=weight, **options)
+        inputs = MergeInputs([m.to(device) for m in models], base.to(device), name, field)
+        rules = {key: options[key] for key in ("rule", "consensus")}
+        parameters = {key: value for key, value in options.items() if key not in rules}
+        got, finite = FusedTensor(inputs, **rules, resident=resident).merge(weight=weight, **parameters)
+        got = got.cpu()
+        bits = torch.int16 if got.itemsize == 2 else torch.int32
+        if not torch.equal(got.view(bits), expected.view(bits)) or finite != bool(torch.isfinite(expected).all()):
+            return f"{name}, {'resident' if resident else 'one-shot'}, weights {weight}"
+    return ""
