@@ -16,10 +16,18 @@ from __future__ import annotations
 import difflib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Annotated, Any, Iterator, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from evomerge.errors import UserError
 
@@ -36,6 +44,34 @@ class ConditionalSetting(BaseModel):
 
 Setting = Union[Scalar, list[Scalar], list[ConditionalSetting]]
 Parameters = dict[str, Setting]
+
+
+def _registered_method(name: str):
+    """The registered method called `name` (a `UserError` naming the closest one)."""
+    from evomerge.methods import get_method  # the methods import torch: only once a recipe is read
+
+    return get_method(name)
+
+
+@contextmanager
+def registry_errors_as_validation_errors(where: str = "") -> Iterator[None]:
+    """Inside a pydantic validator: turn the registry's `UserError` (unknown method or parameter)
+    into a validation error, which `validate_model` reports with the file name; `where` is the
+    path to the field when pydantic cannot know it (a model validator)."""
+    try:
+        yield
+    except UserError as exc:
+        raise ValueError(f"{where}: {exc}" if where else str(exc)) from None
+
+
+def _known_method(name: str) -> str:
+    with registry_errors_as_validation_errors():
+        _registered_method(name)
+    return name
+
+
+MethodName = Annotated[str, AfterValidator(_known_method)]
+"""The name of a registered merge method (recipes' `merge_method`, spaces' `method`)."""
 
 
 class InputModel(BaseModel):
@@ -76,7 +112,7 @@ class Recipe(BaseModel):
     """A merge recipe, field for field as mergekit 0.1.5 reads it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    merge_method: str
+    merge_method: MethodName
     models: Optional[list[InputModel]] = None
     slices: Optional[list[Slice]] = None
     base_model: Optional[str] = None
@@ -85,13 +121,6 @@ class Recipe(BaseModel):
     out_dtype: Optional[str] = None
     tokenizer_source: Optional[str] = None
     chat_template: Optional[str] = None
-
-    @field_validator("merge_method")
-    @classmethod
-    def _known_method(cls, name: str) -> str:
-        with registry_errors_as_validation_errors():
-            _registered_method(name)
-        return name
 
     @model_validator(mode="after")
     def _models_xor_slices(self) -> "Recipe":
@@ -150,24 +179,6 @@ class Recipe(BaseModel):
 
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
-
-
-def _registered_method(name: str):
-    """The registered method called `name` (a `UserError` naming the closest one)."""
-    from evomerge.methods import get_method  # the methods import torch: only once a recipe is read
-
-    return get_method(name)
-
-
-@contextmanager
-def registry_errors_as_validation_errors(where: str = "") -> Iterator[None]:
-    """Inside a pydantic validator: turn the registry's `UserError` (unknown method or parameter)
-    into a validation error, which `validate_model` reports with the file name; `where` is the
-    path to the field when pydantic cannot know it (a model validator)."""
-    try:
-        yield
-    except UserError as exc:
-        raise ValueError(f"{where}: {exc}" if where else str(exc)) from None
 
 
 def resolve_setting(setting: Setting, tensor_name: str, t: float) -> Optional[Scalar]:

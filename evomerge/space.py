@@ -34,6 +34,7 @@ from evomerge.errors import UserError
 from evomerge.methods import MergeMethod, Param, get_method
 from evomerge.recipe import (
     ConditionalSetting,
+    MethodName,
     Recipe,
     Slice,
     SliceSource,
@@ -46,19 +47,12 @@ class SpaceConfig(BaseModel):
     """A space as its file says, checked against the method's declared parameters when read."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    method: str
+    method: MethodName
     layers_per_group: Optional[int] = Field(default=None, ge=1)
     split: list[str] = Field(default_factory=list)
     search: dict[str, Optional[tuple[float, float]]] = Field(min_length=1)
     """Bounds of each searched parameter; null: the method's declared bounds."""
     fixed: dict[str, Union[bool, int, float, str]] = Field(default_factory=dict)
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, name: str) -> str:
-        with registry_errors_as_validation_errors():
-            get_method(name)
-        return name
 
     @field_validator("search")
     @classmethod
