@@ -1,9 +1,11 @@
 """The one registry of merge methods and the parameters each one declares.
 
 A method is a pure function over tensors plus a declaration of its parameters: name, whether it
-is set per model or once, its default, and the range a search may explore. The recipe planner
-resolves parameters from that declaration and the search builds its space from it, so adding a
-method is one function and one `register(...)` call.
+is set per model or once, its default, its kind, the range a search may explore and the role it
+plays in the classic baseline recipes. Recipes are checked against that declaration (an unknown
+name is refused with the closest one), the recipe planner resolves parameters from it and the
+search builds its space and baselines from it, so adding a method is one function and one
+`register(...)` call. The names are mergekit 0.1.5's for the same method.
 """
 
 from __future__ import annotations
