@@ -3,8 +3,10 @@ mistakes get the library's own messages (closest task name, model folder checks)
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +25,13 @@ def evomerge(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 def readme_eval_commands() -> list[str]:
     """Every `evomerge eval ...` line of the README's command blocks, comments cut off."""
-    blocks = re.findall(r"```(?:bash|sh|console)?\n(.*?)```", (REPO / "README.md").read_text(), re.S)
-    lines = [line.split("#", 1)[0].strip() for block in blocks for line in block.splitlines()]
-    return [line for line in lines if line.startswith("evomerge eval ")]
+    commands, in_block = [], False
+    for line in (REPO / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            in_block = not in_block
+        elif in_block and line.startswith("evomerge eval "):
+            commands.append(line.split("#", 1)[0].strip())
+    return commands
 
 
 def task_names_given(*args: str) -> tuple[str, ...]:
@@ -77,3 +83,14 @@ def test_a_bad_model_folder_is_the_library_sentence(tmp_path, make, needle):
     result = evomerge("eval", str(make(tmp_path)), "--tasks", "evomerge_add")
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and needle in result.stderr, result.stderr
+
+
+def test_a_config_file_task_paths_are_relative_to_it_and_every_task_is_the_default(small_pool, tmp_path):
+    """No --tasks: every task lm-eval finds under the config's task path (its groups and tags,
+    like the pool's `evomerge_demo`, are not scored twice)."""
+    shutil.copytree(small_pool / "tasks", tmp_path / "cfg" / "tasks")
+    (tmp_path / "cfg" / "fitness.yaml").write_text("fitness:\n  task_paths: [tasks]\n")
+    out = tmp_path / "scores.json"
+    result = evomerge("eval", str(small_pool / "rev"), "--config", str(tmp_path / "cfg" / "fitness.yaml"), "--limit", "2", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(out.read_text())["n_examples"] == {"evomerge_add": 2, "evomerge_rev": 2, "evomerge_sort": 2}

@@ -36,8 +36,8 @@ class _SeveralTaskNames(click.Command):
 @click.argument("model", metavar="MODEL_DIR|RECIPE.yaml", type=click.Path(path_type=Path))
 @click.option(
     "--tasks", "task_args", multiple=True, metavar="NAME[:METRIC[:WEIGHT]]...",
-    help="Tasks to score: several names, comma-separated or repeated (default: every task "
-    "under --task-path).",
+    help="Tasks to score: the names up to the next option (so MODEL_DIR goes first), "
+    "comma-separated or repeated (default: every task under --task-path).",
 )
 @click.option(
     "--task-path", "task_paths", multiple=True, type=click.Path(path_type=Path),
@@ -113,8 +113,7 @@ def _fitness_config(config_path, task_paths, task_args, limit, batch_size):
     if limit is not None:
         data["subset"] = {"count": limit, "sampling": "first"}
     data.setdefault("batch_size", batch_size)
-    config = validate_model(FitnessConfig, data, str(config_path or "evomerge eval"))
-    return config.resolved(config_path.parent if config_path else Path.cwd())
+    return validate_model(FitnessConfig, data, str(config_path or "evomerge eval"))
 
 
 def _fitness_block(path: Path) -> dict[str, Any]:
@@ -129,6 +128,8 @@ def _fitness_block(path: Path) -> dict[str, Any]:
         data = data["fitness"]
     if not isinstance(data, dict):
         raise UserError(f"{path} holds no fitness config (a mapping with a `tasks` list).")
+    if isinstance(data.get("task_paths"), list):  # relative to the file, as in a search config
+        data["task_paths"] = [(path.parent / str(p)).resolve() for p in data["task_paths"]]
     return data
 
 
