@@ -266,7 +266,7 @@ def get_method(name: str) -> MergeMethod:
 
 
 def _closest(name: str, known: list[str]) -> str:
-    """"; did you mean 'x'? (known: ...)", the tail of a message about an unknown `name`."""
+    """The tail of a message about an unknown `name`: `; did you mean 'x'? (known: ...)`."""
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"{hint} (known: {', '.join(known) or 'none'})"
