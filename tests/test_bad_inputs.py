@@ -331,8 +331,9 @@ def test_misspelled_parameter_is_refused_by_merge(monkeypatch, capsys, work, poo
     merge_fails(monkeypatch, capsys, work, ties_recipe(pool, **changes), path, f"did you mean {closest!r}")
 
 
-def test_misspelled_parameter_is_refused_by_eval_of_a_recipe(monkeypatch, capsys, work, pool):
-    changes, path, closest = MISSPELLED["per-model"]
+@pytest.mark.parametrize("level", sorted(MISSPELLED))
+def test_misspelled_parameter_is_refused_by_eval_of_a_recipe(monkeypatch, capsys, work, pool, level):
+    changes, path, closest = MISSPELLED[level]
     file = work / "recipe.yaml"
     file.write_text(yaml.safe_dump(ties_recipe(pool, **changes)))
     before = snapshot(work)
