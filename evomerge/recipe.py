@@ -5,16 +5,29 @@ parameter settings at three levels (per source > per slice > global). A setting 
 gradient (a list of numbers interpolated over the layers of a slice), or a list of
 `{filter, value}` entries of which the first whose filter occurs in the tensor name wins.
 `resolve_setting` turns a setting into a concrete value for one tensor.
+
+Parsing checks the method and every parameter name against the registry, at every level, so a
+typo (`densty`) is refused with the closest valid name instead of silently merging at the
+default. The names are the ones mergekit 0.1.5 declares for the same method.
 """
 
 from __future__ import annotations
 
 import difflib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Iterator, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from evomerge.errors import UserError
 
@@ -31,6 +44,34 @@ class ConditionalSetting(BaseModel):
 
 Setting = Union[Scalar, list[Scalar], list[ConditionalSetting]]
 Parameters = dict[str, Setting]
+
+
+def _registered_method(name: str):
+    """The registered method called `name` (a `UserError` naming the closest one)."""
+    from evomerge.methods import get_method  # the methods import torch: only once a recipe is read
+
+    return get_method(name)
+
+
+@contextmanager
+def registry_errors_as_validation_errors(where: str = "") -> Iterator[None]:
+    """Inside a pydantic validator: turn the registry's `UserError` (unknown method or parameter)
+    into a validation error, which `validate_model` reports with the file name; `where` is the
+    path to the field when pydantic cannot know it (a model validator)."""
+    try:
+        yield
+    except UserError as exc:
+        raise ValueError(f"{where}: {exc}" if where else str(exc)) from None
+
+
+def _known_method(name: str) -> str:
+    with registry_errors_as_validation_errors():
+        _registered_method(name)
+    return name
+
+
+MethodName = Annotated[str, AfterValidator(_known_method)]
+"""The name of a registered merge method (recipes' `merge_method`, spaces' `method`)."""
 
 
 class InputModel(BaseModel):
@@ -71,7 +112,7 @@ class Recipe(BaseModel):
     """A merge recipe, field for field as mergekit 0.1.5 reads it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    merge_method: str
+    merge_method: MethodName
     models: Optional[list[InputModel]] = None
     slices: Optional[list[Slice]] = None
     base_model: Optional[str] = None
@@ -97,6 +138,25 @@ class Recipe(BaseModel):
                 "the base's vocabulary; use 'base' or a model path"
             )
         return self
+
+    @model_validator(mode="after")
+    def _known_parameters(self) -> "Recipe":
+        method = _registered_method(self.merge_method)
+        for where, parameters in self._parameter_scopes():
+            for name in parameters or {}:
+                with registry_errors_as_validation_errors(f"{where}.{name}"):
+                    method.param(name)
+        return self
+
+    def _parameter_scopes(self) -> Iterator[tuple[str, Optional[Parameters]]]:
+        """(path in the recipe, parameters) of every level that may set parameters."""
+        yield "parameters", self.parameters
+        for i, model in enumerate(self.models or ()):
+            yield f"models[{i}].parameters", model.parameters
+        for i, slice_ in enumerate(self.slices or ()):
+            yield f"slices[{i}].parameters", slice_.parameters
+            for j, source in enumerate(slice_.sources):
+                yield f"slices[{i}].sources[{j}].parameters", source.parameters
 
     # --- views used by the planner -------------------------------------------------------
     def model_paths(self) -> list[str]:

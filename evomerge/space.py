@@ -6,8 +6,13 @@ split of each layer by tensor-name filters, and the bounds of each searched para
     method: dare_ties
     layers_per_group: 2          # null: one group for the whole model
     split: [self_attn, mlp]      # the last part also covers every tensor the others miss
-    search: {weight: [0.0, 1.0], density: [0.1, 1.0]}
+    search: {weight: null, density: [0.1, 1.0]}   # null: the bounds the method declares
     fixed: {normalize: false}
+
+The method's declarations (`evomerge.methods.Param`) are the source of truth: every name must be
+one of its parameters (a typo gets the closest name), only float parameters are searched, bounds
+default to the declared ones and must lie within the declared limits, and the baseline genomes
+come from each parameter's declared role.
 
 A genome is a flat dict of floats with readable names, e.g. `L0-1.self_attn.math.weight` (per
 model) or `L2-3.t` (per group). It decodes to an ordinary `Recipe` with one slice per layer
@@ -23,19 +28,30 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import UserError
-from evomerge.methods import MergeMethod, get_method
-from evomerge.recipe import ConditionalSetting, Recipe, Slice, SliceSource, validate_model
+from evomerge.methods import MergeMethod, Param, get_method
+from evomerge.recipe import (
+    ConditionalSetting,
+    MethodName,
+    Recipe,
+    Slice,
+    SliceSource,
+    registry_errors_as_validation_errors,
+    validate_model,
+)
 
 
 class SpaceConfig(BaseModel):
+    """A space as its file says, checked against the method's declared parameters when read."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
-    method: str
+    method: MethodName
     layers_per_group: Optional[int] = Field(default=None, ge=1)
     split: list[str] = Field(default_factory=list)
     search: dict[str, Optional[tuple[float, float]]] = Field(min_length=1)
+    """Bounds of each searched parameter; null: the method's declared bounds."""
     fixed: dict[str, Union[bool, int, float, str]] = Field(default_factory=dict)
 
     @field_validator("search")
@@ -45,6 +61,31 @@ class SpaceConfig(BaseModel):
             if bounds is not None and not bounds[0] < bounds[1]:
                 raise ValueError(f"bounds of {name!r} must be [low, high] with low < high")
         return value
+
+    @model_validator(mode="after")
+    def _declared_parameters(self) -> "SpaceConfig":
+        method = get_method(self.method)
+        for name in self.search:
+            with registry_errors_as_validation_errors(f"search.{name}"):
+                _check_searchable(method, method.param(name))
+        for name, value in self.fixed.items():
+            with registry_errors_as_validation_errors(f"fixed.{name}"):
+                method.param(name).coerce(value, "every tensor")
+        for param in method.params:
+            if param.required and param.name not in self.search and param.name not in self.fixed:
+                raise ValueError(f"merge method {method.name!r} needs {param.name!r} searched or fixed")
+        return self
+
+
+def _check_searchable(method: MergeMethod, param: Param) -> None:
+    """Genes are floats (CMA-ES and the smooth genome map need them): an int or a bool is fixed."""
+    if param.kind is not float:
+        floats = [p.name for p in method.params if p.kind is float]
+        raise UserError(
+            f"only float parameters can be searched, and {param.name!r} takes {param.kind.__name__} "
+            f"values (fix it under 'fixed'); the float parameters of {method.name!r}: "
+            f"{', '.join(floats) or 'none'}"
+        )
 
 
 def load_space(source: Union[str, Path, dict], *, base_dir: Path = Path(".")) -> SpaceConfig:
@@ -87,22 +128,12 @@ class SearchSpace:
         self.config, self.base, self.models, self.dtype = config, base, models, dtype
         self.method: MergeMethod = get_method(config.method)
         self.num_layers = num_layers
-        self._check_params()
+        self._check_pool()
         self.groups = self._layer_groups()
         self.genes = self._genes()
 
     # --- layout --------------------------------------------------------------------------
-    def _check_params(self) -> None:
-        names = {p.name for p in self.method.params}
-        for name in list(self.config.search) + list(self.config.fixed):
-            if name not in names:
-                raise UserError(
-                    f"search space: merge method {self.method.name!r} has no parameter {name!r} "
-                    f"(it has: {', '.join(sorted(names))})"
-                )
-        for param in self.method.params:
-            if param.required and param.name not in self.config.search and param.name not in self.config.fixed:
-                raise UserError(f"search space: {self.method.name!r} needs {param.name!r} searched or fixed")
+    def _check_pool(self) -> None:
         if self.method.max_models is not None and len(self.models) > self.method.max_models:
             raise UserError(
                 f"search space: {self.method.name!r} merges at most {self.method.max_models} "
@@ -196,25 +227,35 @@ class SearchSpace:
 
     # --- baselines -----------------------------------------------------------------------
     def baselines(self) -> dict[str, dict[str, float]]:
-        """Named genomes of the classic recipes, where the space can express them."""
-        n = len(self.models)
-        wanted: dict[str, dict[str, Any]] = {
-            "uniform": {"weight": lambda m: 1.0 / n, "density": 1.0, "t": 0.5},
-            "dare_ties_0.5": {"weight": 0.5, "density": 0.5, "t": 0.5},
-        }
-        for model in self.models:
-            wanted[f"only_{model}"] = {"weight": lambda m, me=model: 1.0 if m == me else 0.0, "density": 1.0, "t": 1.0}
+        """Named genomes of the classic recipes, where the space can express them: each gene
+        takes its value from the role its parameter declares (a gene without one, or a value
+        outside its bounds, and the recipe is left out)."""
         out = {}
-        for label, values in wanted.items():
+        for label, by_role in _classic_recipes(self.method, list(self.models)).items():
             genome = {}
             for gene in self.genes:
-                value = values.get(gene.param)
+                value = by_role.get(self.method.param(gene.param).role)
                 value = value(gene.model) if callable(value) else value
                 if value is None or not gene.low <= value <= gene.high:
                     break
                 genome[gene.name] = float(value)
             else:
                 out[label] = genome
-        if self.method.name != "dare_ties":
-            out.pop("dare_ties_0.5", None)
         return out
+
+
+def _classic_recipes(method: MergeMethod, models: list[str]) -> dict[str, dict[str, Any]]:
+    """Role -> value (or model -> value) of each classic recipe; roles as in `methods.Role`."""
+    n = len(models)
+    recipes: dict[str, dict[str, Any]] = {
+        "uniform": {"weight": lambda m: 1.0 / n, "density": 1.0, "interpolation": 0.5},
+    }
+    if method.name == "dare_ties":
+        recipes["dare_ties_0.5"] = {"weight": 0.5, "density": 0.5, "interpolation": 0.5}
+    for model in models:
+        recipes[f"only_{model}"] = {
+            "weight": lambda m, me=model: 1.0 if m == me else 0.0,
+            "density": 1.0,
+            "interpolation": 1.0,
+        }
+    return recipes

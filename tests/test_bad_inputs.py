@@ -299,6 +299,49 @@ def test_weights_summing_to_zero_with_normalize(monkeypatch, capsys, work, pool)
     merge_fails(monkeypatch, capsys, work, recipe, "sum to 0", "normalize")
 
 
+def ties_recipe(pool, *, global_=None, first=None, slice_=None) -> dict:
+    """A TIES recipe over ft0 and ft1, as slices when `slice_` parameters are given."""
+    first = {"weight": 0.5, **(first or {})}
+    if slice_ is None:
+        models = [{"model": str(pool["ft0"]), "parameters": first}, {"model": str(pool["ft1"]), "parameters": {"weight": 0.5}}]
+        body = {"models": models}
+    else:
+        sources = [
+            {"model": str(pool["ft0"]), "layer_range": [0, 4], "parameters": first},
+            {"model": str(pool["ft1"]), "layer_range": [0, 4], "parameters": {"weight": 0.5}},
+            {"model": str(pool["base"]), "layer_range": [0, 4]},
+        ]
+        body = {"slices": [{"sources": sources, "parameters": slice_}]}
+    return {"merge_method": "ties", "base_model": str(pool["base"]), **body, **({"parameters": global_} if global_ else {})}
+
+
+MISSPELLED = {  # level -> (recipe changes, path named in the message, closest name)
+    "global": ({"global_": {"lamda": 3}}, "parameters.lamda", "lambda"),
+    "per-model": ({"first": {"densty": 0.2}}, "models[0].parameters.densty", "density"),
+    "per-slice": ({"slice_": {"densty": 0.2}}, "slices[0].parameters.densty", "density"),
+    "per-source": ({"slice_": {}, "first": {"densty": 0.2}}, "slices[0].sources[0].parameters.densty", "density"),
+    "filter-list": ({"first": {"densty": [{"filter": "mlp", "value": 0.2}, {"value": 1.0}]}}, "models[0].parameters.densty", "density"),
+}
+
+
+@pytest.mark.parametrize("level", sorted(MISSPELLED))
+def test_misspelled_parameter_is_refused_by_merge(monkeypatch, capsys, work, pool, level):
+    """Once merged without a word at the parameter's default (density 1, lambda 1)."""
+    changes, path, closest = MISSPELLED[level]
+    merge_fails(monkeypatch, capsys, work, ties_recipe(pool, **changes), path, f"did you mean {closest!r}")
+
+
+@pytest.mark.parametrize("level", sorted(MISSPELLED))
+def test_misspelled_parameter_is_refused_by_eval_of_a_recipe(monkeypatch, capsys, work, pool, level):
+    changes, path, closest = MISSPELLED[level]
+    file = work / "recipe.yaml"
+    file.write_text(yaml.safe_dump(ties_recipe(pool, **changes)))
+    before = snapshot(work)
+    code, err = cli(monkeypatch, capsys, "eval", str(file), "--tasks", "evomerge_add", "--out", str(work / "scores.json"))
+    assert_one_sentence(code, err, path, f"did you mean {closest!r}")
+    assert snapshot(work) == before, "something was written"
+
+
 def test_layer_range_beyond_the_model(monkeypatch, capsys, work, pool):
     recipe = {
         "merge_method": "passthrough",
@@ -393,6 +436,32 @@ def test_nan_in_a_pool_model_is_refused_at_search_set_up(work, small_pool):
 def test_search_space_bounds_outside_the_limits(work, small_pool):
     space = {"method": "ties", "search": {"weight": [0.0, 1.0], "density": [0.5, 1.5]}}
     search_fails(work, search_config(work, small_pool, space=space), "'density'", "[0, 1]")
+
+
+@pytest.mark.parametrize(
+    "space, needles",
+    [
+        ({"method": "ties", "search": {"weight": None, "densty": [0.1, 1.0]}}, ("search.densty", "did you mean 'density'")),
+        ({"method": "ties", "search": {"weight": None}, "fixed": {"lamda": 3}}, ("fixed.lamda", "did you mean 'lambda'")),
+        ({"method": "ties", "search": {"weight": None}, "fixed": {"int8_mask": 3}}, ("fixed.int8_mask", "bool", "3")),
+    ],
+    ids=["search", "fixed", "fixed-value"],
+)
+def test_misspelled_parameter_in_an_inline_space(work, small_pool, space, needles):
+    search_fails(work, search_config(work, small_pool, space=space), *needles)
+
+
+@pytest.mark.parametrize(
+    "space, name, floats",
+    [
+        ({"method": "karcher", "search": {"max_iter": [2, 20]}}, "max_iter", "tol"),
+        ({"method": "ties", "search": {"weight": None, "int8_mask": [0, 1]}}, "int8_mask", "weight, density, lambda"),
+    ],
+)
+def test_only_float_parameters_can_be_searched(work, small_pool, space, name, floats):
+    """An int or bool gene was accepted and the search then stopped at its first candidate with
+    "parameter 'max_iter' ... must be a finite int, got 10.5", which named no cause."""
+    search_fails(work, search_config(work, small_pool, space=space), f"search.{name}", "only float parameters", floats)
 
 
 def test_missing_pool_model(work, small_pool):

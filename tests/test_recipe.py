@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from test_mergekit_golden import CASES  # tests/ is on sys.path under pytest
 
 from evomerge.errors import UserError
+from evomerge.methods import get_method
 from evomerge.recipe import Recipe, parse_recipe
 
 WRITE_BACK = {case.id: case.recipe.replace("$", "") for case in CASES}
@@ -75,31 +76,41 @@ conditionals = st.lists(
     min_size=1,
     max_size=3,
 )
-parameters = st.dictionaries(
-    st.sampled_from(["weight", "density", "t", "lambda", "normalize", "epsilon"]),
-    st.one_of(values, conditionals),
-    max_size=3,
-)
-models_recipes = st.fixed_dictionaries(
-    {
-        "merge_method": st.sampled_from(["linear", "ties", "slerp", "dare_ties"]),
-        "models": st.lists(
-            st.fixed_dictionaries({"model": names}, optional={"parameters": parameters}),
-            min_size=1,
-            max_size=3,
+
+
+@st.composite
+def models_recipes(draw):
+    """A recipe of `models:` whose parameter names are ones its method declares."""
+    method = draw(st.sampled_from(["linear", "ties", "slerp", "dare_ties", "della"]))
+    parameters = st.dictionaries(
+        st.sampled_from([p.name for p in get_method(method).params]),
+        st.one_of(values, conditionals),
+        max_size=3,
+    )
+    recipe = {
+        "merge_method": method,
+        "models": draw(
+            st.lists(
+                st.fixed_dictionaries({"model": names}, optional={"parameters": parameters}),
+                min_size=1,
+                max_size=3,
+            )
         ),
-    },
-    optional={
-        "base_model": names,
-        "parameters": parameters,
-        "dtype": st.sampled_from(["float32", "bfloat16", "float16"]),
-        "out_dtype": st.sampled_from(["float32", "bfloat16"]),
-    },
-)
+    }
+    optional = st.fixed_dictionaries(
+        {},
+        optional={
+            "base_model": names,
+            "parameters": parameters,
+            "dtype": st.sampled_from(["float32", "bfloat16", "float16"]),
+            "out_dtype": st.sampled_from(["float32", "bfloat16"]),
+        },
+    )
+    return {**recipe, **draw(optional)}
 
 
 @settings(max_examples=150, deadline=None)
-@given(data=models_recipes)
+@given(data=models_recipes())
 def test_generated_recipes_round_trip(data):
     recipe = parse_recipe(yaml.safe_dump(data))
     assert parse_recipe(recipe.to_yaml()) == recipe
@@ -174,3 +185,57 @@ def test_other_mistakes_are_one_clear_user_error(text, fragment):
 def test_recipe_type_is_the_public_one():
     recipe = parse_recipe("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]")
     assert isinstance(recipe, Recipe)
+
+
+# --- parameter names -----------------------------------------------------------------------
+TIES_BASE = "merge_method: ties\nbase_model: base\n"
+
+
+@pytest.mark.parametrize(
+    "text, path, suggestion",
+    [
+        (TIES_BASE + "parameters: {lamda: 3}\nmodels: [{model: a, parameters: {weight: 1}}]",
+         "parameters.lamda", "lambda"),
+        (TIES_BASE + "models: [{model: a, parameters: {weight: 1}}, {model: b, parameters: {densty: 0.2}}]",
+         "models[1].parameters.densty", "density"),
+        (TIES_BASE + "models:\n  - model: a\n    parameters:\n      weight: 1\n"
+         "      densty: [{filter: mlp, value: 0.2}, {value: 1}]",
+         "models[0].parameters.densty", "density"),
+        (TIES_BASE + "slices:\n  - parameters: {wieght: [0, 1]}\n    sources:\n"
+         "      - {model: a, layer_range: [0, 2]}\n      - {model: base, layer_range: [0, 2]}",
+         "slices[0].parameters.wieght", "weight"),
+        (TIES_BASE + "slices:\n  - sources:\n      - {model: a, layer_range: [0, 2], parameters: {weight: 1}}\n"
+         "      - {model: base, layer_range: [0, 2]}\n  - sources:\n"
+         "      - {model: a, layer_range: [2, 4], parameters: {weight: 1, densty: [{filter: mlp, value: 0.5}]}}\n"
+         "      - {model: base, layer_range: [2, 4]}",
+         "slices[1].sources[0].parameters.densty", "density"),
+        ("merge_method: slerp\nbase_model: base\nmodels: [{model: a}]\nparameters: {weight: 0.5}",
+         "parameters.weight", None),  # nothing close: the message lists what slerp has
+    ],
+    ids=["global", "per-model", "per-model-conditional", "per-slice", "per-source-conditional", "other-method"],
+)
+def test_unknown_parameter_names_the_path_and_the_closest_parameter(text, path, suggestion):
+    """A misspelled parameter used to be ignored (the merge ran at its default); it is refused
+    at every level, with the path to it and the closest name the method declares."""
+    with pytest.raises(UserError) as info:
+        parse_recipe(text, source="r.yaml")
+    message = str(info.value)
+    assert message.startswith(f"r.yaml: {path}: "), message
+    hint = f"did you mean {suggestion!r}" if suggestion else "(known: t)"
+    assert hint in message, message
+
+
+def test_unknown_merge_method_is_refused_when_parsed():
+    with pytest.raises(UserError, match=r"merge_method: unknown merge method 'tiez'; did you mean 'ties'"):
+        parse_recipe("merge_method: tiez\nmodels: [{model: a}]")
+
+
+def test_every_declared_parameter_is_accepted_at_every_level():
+    """The check refuses only names the method does not declare."""
+    for name in ("ties", "della", "breadcrumbs", "slerp", "karcher", "nuslerp", "sce", "passthrough"):
+        params = {p.name: 1 for p in get_method(name).params}
+        text = yaml.safe_dump({
+            "merge_method": name, "base_model": "base", "parameters": params,
+            "slices": [{"parameters": params, "sources": [{"model": "a", "layer_range": [0, 2], "parameters": params}]}],
+        })
+        assert parse_recipe(text).merge_method == name

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import tempfile
 from pathlib import Path
@@ -13,7 +12,126 @@ import click
 
 from evomerge.errors import UserError
 
-log = logging.getLogger(__name__)
+
+class _SeveralTaskNames(click.Command):
+    """`--tasks a b c` as the README writes it: a click option takes one value, so the words
+    after `--tasks`, up to the next option, are read as `--tasks a --tasks b --tasks c`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        spread: list[str] = []
+        taken = None  # values since the last `--tasks`; None while another option is read
+        for i, arg in enumerate(args):
+            if arg == "--":
+                return super().parse_args(ctx, spread + args[i:])
+            if arg.startswith("-"):
+                taken = 0 if arg == "--tasks" else None
+            elif taken is not None:
+                spread += ["--tasks"] if taken else []
+                taken += 1
+            spread.append(arg)
+        return super().parse_args(ctx, spread)
+
+
+@click.command("eval", cls=_SeveralTaskNames)
+@click.argument("model", metavar="MODEL_DIR|RECIPE.yaml", type=click.Path(path_type=Path))
+@click.option(
+    "--tasks", "task_args", multiple=True, metavar="NAME[:METRIC[:WEIGHT]]...",
+    help="Tasks to score: the names up to the next option (so MODEL_DIR goes first), "
+    "comma-separated or repeated (default: every task under --task-path).",
+)
+@click.option(
+    "--task-path", "task_paths", multiple=True, type=click.Path(path_type=Path),
+    help="Folder of lm-eval task YAMLs (repeatable; default: the repo's eval_tasks/).",
+)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="A fitness config YAML (or a search config with a `fitness:` block).")
+@click.option("--limit", type=click.IntRange(min=1), help="Score only the first N examples of each task.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for task copies and dataset caches (default: a temporary one).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the scores as JSON here.")
+def command(model, task_args, task_paths, config_path, limit, batch_size, threads, run_dir,
+            out_path) -> None:
+    """Score MODEL_DIR (a Hugging Face folder, or a merge RECIPE.yaml) on lm-eval tasks.
+
+    Prints each task's score and the combined fitness; --out also writes them as JSON.
+    """
+    from evomerge.recipe import load_recipe
+
+    recipe = load_recipe(model) if model.is_file() else None  # its mistakes before any work
+    config = _fitness_config(config_path, task_paths, task_args, limit, batch_size)
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # read when torch loads
+    with tempfile.TemporaryDirectory(prefix="evomerge-eval-") as tmp:
+        work = Path(run_dir) if run_dir else Path(tmp)
+        from evomerge.cli.process import set_up_process
+
+        set_up_process(threads=threads, hf_home=work / "hf", offline=config.offline)  # before lm-eval loads
+        from evomerge.fitness import Evaluator
+        from evomerge.fitness.live_model import load_live_model
+        from evomerge.merge import run_merge
+
+        # a recipe is merged with the same code as `evomerge merge`, into the temporary folder
+        folder = run_merge(recipe, Path(tmp) / "merged").out_dir if recipe else model
+        lm_model, tokenizer = load_live_model(folder)
+        evaluator = Evaluator(lm_model, tokenizer, config, work)
+        result = evaluator.score(full=limit is None)
+
+    click.echo(_table(result, config.tasks, evaluator.tasks.maximize))
+    if out_path:
+        report = {
+            "model": str(model.resolve()),
+            "tasks": [t.model_dump() for t in config.tasks],
+            "maximize": evaluator.tasks.maximize,
+            **result.to_dict(),
+        }
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(report, indent=2) + "\n")
+        click.echo(f"wrote {out_path}")
+
+
+def _fitness_config(config_path, task_paths, task_args, limit, batch_size):
+    """The FitnessConfig of a --config file with the command line's choices on top."""
+    from evomerge.fitness.config import FitnessConfig
+    from evomerge.fitness.tasks import local_task_names
+    from evomerge.pool import repo_task_dir
+    from evomerge.recipe import validate_model
+
+    data = _fitness_block(config_path) if config_path else {}
+    if task_paths:
+        data["task_paths"] = [p.resolve() for p in task_paths]
+    elif "task_paths" not in data and (default := repo_task_dir()) is not None:
+        data["task_paths"] = [default]
+    names = [t.strip() for arg in task_args for t in arg.split(",") if t.strip()]
+    if names:
+        data["tasks"] = [_parse_task(t) for t in names]
+    elif "tasks" not in data:
+        data["tasks"] = local_task_names(data.get("task_paths", []))
+        if not data["tasks"]:
+            raise UserError("no tasks given; pass --tasks or a --task-path with task YAMLs.")
+    if limit is not None:
+        data["subset"] = {"count": limit, "sampling": "first"}
+    data.setdefault("batch_size", batch_size)
+    return validate_model(FitnessConfig, data, str(config_path or "evomerge eval"))
+
+
+def _fitness_block(path: Path) -> dict[str, Any]:
+    """The mapping of a fitness config file, or of the `fitness:` block of a search config."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"cannot read fitness config {path}: {exc}") from None
+    if isinstance(data, dict) and "fitness" in data:
+        data = data["fitness"]
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds no fitness config (a mapping with a `tasks` list).")
+    if isinstance(data.get("task_paths"), list):  # relative to the file, as in a search config
+        data["task_paths"] = [(path.parent / str(p)).resolve() for p in data["task_paths"]]
+    return data
 
 
 def _parse_task(text: str) -> dict[str, Any]:
@@ -25,75 +143,8 @@ def _parse_task(text: str) -> dict[str, Any]:
     if len(parts) > 1 and parts[1]:
         spec["metric"] = parts[1]
     if len(parts) > 2:
-        try:
-            spec["weight"] = float(parts[2])
-        except ValueError:
-            raise UserError(f"bad weight in task {text!r}; it must be a number.") from None
+        spec["weight"] = parts[2]  # FitnessConfig says so if it is not a number
     return spec
-
-
-def _tasks_in(paths: list[Path]) -> list[str]:
-    """Names of the tasks defined by the YAML files under `paths` (for the default task list)."""
-    import yaml
-
-    from evomerge.fitness.tasks import YAML_SUFFIXES
-
-    names = []
-    for root in paths:
-        files = [root] if root.is_file() else sorted(root.rglob("*"))
-        for f in files:
-            if f.suffix not in YAML_SUFFIXES:
-                continue
-            try:
-                # `!function` tags are irrelevant here: only the top-level `task` key is read.
-                text = "\n".join(line for line in f.read_text().splitlines() if "!function" not in line)
-                cfg = yaml.safe_load(text)
-            except (OSError, yaml.YAMLError):
-                continue
-            if isinstance(cfg, dict) and isinstance(cfg.get("task"), str):
-                names.append(cfg["task"])
-    return names
-
-
-def _load_fitness_config(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"cannot read fitness config {path}: {exc}") from None
-    if isinstance(data, dict) and "fitness" in data:
-        data = data["fitness"]
-    if not isinstance(data, dict):
-        raise UserError(f"{path} holds no fitness config (a mapping with a `tasks` list).")
-    paths = [Path(p) for p in data.get("task_paths", [])]
-    data["task_paths"] = [p if p.is_absolute() else path.parent / p for p in paths]
-    return data
-
-
-def _load_model(model_dir: Path):
-    """A model folder -> (model, tokenizer); safetensors only, never remote code."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"{model_dir} is not a model folder (no config.json).")
-    if not any(model_dir.glob("*.safetensors")):
-        raise UserError(f"{model_dir} has no .safetensors weights; only safetensors are loaded.")
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, use_safetensors=True, trust_remote_code=False, dtype="auto"
-    )
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    return model, tokenizer
-
-
-def _merge_recipe(recipe_path: Path, into: Path) -> Path:
-    """Merge a recipe into a temporary folder with the same code as `evomerge merge`."""
-    from evomerge.merge import run_merge
-    from evomerge.recipe import load_recipe
-
-    out = into / "merged"
-    run_merge(load_recipe(recipe_path), out)
-    return out
 
 
 def _table(result, specs, maximize) -> str:
@@ -110,92 +161,3 @@ def _table(result, specs, maximize) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(f"fitness (weighted, larger is better): {result.value:.4f}")
     return "\n".join(lines)
-
-
-@click.command("eval")
-@click.argument("model", metavar="MODEL_DIR|RECIPE.yaml", type=click.Path(path_type=Path))
-@click.option(
-    "--tasks", "task_args", multiple=True,
-    help="NAME[:METRIC[:WEIGHT]], comma-separated or repeated (default: every task under "
-    "--task-path).",
-)
-@click.option(
-    "--task-path", "task_paths", multiple=True, type=click.Path(path_type=Path),
-    help="Folder of lm-eval task YAMLs (repeatable; default: the repo's eval_tasks/).",
-)
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="A fitness config YAML (or a search config with a `fitness:` block).")
-@click.option("--limit", type=int, help="Score only the first N examples of each task.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
-@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for task copies and dataset caches (default: a temporary one).")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the scores as JSON here.")
-def command(model, task_args, task_paths, config_path, limit, batch_size, threads, run_dir,
-            out_path) -> None:
-    """Score MODEL_DIR (a Hugging Face folder, or a merge RECIPE.yaml) on lm-eval tasks.
-
-    Prints each task's score and the combined fitness; --out also writes them as JSON.
-    """
-    from pydantic import ValidationError
-
-    from evomerge.fitness.config import FitnessConfig
-    from evomerge.pool import repo_task_dir
-
-    if not model.exists():
-        raise UserError(f"{model} does not exist.")
-    if limit is not None and limit < 1:
-        raise UserError("--limit must be at least 1.")
-
-    data: dict[str, Any] = _load_fitness_config(config_path) if config_path else {}
-    if task_paths:
-        data["task_paths"] = list(task_paths)
-    elif "task_paths" not in data and (default := repo_task_dir()) is not None:
-        data["task_paths"] = [default]
-    names = [t.strip() for arg in task_args for t in arg.split(",") if t.strip()]
-    if names:
-        data["tasks"] = [_parse_task(t) for t in names]
-    elif "tasks" not in data:
-        data["tasks"] = _tasks_in([Path(p) for p in data.get("task_paths", [])])
-        if not data["tasks"]:
-            raise UserError("no tasks given; pass --tasks or a --task-path with task YAMLs.")
-    if limit is not None:
-        data["subset"] = {"count": limit, "sampling": "first"}
-    data.setdefault("batch_size", batch_size)
-    try:
-        config = FitnessConfig.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise UserError(f"bad fitness config at {where or 'top level'}: {first['msg']}.") from None
-
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    with tempfile.TemporaryDirectory(prefix="evomerge-eval-") as tmp:
-        work = Path(run_dir) if run_dir else Path(tmp)
-        from evomerge.cli.process import set_up_process
-
-        set_up_process(hf_home=work / "hf", offline=config.offline)  # before lm-eval loads
-        import torch
-
-        from evomerge.fitness.evaluator import Evaluator
-
-        torch.set_num_threads(threads)
-        model_dir = model
-        if model.is_file():
-            model_dir = _merge_recipe(model, Path(tmp))
-        lm_model, tokenizer = _load_model(model_dir)
-        evaluator = Evaluator(lm_model, tokenizer, config, work)
-        result = evaluator.score(full=limit is None)
-
-    click.echo(_table(result, config.tasks, evaluator.tasks.maximize))
-    if out_path:
-        report = {
-            "model": str(model.resolve()),
-            "tasks": [t.model_dump() for t in config.tasks],
-            "maximize": evaluator.tasks.maximize,
-            **result.to_dict(),
-        }
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(report, indent=2) + "\n")
-        click.echo(f"wrote {out_path}")

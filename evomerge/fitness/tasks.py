@@ -112,9 +112,7 @@ def copy_task_paths(task_paths: list[Path], dest: Path, cache_dir: Path) -> list
     """
     copies = []
     for i, src in enumerate(task_paths):
-        src = Path(src).resolve()
-        if not src.exists():
-            raise UserError(f"task path {src} does not exist.")
+        src = _existing(Path(src).resolve())
         target = dest / f"{i}-{src.stem}"
         # Built aside and renamed into place: workers starting together on one run folder must
         # not delete the copy another one is reading.
@@ -183,6 +181,18 @@ def _manager(paths: list[Path], *, defaults: bool) -> TaskManager:
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=[str(p) for p in paths] or None, include_defaults=defaults)
+
+
+def local_task_names(task_paths: list[Path]) -> list[str]:
+    """The tasks (not groups or tags) that the YAMLs under `task_paths` define, as lm-eval
+    indexes them: what `evomerge eval` scores when no task is named."""
+    return _manager([_existing(Path(p)) for p in task_paths], defaults=False).all_subtasks
+
+
+def _existing(task_path: Path) -> Path:
+    if not task_path.exists():
+        raise UserError(f"task path {task_path} does not exist.")
+    return task_path
 
 
 def _unknown(name: str, known: list[str]) -> UserError:

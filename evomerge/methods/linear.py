@@ -28,7 +28,7 @@ register(
         name="linear",
         merge=linear,
         params=(
-            Param("weight", per_model=True, bounds=(0.0, 1.0)),
+            Param("weight", per_model=True, bounds=(0.0, 1.0), role="weight"),
             Param("normalize", per_model=False, default=True, kind=bool),
         ),
         base_role="input",

@@ -1,9 +1,11 @@
 """The one registry of merge methods and the parameters each one declares.
 
 A method is a pure function over tensors plus a declaration of its parameters: name, whether it
-is set per model or once, its default, and the range a search may explore. The recipe planner
-resolves parameters from that declaration and the search builds its space from it, so adding a
-method is one function and one `register(...)` call.
+is set per model or once, its default, its kind, the range a search may explore and the role it
+plays in the classic baseline recipes. Recipes are checked against that declaration (an unknown
+name is refused with the closest one), the recipe planner resolves parameters from it and the
+search builds its space and baselines from it, so adding a method is one function and one
+`register(...)` call. The names are mergekit 0.1.5's for the same method.
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ if TYPE_CHECKING:
 
 REQUIRED = object()
 
+# What a parameter means to a search, beyond its name: the classic recipes it starts from
+# (`SearchSpace.baselines`) are written in these terms, so they apply to any method declaring them.
+#   "weight"        — a per-model mixing weight (uniform: 1/n each; one model alone: one-hot);
+#   "density"       — the fraction of a task vector kept (1 keeps all of it);
+#   "interpolation" — the position from the base (0) to the one other model (1), SLERP's t.
+Role = Literal["weight", "density", "interpolation"]
+
 
 @dataclass(frozen=True)
 class Param:
@@ -30,7 +39,8 @@ class Param:
     `per_model` parameters take one value per input model (`weight`, `density`); the others
     one value per tensor (`t`, `lambda`). `bounds` is the range a search explores by default;
     `limits` the range that makes sense at all (a density is a fraction): recipes and search
-    spaces outside it are refused. Numbers must be finite.
+    spaces outside it are refused. Numbers must be finite. `role` says what the parameter means
+    to a search (see `Role`); only `float` parameters can be searched.
     """
 
     name: str
@@ -39,6 +49,7 @@ class Param:
     kind: type = float
     bounds: Optional[tuple[float, float]] = None
     limits: Optional[tuple[float, float]] = None
+    role: Optional[Role] = None
 
     @property
     def required(self) -> bool:
@@ -174,7 +185,12 @@ class MergeMethod:
     reference: str = ""
 
     def param(self, name: str) -> Param:
-        return next(p for p in self.params if p.name == name)
+        """The parameter called `name`, or a `UserError` naming the closest one."""
+        for param in self.params:
+            if param.name == name:
+                return param
+        names = [p.name for p in self.params]
+        raise UserError(f"merge method {self.name!r} has no parameter {name!r}{_closest(name, names)}")
 
     @property
     def per_model_params(self) -> tuple[Param, ...]:
@@ -200,11 +216,14 @@ def get_method(name: str) -> MergeMethod:
     try:
         return _REGISTRY[name]
     except KeyError:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UserError(
-            f"unknown merge method {name!r}{hint} (known: {', '.join(sorted(_REGISTRY))})"
-        ) from None
+        raise UserError(f"unknown merge method {name!r}{_closest(name, sorted(_REGISTRY))}") from None
+
+
+def _closest(name: str, known: list[str]) -> str:
+    """The tail of a message about an unknown `name`: `; did you mean 'x'? (known: ...)`."""
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{hint} (known: {', '.join(known) or 'none'})"
 
 
 def method_names() -> list[str]:

@@ -120,7 +120,7 @@ register(
     MergeMethod(
         name="slerp",
         merge=slerp,
-        params=(Param("t", per_model=False, bounds=(0.0, 1.0), limits=(0.0, 1.0)),),
+        params=(Param("t", per_model=False, bounds=(0.0, 1.0), limits=(0.0, 1.0), role="interpolation"),),
         base_role="required",
         min_models=1,
         max_models=1,
@@ -132,7 +132,7 @@ register(
         name="nuslerp",
         merge=nuslerp,
         params=(
-            Param("weight", per_model=True, bounds=(0.0, 1.0)),
+            Param("weight", per_model=True, bounds=(0.0, 1.0), role="weight"),
             Param("nuslerp_flatten", per_model=False, default=True, kind=bool),
             Param("nuslerp_row_wise", per_model=False, default=False, kind=bool),
         ),
@@ -146,7 +146,7 @@ register(
         name="multislerp",
         merge=multislerp,
         params=(
-            Param("weight", per_model=True, bounds=(0.0, 1.0)),
+            Param("weight", per_model=True, bounds=(0.0, 1.0), role="weight"),
             Param("normalize_weights", per_model=False, default=True, kind=bool),
             Param("eps", per_model=False, default=1e-8),
         ),

@@ -139,8 +139,8 @@ def _family_member(
     reference: str,
 ) -> MergeMethod:
     params = [
-        Param("weight", per_model=True, bounds=(0.0, 1.0)),
-        Param("density", per_model=True, default=1.0, bounds=(0.0, 1.0), limits=(0.0, 1.0)),
+        Param("weight", per_model=True, bounds=(0.0, 1.0), role="weight"),
+        Param("density", per_model=True, default=1.0, bounds=(0.0, 1.0), limits=(0.0, 1.0), role="density"),
         Param("lambda", per_model=False, default=1.0, bounds=(0.5, 1.5)),
         Param("normalize", per_model=False, default=normalize, kind=bool),
         Param("rescale", per_model=False, default=rescale, kind=bool),
