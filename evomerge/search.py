@@ -184,17 +184,11 @@ class Search:
 def load_eval_model(config: RunConfig):
     """The live evaluation model (the base, to be overwritten) and its tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from evomerge.fitness.live_model import load_live_model
     from evomerge.merge import torch_dtype
 
-    dtype = torch_dtype(config.pool.dtype) or torch.float32
-    model = AutoModelForCausalLM.from_pretrained(
-        config.pool.base, dtype=dtype, use_safetensors=True, trust_remote_code=False
-    )
-    model.to(config.device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(config.pool.base, trust_remote_code=False)
-    return model, tokenizer
+    return load_live_model(config.pool.base, dtype=torch_dtype(config.pool.dtype) or torch.float32, device=config.device)
 
 
 class _ProgressBar:

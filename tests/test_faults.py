@@ -187,12 +187,12 @@ def _with_remote_code(src: Path, dst: Path, marker: Path) -> Path:
 
 def test_remote_code_is_never_run(tmp_path, small_pool):
     """The search's evaluation model and `evomerge eval` load with trust_remote_code=False."""
-    from evomerge.cli.eval_cmd import _load_model
+    from evomerge.fitness.live_model import load_live_model
     from evomerge.search import load_eval_model
 
     marker = tmp_path / "remote-code-ran"
     model_dir = _with_remote_code(small_pool / "base", tmp_path / "model", marker)
     config = SimpleNamespace(pool=SimpleNamespace(base=str(model_dir), dtype="float32"), device="cpu")
-    for model, _ in (load_eval_model(config), _load_model(model_dir)):
+    for model, _ in (load_eval_model(config), load_live_model(model_dir)):
         assert type(model).__module__.startswith("transformers.")
     assert not marker.exists()
