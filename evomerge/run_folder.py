@@ -23,6 +23,7 @@ from evomerge.errors import UserError
 from evomerge.study import storage_url
 
 if TYPE_CHECKING:
+    from evomerge.dataflow import DataflowSpace
     from evomerge.space import SearchSpace
 
 RUN_FORMAT = 1  # bump when the run folder layout changes incompatibly
@@ -49,18 +50,25 @@ class RunGenes:
         return {"method": self.method, "groups": list(self.groups), "genes": list(self.genes)}
 
 
-def build_space(config: RunConfig) -> SearchSpace:
-    """The run's search space over its pool (reads the base model's layer count)."""
+def build_space(config: RunConfig) -> "SearchSpace | DataflowSpace":
+    """The run's search space over its pool: parameter space (reads the base model's layer
+    count) or, for `kind: dataflow`, the data-flow space."""
     from evomerge.checkpoint import Checkpoint
-    from evomerge.space import SearchSpace, load_space
+    from evomerge.recipe import validate_model
+    from evomerge.space import SearchSpace, SpaceConfig, read_space
 
-    return SearchSpace(
-        load_space(config.space),
-        base=config.pool.base,
-        models=dict(config.pool.models),
-        num_layers=Checkpoint(config.pool.base).num_layers,
-        dtype=config.pool.dtype,
-    )
+    data, where = read_space(config.space)
+    pool = dict(base=config.pool.base, models=dict(config.pool.models), dtype=config.pool.dtype)
+    if isinstance(data, dict) and data.get("kind") == "dataflow":
+        from evomerge.dataflow import DataflowConfig, DataflowSpace
+
+        if config.fitness.backend == "vllm":
+            raise UserError(
+                "a data-flow space changes the model's depth per trial, which a running vLLM engine "
+                "cannot; score it with fitness.backend: hf"
+            )
+        return DataflowSpace(validate_model(DataflowConfig, data, where), **pool)
+    return SearchSpace(validate_model(SpaceConfig, data, where), num_layers=Checkpoint(config.pool.base).num_layers, **pool)
 
 
 def write_run_folder(config: RunConfig, run_dir: Path) -> None:

@@ -63,7 +63,7 @@ class Search:
         self.workers = Coordinator(interval=config.search.heartbeat_seconds, grace=config.search.grace_seconds)
         self.worker = worker_name()
         model, tokenizer = load_eval_model(config)
-        self.candidate = CompiledCandidate(model, self.space, seed=config.search.merge_seed, device=config.device)
+        self.candidate = make_candidate(model, self.space, config)
         self.evaluator = Evaluator(model, tokenizer, config.fitness, self.run_dir)
         self.per_task = config.search.objectives == "per_task"
 
@@ -179,6 +179,17 @@ class Search:
             "later than search.grace_seconds); its result is dropped and the search goes on",
             trial.number,
         )
+
+
+def make_candidate(model, space, config: RunConfig):
+    """What writes a genome into the live model: the compiled parameter-space candidate, or
+    the data-flow candidate (layers by reference) for a data-flow space."""
+    if getattr(space, "kind", None) == "dataflow":
+        from evomerge.dataflow import DataflowCandidate
+        from evomerge.merge import torch_dtype
+
+        return DataflowCandidate(model, space, dtype=torch_dtype(config.pool.dtype) or model.dtype, device=config.device)
+    return CompiledCandidate(model, space, seed=config.search.merge_seed, device=config.device)
 
 
 def load_eval_model(config: RunConfig):

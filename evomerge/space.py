@@ -91,14 +91,20 @@ def _check_searchable(method: MergeMethod, param: Param) -> None:
 def load_space(source: Union[str, Path, dict], *, base_dir: Path = Path(".")) -> SpaceConfig:
     """A space from a file path (absolute, relative to `base_dir`, or a name in
     `search_spaces/`) or from an inline mapping."""
+    data, where = read_space(source, base_dir=base_dir)
+    return validate_model(SpaceConfig, data, where)
+
+
+def read_space(source: Union[str, Path, dict], *, base_dir: Path = Path(".")) -> tuple[Any, str]:
+    """The raw mapping of a space and where it came from (for messages): a space's `kind`
+    says which config reads it (`kind: dataflow`, see evomerge.dataflow)."""
     if isinstance(source, dict):
-        return validate_model(SpaceConfig, source, "space")
+        return source, "space"
     path = _find_space_file(str(source), base_dir)
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text()), str(path)
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: malformed YAML ({exc.__class__.__name__})") from None
-    return validate_model(SpaceConfig, data, str(path))
 
 
 def _find_space_file(name: str, base_dir: Path) -> Path:

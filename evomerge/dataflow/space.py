@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from evomerge.checkpoint import Checkpoint, check_compatible
 from evomerge.errors import UserError
+from evomerge.methods import get_method
 from evomerge.recipe import ConditionalSetting, Recipe, Slice, SliceSource
 from evomerge.space import Gene
 
@@ -93,6 +94,8 @@ class DataflowSpace:
             for i in range(self.num_layers)
             for name in self.sources
         ]
+        self.method = get_method("passthrough")  # what the decoded recipes run
+        self.groups = [(f"R{r}.L{i}", i, i + 1) for r in range(config.repeats) for i in range(self.num_layers)]
         self.genes = self._genes()
 
     def _genes(self) -> list[Gene]:
