@@ -139,3 +139,51 @@ def test_bad_data_flow_spaces_are_refused(pool, tmp_path):
     (other / "config.json").write_text(config)
     with pytest.raises(UserError, match="different architectures"):
         DataflowSpace(DataflowConfig(kind="dataflow"), base=str(pool["base"]), models={"m": str(other)}, dtype=None)
+
+
+def test_a_data_flow_search_exports_the_model_it_scored(tmp_path, small_pool):
+    from pool_fixtures import pool_search_config
+
+    from evomerge.cli.process import set_up_process
+    from evomerge.config import RunConfig
+    from evomerge.export import export_trial
+    from evomerge.run_folder import write_run_folder
+    from evomerge.search import Search
+
+    data = pool_search_config(small_pool, tasks=["evomerge_add", "evomerge_sort"], subset=10,
+                              search={"sampler": "random", "trials": 6, "seed": 3}, space="dataflow_scaled")
+    config, run_dir = RunConfig.model_validate(data), tmp_path / "run"
+    set_up_process(threads=1, hf_home=run_dir / "hf", offline=True)
+    write_run_folder(config, run_dir)
+    search = Search(config, run_dir)
+    search.run(until=6, progress=False)
+    trials = [t for t in search.study.trials if t.state.name == "COMPLETE" and "baseline" not in t.user_attrs]
+    assert trials, [t.user_attrs.get("fail_reason") for t in search.study.trials]
+    trial = trials[-1]
+    search.candidate.apply(trial.params)
+    model = search.candidate.model  # the live evaluation model
+    batch = torch.randint(3, 40, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        scored = model(batch).logits
+    export_trial(run_dir, tmp_path / "export", trial_number=trial.number)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32).eval()
+    assert exported.config.num_hidden_layers == len(search.space.path(trial.params))
+    with torch.no_grad():
+        assert torch.equal(exported(batch).logits, scored)
+
+
+def test_the_vllm_backend_refuses_a_data_flow_space(tmp_path, small_pool):
+    import subprocess
+    import sys
+
+    import yaml
+    from pool_fixtures import pool_search_config
+
+    data = pool_search_config(small_pool, tasks=["evomerge_add"], subset=10, search={"trials": 2},
+                              space="dataflow", backend="vllm")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    result = subprocess.run([sys.executable, "-m", "evomerge", "search", str(tmp_path / "config.yaml"), "--run-dir",
+                             str(tmp_path / "run")], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "fitness.backend: hf" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()
