@@ -24,12 +24,13 @@ def evomerge(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 
 def readme_eval_commands() -> list[str]:
-    """Every `evomerge eval ...` line of the README's command blocks, comments cut off."""
+    """The README's `evomerge eval MODEL_DIR ...` lines (on the demo pool), comments cut off;
+    tests/test_readme.py runs every other command block in a sandbox of the reader's files."""
     commands, in_block = [], False
     for line in (REPO / "README.md").read_text().splitlines():
         if line.startswith("```"):
             in_block = not in_block
-        elif in_block and line.startswith("evomerge eval "):
+        elif in_block and line.startswith("evomerge eval MODEL_DIR "):
             commands.append(line.split("#", 1)[0].strip())
     return commands
 
