@@ -51,10 +51,11 @@ class Search:
     def __init__(self, config: RunConfig, run_dir: Path, *, create: bool = True):
         from evomerge.fitness import Evaluator
 
-        self.config, self.run_dir = config, Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
         self.space = build_space(config)
-        storage = open_run_storage(config, self.run_dir)
+        storage = open_run_storage(config, run_dir)
         sampler = make_sampler(config, seeded=create)
         if create:
             self.study = create_study(config, storage, self.space, sampler=sampler)
@@ -64,7 +65,7 @@ class Search:
         self.worker = worker_name()
         model, tokenizer = load_eval_model(config)
         self.candidate = make_candidate(model, self.space, config)
-        self.evaluator = Evaluator(model, tokenizer, config.fitness, self.run_dir)
+        self.evaluator = Evaluator(model, tokenizer, config.fitness, run_dir)
         self.per_task = config.search.objectives == "per_task"
 
     def run(self, *, until: int, timeout_s: Optional[float] = None, progress: bool = True) -> None:
