@@ -30,7 +30,7 @@ def small_pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def small_pool2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A freshly built `small` demo2 pool: base/, shift/, count/, dedup/, tasks/, pool.json."""
+    """A freshly built `small` demo2 pool: base/, shift/, sub/, dedup/, tasks/, pool.json."""
     import torch
 
     from evomerge.pool import build_pool

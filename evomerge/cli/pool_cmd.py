@@ -52,6 +52,6 @@ def _pool_command(name: str, summary: str) -> click.Command:
 demo = _pool_command("demo", "add, rev, sort (loglikelihood tasks scored by acc).")
 demo2 = _pool_command(
     "demo2",
-    "shift (a Caesar cipher, a generate-until task scored by exact_match), count, dedup "
+    "shift (a Caesar cipher, a generate-until task scored by exact_match), sub, dedup "
     "(loglikelihood tasks scored by acc).",
 )

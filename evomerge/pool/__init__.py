@@ -3,7 +3,7 @@
 Two pools, each deterministic (fixed seeds, one torch thread) and needing no network:
 
 - `demo`: add, rev, sort, all scored as loglikelihood tasks (greedy-match `acc`);
-- `demo2`: shift (a Caesar cipher, generated until "." and scored by `exact_match`), count, dedup.
+- `demo2`: shift (a Caesar cipher, generated until "." and scored by `exact_match`), sub, dedup.
 
 Each pool has a character-level tokenizer (one token per character, BOS added by the
 post-processor), a small `LlamaForCausalLM` base pretrained on the mix of its skills, and one

@@ -18,8 +18,7 @@ DIGITS = "0123456789"
 WORD_LENGTHS = (4, 8)  # letters per rev/sort/shift example, inclusive
 ADD_RANGES = (100, 10)  # add: a below 100 plus b below 10
 SHIFT = 3  # shift: each letter moves 3 places on (a Caesar cipher)
-COUNT_LETTERS = "abc"  # count: how many a's in a word of these letters
-COUNT_LENGTHS = (4, 9)  # count: letters per example, inclusive (so the count is one digit)
+SUB_RANGES = (10, 100, 10)  # sub: a from 10 to 99 minus b below 10
 RUNS = (3, 6)  # dedup: runs of one letter per example, inclusive
 RUN_LENGTH = 3  # dedup: letters per run, at most
 DEDUP_LETTERS = LETTERS[:8]  # a small alphabet, so neighbouring runs often look alike
@@ -64,9 +63,10 @@ def _shift(rng: random.Random) -> tuple[str, str]:
     return f"c:{s}=", "".join(LETTERS[(LETTERS.index(c) + SHIFT) % len(LETTERS)] for c in s)
 
 
-def _count(rng: random.Random) -> tuple[str, str]:
-    s = "".join(rng.choice(COUNT_LETTERS) for _ in range(rng.randint(*COUNT_LENGTHS)))
-    return f"n:{s}=", str(s.count(COUNT_LETTERS[0]))
+def _sub(rng: random.Random) -> tuple[str, str]:
+    # Written "m:37 8=" (no "-" in the vocabulary, which both pools share).
+    a, b = rng.randrange(SUB_RANGES[0], SUB_RANGES[1]), rng.randrange(SUB_RANGES[2])
+    return f"m:{a} {b}=", f"{a - b}"
 
 
 def _dedup(rng: random.Random) -> tuple[str, str]:
@@ -94,8 +94,8 @@ POOLS: dict[str, dict[str, Skill]] = {
         for s in (
             Skill("shift", _shift, f"move {WORD_LENGTHS[0]}-{WORD_LENGTHS[1]} letters "
                   f"{SHIFT} places on (generated until '.'): c:abyz=debc.", "generate_until"),
-            Skill("count", _count, f"count the {COUNT_LETTERS[0]}'s in {COUNT_LENGTHS[0]}-"
-                  f"{COUNT_LENGTHS[1]} letters of {COUNT_LETTERS}: n:abca=2."),
+            Skill("sub", _sub, f"subtract a number below {SUB_RANGES[2]} from one of "
+                  f"{SUB_RANGES[0]}-{SUB_RANGES[1] - 1}: m:37 8=29."),
             Skill("dedup", _dedup, f"collapse runs of letters of {DEDUP_LETTERS[0]}-"
                   f"{DEDUP_LETTERS[-1]}: d:aabccc=abc."),
         )

@@ -50,7 +50,7 @@ class PoolSize:
 SIZES: dict[str, PoolSize] = {
     "full": PoolSize(
         hidden=128, layers=3, heads=2, kv_heads=2, intermediate=256, batch=32,
-        base_steps=600, base_lr=3e-3, spec_steps=300, spec_lr=5e-4, replay=0.0,
+        base_steps=600, base_lr=3e-3, spec_steps=300, spec_lr=5e-4, replay=0.35,
     ),
     "small": PoolSize(
         hidden=64, layers=2, heads=1, kv_heads=1, intermediate=128, batch=32,
