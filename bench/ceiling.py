@@ -5,12 +5,12 @@
 The multi-task model starts from the pool's base and trains on the union of the specialists'
 training data (every skill of the pool) with the specialists' schedule and learning rate and
 their total step budget (number of skills x specialist steps), through the same training code
-as the pool (`evomerge.pool.training`). Every model is scored on the test split (never seen by
-a search), and printed beside the base, each specialist, the naive merges (uniform task
+as the pool (`evomerge.pool.training`). Every model is scored on the dev split (what a search
+sees) and the test split (what it never sees), and printed beside the base, each specialist, the naive merges (uniform task
 arithmetic, task arithmetic with weights 1, a uniform linear average, dare_ties 0.5/0.5) and,
-given a run folder (its best trial, re-scored here on test) or a score, the best merge. Last
-line: the share of the gap between the best naive model (a specialist or a naive merge) and
-the ceiling that the best merge closes.
+given a run folder (its best trial, re-scored here) or a test score, the best merge. Last
+line: the share of the test gap between the best naive model (a specialist or a naive merge)
+and the ceiling that the best merge closes.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 CEILING_SEED = 7
+CEILING = "ceiling: one model fine-tuned on all the skills"
+SPLITS = ("dev", "test")
 
 
 def naive_recipes(manifest: dict) -> dict[str, str]:
@@ -48,8 +50,6 @@ def naive_recipes(manifest: dict) -> dict[str, str]:
 
 def train_ceiling(manifest: dict, base_model):
     """The base fine-tuned on every skill's training data with the specialists' total budget."""
-    import dataclasses
-
     import torch
 
     from evomerge.pool import POOLS, specialist_batches
@@ -57,8 +57,6 @@ def train_ceiling(manifest: dict, base_model):
 
     skills = POOLS[manifest["name"]]
     spec = PoolSize(**manifest["settings"])
-    fields = {f.name for f in dataclasses.fields(PoolSize)}
-    assert set(manifest["settings"]) == fields, "pool.json settings do not match PoolSize"
     model = copy.deepcopy(base_model)
     torch.manual_seed(CEILING_SEED)
     steps = len(skills) * spec.spec_steps
@@ -66,7 +64,7 @@ def train_ceiling(manifest: dict, base_model):
     started = time.perf_counter()
     train(model, batches, steps=steps, lr=spec.spec_lr, batch=spec.batch, warmup=spec.warmup,
           label="multi-task")
-    return model, steps, time.perf_counter() - started
+    return model, time.perf_counter() - started
 
 
 def best_trial_recipe(run_dir: Path):
@@ -110,7 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pool", type=Path, default=Path("runs/demo-pool"))
     best = parser.add_mutually_exclusive_group()
-    best.add_argument("--run", type=Path, help="a search run folder: its best trial, on test")
+    best.add_argument("--run", type=Path, help="a search run folder: its best trial, re-scored")
     best.add_argument("--best-merge", type=float, help="the best merge's mean test score")
     args = parser.parse_args()
 
@@ -124,12 +122,13 @@ def main() -> None:
     load = lambda path: AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()  # noqa: E731
     base = load(manifest["models"]["base"])
     live = copy.deepcopy(base)
-    rows: dict[str, dict[str, float]] = {}
+    rows: dict[str, dict[str, dict[str, float]]] = {split: {} for split in SPLITS}
     with tempfile.TemporaryDirectory() as tmp:
-        evaluator = Evaluator(live, tokenizer, config, Path(tmp) / "eval", split="test")
+        evaluators = {s: Evaluator(live, tokenizer, config, Path(tmp) / s, split=s) for s in SPLITS}
 
         def score(label: str) -> None:
-            rows[label] = evaluator.score(full=True).per_task
+            for split, evaluator in evaluators.items():
+                rows[split][label] = evaluator.score(full=True).per_task
 
         for name in ("base", *skills):
             copy_weights(live, load(manifest["models"][name]))
@@ -140,28 +139,38 @@ def main() -> None:
         for label, recipe, seed in merges:
             LiveCandidate(live, recipe, seed=seed).apply(recipe)
             score(label)
-        ceiling, steps, seconds = train_ceiling(manifest, base)
+        ceiling, seconds = train_ceiling(manifest, base)
         copy_weights(live, ceiling)
-        score(f"ceiling: multi-task fine-tune, {steps} steps")
+        score(CEILING)
 
-    tasks = [s["task"] for s in skills.values()]
-    means = {label: sum(r.values()) / len(r) for label, r in rows.items()}
-    print(f"pool {args.pool} ({manifest['name']}), test split; ceiling trained in {seconds:.0f} s")
-    header = " | ".join(f"{s['task']} ({s['metric']})" for s in skills.values())
-    print(f"| model | {header} | mean |")
-    print("|---" * (len(tasks) + 2) + "|")
-    for label, r in rows.items():
-        print(f"| {label} | {' | '.join(f'{r[t]:.3f}' for t in tasks)} | {means[label]:.3f} |")
-    naive = {k: v for k, v in means.items() if k != "base" and not k.startswith(("best", "ceiling"))}
+    print(f"pool {args.pool} ({manifest['name']}); the ceiling trained in {seconds:.0f} s")
+    for split in SPLITS:
+        print_table(f"{split} split", skills, rows[split])
+    means = {label: mean(r) for label, r in rows["test"].items()}
+    naive = {k: v for k, v in means.items() if k != "base" and not k.startswith(("best", "ceil"))}
     best_naive = max(naive, key=naive.get)
     top = args.best_merge if args.best_merge is not None else next(
         (v for k, v in means.items() if k.startswith("best merge")), None)
-    ceiling_mean = means[f"ceiling: multi-task fine-tune, {steps} steps"]
-    print(f"best naive: {best_naive} {naive[best_naive]:.3f}; ceiling {ceiling_mean:.3f}")
+    ceiling_mean = means[CEILING]
+    print(f"test: best naive model {best_naive} {naive[best_naive]:.3f}; ceiling {ceiling_mean:.3f}")
     if top is not None:
         gap = ceiling_mean - naive[best_naive]
         share = (top - naive[best_naive]) / gap if gap > 0 else float("nan")
-        print(f"best merge {top:.3f}: closes {100 * share:.0f}% of the gap to the ceiling")
+        print(f"test: best merge {top:.3f} closes {100 * share:.0f}% of that gap")
+
+
+def mean(row: dict[str, float]) -> float:
+    return sum(row.values()) / len(row)
+
+
+def print_table(title: str, skills: dict, rows: dict[str, dict[str, float]]) -> None:
+    tasks = [s["task"] for s in skills.values()]
+    header = " | ".join(f"{s['task']} ({s['metric']})" for s in skills.values())
+    print(f"\n{title}\n\n| model | {header} | mean |")
+    print("|---" * (len(tasks) + 2) + "|")
+    for label, r in rows.items():
+        print(f"| {label} | {' | '.join(f'{r[t]:.3f}' for t in tasks)} | {mean(r):.3f} |")
+    print()
 
 
 if __name__ == "__main__":
