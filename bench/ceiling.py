@@ -38,7 +38,9 @@ def naive_recipes(manifest: dict) -> dict[str, str]:
         models = "".join(
             f"  - model: {manifest['models'][s]}\n    parameters: {params}\n" for s in skills
         )
-        return f"merge_method: {method}\nbase_model: {base}\ndtype: float32\nmodels:\n{models}"
+        # a linear average has no base model: it averages the specialists themselves
+        base_line = "" if method == "linear" else f"base_model: {base}\n"
+        return f"merge_method: {method}\n{base_line}dtype: float32\nmodels:\n{models}"
 
     return {
         f"task_arithmetic, weights 1/{n}": recipe("task_arithmetic", {"weight": round(1 / n, 6)}),
@@ -69,22 +71,15 @@ def train_ceiling(manifest: dict, base_model):
 
 def best_trial_recipe(run_dir: Path):
     """The recipe and merge seed of the trial `evomerge export` would take from `run_dir`."""
-    from evomerge.search import (
-        best_trial,
-        build_space,
-        load_or_create_study,
-        open_config_storage,
-        read_run_folder,
-        trial_recipe,
-    )
+    from evomerge import search
 
-    config = read_run_folder(run_dir)
-    study = load_or_create_study(config, open_config_storage(config, run_dir), create=False)
-    trial = best_trial(study)
+    config = search.read_run_folder(run_dir)
+    storage = search.open_config_storage(config, run_dir)
+    trial = search.best_trial(search.load_or_create_study(config, storage, create=False))
     if trial is None:
         raise SystemExit(f"{run_dir} has no completed trial")
-    return f"best merge (trial #{trial.number})", trial_recipe(build_space(config), trial), \
-        config.search.merge_seed
+    recipe = search.trial_recipe(search.build_space(config), trial)
+    return f"best merge (trial #{trial.number})", recipe, config.search.merge_seed
 
 
 def copy_weights(dst, src) -> None:

@@ -128,10 +128,13 @@ def test_existing_folder_needs_force(small_pool: Path) -> None:
     assert not (small_pool / "x").exists()
 
 
-def test_cli_user_error_is_one_line_exit_2(small_pool: Path) -> None:
+@pytest.mark.parametrize("name, fixture", [("demo", "small_pool"), ("demo2", "small_pool2")])
+def test_cli_user_error_is_one_line_exit_2(name: str, fixture: str,
+                                           request: pytest.FixtureRequest) -> None:
+    built = request.getfixturevalue(fixture)
     proc = subprocess.run(
         [sys.executable, "-c", "from evomerge.cli import main; main()",
-         "pool", "demo", str(small_pool), "--size", "small"],
+         "pool", name, str(built), "--size", "small"],
         check=False, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from evomerge import pool
@@ -101,12 +99,3 @@ def test_generate_until_task_scores_exact_match_of_real_generations(
         assert 0 < sum(expected) < len(expected)  # neither all right nor all wrong
         assert result.per_task[task] == sum(expected) / len(expected)
 
-
-def test_cli_refuses_an_existing_demo2_folder(small_pool2: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-c", "from evomerge.cli import main; main()",
-         "pool", "demo2", str(small_pool2), "--size", "small"],
-        check=False, capture_output=True, text=True, timeout=60,
-    )
-    assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error:") and "--force" in proc.stderr
