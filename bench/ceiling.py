@@ -6,11 +6,12 @@ The multi-task model starts from the pool's base and trains on the union of the 
 training data (every skill of the pool) with the specialists' schedule and learning rate and
 their total step budget (number of skills x specialist steps), through the same training code
 as the pool (`evomerge.pool.training`). Every model is scored on the dev split (what a search
-sees) and the test split (what it never sees), and printed beside the base, each specialist, the naive merges (uniform task
-arithmetic, task arithmetic with weights 1, a uniform linear average, dare_ties 0.5/0.5) and,
-given a run folder (its best trial, re-scored here) or a test score, the best merge. Last
-line: the share of the test gap between the best naive model (a specialist or a naive merge)
-and the ceiling that the best merge closes.
+sees) and the test split (what it never sees) and printed beside the base, each specialist,
+the naive merges (uniform task arithmetic, which equals a uniform linear average; task
+arithmetic with weights 1; TIES density 0.5; dare_ties 0.5/0.5) and, given a run folder (its
+best trial, re-scored here) or a test score, the best merge. Last line: the share of the test
+gap between the best naive model (a specialist or a naive merge) and the ceiling that the
+best merge closes. Needs the fitness config's dev/test splits (`Evaluator(..., split=)`).
 """
 
 from __future__ import annotations
@@ -38,14 +39,12 @@ def naive_recipes(manifest: dict) -> dict[str, str]:
         models = "".join(
             f"  - model: {manifest['models'][s]}\n    parameters: {params}\n" for s in skills
         )
-        # a linear average has no base model: it averages the specialists themselves
-        base_line = "" if method == "linear" else f"base_model: {base}\n"
-        return f"merge_method: {method}\n{base_line}dtype: float32\nmodels:\n{models}"
+        return f"merge_method: {method}\nbase_model: {base}\ndtype: float32\nmodels:\n{models}"
 
     return {
         f"task_arithmetic, weights 1/{n}": recipe("task_arithmetic", {"weight": round(1 / n, 6)}),
         "task_arithmetic, weights 1": recipe("task_arithmetic", {"weight": 1.0}),
-        "linear, uniform": recipe("linear", {"weight": 1.0}),
+        "ties, density 0.5 weight 1": recipe("ties", {"weight": 1.0, "density": 0.5}),
         "dare_ties, density 0.5 weight 0.5": recipe("dare_ties", {"weight": 0.5, "density": 0.5}),
     }
 
