@@ -113,7 +113,10 @@ def main() -> None:
         task_paths=[manifest["task_path"]],
     )
     tokenizer = AutoTokenizer.from_pretrained(manifest["models"]["base"])
-    load = lambda path: AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()  # noqa: E731
+
+    def load(path: str):
+        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()
+
     base = load(manifest["models"]["base"])
     live = copy.deepcopy(base)
     rows: dict[str, dict[str, dict[str, float]]] = {split: {} for split in SPLITS}

@@ -32,7 +32,13 @@ from typing import TYPE_CHECKING, Any
 from evomerge.errors import UserError
 from evomerge.pool.skills import POOLS, Skill
 from evomerge.pool.tasks import (
-    N_DEV, N_TEST, TASK_PREFIX, held_out_prompts, repo_task_dir, task_name, write_tasks,
+    N_DEV,
+    N_TEST,
+    TASK_PREFIX,
+    held_out_prompts,
+    repo_task_dir,
+    task_name,
+    write_tasks,
 )
 from evomerge.pool.training import SIZES, Batches, PoolSize, make_model, make_tokenizer, train
 
