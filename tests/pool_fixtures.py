@@ -1,4 +1,5 @@
-"""Session fixtures over the small demo pool (built once per test session, ~10 s).
+"""Session fixtures over the small demo and demo2 pools (each built once per test session,
+~10 s, only by the tests that ask for it).
 
 Wire into tests with `pytest_plugins = ["pool_fixtures"]` in tests/conftest.py (or import
 the fixtures there).
@@ -28,19 +29,43 @@ def small_pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_pool_models(small_pool: Path) -> dict:
-    """name -> loaded model (eval mode) for every model of the small pool, plus `tokenizer`."""
+def small_pool2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A freshly built `small` demo2 pool: base/, shift/, sub/, dedup/, tasks/, pool.json."""
+    import torch
+
+    from evomerge.pool import build_pool
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("pool2") / "demo2"
+    build_pool(out, name="demo2", size="small")
+    return out
+
+
+def load_pool_models(pool: Path) -> dict:
+    """name -> loaded model (eval mode) for every model of a pool folder, plus `tokenizer`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.pool import load_manifest
 
-    manifest = load_manifest(small_pool)
+    manifest = load_manifest(pool)
     models = {
         name: AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()
         for name, path in manifest["models"].items()
     }
     models["tokenizer"] = AutoTokenizer.from_pretrained(manifest["models"]["base"])
     return models
+
+
+@pytest.fixture(scope="session")
+def small_pool_models(small_pool: Path) -> dict:
+    """Every model of the small demo pool, loaded, plus `tokenizer`."""
+    return load_pool_models(small_pool)
+
+
+@pytest.fixture(scope="session")
+def small_pool2_models(small_pool2: Path) -> dict:
+    """Every model of the small demo2 pool, loaded, plus `tokenizer`."""
+    return load_pool_models(small_pool2)
 
 
 SKILLS = ("add", "rev", "sort")

@@ -1,9 +1,12 @@
-"""The demo pool: layout, loadability, determinism, held-out data, and real specialists."""
+"""The demo pool: layout, loadability, determinism, held-out data, and real specialists
+(demo2's own tests are in test_pool2.py; the splits of both pools are checked here)."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -12,26 +15,29 @@ import pytest
 
 from evomerge import pool
 from evomerge.errors import UserError
+from evomerge.pool.tasks import held_out, held_out_prompts
 
 REPO = Path(__file__).resolve().parents[1]
+SKILLS = pool.POOLS["demo"]
 
 
 def test_layout_and_manifest(small_pool: Path) -> None:
     manifest = json.loads((small_pool / pool.MANIFEST_NAME).read_text())
-    assert manifest["size"] == "small"
-    assert set(manifest["models"]) == {"base", *pool.SKILLS}
+    assert manifest["size"] == "small" and manifest["name"] == "demo"
+    assert set(manifest["models"]) == {"base", *SKILLS}
+    assert {s["metric"] for s in manifest["skills"].values()} == {"acc"}
     for rel in manifest["models"].values():
         folder = small_pool / rel
         assert (folder / "config.json").is_file()
         assert (folder / "model.safetensors").is_file()
         assert (folder / "tokenizer.json").is_file()
         assert not list(folder.glob("*.bin"))
-    assert manifest["tasks"] == [pool.TASK_PREFIX + s for s in pool.SKILLS]
+    assert manifest["tasks"] == [pool.TASK_PREFIX + s for s in SKILLS]
     assert not list(small_pool.parent.glob(".*building"))  # staged build was renamed away
 
 
 def test_models_load_with_head_dim_64(small_pool_models: dict) -> None:
-    for name in ("base", *pool.SKILLS):
+    for name in ("base", *SKILLS):
         config = small_pool_models[name].config
         assert config.head_dim >= 64  # vLLM's CPU attention needs it
         assert config.model_type == "llama"
@@ -45,29 +51,45 @@ def test_tokenizer_is_char_level_with_bos(small_pool_models: dict) -> None:
     assert tok.decode(ids, skip_special_tokens=True) == "r:abc=cba."
 
 
-def test_test_sets_are_disjoint_from_training() -> None:
-    tok = pool.make_tokenizer()
-    batches = pool._Batches(list(pool.SKILLS), tok, seed=1)
-    held_out = {d["prompt"] for s in pool.SKILLS for d in pool.test_set(s)}
-    assert len(held_out) == len(pool.SKILLS) * pool.N_TEST  # distinct prompts
-    drawn = {batches._example()[0] for _ in range(5000)}
-    assert not drawn & held_out
+@pytest.mark.parametrize("name", list(pool.POOLS))
+def test_dev_and_test_are_disjoint_from_each_other_and_from_training(name: str) -> None:
+    from evomerge.pool.training import Batches
+
+    skills = pool.POOLS[name]
+    splits = {s: held_out(skill) for s, skill in skills.items()}
+    for s, docs in splits.items():
+        dev, test = ({d["prompt"] for d in docs[k]} for k in ("dev", "test"))
+        assert len(dev) == pool.N_DEV and len(test) == pool.N_TEST, s  # distinct prompts
+        assert not dev & test, s
+    excluded = held_out_prompts(skills)
+    assert len(excluded) == len(skills) * (pool.N_DEV + pool.N_TEST)
+    # The base's stream and a specialist's (with replay of the mix) never draw a held-out prompt.
+    everything = Batches(list(skills.values()), pool.make_tokenizer(), held_out=excluded, seed=1)
+    first = next(iter(skills))
+    specialist = pool.specialist_batches(skills, [first], pool.make_tokenizer(),
+                                         dataclasses.replace(pool.SIZES["full"], replay=0.5), seed=10)
+    drawn = {stream.example()[0] for stream in (everything, specialist) for _ in range(4000)}
+    assert not drawn & excluded
+    # ... while the held-out prompts are ordinary draws of the skills (the check is not vacuous).
+    assert any(p in excluded for p in (skills[first].generate(random.Random(i))[0]
+                                       for i in range(3000)))
 
 
 def test_shipped_eval_tasks_match_the_generator(tmp_path: Path) -> None:
-    """eval_tasks/ in the repo is exactly what `pool.write_tasks` writes."""
-    names = pool.write_tasks(tmp_path)
+    """eval_tasks/ in the repo is exactly what `write_tasks` writes for the demo pool."""
+    names = pool.write_tasks(tmp_path, "demo", SKILLS)
     shipped = REPO / "eval_tasks"
-    for f in sorted(p for p in tmp_path.rglob("*") if p.is_file()):
-        rel = f.relative_to(tmp_path)
-        assert (shipped / rel).read_text() == f.read_text(), rel
-    assert names == [pool.TASK_PREFIX + s for s in pool.SKILLS]
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == sorted(str(p.relative_to(shipped)) for p in shipped.rglob("*") if p.is_file())
+    for rel in written:
+        assert (shipped / rel).read_text() == (tmp_path / rel).read_text(), rel
+    assert names == [pool.TASK_PREFIX + s for s in SKILLS]
 
 
 def test_build_is_deterministic(small_pool: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
     pool.build_pool(again, size="small")
-    for name in ("base", *pool.SKILLS):
+    for name in ("base", *SKILLS):
         first = (small_pool / name / "model.safetensors").read_bytes()
         assert (again / name / "model.safetensors").read_bytes() == first, name
 
@@ -84,12 +106,12 @@ def test_specialists_beat_base_on_own_skill(small_pool: Path, small_pool_models:
     live = copy.deepcopy(small_pool_models["base"])
     evaluator = Evaluator(live, small_pool_models["tokenizer"], config, tmp_path / "run")
     scores = {}
-    for name in ("base", *pool.SKILLS):
+    for name in ("base", *SKILLS):
         with torch.no_grad():
             for p, src in zip(live.parameters(), small_pool_models[name].parameters()):
                 p.copy_(src)
         scores[name] = evaluator.score(full=True).metrics
-    for skill in pool.SKILLS:
+    for skill in SKILLS:
         own, base = scores[skill][pool.TASK_PREFIX + skill], scores["base"][pool.TASK_PREFIX + skill]
         # The small pool is a smoke-sized version: clearly better, not the full pool's margins.
         assert own["acc,none"] >= base["acc,none"] + 0.05, (skill, scores)
@@ -101,12 +123,18 @@ def test_existing_folder_needs_force(small_pool: Path) -> None:
         pool.build_pool(small_pool, size="small")
     with pytest.raises(UserError, match="unknown pool size"):
         pool.build_pool(small_pool / "x", size="huge")
+    with pytest.raises(UserError, match="unknown pool 'demo3'; choose one of demo, demo2"):
+        pool.build_pool(small_pool / "x", name="demo3")
+    assert not (small_pool / "x").exists()
 
 
-def test_cli_user_error_is_one_line_exit_2(small_pool: Path) -> None:
+@pytest.mark.parametrize("name, fixture", [("demo", "small_pool"), ("demo2", "small_pool2")])
+def test_cli_user_error_is_one_line_exit_2(name: str, fixture: str,
+                                           request: pytest.FixtureRequest) -> None:
+    built = request.getfixturevalue(fixture)
     proc = subprocess.run(
         [sys.executable, "-c", "from evomerge.cli import main; main()",
-         "pool", "demo", str(small_pool), "--size", "small"],
+         "pool", name, str(built), "--size", "small"],
         check=False, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2

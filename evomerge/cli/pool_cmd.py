@@ -1,4 +1,4 @@
-"""`evomerge pool demo OUT_DIR`: build the offline demo pool (base + specialists + tasks)."""
+"""`evomerge pool demo|demo2 OUT_DIR`: build an offline pool (base + specialists + tasks)."""
 
 from __future__ import annotations
 
@@ -9,35 +9,50 @@ import click
 
 log = logging.getLogger(__name__)
 
+SIZE_HELP = "full: the pool itself (a minute or two on 1 thread); small: a seconds-long build for tests."
+
 
 @click.group(name="pool")
 def command() -> None:
     """Model pools to merge."""
 
 
-@command.command(name="demo")
-@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--size",
-    type=click.Choice(["small", "full"]),
-    default="full",
-    show_default=True,
-    help="full: the demo pool (a few minutes on 2 cores); small: a seconds-long build for tests.",
-)
-@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
-def demo(out_dir: Path, size: str, force: bool) -> None:
-    """Train a tiny base model and one specialist per synthetic skill into OUT_DIR, offline.
-
-    Writes OUT_DIR/base, OUT_DIR/<skill> (HF folders), OUT_DIR/tasks (lm-eval tasks with
-    held-out data) and OUT_DIR/pool.json. Deterministic: the same command gives the same pool.
-    """
+def _build(name: str, out_dir: Path, size: str, force: bool) -> None:
     from evomerge.cli.process import set_up_process
 
     set_up_process()
     from evomerge.pool import build_pool
 
-    manifest = build_pool(out_dir, size=size, force=force)
-    click.echo(f"built the {size} demo pool in {manifest['seconds']['total']:.0f} s: {out_dir}")
-    for name, rel in manifest["models"].items():
-        click.echo(f"  {name:<6} {out_dir / rel}")
-    click.echo(f"  tasks  {out_dir / manifest['task_path']}  ({', '.join(manifest['tasks'])})")
+    manifest = build_pool(out_dir, name=name, size=size, force=force)
+    click.echo(f"built the {size} {name} pool in {manifest['seconds']['total']:.0f} s: {out_dir}")
+    for model, rel in manifest["models"].items():
+        click.echo(f"  {model:<6} {out_dir / rel}")
+    click.echo(f"  tasks  {out_dir / manifest['task_path']}  ({', '.join(manifest['tasks'])}; "
+               "split dev for the search, test for reports)")
+
+
+def _pool_command(name: str, summary: str) -> click.Command:
+    """One `evomerge pool NAME OUT_DIR` command; the pools differ only in their skills."""
+
+    @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+    @click.option("--size", type=click.Choice(["small", "full"]), default="full",
+                  show_default=True, help=SIZE_HELP)
+    @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+    def build(out_dir: Path, size: str, force: bool) -> None:
+        _build(name, out_dir, size, force)
+
+    build.__doc__ = (
+        f"Build the {name} pool into OUT_DIR, offline: {summary}\n\n"
+        "A tiny base model and one specialist per synthetic skill. Writes OUT_DIR/base, OUT_DIR/<skill> (HF folders), OUT_DIR/tasks (lm-eval tasks with "
+        "held-out dev and test data) and OUT_DIR/pool.json. Deterministic: the same command "
+        "gives the same pool."
+    )
+    return command.command(name=name)(build)
+
+
+demo = _pool_command("demo", "add, rev, sort (loglikelihood tasks scored by acc).")
+demo2 = _pool_command(
+    "demo2",
+    "shift (a Caesar cipher, a generate-until task scored by exact_match), sub, dedup "
+    "(loglikelihood tasks scored by acc).",
+)
