@@ -56,9 +56,16 @@ class Promotion(BaseModel):
     warmup: int = Field(default=5, ge=0)
 
 
+SamplerName = Literal["gp", "cmaes", "cmaes_warm", "tpe", "random", "multi"]
+"""The samplers of `evomerge.samplers`; `multi` searches one objective per task."""
+
+DEFAULT_SAMPLER: SamplerName = "cmaes"
+"""The sampler of a config that names none (the one place to change the default)."""
+
+
 class SearchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    sampler: Literal["cmaes", "tpe", "random", "multi"] = "cmaes"
+    sampler: SamplerName = DEFAULT_SAMPLER
     trials: int = Field(default=40, ge=1)
     timeout_minutes: Optional[float] = Field(default=None, gt=0)
     seed: int = 0

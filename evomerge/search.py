@@ -64,21 +64,6 @@ def open_config_storage(config: RunConfig, run_dir: Path):
     return open_storage(storage_url(config, run_dir))
 
 
-def make_sampler(config: RunConfig, *, seeded: bool = True):
-    import optuna
-
-    # Processes that join a study (workers, resume) must not replay the seeded draws of the
-    # process that started it: equal seeds make equal random/TPE proposals (and equal first
-    # CMA-ES draws) in every worker. A study run by many workers is not reproducible anyway.
-    seed = config.search.seed if seeded else None
-    return {
-        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True),
-        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-        "multi": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True),
-    }[config.search.sampler]()
-
-
 def task_names(config: RunConfig) -> list[str]:
     return [t.name for t in config.fitness.tasks]
 
@@ -86,7 +71,13 @@ def task_names(config: RunConfig) -> list[str]:
 def load_or_create_study(config: RunConfig, storage, *, create: bool) -> "optuna.Study":
     import optuna
 
-    sampler = make_sampler(config, seeded=create)
+    from evomerge.samplers import make_sampler
+
+    # Processes that join a study (workers, resume) must not replay the seeded draws of the
+    # process that started it: equal seeds make equal proposals in every worker. A study run by
+    # many workers is not reproducible anyway.
+    seed = config.search.seed if create else None
+    sampler = make_sampler(config.search.sampler, seed=seed, trials=config.search.trials)
     name = config.search.study_name
     if create:
         directions = ["maximize"] * len(task_names(config)) if config.search.sampler == "multi" else ["maximize"]
