@@ -17,7 +17,7 @@ def export(run_dir: Path, out_dir: Path, trial_number: Optional[int], force: boo
     """Write a trial's recipe (mergekit YAML) and merged model (HF folder) to OUT_DIR."""
     from evomerge.export import export_trial
 
-    summary = export_trial(run_dir, out_dir, trial_number=trial_number, force=force)
+    summary = export_trial(run_dir, out_dir, trial_number=trial_number, force=force, say=click.echo)
     click.echo(f"exported {summary.tensors} tensors in {summary.seconds:.1f} s -> {out_dir} (recipe: {out_dir / 'recipe.yaml'})")
 
 

@@ -10,17 +10,24 @@ sees a test score.
     scores = held.score(recipe)                          # {"dev": FitnessResult, "test": ...}
     row = held.describe(scores)                          # values, per-task scores and errors
     gain = held.compare(scores_best, scores_baseline)    # paired, per split
+
+`chosen_scores(config, run_dir, study, trial)` does all that for `evomerge report` and `export`:
+the trial against the best baseline, cached under RUN_DIR/heldout/ (one file per pair).
 """
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from evomerge.fitness.config import combine
 from evomerge.fitness.uncertainty import paired_difference, standard_error
 
 if TYPE_CHECKING:
+    import optuna
+
     from evomerge.config import RunConfig
     from evomerge.fitness.evaluator import FitnessResult
     from evomerge.recipe import Recipe
@@ -37,7 +44,7 @@ class HeldOut:
         from evomerge.search import build_space, load_eval_model
 
         model, tokenizer = load_eval_model(config)
-        space = build_space(config)
+        self.space = space = build_space(config)
         template = space.decode({g.name: (g.low + g.high) / 2 for g in space.genes})
         self.candidate = LiveCandidate(model, template, seed=config.search.merge_seed, device=config.device)
         work = Path(run_dir) / "heldout"
@@ -64,10 +71,10 @@ class HeldOut:
         """Per split: the combined value, per-task scores and their bootstrap standard errors."""
         return {
             split: {
-                "value": result.value,
-                "per_task": result.per_task,
+                "value": _finite(result.value),
+                "per_task": {task: _finite(v) for task, v in result.per_task.items()},
                 "se": {
-                    task: standard_error(values, lambda v, t=task, e=self.evaluators[split]: e.aggregate(t, v))
+                    task: _finite(standard_error(values, lambda v, t=task, e=self.evaluators[split]: e.aggregate(t, v)))
                     for task, values in result.per_example.items()
                 },
                 "n_examples": result.n_examples,
@@ -85,10 +92,63 @@ class HeldOut:
                 out[split] = None
                 continue
             aggregates = {t: (lambda v, t=t: evaluator.aggregate(t, v)) for t in a[split].per_example}
-            out[split] = paired_difference(
+            paired = paired_difference(
                 a[split].per_example,
                 b[split].per_example,
                 aggregates,
                 lambda per_task: combine(tasks.specs, per_task, tasks.maximize),
             )
+            out[split] = {k: _finite(v) for k, v in paired.items()}
         return out
+
+
+def _finite(value: float) -> Optional[float]:
+    """None for NaN or infinity (a collapsed merge's perplexity): JSON has no such numbers."""
+    return float(value) if math.isfinite(value) else None
+
+
+def best_baseline(study: optuna.Study) -> Optional[optuna.trial.FrozenTrial]:
+    """The completed baseline with the best search fitness (the rival a search must beat)."""
+    from optuna.trial import TrialState
+
+    done = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "baseline" in t.user_attrs and "fitness" in t.user_attrs
+    ]
+    return max(done, key=lambda t: t.user_attrs["fitness"], default=None)
+
+
+def chosen_scores(config: RunConfig, run_dir: Path, study: optuna.Study, trial) -> dict[str, Any]:
+    """`trial` and the best baseline scored on all of dev and on test, with standard errors and
+    the paired difference; cached in RUN_DIR/heldout/. Without the pool on disk, a dict with
+    one key, `unavailable`, says why."""
+    from evomerge.search import trial_recipe
+
+    rival = best_baseline(study)
+    if rival is not None and rival.number == trial.number:
+        rival = None
+    chosen = [t for t in (trial, rival) if t is not None]
+    key = {"trials": {str(t.number): t.params for t in chosen}, "fitness": config.fitness.model_dump(mode="json")}
+    path = Path(run_dir) / "heldout" / f"scores-{'-'.join(str(t.number) for t in chosen)}.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["scores"]
+    missing = [p for p in (config.pool.base, *config.pool.models.values()) if not Path(p).exists()]
+    if missing:
+        return {"unavailable": f"the pool is not on disk any more ({missing[0]})"}
+
+    held = HeldOut(config, Path(run_dir))
+    scores = {t.number: held.score(trial_recipe(held.space, t)) for t in chosen}
+    out = {
+        "held_out": held.held_out,
+        "trials": [
+            {"number": t.number, "baseline": t.user_attrs.get("baseline"), **held.describe(scores[t.number])}
+            for t in chosen
+        ],
+        "paired": held.compare(scores[trial.number], scores[rival.number]) if rival else None,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "scores": out}, indent=1))
+    return out
