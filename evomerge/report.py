@@ -379,12 +379,12 @@ def format_held_out(scores: dict[str, Any]) -> str:
         return f"held-out scores: not computed: {scores['unavailable']}"
     tasks = list(scores["trials"][0]["dev"]["per_task"])
     rows = [["", "split", "fitness", *tasks]]
+    label = lambda trial: f"#{trial['number']}" + (f" (baseline {trial['baseline']})" if trial["baseline"] else "")
     for trial in scores["trials"]:
-        label = f"baseline {trial['baseline']}" if trial["baseline"] else f"best #{trial['number']}"
         for split in ("dev", "test"):
             part = trial[split]
             rows.append(
-                [label if split == "dev" else "", split, _num(part["value"])]
+                [label(trial) if split == "dev" else "", split, _num(part["value"])]
                 + [_with_error(part["per_task"][t], part["se"].get(t)) for t in tasks]
             )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -404,7 +404,7 @@ def format_held_out(scores: dict[str, Any]) -> str:
             for split, p in paired.items()
             if p is not None and None not in p.values()
         ]
-        lines.append(f"best #{best['number']} - baseline {rival['baseline']}, paired: " + "; ".join(parts))
+        lines.append(f"{label(best)} - {label(rival)}, paired: " + "; ".join(parts))
     return "\n".join(lines)
 
 

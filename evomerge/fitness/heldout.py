@@ -107,14 +107,15 @@ def _finite(value: float) -> Optional[float]:
     return float(value) if math.isfinite(value) else None
 
 
-def best_baseline(study: optuna.Study) -> Optional[optuna.trial.FrozenTrial]:
-    """The completed baseline with the best search fitness (the rival a search must beat)."""
+def best_baseline(study: optuna.Study, *, other_than: int) -> Optional[optuna.trial.FrozenTrial]:
+    """The completed baseline with the best search fitness, other than trial `other_than`: the
+    rival a search must beat (when the best trial is a baseline, the next best one)."""
     from optuna.trial import TrialState
 
     done = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "baseline" in t.user_attrs and "fitness" in t.user_attrs
+        if "baseline" in t.user_attrs and "fitness" in t.user_attrs and t.number != other_than
     ]
     return max(done, key=lambda t: t.user_attrs["fitness"], default=None)
 
@@ -125,9 +126,7 @@ def chosen_scores(config: RunConfig, run_dir: Path, study: optuna.Study, trial) 
     one key, `unavailable`, says why."""
     from evomerge.search import trial_recipe
 
-    rival = best_baseline(study)
-    if rival is not None and rival.number == trial.number:
-        rival = None
+    rival = best_baseline(study, other_than=trial.number)
     chosen = [t for t in (trial, rival) if t is not None]
     key = {"trials": {str(t.number): t.params for t in chosen}, "fitness": config.fitness.model_dump(mode="json")}
     path = Path(run_dir) / "heldout" / f"scores-{'-'.join(str(t.number) for t in chosen)}.json"
