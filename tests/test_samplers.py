@@ -144,3 +144,23 @@ def test_queued_baselines_are_observations(name: str, observes: bool) -> None:
         )
         proposals.append(study.trials[10].params)
     assert (proposals[0] != proposals[1]) == observes
+
+
+@pytest.mark.slow
+def test_resume_continues_a_warm_cmaes_search_on_a_real_pool(tmp_path, small_pool) -> None:
+    """`evomerge search` stopped inside CMA-ES's first generation, then `evomerge resume` in a
+    new process: the design (baselines + GP) is kept, and CMA-ES goes on from the warm start."""
+    from test_search import evomerge, trials_of, write_config
+
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path, small_pool, trials=12, sampler="cmaes_warm")  # design: 10
+    evomerge("search", str(config), "--run-dir", str(run_dir))
+    evomerge("resume", str(run_dir), "--trials", "5")
+    trials = trials_of(run_dir)
+    assert [t.user_attrs.get("baseline") for t in trials[:4]] == ["uniform", "only_add", "only_rev", "only_sort"]
+    # linear_global over 3 models: 3 genes, population 7; trials 10-16 are generation 0
+    assert [t.system_attrs.get(CMA_GENERATION) for t in trials] == [None] * 10 + [0] * 7
+    design = [t for t in trials[:10] if t.user_attrs.get("fidelity") == "full"]
+    best = max(design, key=lambda t: t.value).params
+    mean = {g: sum(t.params[g] for t in trials[10:]) / 7 for g in best}
+    assert math.dist(list(mean.values()), list(best.values())) < 0.3
