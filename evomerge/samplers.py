@@ -24,7 +24,7 @@ same search.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution
@@ -41,7 +41,7 @@ def design_trials(trials: int) -> int:
     return min(max(10, trials // 3), 50)
 
 
-def make_sampler(name: str, *, seed: Optional[int], trials: int) -> BaseSampler:
+def make_sampler(name: str, *, seed: int | None, trials: int) -> BaseSampler:
     """The sampler called `name` (see `config.SamplerName`) for a study of `trials` trials.
 
     `seed` is None in processes that join a running study (workers, resume): equal seeds
@@ -59,7 +59,7 @@ def make_sampler(name: str, *, seed: Optional[int], trials: int) -> BaseSampler:
     raise ValueError(f"unknown sampler {name!r}")
 
 
-def _gp(seed: Optional[int]) -> BaseSampler:
+def _gp(seed: int | None) -> BaseSampler:
     return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
 
 
@@ -78,7 +78,7 @@ class WarmStartedCmaEs(BaseSampler):
     is what every process continues from.
     """
 
-    def __init__(self, *, design, design_trials: int, seed: Optional[int]):
+    def __init__(self, *, design, design_trials: int, seed: int | None):
         self.design = design
         self.design_trials = design_trials
         self.seed = seed

@@ -37,7 +37,12 @@ def split_run(small_pool: Path, tmp_path_factory) -> Path:
 
 def test_report_scores_the_best_trial_on_test_and_the_study_never_sees_it(split_run: Path) -> None:
     from evomerge.report import report_run
-    from evomerge.search import best_trial, load_or_create_study, open_config_storage, read_run_folder
+    from evomerge.search import (
+        best_trial,
+        load_or_create_study,
+        open_config_storage,
+        read_run_folder,
+    )
 
     report = report_run(split_run)
     held = report.summary["held_out"]
@@ -83,7 +88,12 @@ def test_export_prints_and_cards_dev_and_test(split_run: Path, tmp_path: Path) -
 def test_a_report_without_the_pool_says_so(split_run: Path, tmp_path: Path) -> None:
     from evomerge.fitness.heldout import chosen_scores
     from evomerge.report import format_held_out
-    from evomerge.search import best_trial, load_or_create_study, open_config_storage, read_run_folder
+    from evomerge.search import (
+        best_trial,
+        load_or_create_study,
+        open_config_storage,
+        read_run_folder,
+    )
 
     config = read_run_folder(split_run)
     study = load_or_create_study(config, open_config_storage(config, split_run), create=False)

@@ -140,7 +140,7 @@ def test_queued_baselines_are_observations(name: str, observes: bool) -> None:
         for i in range(10):
             study.enqueue_trial({g: 0.5 + 0.4 * math.sin(7.0 * (i + 1) * (j + 1)) for j, g in enumerate(GENES)})
         study.optimize(
-            lambda t: -sum((t.suggest_float(g, 0.0, 1.0) - peak[g]) ** 2 for g in GENES), n_trials=11
+            lambda t, peak=peak: -sum((t.suggest_float(g, 0.0, 1.0) - peak[g]) ** 2 for g in GENES), n_trials=11
         )
         proposals.append(study.trials[10].params)
     assert (proposals[0] != proposals[1]) == observes

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from evomerge.fitness.config import combine
 from evomerge.fitness.uncertainty import paired_difference, standard_error
@@ -91,23 +91,23 @@ class HeldOut:
             if set(a[split].per_example) != {s.name for s in tasks.specs}:
                 out[split] = None
                 continue
-            aggregates = {t: (lambda v, t=t: evaluator.aggregate(t, v)) for t in a[split].per_example}
+            aggregates = {t: (lambda v, t=t, e=evaluator: e.aggregate(t, v)) for t in a[split].per_example}
             paired = paired_difference(
                 a[split].per_example,
                 b[split].per_example,
                 aggregates,
-                lambda per_task: combine(tasks.specs, per_task, tasks.maximize),
+                lambda per_task, tasks=tasks: combine(tasks.specs, per_task, tasks.maximize),
             )
             out[split] = {k: _finite(v) for k, v in paired.items()}
         return out
 
 
-def _finite(value: float) -> Optional[float]:
+def _finite(value: float) -> float | None:
     """None for NaN or infinity (a collapsed merge's perplexity): JSON has no such numbers."""
     return float(value) if math.isfinite(value) else None
 
 
-def best_baseline(study: optuna.Study, *, other_than: int) -> Optional[optuna.trial.FrozenTrial]:
+def best_baseline(study: optuna.Study, *, other_than: int) -> optuna.trial.FrozenTrial | None:
     """The completed baseline with the best search fitness, other than trial `other_than`: the
     rival a search must beat (when the best trial is a baseline, the next best one)."""
     from optuna.trial import TrialState

@@ -14,7 +14,7 @@ The combined fitness is resampled task by task (tasks are independent samples).
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
