@@ -4,7 +4,7 @@
         --samplers cmaes cmaes_warm gp tpe random --seeds 0 1 2 --trials 50 --jobs 8 --out results.json
 
 A pool is a folder with `pool.json` (as `evomerge pool` writes it: base, models, task_path,
-tasks). Each (space, sampler, seed) is a fresh study (baselines queued first, every trial
+tasks, and each skill's metric). Each (space, sampler, seed) is a fresh study (baselines queued first, every trial
 scored on the full dev split, no subset) run in its own process, `--jobs` at a time. Its best
 trial, chosen on dev as `evomerge export` would, is then scored once on the test split. The
 references are chosen and scored the same way: each specialist alone (the best chosen on dev)
@@ -40,13 +40,20 @@ NAIVE_RECIPES = {
 }
 
 
+def pool_tasks(manifest: dict) -> list:
+    """The pool's tasks, each with the metric its skill names (exact_match for generate-until
+    tasks; a manifest without metrics: lm-eval's `acc`)."""
+    metrics = {s["task"]: s["metric"] for s in manifest.get("skills", {}).values() if "metric" in s}
+    return [{"name": t, "metric": metrics[t]} if t in metrics else t for t in manifest["tasks"]]
+
+
 def pool_config(pool: Path, space, sampler: str, seed: int, trials: int) -> dict:
     manifest = json.loads((pool / "pool.json").read_text())
     models = {name: str(pool / path) for name, path in manifest["models"].items() if name != "base"}
     return {
         "pool": {"base": str(pool / manifest["base"]), "models": models, "dtype": "float32"},
         "space": space,
-        "fitness": {"task_paths": [str(pool / manifest["task_path"])], "tasks": manifest["tasks"]},
+        "fitness": {"task_paths": [str(pool / manifest["task_path"])], "tasks": pool_tasks(manifest)},
         "search": {"sampler": sampler, "trials": trials, "seed": seed, "promotion": None},
         "threads": 1,
     }
