@@ -70,14 +70,11 @@ def train_ceiling(manifest: dict, base_model):
 
 def best_trial_recipe(run_dir: Path):
     """The recipe and merge seed of the trial `evomerge export` would take from `run_dir`."""
-    from evomerge import search
+    from evomerge.export import pick_trial, trial_recipe
+    from evomerge.run_folder import build_space
 
-    config = search.read_run_folder(run_dir)
-    storage = search.open_config_storage(config, run_dir)
-    trial = search.best_trial(search.load_or_create_study(config, storage, create=False))
-    if trial is None:
-        raise SystemExit(f"{run_dir} has no completed trial")
-    recipe = search.trial_recipe(search.build_space(config), trial)
+    config, trial = pick_trial(run_dir)
+    recipe = trial_recipe(build_space(config), trial)
     return f"best merge (trial #{trial.number})", recipe, config.search.merge_seed
 
 

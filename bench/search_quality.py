@@ -1,89 +1,227 @@
-"""Search quality on the demo pool: CMA-ES vs TPE vs random, several seeds each.
+"""Search quality on any pool: samplers x spaces x seeds, chosen on dev, reported on test.
 
-    python bench/search_quality.py [--pool runs/demo-pool] [--trials 50] [--seeds 0 1 2]
+    python bench/search_quality.py --pool runs/demo-pool --spaces dare_ties_global task_arithmetic_layers \\
+        --samplers cmaes cmaes_warm gp tpe random --seeds 0 1 2 --trials 50 --jobs 8 --out results.json
 
-For each sampler and seed, a fresh study (baselines enqueued first, every trial scored on the
-full task set) runs `--trials` trials; the script prints the best combined score of each run
-next to the baselines (uniform merge, dare_ties density 0.5 weight 0.5, each specialist alone)
-and the margins the issue's target asks about: CMA-ES over the best specialist (>= 5 points)
-and over the dare_ties 0.5/0.5 recipe.
+A pool is a folder with `pool.json` (as `evomerge pool` writes it: base, models, task_path,
+tasks, and each skill's metric). Each (space, sampler, seed) is a fresh study (baselines queued first, every trial
+scored on the full dev split, no subset) run in its own process, `--jobs` at a time. Its best
+trial, chosen on dev as `evomerge export` would, is then scored once on the test split. The
+references are chosen and scored the same way: each specialist alone (the best chosen on dev)
+and each naive recipe (a uniform average, DARE-TIES 0.5/0.5, task arithmetic with weight 1).
+The table prints, per sampler x space, the mean and the worst seed of the chosen trial's test
+score minus the best specialist's and minus each naive recipe's, in points (x100). Tasks with
+one split are scored on it for both roles (the JSON says so: `held_out`).
+
+`--out` writes every run (test and dev scores, chosen trial, seconds, sampler seconds per
+trial) and the references as JSON, for merging the runs of several pools.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# name -> (a space, and the gene values of the recipe: per parameter, or per model as a dict)
+NAIVE_RECIPES = {
+    "average": ({"method": "linear", "search": {"weight": [0.0, 1.0]}}, "uniform"),
+    "dare_ties_0.5": ("dare_ties_global", "dare_ties_0.5"),
+    "task_arithmetic_1.0": ({"method": "task_arithmetic", "search": {"weight": [0.0, 1.0]}}, {"weight": 1.0}),
+}
 
 
-def run_one(pool: Path, space: str, sampler: str, seed: int, trials: int, workdir: Path):
+def pool_tasks(manifest: dict) -> list:
+    """The pool's tasks, each with the metric its skill names (exact_match for generate-until
+    tasks; a manifest without metrics: lm-eval's `acc`)."""
+    metrics = {s["task"]: s["metric"] for s in manifest.get("skills", {}).values() if "metric" in s}
+    return [{"name": t, "metric": metrics[t]} if t in metrics else t for t in manifest["tasks"]]
+
+
+def pool_config(pool: Path, space, sampler: str, seed: int, trials: int) -> dict:
+    manifest = json.loads((pool / "pool.json").read_text())
+    models = {name: str(pool / path) for name, path in manifest["models"].items() if name != "base"}
+    return {
+        "pool": {"base": str(pool / manifest["base"]), "models": models, "dtype": "float32"},
+        "space": space,
+        "fitness": {"task_paths": [str(pool / manifest["task_path"])], "tasks": pool_tasks(manifest)},
+        "search": {"sampler": sampler, "trials": trials, "seed": seed, "promotion": None},
+        "threads": 1,
+    }
+
+
+def _setup(threads: int = 1):
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def sampler_seconds(trials) -> float:
+    """Mean seconds per trial spent outside merging and scoring: the sampler's proposal, and
+    the study's bookkeeping (the same for every sampler; compare with `random`)."""
+    spent = [
+        (t.datetime_complete - t.datetime_start).total_seconds()
+        - t.user_attrs["merge_seconds"] - t.user_attrs["eval_seconds"]
+        for t in trials
+    ]
+    return statistics.mean(spent) if spent else 0.0
+
+
+def run_search(job: dict) -> dict:
+    """One study: search on dev, then score the chosen trial on dev and test."""
+    _setup()
     from evomerge.config import RunConfig
+    from evomerge.fitness.heldout import HeldOut
     from evomerge.run_folder import write_run_folder
     from evomerge.search import Search
+    from evomerge.study import best_trial
 
-    config = RunConfig.model_validate(
-        {
-            "pool": {
-                "base": str(pool / "base"),
-                "models": {m: str(pool / m) for m in ("add", "rev", "sort")},
-                "dtype": "float32",
-            },
-            "space": space,
-            "fitness": {"task_paths": [str(pool / "tasks")], "tasks": ["evomerge_add", "evomerge_rev", "evomerge_sort"]},
-            "search": {"sampler": sampler, "trials": trials, "seed": seed, "promotion": None},
-            "threads": 1,
-        }
-    )
-    run_dir = workdir / f"{Path(space).stem}-{sampler}-{seed}"
+    config = RunConfig.model_validate(pool_config(Path(job["pool"]), job["space"], job["sampler"], job["seed"], job["trials"]))
+    run_dir = Path(job["workdir"]) / f"{Path(str(job['space'])).stem}-{job['sampler']}-{job['seed']}"
     write_run_folder(config, run_dir)
+    started = time.perf_counter()
     search = Search(config, run_dir)
-    search.run(until=trials, progress=False)
+    search.run(until=job["trials"], progress=False)
+    seconds = time.perf_counter() - started
+    best = best_trial(search.study)
     done = [t for t in search.study.trials if t.state.name == "COMPLETE"]
-    baselines = {t.user_attrs["baseline"]: t.value for t in done if "baseline" in t.user_attrs}
-    return max(t.value for t in done), baselines
+    del search
+    held = HeldOut(config, run_dir)
+    scores = held.describe(held.score(best.params))
+    return {
+        **{k: job[k] for k in ("space", "sampler", "seed", "trials")},
+        "space": Path(str(job["space"])).stem,
+        "best_trial": best.number,
+        "best_is_baseline": best.user_attrs.get("baseline"),
+        "search_dev": max(t.value for t in done),
+        "dev": scores["dev"]["value"],
+        "test": scores["test"]["value"],
+        "test_se": scores["test"]["se"],
+        "seconds": seconds,
+        "sampler_seconds_per_trial": sampler_seconds([t for t in done if "baseline" not in t.user_attrs]),
+        "held_out": held.held_out,
+    }
+
+
+def score_references(pool: str, workdir: str) -> dict:
+    """Each specialist alone and each naive recipe, on dev and test."""
+    _setup()
+    from evomerge.config import RunConfig
+    from evomerge.fitness.heldout import HeldOut
+    from evomerge.run_folder import build_space
+
+    config = RunConfig.model_validate(pool_config(Path(pool), "dare_ties_global", "random", 0, 1))
+    held = HeldOut(config, Path(workdir) / "references")
+    out = {"specialists": {}, "naive": {}, "held_out": held.held_out}
+    space = build_space(config)
+    for label, genome in space.baselines().items():
+        if label.startswith("only_"):  # weight 1, density 1: the specialist itself
+            out["specialists"][label.removeprefix("only_")] = _values(held, genome)
+    for name, (space_source, values) in NAIVE_RECIPES.items():
+        recipe_config = config.model_copy(update={"space": space_source})
+        recipe_space = build_space(recipe_config)
+        genome = recipe_space.baselines()[values] if isinstance(values, str) else {
+            g.name: values[g.param] for g in recipe_space.genes
+        }
+        out["naive"][name] = _values(HeldOut(recipe_config, Path(workdir) / "references"), genome)
+    return out
+
+
+def _values(held, genome) -> dict:
+    scores = held.describe(held.score(genome))
+    return {split: scores[split]["value"] for split in ("dev", "test")}
+
+
+def margins(runs: list[dict], references: dict) -> dict:
+    """Test-score margins (points) of each sampler x space: over the best specialist (chosen
+    on dev) and over each naive recipe; mean and worst seed."""
+    specialists = references["specialists"]
+    best_specialist = max(specialists, key=lambda m: specialists[m]["dev"])
+    rivals = {f"specialist ({best_specialist})": specialists[best_specialist]["test"]}
+    rivals.update({name: r["test"] for name, r in references["naive"].items()})
+    table = {}
+    for key in sorted({(r["sampler"], r["space"]) for r in runs}):
+        tests = [r["test"] for r in runs if (r["sampler"], r["space"]) == key]
+        table[key] = {
+            "test_mean": statistics.mean(tests),
+            "seeds": len(tests),
+            "vs": {
+                name: {"mean": 100 * (statistics.mean(tests) - v), "min": 100 * (min(tests) - v)}
+                for name, v in rivals.items()
+            },
+        }
+    return table
+
+
+def print_table(table: dict, references: dict, trials: int) -> None:
+    rivals = list(next(iter(table.values()))["vs"])
+    print(f"\ntest score minus rival, points, chosen on dev ({trials} trials; mean / worst seed)")
+    header = ["sampler", "space", "test"] + rivals
+    rows = [
+        [sampler, space, f"{row['test_mean']:.4f}"]
+        + [f"{row['vs'][r]['mean']:+.1f} / {row['vs'][r]['min']:+.1f}" for r in rivals]
+        for (sampler, space), row in table.items()
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for line in [header] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)))
+    print("\nreferences (dev / test):")
+    for group in ("specialists", "naive"):
+        for name, r in references[group].items():
+            print(f"  {group[:-1] if group == 'specialists' else 'naive'} {name}: {r['dev']:.4f} / {r['test']:.4f}")
+    if not all(references["held_out"].values()):
+        one = [t for t, h in references["held_out"].items() if not h]
+        print(f"note: {', '.join(one)} have one split: dev and test are the same examples")
 
 
 def main() -> None:
-    import torch
-
-    torch.set_num_threads(1)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pool", type=Path, default=Path("runs/demo-pool"))
-    parser.add_argument("--space", default="dare_ties_layers")
-    parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--spaces", nargs="+", default=["task_arithmetic_layers", "dare_ties_layers"])
+    parser.add_argument("--samplers", nargs="+", default=["cmaes", "cmaes_warm", "gp", "tpe", "random"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--samplers", nargs="+", default=["cmaes", "tpe", "random"])
+    parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--jobs", type=int, default=1, help="independent runs in parallel processes")
+    parser.add_argument("--out", type=Path, help="write every run and the references as JSON")
     args = parser.parse_args()
+    pool = args.pool.resolve()
+    if not (pool / "pool.json").is_file():
+        parser.error(f"{pool} has no pool.json")
 
-    results: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        # The classic recipes, scored once: the baselines of the two-parameters-per-model
-        # dare_ties space (uniform, dare_ties 0.5/0.5, each specialist alone).
-        _, baselines = run_one(args.pool, "dare_ties_global", "random", 0, 5, Path(tmp) / "reference")
-        for sampler in args.samplers:
-            for seed in args.seeds:
-                started = time.perf_counter()
-                best, _ = run_one(args.pool, args.space, sampler, seed, args.trials, Path(tmp))
-                results.setdefault(sampler, []).append(best)
-                print(f"{sampler:>7} seed {seed}: best {best:.4f}  ({time.perf_counter() - started:.0f} s)", flush=True)
-
-    print(f"\nbest combined score after {args.trials} trials (space {args.space}):")
-    for sampler, scores in results.items():
-        print(f"  {sampler:>7}: mean {statistics.mean(scores):.4f}  min {min(scores):.4f}  max {max(scores):.4f}")
-    print("baselines:")
-    for label, value in sorted(baselines.items(), key=lambda kv: -kv[1]):
-        print(f"  {label:>14}: {value:.4f}")
-    specialists = [v for k, v in baselines.items() if k.startswith("only_")]
-    if "cmaes" in results and specialists:
-        worst_cma = min(results["cmaes"])
-        print(f"\nCMA-ES (worst seed) - best specialist: {100 * (worst_cma - max(specialists)):+.1f} points (target >= +5)")
-        if "dare_ties_0.5" in baselines:
-            print(f"CMA-ES (worst seed) - dare_ties 0.5/0.5: {100 * (worst_cma - baselines['dare_ties_0.5']):+.1f} points (target > 0)")
+    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(max_workers=args.jobs) as workers:
+        references = workers.submit(score_references, str(pool), tmp)
+        jobs = [
+            {"pool": str(pool), "space": space, "sampler": sampler, "seed": seed, "trials": args.trials, "workdir": tmp}
+            for space in args.spaces
+            for sampler in args.samplers
+            for seed in args.seeds
+        ]
+        runs = []
+        for run in workers.map(run_search, jobs):
+            print(
+                f"{run['sampler']:>10} {run['space']:<24} seed {run['seed']}: dev {run['dev']:.4f} "
+                f"test {run['test']:.4f} (trial {run['best_trial']}{', a baseline' if run['best_is_baseline'] else ''}; "
+                f"{run['seconds']:.0f} s, sampler {run['sampler_seconds_per_trial']:.2f} s/trial)",
+                flush=True,
+            )
+            runs.append(run)
+        references = references.result()
+    table = margins(runs, references)
+    print_table(table, references, args.trials)
+    if args.out:
+        rows = [{"sampler": s, "space": sp, **row} for (s, sp), row in table.items()]
+        args.out.write_text(json.dumps({"pool": str(pool), "trials": args.trials, "runs": runs,
+                                        "references": references, "table": rows}, indent=2))
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -56,9 +56,16 @@ class Promotion(BaseModel):
     warmup: int = Field(default=5, ge=0)
 
 
+SamplerName = Literal["gp", "cmaes", "cmaes_warm", "tpe", "random"]
+"""The samplers of `evomerge.samplers`."""
+
+DEFAULT_SAMPLER: SamplerName = "cmaes"
+"""The sampler of a config that names none (the one place to change the default)."""
+
+
 class SearchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    sampler: Literal["cmaes", "tpe", "random"] = "cmaes"
+    sampler: SamplerName = DEFAULT_SAMPLER
     objectives: Literal["combined", "per_task"] = "combined"
     """`combined`: maximise the weighted fitness; `per_task`: one objective per task, a Pareto
     front of trade-offs (export takes the front's best combined fitness)."""
@@ -87,7 +94,7 @@ class SearchConfig(BaseModel):
 
     @model_validator(mode="after")
     def _sampler_fits_objectives(self) -> "SearchConfig":
-        if self.objectives == "per_task" and self.sampler == "cmaes":
+        if self.objectives == "per_task" and self.sampler in ("cmaes", "cmaes_warm"):
             raise ValueError(
                 "the cmaes sampler optimises one objective; with `objectives: per_task` "
                 "choose `sampler: tpe` or `sampler: random`"

@@ -8,7 +8,7 @@ candidate bit for bit (when exported in the merge dtype).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from evomerge import __version__
 from evomerge.errors import UserError
@@ -21,15 +21,29 @@ if TYPE_CHECKING:
     from evomerge.space import SearchSpace
 
 
-def export_trial(run_dir: Path, out_dir: Path, *, trial_number: Optional[int] = None, force: bool = False) -> MergeSummary:
+def export_trial(
+    run_dir: Path,
+    out_dir: Path,
+    *,
+    trial_number: Optional[int] = None,
+    force: bool = False,
+    say: Callable[[str], Any] = lambda text: None,
+) -> "MergeSummary":
+    """Merge the trial into `out_dir`; `say` gets its dev and test scores as text."""
+    from evomerge.fitness.heldout import chosen_scores
     from evomerge.merge import run_merge  # torch: for the merge, not for reading the study
     from evomerge.output import parse_size
+    from evomerge.report import format_held_out
 
-    config, trial = pick_trial(run_dir, trial_number)
+    config = read_run_folder(run_dir)
+    study = open_run_study(config, Path(run_dir))
+    trial = _pick(study, trial_number)
     recipe = trial_recipe(build_space(config), trial)
     if config.export.out_dtype:
         recipe = recipe.model_copy(update={"out_dtype": config.export.out_dtype})
-    card = model_card(recipe, trial, config, run_dir)
+    scores = chosen_scores(config, Path(run_dir), study, trial)
+    say(format_held_out(scores))
+    card = model_card(recipe, trial, config, run_dir, scores)
     return run_merge(
         recipe,
         out_dir,
@@ -69,9 +83,27 @@ def _pick(study, trial_number: Optional[int]):
     return trial
 
 
-def model_card(recipe, trial, config, run_dir) -> str:
-    scores = trial.user_attrs.get("per_task", {})
-    rows = "\n".join(f"| {task} | {value:.4f} |" for task, value in scores.items())
+def _cell(part: dict, task: str) -> str:
+    value, se = part["per_task"].get(task), part["se"].get(task)
+    if value is None:
+        return "-"
+    return f"{value:.4f}" + (f" ± {se:.4f}" if se is not None else "")
+
+
+def score_rows(scores: dict) -> str:
+    """The model card's table: each task on dev (the search chose on it) and test (held out)."""
+    trial = scores["trials"][0]
+    rows = [f"| {task} | {_cell(trial['dev'], task)} | {_cell(trial['test'], task)} |" for task in trial["dev"]["per_task"]]
+    rows.append(f"| combined fitness | {trial['dev']['value']:.4f} | {trial['test']['value']:.4f} |")
+    single = [t for t, held in scores["held_out"].items() if not held]
+    note = (
+        f"\n\n{', '.join(single)}: one split only, so the test column is scored on the examples "
+        "the search chose on, not held out." if single else ""
+    )
+    return "| task | dev | test |\n|---|---|---|\n" + "\n".join(rows) + note
+
+
+def model_card(recipe, trial, config, run_dir, scores: dict) -> str:
     sources = "\n".join(f"- `{name}`: {path}" for name, path in config.pool.models.items())
     return f"""---
 tags: [merge, evomerge]
@@ -88,13 +120,12 @@ Base model: {config.pool.base}
 Sources:
 {sources}
 
-## Scores ({trial.user_attrs.get('fidelity', 'full')} evaluation)
+## Scores
 
-Combined fitness: {trial.user_attrs.get('fitness', float('nan')):.4f}
+Every example of each task, ± bootstrap standard error. The search chose this merge on the
+dev split; the test split was scored once, afterwards, and never seen by the search.
 
-| task | score |
-|---|---|
-{rows}
+{score_rows(scores)}
 
 Run folder: {Path(run_dir).resolve()}
 """

@@ -10,7 +10,14 @@ into `RUN_DIR/report/` (or `out`):
                   (x split part), one column per layer group, colour = position within the
                   gene's bounds, the value written in the cell;
 - `tasks.png`     per-task scores of the best trial beside each baseline;
-- `summary.json`  the table data: best trial, top trials, baselines, counts, saving.
+- `summary.json`  the table data: best trial, top trials, baselines, counts, saving, and the
+                  held-out scores below.
+
+Held-out scores: the best trial and the best baseline are scored again on every dev example
+and on the test split (`evomerge.fitness.heldout`; this loads the pool once, and the result
+is cached in RUN_DIR/heldout/), with bootstrap standard errors per task and a paired
+comparison of the two on the same examples. The search never saw those test scores. A
+report whose pool has gone says so and shows the search's scores only.
 
 "Best" is `study.best_trial`, the trial `evomerge export` takes: the best full-fidelity
 trial (subset scores are noisier), or of a multi-objective study's Pareto front the one with
@@ -80,7 +87,17 @@ def report_run(run_dir: str | Path, *, top: int = 10, out: Path | None = None) -
         top=top,
         title=str(run_dir),
         dashboard=f"optuna-dashboard {url}",
+        held_out=held_out_scores(config, run_dir, study),
     )
+
+
+def held_out_scores(config, run_dir: Path, study: optuna.Study) -> dict[str, Any] | None:
+    """The best trial and the best baseline on all of dev and on test (None: nothing to score)."""
+    from evomerge.fitness.heldout import chosen_scores
+    from evomerge.study import best_trial
+
+    best = best_trial(study)
+    return chosen_scores(config, run_dir, study, best) if best is not None else None
 
 
 def make_report(
@@ -91,11 +108,13 @@ def make_report(
     top: int = 10,
     title: str = "",
     dashboard: str | None = None,
+    held_out: dict[str, Any] | None = None,
 ) -> Report:
     """Table, plots and summary.json for `study`, whose genes are `genes`.
 
     `title` names the run in the text; `dashboard` is the command that opens the study in
-    optuna-dashboard, shown in the text and kept in summary.json."""
+    optuna-dashboard, shown in the text and kept in summary.json; `held_out` is what
+    `held_out_scores` found, shown after the table."""
     if top < 1:
         raise UserError(f"--top must be at least 1, not {top}")
     summary = summarise(study, top=top)
@@ -117,8 +136,12 @@ def make_report(
     summary["plots"] = [f.name for f in files]
     if dashboard:
         summary["dashboard"] = dashboard
+    if held_out is not None:
+        summary["held_out"] = held_out
     files.append(_write_json(out_dir, summary))
     text = format_table(summary, title=title)
+    if held_out is not None:
+        text += "\n\n" + format_held_out(held_out)
     if dashboard:
         text += f"\ndashboard: {dashboard}"
     text += "\n" + "\n".join(f"wrote {f}" for f in files)
@@ -319,6 +342,49 @@ def format_table(summary: dict[str, Any], *, title: str = "") -> str:
         elif saving["eval_seconds_spent"] is None:
             line += " (no eval_seconds recorded: time saved unknown)"
         lines.append(line)
+    return "\n".join(lines)
+
+
+# --- held-out scores ---------------------------------------------------------------------------
+def _with_error(value: float | None, se: float | None) -> str:
+    if _finite(value) is None:
+        return "-"
+    return f"{value:.4f}" + (f" ± {se:.4f}" if _finite(se) is not None else "")
+
+
+def format_held_out(scores: dict[str, Any]) -> str:
+    """The chosen trials on all of dev and on test, ± bootstrap standard errors, and the
+    paired difference of the best trial and the best baseline."""
+    if "unavailable" in scores:
+        return f"held-out scores: not computed: {scores['unavailable']}"
+    tasks = list(scores["trials"][0]["dev"]["per_task"])
+    rows = [["", "split", "fitness", *tasks]]
+    label = lambda trial: f"#{trial['number']}" + (f" (baseline {trial['baseline']})" if trial["baseline"] else "")
+    for trial in scores["trials"]:
+        for split in ("dev", "test"):
+            part = trial[split]
+            rows.append(
+                [label(trial) if split == "dev" else "", split, _num(part["value"])]
+                + [_with_error(part["per_task"][t], part["se"].get(t)) for t in tasks]
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["scores on every example (± bootstrap standard error), dev chose, test held out"]
+    lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
+    single = [t for t, held in scores["held_out"].items() if not held]
+    if single:
+        lines.append(
+            f"no held-out split: {', '.join(single)} (one split; its test score is on the examples "
+            "the search chose on)"
+        )
+    paired = scores.get("paired")
+    if paired:
+        best, rival = scores["trials"][0], scores["trials"][1]
+        parts = [
+            f"{split} {p['difference']:+.4f} ± {p['se']:.4f} (no gain in {p['p_not_better']:.1%} of resamples)"
+            for split, p in paired.items()
+            if p is not None and None not in p.values()
+        ]
+        lines.append(f"{label(best)} - {label(rival)}, paired: " + "; ".join(parts))
     return "\n".join(lines)
 
 

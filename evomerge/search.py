@@ -21,6 +21,7 @@ from evomerge.candidate import CandidateError, CompiledCandidate
 from evomerge.config import RunConfig
 from evomerge.fitness.backends import sync_weights
 from evomerge.run_folder import build_space
+from evomerge.samplers import make_sampler
 from evomerge.study import best_trial, create_study, finished_count, open_run_storage, open_study
 from evomerge.workers import Coordinator, retry_waiting, worker_name
 
@@ -28,20 +29,6 @@ if TYPE_CHECKING:
     import optuna
 
 LOG = logging.getLogger(__name__)
-
-
-def make_sampler(config: RunConfig, *, seeded: bool = True):
-    import optuna
-
-    # Processes that join a study (workers, resume) must not replay the seeded draws of the
-    # process that started it: equal seeds make equal random/TPE proposals (and equal first
-    # CMA-ES draws) in every worker. A study run by many workers is not reproducible anyway.
-    seed = config.search.seed if seeded else None
-    return {
-        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True),
-        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-    }[config.search.sampler]()
 
 
 # --- the search ----------------------------------------------------------------------------
@@ -56,7 +43,10 @@ class Search:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.space = build_space(config)
         storage = open_run_storage(config, run_dir)
-        sampler = make_sampler(config, seeded=create)
+        # Processes that join a study (workers, resume) must not replay the seeded draws of the
+        # process that started it: equal seeds make equal proposals in every worker.
+        seed = config.search.seed if create else None
+        sampler = make_sampler(config.search.sampler, seed=seed, trials=config.search.trials)
         if create:
             self.study = create_study(config, storage, self.space, sampler=sampler)
         else:

@@ -166,3 +166,73 @@ def test_eval_command(small_pool: Path, tmp_path: Path) -> None:
     assert report["n_examples"] == {SORT: 10, REV: 10}
     assert report["maximize"] == {SORT: True, REV: False}
     assert set(report["per_task"]) == {SORT, REV}
+
+
+# --- dev and test splits ---------------------------------------------------------------------
+def split_task_folder(pool: Path, dest: Path, n_dev: int = 60) -> Path:
+    """The pool's tasks rewritten with a dev split (the first `n_dev` examples) and a test
+    split (the rest), by the convention `evomerge pool` writes."""
+    import yaml
+
+    (dest / "data").mkdir(parents=True)
+    for source in sorted((pool / "tasks").glob("*.yaml")):
+        cfg = yaml.safe_load(source.read_text())
+        skill = cfg["task"].removeprefix("evomerge_")
+        lines = (pool / "tasks" / "data" / f"{skill}_test.jsonl").read_text().splitlines()
+        for split, part in (("dev", lines[:n_dev]), ("test", lines[n_dev:])):
+            (dest / "data" / f"{skill}_{split}.jsonl").write_text("\n".join(part) + "\n")
+        cfg["dataset_kwargs"] = {"data_files": {s: f"data/{skill}_{s}.jsonl" for s in ("dev", "test")}}
+        cfg["validation_split"], cfg["test_split"] = "dev", "test"
+        (dest / source.name).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return dest
+
+
+def test_the_search_scores_dev_and_the_report_test(small_pool: Path, small_pool_models: dict, tmp_path: Path) -> None:
+    tasks = split_task_folder(small_pool, tmp_path / "tasks")
+    config = FitnessConfig(tasks=[ADD, {"name": REV, "metric": "perplexity"}], task_paths=[tasks], subset={"count": 10})
+    model, tok = small_pool_models["add"], small_pool_models["tokenizer"]
+    dev = Evaluator(model, tok, config, tmp_path / "run")
+    test = Evaluator(model, tok, config, tmp_path / "run", split="test")
+    assert dev.tasks.held_out == test.tasks.held_out == {ADD: True, REV: True}
+    assert dev.tasks.scored_split == {ADD: "dev", REV: "dev"}
+    assert test.tasks.scored_split == {ADD: "test", REV: "test"}
+    assert dev.score(full=True).n_examples == {ADD: 60, REV: 60}
+    assert dev.score().n_examples == {ADD: 10, REV: 10}  # the subset is drawn from dev
+    result = test.score(full=True, per_example=True)
+    assert result.n_examples == {ADD: N_TEST - 60, REV: N_TEST - 60}
+    # per-example values, in document order, aggregate back to the task's score
+    assert len(result.per_example[ADD]) == N_TEST - 60 and set(result.per_example[ADD]) <= {0.0, 1.0}
+    for task in (ADD, REV):
+        assert test.aggregate(task, result.per_example[task]) == pytest.approx(result.per_task[task])
+    assert dev.score(full=True).per_task != result.per_task
+
+
+def test_a_task_with_one_split_serves_both_roles(small_pool: Path, small_pool_models: dict, tmp_path: Path) -> None:
+    config = FitnessConfig(tasks=[ADD], task_paths=[small_pool / "tasks"])
+    model, tok = small_pool_models["add"], small_pool_models["tokenizer"]
+    dev = Evaluator(model, tok, config, tmp_path / "run")
+    test = Evaluator(model, tok, config, tmp_path / "run", split="test")
+    assert dev.tasks.held_out == {ADD: False}
+    assert dev.score().per_task == test.score().per_task
+
+
+def test_public_benchmarks_are_refused_unless_allowed() -> None:
+    for name in ("mmlu_anatomy", "gsm8k", "arc_easy", "hellaswag", "truthfulqa_mc2", "winogrande"):
+        with pytest.raises(ValidationError, match="public benchmark"):
+            FitnessConfig(tasks=[name])
+        assert FitnessConfig(tasks=[name], allow_public_benchmarks=True).tasks[0].name == name
+    FitnessConfig(tasks=["evomerge_add", "my_arithmetic", "mathematics_mine"])  # not benchmarks
+
+
+def test_a_public_benchmark_config_is_a_user_error(tmp_path: Path) -> None:
+    import yaml
+
+    from evomerge.cli import cli
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"pool": {"base": "b", "models": {"a": "a"}}, "space": "linear_global",
+                                      "fitness": {"tasks": ["gsm8k"]}}))
+    result = CliRunner().invoke(cli, ["search", str(config), "--run-dir", str(tmp_path / "run")])
+    assert isinstance(result.exception, UserError)  # one sentence, exit code 2 (cli.main)
+    assert "public benchmark" in str(result.exception) and "allow_public_benchmarks" in str(result.exception)
+    assert not (tmp_path / "run").exists()

@@ -20,7 +20,7 @@ def export(run_dir: Path, out_dir: Path, trial_number: Optional[int], force: boo
     set_up_process()
     from evomerge.export import export_trial
 
-    summary = export_trial(run_dir, out_dir, trial_number=trial_number, force=force)
+    summary = export_trial(run_dir, out_dir, trial_number=trial_number, force=force, say=click.echo)
     click.echo(f"exported {summary.tensors} tensors in {summary.seconds:.1f} s -> {out_dir} (recipe: {out_dir / 'recipe.yaml'})")
 
 

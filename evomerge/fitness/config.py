@@ -10,6 +10,13 @@ A fitness config is usually a block of the search config, e.g.::
         - evomerge_sort                      # a bare name means metric acc, weight 1
       subset: {count: 50}                    # or {fraction: 0.25}; sampling: first | random
       backend: hf
+      dev_split: dev                         # what the search scores ...
+      test_split: test                       # ... and what only the report does
+
+A task whose YAML names both a `dev_split` and a `test_split` (in `dataset_kwargs.data_files`,
+`validation_split` or `test_split`) is scored on dev by the search and on test only for the
+report and the model card, after the search: the study never sees a test score. A task with
+one split is scored on it for both, and the report says it has no held-out split.
 
 The combined value is always "larger is better": the weighted mean of each task's metric, with
 minimised metrics negated (see `FitnessConfig.combine`).
@@ -89,6 +96,12 @@ class FitnessConfig(BaseModel):
     max_length: int | None = Field(default=None, ge=1)
     offline: bool = True
     """Set HF_HUB_OFFLINE / HF_DATASETS_OFFLINE so nothing is fetched from the network."""
+    dev_split: str = Field(default="dev", min_length=1)
+    """The split the search scores, in tasks that have both splits."""
+    test_split: str = Field(default="test", min_length=1)
+    """The held-out split, scored only for the report and the model card."""
+    allow_public_benchmarks: bool = False
+    """Search on well-known public benchmarks anyway (see `PUBLIC_BENCHMARKS`)."""
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -105,12 +118,36 @@ class FitnessConfig(BaseModel):
             raise ValueError(f"tasks listed twice: {', '.join(duplicates)}")
         if sum(t.weight for t in self.tasks) <= 0:
             raise ValueError("at least one task needs a weight above 0")
+        if self.dev_split == self.test_split:
+            raise ValueError("dev_split and test_split must name different splits")
+        public = [n for n in names if is_public_benchmark(n)]
+        if public and not self.allow_public_benchmarks:
+            raise ValueError(
+                f"{', '.join(public)}: a search tuned on a public benchmark overfits its test set "
+                "and its score no longer measures anything; search on your own dev data, or set "
+                "fitness.allow_public_benchmarks: true if you mean it"
+            )
         return self
 
     def resolved(self, base_dir: Path) -> FitnessConfig:
         """This config with relative `task_paths` made absolute against `base_dir`."""
         paths = [p if p.is_absolute() else (base_dir / p).resolve() for p in self.task_paths]
         return self.model_copy(update={"task_paths": paths})
+
+
+PUBLIC_BENCHMARKS = (
+    "mmlu", "gsm8k", "hellaswag", "arc_", "truthfulqa", "winogrande", "piqa", "boolq",
+    "openbookqa", "siqa", "social_iqa", "lambada", "bbh", "gpqa", "ifeval", "math", "minerva_math",
+    "humaneval", "mbpp", "drop", "race", "sciq", "commonsense_qa", "leaderboard", "mmlu_pro",
+    "musr", "anli", "triviaqa", "nq_open", "squad", "copa", "super_glue", "glue", "agieval",
+)
+"""Task names (or prefixes, for families like `mmlu_*` and `arc_*`) of lm-eval's well-known
+public benchmarks: leaderboard test sets a merge must not be tuned on."""
+
+
+def is_public_benchmark(task: str) -> bool:
+    name = task.lower()
+    return any(name == p or name.startswith(p if p.endswith("_") else p + "_") for p in PUBLIC_BENCHMARKS)
 
 
 def combine(

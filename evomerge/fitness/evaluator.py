@@ -7,6 +7,9 @@
             p.copy_(new)                   # the search swaps weights in place ...
     second = evaluator.score()            # ... and the next call scores them
     final = evaluator.score(full=True)    # every example of every task
+    held_out = Evaluator(model, tokenizer, fitness_config, run_dir, split="test")  # the report's
+
+`split` is the role: "dev" (the search's) or "test" (only the report's; see `fitness.config`).
 
 Each call is one `lm_eval.evaluator.evaluate` over the prebuilt task dict: no `simple_evaluate`
 (it re-collects environment info on every call), no request cache (it keys on the model name,
@@ -43,6 +46,9 @@ class FitnessResult:
     seconds: float
     metrics: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     """Every numeric metric each task reported, keyed like `acc,none`."""
+    per_example: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    """With `score(per_example=True)`: per task (a leaf task, not a group), the configured
+    metric's value for each example in document order, as the task's aggregation takes them."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -52,7 +58,7 @@ class Evaluator:
     """lm-eval tasks built once, scoring the live `model` on every `score` call."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, config: FitnessConfig, run_dir: str | Path
+        self, model: Any, tokenizer: Any, config: FitnessConfig, run_dir: str | Path, *, split: str = "dev"
     ) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
@@ -62,7 +68,8 @@ class Evaluator:
         from evomerge.fitness.tasks import build_task_set
 
         self.model = model
-        self.tasks = build_task_set(config, self.run_dir)
+        self.split = split
+        self.tasks = build_task_set(config, self.run_dir, split=split)
         self.lm = make_lm(
             config.backend,
             model,
@@ -71,8 +78,9 @@ class Evaluator:
             max_length=config.max_length,
         )
 
-    def score(self, *, full: bool = False) -> FitnessResult:
-        """Score the model as its parameters are now: the fixed subset, or all if `full`."""
+    def score(self, *, full: bool = False, per_example: bool = False) -> FitnessResult:
+        """Score the model as its parameters are now: the fixed subset, or all if `full`;
+        `per_example` also keeps each example's metric value (for standard errors)."""
         from lm_eval.evaluator import evaluate
 
         samples = None if full or self.tasks.subset is None else self.tasks.subset
@@ -83,7 +91,7 @@ class Evaluator:
             samples=samples,
             cache_requests=False,
             bootstrap_iters=0,
-            log_samples=False,
+            log_samples=per_example,
         )
         seconds = time.perf_counter() - started
         if out is None:  # only non-zero ranks of a distributed run get None
@@ -116,4 +124,21 @@ class Evaluator:
             n_examples=n_examples,
             seconds=seconds,
             metrics=metrics,
+            per_example=self._per_example(out.get("samples", {})) if per_example else {},
         )
+
+    def _per_example(self, samples: dict[str, list[dict]]) -> dict[str, list[float]]:
+        """Each leaf task's metric value per example, in document order (numeric metrics only)."""
+        out = {}
+        for spec in self.tasks.specs:
+            metric, _, filter_name = spec.metric_key.partition(",")
+            rows = [r for r in samples.get(spec.name, []) if r.get("filter", "none") == filter_name]
+            values = [r.get(metric) for r in sorted(rows, key=lambda r: r["doc_id"])]
+            if values and all(isinstance(v, (int, float)) for v in values):
+                out[spec.name] = [float(v) for v in values]
+        return out
+
+    def aggregate(self, task: str, values: list[float]) -> float:
+        """The task's own aggregation of per-example values (mean, perplexity, ...)."""
+        metric = next(s for s in self.tasks.specs if s.name == task).metric_key.split(",")[0]
+        return float(self.tasks.leaf_tasks[task].aggregation()[metric](values))

@@ -82,12 +82,30 @@ def _absolute(value: Any, base: Path) -> Any:
     return value
 
 
-def _rewrite_yaml(src: Path, dst: Path, cache_dir: Path) -> None:
+def split_names(cfg: dict) -> set[str]:
+    """The dataset splits a task YAML names: its data_files keys and its *_split fields."""
+    data_files = (cfg.get("dataset_kwargs") or {}).get("data_files")
+    names = set(data_files) if isinstance(data_files, dict) else set()
+    names |= {cfg[key] for key in ("training_split", "validation_split", "test_split") if isinstance(cfg.get(key), str)}
+    return names
+
+
+def _score_split(cfg: dict, splits: tuple[str, str], scored: str) -> None:
+    """Make lm-eval score `scored` (one of the pair `splits`, dev and test) in a task that has
+    both: lm-eval scores a task's `test_split` when it has one, so that is what is set."""
+    if set(splits) <= split_names(cfg):
+        cfg["test_split"] = scored
+        if cfg.get("validation_split") == scored:
+            cfg["validation_split"] = None  # scored already; not also the few-shot pool
+
+
+def _rewrite_yaml(src: Path, dst: Path, cache_dir: Path, splits: tuple[str, str], scored: str) -> None:
     text = src.read_text(encoding="utf-8")
     cfg = yaml.load(text, Loader=_Loader)
     if not isinstance(cfg, dict):
         shutil.copyfile(src, dst)
         return
+    _score_split(cfg, splits, scored)
     kwargs = cfg.get("dataset_kwargs")
     if isinstance(kwargs, dict):
         for key in ("data_files", "data_dir"):
@@ -105,10 +123,13 @@ def _rewrite_yaml(src: Path, dst: Path, cache_dir: Path) -> None:
     )
 
 
-def copy_task_paths(task_paths: list[Path], dest: Path, cache_dir: Path) -> list[Path]:
+def copy_task_paths(
+    task_paths: list[Path], dest: Path, cache_dir: Path, *, splits: tuple[str, str] = ("dev", "test"), scored: str = "dev"
+) -> list[Path]:
     """Copy each task folder (or YAML file) under `dest` with absolute data paths; return copies.
 
-    Python files are copied too, so `!function module.name` keeps working next to its YAML.
+    A task with both splits of `splits` (dev, test) is set to score `scored`. Python files are
+    copied too, so `!function module.name` keeps working next to its YAML.
     """
     copies = []
     for i, src in enumerate(task_paths):
@@ -125,7 +146,7 @@ def copy_task_paths(task_paths: list[Path], dest: Path, cache_dir: Path) -> list
             out.parent.mkdir(parents=True, exist_ok=True)
             if f.suffix in YAML_SUFFIXES:
                 try:
-                    _rewrite_yaml(f, out, cache_dir)
+                    _rewrite_yaml(f, out, cache_dir, splits, scored)
                 except yaml.YAMLError as exc:
                     raise UserError(f"task file {f} is not valid YAML: {exc}") from None
             elif f.suffix == ".py":
@@ -171,6 +192,10 @@ class TaskSet:
     """Per leaf task: how many examples the full set has."""
     subset: dict[str, list[int]] | None
     """Per leaf task: the fixed example indices of the subset (None: no subset configured)."""
+    scored_split: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Per leaf task: the split lm-eval scores."""
+    held_out: dict[str, bool] = dataclasses.field(default_factory=dict)
+    """Per leaf task: whether it has both a dev and a test split (else one split serves both)."""
 
     @property
     def leaf_tasks(self) -> dict[str, Task]:
@@ -224,10 +249,21 @@ def _direction(spec: TaskSpec, tasks: list[Task]) -> bool:
     return bool(reported[metric]) if reported[metric] is not None else True
 
 
-def build_task_set(config: FitnessConfig, run_dir: Path) -> TaskSet:
-    """Index and build every task of `config` once (local tasks first, built-ins only if needed)."""
+def build_task_set(config: FitnessConfig, run_dir: Path, *, split: str = "dev") -> TaskSet:
+    """Index and build every task of `config` once (local tasks first, built-ins only if needed).
+
+    `split` is the role, "dev" (the search) or "test" (the report): tasks with both splits
+    score `config.dev_split` or `config.test_split`."""
     run_dir = Path(run_dir)
-    copies = copy_task_paths(config.task_paths, run_dir / "tasks", run_dir / "hf" / "datasets")
+    splits = (config.dev_split, config.test_split)
+    scored = config.dev_split if split == "dev" else config.test_split
+    copies = copy_task_paths(
+        config.task_paths,
+        run_dir / ("tasks" if split == "dev" else f"tasks-{split}"),
+        run_dir / "hf" / "datasets",
+        splits=splits,
+        scored=scored,
+    )
     names = [t.name for t in config.tasks]
     manager = _manager(copies, defaults=False)
     if any(n not in manager.all_tasks for n in names):
@@ -268,4 +304,6 @@ def build_task_set(config: FitnessConfig, run_dir: Path) -> TaskSet:
         maximize=maximize,
         n_docs=n_docs,
         subset=subset,
+        scored_split={name: task.config.test_split or task.config.validation_split for name, task in leaves.items()},
+        held_out={name: set(splits) <= set(getattr(task.dataset, "keys", list)()) for name, task in leaves.items()},
     )
