@@ -26,7 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -198,30 +198,40 @@ def main() -> None:
         parser.error(f"{pool} has no pool.json")
 
     with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(max_workers=args.jobs) as workers:
-        references = workers.submit(score_references, str(pool), tmp)
+        pending_references = workers.submit(score_references, str(pool), tmp)
+        # Seeds outermost: a run cut short still has every sampler x space at its first seeds.
         jobs = [
             {"pool": str(pool), "space": space, "sampler": sampler, "seed": seed, "trials": args.trials, "workdir": tmp}
+            for seed in args.seeds
             for space in args.spaces
             for sampler in args.samplers
-            for seed in args.seeds
         ]
-        runs = []
-        for run in workers.map(run_search, jobs):
-            print(
-                f"{run['sampler']:>10} {run['space']:<24} seed {run['seed']}: dev {run['dev']:.4f} "
-                f"test {run['test']:.4f} (trial {run['best_trial']}{', a baseline' if run['best_is_baseline'] else ''}; "
-                f"{run['seconds']:.0f} s, sampler {run['sampler_seconds_per_trial']:.2f} s/trial)",
-                flush=True,
-            )
-            runs.append(run)
-        references = references.result()
+        runs, references = [], None
+        for done in as_completed([workers.submit(run_search, job) for job in jobs] + [pending_references]):
+            if done is pending_references:
+                references = done.result()
+            else:
+                run = done.result()
+                print(
+                    f"{run['sampler']:>10} {run['space']:<24} seed {run['seed']}: dev {run['dev']:.4f} "
+                    f"test {run['test']:.4f} (trial {run['best_trial']}{', a baseline' if run['best_is_baseline'] else ''}; "
+                    f"{run['seconds']:.0f} s, sampler {run['sampler_seconds_per_trial']:.2f} s/trial)",
+                    flush=True,
+                )
+                runs.append(run)
+            if args.out:  # after every run, so that a run stopped early keeps what it measured
+                write_results(args.out, pool, args.trials, runs, references)
     table = margins(runs, references)
     print_table(table, references, args.trials)
     if args.out:
-        rows = [{"sampler": s, "space": sp, **row} for (s, sp), row in table.items()]
-        args.out.write_text(json.dumps({"pool": str(pool), "trials": args.trials, "runs": runs,
-                                        "references": references, "table": rows}, indent=2))
+        write_results(args.out, pool, args.trials, runs, references, table)
         print(f"wrote {args.out}")
+
+
+def write_results(path: Path, pool: Path, trials: int, runs: list, references, table=None) -> None:
+    rows = [{"sampler": s, "space": sp, **row} for (s, sp), row in (table or {}).items()]
+    path.write_text(json.dumps({"pool": str(pool), "trials": trials, "runs": runs, "references": references,
+                                "table": rows}, indent=2))
 
 
 if __name__ == "__main__":
