@@ -60,9 +60,9 @@ def pool_config(pool: Path, space, sampler: str, seed: int, trials: int) -> dict
 
 
 def _setup(threads: int = 1):
-    import torch
+    from evomerge.cli.process import set_up_process
 
-    torch.set_num_threads(threads)
+    set_up_process(threads=threads)
 
 
 def sampler_seconds(trials) -> float:
@@ -76,30 +76,32 @@ def sampler_seconds(trials) -> float:
     return statistics.mean(spent) if spent else 0.0
 
 
+# `--spaces ps+dataflow`: a parameter-space search, then a data-flow search over the pool and
+# its winner, each with half of the trials (the two linked studies the README describes).
+TWO_STAGE = {"ps+dataflow": ("task_arithmetic_layers", "dataflow")}
+
+
 def run_search(job: dict) -> dict:
-    """One study: search on dev, then score the chosen trial on dev and test."""
+    """One study (or the two of a TWO_STAGE space): search on dev, then score the chosen trial
+    on dev and test."""
     _setup()
     from evomerge.config import RunConfig
     from evomerge.fitness.heldout import HeldOut
-    from evomerge.run_folder import write_run_folder
-    from evomerge.search import Search
-    from evomerge.study import best_trial
 
-    config = RunConfig.model_validate(pool_config(Path(job["pool"]), job["space"], job["sampler"], job["seed"], job["trials"]))
-    run_dir = Path(job["workdir"]) / f"{Path(str(job['space'])).stem}-{job['sampler']}-{job['seed']}"
-    write_run_folder(config, run_dir)
+    name = Path(str(job["space"])).stem
+    run_dir = Path(job["workdir"]) / f"{name}-{job['sampler']}-{job['seed']}"
+    data = pool_config(Path(job["pool"]), job["space"], job["sampler"], job["seed"], job["trials"])
     started = time.perf_counter()
-    search = Search(config, run_dir)
-    search.run(until=job["trials"], progress=False)
+    if job["space"] in TWO_STAGE:
+        data = second_stage(data, run_dir, *TWO_STAGE[job["space"]], job["trials"] // 2)
+    config = RunConfig.model_validate(data)
+    best, done = search(config, run_dir, config.search.trials)
     seconds = time.perf_counter() - started
-    best = best_trial(search.study)
-    done = [t for t in search.study.trials if t.state.name == "COMPLETE"]
-    del search
     held = HeldOut(config, run_dir)
     scores = held.describe(held.score(best.params))
     return {
         **{k: job[k] for k in ("space", "sampler", "seed", "trials")},
-        "space": Path(str(job["space"])).stem,
+        "space": name,
         "best_trial": best.number,
         "best_is_baseline": best.user_attrs.get("baseline"),
         "search_dev": max(t.value for t in done),
@@ -110,6 +112,34 @@ def run_search(job: dict) -> dict:
         "sampler_seconds_per_trial": sampler_seconds([t for t in done if "baseline" not in t.user_attrs]),
         "held_out": held.held_out,
     }
+
+
+def search(config, run_dir: Path, trials: int):
+    """A fresh study of `trials` trials in `run_dir`: its best trial and its complete trials."""
+    from evomerge.run_folder import write_run_folder
+    from evomerge.search import Search
+    from evomerge.study import best_trial
+
+    write_run_folder(config, run_dir)
+    study = Search(config, run_dir)
+    study.run(until=trials, progress=False)
+    return best_trial(study.study), [t for t in study.study.trials if t.state.name == "COMPLETE"]
+
+
+def second_stage(data: dict, run_dir: Path, first_space: str, second_space: str, first_trials: int) -> dict:
+    """Run the first study on `first_space`, merge its winner, and return the config of the
+    second study: the pool plus that winner (as `ps`), over `second_space`."""
+    from evomerge.config import RunConfig
+    from evomerge.export import trial_recipe
+    from evomerge.merge import run_merge
+    from evomerge.run_folder import build_space
+
+    first = RunConfig.model_validate({**data, "space": first_space, "search": {**data["search"], "trials": first_trials}})
+    best, _ = search(first, run_dir / "ps", first_trials)
+    run_merge(trial_recipe(build_space(first), best), run_dir / "ps-best", seed=first.search.merge_seed)
+    pool = {**data["pool"], "models": {**data["pool"]["models"], "ps": str(run_dir / "ps-best")}}
+    trials = data["search"]["trials"] - first_trials
+    return {**data, "pool": pool, "space": second_space, "search": {**data["search"], "trials": trials}}
 
 
 def score_references(pool: str, workdir: str) -> dict:

@@ -43,7 +43,7 @@ PLACEHOLDERS = {
 PARSE_ONLY = {
     "make demo": "installs the venv and runs the full demo (minutes)",
     "make test": "the whole test suite",
-    "evomerge pool demo runs/demo-pool": "trains the full demo pool (97 s); the sandbox has the small pool there",
+    "evomerge pool demo runs/demo-pool": "trains the full demo pool (100 s); the sandbox has the small pool there",
     "for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i evomerge worker runs/shared --device cuda & done; wait": "needs 4 GPUs",
 }
 
@@ -55,6 +55,7 @@ USER_FILES = {
     "models/math": "{pool}/add",
     "models/code": "{pool}/sort",
     "my_tasks/data/my_skill.jsonl": "{pool}/tasks/data/add_test.jsonl",
+    "my_tasks/data/my_skill_dev.jsonl": "{pool}/tasks/data/add_dev.jsonl",
     "runs/demo-pool": "{pool}",
     "eval_tasks": f"{ROOT}/eval_tasks",
     "configs": f"{ROOT}/configs",
