@@ -122,6 +122,8 @@ class RunConfig(BaseModel):
         """Paths made absolute against `base_dir` (the config file's folder)."""
 
         def absolute(p: str) -> str:
+            if "+" in p and not (base_dir / p).expanduser().is_dir():  # base+adapter: each part
+                return "+".join(absolute(part) for part in p.split("+"))
             path = Path(p).expanduser()
             return str(path if path.is_absolute() else (base_dir / path).resolve())
 

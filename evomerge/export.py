@@ -92,6 +92,8 @@ def _cell(part: dict, task: str) -> str:
 
 def score_rows(scores: dict) -> str:
     """The model card's table: each task on dev (the search chose on it) and test (held out)."""
+    if "unavailable" in scores:
+        return f"Not computed: {scores['unavailable']}."
     trial = scores["trials"][0]
     rows = [f"| {task} | {_cell(trial['dev'], task)} | {_cell(trial['test'], task)} |" for task in trial["dev"]["per_task"]]
     rows.append(f"| combined fitness | {trial['dev']['value']:.4f} | {trial['test']['value']:.4f} |")

@@ -27,6 +27,8 @@ def file_fingerprint(path: Path) -> str:
 
 
 def folder_fingerprint(folder: str | Path) -> str:
+    if "+" in str(folder) and not Path(folder).is_dir():  # base+adapter: both folders
+        return "+".join(folder_fingerprint(part) for part in str(folder).split("+"))
     digest = hashlib.sha256()
     for file in sorted(Path(folder).glob("*.safetensors")):
         digest.update(file.name.encode())

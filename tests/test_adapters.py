@@ -207,3 +207,32 @@ def test_a_pickle_adapter_loads_weights_only_when_allowed(tmp_path):
     pickled = open_checkpoint(f"{folders['base']}+{adapter}", allow_pickle=True)
     for name in reference.factors:
         assert torch.equal(pickled.tensor(name), reference.tensor(name))
+
+
+def test_a_search_over_a_pool_with_an_adapter_exports_what_it_scored(tmp_path, small_pool):
+    """A pool member may be `base+adapter`: the search merges it like any model, and the
+    exported model is the scored one, bit for bit."""
+    from pool_fixtures import pool_search_config
+
+    from evomerge.cli.process import set_up_process
+    from evomerge.config import RunConfig
+    from evomerge.export import export_trial
+    from evomerge.run_folder import write_run_folder
+    from evomerge.search import Search
+
+    adapter = write_adapter(tmp_path / "adapter", small_pool / "base")
+    data = pool_search_config(small_pool, tasks=["evomerge_add"], subset=8, space="task_arithmetic_layers",
+                              search={"sampler": "random", "trials": 5, "seed": 0})
+    data["pool"]["models"] = {"add": str(small_pool / "add"), "lora": f"{small_pool / 'base'}+{adapter}"}
+    config, run_dir = RunConfig.model_validate(data), tmp_path / "run"
+    set_up_process(threads=1, hf_home=run_dir / "hf", offline=True)
+    write_run_folder(config, run_dir)
+    search = Search(config, run_dir)
+    search.run(until=5, progress=False)
+    trial = [t for t in search.study.trials if t.state.name == "COMPLETE"][-1]
+    search.candidate.apply(trial.params)
+    scored = {name: t.detach().clone() for name, t in search.candidate.targets.items()}
+    export_trial(run_dir, tmp_path / "export", trial_number=trial.number)
+    exported = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert all(torch.equal(exported[k], scored[k]) for k in scored)
+    assert any("+" in line for line in (tmp_path / "export" / "recipe.yaml").read_text().splitlines())

@@ -20,6 +20,7 @@ applies; CMA-ES and GP see a surface with flat steps, TPE and random search do n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -165,6 +166,12 @@ def _runs(path: list[Step]) -> list[list[Step]]:
 
 def _check_layers_fit(base: str, sources: dict[str, str]) -> int:
     """The base's depth, after refusing sources whose layers cannot follow each other."""
+    adapters = [name for name, path in sources.items() if "+" in path and not Path(path).is_dir()]
+    if adapters:
+        raise UserError(
+            f"data-flow space: source {adapters[0]!r} is a LoRA adapter; data-flow sources must be "
+            "model folders (merge the adapter first: `evomerge merge` of a one-model recipe)"
+        )
     checkpoints = {"base": Checkpoint(base), **{name: Checkpoint(path) for name, path in sources.items() if name != "base"}}
     check_compatible(checkpoints)  # one architecture, one vocabulary
     reference = checkpoints["base"].config

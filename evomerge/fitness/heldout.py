@@ -132,7 +132,8 @@ def chosen_scores(config: RunConfig, run_dir: Path, study: optuna.Study, trial) 
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
             return cached["scores"]
-    missing = [p for p in (config.pool.base, *config.pool.models.values()) if not Path(p).exists()]
+    folders = [part for ref in (config.pool.base, *config.pool.models.values()) for part in _folders(ref)]
+    missing = [p for p in folders if not Path(p).exists()]
     if missing:
         return {"unavailable": f"the pool is not on disk any more ({missing[0]})"}
 
@@ -149,3 +150,8 @@ def chosen_scores(config: RunConfig, run_dir: Path, study: optuna.Study, trial) 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"key": key, "scores": out}, indent=1))
     return out
+
+
+def _folders(reference: str) -> list[str]:
+    """The folders a pool reference reads: itself, or a base and an adapter (`base+adapter`)."""
+    return [reference] if "+" not in reference or Path(reference).is_dir() else reference.split("+")
