@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from evomerge.errors import UserError
 from evomerge.fitness import Evaluator, FitnessConfig, SubsetConfig, TaskSpec
-from evomerge.pool import N_TEST, load_manifest
+from evomerge.pool import N_DEV, N_TEST, load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 ADD, REV, SORT = "evomerge_add", "evomerge_rev", "evomerge_sort"
@@ -103,7 +103,7 @@ def test_subset_and_full(evaluator: Evaluator, live, small_pool_models: dict) ->
     sub, full = evaluator.score(), evaluator.score(full=True)
     assert not sub.full and full.full
     assert sub.n_examples == {ADD: 40, REV: 40, SORT: 40}
-    assert full.n_examples == {ADD: N_TEST, REV: N_TEST, SORT: N_TEST}
+    assert full.n_examples == {ADD: N_DEV, REV: N_DEV, SORT: N_DEV}  # the search scores dev
     indices = evaluator.tasks.subset[ADD]
     assert len(set(indices)) == 40 and indices != list(range(40))  # seeded sample, not head
     assert evaluator.score().per_task == sub.per_task  # the subset is fixed
@@ -207,8 +207,23 @@ def test_the_search_scores_dev_and_the_report_test(small_pool: Path, small_pool_
     assert dev.score(full=True).per_task != result.per_task
 
 
+def one_split_task_folder(pool: Path, dest: Path) -> Path:
+    """The pool's tasks rewritten with their test split alone (a user's single-split task)."""
+    import shutil
+
+    import yaml
+
+    shutil.copytree(pool / "tasks" / "data", dest / "data")
+    for source in sorted((pool / "tasks").glob("*.yaml")):
+        cfg = yaml.safe_load(source.read_text())
+        cfg["dataset_kwargs"] = {"data_files": {"test": cfg["dataset_kwargs"]["data_files"]["test"]}}
+        cfg.pop("validation_split", None)
+        (dest / source.name).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return dest
+
+
 def test_a_task_with_one_split_serves_both_roles(small_pool: Path, small_pool_models: dict, tmp_path: Path) -> None:
-    config = FitnessConfig(tasks=[ADD], task_paths=[small_pool / "tasks"])
+    config = FitnessConfig(tasks=[ADD], task_paths=[one_split_task_folder(small_pool, tmp_path / "tasks")])
     model, tok = small_pool_models["add"], small_pool_models["tokenizer"]
     dev = Evaluator(model, tok, config, tmp_path / "run")
     test = Evaluator(model, tok, config, tmp_path / "run", split="test")

@@ -27,7 +27,9 @@ def test_bundled_spaces_keep_their_genes_and_baselines():
     declarations (f42fafe); each bundled space, over 1-3 models, still gives the same genes with
     the same bounds, and the same baselines in the same order (the order they are queued in)."""
     golden = json.loads((HERE / "golden_spaces.json").read_text())
-    assert {key.split("/")[0] for key in golden} == set(SPACES)
+    # spaces added since (their genes have no earlier version to keep) and data-flow spaces
+    added = {"ramplus_tl_layers", "dataflow", "dataflow_scaled"}
+    assert {key.split("/")[0] for key in golden} == set(SPACES) - added
     for key, expected in golden.items():
         name, n_models = key.split("/")
         space = make_space(load_space(name), int(n_models))

@@ -169,11 +169,11 @@ def _linear(name, model: str) -> str:
         ),
         (
             _linear("a", "$ft0") + "---\n" + _linear(None, "a").replace("linear", "linaer"),
-            "the final merge: unknown merge method 'linaer'",
+            "(document 2): merge_method: unknown merge method 'linaer'; did you mean 'linear'?",
         ),
         (
             _linear("a", "$ft0").replace("linear", "slerp") + "---\n" + _linear(None, "a"),
-            "stage 'a': merge method 'slerp' needs a base_model",
+            "(document 1): models[0].parameters.weight: merge method 'slerp' has no parameter 'weight'",
         ),
     ],
 )
