@@ -87,15 +87,15 @@ def copy_weights(dst, src) -> None:
 
 
 def main() -> None:
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.candidate import LiveCandidate
+    from evomerge.cli.process import set_up_process
     from evomerge.fitness import Evaluator, FitnessConfig
+    from evomerge.merge import run_merge
     from evomerge.pool import load_manifest
     from evomerge.recipe import parse_recipe
 
-    torch.set_num_threads(1)
+    set_up_process(threads=1)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pool", type=Path, default=Path("runs/demo-pool"))
     best = parser.add_mutually_exclusive_group()
@@ -130,8 +130,9 @@ def main() -> None:
         merges = [(label, parse_recipe(text), 0) for label, text in naive_recipes(manifest).items()]
         if args.run is not None:
             merges.append(best_trial_recipe(args.run))
-        for label, recipe, seed in merges:
-            LiveCandidate(live, recipe, seed=seed).apply(recipe)
+        for index, (label, recipe, seed) in enumerate(merges):
+            merged = run_merge(recipe, Path(tmp) / f"merge-{index}", seed=seed).out_dir  # as `evomerge merge`
+            copy_weights(live, load(str(merged)))
             score(label)
         ceiling, seconds = train_ceiling(manifest, base)
         copy_weights(live, ceiling)

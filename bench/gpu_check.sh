@@ -2,8 +2,14 @@
 # The GPU checks, as one script for a lent CUDA machine (no network there): the Triton kernel's
 # tests on the GPU, its throughput against HBM bandwidth, and a short search with device: cuda.
 #   bash bench/gpu_check.sh [OUT_DIR]
-# Python packages the machine lacks travel as wheels in .whl/ (see docs/BENCHMARKS.md); the demo
-# pool (runs/demo-pool) must be built first.
+# A machine without network gets the Python packages it lacks as wheels in .whl/ (installed into
+# /tmp/site), e.g. for Python 3.12:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl \
+#       optuna cmaes colorlog alembic sqlalchemy mako greenlet pydantic pydantic-core \
+#       annotated-types typing-inspection lm_eval==0.4.13 datasets evaluate dill multiprocess ...
+# (the packages of `pip freeze` in .venv that the machine lacks; build sdist-only ones with
+# `pip wheel --no-deps`). The demo pool (runs/demo-pool) must be built first.
 set -u
 out=${1:-/tmp/gpu-check}
 mkdir -p "$out"
