@@ -13,6 +13,10 @@ The table prints, per sampler x space, the mean and the worst seed of the chosen
 score minus the best specialist's and minus each naive recipe's, in points (x100). Tasks with
 one split are scored on it for both roles (the JSON says so: `held_out`).
 
+`--spaces ps+dataflow` runs the two linked studies of the README at the same total budget: half
+the trials over `task_arithmetic_layers`, its winner merged and added to the pool, then half over
+the data-flow space.
+
 `--out` writes every run (test and dev scores, chosen trial, seconds, sampler seconds per
 trial) and the references as JSON, for merging the runs of several pools.
 """
