@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from evomerge.checkpoint import Checkpoint, resolve_model_path
+from evomerge.checkpoint import Checkpoint, reference_parts, resolve_model_path
 from evomerge.errors import UserError
 from evomerge.fingerprint import folder_fingerprint
 
@@ -37,9 +37,9 @@ _KEY = re.compile(
 
 def open_checkpoint(reference: str, *, allow_pickle: bool = False) -> Checkpoint:
     """A model reference as recipes write it: a folder, or `base+adapter` (mergekit's syntax)."""
-    if "+" not in reference or Path(reference).expanduser().is_dir():
+    parts = reference_parts(reference)
+    if len(parts) == 1:
         return Checkpoint(reference, allow_pickle=allow_pickle)
-    parts = reference.split("+")
     if len(parts) != 2 or not all(parts):
         raise UserError(f"model reference {reference!r} must be a folder or BASE+ADAPTER")
     return AdapterCheckpoint(parts[0], parts[1], allow_pickle=allow_pickle)

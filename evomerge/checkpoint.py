@@ -172,6 +172,14 @@ def _name_templates(names: list[str]) -> set[str]:
     return {_LAYER_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}.N.", n, count=1) for n in names}
 
 
+def reference_parts(reference: str, *, base_dir: Path = Path(".")) -> list[str]:
+    """The folders a model reference names: itself, or a base and a LoRA adapter for mergekit's
+    `base+adapter` (a folder whose own name holds a `+` stays one reference)."""
+    if "+" not in reference or (base_dir / reference).expanduser().is_dir():
+        return [reference]
+    return reference.split("+")
+
+
 def resolve_model_path(reference: str) -> Path:
     """A local folder for a model reference: a path as is, or a hub id downloaded if possible."""
     path = Path(reference).expanduser()

@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from evomerge.checkpoint import reference_parts
 from evomerge.errors import UserError
 from evomerge.fitness.config import FitnessConfig
 from evomerge.recipe import DTYPES, validate_model
@@ -122,8 +123,9 @@ class RunConfig(BaseModel):
         """Paths made absolute against `base_dir` (the config file's folder)."""
 
         def absolute(p: str) -> str:
-            if "+" in p and not (base_dir / p).expanduser().is_dir():  # base+adapter: each part
-                return "+".join(absolute(part) for part in p.split("+"))
+            parts = reference_parts(p, base_dir=base_dir)
+            if len(parts) > 1:  # base+adapter: each folder
+                return "+".join(map(absolute, parts))
             path = Path(p).expanduser()
             return str(path if path.is_absolute() else (base_dir / path).resolve())
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from evomerge.checkpoint import reference_parts
+
 _SAMPLE = 1 << 16
 
 
@@ -27,8 +29,9 @@ def file_fingerprint(path: Path) -> str:
 
 
 def folder_fingerprint(folder: str | Path) -> str:
-    if "+" in str(folder) and not Path(folder).is_dir():  # base+adapter: both folders
-        return "+".join(folder_fingerprint(part) for part in str(folder).split("+"))
+    parts = reference_parts(str(folder))
+    if len(parts) > 1:  # base+adapter: both folders
+        return "+".join(map(folder_fingerprint, parts))
     digest = hashlib.sha256()
     for file in sorted(Path(folder).glob("*.safetensors")):
         digest.update(file.name.encode())

@@ -175,7 +175,7 @@ class Search:
 def make_candidate(model, space, config: RunConfig):
     """What writes a genome into the live model: the compiled parameter-space candidate, or
     the data-flow candidate (layers by reference) for a data-flow space."""
-    if getattr(space, "kind", None) == "dataflow":
+    if space.kind == "dataflow":
         from evomerge.dataflow import DataflowCandidate
         from evomerge.merge import torch_dtype
 

@@ -130,6 +130,8 @@ class Gene:
 class SearchSpace:
     """Genes and decoding for one pool: `models` maps short names to model folders."""
 
+    kind = "parameters"  # a parameter space; `kind: dataflow` files are read by evomerge.dataflow
+
     def __init__(self, config: SpaceConfig, *, base: str, models: dict[str, str], num_layers: int, dtype: Optional[str]):
         self.config, self.base, self.models, self.dtype = config, base, models, dtype
         self.method: MergeMethod = get_method(config.method)

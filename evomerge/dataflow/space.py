@@ -20,12 +20,11 @@ applies; CMA-ES and GP see a surface with flat steps, TPE and random search do n
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from evomerge.checkpoint import Checkpoint, check_compatible
+from evomerge.checkpoint import Checkpoint, check_compatible, reference_parts
 from evomerge.errors import UserError
 from evomerge.methods import get_method
 from evomerge.recipe import ConditionalSetting, Recipe, Slice, SliceSource
@@ -166,7 +165,7 @@ def _runs(path: list[Step]) -> list[list[Step]]:
 
 def _check_layers_fit(base: str, sources: dict[str, str]) -> int:
     """The base's depth, after refusing sources whose layers cannot follow each other."""
-    adapters = [name for name, path in sources.items() if "+" in path and not Path(path).is_dir()]
+    adapters = [name for name, path in sources.items() if len(reference_parts(path)) > 1]
     if adapters:
         raise UserError(
             f"data-flow space: source {adapters[0]!r} is a LoRA adapter; data-flow sources must be "

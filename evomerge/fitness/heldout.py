@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from evomerge.checkpoint import reference_parts
 from evomerge.fitness.config import combine
 from evomerge.fitness.uncertainty import paired_difference, standard_error
 
@@ -132,7 +133,7 @@ def chosen_scores(config: RunConfig, run_dir: Path, study: optuna.Study, trial) 
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
             return cached["scores"]
-    folders = [part for ref in (config.pool.base, *config.pool.models.values()) for part in _folders(ref)]
+    folders = [part for ref in (config.pool.base, *config.pool.models.values()) for part in reference_parts(ref)]
     missing = [p for p in folders if not Path(p).exists()]
     if missing:
         return {"unavailable": f"the pool is not on disk any more ({missing[0]})"}
@@ -150,8 +151,3 @@ def chosen_scores(config: RunConfig, run_dir: Path, study: optuna.Study, trial) 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"key": key, "scores": out}, indent=1))
     return out
-
-
-def _folders(reference: str) -> list[str]:
-    """The folders a pool reference reads: itself, or a base and an adapter (`base+adapter`)."""
-    return [reference] if "+" not in reference or Path(reference).is_dir() else reference.split("+")
