@@ -127,6 +127,37 @@ class Evaluator:
             per_example=self._per_example(out.get("samples", {})) if per_example else {},
         )
 
+    def score_examples(self, examples: dict[str, list[int]]) -> dict[str, list[float]]:
+        """Per leaf task, the configured metric's value on each example of `examples` (document
+        indices into the scored split), in the order given: what multi-fidelity search grows
+        example by example, never scoring one twice. Aggregate with `aggregate`, combine the
+        per-task aggregates with `value_of`."""
+        from lm_eval.evaluator import evaluate
+
+        wanted = {task: sorted(set(indices)) for task, indices in examples.items() if indices}
+        if not wanted:
+            return {task: [] for task in examples}
+        out = evaluate(
+            lm=self.lm,
+            task_dict=_only(self.tasks.task_dict, wanted),
+            samples=wanted,
+            cache_requests=False,
+            bootstrap_iters=0,
+            log_samples=True,
+        )
+        if out is None:
+            raise RuntimeError("lm-eval returned no results on this process")
+        by_doc = {}
+        for task, rows in out.get("samples", {}).items():
+            spec = next((s for s in self.tasks.specs if s.name == task), None)
+            metric, _, filter_name = (spec.metric_key if spec else "acc,none").partition(",")
+            by_doc[task] = {r["doc_id"]: float(r[metric]) for r in rows if r.get("filter", "none") == filter_name}
+        return {task: [by_doc[task][i] for i in indices] if indices else [] for task, indices in examples.items()}
+
+    def value_of(self, per_task: dict[str, float]) -> float:
+        """The combined fitness (larger is better) of per-task aggregates."""
+        return combine(self.tasks.specs, per_task, self.tasks.maximize)
+
     def _per_example(self, samples: dict[str, list[dict]]) -> dict[str, list[float]]:
         """Each leaf task's metric value per example, in document order (numeric metrics only)."""
         out = {}
@@ -142,3 +173,8 @@ class Evaluator:
         """The task's own aggregation of per-example values (mean, perplexity, ...)."""
         metric = next(s for s in self.tasks.specs if s.name == task).metric_key.split(",")[0]
         return float(self.tasks.leaf_tasks[task].aggregation()[metric](values))
+
+
+def _only(task_dict: dict[str, Any], names: dict[str, list[int]]) -> dict[str, Any]:
+    """`task_dict` restricted to the leaf tasks named in `names`."""
+    return {**task_dict, "tasks": {n: t for n, t in task_dict["tasks"].items() if n in names}}
