@@ -79,7 +79,7 @@ def command(model, task_args, task_paths, config_path, limit, batch_size, thread
         evaluator = Evaluator(lm_model, tokenizer, config, work)
         result = evaluator.score(full=limit is None)
 
-    click.echo(_table(result, config.tasks, evaluator.tasks.maximize))
+    click.echo(_table(result, evaluator.tasks.specs, evaluator.tasks.maximize))
     if out_path:
         report = {
             "model": str(model.resolve()),

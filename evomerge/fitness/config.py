@@ -7,7 +7,7 @@ A fitness config is usually a block of the search config, e.g.::
       tasks:
         - {name: evomerge_add, metric: acc, weight: 1.0}
         - {name: evomerge_rev, metric: perplexity, direction: minimize}
-        - evomerge_sort                      # a bare name means metric acc, weight 1
+        - evomerge_sort                      # a bare name: the task's metric, weight 1
       subset: {count: 50}                    # or {fraction: 0.25}; sampling: first | random
       backend: hf
       dev_split: dev                         # what the search scores ...
@@ -38,15 +38,19 @@ class TaskSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1)
-    metric: str = Field(default="acc", min_length=1)
-    """A metric name as lm-eval reports it: `acc`, or with a filter, `exact_match,strict-match`."""
+    metric: str | None = Field(default=None, min_length=1)
+    """A metric name as lm-eval reports it: `acc`, or with a filter, `exact_match,strict-match`.
+    None: the task's only metric (or `acc` among several), resolved when the tasks are built."""
     weight: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
     direction: Direction = "auto"
     """`auto` takes the task's own `higher_is_better` for this metric."""
 
     @property
     def metric_key(self) -> str:
-        """The key of the metric in lm-eval's results (`acc` -> `acc,none`)."""
+        """The key of the metric in lm-eval's results (`acc` -> `acc,none`); the spec must be
+        resolved (`TaskSet.specs` are)."""
+        if self.metric is None:
+            raise ValueError(f"task {self.name!r}: its metric is resolved when the tasks are built")
         return self.metric if "," in self.metric else f"{self.metric},none"
 
 

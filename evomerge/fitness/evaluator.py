@@ -11,9 +11,11 @@
 
 `split` is the role: "dev" (the search's) or "test" (only the report's; see `fitness.config`).
 
-Each call is one `lm_eval.evaluator.evaluate` over the prebuilt task dict: no `simple_evaluate`
-(it re-collects environment info on every call), no request cache (it keys on the model name,
-which does not change between candidates), no bootstrap.
+With the "hf" backend the requests are built, tokenised and batched once
+(`fitness.prepared`): a call runs the forward passes, then lm-eval's own filters,
+`process_results` and aggregation, with scores equal to `lm_eval.evaluator.evaluate`'s. Other
+backends run one `evaluate` per call over the prebuilt task dict (no request cache: it keys
+on the model name, which does not change between candidates; no bootstrap).
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from evomerge.fitness.config import FitnessConfig, combine
+
+if TYPE_CHECKING:
+    from evomerge.fitness.prepared import Values
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +60,7 @@ class FitnessResult:
 
 
 class Evaluator:
-    """lm-eval tasks built once, scoring the live `model` on every `score` call."""
+    """lm-eval tasks and their requests built once, scoring the live `model` on every call."""
 
     def __init__(
         self, model: Any, tokenizer: Any, config: FitnessConfig, run_dir: str | Path, *, split: str = "dev"
@@ -77,54 +82,37 @@ class Evaluator:
             batch_size=config.batch_size,
             max_length=config.max_length,
         )
+        self._prepared = None
+        if config.backend == "hf":
+            from evomerge.fitness.prepared import PreparedRequests
+
+            self._prepared = PreparedRequests(self.lm, self.tasks.leaf_tasks)
 
     def score(self, *, full: bool = False, per_example: bool = False) -> FitnessResult:
         """Score the model as its parameters are now: the fixed subset, or all if `full`;
         `per_example` also keeps each example's metric value (for standard errors)."""
-        from lm_eval.evaluator import evaluate
-
-        samples = None if full or self.tasks.subset is None else self.tasks.subset
+        subset = None if full else self.tasks.subset
+        wanted = subset or {name: list(range(n)) for name, n in self.tasks.n_docs.items()}
         started = time.perf_counter()
-        out = evaluate(
-            lm=self.lm,
-            task_dict=self.tasks.task_dict,
-            samples=samples,
-            cache_requests=False,
-            bootstrap_iters=0,
-            log_samples=per_example,
-        )
-        seconds = time.perf_counter() - started
-        if out is None:  # only non-zero ranks of a distributed run get None
-            raise RuntimeError("lm-eval returned no results on this process")
-
-        tables = {**out.get("results", {}), **out.get("groups", {})}
+        values = self._values(wanted)
+        aggregated = {
+            task: {f"{metric},{filt}": _aggregate(self.tasks.leaf_tasks[task], metric, v) for (metric, filt), v in rows.items()}
+            for task, rows in values.items()
+        }
         per_task = {}
         for spec in self.tasks.specs:
-            row = tables.get(spec.name, {})
+            row = aggregated[spec.name]
             if spec.metric_key not in row:
-                raise RuntimeError(
-                    f"lm-eval reported no {spec.metric_key!r} for {spec.name!r}: {sorted(row)}"
-                )
-            per_task[spec.name] = float(row[spec.metric_key])
-        metrics = {
-            name: {
-                k: float(v)
-                for k, v in tables[name].items()
-                if isinstance(v, (int, float)) and "," in k and "_stderr," not in k
-            }
-            for name in tables
-        }
-        n_examples = {
-            name: len(samples[name]) if samples else n for name, n in self.tasks.n_docs.items()
-        }
+                raise RuntimeError(f"lm-eval reported no {spec.metric_key!r} for {spec.name!r}: {sorted(row)}")
+            per_task[spec.name] = row[spec.metric_key]
         return FitnessResult(
             value=combine(self.tasks.specs, per_task, self.tasks.maximize),
             per_task=per_task,
-            full=samples is None,
-            n_examples=n_examples,
-            seconds=seconds,
-            metrics=metrics,
-            per_example=self._per_example(out.get("samples", {})) if per_example else {},
+            full=subset is None,
+            n_examples={name: len(docs) for name, docs in wanted.items()},
+            seconds=time.perf_counter() - started,
+            metrics={task: {k: v for k, v in row.items() if isinstance(v, float)} for task, row in aggregated.items()},
+            per_example=self._per_example(values) if per_example else {},
         )
 
     def score_examples(self, examples: dict[str, list[int]]) -> dict[str, list[float]]:
@@ -132,49 +120,70 @@ class Evaluator:
         indices into the scored split), in the order given: what multi-fidelity search grows
         example by example, never scoring one twice. Aggregate with `aggregate`, combine the
         per-task aggregates with `value_of`."""
-        from lm_eval.evaluator import evaluate
-
-        wanted = {task: sorted(set(indices)) for task, indices in examples.items() if indices}
-        if not wanted:
-            return {task: [] for task in examples}
-        out = evaluate(
-            lm=self.lm,
-            task_dict=_only(self.tasks.task_dict, wanted),
-            samples=wanted,
-            cache_requests=False,
-            bootstrap_iters=0,
-            log_samples=True,
-        )
-        if out is None:
-            raise RuntimeError("lm-eval returned no results on this process")
-        by_doc = {}
-        for task, rows in out.get("samples", {}).items():
-            spec = next((s for s in self.tasks.specs if s.name == task), None)
-            metric, _, filter_name = (spec.metric_key if spec else "acc,none").partition(",")
-            by_doc[task] = {r["doc_id"]: float(r[metric]) for r in rows if r.get("filter", "none") == filter_name}
-        return {task: [by_doc[task][i] for i in indices] if indices else [] for task, indices in examples.items()}
+        wanted = {task: list(dict.fromkeys(indices)) for task, indices in examples.items() if indices}
+        values = self._per_example(self._values(wanted)) if wanted else {}
+        by_doc = {task: dict(zip(wanted[task], values[task])) for task in values}
+        return {task: [by_doc[task][i] for i in indices] for task, indices in examples.items()}
 
     def value_of(self, per_task: dict[str, float]) -> float:
         """The combined fitness (larger is better) of per-task aggregates."""
         return combine(self.tasks.specs, per_task, self.tasks.maximize)
 
-    def _per_example(self, samples: dict[str, list[dict]]) -> dict[str, list[float]]:
-        """Each leaf task's metric value per example, in document order (numeric metrics only)."""
-        out = {}
-        for spec in self.tasks.specs:
-            metric, _, filter_name = spec.metric_key.partition(",")
-            rows = [r for r in samples.get(spec.name, []) if r.get("filter", "none") == filter_name]
-            values = [r.get(metric) for r in sorted(rows, key=lambda r: r["doc_id"])]
-            if values and all(isinstance(v, (int, float)) for v in values):
-                out[spec.name] = [float(v) for v in values]
-        return out
-
     def aggregate(self, task: str, values: list[float]) -> float:
         """The task's own aggregation of per-example values (mean, perplexity, ...)."""
-        metric = next(s for s in self.tasks.specs if s.name == task).metric_key.split(",")[0]
-        return float(self.tasks.leaf_tasks[task].aggregation()[metric](values))
+        metric = self._spec(task).metric_key.split(",")[0]
+        return _aggregate(self.tasks.leaf_tasks[task], metric, values)
+
+    def _spec(self, task: str):
+        return next(s for s in self.tasks.specs if s.name == task)
+
+    def _values(self, wanted: dict[str, list[int]]) -> dict[str, Values]:
+        """Per task, per (metric, filter): lm-eval's value of each wanted document, in order."""
+        for task, docs in wanted.items():
+            n = self.tasks.n_docs[task]
+            if any(not 0 <= d < n for d in docs):
+                raise ValueError(f"{task!r} has documents 0..{n - 1}; asked for {docs}")
+        if self._prepared is not None:
+            return self._prepared.run(wanted)
+        return _lm_eval_values(self.lm, self.tasks.task_dict, wanted)
+
+    def _per_example(self, values: dict[str, Values]) -> dict[str, list[float]]:
+        """Each leaf task's configured metric per example (numeric metrics only)."""
+        out = {}
+        for task, rows in values.items():
+            metric, _, filter_name = self._spec(task).metric_key.partition(",")
+            row = rows.get((metric, filter_name), [])
+            if row and all(isinstance(v, (int, float)) for v in row):
+                out[task] = [float(v) for v in row]
+        return out
 
 
-def _only(task_dict: dict[str, Any], names: dict[str, list[int]]) -> dict[str, Any]:
-    """`task_dict` restricted to the leaf tasks named in `names`."""
-    return {**task_dict, "tasks": {n: t for n, t in task_dict["tasks"].items() if n in names}}
+def _aggregate(task: Any, metric: str, values: list[Any]) -> Any:
+    """lm-eval's aggregation of `metric` over per-document values, a float where it is a number."""
+    value = task.aggregation()[metric](values)
+    return float(value) if isinstance(value, (int, float)) else value
+
+
+def _lm_eval_values(lm: Any, task_dict: dict[str, Any], wanted: dict[str, list[int]]) -> dict[str, Values]:
+    """`_values` through `lm_eval.evaluator.evaluate` (backends without prepared requests)."""
+    from lm_eval.evaluator import evaluate
+
+    ordered = {task: sorted(docs) for task, docs in wanted.items()}
+    out = evaluate(
+        lm=lm,
+        task_dict={**task_dict, "tasks": {n: t for n, t in task_dict["tasks"].items() if n in wanted}},
+        samples=ordered,
+        cache_requests=False,
+        bootstrap_iters=0,
+        log_samples=True,
+    )
+    if out is None:  # only non-zero ranks of a distributed run get None
+        raise RuntimeError("lm-eval returned no results on this process")
+    values: dict[str, Values] = {}
+    for task, rows in out["samples"].items():
+        by_doc: dict[tuple[str, str], dict[int, Any]] = {}
+        for r in rows:
+            for metric in r["metrics"]:
+                by_doc.setdefault((metric, r["filter"]), {})[r["doc_id"]] = r[metric]
+        values[task] = {key: [docs[d] for d in wanted[task]] for key, docs in by_doc.items()}
+    return values

@@ -184,6 +184,7 @@ class TaskSet:
     """The built lm-eval tasks of a fitness config, ready for repeated `evaluate` calls."""
 
     specs: list[TaskSpec]
+    """The configured tasks, each metric made explicit (`acc`, `exact_match,strict-match`)."""
     task_dict: dict[str, Any]
     """What `TaskManager.load` returned: {"tasks": {name: Task}, "groups": ..., ...}."""
     maximize: dict[str, bool]
@@ -235,18 +236,41 @@ def subset_indices(subset: SubsetConfig, task_name: str, n_docs: int) -> list[in
     return sorted(rng.sample(range(n_docs), k))
 
 
-def _direction(spec: TaskSpec, tasks: list[Task]) -> bool:
-    """True when a larger value of `spec.metric` is better."""
-    metric = spec.metric.split(",", 1)[0]
-    reported = {m: hib for t in tasks for m, hib in t.higher_is_better().items()}
+def _resolve(spec: TaskSpec, task: Task) -> tuple[TaskSpec, bool]:
+    """`spec` with its metric made explicit (`metric,filter`), and whether larger is better."""
+    reported = task.higher_is_better()
+    filters = [f["name"] for f in task.config.filter_list] if task.config.filter_list else ["none"]
+    metric, _, filter_name = (spec.metric or "").partition(",")
+    if not metric:
+        if len(reported) == 1:
+            metric = next(iter(reported))
+        elif "acc" in reported:
+            metric = "acc"
+        else:
+            raise UserError(
+                f"task {spec.name!r} reports several metrics ({', '.join(sorted(reported))}); "
+                f"name the one that counts, e.g. {{name: {spec.name}, metric: {sorted(reported)[0]}}}."
+            )
     if metric not in reported:
         raise UserError(
             f"task {spec.name!r} has no metric {metric!r}; it reports "
             f"{', '.join(sorted(reported)) or 'none'}."
         )
+    if not filter_name:
+        if "none" not in filters and len(filters) > 1:
+            raise UserError(
+                f"task {spec.name!r} filters its answers several ways ({', '.join(filters)}); "
+                f"name one, e.g. metric: {metric},{filters[0]}."
+            )
+        filter_name = "none" if "none" in filters else filters[0]
+    elif filter_name not in filters:
+        raise UserError(f"task {spec.name!r} has no filter {filter_name!r}; it has {', '.join(filters)}.")
+    key = metric if filter_name == "none" else f"{metric},{filter_name}"
     if spec.direction != "auto":
-        return spec.direction == "maximize"
-    return bool(reported[metric]) if reported[metric] is not None else True
+        maximize = spec.direction == "maximize"
+    else:
+        maximize = bool(reported[metric]) if reported[metric] is not None else True
+    return spec.model_copy(update={"metric": key}), maximize
 
 
 def build_task_set(config: FitnessConfig, run_dir: Path, *, split: str = "dev") -> TaskSet:
@@ -282,24 +306,20 @@ def build_task_set(config: FitnessConfig, run_dir: Path, *, split: str = "dev") 
         raise UserError(f"task data is not reachable offline: {exc}") from None
 
     leaves = task_dict["tasks"]
-    maximize = {}
+    specs, maximize = [], {}
     for spec in config.tasks:
-        if spec.name in leaves:
-            members = [leaves[spec.name]]
-        elif spec.name in task_dict.get("groups", {}):
-            members = task_dict["groups"][spec.name].get_all_tasks()
-        else:
-            raise UserError(
-                f"{spec.name!r} is a tag, not a task or group; list its tasks one by one."
-            )
-        maximize[spec.name] = _direction(spec, members)
+        if spec.name not in leaves:
+            kind = "a group" if spec.name in task_dict.get("groups", {}) else "a tag"
+            raise UserError(f"{spec.name!r} is {kind}, not a task; list its tasks one by one.")
+        resolved, maximize[spec.name] = _resolve(spec, leaves[spec.name])
+        specs.append(resolved)
 
     n_docs = {name: len(task.eval_docs) for name, task in leaves.items()}
     subset = None
     if config.subset is not None:
         subset = {name: subset_indices(config.subset, name, n) for name, n in n_docs.items()}
     return TaskSet(
-        specs=list(config.tasks),
+        specs=specs,
         task_dict=task_dict,
         maximize=maximize,
         n_docs=n_docs,

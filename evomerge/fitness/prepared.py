@@ -1,0 +1,321 @@
+"""lm-eval requests built once per run; each call runs only forward passes and the metrics.
+
+The requests of a run depend on the tasks and the tokenizer, never on the candidate. So at
+construction, lm-eval's own task API builds every instance (`Task.build_all_requests`), the
+live model's `HFLM` tokenises them (its `_encode_pair`, BOS and truncation rules), and each set
+of documents that gets scored is laid out once, as lm-eval's HFLM would batch it:
+
+- loglikelihood: requests sharing context + continuation[:-1] are computed once (HFLM's
+  `logits_cache`), sorted longest first, cut into `batch_size` chunks, right-padded with 0.
+- generate_until: grouped by generation kwargs, sorted longest context first, cut into chunks,
+  left-padded by `HFLM.tok_batch_encode`.
+
+The same batches in the same order give the same forward passes bit for bit, so scores equal
+`lm_eval.evaluator.evaluate`'s (tests/test_prepared.py checks every bundled task). A call then
+runs the model on the prepared batches, reads log-probabilities and greedy flags with a few
+batched tensor ops, and hands the responses to lm-eval's own filters (`Task.apply_filters`)
+and `Task.process_results`; `Task.aggregation` combines the per-document values.
+
+Generation is greedy (`model.generate`) from the prepared contexts; a row stops at the first
+token whose text holds a stop string (or at EOS), and the decoded text is cut at the first
+stop string as HFLM does. HFLM stops a whole batch only when every row has a stop string and
+otherwise keeps generating after it; what comes after the first stop string is cut either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from evomerge.errors import UserError
+
+if TYPE_CHECKING:
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.task import Task
+    from lm_eval.models.huggingface import HFLM
+
+LAYOUTS_KEPT = 8  # the full set, the subset and a few multi-fidelity slices
+Values = dict[tuple[str, str], list[Any]]
+"""Per (metric, filter) of a task: the per-document values lm-eval's `process_results` gave."""
+
+
+@dataclasses.dataclass
+class _LoglikelihoodBatch:
+    """One forward pass: right-padded inputs and where each request's tokens sit in its output."""
+
+    inputs: torch.Tensor  # (B, T) token ids, right-padded with 0 as HFLM pads
+    rows: torch.Tensor  # (N,) per continuation token: its row in the batch
+    logprob_at: torch.Tensor  # (N,) the position whose log-probability HFLM sums
+    greedy_at: torch.Tensor  # (N,) the position whose argmax HFLM compares
+    targets: torch.Tensor  # (N,) the continuation token
+
+
+@dataclasses.dataclass
+class _LoglikelihoodLayout:
+    batches: list[_LoglikelihoodBatch]
+    by_length: list[tuple[torch.Tensor, torch.Tensor]]
+    """Per continuation length L: (requests (n,), their tokens' places in the flat
+    concatenation of all batches (n, L)) — one batched sum per length, like HFLM's per-row sum."""
+    requests: list[int]  # instance ids, in the order the layout answers them
+
+
+@dataclasses.dataclass
+class _GenerateBatch:
+    inputs: torch.Tensor  # (B, T) left-padded contexts
+    attention_mask: torch.Tensor  # (B, T)
+    max_length: int  # T + max_gen_toks, as HFLM asks generate
+    until: list[str]
+    stop_tokens: torch.Tensor  # (V,) bool: tokens whose text holds a stop string, or EOS
+    kwargs: dict[str, Any]
+    requests: list[int]  # instance ids, one per row
+
+
+@dataclasses.dataclass
+class _Layout:
+    loglikelihood: _LoglikelihoodLayout | None
+    generate: list[_GenerateBatch]
+
+
+class PreparedRequests:
+    """Every request of `tasks`, tokenised once by `lm`; `run` scores chosen documents."""
+
+    def __init__(self, lm: HFLM, tasks: dict[str, Task]) -> None:
+        if getattr(lm, "backend", "causal") != "causal":
+            raise UserError("the hf fitness backend scores causal language models only.")
+        self.lm = lm
+        self.tasks = tasks
+        self.instances: list[Instance] = []
+        self.docs: dict[str, dict[int, list[int]]] = {}
+        """Per task, per document id: its instance ids, in lm-eval's order (`Instance.idx`)."""
+        for name, task in tasks.items():
+            self.docs[name] = self._build(name, task)
+        self.tokens: dict[int, tuple[list[int], list[int]]] = {}
+        """loglikelihood instance id -> (context tokens, continuation tokens)."""
+        self.context_length: dict[int, int] = {}
+        """generate_until instance id -> tokens of its context (HFLM's sort key)."""
+        for i, inst in enumerate(self.instances):
+            if inst.request_type == "loglikelihood":
+                self.tokens[i] = self._encode(*inst.args)
+            else:
+                self.context_length[i] = len(lm.tok_encode(inst.args[0]))
+        self._layouts: OrderedDict[tuple[int, ...], _Layout] = OrderedDict()
+        self._stop_tables: dict[tuple[str, ...], torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ built once
+
+    def _build(self, name: str, task: Task) -> dict[int, list[int]]:
+        task.build_all_requests(limit=None, samples=None, rank=0, world_size=1, cache_requests=False)
+        by_doc: dict[int, list[int]] = {}
+        for inst in sorted(task.instances, key=lambda x: (x.doc_id, x.idx)):
+            if inst.request_type not in ("loglikelihood", "generate_until"):
+                raise UserError(
+                    f"task {name!r} asks for {inst.request_type} requests; evomerge scores "
+                    "loglikelihood, multiple_choice and generate_until tasks."
+                )
+            by_doc.setdefault(inst.doc_id, []).append(len(self.instances))
+            self.instances.append(inst)
+            inst.resps = [_placeholder(inst)]  # filters run over every instance of a task
+        return by_doc
+
+    def _encode(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context, continuation) tokens exactly as `HFLM.loglikelihood` makes them."""
+        lm = self.lm
+        if context:
+            return lm._encode_pair(context, continuation)  # the LM's own split: the truth
+        cont = lm.tok_encode(continuation, add_special_tokens=False)
+        if lm.prefix_token_id != cont[0]:
+            return [lm.prefix_token_id], cont
+        return cont[:1], cont[1:]
+
+    def _layout(self, ids: tuple[int, ...]) -> _Layout:
+        layout = self._layouts.get(ids)
+        if layout is None:
+            ll = [i for i in ids if i in self.tokens]
+            gen = [i for i in ids if i in self.context_length]
+            layout = _Layout(self._ll_layout(ll) if ll else None, self._gen_layout(gen))
+            self._layouts[ids] = layout
+            if len(self._layouts) > LAYOUTS_KEPT:
+                self._layouts.popitem(last=False)
+        self._layouts.move_to_end(ids)
+        return layout
+
+    def _ll_layout(self, ids: list[int]) -> _LoglikelihoodLayout:
+        lm = self.lm
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i in ids:
+            ctx, cont = self.tokens[i]
+            key = tuple(ctx + cont[:-1]) if lm.logits_cache else (i,)
+            groups.setdefault(key, []).append(i)
+        # one request per group, the longest continuation; longest input first (HFLM's Collator)
+        heads = {max(members, key=lambda i: len(self.tokens[i][1])): members for members in groups.values()}
+        order = sorted(heads, key=lambda i: (-len(self.tokens[i][0] + self.tokens[i][1]), tuple(self.tokens[i][0] + self.tokens[i][1])))
+        size = lm.batch_size
+        batches, answered, flat_places, offset = [], [], [], 0
+        for start in range(0, len(order), size):
+            chunk = order[start : start + size]
+            inputs = [(self.tokens[h][0] + self.tokens[h][1])[-(lm.max_length + 1) :][:-1] for h in chunk]
+            width = max(len(x) for x in inputs)
+            rows, lp_at, gr_at, targets = [], [], [], []
+            for row, (head, inp) in enumerate(zip(chunk, inputs)):
+                head_len = len(self.tokens[head][1])
+                for member in heads[head]:
+                    cont = self.tokens[member][1]
+                    # HFLM gathers a member's log-probs from the head's first len(cont)
+                    # positions and compares its argmax on the last len(cont) ones
+                    first = len(inp) - head_len
+                    rows += [row] * len(cont)
+                    lp_at += range(first, first + len(cont))
+                    gr_at += range(len(inp) - len(cont), len(inp))
+                    targets += cont
+                    answered.append(member)
+                    flat_places.append(range(offset, offset + len(cont)))
+                    offset += len(cont)
+            padded = torch.zeros(len(chunk), width, dtype=torch.long)
+            for row, inp in enumerate(inputs):
+                padded[row, : len(inp)] = torch.tensor(inp, dtype=torch.long)
+            batches.append(_LoglikelihoodBatch(
+                padded, torch.tensor(rows), torch.tensor(lp_at), torch.tensor(gr_at), torch.tensor(targets)
+            ))
+        by_length: dict[int, list[int]] = {}
+        for k, places in enumerate(flat_places):
+            by_length.setdefault(len(places), []).append(k)
+        sums = [
+            (torch.tensor(ks), torch.tensor([list(flat_places[k]) for k in ks]))
+            for ks in by_length.values()
+        ]
+        return _LoglikelihoodLayout(batches, sums, answered)
+
+    def _gen_layout(self, ids: list[int]) -> list[_GenerateBatch]:
+        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+
+        lm = self.lm
+        groups: dict[str, list[int]] = {}
+        for i in ids:
+            groups.setdefault(json.dumps(self.instances[i].args[1], sort_keys=True, default=str), []).append(i)
+        eos = lm.tok_decode(lm.eot_token_id, skip_special_tokens=False)
+        batches = []
+        for members in groups.values():
+            gen_kwargs = self.instances[members[0]].args[1]
+            kwargs = normalize_gen_kwargs(gen_kwargs, lm.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_gen_toks = kwargs.pop("max_gen_toks")
+            if kwargs.get("do_sample") or kwargs.pop("temperature", 0.0) != 0.0:
+                raise UserError(
+                    f"task {self.instances[members[0]].task_name!r} samples its generations; "
+                    "a fitness needs greedy ones (do_sample: false)."
+                )
+            order = sorted(members, key=lambda i: (-self.context_length[i], self.instances[i].args[0]))
+            for start in range(0, len(order), lm.batch_size):
+                chunk = order[start : start + lm.batch_size]
+                inputs, mask = lm.tok_batch_encode(
+                    [self.instances[i].args[0] for i in chunk],
+                    left_truncate_len=lm.max_length - max_gen_toks,
+                    truncation=lm.truncation,
+                )
+                batches.append(_GenerateBatch(
+                    inputs, mask, inputs.shape[1] + max_gen_toks, until, self._stop_table(until), kwargs, chunk
+                ))
+        return batches
+
+    def _stop_table(self, until: list[str]) -> torch.Tensor:
+        """(V,) bool: the tokens whose own text holds one of `until`, and the EOS token."""
+        key = tuple(until)
+        if key not in self._stop_tables:
+            tok = self.lm.tokenizer
+            texts = tok.batch_decode([[i] for i in range(len(tok))], skip_special_tokens=False)
+            table = torch.tensor([any(s and s in t for s in until) for t in texts])
+            table[self.lm.eot_token_id] = True
+            self._stop_tables[key] = table
+        return self._stop_tables[key]
+
+    # ------------------------------------------------------------------ per call
+
+    def run(self, wanted: dict[str, list[int]]) -> dict[str, Values]:
+        """Per task of `wanted` (task -> document ids): per (metric, filter), the values lm-eval's
+        `process_results` gives each document, in the order given."""
+        ids = tuple(sorted({i for task, docs in wanted.items() for d in docs for i in self.docs[task][d]}))
+        layout = self._layout(ids)
+        with torch.no_grad():
+            if layout.loglikelihood is not None:
+                self._run_loglikelihood(layout.loglikelihood)
+            for batch in layout.generate:
+                self._run_generate(batch)
+        return {task: self._metrics(task, docs) for task, docs in wanted.items()}
+
+    def forward_only(self, wanted: dict[str, list[int]]) -> None:
+        """The forward passes of `wanted` and nothing else (for bench/evaluator_overhead.py)."""
+        ids = tuple(sorted({i for task, docs in wanted.items() for d in docs for i in self.docs[task][d]}))
+        layout = self._layout(ids)
+        with torch.no_grad():
+            for batch in layout.loglikelihood.batches if layout.loglikelihood else []:
+                self.lm.model(batch.inputs).logits
+            for batch in layout.generate:
+                self._generate(batch)
+
+    def _run_loglikelihood(self, layout: _LoglikelihoodLayout) -> None:
+        model, dtype = self.lm.model, self.lm.softmax_dtype
+        logprobs, greedy = [], []
+        for b in layout.batches:
+            scores = torch.log_softmax(model(b.inputs).logits, dim=-1, dtype=dtype)  # (B, T, V)
+            logprobs.append(scores[b.rows, b.logprob_at, b.targets])  # (N,)
+            greedy.append(scores.argmax(dim=-1)[b.rows, b.greedy_at] == b.targets)  # (N,)
+        flat_lp, flat_greedy = torch.cat(logprobs), torch.cat(greedy)
+        total = torch.empty(len(layout.requests), dtype=flat_lp.dtype)
+        all_greedy = torch.empty(len(layout.requests), dtype=torch.bool)
+        for requests, places in layout.by_length:
+            total[requests] = flat_lp[places].sum(dim=-1)  # (n,) from (n, L), as HFLM sums a row
+            all_greedy[requests] = flat_greedy[places].all(dim=-1)
+        for i, lp, g in zip(layout.requests, total.tolist(), all_greedy.tolist()):
+            inst = self.instances[i]
+            inst.resps = [(lp, g)] * inst.repeats
+
+    def _generate(self, batch: _GenerateBatch) -> torch.Tensor:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        table = batch.stop_tokens
+
+        class StopTokens(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+                return table[input_ids[:, -1]]  # (B,) rows whose last token ends them
+
+        return self.lm.model.generate(
+            input_ids=batch.inputs,
+            attention_mask=batch.attention_mask,
+            max_length=batch.max_length,
+            stopping_criteria=StoppingCriteriaList([StopTokens()]),
+            pad_token_id=self.lm.tokenizer.pad_token_id,
+            use_cache=True,
+            **batch.kwargs,
+        )
+
+    def _run_generate(self, batch: _GenerateBatch) -> None:
+        from lm_eval.models.utils import postprocess_generated_text
+
+        out = self._generate(batch)[:, batch.inputs.shape[1] :].tolist()
+        for i, tokens in zip(batch.requests, out):
+            text = postprocess_generated_text(self.lm.tok_decode(tokens), batch.until, None)
+            inst = self.instances[i]
+            inst.resps = [text] * inst.repeats
+
+    def _metrics(self, name: str, docs: list[int]) -> Values:
+        task = self.tasks[name]
+        task.apply_filters()
+        by_doc = self.docs[name]
+        values: Values = {}
+        for filter_key in self.instances[by_doc[docs[0]][0]].filtered_resps if docs else ():
+            for d in docs:
+                instances = [self.instances[i] for i in by_doc[d]]
+                for metric, value in task.process_results(
+                    instances[0].doc, [inst.filtered_resps[filter_key] for inst in instances]
+                ).items():
+                    values.setdefault((metric, filter_key), []).append(value)
+        return values
+
+
+def _placeholder(inst: Instance) -> Any:
+    """A response of the instance's type, so that filters can run before it is first scored."""
+    return "" if inst.request_type == "generate_until" else (0.0, False)
