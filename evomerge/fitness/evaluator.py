@@ -82,11 +82,12 @@ class Evaluator:
             batch_size=config.batch_size,
             max_length=config.max_length,
         )
-        self._prepared = None
+        self.prepared = None
+        """The requests built once ("hf" backend; None: each call runs lm-eval's `evaluate`)."""
         if config.backend == "hf":
             from evomerge.fitness.prepared import PreparedRequests
 
-            self._prepared = PreparedRequests(self.lm, self.tasks.leaf_tasks)
+            self.prepared = PreparedRequests(self.lm, self.tasks.leaf_tasks)
 
     def score(self, *, full: bool = False, per_example: bool = False) -> FitnessResult:
         """Score the model as its parameters are now: the fixed subset, or all if `full`;
@@ -143,8 +144,8 @@ class Evaluator:
             n = self.tasks.n_docs[task]
             if any(not 0 <= d < n for d in docs):
                 raise ValueError(f"{task!r} has documents 0..{n - 1}; asked for {docs}")
-        if self._prepared is not None:
-            return self._prepared.run(wanted)
+        if self.prepared is not None:
+            return self.prepared.run(wanted)
         return _lm_eval_values(self.lm, self.tasks.task_dict, wanted)
 
     def _per_example(self, values: dict[str, Values]) -> dict[str, list[float]]:
