@@ -11,8 +11,12 @@ pool's dev tasks, base model, one thread:
   evaluate — the same scoring through one `lm_eval.evaluator.evaluate` call (the path before
             the requests were prepared once), on the same live model and tasks
   swap    — copying a full set of weights into the live model in place
-Repeats are interleaved (forward, score, evaluate, forward, ...) so that load on a shared
-machine falls on all three alike; each is printed as a median, with the ratios between them.
+and, apart, lm-eval's filters + process_results alone, and `score_examples` on 10 examples per
+task (a multi-fidelity rung) against their own forward passes.
+Times are this process's CPU seconds (one thread, so the work itself; a shared machine's load
+stretches wall time, not these), repeats interleaved (forward, score, evaluate, forward, ...);
+each is printed as a median, with the ratios between them; overheads are medians of paired
+differences (each call minus the forward run just before it).
 The target: score - forward <= 10% of forward.
 """
 
@@ -31,15 +35,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _timed(fn) -> float:
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.process_time() - t0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pool", nargs="?", type=Path, help="a demo pool (default: build small)")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -66,9 +70,9 @@ def main() -> None:
     config = FitnessConfig(
         tasks=manifest["tasks"], task_paths=[manifest["task_path"]], batch_size=args.batch_size
     )
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     evaluator = Evaluator(model, tok, config, tmp / "run")
-    setup = time.perf_counter() - t0
+    setup = time.process_time() - t0
     every = {name: list(range(n)) for name, n in evaluator.tasks.n_docs.items()}
 
     def forward() -> None:
@@ -81,16 +85,30 @@ def main() -> None:
         evaluate(lm=evaluator.lm, task_dict=evaluator.tasks.task_dict, cache_requests=False,
                  bootstrap_iters=0, verbosity="ERROR")
 
+    def metrics() -> None:  # lm-eval's own filters and process_results, on the last responses
+        for task, docs in every.items():
+            evaluator.prepared.metric_values(task, docs)
+
+    slices = {task: list(range(0, n, max(1, n // 10)))[:10] for task, n in evaluator.tasks.n_docs.items()}
+
+    def few() -> None:  # a multi-fidelity rung: 10 examples per task
+        evaluator.score_examples(slices)
+
+    def few_forward() -> None:
+        evaluator.prepared.forward_only(slices)
+
     def swap() -> None:
         with torch.no_grad():
             for p, q in zip(model.parameters(), donor.parameters()):
                 p.data.copy_(q.data)
 
-    for fn in (forward, score, old):  # warm-up: first calls build lazy state
+    timed = {"forward": forward, "score": score, "evaluate": old, "metrics": metrics,
+             "few": few, "few_forward": few_forward}
+    for fn in timed.values():  # warm-up: first calls build lazy state
         fn()
-    times: dict[str, list[float]] = {"forward": [], "score": [], "evaluate": []}
+    times: dict[str, list[float]] = {name: [] for name in timed}
     for _ in range(args.repeats):
-        for name, fn in (("forward", forward), ("score", score), ("evaluate", old)):
+        for name, fn in timed.items():
             times[name].append(_timed(fn))
     t_swap = statistics.median(_timed(swap) for _ in range(args.repeats))
     med = {name: statistics.median(ts) for name, ts in times.items()}
@@ -98,18 +116,23 @@ def main() -> None:
     n = sum(len(d) for d in every.values())
     kinds = sorted({t.OUTPUT_TYPE for t in evaluator.tasks.leaf_tasks.values()})
     print(f"pool {pool_dir}  ({manifest['size']}, {', '.join(kinds)}), {n} examples, "
-          f"batch {args.batch_size}, 1 thread, median of {args.repeats} interleaved")
+          f"batch {args.batch_size}, 1 thread, CPU s, median of {args.repeats} interleaved")
     print(f"  evaluator setup (once)         {setup:8.3f} s")
     print(f"  forward passes                 {med['forward']:8.3f} s   {1e3 * med['forward'] / n:6.3f} ms/example")
     print(f"  score (prepared requests)      {med['score']:8.3f} s   {1e3 * med['score'] / n:6.3f} ms/example")
     print(f"  lm-eval evaluate (before)      {med['evaluate']:8.3f} s   {1e3 * med['evaluate'] / n:6.3f} ms/example")
     print(f"  weight swap in place           {t_swap:8.4f} s")
-    overhead = med["score"] - med["forward"]
+    # paired (each score minus the forward run just before it): steadier than medians' difference
+    overhead = statistics.median(s - f for s, f in zip(times["score"], times["forward"]))
     print(f"  overhead = score - forward:    {overhead:.4f} s per trial "
           f"= {100 * overhead / med['forward']:.1f}% of forward (target <= 10%)")
-    print(f"  before: evaluate - forward:    {med['evaluate'] - med['forward']:.4f} s "
-          f"= {100 * (med['evaluate'] - med['forward']) / med['forward']:.0f}% of forward")
+    before = statistics.median(e - f for e, f in zip(times["evaluate"], times["forward"]))
+    print(f"  before: evaluate - forward:    {before:.4f} s = {100 * before / med['forward']:.0f}% of forward")
     print(f"  ratio evaluate / score:        {med['evaluate'] / med['score']:.2f}x")
+    print(f"  of the overhead, lm-eval's filters + process_results: {med['metrics']:.4f} s")
+    n_few = sum(len(d) for d in slices.values())
+    print(f"  score_examples, {n_few} examples: {med['few']:.4f} s, their forward passes "
+          f"{med['few_forward']:.4f} s ({100 * (med['few'] - med['few_forward']) / med['few_forward']:.0f}% overhead)")
 
 
 if __name__ == "__main__":

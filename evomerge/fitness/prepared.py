@@ -244,7 +244,7 @@ class PreparedRequests:
                 self._run_loglikelihood(layout.loglikelihood)
             for batch in layout.generate:
                 self._run_generate(batch)
-        return {task: self._metrics(task, docs) for task, docs in wanted.items()}
+        return {task: self.metric_values(task, docs) for task, docs in wanted.items()}
 
     def forward_only(self, wanted: dict[str, list[int]]) -> None:
         """The forward passes of `wanted` and nothing else (for bench/evaluator_overhead.py)."""
@@ -301,7 +301,8 @@ class PreparedRequests:
             inst = self.instances[i]
             inst.resps = [text] * inst.repeats
 
-    def _metrics(self, name: str, docs: list[int]) -> Values:
+    def metric_values(self, name: str, docs: list[int]) -> Values:
+        """lm-eval's filters and `process_results` over the documents' latest responses."""
         task = self.tasks[name]
         task.apply_filters()
         by_doc = self.docs[name]
