@@ -153,11 +153,12 @@ class PreparedRequests:
         # one request per group, the longest continuation; longest input first (HFLM's Collator)
         heads = {max(members, key=lambda i: len(self.tokens[i][1])): members for members in groups.values()}
         order = sorted(heads, key=lambda i: (-len(self.tokens[i][0] + self.tokens[i][1]), tuple(self.tokens[i][0] + self.tokens[i][1])))
-        size = lm.batch_size
+        size, window = lm.batch_size, lm.max_length + 1
         batches, answered, flat_places, offset = [], [], [], 0
         for start in range(0, len(order), size):
             chunk = order[start : start + size]
-            inputs = [(self.tokens[h][0] + self.tokens[h][1])[-(lm.max_length + 1) :][:-1] for h in chunk]
+            # left-truncated to the model's window, the last token dropped (it predicts nothing)
+            inputs = [(self.tokens[h][0] + self.tokens[h][1])[-window:][:-1] for h in chunk]
             width = max(len(x) for x in inputs)
             rows, lp_at, gr_at, targets = [], [], [], []
             for row, (head, inp) in enumerate(zip(chunk, inputs)):
