@@ -204,6 +204,7 @@ class PreparedRequests:
             kwargs = normalize_gen_kwargs(gen_kwargs, lm.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen_toks = kwargs.pop("max_gen_toks")
+            total = kwargs.pop("max_length", None)  # HFLM: a task's max_length overrides
             if kwargs.get("do_sample") or kwargs.pop("temperature", 0.0) != 0.0:
                 raise UserError(
                     f"task {self.instances[members[0]].task_name!r} samples its generations; "
@@ -218,7 +219,7 @@ class PreparedRequests:
                     truncation=lm.truncation,
                 )
                 batches.append(_GenerateBatch(
-                    inputs, mask, inputs.shape[1] + max_gen_toks, until, self._stop_table(until), kwargs, chunk
+                    inputs, mask, total or inputs.shape[1] + max_gen_toks, until, self._stop_table(until), kwargs, chunk
                 ))
         return batches
 
