@@ -80,9 +80,13 @@ class AdapterCheckpoint(Checkpoint):
         return f"AdapterCheckpoint({self.reference!r})"
 
     def tensor(self, name: str) -> "torch.Tensor":
-        weight = super().tensor(name)
+        weight = self.base_tensor(name)
         factors = self.factors.get(name)
         return weight if factors is None else factors.apply(weight)
+
+    def base_tensor(self, name: str) -> "torch.Tensor":
+        """The base model's tensor `name`, before the adapter is applied."""
+        return super().tensor(name)
 
     def _check_base(self, config: dict, base: str) -> None:
         """The adapter's recorded base, where it names a local folder, must be this base."""
