@@ -73,7 +73,9 @@ class FactoredTensor:
         for index, source in enumerate(self.sources):
             if not (isinstance(source, AdaptedTensor) and source.factors is not None):
                 tensor = _materialise(source)
-                self.sources[index] = cast.setdefault(id(tensor), tensor.to(device=device, dtype=self.dtype))
+                if id(tensor) not in cast:
+                    cast[id(tensor)] = tensor.to(device=device, dtype=self.dtype)
+                self.sources[index] = cast[id(tensor)]
 
     def inputs(self):
         """This trial's `MergeInputs`: every adapter's tensor formed from its factors."""

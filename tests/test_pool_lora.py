@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,8 +135,23 @@ def test_a_search_over_the_lora_pool(small_lora_pool: Path, tmp_path: Path) -> N
     assert all(torch.equal(exported[k], scored[k]) for k in scored)
 
 
+def test_build_is_deterministic(small_lora_pool: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    build_lora_pool(again, size="small")
+    files = ["base/model.safetensors", *(f"{s}/adapter_model.safetensors" for s in SKILLS)]
+    for file in files:
+        assert (again / file).read_bytes() == (small_lora_pool / file).read_bytes(), file
+
+
 def test_bad_builds_are_refused(small_lora_pool: Path) -> None:
     with pytest.raises(UserError, match="--force"):
         build_lora_pool(small_lora_pool, size="small")
     with pytest.raises(UserError, match="unknown pool size"):
         build_lora_pool(small_lora_pool.parent / "x", size="huge")
+    proc = subprocess.run(
+        [sys.executable, "-c", "from evomerge.cli import main; main()",
+         "pool", "demo-lora", str(small_lora_pool), "--size", "small"],
+        check=False, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "--force" in proc.stderr
+    assert "Traceback" not in proc.stderr and not list(small_lora_pool.parent.glob(".*partial*"))
