@@ -172,7 +172,7 @@ def load_manifest(pool_dir: str | Path) -> dict[str, Any]:
     path = pool_dir / MANIFEST_NAME
     if not path.is_file():
         raise UserError(f"{pool_dir} is not an evomerge pool (no {MANIFEST_NAME}); build one "
-                        "with `evomerge pool demo DIR` or `evomerge pool demo2 DIR`.")
+                        "with `evomerge pool demo DIR` (or demo2, demo-lora).")
     manifest = json.loads(path.read_text(encoding="utf-8"))
     manifest["models"] = {k: _absolute(pool_dir, v) for k, v in manifest["models"].items()}
     manifest["task_path"] = str((pool_dir / manifest["task_path"]).resolve())
