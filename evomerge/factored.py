@@ -16,7 +16,9 @@ What each method keeps per run in such a job, and what it forms per trial:
   - task arithmetic, TIES, DARE (the fused kernel): tau = theta - base subtracted on the fly
     in the merge pass, never stored; TIES's top-k by a radix select per trial instead of
     stored magnitude ranks (int32 per element per source: twice a bfloat16 model); DARE's
-    draws hashed inline and its L1 rescale summed in a pass per trial instead of a draw table;
+    draws hashed inline, and its L1 rescale read from a draw table as in a resident merge
+    (512 KiB per source and tensor of 2^20 elements or more: adapter-sized; built from the
+    first trial's task vector, which is then freed), or summed in a pass for smaller tensors;
   - every other method (its torch code): its ranks and draws are recomputed per trial in the
     trial's `MergeInputs` and freed with it.
 Results are bit for bit those of `evomerge merge` on the decoded recipe, since both run the
@@ -67,6 +69,7 @@ class FactoredTensor:
         tensors = [_materialise(source) for source in self.sources]
         self.dtype = merge_dtype(plan, [t.dtype for t in tensors])
         self.peaks = checked_peaks(refs, tensors, self.dtype)
+        self.draw_tables: dict[int, "torch.Tensor"] = {}  # DARE's, built in the first trial
         # Every tensor but the adapters' sums is cast once here (a tensor shared by several
         # sources, once); the sums are formed per trial, on the CPU as `evomerge merge` forms them.
         cast: dict[int, "torch.Tensor"] = {}
@@ -84,7 +87,10 @@ class FactoredTensor:
 
     def run_into(self, kwargs: dict[str, Any], target: "torch.Tensor") -> bool:
         """Merge into `target`, as `PreparedTensor.run_into`; the trial's inputs are freed after."""
-        return PreparedTensor(self.plan.method, self.inputs(), resident=False).run_into(kwargs, target)
+        prepared = PreparedTensor(self.plan.method, self.inputs(), resident=False)
+        if prepared.fused is not None:
+            prepared.fused.keep_draw_tables(self.draw_tables)
+        return prepared.run_into(kwargs, target)
 
     def resident_bytes(self) -> int:
         """Bytes this tensor keeps between trials (tensors shared between sources counted once)."""
@@ -94,7 +100,7 @@ class FactoredTensor:
             if isinstance(source, AdaptedTensor) and source.factors is not None:
                 parts += [source.factors.a, source.factors.b]
             kept.update({part.data_ptr(): part.numel() * part.element_size() for part in parts})
-        return sum(kept.values())
+        return sum(kept.values()) + sum(table.nbytes for table in self.draw_tables.values())
 
 
 def _read_sources(plan: MergePlan, job: TensorJob) -> list[Source]:

@@ -136,3 +136,32 @@ def test_an_adapter_pool_keeps_the_base_and_the_factors_only(small_pool, adapter
     factors = [f for ref in adapters.values() for f in open_checkpoint(ref).factors.values()]
     expected = sum(base.tensor(n).nbytes for n in candidate.targets) + sum(f.a.nbytes + f.b.nbytes for f in factors)
     assert kept == expected
+
+
+def test_adapters_keep_dare_draw_tables_and_the_merge_bits(tmp_path):
+    """Tensors of 2^20 elements or more: DARE's L1 rescale is read from draw tables kept across
+    trials (built from the first trial's transient task vector); the bits stay the plain merge's."""
+    from safetensors.torch import load_file
+    from tiny_models import build_tiny_pool, write_adapter
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.candidate import CompiledCandidate
+    from evomerge.kernel.task_vectors import DRAW_TABLE_MIN
+    from evomerge.merge import run_merge
+
+    torch.set_num_threads(1)
+    folders = build_tiny_pool(tmp_path / "pool", n_models=0, num_hidden_layers=2, intermediate_size=DRAW_TABLE_MIN // 32)
+    base = folders["base"]
+    models = {name: f"{base}+{write_adapter(tmp_path / name, base, seed=seed)}" for seed, name in enumerate(("a", "b"))}
+    space = adapter_space(tmp_path / "pool", "dare_ties_layers", models, "float32")
+    live = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True).eval()
+    candidate = CompiledCandidate(live, space, seed=2)
+    rng = random.Random(0)
+    for attempt in range(2):
+        genome = {g.name: rng.uniform(g.low, g.high) for g in space.genes}
+        candidate.apply(genome)
+        merged = load_file(str(run_merge(space.decode(genome), tmp_path / f"m{attempt}", seed=2).out_dir / "model.safetensors"))
+        for tensor, value in candidate.targets.items():
+            assert torch.equal(value, merged[tensor]), (tensor, attempt)
+    large = [job for job in candidate.jobs if job.target.numel() >= DRAW_TABLE_MIN]  # gate, up, down
+    assert len(large) == 3 * 2 and all(len(job.tensor.draw_tables) == 2 for job in large)
