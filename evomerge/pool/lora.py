@@ -61,8 +61,8 @@ def build_lora_pool(
 
     if name not in POOLS:
         raise UserError(f"unknown pool {name!r}; choose one of {', '.join(POOLS)}.")
-    if size not in SIZES:
-        raise UserError(f"unknown pool size {size!r}; choose one of {', '.join(SIZES)}.")
+    if size not in SIZES or size not in SCHEDULES:
+        raise UserError(f"unknown pool size {size!r}; choose one of {', '.join(SCHEDULES)}.")
     out_dir = Path(out_dir).resolve()
     skills, spec, schedule = POOLS[name], SIZES[size], SCHEDULES[size]
     threads = torch.get_num_threads()
