@@ -1,7 +1,7 @@
 """Merge throughput: evomerge against mergekit 0.1.5 on synthetic ~0.5B-parameter bf16 models.
 
     python bench/merge_throughput.py [--params 0.5e9] [--repeats 1] [--skip-mergekit] [--profile]
-                                     [--lora-rank 16]
+                                     [--lora-rank 16] [--search-memory]
 
 Builds a base and two fine-tunes (random Llama-shaped tensors written straight to safetensors
 shards: no model is instantiated), merges the same `ties` and `dare_ties` recipes with
@@ -23,6 +23,12 @@ The `lora` row merges two PEFT LoRA adapters of the base (rank --lora-rank on ev
 `model: base+adapter`) by task arithmetic, and adds the peak resident memory of each tool's
 process: evomerge applies an adapter per tensor as it reads it, mergekit first merges each
 adapter into a full model (PEFT's merge_and_unload) and saves it to a cache folder.
+
+`--search-memory` measures a search's set-up instead of merges: for each space, a fresh process
+compiles the candidates (`CompiledCandidate`) of a pool of the two full fine-tunes and of a pool
+of the two adapters, over a live bf16 model, applies 3 genomes, and prints the bytes its
+compiled jobs keep between trials (tensors counted once), its peak resident memory (VmHWM,
+live model and imports included) and the median seconds of one `apply`.
 """
 
 from __future__ import annotations
@@ -314,6 +320,65 @@ def run_mergekit(folders: dict[str, Path], out_root: Path, repeats: int) -> dict
     return results
 
 
+# --- a search's set-up: full fine-tunes against adapters -------------------------------------
+SEARCH_SPACES = ("task_arithmetic_layers", "dare_ties_layers", "ties_layers")
+
+
+def measure_search(base: str, models: dict[str, str], space_name: str) -> dict:
+    """In this process: compile the space over `models`, apply 3 genomes; bytes kept, apply s."""
+    import random
+    import re
+
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.candidate import CompiledCandidate
+    from evomerge.checkpoint import Checkpoint
+    from evomerge.space import SearchSpace, load_space
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).eval()
+    space = SearchSpace(load_space(space_name), base=base, models=models,
+                        num_layers=Checkpoint(base).num_layers, dtype="bfloat16")
+    candidate = CompiledCandidate(model, space, seed=0)
+    rng, times = random.Random(0), []
+    for _ in range(3):
+        genome = {g.name: rng.uniform(g.low, g.high) for g in space.genes}
+        started = time.perf_counter()
+        candidate.apply(genome)
+        times.append(time.perf_counter() - started)
+    peak_kib = int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+    return {"kept_bytes": sum(_kept_bytes(job.tensor) for job in candidate.jobs),
+            "peak_gb": peak_kib * 1024 / GB, "apply_s": sorted(times)[1]}
+
+
+def _kept_bytes(tensor) -> int:
+    """Bytes one compiled job keeps between trials: its input tensors and, for a resident
+    job, what the kernel derived from them (task vectors, ranks, draw tables)."""
+    if hasattr(tensor, "resident_bytes"):  # adapters, kept factored
+        return tensor.resident_bytes()
+    inputs = tensor.inputs
+    kept = [*inputs.models, inputs.base, *(v for v in inputs._memo.values() if isinstance(v, torch.Tensor))]
+    if tensor.fused is not None:
+        kept += list(tensor.fused._draw_tables.values())
+    return sum({t.data_ptr(): t.numel() * t.element_size() for t in kept if t is not None}.values())
+
+
+def search_memory(folders: dict[str, Path]) -> None:
+    """One fresh process per (space, pool): the full fine-tunes, then the adapters."""
+    pools = {
+        "full": {"ft0": str(folders["ft0"]), "ft1": str(folders["ft1"])},
+        "lora": {"lora0": f"{folders['base']}+{folders['lora0']}", "lora1": f"{folders['base']}+{folders['lora1']}"},
+    }
+    print(f"{'space':<24} {'pool':<5} {'kept GB':>8} {'peak GB':>8} {'apply s':>8}")
+    for space in SEARCH_SPACES:
+        for kind, models in pools.items():
+            code = (f"import json, sys; sys.path.insert(0, {str(REPO / 'bench')!r}); "
+                    "from merge_throughput import measure_search; "
+                    f"print(json.dumps(measure_search({str(folders['base'])!r}, {models!r}, {space!r})))")
+            run = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+            result = json.loads(run.stdout.strip().splitlines()[-1])
+            print(f"{space:<24} {kind:<5} {result['kept_bytes'] / GB:>8.3f} {result['peak_gb']:>8.2f} {result['apply_s']:>8.3f}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=float, default=0.5e9, help="parameters per model")
@@ -323,6 +388,8 @@ def main(argv=None) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the models")
     parser.add_argument("--repeats", type=int, default=1, help="best of this many runs, for both tools")
     parser.add_argument("--lora-rank", type=int, default=16, help="rank of the adapters of the lora row")
+    parser.add_argument("--search-memory", action="store_true",
+                        help="measure a search's set-up over full fine-tunes and adapters instead of merges")
     args = parser.parse_args(argv)
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="evomerge-bench-"))
@@ -339,6 +406,9 @@ def main(argv=None) -> None:
         folders = write_models(root / "models", args.params)
         folders.update(write_adapters(root / "models", folders["base"], args.lora_rank))
         print(f"wrote models in {time.perf_counter() - started:.1f} s under {root}")
+        if args.search_memory:
+            search_memory(folders)
+            return
         bandwidth = copy_bandwidth()
         print(f"memory copy bandwidth: {bandwidth / GB:.1f} GB/s (read + write)")
 

@@ -58,11 +58,14 @@ class LoraFactors:
     def apply(self, weight: "torch.Tensor") -> "torch.Tensor":
         """W + delta, rounded as PEFT's merge rounds: a linear layer adds the float32 delta in
         place (one rounding, to W's dtype); an embedding rounds the delta to W's dtype first."""
-        product = self.b @ self.a
-        delta = (product.T if self.transpose else product) * self.scale
-        merged = weight.clone()
-        merged += delta.to(weight.dtype) if self.embedding else delta
-        return merged
+        product = self.b @ self.a  # float32
+        delta = (product.T if self.transpose else product).mul_(self.scale)
+        if self.embedding:
+            return weight + delta.to(weight.dtype)
+        # PEFT adds in place (W += delta): the sum in the wider type, rounded once to W's dtype.
+        if weight.element_size() > delta.element_size():
+            return weight + delta
+        return delta.add_(weight).to(weight.dtype)
 
 
 class AdapterCheckpoint(Checkpoint):
@@ -80,9 +83,13 @@ class AdapterCheckpoint(Checkpoint):
         return f"AdapterCheckpoint({self.reference!r})"
 
     def tensor(self, name: str) -> "torch.Tensor":
-        weight = super().tensor(name)
+        weight = self.base_tensor(name)
         factors = self.factors.get(name)
         return weight if factors is None else factors.apply(weight)
+
+    def base_tensor(self, name: str) -> "torch.Tensor":
+        """The base model's tensor `name`, before the adapter is applied."""
+        return super().tensor(name)
 
     def _check_base(self, config: dict, base: str) -> None:
         """The adapter's recorded base, where it names a local folder, must be this base."""

@@ -3,7 +3,8 @@
 Compile (once per run): lay the search space out against the pool as a plan of tensor jobs
 (`evomerge.plan`, the same layout and parameter precedence as `evomerge merge`), note which
 gene fills which parameter slot of which job, read every source tensor onto the device in the
-merge dtype and prepare it for repeated merges (`evomerge.merge.PreparedTensor`, resident).
+merge dtype and prepare it for repeated merges (`evomerge.merge.PreparedTensor`, resident;
+LoRA adapters stay factored, `evomerge.factored`).
 Per trial (`apply(genome)`): write the genes into the slots and run the jobs; each result lands
 in the evaluation model's parameter in place, its finiteness checked in the same pass.
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from evomerge.errors import UserError
+from evomerge.factored import FactoredTensor, has_adapter
 from evomerge.merge import PreparedTensor, load_inputs
 from evomerge.plan import MergePlan, TensorJob, plan_merge
 
@@ -49,7 +51,7 @@ class CompiledJob:
     (`fixed`), the slots the genome fills, and the live parameter the result goes into."""
 
     name: str
-    tensor: PreparedTensor
+    tensor: "PreparedTensor | FactoredTensor"
     fixed: dict[str, Any]
     slots: list[Slot]
     target: "torch.Tensor"
@@ -79,7 +81,7 @@ class CompiledCandidate:
         self.jobs = [
             CompiledJob(
                 name=job.out_name,
-                tensor=PreparedTensor(plan.method, load_inputs(plan, job, seed=seed, device=device), resident=True),
+                tensor=resident_tensor(plan, job, seed=seed, device=device),
                 fixed=job.kwargs,
                 slots=slots[job.out_name],
                 target=state[job.out_name],
@@ -97,6 +99,14 @@ class CompiledCandidate:
         for job in self.jobs:
             if not job.tensor.run_into(job.parameters(genome), job.target):
                 raise CandidateError(f"the merged tensor {job.name!r} has NaN or Inf values")
+
+
+def resident_tensor(plan: MergePlan, job: TensorJob, *, seed: int, device: str) -> "PreparedTensor | FactoredTensor":
+    """One job read once for a run of merges: resident inputs, or, where its models include
+    LoRA adapters, the adapters kept factored (evomerge/factored.py)."""
+    if has_adapter(plan, job):
+        return FactoredTensor(plan, job, seed=seed, device=device)
+    return PreparedTensor(plan.method, load_inputs(plan, job, seed=seed, device=device), resident=True)
 
 
 def compile_slots(space: "SearchSpace") -> tuple[MergePlan, dict[str, list[Slot]]]:

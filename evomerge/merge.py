@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 from evomerge import __version__
 from evomerge.errors import UserError
 from evomerge.methods.registry import MergeInputs, MergeMethod
-from evomerge.plan import MergePlan, TensorJob, plan_merge
+from evomerge.plan import MergePlan, TensorJob, TensorRef, plan_merge
 from evomerge.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ def output_layout(plan: MergePlan, out_dtype: Optional[str] = None) -> list["Ten
     cast = torch_dtype(out_dtype or plan.recipe.out_dtype)
     layout = []
     for job in plan.jobs:
-        refs = list(job.inputs) + ([job.base] if job.base else [])
+        refs = job_refs(job)
         ckpt = plan.checkpoints[refs[0].model]
         dtype = cast or merge_dtype(plan, [plan.checkpoints[r.model].torch_dtype(r.name) for r in refs])
         layout.append(TensorSpec(job.out_name, ckpt.shape(refs[0].name), dtype))
@@ -65,11 +65,22 @@ def merge_dtype(plan: MergePlan, dtypes: list["torch.dtype"]) -> "torch.dtype":
 
 def load_inputs(plan: MergePlan, job: TensorJob, *, seed: int, device: str = "cpu") -> MergeInputs:
     """Read one job's tensors, check they are finite, cast to the merge dtype, on `device`."""
-    from evomerge.kernel.cpu import peak
-    from evomerge.random_fields import UniformField
-
-    refs = list(job.inputs) + ([job.base] if job.base else [])
+    refs = job_refs(job)
     tensors = [plan.checkpoints[r.model].tensor(r.name) for r in refs]
+    dtype = merge_dtype(plan, [t.dtype for t in tensors])
+    return inputs_from(plan, job, tensors, checked_peaks(refs, tensors, dtype), dtype=dtype, seed=seed, device=device)
+
+
+def job_refs(job: TensorJob) -> list[TensorRef]:
+    """A job's input references, the base last."""
+    return list(job.inputs) + ([job.base] if job.base else [])
+
+
+def checked_peaks(refs: list[TensorRef], tensors: list["torch.Tensor"], dtype: "torch.dtype") -> list[Optional[float]]:
+    """max |x| of each tensor, where it holds in the merge dtype `dtype` (a cast may round);
+    a UserError where a tensor has a NaN or an Inf."""
+    from evomerge.kernel.cpu import peak
+
     peaks = [peak(t) if t.is_floating_point() else None for t in tensors]
     for ref, value in zip(refs, peaks):
         if value is not None and not math.isfinite(value):
@@ -77,8 +88,16 @@ def load_inputs(plan: MergePlan, job: TensorJob, *, seed: int, device: str = "cp
                 f"model {ref.model!r} has NaN or Inf values in tensor {ref.name!r}; "
                 "refusing to merge a broken checkpoint"
             )
-    dtype = merge_dtype(plan, [t.dtype for t in tensors])
-    peaks = [value if t.dtype == dtype else None for t, value in zip(tensors, peaks)]  # a cast may round
+    return [value if t.dtype == dtype else None for t, value in zip(tensors, peaks)]
+
+
+def inputs_from(
+    plan: MergePlan, job: TensorJob, tensors: list["torch.Tensor"], peaks: list[Optional[float]], *,
+    dtype: "torch.dtype", seed: int, device: str,
+) -> MergeInputs:
+    """The method's view of a job's tensors (read in `job_refs` order), cast to `dtype` on `device`."""
+    from evomerge.random_fields import UniformField
+
     tensors = [t.to(device=device, dtype=dtype) for t in tensors]
     base = tensors.pop() if job.base else None
     field = UniformField(seed, job.out_name) if plan.method.randomized else None

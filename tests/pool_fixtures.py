@@ -41,6 +41,19 @@ def small_pool2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def small_lora_pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A freshly built `small` demo-lora pool: base/, add/, rev/, sort/ (LoRA adapters), tasks/."""
+    import torch
+
+    from evomerge.pool.lora import build_lora_pool
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("lora-pool") / "demo-lora"
+    build_lora_pool(out, size="small")
+    return out
+
+
 def load_pool_models(pool: Path) -> dict:
     """name -> loaded model (eval mode) for every model of a pool folder, plus `tokenizer`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -6,7 +6,6 @@ Adapters are written here as PEFT saves them (adapter_config.json + adapter_mode
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -20,45 +19,7 @@ from evomerge.checkpoint import Checkpoint
 from evomerge.errors import UserError
 from evomerge.merge import run_merge
 from evomerge.recipe import parse_recipe
-from tiny_models import build_tiny_pool
-
-RANK = 4
-
-
-def write_adapter(folder: Path, base: Path, *, dtype=torch.float32, seed=0, **config) -> Path:
-    """A LoRA adapter for the tiny Llama: q, v and down projections and the embeddings."""
-    generator = torch.Generator().manual_seed(seed)
-    base_ckpt = Checkpoint(str(base))
-    tensors = {}
-    for name in base_ckpt.names:
-        module = name.removesuffix(".weight")
-        if module.endswith(("q_proj", "v_proj", "down_proj")):
-            out_dim, in_dim = base_ckpt.shape(name)
-            rank = config.get("rank_pattern", {}).get(module.split(".")[-1], RANK)
-            a = torch.randn(rank, in_dim, generator=generator) * 0.1
-            b = torch.randn(out_dim, rank, generator=generator) * 0.1
-            tensors[f"base_model.model.{module}.lora_A.weight"] = a.to(dtype)
-            tensors[f"base_model.model.{module}.lora_B.weight"] = b.to(dtype)
-        elif module.endswith("embed_tokens"):
-            vocab, dim = base_ckpt.shape(name)
-            tensors[f"base_model.model.{module}.lora_embedding_A"] = (torch.randn(RANK, vocab, generator=generator) * 0.1).to(dtype)
-            tensors[f"base_model.model.{module}.lora_embedding_B"] = (torch.randn(dim, RANK, generator=generator) * 0.1).to(dtype)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    settings = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": RANK,
-        "lora_alpha": 8,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "target_modules": ["q_proj", "v_proj", "down_proj", "embed_tokens"],
-        "base_model_name_or_path": str(base),
-        "fan_in_fan_out": False,
-        **config,
-    }
-    (folder / "adapter_config.json").write_text(json.dumps(settings))
-    return folder
+from tiny_models import RANK, build_tiny_pool, write_adapter
 
 
 @pytest.fixture(scope="module", params=["fp32", "bf16"])

@@ -44,11 +44,12 @@ PARSE_ONLY = {
     "make demo": "installs the venv and runs the full demo (minutes)",
     "make test": "the whole test suite",
     "evomerge pool demo runs/demo-pool": "trains the full demo pool (100 s); the sandbox has the small pool there",
+    "evomerge pool demo-lora runs/demo-lora-pool": "trains the full LoRA pool (100 s); the sandbox has the small one there",
     "for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i evomerge worker runs/shared --device cuda & done; wait": "needs 4 GPUs",
 }
 
 # Files the README assumes the reader has: sandbox path -> where it comes from ("{pool}" is the
-# small demo pool). Folders of models are linked, task and config folders copied (their
+# small demo pool, "{lora_pool}" the small demo-lora pool). Folders of models are linked, task and config folders copied (their
 # relative paths must resolve inside the sandbox).
 USER_FILES = {
     "models/base": "{pool}/base",
@@ -57,14 +58,16 @@ USER_FILES = {
     "my_tasks/data/my_skill.jsonl": "{pool}/tasks/data/add_test.jsonl",
     "my_tasks/data/my_skill_dev.jsonl": "{pool}/tasks/data/add_dev.jsonl",
     "runs/demo-pool": "{pool}",
+    "runs/demo-lora-pool": "{lora_pool}",
     "eval_tasks": f"{ROOT}/eval_tasks",
     "configs": f"{ROOT}/configs",
 }
-LINKED = {"models/base", "models/math", "models/code", "runs/demo-pool"}
+LINKED = {"models/base", "models/math", "models/code", "runs/demo-pool", "runs/demo-lora-pool"}
 
 # Budget cuts, so each search takes seconds: file -> [(text, replacement)].
 FILE_EDITS = {
     "configs/demo.yaml": [("trials: 40", "trials: 3")],
+    "configs/demo-lora.yaml": [("trials: 40", "trials: 3")],
     "my-search.yaml": [("trials: 40", "trials: 4")],
 }
 
@@ -189,12 +192,12 @@ def substituted(text: str) -> str:
 
 # --- the sandbox -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def sandbox(tmp_path_factory, small_pool: Path) -> dict:
+def sandbox(tmp_path_factory, small_pool: Path, small_lora_pool: Path) -> dict:
     """A folder laid out as the README's reader has it, and an environment whose `evomerge` is
     this checkout's."""
     root = tmp_path_factory.mktemp("readme")
     for rel, source in USER_FILES.items():
-        source, target = Path(source.format(pool=small_pool)), root / rel
+        source, target = Path(source.format(pool=small_pool, lora_pool=small_lora_pool)), root / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         if rel in LINKED:
             target.symlink_to(source, target_is_directory=source.is_dir())

@@ -1,4 +1,4 @@
-"""`evomerge pool demo|demo2 OUT_DIR`: build an offline pool (base + specialists + tasks)."""
+"""`evomerge pool demo|demo2|demo-lora OUT_DIR`: build an offline pool (base + specialists + tasks)."""
 
 from __future__ import annotations
 
@@ -21,12 +21,17 @@ def _build(name: str, out_dir: Path, size: str, force: bool) -> None:
     from evomerge.cli.process import set_up_process
 
     set_up_process()
-    from evomerge.pool import build_pool
+    from evomerge.pool import build_pool, load_manifest
 
-    manifest = build_pool(out_dir, name=name, size=size, force=force)
+    if name.endswith("-lora"):
+        from evomerge.pool.lora import build_lora_pool
+
+        manifest = build_lora_pool(out_dir, name=name.removesuffix("-lora"), size=size, force=force)
+    else:
+        manifest = build_pool(out_dir, name=name, size=size, force=force)
     click.echo(f"built the {size} {name} pool in {manifest['seconds']['total']:.0f} s: {out_dir}")
-    for model, rel in manifest["models"].items():
-        click.echo(f"  {model:<6} {out_dir / rel}")
+    for model, reference in load_manifest(out_dir)["models"].items():
+        click.echo(f"  {model:<6} {reference}")
     click.echo(f"  tasks  {out_dir / manifest['task_path']}  ({', '.join(manifest['tasks'])}; "
                "split dev for the search, test for reports)")
 
@@ -43,7 +48,7 @@ def _pool_command(name: str, summary: str) -> click.Command:
 
     build.__doc__ = (
         f"Build the {name} pool into OUT_DIR, offline: {summary}\n\n"
-        "A tiny base model and one specialist per synthetic skill. Writes OUT_DIR/base, OUT_DIR/<skill> (HF folders), OUT_DIR/tasks (lm-eval tasks with "
+        "A tiny base model and one specialist per synthetic skill. Writes OUT_DIR/base, OUT_DIR/<skill> (HF folders; PEFT adapter folders in demo-lora), OUT_DIR/tasks (lm-eval tasks with "
         "held-out dev and test data) and OUT_DIR/pool.json. Deterministic: the same command "
         "gives the same pool."
     )
@@ -55,4 +60,9 @@ demo2 = _pool_command(
     "demo2",
     "shift (a Caesar cipher, a generate-until task scored by exact_match), sub, dedup "
     "(loglikelihood tasks scored by acc).",
+)
+demo_lora = _pool_command(
+    "demo-lora",
+    "the demo base (the same as `evomerge pool demo`'s) and one PEFT LoRA adapter per skill "
+    "(add, rev, sort), each a specialist `base+<skill>`.",
 )

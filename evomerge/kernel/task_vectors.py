@@ -79,7 +79,14 @@ class FusedTensor:
         self.inputs, self.rule, self.consensus, self.resident = inputs, rule, consensus, resident
         self.count = len(inputs.models)
         self._draw_tables: dict[int, torch.Tensor] = {}
+        self.keeps_draw_tables = resident
         self._smallest: dict[int, float] = {}
+
+    def keep_draw_tables(self, tables: dict[int, torch.Tensor]) -> None:
+        """Keep DARE's draw tables in `tables`, which outlives this object: for one-shot inputs
+        formed anew for each merge but equal in all of them (a LoRA adapter's tensor in a
+        search, which keeps the adapter's factors and not its task vector: evomerge/factored.py)."""
+        self._draw_tables, self.keeps_draw_tables = tables, True
 
     def merge(
         self,
@@ -148,7 +155,7 @@ class FusedTensor:
         shifts = {i: self.l1_shift(i) for i in rescaled}
         sums = {}
         for i in rescaled:
-            if self.resident and rules[i].mode == KeepRule.HASH_BELOW and self.inputs.base.numel() >= DRAW_TABLE_MIN:
+            if self.keeps_draw_tables and rules[i].mode == KeepRule.HASH_BELOW and self.inputs.base.numel() >= DRAW_TABLE_MIN:
                 table = self.draw_l1_table(i)
                 sums[i] = int(table[rules[i].threshold]), int(table[-1])
         scanned = [i for i in rescaled if i not in sums]

@@ -69,6 +69,17 @@ def specialist_batches(
     )
 
 
+def train_base(
+    skills: dict[str, Skill], tokenizer: PreTrainedTokenizerFast, spec: PoolSize
+) -> tuple[LlamaForCausalLM, float]:
+    """The pool's base, pretrained on the mix of its skills, and its final loss."""
+    base = make_model(spec, tokenizer, seed=0)
+    everything = Batches(list(skills.values()), tokenizer, held_out=held_out_prompts(skills), seed=1)
+    loss = train(base, everything, steps=spec.base_steps, lr=spec.base_lr, batch=spec.batch,
+                 warmup=spec.warmup, label="base")
+    return base, loss
+
+
 def _check_out_dir(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} exists and is not a folder.")
@@ -107,11 +118,7 @@ def build_pool(
         losses: dict[str, float] = {}
 
         t0 = time.perf_counter()
-        base = make_model(spec, tokenizer, seed=0)
-        everything = Batches(list(skills.values()), tokenizer,
-                             held_out=held_out_prompts(skills), seed=1)
-        losses["base"] = train(base, everything, steps=spec.base_steps, lr=spec.base_lr,
-                               batch=spec.batch, warmup=spec.warmup, label="base")
+        base, losses["base"] = train_base(skills, tokenizer, spec)
         _save(base, tokenizer, tmp / "base")
         timings["base"] = time.perf_counter() - t0
         base_state = {k: v.clone() for k, v in base.state_dict().items()}
@@ -165,8 +172,15 @@ def load_manifest(pool_dir: str | Path) -> dict[str, Any]:
     path = pool_dir / MANIFEST_NAME
     if not path.is_file():
         raise UserError(f"{pool_dir} is not an evomerge pool (no {MANIFEST_NAME}); build one "
-                        "with `evomerge pool demo DIR` or `evomerge pool demo2 DIR`.")
+                        "with `evomerge pool demo DIR` (or demo2, demo-lora).")
     manifest = json.loads(path.read_text(encoding="utf-8"))
-    manifest["models"] = {k: str((pool_dir / v).resolve()) for k, v in manifest["models"].items()}
+    manifest["models"] = {k: _absolute(pool_dir, v) for k, v in manifest["models"].items()}
     manifest["task_path"] = str((pool_dir / manifest["task_path"]).resolve())
     return manifest
+
+
+def _absolute(pool_dir: Path, reference: str) -> str:
+    """A model reference of the manifest made absolute: a folder, or `base+adapter` (LoRA pools)."""
+    from evomerge.checkpoint import reference_parts
+
+    return "+".join(str((pool_dir / part).resolve()) for part in reference_parts(reference, base_dir=pool_dir))
