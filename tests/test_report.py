@@ -322,7 +322,7 @@ def test_cli_report_on_a_real_search(tmp_path: Path, small_pool: Path):
             "sampler": "cmaes",
             "trials": 6,
             "seed": 0,
-            "promotion": {"quantile": 0.5, "warmup": 2},
+            "fidelity": {"eta": 2},
         },
         "threads": 1,
     }
