@@ -11,7 +11,7 @@ A trial goes on to the next rung only while its value there is among the top 1/e
 values every finished trial reached at that rung (itself included): asynchronous successive
 halving, which needs no generations, so it works with any sampler and with many workers. The
 first trial at a rung always goes on; baselines always go to the end (they are the report's
-reference points).
+reference points, and the first values every rung is compared with).
 
 A trial stopped early is told to the sampler as COMPLETE with its value at the rung where it
 stopped: an unbiased but noisier estimate of its full value (the examples are a random sample).
@@ -99,10 +99,10 @@ class Schedule:
         first = {t: len(tasks.subset[t]) for t in n_docs}
         return cls(orders=orders, sizes=rung_sizes(first, n_docs, fidelity.eta), eta=fidelity.eta)
 
-    def score(self, evaluator: "Evaluator", *, peers: Sequence, to_the_end: bool = False) -> Scored:
-        """Score the live model rung by rung until it is outranked at a rung or all of dev is
-        scored. `peers`: a scan of the study (their `rungs` attributes); `to_the_end`: no
-        stopping (baselines)."""
+    def score(self, evaluator: "Evaluator", *, peers: Sequence, incumbent=None, to_the_end: bool = False) -> Scored:
+        """Score the live model rung by rung until it falls behind at a rung (`goes_on`) or all
+        of dev is scored. `peers`: a scan of the study; `incumbent`: the best full-fidelity
+        trial of it, if any; `to_the_end`: no stopping (baselines)."""
         scored = Scored(docs={t: [] for t in self.orders}, values={t: [] for t in self.orders})
         for rung, sizes in enumerate(self.sizes):
             new = {t: self.orders[t][len(scored.docs[t]) : sizes[t]] for t in self.orders}
@@ -114,21 +114,27 @@ class Schedule:
             if not math.isfinite(value):
                 raise NotFinite(f"the fitness at rung {rung} is not a finite number")
             scored.rungs.append(value)
-            if rung < len(self.sizes) - 1 and not to_the_end and not self.goes_on(rung, value, peers):
+            last = rung == len(self.sizes) - 1
+            if not last and not to_the_end and not self.goes_on(rung, value, peers, incumbent):
                 return scored
         scored.full = True
         return scored
 
-    def goes_on(self, rung: int, value: float, peers: Sequence) -> bool:
-        """Whether `value` at `rung` is in the top 1/eta of the values finished trials reached
-        there, itself included."""
+    def goes_on(self, rung: int, value: float, peers: Sequence, incumbent=None) -> bool:
+        """Whether a trial with `value` at `rung` goes on: it must score at least what the
+        incumbent scored on the same examples (a paired comparison: the example noise the two
+        share cancels), and be among the best floor(n/eta) of the n values finished trials
+        reached at `rung`, itself included (while n < eta, the best: Optuna's
+        `SuccessiveHalvingPruner` rule, as a trial cannot wait at a rung for later peers)."""
+        if incumbent is not None and value < incumbent.user_attrs[RUNGS_ATTR][rung]:
+            return False
         seen = [value] + [
             t.user_attrs[RUNGS_ATTR][rung]
             for t in peers
             if t.state.is_finished() and len(t.user_attrs.get(RUNGS_ATTR) or ()) > rung
         ]
         seen.sort(reverse=True)
-        return value >= seen[math.ceil(len(seen) / self.eta) - 1]
+        return value >= seen[max(int(len(seen) // self.eta), 1) - 1]
 
     @property
     def full_examples(self) -> int:

@@ -123,7 +123,10 @@ class Search:
         folder, record the scores on `trial` and return what the study maximises."""
         started = time.perf_counter()
         baseline = "baseline" in trial.user_attrs
-        scored = self.schedule.score(self.evaluator, peers=trials, to_the_end=baseline)
+        incumbent = best_trial(self.study, trials)
+        if incumbent is not None and len(incumbent.user_attrs.get(RUNGS_ATTR) or ()) < len(self.schedule.sizes):
+            incumbent = None  # not scored on every rung: nothing to compare with
+        scored = self.schedule.score(self.evaluator, peers=trials, incumbent=incumbent, to_the_end=baseline)
         write_examples(self.run_dir, trial.number, scored)
         trial.set_user_attr(RUNGS_ATTR, scored.rungs)
         trial.set_user_attr("fidelity", "full" if scored.full else "subset")
