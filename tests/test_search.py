@@ -171,15 +171,15 @@ def test_a_worker_whose_trial_another_worker_failed_goes_on(tmp_path, small_pool
     set_up_like_the_cli(config, run_dir)
     write_run_folder(config, run_dir)
     search = Search(config, run_dir)
-    score = search.evaluator.score
+    score = search.evaluator.score_examples
 
-    def judged_dead_while_scored(**kwargs):
+    def judged_dead_while_scored(examples):
         running = search.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if running[0].number == 0:  # what a peer's fail_stale does to a trial with late heartbeats
+        if running and running[0].number == 0:  # what a peer's fail_stale does to a trial with late heartbeats
             search.study.tell(0, state=TrialState.FAIL)
-        return score(**kwargs)
+        return score(examples)
 
-    search.evaluator.score = judged_dead_while_scored
+    search.evaluator.score_examples = judged_dead_while_scored
     with caplog.at_level("WARNING", logger="evomerge.search"):
         search.run(until=3, progress=False)
     assert [t.state.name for t in search.study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
