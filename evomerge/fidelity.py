@@ -7,11 +7,14 @@ order; the last rung, reached once one more step would pass every task's size, s
 them. Each rung scores only the examples the rung before did not (nothing is scored twice), and
 the trial's value at a rung is the tasks' own aggregation over every example scored so far.
 
-A trial goes on to the next rung only while its value there is among the top 1/eta of the
-values every finished trial reached at that rung (itself included): asynchronous successive
-halving, which needs no generations, so it works with any sampler and with many workers. The
-first trial at a rung always goes on; baselines always go to the end (they are the report's
-reference points, and the first values every rung is compared with).
+A trial goes on to the next rung only while (a) it scores at least what the incumbent (the
+best trial scored on all of dev) scored on the same examples, a paired comparison in which what
+makes examples easy or hard cancels, and (b) its value is among the top 1/eta of the values
+every finished trial reached at that rung (itself included): asynchronous successive halving,
+which needs no generations, so it works with any sampler and with many workers. The first trial
+at a rung goes on; baselines always go to the end (they are the report's reference points, and
+the first incumbent). (b) alone sends too many trials to the end when the sampler concentrates
+on good regions (docs/BENCHMARKS.md, multi-fidelity).
 
 A trial stopped early is told to the sampler as COMPLETE with its value at the rung where it
 stopped: an unbiased but noisier estimate of its full value (the examples are a random sample).
@@ -135,11 +138,6 @@ class Schedule:
         ]
         seen.sort(reverse=True)
         return value >= seen[max(int(len(seen) // self.eta), 1) - 1]
-
-    @property
-    def full_examples(self) -> int:
-        """Examples one trial scores on all of dev."""
-        return sum(self.sizes[-1].values())
 
 
 def rung_sizes(first: dict[str, int], n_docs: dict[str, int], eta: float) -> list[dict[str, int]]:
