@@ -58,7 +58,7 @@ def pool_config(pool: Path, space, sampler: str, seed: int, trials: int) -> dict
         "pool": {"base": str(pool / manifest["base"]), "models": models, "dtype": "float32"},
         "space": space,
         "fitness": {"task_paths": [str(pool / manifest["task_path"])], "tasks": pool_tasks(manifest)},
-        "search": {"sampler": sampler, "trials": trials, "seed": seed, "promotion": None},
+        "search": {"sampler": sampler, "trials": trials, "seed": seed, "fidelity": None},
         "threads": 1,
     }
 

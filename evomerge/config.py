@@ -48,13 +48,14 @@ class PoolConfig(BaseModel):
         return value
 
 
-class Promotion(BaseModel):
-    """Multi-fidelity: score every candidate on the fitness subset, and on the full set only
-    when its subset score is in the top `quantile` of the trials so far."""
+class Fidelity(BaseModel):
+    """Multi-fidelity over examples (asynchronous successive halving, `evomerge.fidelity`):
+    every trial scores the fitness subset first (rung 0); each further rung scores `eta` times
+    as many examples per task, the last all of dev, and a trial goes on to the next rung only
+    while its value there is in the top 1/`eta` of the values trials reached there so far."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    quantile: float = Field(default=0.75, ge=0.0, le=1.0)
-    warmup: int = Field(default=5, ge=0)
+    eta: float = Field(default=3.0, gt=1.0, allow_inf_nan=False)
 
 
 SamplerName = Literal["gp", "cmaes", "cmaes_warm", "tpe", "random"]
@@ -76,12 +77,23 @@ class SearchConfig(BaseModel):
     storage: Optional[str] = None
     study_name: str = "evomerge"
     baselines: bool = True
-    promotion: Optional[Promotion] = Field(default_factory=Promotion)
+    fidelity: Optional[Fidelity] = Field(default_factory=Fidelity)
+    """`null`: every trial is scored on all of dev (as without `fitness.subset`)."""
     merge_seed: int = 0
     heartbeat_seconds: int = Field(default=10, ge=1)
     """Workers on SQL storage beat this often; a trial whose worker stopped beating for
     `grace_seconds` (killed, node lost) is marked failed and retried once."""
     grace_seconds: int = Field(default=60, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_promotion(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "promotion" in data:
+            raise ValueError(
+                "search.promotion was replaced by search.fidelity: write `fidelity: {eta: 3}` "
+                "(the fitness subset is its first rung) or `fidelity: null` to score every trial on all of dev"
+            )
+        return data
 
     @field_validator("sampler", mode="before")
     @classmethod

@@ -4,7 +4,7 @@ Everything is read from the study in Optuna storage and the gene list in `run.js
 (and no torch) is loaded and the pool need not exist any more. `report_run(run_dir)` writes,
 into `RUN_DIR/report/` (or `out`):
 
-- `history.png`   fitness per trial (filled: full evaluation, hollow: subset only), the
+- `history.png`   fitness per trial (filled: all of dev, hollow: stopped early), the
                   running best, failed trials as crosses, each baseline as a labelled line;
 - `genome.png`    the best trial's genome as a heat map: one row per parameter x model
                   (x split part), one column per layer group, colour = position within the
@@ -23,10 +23,9 @@ report whose pool has gone says so and shows the search's scores only.
 trial (subset scores are noisier), or of a multi-objective study's Pareto front the one with
 the best combined fitness.
 
-The multi-fidelity saving is an estimate from each trial's `eval_seconds` (its evaluation
-time, subset and full passes together): one full pass costs about the mean time of promoted
-trials minus the mean time of subset-only ones, and without a subset stage every trial would
-have cost one full pass. It is left out when the trials do not record `eval_seconds`.
+The multi-fidelity saving counts examples: each trial records how many it scored (every rung
+together, `evomerge.fidelity`), against as many per trial as a full-fidelity trial scores.
+Each trial's per-example scores are in RUN_DIR/examples/<trial>.json.
 
 For an interactive view (history, parameter importances, slices, per-trial attributes), open
 the same study in optuna-dashboard while the search runs or after::
@@ -226,30 +225,23 @@ def summarise(study: optuna.Study, *, top: int = 10) -> dict[str, Any]:
 
 
 def multi_fidelity_saving(trials) -> dict[str, Any]:
-    """Fraction of trials that stopped at the subset, and the evaluation seconds that saved.
+    """Fraction of trials stopped before all of dev, and the examples that saved.
 
-    Without the subset stage every trial would cost one full pass F. With it, subset-only
-    trials cost S and promoted ones S + F, so F ~ mean(promoted) - mean(subset-only) and the
-    saving is N * F minus the seconds actually spent. None where the data cannot tell.
-    """
+    Each trial records the examples it scored (`examples`, every rung together); without
+    multi-fidelity every trial would have scored as many as a full-fidelity one does. The
+    counts are None where the trials do not record them (older runs)."""
     scored = [t for t in trials if t.user_attrs.get("fidelity") in ("subset", "full")]
-    subset = [t for t in scored if t.user_attrs["fidelity"] == "subset"]
-    full = [t for t in scored if t.user_attrs["fidelity"] == "full"]
+    stopped = [t for t in scored if t.user_attrs["fidelity"] == "subset"]
     out: dict[str, Any] = {
-        "subset_only_fraction": len(subset) / len(scored) if scored else None,
-        "eval_seconds_spent": None,
-        "full_pass_seconds": None,
-        "eval_seconds_saved": None,
+        "subset_only_fraction": len(stopped) / len(scored) if scored else None,
+        "examples_scored": None,
+        "examples_full_fidelity": None,
     }
-    seconds = [_finite(t.user_attrs.get("eval_seconds")) for t in scored]
-    if not scored or any(s is None for s in seconds):
-        return out
-    out["eval_seconds_spent"] = sum(seconds)
-    if subset and full:
-        mean = lambda ts: sum(t.user_attrs["eval_seconds"] for t in ts) / len(ts)
-        full_pass = max(mean(full) - mean(subset), 0.0)
-        out["full_pass_seconds"] = full_pass
-        out["eval_seconds_saved"] = len(scored) * full_pass - out["eval_seconds_spent"]
+    counts = [t.user_attrs.get("examples") for t in scored]
+    full = [n for t, n in zip(scored, counts) if t.user_attrs["fidelity"] == "full"]
+    if scored and full and all(isinstance(n, int) for n in counts):
+        out["examples_scored"] = sum(counts)
+        out["examples_full_fidelity"] = len(scored) * max(full)
     return out
 
 
@@ -334,13 +326,13 @@ def format_table(summary: dict[str, Any], *, title: str = "") -> str:
         scored_n = counts["subset_only"] + counts["full_evaluations"]
         line = (
             f"multi-fidelity: {counts['subset_only']} of {scored_n} trials "
-            f"({saving['subset_only_fraction']:.0%}) scored on the subset only"
+            f"({saving['subset_only_fraction']:.0%}) stopped before all of dev"
         )
-        if saving["eval_seconds_saved"] is not None:
-            saved, spent = saving["eval_seconds_saved"], saving["eval_seconds_spent"]
-            line += f"; about {saved:.0f} s of {saved + spent:.0f} s evaluation saved"
-        elif saving["eval_seconds_spent"] is None:
-            line += " (no eval_seconds recorded: time saved unknown)"
+        if saving["examples_scored"] is not None:
+            spent, full = saving["examples_scored"], saving["examples_full_fidelity"]
+            line += f"; {spent} of {full} examples scored ({full / max(spent, 1):.1f}x fewer)"
+        else:
+            line += " (no example counts recorded: saving unknown)"
         lines.append(line)
     return "\n".join(lines)
 
@@ -449,7 +441,7 @@ def plot_history(study: optuna.Study, summary: dict[str, Any], path: Path) -> Pa
     ax = fig.add_subplot()
     for fidelity, style in (
         ("full", {"color": "C0", "label": "full evaluation"}),
-        ("subset", {"facecolors": "none", "edgecolors": "C0", "label": "subset only"}),
+        ("subset", {"facecolors": "none", "edgecolors": "C0", "label": "stopped early"}),
     ):
         pts = [
             (t.number, t.user_attrs["fitness"])

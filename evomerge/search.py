@@ -11,14 +11,15 @@ search; `evomerge.workers` keeps the workers of one study in step.
 from __future__ import annotations
 
 import logging
-import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, TextIO, Union
 
-from evomerge.candidate import CandidateError, CompiledCandidate
+from evomerge.candidate import CompiledCandidate
 from evomerge.config import RunConfig
+from evomerge.fidelity import RUNGS_ATTR, Schedule, write_examples
 from evomerge.fitness.backends import sync_weights
 from evomerge.run_folder import build_space
 from evomerge.samplers import make_sampler
@@ -56,23 +57,27 @@ class Search:
         model, tokenizer = load_eval_model(config)
         self.candidate = make_candidate(model, self.space, config)
         self.evaluator = Evaluator(model, tokenizer, config.fitness, run_dir)
+        self.schedule = Schedule.of(config, self.evaluator.tasks)
+        self.run_dir = run_dir
         self.per_task = config.search.objectives == "per_task"
 
-    def run(self, *, until: int, timeout_s: Optional[float] = None, progress: bool = True) -> None:
+    def run(self, *, until: int, timeout_s: Optional[float] = None, progress: Union[bool, TextIO] = True) -> None:
         """Run trials until the study holds `until` finished ones (counting every worker's), then
         stay until every peer's running trial has beaten since: a dead worker's trial is failed
         and retried here, not left RUNNING.
 
         The study is read once per trial; that one scan feeds the budget count, the stale-trial
-        check, the progress bar and the next trial's promotion rule (on PostgreSQL each scan is
-        a round trip that grows with the study)."""
+        check, the progress bar and the next trial's fidelity rule (on PostgreSQL each scan is
+        a round trip that grows with the study). `progress`: show a progress bar and a line per
+        new best, on stderr or on the stream given."""
         deadline = time.monotonic() + timeout_s if timeout_s else None
         # A worker that died left its trial RUNNING: fail (and retry) it now, even if the budget
         # is met; then after each trial.
         self.workers.fail_stale_at_start(self.study)
         trials = self.study.get_trials(deepcopy=False)
         remaining = until - finished_count(trials)
-        bar = _ProgressBar(remaining) if progress and remaining > 0 else None
+        stream = sys.stderr if isinstance(progress, bool) else progress
+        bar = _ProgressBar(remaining, stream, best_trial(self.study, trials)) if progress and remaining > 0 else None
         try:
             while deadline is None or time.monotonic() < deadline:
                 ran = finished_count(trials) < until or retry_waiting(trials)
@@ -114,38 +119,27 @@ class Search:
             self._lost(trial)
 
     def _score(self, trial: "optuna.Trial", trials: Sequence):
-        """Score the subset, the full set only when promising; record the scores on `trial`
-        and return what the study maximises."""
-        result = self.evaluator.score(full=False)
-        subset_value, seconds = result.value, result.seconds
-        if not result.full and self._promising(subset_value, trials):
-            result = self.evaluator.score(full=True)
-            seconds += result.seconds
-        trial.set_user_attr("subset_fitness", subset_value)
-        trial.set_user_attr("fidelity", "full" if result.full else "subset")
-        trial.set_user_attr("eval_seconds", seconds)  # subset + full passes together
-        if not math.isfinite(result.value):
-            raise CandidateError("the fitness is not a finite number")
-        trial.set_user_attr("fitness", result.value)
-        trial.set_user_attr("per_task", result.per_task)
+        """Score rung by rung (`evomerge.fidelity`), keep the per-example scores in the run
+        folder, record the scores on `trial` and return what the study maximises."""
+        started = time.perf_counter()
+        baseline = "baseline" in trial.user_attrs
+        incumbent = best_trial(self.study, trials)
+        if incumbent is not None and len(incumbent.user_attrs.get(RUNGS_ATTR) or ()) < len(self.schedule.sizes):
+            incumbent = None  # not scored on every rung: nothing to compare with
+        scored = self.schedule.score(self.evaluator, peers=trials, incumbent=incumbent, to_the_end=baseline)
+        write_examples(self.run_dir, trial.number, scored)
+        trial.set_user_attr(RUNGS_ATTR, scored.rungs)
+        trial.set_user_attr("fidelity", "full" if scored.full else "subset")
+        trial.set_user_attr("examples", scored.examples)
+        trial.set_user_attr("eval_seconds", time.perf_counter() - started)  # every rung together
+        trial.set_user_attr("fitness", scored.value)
+        trial.set_user_attr("per_task", scored.per_task)
         if self.per_task:
-            return [self._signed(name, value) for name, value in result.per_task.items()]
-        return result.value
+            return [self._signed(s.name, scored.per_task[s.name]) for s in self.evaluator.tasks.specs]
+        return scored.value
 
     def _signed(self, task: str, value: float) -> float:
         return value if self.evaluator.tasks.maximize[task] else -value
-
-    def _promising(self, subset_value: float, trials: Sequence) -> bool:
-        """The promotion rule: full evaluation for the top quantile of subset scores so far."""
-        rule = self.config.search.promotion
-        if rule is None:
-            return True
-        scores = [t.user_attrs["subset_fitness"] for t in trials if "subset_fitness" in t.user_attrs and t.state.is_finished()]
-        if len(scores) < rule.warmup:
-            return True
-        scores.sort()
-        cut = scores[min(len(scores) - 1, int(rule.quantile * len(scores)))]
-        return subset_value >= cut
 
     def _tell_failed(self, trial: "optuna.Trial", exc: Optional[Exception]) -> None:
         from optuna.exceptions import UpdateFinishedTrialError
@@ -194,20 +188,27 @@ def load_eval_model(config: RunConfig):
 
 
 class _ProgressBar:
-    """tqdm bar: trials done, best so far, trials per minute, time left."""
+    """tqdm bar on `stream`: trials done, best so far, trials per minute, time left; and a
+    line above it whenever a new best full-fidelity trial appears."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, stream: TextIO, best=None):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, unit="trial", desc="search", dynamic_ncols=True)
+        self.bar = tqdm(total=total, unit="trial", desc="search", dynamic_ncols=True, file=stream)
         self.started = time.perf_counter()
+        self.stream = stream
+        self.best = best.number if best is not None else None
 
     def advance(self, best) -> None:
         self.bar.update(1)
         rate = self.bar.n / max(time.perf_counter() - self.started, 1e-9) * 60
         postfix = {"trials/min": f"{rate:.1f}"}
         if best is not None:
-            postfix["best"] = f"{best.user_attrs.get('fitness', float('nan')):.4f}"
+            fitness = best.user_attrs.get("fitness", float("nan"))
+            postfix["best"] = f"{fitness:.4f}"
+            if best.number != self.best:
+                self.best = best.number
+                self.bar.write(f"new best: trial #{best.number}, fitness {fitness:.4f}", file=self.stream)
         self.bar.set_postfix(postfix)
 
     def close(self) -> None:

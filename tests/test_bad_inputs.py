@@ -464,6 +464,27 @@ def test_only_float_parameters_can_be_searched(work, small_pool, space, name, fl
     search_fails(work, search_config(work, small_pool, space=space), f"search.{name}", "only float parameters", floats)
 
 
+@pytest.mark.slow
+def test_a_first_fidelity_rung_larger_than_a_task_is_refused(work, small_pool):
+    from evomerge.pool import N_DEV
+
+    config = search_config(work, small_pool, fitness__subset={"count": N_DEV + 1})
+    search_fails(work, config, f"fitness.subset.count {N_DEV + 1} is more than the {N_DEV} dev examples", "fidelity: null")
+
+
+@pytest.mark.parametrize(
+    "search, needles",
+    [
+        ({"fidelity": {"eta": 1}}, ("search.fidelity.eta", "greater than 1")),
+        ({"promotion": {"quantile": 0.75}}, ("search.promotion was replaced by search.fidelity", "fidelity: null")),
+    ],
+    ids=["eta-1", "promotion"],
+)
+def test_a_fidelity_schedule_that_cannot_be_met_is_refused(work, small_pool, search, needles):
+    config = search_config(work, small_pool, search={"sampler": "cmaes", "trials": 2, **search})
+    search_fails(work, config, *needles)
+
+
 def test_missing_pool_model(work, small_pool):
     config = search_config(work, small_pool, pool__base=str(work / "nowhere"))
     search_fails(work, config, "nowhere", "does not exist")

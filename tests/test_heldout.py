@@ -28,7 +28,7 @@ def split_run(small_pool: Path, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("heldout")
     tasks = split_task_folder(small_pool, tmp / "tasks")
     config = pool_search_config(small_pool, tasks=TASKS, subset=8, space="linear_global",
-                                search={"sampler": "gp", "trials": 6, "seed": 0, "promotion": None})
+                                search={"sampler": "gp", "trials": 6, "seed": 0, "fidelity": None})
     config["fitness"].pop("subset")
     config["fitness"]["task_paths"] = [str(tasks)]
     (tmp / "run.yaml").write_text(yaml.safe_dump(config))

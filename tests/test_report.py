@@ -40,7 +40,7 @@ def make_space(name: str = "dare_ties_layers", models=None, num_layers: int = 4)
 
 
 def add_trial(
-    study, space, genome, *, fitness=None, fidelity="full", baseline=None, seconds=None, fail=None
+    study, space, genome, *, fitness=None, fidelity="full", baseline=None, examples=None, fail=None
 ):
     """One finished trial with the attributes `Search.trial` records."""
     import optuna
@@ -53,9 +53,9 @@ def add_trial(
         attrs["fail_reason"] = fail
     else:
         per_task = {task: round(fitness + 0.1 * (i - 1), 6) for i, task in enumerate(TASKS)}
-        attrs.update(fidelity=fidelity, fitness=fitness, subset_fitness=fitness, per_task=per_task)
-    if seconds is not None:
-        attrs["eval_seconds"] = seconds
+        attrs.update(fidelity=fidelity, fitness=fitness, per_task=per_task)
+    if examples is not None:
+        attrs["examples"] = examples
     multi = len(study.directions) > 1
     trial = optuna.trial.create_trial(
         params=genome,
@@ -74,10 +74,11 @@ def random_genome(space: SearchSpace, rng: random.Random) -> dict[str, float]:
 
 
 def build_study(
-    storage: str, space: SearchSpace, *, directions=("maximize",), seconds: bool = True
+    storage: str, space: SearchSpace, *, directions=("maximize",), examples: bool = True
 ):
-    """Baselines, then searched trials: a subset-only trial scores highest, but the best
-    full evaluation (0.8) is the one `export` takes. Subset passes take 1 s, full ones 4 s more."""
+    """Baselines, then searched trials: a trial stopped early scores highest, but the best
+    full evaluation (0.8) is the one `export` takes. Full trials score 100 examples, those
+    stopped early 20."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -91,7 +92,7 @@ def build_study(
             genome,
             fitness=fitness.get(label, 0.3),
             baseline=label,
-            seconds=5.0 if seconds else None,
+            examples=100 if examples else None,
         )
     plan = [(0.6, "subset"), (0.8, "full"), (0.95, "subset"), (0.4, "subset"), (0.7, "full")]
     numbers = {}
@@ -102,7 +103,7 @@ def build_study(
             random_genome(space, rng),
             fitness=value,
             fidelity=fidelity,
-            seconds=(5.0 if fidelity == "full" else 1.0) if seconds else None,
+            examples=(100 if fidelity == "full" else 20) if examples else None,
         )
     add_trial(
         study,
@@ -148,24 +149,26 @@ def test_report_on_a_study(tmp_path: Path):
         "full_evaluations": 6,
         "subset_only": 3,
     }
-    # 9 trials x 4 s full pass, minus 3 x 1 s + 6 x 5 s actually spent
-    assert summary["multi_fidelity"]["subset_only_fraction"] == pytest.approx(3 / 9)
-    assert summary["multi_fidelity"]["eval_seconds_saved"] == pytest.approx(9 * 4 - 33)
+    assert summary["multi_fidelity"] == {
+        "subset_only_fraction": pytest.approx(3 / 9),
+        "examples_scored": 6 * 100 + 3 * 20,
+        "examples_full_fidelity": 9 * 100,
+    }
 
     for label in ("uniform", "dare_ties_0.5", "only_a", "only_b2"):
         assert label in report.text
-    assert "3 of 9 trials (33%) scored on the subset only" in report.text
+    assert "3 of 9 trials (33%) stopped before all of dev; 660 of 900 examples scored (1.4x fewer)" in report.text
     assert "9 complete, 1 failed, 6 full evaluations" in report.text
     best_line = next(line for line in report.text.splitlines() if line.startswith("*"))
     assert best_line.split()[1] == str(numbers[0.8])
 
 
-def test_saving_is_unknown_without_eval_seconds(tmp_path: Path):
+def test_saving_is_unknown_without_example_counts(tmp_path: Path):
     space = make_space()
-    study, _ = build_study(f"sqlite:///{tmp_path / 'study.db'}", space, seconds=False)
+    study, _ = build_study(f"sqlite:///{tmp_path / 'study.db'}", space, examples=False)
     report = make_report(study, RunGenes.of(space), tmp_path / "out")
-    assert report.summary["multi_fidelity"]["eval_seconds_saved"] is None
-    assert "time saved unknown" in report.text
+    assert report.summary["multi_fidelity"]["examples_scored"] is None
+    assert "saving unknown" in report.text
     assert multi_fidelity_saving([])["subset_only_fraction"] is None
 
 
@@ -182,7 +185,7 @@ def test_genome_heat_map_for_other_spaces(tmp_path: Path, space_name, models, ro
 
     space = make_space(space_name, models, num_layers=6)
     assert len({(g.param, g.model, g.part) for g in space.genes}) == rows
-    study, _ = build_study(f"sqlite:///{tmp_path / 'study.db'}", space, seconds=False)
+    study, _ = build_study(f"sqlite:///{tmp_path / 'study.db'}", space, examples=False)
     assert any(t.state == TrialState.COMPLETE for t in study.trials)
     make_report(study, RunGenes.of(space), tmp_path / "out")
     check_png(tmp_path / "out" / "genome.png")
@@ -322,7 +325,7 @@ def test_cli_report_on_a_real_search(tmp_path: Path, small_pool: Path):
             "sampler": "cmaes",
             "trials": 6,
             "seed": 0,
-            "promotion": {"quantile": 0.5, "warmup": 2},
+            "fidelity": {"eta": 2},
         },
         "threads": 1,
     }

@@ -171,15 +171,15 @@ def test_a_worker_whose_trial_another_worker_failed_goes_on(tmp_path, small_pool
     set_up_like_the_cli(config, run_dir)
     write_run_folder(config, run_dir)
     search = Search(config, run_dir)
-    score = search.evaluator.score
+    score = search.evaluator.score_examples
 
-    def judged_dead_while_scored(**kwargs):
+    def judged_dead_while_scored(examples):
         running = search.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if running[0].number == 0:  # what a peer's fail_stale does to a trial with late heartbeats
+        if running and running[0].number == 0:  # what a peer's fail_stale does to a trial with late heartbeats
             search.study.tell(0, state=TrialState.FAIL)
-        return score(**kwargs)
+        return score(examples)
 
-    search.evaluator.score = judged_dead_while_scored
+    search.evaluator.score_examples = judged_dead_while_scored
     with caplog.at_level("WARNING", logger="evomerge.search"):
         search.run(until=3, progress=False)
     assert [t.state.name for t in search.study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
@@ -302,3 +302,23 @@ def test_sampler_multi_is_refused_with_what_to_write_instead(tmp_path, small_poo
         line = result.stderr.strip().splitlines()[-1]
         assert line.startswith("error: ") and words in line, result.stderr
         assert not run_dir.exists()
+
+
+def test_the_terminal_shows_the_search_and_the_log_file_the_libraries(tmp_path, small_pool):
+    """Quiet by default: one progress bar and a line per new best; lm-eval's bars and logs go to
+    the run folder's log; `-v` brings them back. Each trial keeps its per-example scores."""
+    import json
+
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path, small_pool, trials=3, sampler="random")
+    quiet = evomerge("search", str(config), "--run-dir", str(run_dir))
+    assert "Running loglikelihood requests" not in quiet.stderr and "Tokenizing" not in quiet.stderr
+    assert "new best: trial #0, fitness" in quiet.stderr and "search: 100%" in quiet.stderr
+    assert "Running loglikelihood requests" in (run_dir / "search.log").read_text()
+    for trial in [t for t in trials_of(run_dir) if t.state.name == "COMPLETE"]:
+        kept = json.loads((run_dir / "examples" / f"{trial.number}.json").read_text())["tasks"]
+        assert sum(len(task["docs"]) for task in kept.values()) == trial.user_attrs["examples"]
+        assert all(len(task["docs"]) == len(task["values"]) for task in kept.values())
+
+    verbose = evomerge("-v", "resume", str(run_dir), "--trials", "1")
+    assert "Running loglikelihood requests" in verbose.stderr

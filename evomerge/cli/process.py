@@ -8,10 +8,13 @@ variables when they are first imported).
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import warnings
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional, TextIO
 
 
 def set_up_process(
@@ -45,3 +48,48 @@ def _quiet_optuna() -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+LOG_FILE = "search.log"
+"""The run folder's log: what lm-eval, transformers and the rest print during a search."""
+
+
+@contextmanager
+def search_output(run_dir: Path, *, verbose: int = 0) -> Iterator[TextIO]:
+    """Quiet by default: inside the block, everything the libraries print to stderr (lm-eval's
+    and transformers' progress bars, warnings, log records) and every log record that is not
+    evomerge's own go to RUN_DIR/search.log. Yields the terminal's stream, for the search's own
+    progress bar. With `verbose`, nothing is moved and the log file is not written."""
+    terminal = sys.stderr
+    if verbose:
+        yield terminal
+        return
+    import optuna
+    import transformers
+
+    root = logging.getLogger()
+    ours = logging.Filter("evomerge")
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(run_dir) / LOG_FILE, "a", buffering=1) as log:
+        to_log = logging.StreamHandler(log)
+        to_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        on_terminal = list(root.handlers)
+        for handler in on_terminal:
+            handler.addFilter(ours)
+        root.addHandler(to_log)
+        # optuna and transformers log through their own handlers, bound to the stderr of their
+        # first log call: route them through the root logger's handlers instead
+        libraries = (optuna.logging, transformers.utils.logging)
+        for library in libraries:
+            library.disable_default_handler()
+            library.enable_propagation()
+        try:
+            with redirect_stderr(log):  # tqdm bars and warnings write to sys.stderr
+                yield terminal
+        finally:
+            root.removeHandler(to_log)
+            for handler in on_terminal:
+                handler.removeFilter(ours)
+            for library in libraries:
+                library.disable_propagation()
+                library.enable_default_handler()

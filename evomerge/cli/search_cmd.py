@@ -16,6 +16,13 @@ def _set_up(config, run_dir: Path) -> None:
     set_up_process(threads=config.threads, hf_home=run_dir / "hf", offline=config.fitness.offline)
 
 
+def _output(run_dir: Path):
+    """Quiet unless `-v`: the libraries' output goes to the run folder's log."""
+    from evomerge.cli.process import search_output
+
+    return search_output(run_dir, verbose=click.get_current_context().find_root().params.get("verbose", 0))
+
+
 def _run(search, run_dir: Path, *, more: Optional[int]) -> None:
     """Run until the study's budget (config search.trials) is met, or `more` trials more."""
     from evomerge.study import best_trial, finished_count, run_summary
@@ -24,7 +31,8 @@ def _run(search, run_dir: Path, *, more: Optional[int]) -> None:
     until = finished_count(search.study.get_trials(deepcopy=False)) + more if more else config.search.trials
     timeout = config.search.timeout_minutes
     try:
-        search.run(until=until, timeout_s=timeout * 60 if timeout else None)
+        with _output(run_dir) as terminal:
+            search.run(until=until, timeout_s=timeout * 60 if timeout else None, progress=terminal)
     except KeyboardInterrupt:
         click.echo(f"\nstopped; every finished trial is saved. Continue with: evomerge resume {run_dir}", err=True)
         raise SystemExit(130)
@@ -58,7 +66,8 @@ def search(config_path: Path, run_dir: Optional[Path], trials: Optional[int]) ->
     if trials:
         config = config.model_copy(update={"search": config.search.model_copy(update={"trials": trials})})
     _set_up(config, run_dir)
-    with _removed_on_failure(run_dir):  # a failed set-up (missing model, unknown task, ...) leaves no run
+    # a failed set-up (missing model, unknown task, ...) leaves no run
+    with _removed_on_failure(run_dir), _output(run_dir):
         write_run_folder(config, run_dir)
         if trials == 0:
             from evomerge.run_folder import build_space
@@ -107,7 +116,9 @@ def resume(run_dir: Path, trials: Optional[int]) -> None:
     _set_up(config, run_dir)
     from evomerge.search import Search
 
-    _run(Search(config, run_dir, create=False), run_dir, more=trials)
+    with _output(run_dir):
+        search = Search(config, run_dir, create=False)
+    _run(search, run_dir, more=trials)
 
 
 @click.command("worker")
@@ -126,7 +137,9 @@ def worker(run_dir: Path, storage: Optional[str], study_name: Optional[str], dev
     _set_up(config, run_dir)
     from evomerge.search import Search
 
-    _run(Search(config, run_dir, create=False), run_dir, more=trials)
+    with _output(run_dir):
+        search = Search(config, run_dir, create=False)
+    _run(search, run_dir, more=trials)
 
 
 commands = (search, resume, worker)
