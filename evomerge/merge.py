@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 from evomerge import __version__
 from evomerge.errors import UserError
 from evomerge.methods.registry import MergeInputs, MergeMethod
-from evomerge.plan import MergePlan, TensorJob, plan_merge
+from evomerge.plan import MergePlan, TensorJob, TensorRef, plan_merge
 from evomerge.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -65,11 +65,22 @@ def merge_dtype(plan: MergePlan, dtypes: list["torch.dtype"]) -> "torch.dtype":
 
 def load_inputs(plan: MergePlan, job: TensorJob, *, seed: int, device: str = "cpu") -> MergeInputs:
     """Read one job's tensors, check they are finite, cast to the merge dtype, on `device`."""
+    tensors = [plan.checkpoints[r.model].tensor(r.name) for r in job_refs(job)]
+    return inputs_of(plan, job, tensors, seed=seed, device=device)
+
+
+def job_refs(job: TensorJob) -> list[TensorRef]:
+    """The tensors a job reads, in the order `inputs_of` takes them: the models, then the base."""
+    return list(job.inputs) + ([job.base] if job.base else [])
+
+
+def inputs_of(plan: MergePlan, job: TensorJob, tensors: list["torch.Tensor"], *, seed: int, device: str = "cpu") -> MergeInputs:
+    """One job's inputs from its tensors as read (in `job_refs` order): checked finite, cast to
+    the merge dtype, on `device`."""
     from evomerge.kernel.cpu import peak
     from evomerge.random_fields import UniformField
 
-    refs = list(job.inputs) + ([job.base] if job.base else [])
-    tensors = [plan.checkpoints[r.model].tensor(r.name) for r in refs]
+    refs = job_refs(job)
     peaks = [peak(t) if t.is_floating_point() else None for t in tensors]
     for ref, value in zip(refs, peaks):
         if value is not None and not math.isfinite(value):
