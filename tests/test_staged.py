@@ -155,7 +155,8 @@ def test_the_exported_stages_equal_mergekit_multi_stage_by_stage(tmp_path, merge
     for name, (evo, evo_stages, mk, mk_stages) in ours.items():
         assert results[name]["ok"], results[name].get("traceback")
         stage_names = sorted(p.name for p in evo_stages.iterdir())
-        assert stage_names == sorted(p.name for p in mk_stages.iterdir()) and len(stage_names) == 2
+        assert stage_names == sorted(p.name for p in mk_stages.iterdir())
+        assert len(stage_names) == (2 if name == "method_per_group" else 1)  # by_task_arithmetic, by_ties; S1
         for ours_dir, theirs_dir in [(evo_stages / s, mk_stages / s) for s in stage_names] + [(evo, mk)]:
             a, b = load_file(str(ours_dir / "model.safetensors")), load_file(str(theirs_dir / "model.safetensors"))
             assert a.keys() == b.keys()
@@ -205,7 +206,8 @@ def test_a_categorical_search_resumes_and_exports_what_it_scored(tmp_path, small
     assert [t.state.name for t in trials] == ["COMPLETE"] * 10
     assert [t.user_attrs.get("baseline") for t in trials[:5]] == ["uniform", "only_add", "only_rev", "only_sort", "ties_uniform"]
     for trial in trials:
-        assert {trial.params["L0-1.method"], trial.params["L2-2.method"]} <= {"task_arithmetic", "ties"}
+        methods = [value for gene, value in trial.params.items() if gene.endswith(".method")]
+        assert methods and set(methods) <= {"task_arithmetic", "ties"}
 
     torch.set_num_threads(1)
     search = Search(load_run_config(run_dir / "config.yaml"), run_dir, create=False)

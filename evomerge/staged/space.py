@@ -126,11 +126,11 @@ class MethodPerGroupSpace:
         method's stage (a single stage where every group chose one method)."""
         check_genome(genome, self.genes)
         chosen = self.chosen(genome)
-        stages = [Stage(m, self.spaces[m].decode(genome)) for m in chosen]
+        stages = [Stage(_stage_name(m), self.spaces[m].decode(genome)) for m in chosen]
         if len(stages) == 1:
             return [Stage(None, stages[0].recipe)]
         slices = [
-            Slice(sources=[SliceSource(model=genome[f"{label}.method"], layer_range=(start, end))])
+            Slice(sources=[SliceSource(model=_stage_name(genome[f"{label}.method"]), layer_range=(start, end))])
             for label, start, end in self.groups
         ]
         return stages + [Stage(None, Recipe(merge_method="passthrough", slices=slices, dtype=self.dtype))]
@@ -151,6 +151,12 @@ class MethodPerGroupSpace:
                     name = label if method == first or label.startswith(method) else f"{method}_{label}"
                     out[name] = {g.name: genome.get(g.name, (g.low + g.high) / 2) for g in self.genes}
         return out
+
+
+def _stage_name(method: str) -> str:
+    """Not the method's own name: mergekit-multi reads any string of a recipe that equals a
+    stage's name (`merge_method: ties` too) as a reference to that stage."""
+    return f"by_{method}"
 
 
 def _shared_genes(spaces: dict[str, SearchSpace]) -> list[Gene]:
