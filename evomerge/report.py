@@ -582,8 +582,9 @@ def plot_genome(genes: RunGenes, trial, path: Path) -> Path:
     ax.set_xlabel("layer group")
     fitness = _finite(trial.user_attrs.get("fitness"))
     ax.set_title(
-        f"genome of trial #{trial.number} ({'; '.join([genes.method, *others])}"
-        + (f", fitness {fitness:.4f})" if fitness is not None else ")"),
+        f"genome of trial #{trial.number} ({genes.method}"
+        + (f", fitness {fitness:.4f})" if fitness is not None else ")")
+        + "".join(f"\n{other}" for other in others),
         fontsize=10,
     )
     fig.colorbar(image, ax=ax, label="position within bounds (low → high)", shrink=0.9)

@@ -226,3 +226,19 @@ def test_cmaes_is_refused_for_categorical_genes(tmp_path, small_pool, sampler):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "categorical gene 'order'" in result.stderr and "use sampler gp, tpe or random" in result.stderr
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_the_report_draws_a_staged_genome(tmp_path, name):
+    """genome.png: the float genes as a heat map (a pairwise stage's genes on rows of their
+    own), each group's method under its label, the order in the title."""
+    import json
+    from types import SimpleNamespace
+
+    from evomerge.report import plot_genome
+    from evomerge.run_folder import RunGenes
+
+    space = staged_space(name, "/pool/base", {m: f"/pool/{m}" for m in ("a", "b", "c")}, 4)
+    genes = RunGenes(**json.loads(json.dumps(RunGenes.of(space).to_json())))  # as run.json keeps them
+    trial = SimpleNamespace(number=3, params=genomes(space, seed=1)[0], user_attrs={"fitness": 0.5})
+    assert plot_genome(genes, trial, tmp_path / "genome.png").stat().st_size > 0
