@@ -32,7 +32,8 @@ RUN_FORMAT = 1  # bump when the run folder layout changes incompatibly
 @dataclass(frozen=True)
 class RunGenes:
     """The genes of a run as run.json keeps them. Each gene is a dict with the fields of
-    `evomerge.space.Gene`: name, low, high, group, part, model, param."""
+    `evomerge.space.Gene`: name, low, high, group, part, model, param, and choices (a
+    categorical gene's values; absent in runs made before categorical genes)."""
 
     method: str
     groups: tuple[str, ...]  # layer group labels, in layer order
