@@ -166,7 +166,8 @@ def run_stages(
             recipe = _with_stage_folders(stage.recipe, folders)
             try:
                 if stage is final:
-                    files = {**options.get("extra_files", {}), **_recipe_file(order)}
+                    # the caller's files (export's model card) and the stages' recipe.yaml
+                    files = {**(options.get("extra_files") or {}), **_recipe_file(order)}
                     summary = run_merge(recipe, out_dir, out_dtype=out_dtype, **{**options, "extra_files": files})
                 else:
                     folder = root / stage.name
