@@ -108,6 +108,7 @@ def run_search(job: dict) -> dict:
         "space": name,
         "best_trial": best.number,
         "best_is_baseline": best.user_attrs.get("baseline"),
+        "best_params": best.params,  # a staged space's choices: the order, each group's method
         "search_dev": max(t.value for t in done),
         "dev": scores["dev"]["value"],
         "test": scores["test"]["value"],

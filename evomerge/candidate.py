@@ -90,13 +90,15 @@ class CompiledCandidate:
         ]
         self.targets = {job.name: job.target for job in self.jobs}
 
-    def apply(self, genome: dict[str, float]) -> None:
-        """Materialise `genome` into the live model; CandidateError where a merged tensor has
-        a NaN or an Inf."""
+    def apply(self, genome: dict[str, float], *, only: Optional[set[str]] = None) -> None:
+        """Materialise `genome` into the live model (`only`: just these tensors); CandidateError
+        where a merged tensor has a NaN or an Inf."""
         missing = [name for name in self.genes if name not in genome]
         if missing:
             raise UserError(f"the genome lacks genes {missing[:3]}; was the search space changed?")
         for job in self.jobs:
+            if only is not None and job.name not in only:
+                continue
             if not job.tensor.run_into(job.parameters(genome), job.target):
                 raise CandidateError(f"the merged tensor {job.name!r} has NaN or Inf values")
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from evomerge.merge import MergeSummary
     from evomerge.recipe import Recipe
     from evomerge.space import SearchSpace
+    from evomerge.stages import Stage
 
 
 def export_trial(
@@ -31,21 +32,22 @@ def export_trial(
 ) -> "MergeSummary":
     """Merge the trial into `out_dir`; `say` gets its dev and test scores as text."""
     from evomerge.fitness.heldout import chosen_scores
-    from evomerge.merge import run_merge  # torch: for the merge, not for reading the study
     from evomerge.output import parse_size
     from evomerge.report import format_held_out
+    from evomerge.stages import Stage, run_stages
 
     config = read_run_folder(run_dir)
     study = open_run_study(config, Path(run_dir))
     trial = _pick(study, trial_number)
-    recipe = trial_recipe(build_space(config), trial)
-    if config.export.out_dtype:
-        recipe = recipe.model_copy(update={"out_dtype": config.export.out_dtype})
+    stages = trial_stages(build_space(config), trial)
+    if config.export.out_dtype:  # the final merge's, as recipe.yaml will say
+        update = {"out_dtype": config.export.out_dtype}
+        stages = [s if s.name else Stage(None, s.recipe.model_copy(update=update)) for s in stages]
     scores = chosen_scores(config, Path(run_dir), study, trial)
     say(format_held_out(scores))
-    card = model_card(recipe, trial, config, run_dir, scores)
-    return run_merge(
-        recipe,
+    card = model_card(stages, trial, config, run_dir, scores)
+    return run_stages(
+        stages,
         out_dir,
         seed=config.search.merge_seed,
         device=config.device,
@@ -62,8 +64,16 @@ def pick_trial(run_dir: Path, trial_number: Optional[int] = None):
 
 
 def trial_recipe(space: SearchSpace, trial) -> Recipe:
-    """The recipe a trial scored: its genome decoded in the run's space."""
+    """The recipe a trial scored: its genome decoded in the run's space (one-recipe spaces)."""
     return space.decode({g.name: trial.params[g.name] for g in space.genes})
+
+
+def trial_stages(space, trial) -> list[Stage]:
+    """The stages of the merge a trial scored: one unnamed stage for a one-recipe space."""
+    from evomerge.stages import Stage
+
+    decoded = space.decode({g.name: trial.params[g.name] for g in space.genes})
+    return decoded if isinstance(decoded, list) else [Stage(None, decoded)]
 
 
 def _pick(study, trial_number: Optional[int]):
@@ -105,14 +115,16 @@ def score_rows(scores: dict) -> str:
     return "| task | dev | test |\n|---|---|---|\n" + "\n".join(rows) + note
 
 
-def model_card(recipe, trial, config, run_dir, scores: dict) -> str:
+def model_card(stages, trial, config, run_dir, scores: dict) -> str:
     sources = "\n".join(f"- `{name}`: {path}" for name, path in config.pool.models.items())
+    methods = [f"`{s.recipe.merge_method}`" for s in stages]
+    what = f"a {methods[0]} merge" if len(stages) == 1 else f"a {len(stages)}-stage merge ({' then '.join(methods)})"
     return f"""---
 tags: [merge, evomerge]
 ---
 # Merged model (evomerge trial #{trial.number})
 
-Made by [evomerge]({__version__}) {__version__}: a `{recipe.merge_method}` merge whose per-layer
+Made by [evomerge]({__version__}) {__version__}: {what} whose per-layer
 parameters were searched ({config.search.sampler}, seed {config.search.seed}) against the
 evaluation tasks below. The recipe is in `recipe.yaml` (mergekit-compatible); DARE/DELLA masks
 use merge seed {config.search.merge_seed}.

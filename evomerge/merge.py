@@ -65,10 +65,16 @@ def merge_dtype(plan: MergePlan, dtypes: list["torch.dtype"]) -> "torch.dtype":
 
 def load_inputs(plan: MergePlan, job: TensorJob, *, seed: int, device: str = "cpu") -> MergeInputs:
     """Read one job's tensors, check they are finite, cast to the merge dtype, on `device`."""
-    refs = job_refs(job)
-    tensors = [plan.checkpoints[r.model].tensor(r.name) for r in refs]
+    tensors = [plan.checkpoints[r.model].tensor(r.name) for r in job_refs(job)]
+    return inputs_of(plan, job, tensors, seed=seed, device=device)
+
+
+def inputs_of(plan: MergePlan, job: TensorJob, tensors: list["torch.Tensor"], *, seed: int, device: str = "cpu") -> MergeInputs:
+    """One job's inputs from its tensors as read (in `job_refs` order; from files, or a staged
+    search's in-memory stage outputs): checked finite, cast to the merge dtype, on `device`."""
     dtype = merge_dtype(plan, [t.dtype for t in tensors])
-    return inputs_from(plan, job, tensors, checked_peaks(refs, tensors, dtype), dtype=dtype, seed=seed, device=device)
+    peaks = checked_peaks(job_refs(job), tensors, dtype)
+    return inputs_from(plan, job, tensors, peaks, dtype=dtype, seed=seed, device=device)
 
 
 def job_refs(job: TensorJob) -> list[TensorRef]:

@@ -517,29 +517,38 @@ def plot_history(study: optuna.Study, summary: dict[str, Any], path: Path) -> Pa
     return _save(fig, path)
 
 
+def _stage_prefix(gene: dict) -> str:
+    """`S1` for a pairwise stage's gene `S1.L0-1.t`; empty for a gene named from its group."""
+    return gene["name"].split(f"{gene['group']}.", 1)[0].rstrip(".") if f"{gene['group']}." in gene["name"] else ""
+
+
 def plot_genome(genes: RunGenes, trial, path: Path) -> Path:
     """Heat map of a trial's genome: rows parameter x model (x part), columns layer groups."""
     import numpy as np
 
     groups = list(genes.groups)
-    rows: list[tuple[str, str | None, str | None]] = []  # (param, model, part), param-major
-    for gene in genes.genes:
-        key = (gene["param"], gene["model"], gene["part"])
+    floats = [g for g in genes.genes if not g.get("choices")]
+    # categorical genes: a group's (its method) under the group's label, the others in the title
+    chosen = {g["group"]: trial.params.get(g["name"]) for g in genes.genes if g.get("choices") and g["group"] in groups}
+    others = [f"{g['name']} {trial.params.get(g['name'])}" for g in genes.genes if g.get("choices") and g["group"] not in groups]
+    rows: list[tuple[str, str | None, str | None, str]] = []  # (param, model, part, stage), param-major
+    for gene in floats:
+        key = (gene["param"], gene["model"], gene["part"], _stage_prefix(gene))
         if key not in rows:
             rows.append(key)
-    params = list(dict.fromkeys(gene["param"] for gene in genes.genes))
+    params = list(dict.fromkeys(gene["param"] for gene in floats))
     rows.sort(key=lambda k: params.index(k[0]))  # stable: keeps model order
     values = np.full((len(rows), len(groups)), np.nan)
     shade = np.full_like(values, np.nan)  # position within the gene's bounds, 0..1
-    for gene in genes.genes:
+    for gene in floats:
         value = trial.params.get(gene["name"])
         if value is None:
             continue
-        r = rows.index((gene["param"], gene["model"], gene["part"]))
+        r = rows.index((gene["param"], gene["model"], gene["part"], _stage_prefix(gene)))
         values[r, groups.index(gene["group"])] = value
         shade[r, groups.index(gene["group"])] = (value - gene["low"]) / (gene["high"] - gene["low"])
 
-    labels = [" · ".join(x for x in (model, part, param) if x) for param, model, part in rows]
+    labels = [" · ".join(x for x in (stage, model, part, param) if x) for param, model, part, stage in rows]
     fig = _figure(2.2 + 0.75 * len(groups) + 0.06 * max(map(len, labels)), 1.4 + 0.38 * len(rows))
     ax = fig.add_subplot()
     image = ax.imshow(shade, cmap="viridis", vmin=0, vmax=1, aspect="auto")
@@ -559,13 +568,15 @@ def plot_genome(genes: RunGenes, trial, path: Path) -> Path:
     for r in range(1, len(rows)):  # a rule between parameters
         if rows[r][0] != rows[r - 1][0]:
             ax.axhline(r - 0.5, color="white", lw=2)
-    ax.set_xticks(range(len(groups)), groups, rotation=45 if len(groups) > 8 else 0)
+    ticks = [f"{g}\n{chosen[g]}" if g in chosen else g for g in groups]
+    ax.set_xticks(range(len(groups)), ticks, rotation=45 if len(groups) > 8 else 0)
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.set_xlabel("layer group")
     fitness = _finite(trial.user_attrs.get("fitness"))
     ax.set_title(
         f"genome of trial #{trial.number} ({genes.method}"
-        + (f", fitness {fitness:.4f})" if fitness is not None else ")"),
+        + (f", fitness {fitness:.4f})" if fitness is not None else ")")
+        + "".join(f"\n{other}" for other in others),
         fontsize=10,
     )
     fig.colorbar(image, ax=ax, label="position within bounds (low → high)", shrink=0.9)

@@ -39,7 +39,8 @@ RUN_FORMAT = 1  # bump when the run folder layout changes incompatibly
 @dataclass(frozen=True)
 class RunGenes:
     """The genes of a run as run.json keeps them. Each gene is a dict with the fields of
-    `evomerge.space.Gene`: name, low, high, group, part, model, param."""
+    `evomerge.space.Gene`: name, low, high, group, part, model, param, and choices (a
+    categorical gene's values; absent in runs made before categorical genes)."""
 
     method: str
     groups: tuple[str, ...]  # layer group labels, in layer order
@@ -48,7 +49,7 @@ class RunGenes:
     @classmethod
     def of(cls, space: SearchSpace) -> "RunGenes":
         return cls(
-            method=space.method.name,
+            method=space.title,
             groups=tuple(label for label, _, _ in space.groups),
             genes=tuple(dataclasses.asdict(g) for g in space.genes),
         )
@@ -59,14 +60,34 @@ class RunGenes:
 
 def build_space(config: RunConfig) -> "SearchSpace | DataflowSpace":
     """The run's search space over its pool: parameter space (reads the base model's layer
-    count) or, for `kind: dataflow`, the data-flow space."""
+    count), or the kind its file names (`dataflow`, `method_per_group`, `pairwise`)."""
+    space = _space_of_kind(config)
+    categorical = [g.name for g in space.genes if g.choices is not None]
+    if categorical and config.search.sampler in ("cmaes", "cmaes_warm"):
+        raise UserError(
+            f"sampler {config.search.sampler!r} would draw the categorical gene {categorical[0]!r} at random "
+            "(CMA-ES searches floats only); use sampler gp, tpe or random for this space"
+        )
+    return space
+
+
+def _space_of_kind(config: RunConfig):
     from evomerge.checkpoint import Checkpoint
     from evomerge.recipe import validate_model
     from evomerge.space import SearchSpace, SpaceConfig, read_space
 
     data, where = read_space(config.space)
     pool = dict(base=config.pool.base, models=dict(config.pool.models), dtype=config.pool.dtype)
-    if isinstance(data, dict) and data.get("kind") == "dataflow":
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind in ("method_per_group", "pairwise"):
+        from evomerge.staged import MethodPerGroupConfig, MethodPerGroupSpace, PairwiseConfig, PairwiseSpace
+
+        space_class, config_class = {
+            "method_per_group": (MethodPerGroupSpace, MethodPerGroupConfig),
+            "pairwise": (PairwiseSpace, PairwiseConfig),
+        }[kind]
+        return space_class(validate_model(config_class, data, where), num_layers=Checkpoint(config.pool.base).num_layers, **pool)
+    if kind == "dataflow":
         from evomerge.dataflow import DataflowConfig, DataflowSpace
 
         if config.fitness.backend == "vllm":

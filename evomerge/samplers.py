@@ -16,6 +16,11 @@
 - `tpe`        multivariate TPE; `random`, uniform draws; `multi`, multivariate TPE over one
                objective per task (a Pareto front).
 
+Categorical genes (a staged space's method per group, or order of merges): `gp`, `tpe` and
+`random` draw them natively; `cmaes` and `cmaes_warm` are refused for such spaces
+(`run_folder.build_space`), since CMA-ES would draw them at random, independently of its
+distribution.
+
 Every sampler keeps its state in the study's storage (CMA-ES its optimizer in trial system
 attributes; the others need nothing but the trials), so `resume` and extra workers continue the
 same search.

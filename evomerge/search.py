@@ -101,7 +101,7 @@ class Search:
         try:
             with self.workers.beating(trial):
                 trial.set_user_attr("worker", self.worker)
-                genome = {g.name: trial.suggest_float(g.name, g.low, g.high) for g in self.space.genes}
+                genome = self.space.suggest(trial)
                 started = time.perf_counter()
                 self.candidate.apply(genome)
                 sync_weights(self.evaluator.lm)  # vllm: push into the engine; hf: nothing to do
@@ -167,8 +167,12 @@ class Search:
 
 
 def make_candidate(model, space, config: RunConfig):
-    """What writes a genome into the live model: the compiled parameter-space candidate, or
-    the data-flow candidate (layers by reference) for a data-flow space."""
+    """What writes a genome into the live model: the compiled parameter-space candidate, the
+    data-flow candidate (layers by reference) for a data-flow space, or a staged space's."""
+    if space.kind == "staged":
+        from evomerge.staged import staged_candidate
+
+        return staged_candidate(model, space, seed=config.search.merge_seed, device=config.device)
     if space.kind == "dataflow":
         from evomerge.dataflow import DataflowCandidate
         from evomerge.merge import torch_dtype

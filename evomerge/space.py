@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -41,6 +41,9 @@ from evomerge.recipe import (
     registry_errors_as_validation_errors,
     validate_model,
 )
+
+if TYPE_CHECKING:
+    import optuna
 
 
 class SpaceConfig(BaseModel):
@@ -118,6 +121,9 @@ def _find_space_file(name: str, base_dir: Path) -> Path:
 
 @dataclass(frozen=True)
 class Gene:
+    """One searched value: a float in [low, high], or, where `choices` is given, one of them
+    (a categorical gene: low and high are unused)."""
+
     name: str
     low: float
     high: float
@@ -125,6 +131,40 @@ class Gene:
     part: Optional[str]  # split filter, or None
     model: Optional[str]  # pool model name for per-model parameters
     param: str
+    choices: Optional[tuple[str, ...]] = None
+
+    def suggest(self, trial: "optuna.Trial") -> Union[float, str]:
+        """This gene's value in `trial`, drawn by the study's sampler."""
+        if self.choices is not None:
+            return trial.suggest_categorical(self.name, self.choices)
+        return trial.suggest_float(self.name, self.low, self.high)
+
+    def admits(self, value: Any) -> bool:
+        """Whether `value` is one this gene can take."""
+        if self.choices is not None:
+            return value in self.choices
+        return isinstance(value, (int, float)) and self.low <= value <= self.high
+
+
+def suggest_genome(trial: "optuna.Trial", genes: list[Gene]) -> dict[str, Union[float, str]]:
+    """A genome drawn by the study's sampler: every gene suggested once, in order."""
+    return {gene.name: gene.suggest(trial) for gene in genes}
+
+
+def check_genome(genome: dict[str, Any], genes: list[Gene]) -> None:
+    """UserError unless `genome` gives every gene a value it admits (a genome stored in a study
+    is decoded long after the search: its space may have changed since)."""
+    missing = [g.name for g in genes if g.name not in genome]
+    if missing:
+        raise UserError(f"the genome lacks genes {missing[:3]}; was the search space changed?")
+    for gene in genes:
+        value = genome[gene.name]
+        if not gene.admits(value):
+            allowed = ", ".join(gene.choices) if gene.choices is not None else f"[{gene.low:g}, {gene.high:g}]"
+            raise UserError(
+                f"gene {gene.name!r} = {value!r} is not one of its values ({allowed}); "
+                "was the search space changed?"
+            )
 
 
 class SearchSpace:
@@ -135,6 +175,7 @@ class SearchSpace:
     def __init__(self, config: SpaceConfig, *, base: str, models: dict[str, str], num_layers: int, dtype: Optional[str]):
         self.config, self.base, self.models, self.dtype = config, base, models, dtype
         self.method: MergeMethod = get_method(config.method)
+        self.title = self.method.name  # what the report calls the space
         self.num_layers = num_layers
         self._check_pool()
         self.groups = self._layer_groups()
@@ -184,19 +225,14 @@ class SearchSpace:
                         genes.append(Gene(f"{prefix}.{name}", low, high, label, part, None, name))
         return genes
 
+    def suggest(self, trial: "optuna.Trial") -> dict[str, float]:
+        """The genome of `trial`, drawn by the study's sampler."""
+        return suggest_genome(trial, self.genes)
+
     # --- decoding ------------------------------------------------------------------------
     def decode(self, genome: dict[str, float]) -> Recipe:
         """The recipe a genome stands for: one slice per layer group."""
-        missing = [g.name for g in self.genes if g.name not in genome]
-        if missing:
-            raise UserError(f"the genome lacks genes {missing[:3]}; was the search space changed?")
-        for gene in self.genes:
-            value = genome[gene.name]
-            if not (isinstance(value, (int, float)) and gene.low <= value <= gene.high):
-                raise UserError(
-                    f"gene {gene.name!r} = {value!r} lies outside its bounds [{gene.low:g}, {gene.high:g}]; "
-                    "was the search space changed?"
-                )
+        check_genome(genome, self.genes)
         slices = []
         for label, start, end in self.groups:
             sources = [
@@ -239,20 +275,26 @@ class SearchSpace:
         takes its value from the role its parameter declares (a gene without one, or a value
         outside its bounds, and the recipe is left out)."""
         out = {}
-        for label, by_role in _classic_recipes(self.method, list(self.models)).items():
-            genome = {}
-            for gene in self.genes:
-                value = by_role.get(self.method.param(gene.param).role)
-                value = value(gene.model) if callable(value) else value
-                if value is None or not gene.low <= value <= gene.high:
-                    break
-                genome[gene.name] = float(value)
-            else:
+        for label, by_role in classic_recipes(self.method, list(self.models)).items():
+            genome = self.genome_of(by_role)
+            if genome is not None:
                 out[label] = genome
         return out
 
+    def genome_of(self, by_role: dict[str, Any]) -> Optional[dict[str, float]]:
+        """The genome whose genes take the values `by_role` gives their parameters' roles (a
+        value, or a function of the gene's model); None where a gene has no value in bounds."""
+        genome = {}
+        for gene in self.genes:
+            value = by_role.get(self.method.param(gene.param).role)
+            value = value(gene.model) if callable(value) else value
+            if value is None or not gene.low <= value <= gene.high:
+                return None
+            genome[gene.name] = float(value)
+        return genome
 
-def _classic_recipes(method: MergeMethod, models: list[str]) -> dict[str, dict[str, Any]]:
+
+def classic_recipes(method: MergeMethod, models: list[str]) -> dict[str, dict[str, Any]]:
     """Role -> value (or model -> value) of each classic recipe; roles as in `methods.Role`."""
     n = len(models)
     recipes: dict[str, dict[str, Any]] = {

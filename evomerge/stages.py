@@ -166,11 +166,12 @@ def run_stages(
             recipe = _with_stage_folders(stage.recipe, folders)
             try:
                 if stage is final:
-                    files = _recipe_file(order)
-                    summary = run_merge(recipe, out_dir, out_dtype=out_dtype, extra_files=files, **options)
+                    # the caller's files (export's model card) and the stages' recipe.yaml
+                    files = {**(options.get("extra_files") or {}), **_recipe_file(order)}
+                    summary = run_merge(recipe, out_dir, out_dtype=out_dtype, **{**options, "extra_files": files})
                 else:
                     folder = root / stage.name
-                    summary = run_merge(recipe, folder, **{**options, "force": True})
+                    summary = run_merge(recipe, folder, **{**options, "force": True, "extra_files": None})
                     folders[stage.name] = str(folder)
             except UserError as exc:
                 label = "the final merge" if stage is final else f"stage {stage.name!r}"

@@ -28,7 +28,7 @@ from evomerge.checkpoint import Checkpoint, check_compatible, reference_parts
 from evomerge.errors import UserError
 from evomerge.methods import get_method
 from evomerge.recipe import ConditionalSetting, Recipe, Slice, SliceSource
-from evomerge.space import Gene
+from evomerge.space import Gene, suggest_genome
 
 # The config fields that make one model's layer fit another's (the residual stream and heads).
 LAYER_SHAPE_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
@@ -95,6 +95,7 @@ class DataflowSpace:
             for name in self.sources
         ]
         self.method = get_method("passthrough")  # what the decoded recipes run
+        self.title = "data flow"
         self.groups = [(f"R{r}.L{i}", i, i + 1) for r in range(config.repeats) for i in range(self.num_layers)]
         self.genes = self._genes()
 
@@ -107,6 +108,10 @@ class DataflowSpace:
                 low, high = self.config.scale
                 genes.append(Gene(f"{label}.scale", low, high, group, None, name, "scale"))
         return genes
+
+    def suggest(self, trial) -> dict[str, float]:
+        """The genome of `trial`, drawn by the study's sampler."""
+        return suggest_genome(trial, self.genes)
 
     # --- decoding ------------------------------------------------------------------------
     def path(self, genome: dict[str, float]) -> list[Step]:
