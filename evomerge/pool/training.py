@@ -58,6 +58,21 @@ SIZES: dict[str, PoolSize] = {
     ),
 }
 
+# Per pool, what its full build changes in SIZES["full"] (the small test builds keep theirs).
+# demo2: its skills "click" later on the mix (sub near 600 steps, shift near 900), so its base
+# trains 900 steps and its specialists at lr 1e-3 (still with replay); at the demo's 600/5e-4
+# the shift specialist reached only 0.29 exact match on test (base 0.07).
+FULL_SCHEDULES: dict[str, dict[str, float]] = {
+    "demo2": {"base_steps": 900, "spec_lr": 1e-3},
+}
+
+
+def pool_size(pool: str, size: str) -> PoolSize:
+    """The shape and schedule of `pool` built at `size`."""
+    spec = SIZES[size]
+    return dataclasses.replace(spec, **FULL_SCHEDULES.get(pool, {})) if size == "full" else spec
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 
