@@ -17,8 +17,8 @@ one split are scored on it for both roles (the JSON says so: `held_out`).
 the trials over `task_arithmetic_layers`, its winner merged and added to the pool, then half over
 the data-flow space.
 
-`--out` writes every run (test and dev scores, chosen trial, seconds, sampler seconds per
-trial) and the references as JSON, for merging the runs of several pools.
+`--out` writes every run (test and dev scores, per task too, the chosen trial and its genes,
+seconds, sampler seconds per trial) and the references as JSON, for merging the runs of several pools.
 """
 
 from __future__ import annotations
@@ -113,6 +113,8 @@ def run_search(job: dict) -> dict:
         "dev": scores["dev"]["value"],
         "test": scores["test"]["value"],
         "test_se": scores["test"]["se"],
+        "per_task": {split: scores[split]["per_task"] for split in ("dev", "test")},
+        "params": best.params,
         "seconds": seconds,
         "sampler_seconds_per_trial": sampler_seconds([t for t in done if "baseline" not in t.user_attrs]),
         "held_out": held.held_out,

@@ -63,7 +63,7 @@ def test_tasks_load_with_both_splits_and_score(small_pool2: Path, small_pool2_mo
         task = pool.TASK_PREFIX + skill.name
         assert all(0.0 <= scores[m][task] <= 1.0 for m in scores), scores
         # Specialists are real: each beats the base on its own skill (the small pool is a
-        # smoke-sized version, too small to learn shift well: only the full pool has margins).
+        # smoke-sized version: only the full pool has margins worth merging).
         assert scores[skill.name][task] > scores["base"][task], (skill.name, scores)
 
 

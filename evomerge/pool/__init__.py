@@ -40,7 +40,15 @@ from evomerge.pool.tasks import (
     task_name,
     write_tasks,
 )
-from evomerge.pool.training import SIZES, Batches, PoolSize, make_model, make_tokenizer, train
+from evomerge.pool.training import (
+    SIZES,
+    Batches,
+    PoolSize,
+    make_model,
+    make_tokenizer,
+    pool_size,
+    train,
+)
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -104,7 +112,7 @@ def build_pool(
 
     import torch
 
-    skills, spec = POOLS[name], SIZES[size]
+    skills, spec = POOLS[name], pool_size(name, size)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is several times faster than two
     started = time.perf_counter()

@@ -15,9 +15,13 @@ from typing import Literal
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DIGITS = "0123456789"
-WORD_LENGTHS = (4, 8)  # letters per rev/sort/shift example, inclusive
+WORD_LENGTHS = (4, 8)  # letters per rev/sort example, inclusive
 ADD_RANGES = (100, 10)  # add: a below 100 plus b below 10
 SHIFT = 3  # shift: each letter moves 3 places on (a Caesar cipher)
+# Shorter words than rev/sort: with 4-8 letters the tiny model learns the cipher only after
+# ~1000 steps on the mix, too late for a gentle fine-tune to teach it; with 3-5 the shift
+# specialist learns it well (demo2 dev: base 0.52, specialist 0.81, exact match).
+SHIFT_LENGTHS = (3, 5)
 SUB_RANGES = (10, 100, 10)  # sub: a from 10 to 99 minus b below 10
 RUNS = (3, 6)  # dedup: runs of one letter per example, inclusive
 RUN_LENGTH = 3  # dedup: letters per run, at most
@@ -39,8 +43,8 @@ class Skill:
         return "exact_match" if self.output_type == "generate_until" else "acc"
 
 
-def _word(rng: random.Random, alphabet: str = LETTERS) -> str:
-    return "".join(rng.choice(alphabet) for _ in range(rng.randint(*WORD_LENGTHS)))
+def _word(rng: random.Random, lengths: tuple[int, int] = WORD_LENGTHS) -> str:
+    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(*lengths)))
 
 
 def _add(rng: random.Random) -> tuple[str, str]:
@@ -59,7 +63,7 @@ def _sort(rng: random.Random) -> tuple[str, str]:
 
 
 def _shift(rng: random.Random) -> tuple[str, str]:
-    s = _word(rng)
+    s = _word(rng, SHIFT_LENGTHS)
     return f"c:{s}=", "".join(LETTERS[(LETTERS.index(c) + SHIFT) % len(LETTERS)] for c in s)
 
 
@@ -92,7 +96,7 @@ POOLS: dict[str, dict[str, Skill]] = {
     "demo2": {
         s.name: s
         for s in (
-            Skill("shift", _shift, f"move {WORD_LENGTHS[0]}-{WORD_LENGTHS[1]} letters "
+            Skill("shift", _shift, f"move {SHIFT_LENGTHS[0]}-{SHIFT_LENGTHS[1]} letters "
                   f"{SHIFT} places on (generated until '.'): c:abyz=debc.", "generate_until"),
             Skill("sub", _sub, f"subtract a number below {SUB_RANGES[2]} from one of "
                   f"{SUB_RANGES[0]}-{SUB_RANGES[1] - 1}: m:37 8=29."),

@@ -58,6 +58,21 @@ SIZES: dict[str, PoolSize] = {
     ),
 }
 
+# Per pool and size, what its build changes in SIZES. demo2's skills "click" later on the mix
+# (sub near 600 steps, shift near 900 with 4-8 letters), so its base trains longer and its full
+# specialists at lr 1e-3 (still with replay); at the demo's 600 steps and 5e-4 its shift
+# specialist reached only 0.29 exact match on test (base 0.07). The small base needs 400 steps
+# for a `sub` specialist that beats it.
+SCHEDULES: dict[str, dict[str, dict[str, float]]] = {
+    "demo2": {"full": {"base_steps": 900, "spec_lr": 1e-3}, "small": {"base_steps": 400}},
+}
+
+
+def pool_size(pool: str, size: str) -> PoolSize:
+    """The shape and schedule of `pool` built at `size`."""
+    return dataclasses.replace(SIZES[size], **SCHEDULES.get(pool, {}).get(size, {}))
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 
