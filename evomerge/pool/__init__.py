@@ -143,26 +143,10 @@ def build_pool(
             _save(base, tokenizer, tmp / skill)
             timings[skill] = time.perf_counter() - t0
 
-        manifest = {
-            "format": "evomerge-pool/2",
-            "name": name,
-            "size": size,
-            "base": "base",
-            "models": {"base": "base", **{s: s for s in skills}},
-            "skills": {
-                s.name: {"model": s.name, "task": task_name(s), "metric": s.metric,
-                         "description": s.description}
-                for s in skills.values()
-            },
-            "task_path": "tasks",
-            "tasks": task_names,
-            "splits": {"search": "dev", "report": "test"},
-            "settings": dataclasses.asdict(spec),
-            "final_loss": {k: round(v, 5) for k, v in losses.items()},
-            "seconds": {k: round(v, 2) for k, v in timings.items()},
-        }
-        manifest["seconds"]["total"] = round(time.perf_counter() - started, 2)
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        manifest = write_manifest(
+            tmp, name=name, size=size, models={s: s for s in skills}, skills=skills,
+            task_names=task_names, spec=spec, losses=losses, timings=timings, started=started,
+        )
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -171,6 +155,34 @@ def build_pool(
         raise
     finally:
         torch.set_num_threads(threads)
+    return manifest
+
+
+def write_manifest(
+    folder: Path, *, name: str, size: str, models: dict[str, str], skills: dict, task_names: list[str],
+    spec: Any, losses: dict[str, float], timings: dict[str, float], started: float, **extra: Any,
+) -> dict[str, Any]:
+    """Write `folder`/pool.json (what `load_manifest` reads) and return it; `models` maps each
+    skill to its folder (or `base+<adapter>`), `extra` adds pool-specific sections."""
+    manifest = {
+        "format": "evomerge-pool/2",
+        "name": name,
+        "size": size,
+        "base": "base",
+        "models": {"base": "base", **models},
+        "skills": {
+            s.name: {"model": s.name, "task": task_name(s), "metric": s.metric, "description": s.description}
+            for s in skills.values()
+        },
+        "task_path": "tasks",
+        "tasks": task_names,
+        "splits": {"search": "dev", "report": "test"},
+        "settings": dataclasses.asdict(spec),
+        **extra,
+        "final_loss": {k: round(v, 5) for k, v in losses.items()},
+        "seconds": {k: round(v, 2) for k, v in timings.items()} | {"total": round(time.perf_counter() - started, 2)},
+    }
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
 
 

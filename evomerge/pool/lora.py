@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from evomerge.errors import UserError
-from evomerge.pool import MANIFEST_NAME, POOLS, SIZES, _save, specialist_batches, train_base
-from evomerge.pool.tasks import task_name, write_tasks
-from evomerge.pool.training import make_tokenizer, train
+from evomerge.pool import POOLS, SIZES, _save, specialist_batches, train_base, write_manifest
+from evomerge.pool.tasks import write_tasks
+from evomerge.pool.training import make_tokenizer, pool_size, train
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -64,7 +64,7 @@ def build_lora_pool(
     if size not in SIZES or size not in SCHEDULES:
         raise UserError(f"unknown pool size {size!r}; choose one of {', '.join(SCHEDULES)}.")
     out_dir = Path(out_dir).resolve()
-    skills, spec, schedule = POOLS[name], SIZES[size], SCHEDULES[size]
+    skills, spec, schedule = POOLS[name], pool_size(name, size), SCHEDULES[size]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is several times faster than two
     started = time.perf_counter()
@@ -88,27 +88,12 @@ def build_lora_pool(
                 save_adapter(adapted, schedule, tmp / skill, base_path=out_dir / "base")
                 remove_lora(base, adapted)
                 timings[skill] = time.perf_counter() - t0
-            manifest = {
-                "format": "evomerge-pool/2",
-                "name": f"{name}-lora",
-                "size": size,
-                "base": "base",
-                "models": {"base": "base", **{s: f"base+{s}" for s in skills}},
-                "skills": {
-                    s.name: {"model": s.name, "task": task_name(s), "metric": s.metric,
-                             "description": s.description}
-                    for s in skills.values()
-                },
-                "task_path": "tasks",
-                "tasks": task_names,
-                "splits": {"search": "dev", "report": "test"},
-                "settings": dataclasses.asdict(spec),
-                "lora": dataclasses.asdict(schedule) | {"target_modules": list(TARGET_MODULES)},
-                "final_loss": {k: round(v, 5) for k, v in losses.items()},
-                "seconds": {k: round(v, 2) for k, v in timings.items()},
-            }
-            manifest["seconds"]["total"] = round(time.perf_counter() - started, 2)
-            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            manifest = write_manifest(
+                tmp, name=f"{name}-lora", size=size, models={s: f"base+{s}" for s in skills},
+                skills=skills, task_names=task_names, spec=spec, losses=losses, timings=timings,
+                started=started,
+                lora=dataclasses.asdict(schedule) | {"target_modules": list(TARGET_MODULES)},
+            )
     finally:
         torch.set_num_threads(threads)
     return manifest
