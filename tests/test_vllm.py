@@ -108,8 +108,7 @@ def test_base_merged_and_back(search, hf, small_pool: Path) -> None:
     base_ll = lm.loglikelihood(requests)
 
     # a real merge of the pool (task arithmetic, equal weights), through the search's own path
-    recipe = search.space.decode(search.space.baselines()["uniform"])
-    search.candidate.apply(recipe)
+    search.candidate.apply(search.space.baselines()["uniform"])
     sync_weights(lm)
     assert any(not v.equal(staging.state_dict()[k]) for k, v in base_state.items())
     merged = search.evaluator.score(full=True)
