@@ -9,7 +9,7 @@ and, once trials run:
     study.db      the Optuna study (unless search.storage names another storage)
     examples/     per trial, `<number>.json`: the dev examples it scored and the metric on each
                   (`evomerge.fidelity.write_examples`)
-    search.log    what lm-eval, transformers and Optuna printed (`cli.process.search_output`)
+    search.log    what lm-eval, transformers and Optuna printed (`cli.process.quiet_output`)
 
 The gene list (the merge method, the layer groups and every gene with its bounds) lets
 `evomerge report` draw a genome without the pool: the models may be gone by then. Reading a

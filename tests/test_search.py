@@ -128,7 +128,7 @@ def test_export_equals_the_scored_candidate_bit_for_bit(tmp_path, small_pool):
     from safetensors.torch import load_file
 
     from evomerge.config import load_run_config
-    from evomerge.export import export_trial, trial_recipe
+    from evomerge.export import export_trial
     from evomerge.merge import run_merge
     from evomerge.recipe import load_recipe
     from evomerge.run_folder import write_run_folder

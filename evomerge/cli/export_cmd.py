@@ -15,12 +15,13 @@ import click
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 def export(run_dir: Path, out_dir: Path, trial_number: Optional[int], force: bool) -> None:
     """Write a trial's recipe (mergekit YAML) and merged model (HF folder) to OUT_DIR."""
-    from evomerge.cli.process import set_up_process
+    from evomerge.cli.process import quiet_output, set_up_process
 
     set_up_process()
     from evomerge.export import export_trial
 
-    summary = export_trial(run_dir, out_dir, trial_number=trial_number, force=force, say=click.echo)
+    with quiet_output(run_dir, create=False):
+        summary = export_trial(run_dir, out_dir, trial_number=trial_number, force=force, say=click.echo)
     click.echo(f"exported {summary.tensors} tensors in {summary.seconds:.1f} s -> {out_dir} (recipe: {out_dir / 'recipe.yaml'})")
 
 

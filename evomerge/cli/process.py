@@ -55,13 +55,17 @@ LOG_FILE = "search.log"
 
 
 @contextmanager
-def search_output(run_dir: Path, *, verbose: int = 0) -> Iterator[TextIO]:
+def quiet_output(run_dir: Path, *, verbose: Optional[int] = None, create: bool = True) -> Iterator[TextIO]:
     """Quiet by default: inside the block, everything the libraries print to stderr (lm-eval's
     and transformers' progress bars, warnings, log records) and every log record that is not
     evomerge's own go to RUN_DIR/search.log. Yields the terminal's stream, for the search's own
-    progress bar. With `verbose`, nothing is moved and the log file is not written."""
+    progress bar. With `verbose`, nothing is moved and the log file is not written; without
+    `create`, neither is it where RUN_DIR does not exist (export and report refuse such a folder
+    themselves, and must not create it)."""
     terminal = sys.stderr
-    if verbose:
+    if verbose is None:
+        verbose = _cli_verbosity()
+    if verbose or not (create or Path(run_dir).is_dir()):
         yield terminal
         return
     import optuna
@@ -93,3 +97,11 @@ def search_output(run_dir: Path, *, verbose: int = 0) -> Iterator[TextIO]:
             for library in libraries:
                 library.disable_propagation()
                 library.enable_default_handler()
+
+
+def _cli_verbosity() -> int:
+    """How many `-v` the running `evomerge` command was given (0 outside the CLI)."""
+    import click
+
+    context = click.get_current_context(silent=True)
+    return context.find_root().params.get("verbose", 0) if context else 0

@@ -20,12 +20,14 @@ import click
 def report(run_dir: Path, top: int, out: Path | None) -> None:
     """Summarise the search in RUN_DIR: a table of the best trials against the baselines,
     history / genome / per-task plots and summary.json. Loads no model."""
-    from evomerge.cli.process import set_up_process
+    from evomerge.cli.process import quiet_output, set_up_process
 
     set_up_process()
     from evomerge.report import report_run
 
-    click.echo(report_run(run_dir, top=top, out=out).text)
+    with quiet_output(run_dir, create=False):
+        text = report_run(run_dir, top=top, out=out).text
+    click.echo(text)
 
 
 commands = (report,)

@@ -18,9 +18,9 @@ def _set_up(config, run_dir: Path) -> None:
 
 def _output(run_dir: Path):
     """Quiet unless `-v`: the libraries' output goes to the run folder's log."""
-    from evomerge.cli.process import search_output
+    from evomerge.cli.process import quiet_output
 
-    return search_output(run_dir, verbose=click.get_current_context().find_root().params.get("verbose", 0))
+    return quiet_output(run_dir)
 
 
 def _run(search, run_dir: Path, *, more: Optional[int]) -> None:
