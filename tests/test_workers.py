@@ -81,6 +81,7 @@ def test_three_workers_one_killed(tmp_path, small_pool, storage_url):
         study_name=study_name,
         heartbeat_seconds=1,
         grace_seconds=3,
+        fidelity=None,  # every trial scores all of dev: long enough to be caught mid-trial
     )
     run_dir = tmp_path / "run"
     evomerge(

@@ -16,11 +16,13 @@ import click
 def export(run_dir: Path, out_dir: Path, trial_number: Optional[int], force: bool) -> None:
     """Write a trial's recipe (mergekit YAML) and merged model (HF folder) to OUT_DIR."""
     from evomerge.cli.process import quiet_output, set_up_process
+    from evomerge.run_folder import read_run_folder
 
     set_up_process()
     from evomerge.export import export_trial
 
-    with quiet_output(run_dir, create=False):
+    read_run_folder(run_dir, check_pool=False)  # a bad folder is refused before the log is written
+    with quiet_output(run_dir):
         summary = export_trial(run_dir, out_dir, trial_number=trial_number, force=force, say=click.echo)
     click.echo(f"exported {summary.tensors} tensors in {summary.seconds:.1f} s -> {out_dir} (recipe: {out_dir / 'recipe.yaml'})")
 

@@ -55,17 +55,15 @@ LOG_FILE = "search.log"
 
 
 @contextmanager
-def quiet_output(run_dir: Path, *, verbose: Optional[int] = None, create: bool = True) -> Iterator[TextIO]:
+def quiet_output(run_dir: Path, *, verbose: Optional[int] = None) -> Iterator[TextIO]:
     """Quiet by default: inside the block, everything the libraries print to stderr (lm-eval's
     and transformers' progress bars, warnings, log records) and every log record that is not
     evomerge's own go to RUN_DIR/search.log. Yields the terminal's stream, for the search's own
-    progress bar. With `verbose`, nothing is moved and the log file is not written; without
-    `create`, neither is it where RUN_DIR does not exist (export and report refuse such a folder
-    themselves, and must not create it)."""
+    progress bar. With `verbose`, nothing is moved and the log file is not written."""
     terminal = sys.stderr
     if verbose is None:
         verbose = _cli_verbosity()
-    if verbose or not (create or Path(run_dir).is_dir()):
+    if verbose:
         yield terminal
         return
     import optuna
