@@ -27,6 +27,12 @@ fused RMSNorm, SiLU-and-mul, paged attention; HF's eager ops), so results agree 
 not bit for bit. Sequences longer than `max_length - 1` tokens are left-truncated by one more
 token than `HFLM` does (vLLM needs room for the one generated token), as lm-eval's `VLLM` does.
 
+Per run, the requests are built and their loglikelihood pairs tokenised once
+(`VLLMPreparedRequests`, sharing `fitness.prepared`'s request building and lm-eval metric
+step); a call hands the token ids of the wanted documents straight to the engine. Prefix
+caching is on; vLLM V1 serves no cached prefix to requests that ask for prompt log-probabilities
+(loglikelihood), so it pays for generate-until requests, whose contexts share prompts.
+
 vLLM is imported only here, and only when the backend is built.
 """
 
@@ -41,6 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from evomerge.fitness.prepared import PreparedRequests
 
 if TYPE_CHECKING:
     import torch
@@ -316,3 +324,29 @@ class VLLMLiveLM(TemplateLM):
                 results[i] = text
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return results
+
+
+class VLLMPreparedRequests(PreparedRequests):
+    """Prepared requests answered by a `VLLMLiveLM`: loglikelihood token ids encoded once.
+
+    The instances go to the engine in lm-eval's order (task, document, idx), as
+    `lm_eval.evaluator.evaluate` sends them, so the engine batches them the same way and the
+    scores equal that path's (tests/test_vllm.py).
+    """
+
+    lm: VLLMLiveLM
+
+    def respond(self, ids: tuple[int, ...]) -> None:
+        scored = [i for i in ids if i in self.tokens]
+        if scored:
+            pairs = [(None, *self.tokens[i]) for i in scored]
+            self._answer(scored, self.lm._loglikelihood_tokens(pairs, disable_tqdm=True))
+        generated = [i for i in ids if i not in self.tokens]
+        if generated:
+            instances = [self.instances[i] for i in generated]
+            self._answer(generated, self.lm.generate_until(instances, disable_tqdm=True))
+
+    def _answer(self, ids: list[int], responses: list[Any]) -> None:
+        for i, response in zip(ids, responses, strict=True):
+            inst = self.instances[i]
+            inst.resps = [response] * inst.repeats
