@@ -1,6 +1,7 @@
 """Per-trial overhead of the evaluator, apart from the model's own forward passes.
 
     python bench/evaluator_overhead.py [POOL_DIR] [--repeats 7]
+    .venv-vllm/bin/python bench/evaluator_overhead.py [POOL_DIR] --backend vllm [--repeats 5]
 
 Builds the small demo pool if no POOL_DIR is given, then times, on every example of the
 pool's dev tasks, base model, one thread:
@@ -18,6 +19,13 @@ stretches wall time, not these), repeats interleaved (forward, score, evaluate, 
 each is printed as a median, with the ratios between them; overheads are medians of paired
 differences (each call minus the forward run just before it).
 The target: score - forward <= 10% of forward.
+
+With `--backend vllm` (one in-process vLLM engine, CPU build): per trial of a search, a
+random genome of the demo space applied to the staging model, pushed into the engine
+(`sync_weights`), then scored on every example two ways, interleaved on the same weights:
+`Evaluator.score(full=True)` (requests built once) and one `lm_eval.evaluator.evaluate` call
+over the same live LM (the vllm backend's path before); both must give the same metrics.
+Printed as medians of CPU and wall seconds.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ def main() -> None:
     parser.add_argument("pool", nargs="?", type=Path, help="a demo pool (default: build small)")
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--backend", choices=("hf", "vllm"), default="hf")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
 
@@ -62,6 +71,8 @@ def main() -> None:
         pool_dir = tmp / "pool"
         build_pool(pool_dir, size="small")
     manifest = load_manifest(pool_dir)
+    if args.backend == "vllm":
+        return bench_vllm(manifest, args.repeats, tmp)
     model = AutoModelForCausalLM.from_pretrained(manifest["models"]["base"]).eval()
     tok = AutoTokenizer.from_pretrained(manifest["models"]["base"])
     first_skill = next(iter(manifest["skills"]))
@@ -133,6 +144,80 @@ def main() -> None:
     n_few = sum(len(d) for d in slices.values())
     print(f"  score_examples, {n_few} examples: {med['few']:.4f} s, their forward passes "
           f"{med['few_forward']:.4f} s ({100 * (med['few'] - med['few_forward']) / med['few_forward']:.0f}% overhead)")
+
+
+def bench_vllm(manifest: dict, repeats: int, tmp: Path) -> None:
+    """Per trial on a live vLLM engine: apply + push + score, requests built once vs `evaluate`."""
+    import random
+
+    from lm_eval.evaluator import evaluate
+
+    from evomerge.config import RunConfig
+    from evomerge.fitness.backends import sync_weights
+    from evomerge.fitness.tasks import build_task_set
+    from evomerge.search import Search
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
+    skills = list(manifest["skills"])
+    config = RunConfig.model_validate({
+        "pool": {"base": manifest["models"]["base"], "models": {s: manifest["models"][s] for s in skills},
+                 "dtype": "float32"},
+        "space": "task_arithmetic_layers",
+        "fitness": {"task_paths": [manifest["task_path"]], "tasks": manifest["tasks"], "backend": "vllm"},
+        "search": {"sampler": "random", "trials": 1, "seed": 0},
+        "threads": 1,
+    })
+    (tmp / "run").mkdir(parents=True)
+    wall = time.perf_counter()
+    search = Search(config, tmp / "run")
+    setup = time.perf_counter() - wall
+    evaluator, lm = search.evaluator, search.evaluator.lm
+    # the old path's own tasks: `evaluate` rebuilds the instances of the tasks it is given
+    old_tasks = build_task_set(config.fitness, tmp / "old").task_dict
+    every = {name: list(range(n)) for name, n in evaluator.tasks.n_docs.items()}
+
+    def old():
+        return evaluate(lm=lm, task_dict=old_tasks, samples=every, cache_requests=False,
+                        bootstrap_iters=0, log_samples=True, verbosity="ERROR")["results"]
+
+    rng = random.Random(0)
+    genomes = [{g.name: rng.uniform(g.low, g.high) for g in search.space.genes} for _ in range(repeats + 1)]
+    cpu: dict[str, list[float]] = {k: [] for k in ("apply", "push", "score", "evaluate")}
+    wall_s: dict[str, list[float]] = {k: [] for k in cpu}
+    mismatches = 0
+    for i, genome in enumerate(genomes):  # genome 0 warms both paths up
+        got = {}
+        for name, fn in (("apply", lambda: search.candidate.apply(genome)), ("push", lambda: sync_weights(lm)),
+                         ("score", lambda: evaluator.score(full=True)), ("evaluate", old)):
+            c, w = time.process_time(), time.perf_counter()
+            got[name] = fn()
+            if i:
+                cpu[name].append(time.process_time() - c)
+                wall_s[name].append(time.perf_counter() - w)
+        reference = {t: {k: float(v) for k, v in row.items() if k in got["score"].metrics[t]} for t, row in got["evaluate"].items()}
+        mismatches += reference != got["score"].metrics
+    med = {k: statistics.median(v) for k, v in cpu.items()}
+    medw = {k: statistics.median(v) for k, v in wall_s.items()}
+    n = sum(len(d) for d in every.values())
+    print(f"pool {manifest['name']} ({manifest['size']}), {n} examples, vLLM {_vllm_version()} in-process, "
+          f"1 thread, median of {repeats} genomes; CPU s (wall s)")
+    print(f"  engine + search setup (once)      {setup:8.1f} s wall")
+    for name, label in (("apply", "candidate apply"), ("push", "sync_weights (push, cache reset)"),
+                        ("score", "score(full=True), built once"), ("evaluate", "lm-eval evaluate (before)")):
+        print(f"  {label:33s} {med[name]:8.3f} s ({medw[name]:.3f})")
+    new = med["apply"] + med["push"] + med["score"]
+    before = med["apply"] + med["push"] + med["evaluate"]
+    new_w = medw["apply"] + medw["push"] + medw["score"]
+    before_w = medw["apply"] + medw["push"] + medw["evaluate"]
+    print(f"  per trial, apply + push + score:  {new:.3f} s ({new_w:.3f}); before {before:.3f} s ({before_w:.3f})")
+    print(f"  ratio evaluate / score:           {med['evaluate'] / med['score']:.2f}x; per trial {before / new:.2f}x")
+    print(f"  metrics equal on both paths:      {repeats + 1 - mismatches} of {repeats + 1} genomes")
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
 
 
 if __name__ == "__main__":

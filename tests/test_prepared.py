@@ -83,12 +83,15 @@ def _models(models: dict, specialist: str) -> dict:
     return {"base": models["base"], specialist: models[specialist], "average": average}
 
 
-def _reference(model, tokenizer, config: FitnessConfig, run_dir: Path, samples=None) -> dict:
-    """lm-eval's own `evaluate` over freshly built tasks: {task: (results row, samples)}."""
+def _hf_lm(model, tokenizer, config: FitnessConfig):
+    return make_lm("hf", model, tokenizer, batch_size=config.batch_size, max_length=config.max_length)
+
+
+def _reference(lm, config: FitnessConfig, run_dir: Path, samples=None) -> dict:
+    """lm-eval's own `evaluate` of `lm` over freshly built tasks: {task: (results row, samples)}."""
     from lm_eval.evaluator import evaluate
 
     tasks = build_task_set(config, run_dir)
-    lm = make_lm("hf", model, tokenizer, batch_size=config.batch_size, max_length=config.max_length)
     out = evaluate(lm=lm, task_dict=tasks.task_dict, samples=samples, cache_requests=False,
                    bootstrap_iters=0, log_samples=True)
     return {name: (out["results"][name], out["samples"][name]) for name in tasks.leaf_tasks}
@@ -99,11 +102,12 @@ def _per_doc(rows: list[dict], metric_key: str) -> dict[int, float]:
     return {r["doc_id"]: float(r[metric]) for r in rows if r["filter"] == filter_name}
 
 
-def _assert_same(evaluator: Evaluator, model, tokenizer, tmp_path: Path) -> None:
-    """Full set, subset and chosen documents: equal to lm-eval's, metric by metric, bit for bit."""
+def _assert_same(evaluator: Evaluator, lm, tmp_path: Path) -> None:
+    """Full set, subset and chosen documents: equal to lm-eval's `evaluate` of `lm` (an LM over
+    the same model), metric by metric, bit for bit."""
     config = evaluator.config
     full = evaluator.score(full=True, per_example=True)
-    reference = _reference(model, tokenizer, config, tmp_path / "ref-full")
+    reference = _reference(lm, config, tmp_path / "ref-full")
     for spec in evaluator.tasks.specs:
         row, rows = reference[spec.name]
         numeric = {k: float(v) for k, v in row.items() if "," in k and "_stderr," not in k}
@@ -112,12 +116,12 @@ def _assert_same(evaluator: Evaluator, model, tokenizer, tmp_path: Path) -> None
         assert full.per_example[spec.name] == [per_doc[d] for d in range(len(per_doc))], spec.name
 
     subset = evaluator.score()
-    reference = _reference(model, tokenizer, config, tmp_path / "ref-subset", samples=evaluator.tasks.subset)
+    reference = _reference(lm, config, tmp_path / "ref-subset", samples=evaluator.tasks.subset)
     assert subset.per_task == {s.name: float(reference[s.name][0][s.metric_key]) for s in evaluator.tasks.specs}
 
     chosen = {s.name: [7, 2, 11] for s in evaluator.tasks.specs}
     got = evaluator.score_examples(chosen)
-    reference = _reference(model, tokenizer, config, tmp_path / "ref-chosen", samples={t: sorted(d) for t, d in chosen.items()})
+    reference = _reference(lm, config, tmp_path / "ref-chosen", samples={t: sorted(d) for t, d in chosen.items()})
     for spec in evaluator.tasks.specs:
         per_doc = _per_doc(reference[spec.name][1], spec.metric_key)
         assert got[spec.name] == [per_doc[d] for d in chosen[spec.name]], spec.name
@@ -129,7 +133,7 @@ def test_demo_tasks_score_as_lm_eval(which: str, small_pool: Path, small_pool_mo
     tokenizer = small_pool_models["tokenizer"]
     manifest = load_manifest(small_pool)
     config = FitnessConfig(tasks=manifest["tasks"], task_paths=[manifest["task_path"]], subset={"count": 20}, batch_size=16)
-    _assert_same(Evaluator(model, tokenizer, config, tmp_path / "run"), model, tokenizer, tmp_path)
+    _assert_same(Evaluator(model, tokenizer, config, tmp_path / "run"), _hf_lm(model, tokenizer, config), tmp_path)
 
 
 @pytest.mark.parametrize("which", ["base", "shift", "average"])
@@ -140,7 +144,7 @@ def test_demo2_tasks_with_generation_score_as_lm_eval(which: str, small_pool2: P
     config = FitnessConfig(tasks=manifest["tasks"], task_paths=[manifest["task_path"]], subset={"count": 20}, batch_size=16)
     evaluator = Evaluator(model, tokenizer, config, tmp_path / "run")
     assert [s.metric for s in evaluator.tasks.specs] == ["exact_match", "acc", "acc"]  # the single-metric default
-    _assert_same(evaluator, model, tokenizer, tmp_path)
+    _assert_same(evaluator, _hf_lm(model, tokenizer, evaluator.config), tmp_path)
 
 
 def _extra_tasks(pool: Path, tmp_path: Path) -> Path:
@@ -166,7 +170,7 @@ def test_a_filtered_task_and_a_multiple_choice_task_score_as_lm_eval(
     )
     evaluator = Evaluator(model, tokenizer, config, tmp_path / "run")
     assert [s.metric_key for s in evaluator.tasks.specs] == ["exact_match,strict-match", "acc,none"]
-    _assert_same(evaluator, model, tokenizer, tmp_path)
+    _assert_same(evaluator, _hf_lm(model, tokenizer, evaluator.config), tmp_path)
 
 
 def test_scoring_prints_nothing(small_pool: Path, small_pool_models: dict, tmp_path: Path, capfd) -> None:

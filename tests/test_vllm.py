@@ -7,7 +7,8 @@ Needs vLLM (`make vllm-venv`), so it runs in its own lane, not in `make test`:
 Elsewhere it is skipped. Agreement is to rounding, not bit for bit (different kernels; see
 `evomerge.fitness.vllm_backend`): per-request log-likelihoods within `LOGPROB_TOL`, metrics
 within `METRIC_RTOL`, `acc` within one example. Swapping the same weights back into the same
-engine must reproduce its own earlier scores exactly.
+engine must reproduce its own earlier scores exactly, and the evaluator's requests built once
+must score exactly as `lm_eval.evaluator.evaluate` over the same engine does.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from pool_fixtures import pool_search_config
+from test_prepared import FILTERED, _assert_same, _per_doc, _reference
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -127,6 +129,44 @@ def test_base_merged_and_back(search, hf, small_pool: Path) -> None:
     again = search.evaluator.score(full=True)
     assert again.metrics == base.metrics
     assert lm.loglikelihood(requests) == base_ll
+
+
+def test_prepared_requests_score_as_lm_eval_evaluate(search, tmp_path: Path) -> None:
+    """Base and a merge pushed into the engine: full set, subset and chosen documents equal
+    `lm_eval.evaluator.evaluate` over the same live LM (same engine, same weights) bit for bit."""
+    from evomerge.fitness.backends import sync_weights
+
+    lm, staging = search.evaluator.lm, search.evaluator.lm.staging
+    assert lm.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+    base_state = {k: v.clone() for k, v in staging.state_dict().items()}
+    _assert_same(search.evaluator, lm, tmp_path / "base")
+
+    search.candidate.apply(search.space.baselines()["uniform"])
+    sync_weights(lm)
+    _assert_same(search.evaluator, lm, tmp_path / "merged")
+
+    staging.load_state_dict(base_state)
+    sync_weights(lm)
+
+
+def test_prepared_generate_until_scores_as_lm_eval_evaluate(search, small_pool: Path, tmp_path: Path) -> None:
+    """A generate-until task with a regex filter (over the pool's rev data), every document."""
+    from evomerge.fitness import FitnessConfig
+    from evomerge.fitness.tasks import build_task_set
+    from evomerge.fitness.vllm_backend import VLLMPreparedRequests
+
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "filtered.yaml").write_text(FILTERED.format(data=small_pool / "tasks" / "data" / "rev_dev.jsonl"))
+    config = FitnessConfig(tasks=["evomerge_shift_filtered"], task_paths=[folder])
+    lm = search.evaluator.lm
+    tasks = build_task_set(config, tmp_path / "run")
+    docs = list(range(tasks.n_docs["evomerge_shift_filtered"]))
+    prepared = VLLMPreparedRequests(lm, tasks.leaf_tasks)
+    got = prepared.run({"evomerge_shift_filtered": docs})["evomerge_shift_filtered"]
+    reference = _reference(lm, config, tmp_path / "ref")["evomerge_shift_filtered"][1]
+    want = _per_doc(reference, "exact_match,strict-match")
+    assert got[("exact_match", "strict-match")] == [want[d] for d in docs]
 
 
 def test_rolling_and_greedy_generation_agree_with_hf(search, hf) -> None:

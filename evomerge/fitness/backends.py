@@ -15,6 +15,9 @@ from evomerge.errors import UserError
 
 if TYPE_CHECKING:
     from lm_eval.api.model import LM
+    from lm_eval.api.task import Task
+
+    from evomerge.fitness.prepared import PreparedRequests
 
 BACKENDS = ("hf", "vllm")
 
@@ -28,6 +31,17 @@ def make_lm(
     if backend == "vllm":
         return _vllm(model, tokenizer, max_length=max_length)
     raise UserError(f"unknown fitness backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+
+
+def prepare_requests(backend: str, lm: LM, tasks: dict[str, Task]) -> PreparedRequests:
+    """Every request of `tasks`, built once for `lm` (made by `make_lm(backend, ...)`)."""
+    if backend == "hf":
+        from evomerge.fitness.prepared import HFPreparedRequests
+
+        return HFPreparedRequests(lm, tasks)
+    from evomerge.fitness.vllm_backend import VLLMPreparedRequests
+
+    return VLLMPreparedRequests(lm, tasks)
 
 
 def sync_weights(lm: LM) -> None:

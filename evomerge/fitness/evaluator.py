@@ -11,11 +11,9 @@
 
 `split` is the role: "dev" (the search's) or "test" (only the report's; see `fitness.config`).
 
-With the "hf" backend the requests are built, tokenised and batched once
-(`fitness.prepared`): a call runs the forward passes, then lm-eval's own filters,
-`process_results` and aggregation, with scores equal to `lm_eval.evaluator.evaluate`'s. Other
-backends run one `evaluate` per call over the prebuilt task dict (no request cache: it keys
-on the model name, which does not change between candidates; no bootstrap).
+The requests are built and tokenised once per run (`fitness.prepared`; "hf" also batches
+them once): a call runs the model, then lm-eval's own filters, `process_results` and
+aggregation, with scores equal to `lm_eval.evaluator.evaluate`'s.
 """
 
 from __future__ import annotations
@@ -69,7 +67,7 @@ class Evaluator:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
-        from evomerge.fitness.backends import make_lm
+        from evomerge.fitness.backends import make_lm, prepare_requests
         from evomerge.fitness.tasks import build_task_set
 
         self.model = model
@@ -82,12 +80,8 @@ class Evaluator:
             batch_size=config.batch_size,
             max_length=config.max_length,
         )
-        self.prepared = None
-        """The requests built once ("hf" backend; None: each call runs lm-eval's `evaluate`)."""
-        if config.backend == "hf":
-            from evomerge.fitness.prepared import PreparedRequests
-
-            self.prepared = PreparedRequests(self.lm, self.tasks.leaf_tasks)
+        self.prepared = prepare_requests(config.backend, self.lm, self.tasks.leaf_tasks)
+        """The requests, built once."""
 
     def score(self, *, full: bool = False, per_example: bool = False) -> FitnessResult:
         """Score the model as its parameters are now: the fixed subset, or all if `full`;
@@ -144,9 +138,7 @@ class Evaluator:
             n = self.tasks.n_docs[task]
             if any(not 0 <= d < n for d in docs):
                 raise ValueError(f"{task!r} has documents 0..{n - 1}; asked for {docs}")
-        if self.prepared is not None:
-            return self.prepared.run(wanted)
-        return _lm_eval_values(self.lm, self.tasks.task_dict, wanted)
+        return self.prepared.run(wanted)
 
     def _per_example(self, values: dict[str, Values]) -> dict[str, list[float]]:
         """Each leaf task's configured metric per example (numeric metrics only)."""
@@ -163,28 +155,3 @@ def _aggregate(task: Any, metric: str, values: list[Any]) -> Any:
     """lm-eval's aggregation of `metric` over per-document values, a float where it is a number."""
     value = task.aggregation()[metric](values)
     return float(value) if isinstance(value, (int, float)) else value
-
-
-def _lm_eval_values(lm: Any, task_dict: dict[str, Any], wanted: dict[str, list[int]]) -> dict[str, Values]:
-    """`_values` through `lm_eval.evaluator.evaluate` (backends without prepared requests)."""
-    from lm_eval.evaluator import evaluate
-
-    ordered = {task: sorted(docs) for task, docs in wanted.items()}
-    out = evaluate(
-        lm=lm,
-        task_dict={**task_dict, "tasks": {n: t for n, t in task_dict["tasks"].items() if n in wanted}},
-        samples=ordered,
-        cache_requests=False,
-        bootstrap_iters=0,
-        log_samples=True,
-    )
-    if out is None:  # only non-zero ranks of a distributed run get None
-        raise RuntimeError("lm-eval returned no results on this process")
-    values: dict[str, Values] = {}
-    for task, rows in out["samples"].items():
-        by_doc: dict[tuple[str, str], dict[int, Any]] = {}
-        for r in rows:
-            for metric in r["metrics"]:
-                by_doc.setdefault((metric, r["filter"]), {})[r["doc_id"]] = r[metric]
-        values[task] = {key: [docs[d] for d in wanted[task]] for key, docs in by_doc.items()}
-    return values

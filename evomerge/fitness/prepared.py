@@ -1,9 +1,15 @@
-"""lm-eval requests built once per run; each call runs only forward passes and the metrics.
+"""lm-eval requests built once per run; each call runs only the model and the metrics.
 
 The requests of a run depend on the tasks and the tokenizer, never on the candidate. So at
-construction, lm-eval's own task API builds every instance (`Task.build_all_requests`), the
-live model's `HFLM` tokenises them (its `_encode_pair`, BOS and truncation rules), and each set
-of documents that gets scored is laid out once, as lm-eval's HFLM would batch it:
+construction, lm-eval's own task API builds every instance (`Task.build_all_requests`) and the
+run's lm-eval LM tokenises each loglikelihood request (its `_encode_pair` and BOS rules, as
+`TemplateLM.loglikelihood` does). A call (`PreparedRequests.run`) then asks the backend for the
+responses of the wanted documents' instances (`respond`, the one step that differs per
+backend), and hands them to lm-eval's own filters (`Task.apply_filters`) and
+`Task.process_results`; `Task.aggregation` combines the per-document values.
+
+"hf" (`HFPreparedRequests`): each set of documents that gets scored is also laid out once, as
+lm-eval's HFLM would batch it:
 
 - loglikelihood: requests sharing context + continuation[:-1] are computed once (HFLM's
   `logits_cache`), sorted longest first, cut into `batch_size` chunks, right-padded with 0.
@@ -11,15 +17,16 @@ of documents that gets scored is laid out once, as lm-eval's HFLM would batch it
   left-padded by `HFLM.tok_batch_encode`.
 
 The same batches in the same order give the same forward passes bit for bit, so scores equal
-`lm_eval.evaluator.evaluate`'s (tests/test_prepared.py checks every bundled task). A call then
-runs the model on the prepared batches, reads log-probabilities and greedy flags with a few
-batched tensor ops, and hands the responses to lm-eval's own filters (`Task.apply_filters`)
-and `Task.process_results`; `Task.aggregation` combines the per-document values.
+`lm_eval.evaluator.evaluate`'s (tests/test_prepared.py checks every bundled task). A call runs
+the model on the prepared batches and reads log-probabilities and greedy flags with a few
+batched tensor ops.
 
 Generation is greedy (`model.generate`) from the prepared contexts; a row stops at the first
 token whose text holds a stop string (or at EOS), and the decoded text is cut at the first
 stop string as HFLM does. HFLM stops a whole batch only when every row has a stop string and
 otherwise keeps generating after it; what comes after the first stop string is cut either way.
+
+"vllm": see `evomerge.fitness.vllm_backend.VLLMPreparedRequests`.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from evomerge.errors import UserError
 
 if TYPE_CHECKING:
     from lm_eval.api.instance import Instance
+    from lm_eval.api.model import TemplateLM
     from lm_eval.api.task import Task
     from lm_eval.models.huggingface import HFLM
 
@@ -81,11 +89,12 @@ class _Layout:
 
 
 class PreparedRequests:
-    """Every request of `tasks`, tokenised once by `lm`; `run` scores chosen documents."""
+    """Every request of `tasks`, built and tokenised once by `lm`; `run` scores chosen documents.
 
-    def __init__(self, lm: HFLM, tasks: dict[str, Task]) -> None:
-        if getattr(lm, "backend", "causal") != "causal":
-            raise UserError("the hf fitness backend scores causal language models only.")
+    A backend's subclass gives `respond`: the responses of the given instances.
+    """
+
+    def __init__(self, lm: TemplateLM, tasks: dict[str, Task]) -> None:
         self.lm = lm
         self.tasks = tasks
         self.instances: list[Instance] = []
@@ -93,19 +102,10 @@ class PreparedRequests:
         """Per task, per document id: its instance ids, in lm-eval's order (`Instance.idx`)."""
         for name, task in tasks.items():
             self.docs[name] = self._build(name, task)
-        self.tokens: dict[int, tuple[list[int], list[int]]] = {}
+        self.tokens: dict[int, tuple[list[int], list[int]]] = {
+            i: self._encode(*inst.args) for i, inst in enumerate(self.instances) if inst.request_type == "loglikelihood"
+        }
         """loglikelihood instance id -> (context tokens, continuation tokens)."""
-        self.context_length: dict[int, int] = {}
-        """generate_until instance id -> tokens of its context (HFLM's sort key)."""
-        for i, inst in enumerate(self.instances):
-            if inst.request_type == "loglikelihood":
-                self.tokens[i] = self._encode(*inst.args)
-            else:
-                self.context_length[i] = len(lm.tok_encode(inst.args[0]))
-        self._layouts: OrderedDict[tuple[int, ...], _Layout] = OrderedDict()
-        self._stop_tables: dict[tuple[str, ...], torch.Tensor] = {}
-
-    # ------------------------------------------------------------------ built once
 
     def _build(self, name: str, task: Task) -> dict[int, list[int]]:
         task.build_all_requests(limit=None, samples=None, rank=0, world_size=1, cache_requests=False)
@@ -122,7 +122,7 @@ class PreparedRequests:
         return by_doc
 
     def _encode(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """(context, continuation) tokens exactly as `HFLM.loglikelihood` makes them."""
+        """(context, continuation) tokens exactly as `TemplateLM.loglikelihood` makes them."""
         lm = self.lm
         if context:
             return lm._encode_pair(context, continuation)  # the LM's own split: the truth
@@ -130,6 +130,52 @@ class PreparedRequests:
         if lm.prefix_token_id != cont[0]:
             return [lm.prefix_token_id], cont
         return cont[:1], cont[1:]
+
+    def ids(self, wanted: dict[str, list[int]]) -> tuple[int, ...]:
+        """The instance ids of `wanted`'s documents, in lm-eval's order (task, document, idx)."""
+        return tuple(sorted({i for task, docs in wanted.items() for d in docs for i in self.docs[task][d]}))
+
+    def run(self, wanted: dict[str, list[int]]) -> dict[str, Values]:
+        """Per task of `wanted` (task -> document ids): per (metric, filter), the values lm-eval's
+        `process_results` gives each document, in the order given."""
+        self.respond(self.ids(wanted))
+        return {task: self.metric_values(task, docs) for task, docs in wanted.items()}
+
+    def respond(self, ids: tuple[int, ...]) -> None:
+        """Set `resps` of the instances `ids` (as lm-eval's `evaluate` does) from the model as it is now."""
+        raise NotImplementedError
+
+    def metric_values(self, name: str, docs: list[int]) -> Values:
+        """lm-eval's filters and `process_results` over the documents' latest responses."""
+        task = self.tasks[name]
+        task.apply_filters()
+        by_doc = self.docs[name]
+        values: Values = {}
+        for filter_key in self.instances[by_doc[docs[0]][0]].filtered_resps if docs else ():
+            for d in docs:
+                instances = [self.instances[i] for i in by_doc[d]]
+                for metric, value in task.process_results(
+                    instances[0].doc, [inst.filtered_resps[filter_key] for inst in instances]
+                ).items():
+                    values.setdefault((metric, filter_key), []).append(value)
+        return values
+
+
+class HFPreparedRequests(PreparedRequests):
+    """Prepared requests answered by lm-eval's `HFLM` model, batched once as HFLM batches them."""
+
+    def __init__(self, lm: HFLM, tasks: dict[str, Task]) -> None:
+        if getattr(lm, "backend", "causal") != "causal":
+            raise UserError("the hf fitness backend scores causal language models only.")
+        super().__init__(lm, tasks)
+        self.context_length: dict[int, int] = {
+            i: len(lm.tok_encode(inst.args[0])) for i, inst in enumerate(self.instances) if i not in self.tokens
+        }
+        """generate_until instance id -> tokens of its context (HFLM's sort key)."""
+        self._layouts: OrderedDict[tuple[int, ...], _Layout] = OrderedDict()
+        self._stop_tables: dict[tuple[str, ...], torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ built once
 
     def _layout(self, ids: tuple[int, ...]) -> _Layout:
         layout = self._layouts.get(ids)
@@ -236,22 +282,17 @@ class PreparedRequests:
 
     # ------------------------------------------------------------------ per call
 
-    def run(self, wanted: dict[str, list[int]]) -> dict[str, Values]:
-        """Per task of `wanted` (task -> document ids): per (metric, filter), the values lm-eval's
-        `process_results` gives each document, in the order given."""
-        ids = tuple(sorted({i for task, docs in wanted.items() for d in docs for i in self.docs[task][d]}))
+    def respond(self, ids: tuple[int, ...]) -> None:
         layout = self._layout(ids)
         with torch.no_grad():
             if layout.loglikelihood is not None:
                 self._run_loglikelihood(layout.loglikelihood)
             for batch in layout.generate:
                 self._run_generate(batch)
-        return {task: self.metric_values(task, docs) for task, docs in wanted.items()}
 
     def forward_only(self, wanted: dict[str, list[int]]) -> None:
         """The forward passes of `wanted` and nothing else (for bench/evaluator_overhead.py)."""
-        ids = tuple(sorted({i for task, docs in wanted.items() for d in docs for i in self.docs[task][d]}))
-        layout = self._layout(ids)
+        layout = self._layout(self.ids(wanted))
         with torch.no_grad():
             for batch in layout.loglikelihood.batches if layout.loglikelihood else []:
                 self.lm.model(batch.inputs).logits
@@ -302,21 +343,6 @@ class PreparedRequests:
             text = postprocess_generated_text(self.lm.tok_decode(tokens), batch.until, None)
             inst = self.instances[i]
             inst.resps = [text] * inst.repeats
-
-    def metric_values(self, name: str, docs: list[int]) -> Values:
-        """lm-eval's filters and `process_results` over the documents' latest responses."""
-        task = self.tasks[name]
-        task.apply_filters()
-        by_doc = self.docs[name]
-        values: Values = {}
-        for filter_key in self.instances[by_doc[docs[0]][0]].filtered_resps if docs else ():
-            for d in docs:
-                instances = [self.instances[i] for i in by_doc[d]]
-                for metric, value in task.process_results(
-                    instances[0].doc, [inst.filtered_resps[filter_key] for inst in instances]
-                ).items():
-                    values.setdefault((metric, filter_key), []).append(value)
-        return values
 
 
 def _placeholder(inst: Instance) -> Any:

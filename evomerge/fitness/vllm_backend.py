@@ -27,6 +27,12 @@ fused RMSNorm, SiLU-and-mul, paged attention; HF's eager ops), so results agree 
 not bit for bit. Sequences longer than `max_length - 1` tokens are left-truncated by one more
 token than `HFLM` does (vLLM needs room for the one generated token), as lm-eval's `VLLM` does.
 
+Per run, the requests are built and tokenised once (`VLLMPreparedRequests`, sharing
+`fitness.prepared`'s request building and lm-eval metric step); a call hands the token ids of
+the wanted documents straight to the engine. Prefix caching is on; vLLM V1 serves no cached
+prefix to a request that asks for prompt log-probabilities (loglikelihood), so it can pay only
+for generate-until requests whose contexts share a prefix (few-shot examples, a system prompt).
+
 vLLM is imported only here, and only when the backend is built.
 """
 
@@ -41,6 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from evomerge.fitness.prepared import PreparedRequests
 
 if TYPE_CHECKING:
     import torch
@@ -281,16 +289,23 @@ class VLLMLiveLM(TemplateLM):
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         """Greedy generation, stopped at any of the request's `until` strings or at EOS."""
+        texts = self.generate_tokens([(self.tok_encode(r.args[0]), r.args[1]) for r in requests])
+        for request, text in zip(requests, texts, strict=True):
+            self.cache_hook.add_partial("generate_until", request.args, text)
+        return texts
+
+    def generate_tokens(self, requests: list[tuple[list[int], dict[str, Any]]]) -> list[str]:
+        """`generate_until` of (context token ids, generation kwargs): contexts encoded once."""
         from vllm import SamplingParams, TokensPrompt
 
         # one engine call per distinct set of generation arguments
         groups: dict[str, list[int]] = defaultdict(list)
-        for index, request in enumerate(requests):
-            groups[repr(sorted(request.args[1].items()))].append(index)
+        for index, (_, kwargs) in enumerate(requests):
+            groups[repr(sorted(kwargs.items()))].append(index)
         results: list[str] = [""] * len(requests)
         eos = self.tok_decode([self.eot_token_id]) if self.eot_token_id is not None else None
         for indices in groups.values():
-            gen_kwargs = dict(requests[indices[0]].args[1])
+            gen_kwargs = dict(requests[indices[0]][1])
             until = gen_kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             if eos and eos not in until:
@@ -299,10 +314,7 @@ class VLLMLiveLM(TemplateLM):
             if gen_kwargs.get("do_sample") or gen_kwargs.get("temperature", 0.0) > 0.0:
                 LOG.warning("vllm backend: generate_until is greedy; ignoring %s", gen_kwargs)
             keep = max(1, self.max_length - max_tokens)
-            prompts = [
-                TokensPrompt(prompt_token_ids=self.tok_encode(requests[i].args[0])[-keep:])
-                for i in indices
-            ]
+            prompts = [TokensPrompt(prompt_token_ids=requests[i][0][-keep:]) for i in indices]
             params = SamplingParams(
                 max_tokens=max_tokens, temperature=0.0, stop=[s for s in until if s] or None
             )
@@ -314,5 +326,37 @@ class VLLMLiveLM(TemplateLM):
                     if stop:
                         text = text.split(stop)[0]
                 results[i] = text
-                self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return results
+
+
+class VLLMPreparedRequests(PreparedRequests):
+    """Prepared requests answered by a `VLLMLiveLM`, their token ids encoded once.
+
+    The instances go to the engine in lm-eval's order (task, document, idx), as
+    `lm_eval.evaluator.evaluate` sends them, so the engine batches them the same way and the
+    scores equal that path's (tests/test_vllm.py).
+    """
+
+    lm: VLLMLiveLM
+
+    def __init__(self, lm: VLLMLiveLM, tasks: dict[str, Any]) -> None:
+        super().__init__(lm, tasks)
+        self.contexts: dict[int, list[int]] = {
+            i: lm.tok_encode(inst.args[0]) for i, inst in enumerate(self.instances) if i not in self.tokens
+        }
+        """generate_until instance id -> its context's token ids."""
+
+    def respond(self, ids: tuple[int, ...]) -> None:
+        scored = [i for i in ids if i in self.tokens]
+        if scored:
+            pairs = [(None, *self.tokens[i]) for i in scored]
+            self._answer(scored, self.lm._loglikelihood_tokens(pairs, disable_tqdm=True))
+        generated = [i for i in ids if i in self.contexts]
+        if generated:
+            requests = [(self.contexts[i], self.instances[i].args[1]) for i in generated]
+            self._answer(generated, self.lm.generate_tokens(requests))
+
+    def _answer(self, ids: list[int], responses: list[Any]) -> None:
+        for i, response in zip(ids, responses, strict=True):
+            inst = self.instances[i]
+            inst.resps = [response] * inst.repeats
