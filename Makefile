@@ -45,7 +45,7 @@ $(VLLM_VENV)/.installed: pyproject.toml constraints.txt
 # The vLLM lane: not part of `make test` (own venv, ~1 min engine start).
 test-vllm: vllm-venv
 	test -f runs/demo-pool/pool.json || $(VENV)/bin/evomerge pool demo runs/demo-pool
-	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_moe.py tests/test_vllm.py
 
 demo: venv
 	test -f runs/demo-pool/pool.json || $(VENV)/bin/evomerge pool demo runs/demo-pool

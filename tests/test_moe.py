@@ -8,17 +8,25 @@ load in transformers 5 to the same model, which the golden test checks. Methods 
 statistics (TIES/DARE/breadcrumbs trimming, SLERP norms, model_stock angles) differ by design:
 mergekit 0.1.5 takes them over the fused tensor of all experts, evomerge over each expert's
 tensor, as mergekit did when checkpoints and memory had one layout.
+
+The merged folder also loads in vLLM (the `vllm` lane, `make test-vllm`; skipped where vLLM is
+not installed): every weight found, none left over, and the engine's prompt log-probs and greedy
+tokens agree with transformers 5 on the same folder.
 """
 
 from __future__ import annotations
 
+import gc
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
+from evomerge.cli import cli
 from evomerge.merge import run_merge
 from evomerge.recipe import parse_recipe
 
@@ -87,3 +95,87 @@ def test_mergekit_merges_the_same_model(moe_pool, mergekit_python, tmp_path):
         assert ours.keys() == theirs.keys()
         for key in ours:
             assert torch.equal(ours[key], theirs[key]), f"{name}: {key}"
+
+
+# vLLM's CPU attention needs head_dim >= 64; a wider init than the default 0.02 gives decisive
+# logits, so greedy tokens are not decided by near-ties that rounding could flip.
+VLLM_CONFIG = {**CONFIG, "hidden_size": 128, "intermediate_size": 64, "num_attention_heads": 2,
+               "num_key_value_heads": 1, "max_position_embeddings": 128, "initializer_range": 0.2}
+VLLM_PROMPTS = [[1, 5, 9, 33, 2], [7, 7, 7], [60, 3, 41, 12, 8, 19, 25]]
+LOGPROB_TOL = 1e-3  # as in test_vllm.py: float32, different kernels
+GREEDY_TOKENS = 8
+
+
+def fine_tune_like_pool(root: Path) -> Path:
+    """A base and two variants of it (the base plus small noise), as a merge of fine-tunes sees."""
+    torch.manual_seed(0)
+    base = MixtralForCausalLM(MixtralConfig(**VLLM_CONFIG))
+    base.save_pretrained(root / "m0")
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        variant = MixtralForCausalLM(MixtralConfig(**VLLM_CONFIG))
+        with torch.no_grad():
+            for mine, theirs in zip(variant.parameters(), base.parameters(), strict=True):
+                mine.copy_(theirs + 0.05 * theirs.std() * torch.randn_like(theirs))
+        variant.save_pretrained(root / f"m{seed}")
+    return root
+
+
+def hf_prompt_logprobs_and_greedy(model, prompt: list[int]) -> tuple[list[float], list[int]]:
+    """Each prompt token's log-prob after its prefix, and GREEDY_TOKENS greedy continuations."""
+    with torch.no_grad():
+        logprobs = model(torch.tensor([prompt])).logits[0].log_softmax(-1)
+        given = logprobs[:-1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0].tolist()
+        tokens = list(prompt)
+        for _ in range(GREEDY_TOKENS):
+            tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
+    return given, tokens[len(prompt):]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_the_merged_folder_loads_in_vllm_and_agrees_with_transformers(tmp_path):
+    """`evomerge merge` of two fine-tune-like variants, served by vLLM as transformers 5 runs it."""
+    pytest.importorskip(
+        "vllm", reason="vLLM is not installed here: `make vllm-venv`, then `make test-vllm`"
+    )
+    from vllm import SamplingParams, TokensPrompt
+
+    from evomerge.fitness.vllm_backend import start_engine
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on the CPU build
+    pool = fine_tune_like_pool(tmp_path / "pool")
+    recipe = tmp_path / "ties.yaml"
+    recipe.write_text(RECIPES["ties"].replace("$m", f"{pool}/m"))
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(cli, ["merge", str(recipe), str(out)])
+    assert result.exit_code == 0, result.output
+    written = load_file(str(out / "model.safetensors"))
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in written
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+
+    # vLLM's loader raises on a checkpoint name it has no parameter for, and on a parameter
+    # no checkpoint tensor filled: an engine that starts has found every weight, and only those.
+    llm = start_engine(
+        out, dtype="float32", max_model_len=64, enforce_eager=True, skip_tokenizer_init=True
+    )
+    try:
+        params = SamplingParams(
+            max_tokens=GREEDY_TOKENS, temperature=0.0, ignore_eos=True, prompt_logprobs=0,
+            detokenize=False,
+        )
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in VLLM_PROMPTS]
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        del llm  # one engine at a time on a small machine
+        gc.collect()
+
+    for prompt, output in zip(VLLM_PROMPTS, outputs, strict=True):
+        want_logprobs, want_tokens = hf_prompt_logprobs_and_greedy(model, prompt)
+        got_logprobs = [  # position 0 has no log-prob: nothing precedes it
+            position[token].logprob
+            for token, position in zip(prompt[1:], output.prompt_logprobs[1:], strict=True)
+        ]
+        for got, want in zip(got_logprobs, want_logprobs, strict=True):
+            assert abs(got - want) <= LOGPROB_TOL, (prompt, got_logprobs, want_logprobs)
+        assert list(output.outputs[0].token_ids) == want_tokens

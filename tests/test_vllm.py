@@ -2,7 +2,7 @@
 
 Needs vLLM (`make vllm-venv`), so it runs in its own lane, not in `make test`:
 
-    make test-vllm     # = .venv-vllm/bin/python -m pytest -q -m vllm tests/test_vllm.py
+    make test-vllm     # = .venv-vllm/bin/python -m pytest -q -m vllm tests/test_moe.py tests/test_vllm.py
 
 Elsewhere it is skipped. Agreement is to rounding, not bit for bit (different kernels; see
 `evomerge.fitness.vllm_backend`): per-request log-likelihoods within `LOGPROB_TOL`, metrics
