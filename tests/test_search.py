@@ -20,13 +20,15 @@ pytestmark = pytest.mark.slow
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def write_config(tmp: Path, pool: Path, *, space="linear_global", trials=6, **search) -> Path:
+def write_config(
+    tmp: Path, pool: Path, *, space="linear_global", trials=6, batch_size=32, **search
+) -> Path:
     config = pool_search_config(
         pool,
         space=space,
         tasks=["evomerge_add", "evomerge_rev", "evomerge_sort"],
         subset=8,
-        batch_size=32,
+        batch_size=batch_size,
         search={"sampler": "cmaes", "trials": trials, "seed": 3, **search},
     )
     path = tmp / f"config-{len(list(tmp.glob('config-*')))}.yaml"
