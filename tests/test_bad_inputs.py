@@ -378,10 +378,10 @@ def search_config(work: Path, pool: Path, **changes) -> Path:
     return path
 
 
-def search_fails(work: Path, config: Path, *needles: str) -> float:
+def search_fails(work: Path, config: Path, *needles: str, args: tuple[str, ...] = ()) -> float:
     before = snapshot(work)
     started = time.perf_counter()
-    result = evomerge("search", str(config), "--run-dir", str(work / "runs" / "run"))
+    result = evomerge("search", str(config), "--run-dir", str(work / "runs" / "run"), *args)
     assert_one_sentence(result.returncode, result.stderr, *needles, progress_before=True)
     assert snapshot(work) == before, "the failed set-up left files behind"
     return time.perf_counter() - started
@@ -391,16 +391,22 @@ def test_unknown_sampler(work, small_pool):
     search_fails(work, search_config(work, small_pool, search__sampler="cmaez"), "search.sampler", "cmaes")
 
 
+# `--trials 0` only creates the study for workers; it must refuse what they would refuse
+ALSO_WITH_TRIALS_0 = pytest.mark.parametrize("args", [(), ("--trials", "0")], ids=["search", "trials-0"])
+
+
 @pytest.mark.slow
-def test_unknown_task(work, small_pool):
+@ALSO_WITH_TRIALS_0
+def test_unknown_task(work, small_pool, args):
     config = search_config(work, small_pool, fitness__tasks=["evomerge_ad"])
-    search_fails(work, config, "unknown lm-eval task 'evomerge_ad'", "evomerge_add")
+    search_fails(work, config, "unknown lm-eval task 'evomerge_ad'", "evomerge_add", args=args)
 
 
 @pytest.mark.slow
-def test_unknown_metric(work, small_pool):
+@ALSO_WITH_TRIALS_0
+def test_unknown_metric(work, small_pool, args):
     config = search_config(work, small_pool, fitness__tasks=[{"name": "evomerge_add", "metric": "acuracy"}])
-    search_fails(work, config, "no metric 'acuracy'", "acc")
+    search_fails(work, config, "no metric 'acuracy'", "acc", args=args)
 
 
 @pytest.mark.slow
@@ -465,11 +471,15 @@ def test_only_float_parameters_can_be_searched(work, small_pool, space, name, fl
 
 
 @pytest.mark.slow
-def test_a_first_fidelity_rung_larger_than_a_task_is_refused(work, small_pool):
+@ALSO_WITH_TRIALS_0
+def test_a_first_fidelity_rung_larger_than_a_task_is_refused(work, small_pool, args):
     from evomerge.pool import N_DEV
 
     config = search_config(work, small_pool, fitness__subset={"count": N_DEV + 1})
-    search_fails(work, config, f"fitness.subset.count {N_DEV + 1} is more than the {N_DEV} dev examples", "fidelity: null")
+    search_fails(
+        work, config, f"fitness.subset.count {N_DEV + 1} is more than the {N_DEV} dev examples",
+        "fidelity: null", args=args,
+    )
 
 
 @pytest.mark.parametrize(

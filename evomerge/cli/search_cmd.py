@@ -70,9 +70,14 @@ def search(config_path: Path, run_dir: Optional[Path], trials: Optional[int]) ->
     with _removed_on_failure(run_dir), _output(run_dir):
         write_run_folder(config, run_dir)
         if trials == 0:
+            from evomerge.fidelity import Schedule
+            from evomerge.fitness.tasks import build_task_set
             from evomerge.run_folder import build_space
             from evomerge.study import create_study, open_run_storage
 
+            # the checks a worker would make at its start (tasks, metrics, the fidelity schedule),
+            # made now: no study for workers that could never run a trial
+            Schedule.of(config, build_task_set(config.fitness, run_dir))
             create_study(config, open_run_storage(config, run_dir), build_space(config))
             click.echo(f"study ready ({config.search.trials} trials); start workers with: evomerge worker {run_dir}")
             return
