@@ -88,6 +88,24 @@ def train_base(
     return base, loss
 
 
+def train_specialist(
+    model: LlamaForCausalLM, base_state: dict[str, Any], skills: dict[str, Skill], skill: str,
+    tokenizer: PreTrainedTokenizerFast, spec: PoolSize,
+) -> float:
+    """Fine-tune `model` from `base_state` into the specialist of `skill` (left in `model`); its
+    final loss. The seeds follow the skill's place in the pool, so each specialist is the same
+    whether built by `build_pool` or alone (bench/pool_variants.py)."""
+    import torch
+
+    index = list(skills).index(skill)
+    model.load_state_dict(base_state)
+    torch.manual_seed(100 + index)
+    return train(
+        model, specialist_batches(skills, [skill], tokenizer, spec, seed=10 + index),
+        steps=spec.spec_steps, lr=spec.spec_lr, batch=spec.batch, warmup=spec.warmup, label=skill,
+    )
+
+
 def _check_out_dir(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} exists and is not a folder.")
@@ -131,15 +149,9 @@ def build_pool(
         timings["base"] = time.perf_counter() - t0
         base_state = {k: v.clone() for k, v in base.state_dict().items()}
 
-        for i, skill in enumerate(skills):
+        for skill in skills:
             t0 = time.perf_counter()
-            base.load_state_dict(base_state)
-            torch.manual_seed(100 + i)
-            losses[skill] = train(
-                base, specialist_batches(skills, [skill], tokenizer, spec, seed=10 + i),
-                steps=spec.spec_steps, lr=spec.spec_lr, batch=spec.batch, warmup=spec.warmup,
-                label=skill,
-            )
+            losses[skill] = train_specialist(base, base_state, skills, skill, tokenizer, spec)
             _save(base, tokenizer, tmp / skill)
             timings[skill] = time.perf_counter() - t0
 
