@@ -266,7 +266,8 @@ def test_multi_objective_search_exports_from_the_pareto_front(tmp_path, small_po
 
 def test_ctrl_c_stops_cleanly_and_resume_continues(tmp_path, small_pool):
     run_dir = tmp_path / "run"
-    config = write_config(tmp_path, small_pool, trials=200)
+    # a budget no search ends before the signal: a trial of the small pool can take 0.07 s
+    config = write_config(tmp_path, small_pool, trials=10_000)
     proc = subprocess.Popen(
         [sys.executable, "-m", "evomerge", "search", str(config), "--run-dir", str(run_dir)],
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
