@@ -104,7 +104,7 @@ def test_resume_continues_the_same_cmaes_run(tmp_path, small_pool):
 
 def test_sigkill_mid_search_loses_at_most_the_trial_in_flight(tmp_path, small_pool):
     run_dir = tmp_path / "run"
-    config = write_config(tmp_path, small_pool, trials=200, heartbeat_seconds=1, grace_seconds=2)
+    config = write_config(tmp_path, small_pool, trials=10_000, heartbeat_seconds=1, grace_seconds=2)
     proc = subprocess.Popen(
         [sys.executable, "-m", "evomerge", "search", str(config), "--run-dir", str(run_dir)],
         env=ENV,
