@@ -49,8 +49,8 @@ class PoolSize:
 # head_dim = hidden / heads = 64 in both sizes: vLLM's CPU attention needs head_dim >= 64.
 SIZES: dict[str, PoolSize] = {
     "full": PoolSize(
-        hidden=128, layers=3, heads=2, kv_heads=2, intermediate=256, batch=32,
-        base_steps=600, base_lr=3e-3, spec_steps=300, spec_lr=5e-4, replay=0.35,
+        hidden=256, layers=3, heads=4, kv_heads=4, intermediate=512, batch=32,
+        base_steps=400, base_lr=1e-3, spec_steps=300, spec_lr=5e-4, replay=0.35,
     ),
     "small": PoolSize(
         hidden=64, layers=2, heads=1, kv_heads=1, intermediate=128, batch=32,
@@ -58,13 +58,17 @@ SIZES: dict[str, PoolSize] = {
     ),
 }
 
-# Per pool and size, what its build changes in SIZES. demo2's skills "click" later on the mix
-# (sub near 600 steps, shift near 900 with 4-8 letters), so its base trains longer and its full
-# specialists at lr 1e-3 (still with replay); at the demo's 600 steps and 5e-4 its shift
-# specialist reached only 0.29 exact match on test (base 0.07). The small base needs 400 steps
-# for a `sub` specialist that beats it.
+# Per pool and size, what its build changes in SIZES. The full demo model is twice as wide as
+# it was up to 2026-12-06 (hidden 256 with 4 heads against 128 with 2): at that width a merge
+# keeps 70-97% of each specialist's skill against 62-84% (bench/pool_variants.py, in
+# docs/BENCHMARKS.md); it learns faster, hence 400 base steps at lr 1e-3. demo2 keeps the
+# narrow model: at the wide one its base already solves `shift` (0.95-0.99 exact match at 400-900
+# steps), which leaves no skill for that specialist to add. demo2's skills "click" later on the
+# mix, so its base trains 900 steps and its specialists at lr 1e-3 (still with replay). The small
+# base needs 400 steps for a `sub` specialist that beats it.
+NARROW = {"hidden": 128, "heads": 2, "kv_heads": 2, "intermediate": 256, "base_lr": 3e-3}
 SCHEDULES: dict[str, dict[str, dict[str, float]]] = {
-    "demo2": {"full": {"base_steps": 900, "spec_lr": 1e-3}, "small": {"base_steps": 400}},
+    "demo2": {"full": {**NARROW, "base_steps": 900, "spec_lr": 1e-3}, "small": {"base_steps": 400}},
 }
 
 
