@@ -11,9 +11,12 @@ search; `evomerge.workers` keeps the workers of one study in step.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, TextIO, Union
 
@@ -97,8 +100,12 @@ class Search:
     def trial(self, trials: Sequence) -> None:
         """One trial: ask -> decode -> materialise -> score -> tell. A failing candidate is told
         failed, with its reason, and the search goes on. `trials` is the scan made just before."""
-        trial = self.study.ask()
+        trial = None
         try:
+            with _interrupts_held() as held:  # a Ctrl-C inside `ask` would leave its trial RUNNING
+                trial = self.study.ask()
+            if held:
+                raise KeyboardInterrupt
             with self.workers.beating(trial):
                 trial.set_user_attr("worker", self.worker)
                 genome = self.space.suggest(trial)
@@ -108,15 +115,20 @@ class Search:
                 trial.set_user_attr("merge_seconds", time.perf_counter() - started)
                 values = self._score(trial, trials)
         except KeyboardInterrupt:  # Ctrl-C: no trial is left RUNNING
-            self._tell_failed(trial, None)
+            if trial is not None:
+                with _interrupts_held():  # (a second Ctrl-C must not stop the telling)
+                    self._tell_failed(trial, None)
             raise
         except Exception as exc:
             self._tell_failed(trial, exc)
             return
-        try:
-            self.study.tell(trial, values)
-        except ValueError:  # Optuna's "Cannot tell a FAIL trial"
-            self._lost(trial)
+        with _interrupts_held() as held:
+            try:
+                self.study.tell(trial, values)
+            except ValueError:  # Optuna's "Cannot tell a FAIL trial"
+                self._lost(trial)
+        if held:
+            raise KeyboardInterrupt
 
     def _score(self, trial: "optuna.Trial", trials: Sequence):
         """Score rung by rung (`evomerge.fidelity`), keep the per-example scores in the run
@@ -164,6 +176,26 @@ class Search:
             "later than search.grace_seconds); its result is dropped and the search goes on",
             trial.number,
         )
+
+
+@contextmanager
+def _interrupts_held() -> Iterator[list]:
+    """Hold Ctrl-C (SIGINT) until the block ends; yields a list that is non-empty if one came.
+
+    The storage calls that create or finish a trial must not be cut in two: a trial created
+    and never told stays RUNNING in the study. Outside the main thread (where signal handlers
+    cannot be set), or where SIGINT is not Python's KeyboardInterrupt, nothing is held."""
+    held: list = []
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield held
+        return
+    signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        yield held
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def make_candidate(model, space, config: RunConfig):

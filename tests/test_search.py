@@ -271,6 +271,9 @@ def test_ctrl_c_stops_cleanly_and_resume_continues(tmp_path, small_pool):
     proc = subprocess.Popen(
         [sys.executable, "-m", "evomerge", "search", str(config), "--run-dir", str(run_dir)],
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # as from a terminal: a test run in the background (`cmd &` in a script) has SIGINT
+        # ignored, the child inherits that, and Python then never raises KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     wait_for_completed(run_dir, 2)
     proc.send_signal(signal.SIGINT)
