@@ -102,10 +102,8 @@ class Search:
         failed, with its reason, and the search goes on. `trials` is the scan made just before."""
         trial = None
         try:
-            with _interrupts_held() as held:  # a Ctrl-C inside `ask` would leave its trial RUNNING
+            with _interrupts_held():  # a Ctrl-C inside `ask` would leave its trial RUNNING
                 trial = self.study.ask()
-            if held:
-                raise KeyboardInterrupt
             with self.workers.beating(trial):
                 trial.set_user_attr("worker", self.worker)
                 genome = self.space.suggest(trial)
@@ -122,13 +120,11 @@ class Search:
         except Exception as exc:
             self._tell_failed(trial, exc)
             return
-        with _interrupts_held() as held:
+        with _interrupts_held():
             try:
                 self.study.tell(trial, values)
             except ValueError:  # Optuna's "Cannot tell a FAIL trial"
                 self._lost(trial)
-        if held:
-            raise KeyboardInterrupt
 
     def _score(self, trial: "optuna.Trial", trials: Sequence):
         """Score rung by rung (`evomerge.fidelity`), keep the per-example scores in the run
@@ -179,23 +175,25 @@ class Search:
 
 
 @contextmanager
-def _interrupts_held() -> Iterator[list]:
-    """Hold Ctrl-C (SIGINT) until the block ends; yields a list that is non-empty if one came.
+def _interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise it (KeyboardInterrupt).
 
     The storage calls that create or finish a trial must not be cut in two: a trial created
     and never told stays RUNNING in the study. Outside the main thread (where signal handlers
     cannot be set), or where SIGINT is not Python's KeyboardInterrupt, nothing is held."""
-    held: list = []
     if threading.current_thread() is not threading.main_thread() or (
         signal.getsignal(signal.SIGINT) is not signal.default_int_handler
     ):
-        yield held
+        yield
         return
+    held: list = []
     signal.signal(signal.SIGINT, lambda *_: held.append(True))
     try:
-        yield held
+        yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 def make_candidate(model, space, config: RunConfig):
