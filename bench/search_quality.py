@@ -18,7 +18,8 @@ the trials over `task_arithmetic_layers`, its winner merged and added to the poo
 the data-flow space.
 
 `--out` writes every run (test and dev scores, per task too, the chosen trial and its genes,
-seconds, sampler seconds per trial) and the references as JSON, for merging the runs of several pools.
+seconds, sampler seconds per trial) and the references as JSON; `--combine A.json B.json ...`
+prints one table from several such files of one pool.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ NAIVE_RECIPES = {
     "average": ({"method": "linear", "search": {"weight": [0.0, 1.0]}}, "uniform"),
     "dare_ties_0.5": ("dare_ties_global", "dare_ties_0.5"),
     "task_arithmetic_1.0": ({"method": "task_arithmetic", "search": {"weight": [0.0, 1.0]}}, {"weight": 1.0}),
+    "ties_0.5": ({"method": "ties", "search": {"weight": [0.0, 1.0], "density": [0.0, 1.0]}},
+                 {"weight": 1.0, "density": 0.5}),
 }
 
 
@@ -229,7 +232,11 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--jobs", type=int, default=1, help="independent runs in parallel processes")
     parser.add_argument("--out", type=Path, help="write every run and the references as JSON")
+    parser.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
+                        help="print one table from the --out files of runs on one pool, and run nothing")
     args = parser.parse_args()
+    if args.combine:
+        return print_combined(args.combine)
     pool = args.pool.resolve()
     if not (pool / "pool.json").is_file():
         parser.error(f"{pool} has no pool.json")
@@ -263,6 +270,19 @@ def main() -> None:
     if args.out:
         write_results(args.out, pool, args.trials, runs, references, table)
         print(f"wrote {args.out}")
+
+
+def print_combined(paths: list[Path]) -> None:
+    """One table from several --out files of one pool: every run, and the references of the
+    file that scored the most naive recipes (runs are scored the same way in each)."""
+    results = [json.loads(p.read_text()) for p in paths]
+    pools = {r["pool"] for r in results}
+    if len(pools) > 1:
+        sys.exit(f"--combine: the files are runs on {len(pools)} pools; give one pool's")
+    runs = [run for r in results for run in r["runs"]]
+    references = max((r["references"] for r in results if r["references"]), key=lambda ref: len(ref["naive"]))
+    print(f"pool {pools.pop()}: {len(runs)} runs from {len(paths)} files")
+    print_table(margins(runs, references), references, results[0]["trials"])
 
 
 def write_results(path: Path, pool: Path, trials: int, runs: list, references, table=None) -> None:

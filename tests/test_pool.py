@@ -70,9 +70,10 @@ def test_dev_and_test_are_disjoint_from_each_other_and_from_training(name: str) 
                                          dataclasses.replace(pool.SIZES["full"], replay=0.5), seed=10)
     drawn = {stream.example()[0] for stream in (everything, specialist) for _ in range(4000)}
     assert not drawn & excluded
-    # ... while the held-out prompts are ordinary draws of the skills (the check is not vacuous).
-    assert any(p in excluded for p in (skills[first].generate(random.Random(i))[0]
-                                       for i in range(3000)))
+    # ... while the held-out prompts are ordinary draws of the skills (the check is not vacuous;
+    # demo2's shift has too many prompts for 3000 draws to meet one, its sub and dedup do).
+    assert any(p in excluded for skill in skills.values()
+               for p in (skill.generate(random.Random(i))[0] for i in range(3000)))
 
 
 def test_shipped_eval_tasks_match_the_generator(tmp_path: Path) -> None:

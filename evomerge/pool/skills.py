@@ -18,10 +18,10 @@ DIGITS = "0123456789"
 WORD_LENGTHS = (4, 8)  # letters per rev/sort example, inclusive
 ADD_RANGES = (100, 10)  # add: a below 100 plus b below 10
 SHIFT = 3  # shift: each letter moves 3 places on (a Caesar cipher)
-# Shorter words than rev/sort: with 4-8 letters the tiny model learns the cipher only after
-# ~1000 steps on the mix, too late for a gentle fine-tune to teach it; with 3-5 the shift
-# specialist learns it well (demo2 dev: base 0.52, specialist 0.81, exact match).
-SHIFT_LENGTHS = (3, 5)
+# Longer words than rev/sort: the wide model (SIZES["full"]) learns a 3-5 letter cipher from
+# the base's mix alone (0.95-0.99 exact match), which leaves its specialist nothing to add; over
+# 6-10 letters the base reaches 0.76 and the specialist 1.00 (demo2 test split, 500 base steps).
+SHIFT_LENGTHS = (6, 10)
 SUB_RANGES = (10, 100, 10)  # sub: a from 10 to 99 minus b below 10
 RUNS = (3, 6)  # dedup: runs of one letter per example, inclusive
 RUN_LENGTH = 3  # dedup: letters per run, at most
@@ -97,7 +97,7 @@ POOLS: dict[str, dict[str, Skill]] = {
         s.name: s
         for s in (
             Skill("shift", _shift, f"move {SHIFT_LENGTHS[0]}-{SHIFT_LENGTHS[1]} letters "
-                  f"{SHIFT} places on (generated until '.'): c:abyz=debc.", "generate_until"),
+                  f"{SHIFT} places on (generated until '.'): c:abcdyz=defgbc.", "generate_until"),
             Skill("sub", _sub, f"subtract a number below {SUB_RANGES[2]} from one of "
                   f"{SUB_RANGES[0]}-{SUB_RANGES[1] - 1}: m:37 8=29."),
             Skill("dedup", _dedup, f"collapse runs of letters of {DEDUP_LETTERS[0]}-"

@@ -58,17 +58,15 @@ SIZES: dict[str, PoolSize] = {
     ),
 }
 
-# Per pool and size, what its build changes in SIZES. The full demo model is twice as wide as
-# it was up to 2026-12-06 (hidden 256 with 4 heads against 128 with 2): at that width a merge
-# keeps 70-97% of each specialist's skill against 62-84% (bench/pool_variants.py, in
-# docs/BENCHMARKS.md); it learns faster, hence 400 base steps at lr 1e-3. demo2 keeps the
-# narrow model: at the wide one its base already solves `shift` (0.95-0.99 exact match at 400-900
-# steps), which leaves no skill for that specialist to add. demo2's skills "click" later on the
-# mix, so its base trains 900 steps and its specialists at lr 1e-3 (still with replay). The small
-# base needs 400 steps for a `sub` specialist that beats it.
-NARROW = {"hidden": 128, "heads": 2, "kv_heads": 2, "intermediate": 256, "base_lr": 3e-3}
+# Per pool and size, what its build changes in SIZES. Both full pools use the wide model
+# (hidden 256, 4 heads; until 2026-12-06 the demo used hidden 128 with 2 heads): at that width a
+# merge keeps 70-97% of each specialist's skill against 51-86% on the narrow one, as merging at
+# scale does (bench/pool_variants.py, in docs/BENCHMARKS.md). demo2's base trains 500 steps:
+# by then its `sub` specialist beats the uniform merge and a weighting of the three beats `sub`.
+# The small model needs 400 base steps and 400 specialist steps for specialists that beat the
+# base (sub 0.073 against 0.047 on dev: a smoke-sized pool, not one worth merging).
 SCHEDULES: dict[str, dict[str, dict[str, float]]] = {
-    "demo2": {"full": {**NARROW, "base_steps": 900, "spec_lr": 1e-3}, "small": {"base_steps": 400}},
+    "demo2": {"full": {"base_steps": 500}, "small": {"base_steps": 400, "spec_steps": 400}},
 }
 
 
