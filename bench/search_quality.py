@@ -192,6 +192,7 @@ def margins(runs: list[dict], references: dict) -> dict:
     for key in sorted({(r["sampler"], r["space"]) for r in runs}):
         tests = [r["test"] for r in runs if (r["sampler"], r["space"]) == key]
         table[key] = {
+            "dev_mean": statistics.mean(r["dev"] for r in runs if (r["sampler"], r["space"]) == key),
             "test_mean": statistics.mean(tests),
             "seeds": len(tests),
             "vs": {
@@ -205,9 +206,9 @@ def margins(runs: list[dict], references: dict) -> dict:
 def print_table(table: dict, references: dict, trials: int) -> None:
     rivals = list(next(iter(table.values()))["vs"])
     print(f"\ntest score minus rival, points, chosen on dev ({trials} trials; mean / worst seed)")
-    header = ["sampler", "space", "test"] + rivals
+    header = ["sampler", "space", "dev", "test"] + rivals
     rows = [
-        [sampler, space, f"{row['test_mean']:.4f}"]
+        [sampler, space, f"{row['dev_mean']:.4f}", f"{row['test_mean']:.4f}"]
         + [f"{row['vs'][r]['mean']:+.1f} / {row['vs'][r]['min']:+.1f}" for r in rivals]
         for (sampler, space), row in table.items()
     ]

@@ -61,7 +61,7 @@ class Fidelity(BaseModel):
 SamplerName = Literal["gp", "cmaes", "cmaes_warm", "tpe", "random"]
 """The samplers of `evomerge.samplers`."""
 
-DEFAULT_SAMPLER: SamplerName = "tpe"  # chosen on dev by bench/search_quality.py (docs/BENCHMARKS.md)
+DEFAULT_SAMPLER: SamplerName = "gp"  # chosen on dev by bench/search_quality.py (docs/BENCHMARKS.md)
 """The sampler of a config that names none (the one place to change the default)."""
 
 
