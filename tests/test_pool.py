@@ -124,8 +124,8 @@ def test_existing_folder_needs_force(small_pool: Path) -> None:
         pool.build_pool(small_pool, size="small")
     with pytest.raises(UserError, match="unknown pool size"):
         pool.build_pool(small_pool / "x", size="huge")
-    with pytest.raises(UserError, match="unknown pool 'demo3'; choose one of demo, demo2"):
-        pool.build_pool(small_pool / "x", name="demo3")
+    with pytest.raises(UserError, match="unknown pool 'demo9'; choose one of demo, demo2, demo3"):
+        pool.build_pool(small_pool / "x", name="demo9")
     assert not (small_pool / "x").exists()
 
 

@@ -1,4 +1,4 @@
-"""`evomerge pool demo|demo2|demo-lora OUT_DIR`: build an offline pool (base + specialists + tasks)."""
+"""`evomerge pool demo|demo2|demo3|demo-lora OUT_DIR`: build an offline pool (base + specialists + tasks)."""
 
 from __future__ import annotations
 
@@ -60,6 +60,11 @@ demo2 = _pool_command(
     "demo2",
     "shift (a Caesar cipher, a generate-until task scored by exact_match), sub, dedup "
     "(loglikelihood tasks scored by acc).",
+)
+demo3 = _pool_command(
+    "demo3",
+    "add, dedup (loglikelihood, acc) and shift (generate-until, exact_match); the pool held out "
+    "from every choice of a default, for reports.",
 )
 demo_lora = _pool_command(
     "demo-lora",
