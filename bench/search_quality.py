@@ -188,11 +188,14 @@ def margins(runs: list[dict], references: dict) -> dict:
     best_specialist = max(specialists, key=lambda m: specialists[m]["dev"])
     rivals = {f"specialist ({best_specialist})": specialists[best_specialist]["test"]}
     rivals.update({name: r["test"] for name, r in references["naive"].items()})
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        cells.setdefault((run["sampler"], run["space"]), []).append(run)
     table = {}
-    for key in sorted({(r["sampler"], r["space"]) for r in runs}):
-        tests = [r["test"] for r in runs if (r["sampler"], r["space"]) == key]
+    for key, cell in sorted(cells.items()):
+        tests = [r["test"] for r in cell]
         table[key] = {
-            "dev_mean": statistics.mean(r["dev"] for r in runs if (r["sampler"], r["space"]) == key),
+            "dev_mean": statistics.mean(r["dev"] for r in cell),
             "test_mean": statistics.mean(tests),
             "seeds": len(tests),
             "vs": {
