@@ -2,11 +2,11 @@
 
     pool:
       base: runs/demo-pool/base
-      models: {add: runs/demo-pool/add, rev: runs/demo-pool/reverse}
+      models: {add: runs/demo-pool/add, rev: runs/demo-pool/rev}
       dtype: float32
     space: dare_ties_layers              # a file in search_spaces/, a path, or a mapping
     fitness: {task_paths: [eval_tasks], tasks: [...], subset: {count: 40}}
-    search: {sampler: cmaes, trials: 40, seed: 0}   # objectives: combined | per_task
+    search: {sampler: gp, trials: 40, seed: 0}      # objectives: combined | per_task
     device: cpu
 
 Relative paths are read relative to the config file.

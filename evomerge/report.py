@@ -10,8 +10,8 @@ into `RUN_DIR/report/` (or `out`):
                   (x split part), one column per layer group, colour = position within the
                   gene's bounds, the value written in the cell;
 - `tasks.png`     per-task scores of the best trial beside each baseline;
-- `summary.json`  the table data: best trial, top trials, baselines, counts, saving, and the
-                  held-out scores below.
+- `summary.json`  the table data: best trial, top trials (full evaluations first), baselines,
+                  counts, saving, and the held-out scores below.
 
 Held-out scores: the best trial and the best baseline are scored again on every dev example
 and on the test split (`evomerge.fitness.heldout`; this loads the pool once, and the result
@@ -185,7 +185,8 @@ def _baseline_trials(trials) -> list:
 
 
 def summarise(study: optuna.Study, *, top: int = 10) -> dict[str, Any]:
-    """The table data: best trial, top `top` trials by fitness, baselines, counts, saving."""
+    """The table data: best trial, top `top` trials (full evaluations first, then by fitness),
+    baselines, counts, saving."""
     from optuna.trial import TrialState
 
     from evomerge.study import best_trial
@@ -200,7 +201,12 @@ def summarise(study: optuna.Study, *, top: int = 10) -> dict[str, Any]:
     tasks: list[str] = []
     for t in complete:
         tasks += [k for k in t.user_attrs.get("per_task") or {} if k not in tasks]
-    ranked = sorted(complete, key=lambda t: (-t.user_attrs["fitness"], t.number))
+    # Full evaluations first: a subset-only score is on fewer examples, and the trials that stop
+    # at a rung are ranked there by their luckiest subset, so it overstates them.
+    ranked = sorted(
+        complete,
+        key=lambda t: (t.user_attrs.get("fidelity") == "subset", -t.user_attrs["fitness"], t.number),
+    )
     pareto = (
         {t.number for t in study.best_trials} if len(study.directions) > 1 and complete else set()
     )
@@ -299,7 +305,8 @@ def format_table(summary: dict[str, Any], *, title: str = "") -> str:
     )
     lines += [
         "",
-        f"top {len(summary['top'])} of {counts['complete']} complete trials by fitness",
+        f"top {len(summary['top'])} of {counts['complete']} complete trials by fitness"
+        + (", full evaluations first" if counts["subset_only"] else ""),
         *top_lines,
     ]
     legend = "* the trial `evomerge export` takes"

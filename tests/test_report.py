@@ -137,7 +137,9 @@ def test_report_on_a_study(tmp_path: Path):
     assert summary["best"]["per_task"] == pytest.approx(
         {"evomerge_add": 0.7, "evomerge_rev": 0.8, "evomerge_sort": 0.9}
     )
-    assert [row["fitness"] for row in summary["top"]] == pytest.approx([0.95, 0.8, 0.7, 0.6])
+    # Full evaluations (the baselines among them) rank before the 0.95 and 0.6 subset scores.
+    assert [row["fitness"] for row in summary["top"]] == pytest.approx([0.8, 0.7, 0.55, 0.5])
+    assert "complete trials by fitness, full evaluations first" in report.text
     assert {b["baseline"]: b["fitness"] for b in summary["baselines"]} == pytest.approx(
         {"uniform": 0.5, "dare_ties_0.5": 0.55, "only_a": 0.3, "only_b2": 0.35}
     )
