@@ -28,6 +28,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -121,8 +122,6 @@ def main() -> None:
     pool = args.pool.resolve()
     if not (pool / "pool.json").is_file():
         parser.error(f"{pool} has no pool.json")
-
-    import tempfile
 
     runs = []
     with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(max_workers=args.jobs) as workers:
