@@ -63,15 +63,22 @@ def train_ceiling(manifest: dict, base_model):
     steps = len(skills) * spec.spec_steps
     batches = specialist_batches(skills, list(skills), make_tokenizer(), spec, seed=CEILING_SEED)
     started = time.perf_counter()
-    train(model, batches, steps=steps, lr=spec.spec_lr, batch=spec.batch, warmup=spec.warmup,
-          label="multi-task")
+    train(
+        model,
+        batches,
+        steps=steps,
+        lr=spec.spec_lr,
+        batch=spec.batch,
+        warmup=spec.warmup,
+        label="multi-task",
+    )
     return model, time.perf_counter() - started
 
 
 def best_trial_recipe(run_dir: Path):
     """The recipe and merge seed of the trial `evomerge export` would take from `run_dir`."""
-    from evomerge.export import pick_trial, trial_recipe
-    from evomerge.run_folder import build_space
+    from evomerge.results.export import pick_trial, trial_recipe
+    from evomerge.search.run_folder import build_space
 
     config, trial = pick_trial(run_dir)
     recipe = trial_recipe(build_space(config), trial)
@@ -91,9 +98,9 @@ def main() -> None:
 
     from evomerge.cli.process import set_up_process
     from evomerge.fitness import Evaluator, FitnessConfig
-    from evomerge.merge import run_merge
+    from evomerge.merging.executor import run_merge
+    from evomerge.merging.recipe import parse_recipe
     from evomerge.pool import load_manifest
-    from evomerge.recipe import parse_recipe
 
     set_up_process(threads=1)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -131,7 +138,9 @@ def main() -> None:
         if args.run is not None:
             merges.append(best_trial_recipe(args.run))
         for index, (label, recipe, seed) in enumerate(merges):
-            merged = run_merge(recipe, Path(tmp) / f"merge-{index}", seed=seed).out_dir  # as `evomerge merge`
+            merged = run_merge(
+                recipe, Path(tmp) / f"merge-{index}", seed=seed
+            ).out_dir  # as `evomerge merge`
             copy_weights(live, load(str(merged)))
             score(label)
         ceiling, seconds = train_ceiling(manifest, base)
@@ -144,10 +153,15 @@ def main() -> None:
     means = {label: mean(r) for label, r in rows["test"].items()}
     naive = {k: v for k, v in means.items() if k != "base" and not k.startswith(("best", "ceil"))}
     best_naive = max(naive, key=naive.get)
-    top = args.best_merge if args.best_merge is not None else next(
-        (v for k, v in means.items() if k.startswith("best merge")), None)
+    top = (
+        args.best_merge
+        if args.best_merge is not None
+        else next((v for k, v in means.items() if k.startswith("best merge")), None)
+    )
     ceiling_mean = means[CEILING]
-    print(f"test: best naive model {best_naive} {naive[best_naive]:.3f}; ceiling {ceiling_mean:.3f}")
+    print(
+        f"test: best naive model {best_naive} {naive[best_naive]:.3f}; ceiling {ceiling_mean:.3f}"
+    )
     if top is not None:
         gap = ceiling_mean - naive[best_naive]
         share = (top - naive[best_naive]) / gap if gap > 0 else float("nan")

@@ -93,14 +93,21 @@ def main() -> None:
         evaluator.score(full=True)
 
     def old() -> None:
-        evaluate(lm=evaluator.lm, task_dict=evaluator.tasks.task_dict, cache_requests=False,
-                 bootstrap_iters=0, verbosity="ERROR")
+        evaluate(
+            lm=evaluator.lm,
+            task_dict=evaluator.tasks.task_dict,
+            cache_requests=False,
+            bootstrap_iters=0,
+            verbosity="ERROR",
+        )
 
     def metrics() -> None:  # lm-eval's own filters and process_results, on the last responses
         for task, docs in every.items():
             evaluator.prepared.metric_values(task, docs)
 
-    slices = {task: list(range(0, n, max(1, n // 10)))[:10] for task, n in evaluator.tasks.n_docs.items()}
+    slices = {
+        task: list(range(0, n, max(1, n // 10)))[:10] for task, n in evaluator.tasks.n_docs.items()
+    }
 
     def few() -> None:  # a multi-fidelity rung: 10 examples per task
         evaluator.score_examples(slices)
@@ -113,8 +120,14 @@ def main() -> None:
             for p, q in zip(model.parameters(), donor.parameters()):
                 p.data.copy_(q.data)
 
-    timed = {"forward": forward, "score": score, "evaluate": old, "metrics": metrics,
-             "few": few, "few_forward": few_forward}
+    timed = {
+        "forward": forward,
+        "score": score,
+        "evaluate": old,
+        "metrics": metrics,
+        "few": few,
+        "few_forward": few_forward,
+    }
     for fn in timed.values():  # warm-up: first calls build lazy state
         fn()
     times: dict[str, list[float]] = {name: [] for name in timed}
@@ -126,24 +139,38 @@ def main() -> None:
 
     n = sum(len(d) for d in every.values())
     kinds = sorted({t.OUTPUT_TYPE for t in evaluator.tasks.leaf_tasks.values()})
-    print(f"pool {pool_dir}  ({manifest['size']}, {', '.join(kinds)}), {n} examples, "
-          f"batch {args.batch_size}, 1 thread, CPU s, median of {args.repeats} interleaved")
+    print(
+        f"pool {pool_dir}  ({manifest['size']}, {', '.join(kinds)}), {n} examples, "
+        f"batch {args.batch_size}, 1 thread, CPU s, median of {args.repeats} interleaved"
+    )
     print(f"  evaluator setup (once)         {setup:8.3f} s")
-    print(f"  forward passes                 {med['forward']:8.3f} s   {1e3 * med['forward'] / n:6.3f} ms/example")
-    print(f"  score (prepared requests)      {med['score']:8.3f} s   {1e3 * med['score'] / n:6.3f} ms/example")
-    print(f"  lm-eval evaluate (before)      {med['evaluate']:8.3f} s   {1e3 * med['evaluate'] / n:6.3f} ms/example")
+    print(
+        f"  forward passes                 {med['forward']:8.3f} s   {1e3 * med['forward'] / n:6.3f} ms/example"
+    )
+    print(
+        f"  score (prepared requests)      {med['score']:8.3f} s   {1e3 * med['score'] / n:6.3f} ms/example"
+    )
+    print(
+        f"  lm-eval evaluate (before)      {med['evaluate']:8.3f} s   {1e3 * med['evaluate'] / n:6.3f} ms/example"
+    )
     print(f"  weight swap in place           {t_swap:8.4f} s")
     # paired (each score minus the forward run just before it): steadier than medians' difference
     overhead = statistics.median(s - f for s, f in zip(times["score"], times["forward"]))
-    print(f"  overhead = score - forward:    {overhead:.4f} s per trial "
-          f"= {100 * overhead / med['forward']:.1f}% of forward (target <= 10%)")
+    print(
+        f"  overhead = score - forward:    {overhead:.4f} s per trial "
+        f"= {100 * overhead / med['forward']:.1f}% of forward (target <= 10%)"
+    )
     before = statistics.median(e - f for e, f in zip(times["evaluate"], times["forward"]))
-    print(f"  before: evaluate - forward:    {before:.4f} s = {100 * before / med['forward']:.0f}% of forward")
+    print(
+        f"  before: evaluate - forward:    {before:.4f} s = {100 * before / med['forward']:.0f}% of forward"
+    )
     print(f"  ratio evaluate / score:        {med['evaluate'] / med['score']:.2f}x")
     print(f"  of the overhead, lm-eval's filters + process_results: {med['metrics']:.4f} s")
     n_few = sum(len(d) for d in slices.values())
-    print(f"  score_examples, {n_few} examples: {med['few']:.4f} s, their forward passes "
-          f"{med['few_forward']:.4f} s ({100 * (med['few'] - med['few_forward']) / med['few_forward']:.0f}% overhead)")
+    print(
+        f"  score_examples, {n_few} examples: {med['few']:.4f} s, their forward passes "
+        f"{med['few_forward']:.4f} s ({100 * (med['few'] - med['few_forward']) / med['few_forward']:.0f}% overhead)"
+    )
 
 
 def bench_vllm(manifest: dict, repeats: int, tmp: Path) -> None:
@@ -152,21 +179,30 @@ def bench_vllm(manifest: dict, repeats: int, tmp: Path) -> None:
 
     from lm_eval.evaluator import evaluate
 
-    from evomerge.config import RunConfig
     from evomerge.fitness.backends import sync_weights
     from evomerge.fitness.tasks import build_task_set
-    from evomerge.search import Search
+    from evomerge.search.config import RunConfig
+    from evomerge.search.loop import Search
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
     skills = list(manifest["skills"])
-    config = RunConfig.model_validate({
-        "pool": {"base": manifest["models"]["base"], "models": {s: manifest["models"][s] for s in skills},
-                 "dtype": "float32"},
-        "space": "task_arithmetic_layers",
-        "fitness": {"task_paths": [manifest["task_path"]], "tasks": manifest["tasks"], "backend": "vllm"},
-        "search": {"sampler": "random", "trials": 1, "seed": 0},
-        "threads": 1,
-    })
+    config = RunConfig.model_validate(
+        {
+            "pool": {
+                "base": manifest["models"]["base"],
+                "models": {s: manifest["models"][s] for s in skills},
+                "dtype": "float32",
+            },
+            "space": "task_arithmetic_layers",
+            "fitness": {
+                "task_paths": [manifest["task_path"]],
+                "tasks": manifest["tasks"],
+                "backend": "vllm",
+            },
+            "search": {"sampler": "random", "trials": 1, "seed": 0},
+            "threads": 1,
+        }
+    )
     (tmp / "run").mkdir(parents=True)
     wall = time.perf_counter()
     search = Search(config, tmp / "run")
@@ -177,41 +213,69 @@ def bench_vllm(manifest: dict, repeats: int, tmp: Path) -> None:
     every = {name: list(range(n)) for name, n in evaluator.tasks.n_docs.items()}
 
     def old():
-        return evaluate(lm=lm, task_dict=old_tasks, samples=every, cache_requests=False,
-                        bootstrap_iters=0, log_samples=True, verbosity="ERROR")["results"]
+        return evaluate(
+            lm=lm,
+            task_dict=old_tasks,
+            samples=every,
+            cache_requests=False,
+            bootstrap_iters=0,
+            log_samples=True,
+            verbosity="ERROR",
+        )["results"]
 
     rng = random.Random(0)
-    genomes = [{g.name: rng.uniform(g.low, g.high) for g in search.space.genes} for _ in range(repeats + 1)]
+    genomes = [
+        {g.name: rng.uniform(g.low, g.high) for g in search.space.genes} for _ in range(repeats + 1)
+    ]
     cpu: dict[str, list[float]] = {k: [] for k in ("apply", "push", "score", "evaluate")}
     wall_s: dict[str, list[float]] = {k: [] for k in cpu}
     mismatches = 0
     for i, genome in enumerate(genomes):  # genome 0 warms both paths up
         got = {}
-        for name, fn in (("apply", lambda: search.candidate.apply(genome)), ("push", lambda: sync_weights(lm)),
-                         ("score", lambda: evaluator.score(full=True)), ("evaluate", old)):
+        for name, fn in (
+            ("apply", lambda: search.candidate.apply(genome)),
+            ("push", lambda: sync_weights(lm)),
+            ("score", lambda: evaluator.score(full=True)),
+            ("evaluate", old),
+        ):
             c, w = time.process_time(), time.perf_counter()
             got[name] = fn()
             if i:
                 cpu[name].append(time.process_time() - c)
                 wall_s[name].append(time.perf_counter() - w)
-        reference = {t: {k: float(v) for k, v in row.items() if k in got["score"].metrics[t]} for t, row in got["evaluate"].items()}
+        reference = {
+            t: {k: float(v) for k, v in row.items() if k in got["score"].metrics[t]}
+            for t, row in got["evaluate"].items()
+        }
         mismatches += reference != got["score"].metrics
     med = {k: statistics.median(v) for k, v in cpu.items()}
     medw = {k: statistics.median(v) for k, v in wall_s.items()}
     n = sum(len(d) for d in every.values())
-    print(f"pool {manifest['name']} ({manifest['size']}), {n} examples, vLLM {_vllm_version()} in-process, "
-          f"1 thread, median of {repeats} genomes; CPU s (wall s)")
+    print(
+        f"pool {manifest['name']} ({manifest['size']}), {n} examples, vLLM {_vllm_version()} in-process, "
+        f"1 thread, median of {repeats} genomes; CPU s (wall s)"
+    )
     print(f"  engine + search setup (once)      {setup:8.1f} s wall")
-    for name, label in (("apply", "candidate apply"), ("push", "sync_weights (push, cache reset)"),
-                        ("score", "score(full=True), built once"), ("evaluate", "lm-eval evaluate (before)")):
+    for name, label in (
+        ("apply", "candidate apply"),
+        ("push", "sync_weights (push, cache reset)"),
+        ("score", "score(full=True), built once"),
+        ("evaluate", "lm-eval evaluate (before)"),
+    ):
         print(f"  {label:33s} {med[name]:8.3f} s ({medw[name]:.3f})")
     new = med["apply"] + med["push"] + med["score"]
     before = med["apply"] + med["push"] + med["evaluate"]
     new_w = medw["apply"] + medw["push"] + medw["score"]
     before_w = medw["apply"] + medw["push"] + medw["evaluate"]
-    print(f"  per trial, apply + push + score:  {new:.3f} s ({new_w:.3f}); before {before:.3f} s ({before_w:.3f})")
-    print(f"  ratio evaluate / score:           {med['evaluate'] / med['score']:.2f}x; per trial {before / new:.2f}x")
-    print(f"  metrics equal on both paths:      {repeats + 1 - mismatches} of {repeats + 1} genomes")
+    print(
+        f"  per trial, apply + push + score:  {new:.3f} s ({new_w:.3f}); before {before:.3f} s ({before_w:.3f})"
+    )
+    print(
+        f"  ratio evaluate / score:           {med['evaluate'] / med['score']:.2f}x; per trial {before / new:.2f}x"
+    )
+    print(
+        f"  metrics equal on both paths:      {repeats + 1 - mismatches} of {repeats + 1} genomes"
+    )
 
 
 def _vllm_version() -> str:

@@ -6,7 +6,7 @@
 For each pool and seed, two fresh studies with the same sampler, space, seed and trial budget:
 `full` scores every trial on all of dev (`search.fidelity: null`); `multi` scores the first rung
 on `--first` examples per task (a random `fitness.subset`, seeded by the search seed) and grows
-by `--eta` per rung (`evomerge.fidelity`). Printed per run: the examples scored by the whole
+by `--eta` per rung (`evomerge.search.fidelity`). Printed per run: the examples scored by the whole
 search (every trial's `examples`, baselines included), the best trial's dev value (always a
 full-fidelity trial, as `evomerge export` takes it) and its standard error (bootstrap over the
 dev examples, task by task, from the per-example scores the run folder keeps); per pool: the
@@ -30,10 +30,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from search_quality import pool_config  # noqa: E402  (the same pool -> config rule)
+from search_quality import pool_config
 
 
-def mode_config(pool: Path, mode: str, *, space: str, sampler: str, seed: int, trials: int, first: int, eta: float) -> dict:
+def mode_config(
+    pool: Path,
+    mode: str,
+    *,
+    space: str,
+    sampler: str,
+    seed: int,
+    trials: int,
+    first: int,
+    eta: float,
+) -> dict:
     data = pool_config(pool, space, sampler, seed, trials)
     if mode == "multi":
         data["fitness"]["subset"] = {"count": first, "sampling": "random", "seed": seed}
@@ -44,8 +54,8 @@ def mode_config(pool: Path, mode: str, *, space: str, sampler: str, seed: int, t
 def best_with_error(search, best) -> tuple[float, float]:
     """The best trial's combined dev value and its bootstrap standard error: each task's error
     from its per-example scores, combined with the fitness weights (tasks are independent)."""
-    from evomerge.fidelity import read_examples
     from evomerge.fitness.uncertainty import standard_error
+    from evomerge.search.fidelity import read_examples
 
     evaluator = search.evaluator
     kept = read_examples(search.run_dir, best.number)
@@ -59,12 +69,21 @@ def best_with_error(search, best) -> tuple[float, float]:
 
 
 def run(pool: Path, mode: str, seed: int, args, workdir: Path) -> dict:
-    from evomerge.config import RunConfig
-    from evomerge.run_folder import write_run_folder
-    from evomerge.search import Search
-    from evomerge.study import best_trial
+    from evomerge.search.config import RunConfig
+    from evomerge.search.loop import Search
+    from evomerge.search.run_folder import write_run_folder
+    from evomerge.search.study import best_trial
 
-    data = mode_config(pool, mode, space=args.space, sampler=args.sampler, seed=seed, trials=args.trials, first=args.first, eta=args.eta)
+    data = mode_config(
+        pool,
+        mode,
+        space=args.space,
+        sampler=args.sampler,
+        seed=seed,
+        trials=args.trials,
+        first=args.first,
+        eta=args.eta,
+    )
     config = RunConfig.model_validate(data)
     run_dir = workdir / f"{pool.name}-{mode}-{seed}"
     write_run_folder(config, run_dir)
@@ -102,7 +121,9 @@ def print_pool(rows: list[dict]) -> None:
         )
     full, multi = by_mode["full"], by_mode["multi"]
     if full and multi:
-        ratio = statistics.mean(r["examples"] for r in full) / statistics.mean(r["examples"] for r in multi)
+        ratio = statistics.mean(r["examples"] for r in full) / statistics.mean(
+            r["examples"] for r in multi
+        )
         mean = lambda rs, k: statistics.mean(r[k] for r in rs)
         gap = mean(multi, "best_dev") - mean(full, "best_dev")
         se = mean(full, "best_dev_se")
@@ -115,7 +136,9 @@ def print_pool(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pools", type=Path, nargs="+", default=[Path("runs/demo-pool"), Path("runs/demo2-pool")])
+    parser.add_argument(
+        "--pools", type=Path, nargs="+", default=[Path("runs/demo-pool"), Path("runs/demo2-pool")]
+    )
     parser.add_argument("--space", default="task_arithmetic_layers")
     parser.add_argument("--sampler", default="gp")
     parser.add_argument("--trials", type=int, default=40)
@@ -131,7 +154,10 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for pool in args.pools:
-            print(f"{pool.name}: {args.sampler}, {args.space}, {args.trials} trials, first rung {args.first}, eta {args.eta:g}", flush=True)
+            print(
+                f"{pool.name}: {args.sampler}, {args.space}, {args.trials} trials, first rung {args.first}, eta {args.eta:g}",
+                flush=True,
+            )
             pool_rows = []
             for seed in args.seeds:
                 for mode in ("full", "multi"):

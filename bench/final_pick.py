@@ -44,10 +44,12 @@ RULES = ("dev-best", "gp-mean", "knn-3", "test-best")
 def run(job: dict) -> dict:
     """One fresh study; every complete trial's genes (scaled to [0, 1]), dev and test score."""
     search_quality._setup()
-    from evomerge.config import RunConfig
-    from evomerge.fitness.heldout import HeldOut
+    from evomerge.results.heldout import HeldOut
+    from evomerge.search.config import RunConfig
 
-    data = search_quality.pool_config(Path(job["pool"]), job["space"], job["sampler"], job["seed"], job["trials"])
+    data = search_quality.pool_config(
+        Path(job["pool"]), job["space"], job["sampler"], job["seed"], job["trials"]
+    )
     config = RunConfig.model_validate(data)
     run_dir = Path(job["workdir"]) / f"{job['space']}-{job['sampler']}-{job['seed']}"
     _, done = search_quality.search(config, run_dir, config.search.trials)
@@ -55,8 +57,17 @@ def run(job: dict) -> dict:
     trials = []
     for t in done:
         scores = held.score(t.params)
-        genes = [(t.params[k] - d.low) / (d.high - d.low) for k, d in sorted(t.distributions.items())]
-        trials.append({"number": t.number, "genes": genes, "dev": t.user_attrs["fitness"], "test": scores["test"].value})
+        genes = [
+            (t.params[k] - d.low) / (d.high - d.low) for k, d in sorted(t.distributions.items())
+        ]
+        trials.append(
+            {
+                "number": t.number,
+                "genes": genes,
+                "dev": t.user_attrs["fitness"],
+                "test": scores["test"].value,
+            }
+        )
     return {k: job[k] for k in ("space", "sampler", "seed")} | {"trials": trials}
 
 
@@ -83,7 +94,9 @@ def gp_posterior_mean(x, y):
 
     x = torch.tensor(x, dtype=torch.float64)
     z = torch.tensor((y - y.mean()) / (y.std() + 1e-12), dtype=torch.float64)
-    log_scale, log_signal, log_noise = (torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (0.0, 0.0, math.log(0.1)))
+    log_scale, log_signal, log_noise = (
+        torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (0.0, 0.0, math.log(0.1))
+    )
     eye = torch.eye(len(z), dtype=torch.float64)
 
     def kernel():
@@ -95,7 +108,9 @@ def gp_posterior_mean(x, y):
         alpha = torch.cholesky_solve(z[:, None], chol)
         return 0.5 * (z[:, None] * alpha).sum() + torch.log(torch.diagonal(chol)).sum()
 
-    optimizer = torch.optim.LBFGS([log_scale, log_signal, log_noise], max_iter=200, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [log_scale, log_signal, log_noise], max_iter=200, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         optimizer.zero_grad()
@@ -124,21 +139,38 @@ def main() -> None:
         parser.error(f"{pool} has no pool.json")
 
     runs = []
-    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(max_workers=args.jobs) as workers:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        ProcessPoolExecutor(max_workers=args.jobs) as workers,
+    ):
         jobs = [
-            {"pool": str(pool), "space": space, "sampler": sampler, "seed": seed, "trials": args.trials, "workdir": tmp}
-            for seed in args.seeds for space in args.spaces for sampler in args.samplers
+            {
+                "pool": str(pool),
+                "space": space,
+                "sampler": sampler,
+                "seed": seed,
+                "trials": args.trials,
+                "workdir": tmp,
+            }
+            for seed in args.seeds
+            for space in args.spaces
+            for sampler in args.samplers
         ]
         for done in as_completed([workers.submit(run, job) for job in jobs]):
             result = done.result()
             chosen = picks(result["trials"])
             result["picks"] = {rule: result["trials"][i]["test"] for rule, i in chosen.items()}
             runs.append(result)
-            print(f"{result['sampler']:>10} {result['space']:<24} seed {result['seed']}: "
-                  + "  ".join(f"{rule} {v:.4f}" for rule, v in result["picks"].items()), flush=True)
+            print(
+                f"{result['sampler']:>10} {result['space']:<24} seed {result['seed']}: "
+                + "  ".join(f"{rule} {v:.4f}" for rule, v in result["picks"].items()),
+                flush=True,
+            )
             if args.out:
                 args.out.write_text(json.dumps({"pool": str(pool), "runs": runs}))
-    print(f"\nmean test score of the picked trial over {len(runs)} runs ({args.trials} trials each):")
+    print(
+        f"\nmean test score of the picked trial over {len(runs)} runs ({args.trials} trials each):"
+    )
     for rule in RULES:
         mean = statistics.mean(r["picks"][rule] for r in runs)
         gain = 100 * statistics.mean(r["picks"][rule] - r["picks"]["dev-best"] for r in runs)

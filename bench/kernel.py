@@ -29,7 +29,7 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-import torch  # noqa: E402
+import torch
 
 
 class CopyTimer:
@@ -69,8 +69,8 @@ def build(params: float, dtype: torch.dtype, device: str, method: str, models: i
     """Resident inputs as the search holds them: one FusedTensor per tensor, with the live
     model's parameter its result goes into."""
     from evomerge.kernel.task_vectors import FusedTensor
+    from evomerge.methods.random_fields import UniformField
     from evomerge.methods.registry import MergeInputs
-    from evomerge.random_fields import UniformField
 
     shape = (4096, 4096)
     count = max(1, round(params / (shape[0] * shape[1])))
@@ -78,12 +78,22 @@ def build(params: float, dtype: torch.dtype, device: str, method: str, models: i
     jobs = []
     for t in range(count):
         base = torch.randn(shape, generator=generator).to(dtype)
-        sources = [(base.float() + torch.randn(shape, generator=generator) * 0.01).to(dtype) for _ in range(models)]
+        sources = [
+            (base.float() + torch.randn(shape, generator=generator) * 0.01).to(dtype)
+            for _ in range(models)
+        ]
         base, sources = base.to(device), [s.to(device) for s in sources]
-        inputs = MergeInputs(sources, base, f"model.layers.{t}.mlp.weight", UniformField(0, f"t{t}"))
+        inputs = MergeInputs(
+            sources, base, f"model.layers.{t}.mlp.weight", UniformField(0, f"t{t}")
+        )
         for i in range(models):  # what the search computes once, before its first trial
             inputs.delta(i)
-        fused = FusedTensor(inputs, rule=METHODS[method]["rule"], consensus=METHODS[method]["consensus"], resident=True)
+        fused = FusedTensor(
+            inputs,
+            rule=METHODS[method]["rule"],
+            consensus=METHODS[method]["consensus"],
+            resident=True,
+        )
         jobs.append((fused, torch.empty_like(base)))
     return jobs
 
@@ -103,11 +113,19 @@ def candidate(jobs, method: str, *, rng: torch.Generator, fused: bool, models: i
     for tensor, live in jobs:  # per-layer genes: every tensor gets its own weights and densities
         weight = (torch.rand(models, generator=rng) * 0.8 + 0.1).tolist()
         density = (torch.rand(models, generator=rng) * 0.6 + 0.3).tolist()
-        parameters = dict(weight=weight, density=density, lambda_=1.0, normalize=options["normalize"], rescale=options["rescale"])
+        parameters = dict(
+            weight=weight,
+            density=density,
+            lambda_=1.0,
+            normalize=options["normalize"],
+            rescale=options["rescale"],
+        )
         if fused:
             tensor.merge(**parameters, out=live)
         else:
-            task_vector_merge(tensor.inputs, **parameters, rule=options["rule"], consensus=options["consensus"])
+            task_vector_merge(
+                tensor.inputs, **parameters, rule=options["rule"], consensus=options["consensus"]
+            )
 
 
 def precompute(jobs, method: str, models: int = 3) -> tuple[float, int]:
@@ -116,7 +134,11 @@ def precompute(jobs, method: str, models: int = 3) -> tuple[float, int]:
     start, kept = time.perf_counter(), 0
     for tensor, _ in jobs:
         for i in range(models):
-            table = tensor.draw_l1_table(i) if method == "dare_ties" else tensor.inputs.magnitude_ranks(i)
+            table = (
+                tensor.draw_l1_table(i)
+                if method == "dare_ties"
+                else tensor.inputs.magnitude_ranks(i)
+            )
             kept += table.numel() * table.element_size()
         if tensor.inputs.base.dtype == torch.bfloat16 and tensor.inputs.base.device.type == "cpu":
             for i in range(models + 1):
@@ -125,7 +147,9 @@ def precompute(jobs, method: str, models: int = 3) -> tuple[float, int]:
     return time.perf_counter() - start, kept
 
 
-def timed(jobs, method: str, repeats: int, copy: CopyTimer, *, fused: bool) -> tuple[float, list[tuple[float, float]]]:
+def timed(
+    jobs, method: str, repeats: int, copy: CopyTimer, *, fused: bool
+) -> tuple[float, list[tuple[float, float]]]:
     """Best seconds per candidate, and (seconds, copy GB/s just before) for every run."""
     rng = torch.Generator().manual_seed(1)
     candidate(jobs, method, rng=rng, fused=fused)  # warm-up
@@ -146,9 +170,16 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--method", choices=sorted(METHODS), default="dare_ties")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the Triton kernel against HBM bandwidth")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu, or cuda for the Triton kernel against HBM bandwidth"
+    )
     parser.add_argument("--repeats", type=int, default=9, help="timed fused candidates")
-    parser.add_argument("--torch-repeats", type=int, default=2, help="timed torch-ops candidates (10-15 s each on a CPU)")
+    parser.add_argument(
+        "--torch-repeats",
+        type=int,
+        default=2,
+        help="timed torch-ops candidates (10-15 s each on a CPU)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -163,24 +194,38 @@ def main() -> None:
     from evomerge.kernel import task_vectors
 
     base = jobs[0][0].inputs.base
-    applies = task_vectors.applies([base])  # the kernel built (or found in the cache) before anything is timed
+    applies = task_vectors.applies(
+        [base]
+    )  # the kernel built (or found in the cache) before anything is timed
     prepared, table_bytes = precompute(jobs, args.method)
-    fused, fused_runs = timed(jobs, args.method, args.repeats, copy, fused=True) if applies else (float("nan"), [])
+    fused, fused_runs = (
+        timed(jobs, args.method, args.repeats, copy, fused=True) if applies else (float("nan"), [])
+    )
     plain, _ = timed(jobs, args.method, args.torch_repeats, copy, fused=False)
     copy_gbps = copy.gbps
 
-    print(f"{args.method} candidate, base + 3 sources, {numel / 1e6:.0f}M parameters per model, {args.dtype}, {args.threads} threads")
+    print(
+        f"{args.method} candidate, base + 3 sources, {numel / 1e6:.0f}M parameters per model, {args.dtype}, {args.threads} threads"
+    )
     print(f"  memory copy bandwidth:     {copy_gbps:6.1f} GB/s")
-    print(f"  fused kernel:              {fused:6.3f} s  {moved / fused / 1e9:6.1f} GB/s  = {moved / fused / 1e9 / copy_gbps:5.1%} of copy bandwidth")
+    print(
+        f"  fused kernel:              {fused:6.3f} s  {moved / fused / 1e9:6.1f} GB/s  = {moved / fused / 1e9 / copy_gbps:5.1%} of copy bandwidth"
+    )
     if fused_runs:
         paired = statistics.median(moved / seconds / 1e9 / gbps for seconds, gbps in fused_runs)
         copies = sorted(gbps for _, gbps in fused_runs)
-        print(f"  paired with the copy before each run: median {paired:5.1%} (copies {copies[0]:.1f}-{copies[-1]:.1f} GB/s)")
-    print(f"  torch ops:                 {plain:6.3f} s  {moved / plain / 1e9:6.1f} GB/s  = {moved / plain / 1e9 / copy_gbps:5.1%}")
+        print(
+            f"  paired with the copy before each run: median {paired:5.1%} (copies {copies[0]:.1f}-{copies[-1]:.1f} GB/s)"
+        )
+    print(
+        f"  torch ops:                 {plain:6.3f} s  {moved / plain / 1e9:6.1f} GB/s  = {moved / plain / 1e9 / copy_gbps:5.1%}"
+    )
     print(f"  fused / torch speed-up:    {plain / fused:6.1f}x")
     what = "draw table" if args.method == "dare_ties" else "int32 magnitude rank"
     print(f"  precomputed once per run:  {prepared:6.3f} s  ({what}s of the 3 task vectors)")
-    print(f"  resident per parameter:    {itemsize} + {table_bytes / numel / 3:.3f} bytes per source (its task vector + {what})")
+    print(
+        f"  resident per parameter:    {itemsize} + {table_bytes / numel / 3:.3f} bytes per source (its task vector + {what})"
+    )
 
 
 if __name__ == "__main__":

@@ -179,14 +179,35 @@ def write_adapters(root: Path, base: Path, rank: int) -> dict[str, Path]:
             with safe_open(str(base / file), framework="pt") as handle:
                 out_dim, in_dim = handle.get_slice(tensor).get_shape()
             module = tensor.removesuffix(".weight")
-            tensors[f"base_model.model.{module}.lora_A.weight"] = (torch.randn(rank, in_dim, generator=g) * 0.01).to(torch.bfloat16)
-            tensors[f"base_model.model.{module}.lora_B.weight"] = (torch.randn(out_dim, rank, generator=g) * 0.01).to(torch.bfloat16)
+            tensors[f"base_model.model.{module}.lora_A.weight"] = (
+                torch.randn(rank, in_dim, generator=g) * 0.01
+            ).to(torch.bfloat16)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = (
+                torch.randn(out_dim, rank, generator=g) * 0.01
+            ).to(torch.bfloat16)
         save_file(tensors, str(folder / "adapter_model.safetensors"))
-        (folder / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-            "lora_dropout": 0.0, "bias": "none", "base_model_name_or_path": str(base),
-            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        }))
+        (folder / "adapter_config.json").write_text(
+            json.dumps(
+                {
+                    "peft_type": "LORA",
+                    "task_type": "CAUSAL_LM",
+                    "r": rank,
+                    "lora_alpha": 2 * rank,
+                    "lora_dropout": 0.0,
+                    "bias": "none",
+                    "base_model_name_or_path": str(base),
+                    "target_modules": [
+                        "q_proj",
+                        "k_proj",
+                        "v_proj",
+                        "o_proj",
+                        "gate_proj",
+                        "up_proj",
+                        "down_proj",
+                    ],
+                }
+            )
+        )
     return folders
 
 
@@ -238,11 +259,13 @@ def settled() -> None:
     os.sync()
 
 
-def run_evomerge(folders: dict[str, Path], out_root: Path, profile: bool, repeats: int) -> dict[str, dict]:
+def run_evomerge(
+    folders: dict[str, Path], out_root: Path, profile: bool, repeats: int
+) -> dict[str, dict]:
     """Best of `repeats` for each recipe: in-process `run_merge`, then a timed `evomerge merge`
     subprocess (imports and all). Every output is deleted once timed."""
-    from evomerge.merge import run_merge
-    from evomerge.recipe import parse_recipe
+    from evomerge.merging.executor import run_merge
+    from evomerge.merging.recipe import parse_recipe
 
     results = {}
     for name, template in RECIPES.items():
@@ -270,7 +293,12 @@ def run_evomerge(folders: dict[str, Path], out_root: Path, profile: bool, repeat
                 result["profile"] = text.getvalue()
             settled()
             started = time.perf_counter()
-            run = subprocess.run([sys.executable, "-c", _PEAK_MEMORY, "merge", str(recipe_file), str(out)], check=True, capture_output=True, text=True)
+            run = subprocess.run(
+                [sys.executable, "-c", _PEAK_MEMORY, "merge", str(recipe_file), str(out)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             result["cli_seconds"] = min(result["cli_seconds"], time.perf_counter() - started)
             result["peak_gb"] = int(run.stderr.strip().splitlines()[-1]) * 1024 / GB
             shutil.rmtree(out)
@@ -302,8 +330,13 @@ def run_mergekit(folders: dict[str, Path], out_root: Path, repeats: int) -> dict
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     results = {}
     for name, template in RECIPES.items():
-        job = {"name": name, "recipe": template.format(**folders), "out": str(out_root / f"mk-{name}"), "seed": 0,
-               "lora_cache": str(out_root / "mk-lora-cache")}
+        job = {
+            "name": name,
+            "recipe": template.format(**folders),
+            "out": str(out_root / f"mk-{name}"),
+            "seed": 0,
+            "lora_cache": str(out_root / "mk-lora-cache"),
+        }
         result = results[name] = {"seconds": math.inf, "cli_seconds": math.inf}
         for _ in range(repeats):
             settled()
@@ -316,7 +349,9 @@ def run_mergekit(folders: dict[str, Path], out_root: Path, repeats: int) -> dict
             result["cli_seconds"] = min(result["cli_seconds"], wall)
             result["peak_gb"] = run["peak_kib"] * 1024 / GB
             shutil.rmtree(job["out"])
-            shutil.rmtree(job["lora_cache"], ignore_errors=True)  # each run merges its adapters anew
+            shutil.rmtree(
+                job["lora_cache"], ignore_errors=True
+            )  # each run merges its adapters anew
     return results
 
 
@@ -331,13 +366,18 @@ def measure_search(base: str, models: dict[str, str], space_name: str) -> dict:
 
     from transformers import AutoModelForCausalLM
 
-    from evomerge.candidate import CompiledCandidate
-    from evomerge.checkpoint import Checkpoint
-    from evomerge.space import SearchSpace, load_space
+    from evomerge.io.checkpoint import Checkpoint
+    from evomerge.spaces.parameters.candidate import CompiledCandidate
+    from evomerge.spaces.parameters.space import SearchSpace, load_space
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).eval()
-    space = SearchSpace(load_space(space_name), base=base, models=models,
-                        num_layers=Checkpoint(base).num_layers, dtype="bfloat16")
+    space = SearchSpace(
+        load_space(space_name),
+        base=base,
+        models=models,
+        num_layers=Checkpoint(base).num_layers,
+        dtype="bfloat16",
+    )
     candidate = CompiledCandidate(model, space, seed=0)
     rng, times = random.Random(0), []
     for _ in range(3):
@@ -346,8 +386,11 @@ def measure_search(base: str, models: dict[str, str], space_name: str) -> dict:
         candidate.apply(genome)
         times.append(time.perf_counter() - started)
     peak_kib = int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-    return {"kept_bytes": sum(_kept_bytes(job.tensor) for job in candidate.jobs),
-            "peak_gb": peak_kib * 1024 / GB, "apply_s": sorted(times)[1]}
+    return {
+        "kept_bytes": sum(_kept_bytes(job.tensor) for job in candidate.jobs),
+        "peak_gb": peak_kib * 1024 / GB,
+        "apply_s": sorted(times)[1],
+    }
 
 
 def _kept_bytes(tensor) -> int:
@@ -356,7 +399,11 @@ def _kept_bytes(tensor) -> int:
     if hasattr(tensor, "resident_bytes"):  # adapters, kept factored
         return tensor.resident_bytes()
     inputs = tensor.inputs
-    kept = [*inputs.models, inputs.base, *(v for v in inputs._memo.values() if isinstance(v, torch.Tensor))]
+    kept = [
+        *inputs.models,
+        inputs.base,
+        *(v for v in inputs._memo.values() if isinstance(v, torch.Tensor)),
+    ]
     if tensor.fused is not None:
         kept += list(tensor.fused._draw_tables.values())
     return sum({t.data_ptr(): t.numel() * t.element_size() for t in kept if t is not None}.values())
@@ -366,17 +413,26 @@ def search_memory(folders: dict[str, Path]) -> None:
     """One fresh process per (space, pool): the full fine-tunes, then the adapters."""
     pools = {
         "full": {"ft0": str(folders["ft0"]), "ft1": str(folders["ft1"])},
-        "lora": {"lora0": f"{folders['base']}+{folders['lora0']}", "lora1": f"{folders['base']}+{folders['lora1']}"},
+        "lora": {
+            "lora0": f"{folders['base']}+{folders['lora0']}",
+            "lora1": f"{folders['base']}+{folders['lora1']}",
+        },
     }
     print(f"{'space':<24} {'pool':<5} {'kept GB':>8} {'peak GB':>8} {'apply s':>8}")
     for space in SEARCH_SPACES:
         for kind, models in pools.items():
-            code = (f"import json, sys; sys.path.insert(0, {str(REPO / 'bench')!r}); "
-                    "from merge_throughput import measure_search; "
-                    f"print(json.dumps(measure_search({str(folders['base'])!r}, {models!r}, {space!r})))")
-            run = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+            code = (
+                f"import json, sys; sys.path.insert(0, {str(REPO / 'bench')!r}); "
+                "from merge_throughput import measure_search; "
+                f"print(json.dumps(measure_search({str(folders['base'])!r}, {models!r}, {space!r})))"
+            )
+            run = subprocess.run(
+                [sys.executable, "-c", code], check=True, capture_output=True, text=True
+            )
             result = json.loads(run.stdout.strip().splitlines()[-1])
-            print(f"{space:<24} {kind:<5} {result['kept_bytes'] / GB:>8.3f} {result['peak_gb']:>8.2f} {result['apply_s']:>8.3f}")
+            print(
+                f"{space:<24} {kind:<5} {result['kept_bytes'] / GB:>8.3f} {result['peak_gb']:>8.2f} {result['apply_s']:>8.3f}"
+            )
 
 
 def main(argv=None) -> None:
@@ -386,10 +442,17 @@ def main(argv=None) -> None:
     parser.add_argument("--profile", action="store_true", help="cProfile evomerge's merges")
     parser.add_argument("--workdir", type=Path, help="where models go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the models")
-    parser.add_argument("--repeats", type=int, default=1, help="best of this many runs, for both tools")
-    parser.add_argument("--lora-rank", type=int, default=16, help="rank of the adapters of the lora row")
-    parser.add_argument("--search-memory", action="store_true",
-                        help="measure a search's set-up over full fine-tunes and adapters instead of merges")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="best of this many runs, for both tools"
+    )
+    parser.add_argument(
+        "--lora-rank", type=int, default=16, help="rank of the adapters of the lora row"
+    )
+    parser.add_argument(
+        "--search-memory",
+        action="store_true",
+        help="measure a search's set-up over full fine-tunes and adapters instead of merges",
+    )
     args = parser.parse_args(argv)
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="evomerge-bench-"))
@@ -424,7 +487,9 @@ def main(argv=None) -> None:
             line = f"{name:<10} {result['seconds']:>10.1f} {rate / GB:>6.2f} {100 * rate / bandwidth:>6.1f}%"
             if name in mk:
                 theirs = mk[name]
-                line += f" {theirs['seconds']:>10.1f} {theirs['seconds'] / result['seconds']:>5.1f}x"
+                line += (
+                    f" {theirs['seconds']:>10.1f} {theirs['seconds'] / result['seconds']:>5.1f}x"
+                )
                 line += f" {result['cli_seconds']:>14.1f} {theirs['cli_seconds']:>14.1f}"
                 line += f" {theirs['cli_seconds'] / result['cli_seconds']:>8.1f}x"
                 line += f" {result['peak_gb']:>11.2f} {theirs['peak_gb']:>11.2f}"

@@ -52,8 +52,10 @@ def apply_overrides(spec: PoolSize, pairs: list[str]) -> tuple[PoolSize, dict[st
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or key not in fields:
-            raise UserError(f"--set {pair!r}: not a field of PoolSize; give key=value with key one of "
-                            f"{', '.join(fields)}")
+            raise UserError(
+                f"--set {pair!r}: not a field of PoolSize; give key=value with key one of "
+                f"{', '.join(fields)}"
+            )
         try:
             value = float(text)
         except ValueError:
@@ -67,7 +69,9 @@ def apply_overrides(spec: PoolSize, pairs: list[str]) -> tuple[PoolSize, dict[st
 
 
 # --- the variant: trained in memory, written as a pool's folders --------------------------
-def train_variant(skills: dict, spec: PoolSize, tokenizer) -> tuple[dict[str, dict], dict[str, float]]:
+def train_variant(
+    skills: dict, spec: PoolSize, tokenizer
+) -> tuple[dict[str, dict], dict[str, float]]:
     """State dicts of the base and of each specialist, trained as `build_pool` trains them; and
     the seconds of the base and of all specialists."""
     from evomerge.pool import train_base, train_specialist
@@ -141,13 +145,17 @@ class Scorer:
 # --- merges: the search's compiled candidates over global spaces ---------------------------
 def candidate(scorer: Scorer, folders: dict[str, str], skills: dict, method: str, search: dict):
     """(space, compiled candidate) of a one-group `method` space over the specialists."""
-    from evomerge.candidate import CompiledCandidate
-    from evomerge.checkpoint import Checkpoint
-    from evomerge.space import SearchSpace, load_space
+    from evomerge.io.checkpoint import Checkpoint
+    from evomerge.spaces.parameters.candidate import CompiledCandidate
+    from evomerge.spaces.parameters.space import SearchSpace, load_space
 
-    space = SearchSpace(load_space({"method": method, "search": search}), base=folders["base"],
-                        models={s: folders[s] for s in skills},
-                        num_layers=Checkpoint(folders["base"]).num_layers, dtype="float32")
+    space = SearchSpace(
+        load_space({"method": method, "search": search}),
+        base=folders["base"],
+        models={s: folders[s] for s in skills},
+        num_layers=Checkpoint(folders["base"]).num_layers,
+        dtype="float32",
+    )
     return space, CompiledCandidate(scorer.live, space, seed=0)
 
 
@@ -179,12 +187,16 @@ def score_merges(scorer: Scorer, folders: dict[str, str], skills: dict) -> tuple
     for label, weight in ((f"TA 1/{n}", 1 / n), ("TA 1", 1.0)):
         ta.apply(genome(ta_space, dict.fromkeys(names, weight)))
         rows[label] = scorer.score()
-    ta_grid = {w: genome(ta_space, dict(zip(names, w)))
-               for w in itertools.product(TA_WEIGHTS, repeat=n)}
+    ta_grid = {
+        w: genome(ta_space, dict(zip(names, w))) for w in itertools.product(TA_WEIGHTS, repeat=n)
+    }
     picks["TA grid"], rows["TA grid"] = best_on_dev(scorer, ta, ta_grid)
     ties_space, ties = candidate(scorer, folders, skills, "ties", {"weight": None, "density": None})
-    ties_grid = {(d, w): genome(ties_space, dict(zip(names, w)), d)
-                 for d in TIES_DENSITIES for w in itertools.product(TIES_WEIGHTS, repeat=n)}
+    ties_grid = {
+        (d, w): genome(ties_space, dict(zip(names, w)), d)
+        for d in TIES_DENSITIES
+        for w in itertools.product(TIES_WEIGHTS, repeat=n)
+    }
     picks["TIES grid"], rows["TIES grid"] = best_on_dev(scorer, ties, ties_grid)
     return rows, picks
 
@@ -195,9 +207,13 @@ def task_vector_stats(states: dict[str, dict], skills: dict) -> dict:
     import torch
 
     base = states["base"]
-    flat = {s: torch.cat([(states[s][k] - base[k]).flatten().double() for k in base]) for s in skills}
-    cos = {f"{a}-{b}": torch.nn.functional.cosine_similarity(flat[a], flat[b], dim=0).item()
-           for a, b in itertools.combinations(skills, 2)}
+    flat = {
+        s: torch.cat([(states[s][k] - base[k]).flatten().double() for k in base]) for s in skills
+    }
+    cos = {
+        f"{a}-{b}": torch.nn.functional.cosine_similarity(flat[a], flat[b], dim=0).item()
+        for a, b in itertools.combinations(skills, 2)
+    }
     norm = {s: v.norm().item() for s, v in flat.items()}
     return {"cos": cos, "mean_cos": sum(cos.values()) / len(cos), "norm": norm}
 
@@ -228,21 +244,29 @@ def print_block(result: dict) -> None:
     skills, rows, summ = result["skills"], result["rows"], result["summary"]
     sec, tv = result["seconds"], result["task_vectors"]
     overrides = " ".join(f"{k}={v:g}" for k, v in result["overrides"].items()) or "none"
-    print(f"VARIANT {result['pool']} full, overrides: {overrides}; train base {sec['base']:.0f} s + "
-          f"specialists {sec['specialists']:.0f} s, merges and scoring {sec['scoring']:.0f} s")
+    print(
+        f"VARIANT {result['pool']} full, overrides: {overrides}; train base {sec['base']:.0f} s + "
+        f"specialists {sec['specialists']:.0f} s, merges and scoring {sec['scoring']:.0f} s"
+    )
     names = " ".join(f"{s:>5s}" for s in skills)
     print(f"  {'':10s} dev: {names}  mean | test: {names}  mean")
     for label, row in rows.items():
         cells = [" ".join(f"{row[split][k]:5.3f}" for k in (*skills, "mean")) for split in SPLITS]
         print(f"  {label:10s}      {cells[0]} |       {cells[1]}")
     ta, (density, weights) = result["picks"]["TA grid"], result["picks"]["TIES grid"]
-    print(f"  TA grid best weights {tuple(ta)}; TIES grid best density {density} weights {tuple(weights)}")
+    print(
+        f"  TA grid best weights {tuple(ta)}; TIES grid best density {density} weights {tuple(weights)}"
+    )
     best = summ["best_specialist"]
     print(f"  best specialist on dev: {best} (test {rows[best]['test']['mean']:.3f})")
     for merge in ("TA grid", "TIES grid"):
-        print(f"  {merge}: test margin {summ[merge]['margin_x100']:+.1f}, "
-              f"retention {fmt(summ[merge]['retention'], 2)}")
-    print(f"  task vectors: mean cos {tv['mean_cos']:.3f} ({fmt(tv['cos'])}); norm {fmt(tv['norm'], 2)}")
+        print(
+            f"  {merge}: test margin {summ[merge]['margin_x100']:+.1f}, "
+            f"retention {fmt(summ[merge]['retention'], 2)}"
+        )
+    print(
+        f"  task vectors: mean cos {tv['mean_cos']:.3f} ({fmt(tv['cos'])}); norm {fmt(tv['norm'], 2)}"
+    )
 
 
 def main() -> None:
@@ -251,8 +275,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pool", default="demo", choices=sorted(POOLS))
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="PoolSize fields to change")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="PoolSize fields to change"
+    )
     parser.add_argument("--out", type=Path, help="write everything as JSON here")
     args = parser.parse_args()
     try:
@@ -279,9 +304,15 @@ def main() -> None:
     seconds["scoring"] = time.perf_counter() - started
     rows |= merge_rows
     result = {
-        "pool": args.pool, "overrides": overrides, "spec": dataclasses.asdict(spec), "skills": list(skills),
-        "rows": rows, "picks": picks, "summary": summary(rows, skills),
-        "task_vectors": task_vector_stats(states, skills), "seconds": seconds,
+        "pool": args.pool,
+        "overrides": overrides,
+        "spec": dataclasses.asdict(spec),
+        "skills": list(skills),
+        "rows": rows,
+        "picks": picks,
+        "summary": summary(rows, skills),
+        "task_vectors": task_vector_stats(states, skills),
+        "seconds": seconds,
     }
     print_block(result)
     if args.out:

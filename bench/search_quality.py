@@ -41,9 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 NAIVE_RECIPES = {
     "average": ({"method": "linear", "search": {"weight": [0.0, 1.0]}}, "uniform"),
     "dare_ties_0.5": ("dare_ties_global", "dare_ties_0.5"),
-    "task_arithmetic_1.0": ({"method": "task_arithmetic", "search": {"weight": [0.0, 1.0]}}, {"weight": 1.0}),
-    "ties_0.5": ({"method": "ties", "search": {"weight": [0.0, 1.0], "density": [0.0, 1.0]}},
-                 {"weight": 1.0, "density": 0.5}),
+    "task_arithmetic_1.0": (
+        {"method": "task_arithmetic", "search": {"weight": [0.0, 1.0]}},
+        {"weight": 1.0},
+    ),
+    "ties_0.5": (
+        {"method": "ties", "search": {"weight": [0.0, 1.0], "density": [0.0, 1.0]}},
+        {"weight": 1.0, "density": 0.5},
+    ),
 }
 
 
@@ -60,7 +65,10 @@ def pool_config(pool: Path, space, sampler: str, seed: int, trials: int) -> dict
     return {
         "pool": {"base": str(pool / manifest["base"]), "models": models, "dtype": "float32"},
         "space": space,
-        "fitness": {"task_paths": [str(pool / manifest["task_path"])], "tasks": pool_tasks(manifest)},
+        "fitness": {
+            "task_paths": [str(pool / manifest["task_path"])],
+            "tasks": pool_tasks(manifest),
+        },
         "search": {"sampler": sampler, "trials": trials, "seed": seed, "fidelity": None},
         "threads": 1,
     }
@@ -77,7 +85,8 @@ def sampler_seconds(trials) -> float:
     the study's bookkeeping (the same for every sampler; compare with `random`)."""
     spent = [
         (t.datetime_complete - t.datetime_start).total_seconds()
-        - t.user_attrs["merge_seconds"] - t.user_attrs["eval_seconds"]
+        - t.user_attrs["merge_seconds"]
+        - t.user_attrs["eval_seconds"]
         for t in trials
     ]
     return statistics.mean(spent) if spent else 0.0
@@ -92,8 +101,8 @@ def run_search(job: dict) -> dict:
     """One study (or the two of a TWO_STAGE space): search on dev, then score the chosen trial
     on dev and test."""
     _setup()
-    from evomerge.config import RunConfig
-    from evomerge.fitness.heldout import HeldOut
+    from evomerge.results.heldout import HeldOut
+    from evomerge.search.config import RunConfig
 
     name = Path(str(job["space"])).stem
     run_dir = Path(job["workdir"]) / f"{name}-{job['sampler']}-{job['seed']}"
@@ -119,16 +128,18 @@ def run_search(job: dict) -> dict:
         "per_task": {split: scores[split]["per_task"] for split in ("dev", "test")},
         "params": best.params,
         "seconds": seconds,
-        "sampler_seconds_per_trial": sampler_seconds([t for t in done if "baseline" not in t.user_attrs]),
+        "sampler_seconds_per_trial": sampler_seconds(
+            [t for t in done if "baseline" not in t.user_attrs]
+        ),
         "held_out": held.held_out,
     }
 
 
 def search(config, run_dir: Path, trials: int):
     """A fresh study of `trials` trials in `run_dir`: its best trial and its complete trials."""
-    from evomerge.run_folder import write_run_folder
-    from evomerge.search import Search
-    from evomerge.study import best_trial
+    from evomerge.search.loop import Search
+    from evomerge.search.run_folder import write_run_folder
+    from evomerge.search.study import best_trial
 
     write_run_folder(config, run_dir)
     study = Search(config, run_dir)
@@ -136,28 +147,39 @@ def search(config, run_dir: Path, trials: int):
     return best_trial(study.study), [t for t in study.study.trials if t.state.name == "COMPLETE"]
 
 
-def second_stage(data: dict, run_dir: Path, first_space: str, second_space: str, first_trials: int) -> dict:
+def second_stage(
+    data: dict, run_dir: Path, first_space: str, second_space: str, first_trials: int
+) -> dict:
     """Run the first study on `first_space`, merge its winner, and return the config of the
     second study: the pool plus that winner (as `ps`), over `second_space`."""
-    from evomerge.config import RunConfig
-    from evomerge.export import trial_recipe
-    from evomerge.merge import run_merge
-    from evomerge.run_folder import build_space
+    from evomerge.merging.executor import run_merge
+    from evomerge.results.export import trial_recipe
+    from evomerge.search.config import RunConfig
+    from evomerge.search.run_folder import build_space
 
-    first = RunConfig.model_validate({**data, "space": first_space, "search": {**data["search"], "trials": first_trials}})
+    first = RunConfig.model_validate(
+        {**data, "space": first_space, "search": {**data["search"], "trials": first_trials}}
+    )
     best, _ = search(first, run_dir / "ps", first_trials)
-    run_merge(trial_recipe(build_space(first), best), run_dir / "ps-best", seed=first.search.merge_seed)
+    run_merge(
+        trial_recipe(build_space(first), best), run_dir / "ps-best", seed=first.search.merge_seed
+    )
     pool = {**data["pool"], "models": {**data["pool"]["models"], "ps": str(run_dir / "ps-best")}}
     trials = data["search"]["trials"] - first_trials
-    return {**data, "pool": pool, "space": second_space, "search": {**data["search"], "trials": trials}}
+    return {
+        **data,
+        "pool": pool,
+        "space": second_space,
+        "search": {**data["search"], "trials": trials},
+    }
 
 
 def score_references(pool: str, workdir: str) -> dict:
     """Each specialist alone and each naive recipe, on dev and test."""
     _setup()
-    from evomerge.config import RunConfig
-    from evomerge.fitness.heldout import HeldOut
-    from evomerge.run_folder import build_space
+    from evomerge.results.heldout import HeldOut
+    from evomerge.search.config import RunConfig
+    from evomerge.search.run_folder import build_space
 
     config = RunConfig.model_validate(pool_config(Path(pool), "dare_ties_global", "random", 0, 1))
     held = HeldOut(config, Path(workdir) / "references")
@@ -169,9 +191,11 @@ def score_references(pool: str, workdir: str) -> dict:
     for name, (space_source, values) in NAIVE_RECIPES.items():
         recipe_config = config.model_copy(update={"space": space_source})
         recipe_space = build_space(recipe_config)
-        genome = recipe_space.baselines()[values] if isinstance(values, str) else {
-            g.name: values[g.param] for g in recipe_space.genes
-        }
+        genome = (
+            recipe_space.baselines()[values]
+            if isinstance(values, str)
+            else {g.name: values[g.param] for g in recipe_space.genes}
+        )
         out["naive"][name] = _values(HeldOut(recipe_config, Path(workdir) / "references"), genome)
     return out
 
@@ -221,7 +245,9 @@ def print_table(table: dict, references: dict, trials: int) -> None:
     print("\nreferences (dev / test):")
     for group in ("specialists", "naive"):
         for name, r in references[group].items():
-            print(f"  {group[:-1] if group == 'specialists' else 'naive'} {name}: {r['dev']:.4f} / {r['test']:.4f}")
+            print(
+                f"  {group[:-1] if group == 'specialists' else 'naive'} {name}: {r['dev']:.4f} / {r['test']:.4f}"
+            )
     if not all(references["held_out"].values()):
         one = [t for t, h in references["held_out"].items() if not h]
         print(f"note: {', '.join(one)} have one split: dev and test are the same examples")
@@ -230,14 +256,25 @@ def print_table(table: dict, references: dict, trials: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pool", type=Path, default=Path("runs/demo-pool"))
-    parser.add_argument("--spaces", nargs="+", default=["task_arithmetic_layers", "dare_ties_layers"])
-    parser.add_argument("--samplers", nargs="+", default=["cmaes", "cmaes_warm", "gp", "tpe", "random"])
+    parser.add_argument(
+        "--spaces", nargs="+", default=["task_arithmetic_layers", "dare_ties_layers"]
+    )
+    parser.add_argument(
+        "--samplers", nargs="+", default=["cmaes", "cmaes_warm", "gp", "tpe", "random"]
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--trials", type=int, default=50)
-    parser.add_argument("--jobs", type=int, default=1, help="independent runs in parallel processes")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="independent runs in parallel processes"
+    )
     parser.add_argument("--out", type=Path, help="write every run and the references as JSON")
-    parser.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
-                        help="print one table from the --out files of runs on one pool, and run nothing")
+    parser.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="print one table from the --out files of runs on one pool, and run nothing",
+    )
     args = parser.parse_args()
     if args.combine:
         return print_combined(args.combine)
@@ -245,17 +282,29 @@ def main() -> None:
     if not (pool / "pool.json").is_file():
         parser.error(f"{pool} has no pool.json")
 
-    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(max_workers=args.jobs) as workers:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        ProcessPoolExecutor(max_workers=args.jobs) as workers,
+    ):
         pending_references = workers.submit(score_references, str(pool), tmp)
         # Seeds outermost: a run cut short still has every sampler x space at its first seeds.
         jobs = [
-            {"pool": str(pool), "space": space, "sampler": sampler, "seed": seed, "trials": args.trials, "workdir": tmp}
+            {
+                "pool": str(pool),
+                "space": space,
+                "sampler": sampler,
+                "seed": seed,
+                "trials": args.trials,
+                "workdir": tmp,
+            }
             for seed in args.seeds
             for space in args.spaces
             for sampler in args.samplers
         ]
         runs, references = [], None
-        for done in as_completed([workers.submit(run_search, job) for job in jobs] + [pending_references]):
+        for done in as_completed(
+            [workers.submit(run_search, job) for job in jobs] + [pending_references]
+        ):
             if done is pending_references:
                 references = done.result()
             else:
@@ -284,15 +333,27 @@ def print_combined(paths: list[Path]) -> None:
     if len(pools) > 1:
         sys.exit(f"--combine: the files are runs on {len(pools)} pools; give one pool's")
     runs = [run for r in results for run in r["runs"]]
-    references = max((r["references"] for r in results if r["references"]), key=lambda ref: len(ref["naive"]))
+    references = max(
+        (r["references"] for r in results if r["references"]), key=lambda ref: len(ref["naive"])
+    )
     print(f"pool {pools.pop()}: {len(runs)} runs from {len(paths)} files")
     print_table(margins(runs, references), references, results[0]["trials"])
 
 
 def write_results(path: Path, pool: Path, trials: int, runs: list, references, table=None) -> None:
     rows = [{"sampler": s, "space": sp, **row} for (s, sp), row in (table or {}).items()]
-    path.write_text(json.dumps({"pool": str(pool), "trials": trials, "runs": runs, "references": references,
-                                "table": rows}, indent=2))
+    path.write_text(
+        json.dumps(
+            {
+                "pool": str(pool),
+                "trials": trials,
+                "runs": runs,
+                "references": references,
+                "table": rows,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -85,8 +85,8 @@ def apply_timed(candidate, genome) -> dict[str, float]:
 
     The same steps as `apply` (`PreparedTensor.run_into`); the callers also time `apply`
     itself as a cross-check."""
-    from evomerge.candidate import CandidateError
     from evomerge.kernel.cpu import copy_finite
+    from evomerge.spaces.parameters.candidate import CandidateError
 
     merge = swap = 0.0
     for job in candidate.jobs:
@@ -122,8 +122,8 @@ def bench_demo(config, repeats: int, root: Path) -> tuple[Timings, Timings, dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.fitness import Evaluator
-    from evomerge.merge import run_merge, torch_dtype
-    from evomerge.search import Search
+    from evomerge.merging.executor import run_merge, torch_dtype
+    from evomerge.search.loop import Search
 
     if not Path(config.pool.base).is_dir():
         raise SystemExit(
@@ -192,9 +192,9 @@ def bench_synthetic(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from evomerge.candidate import CompiledCandidate
-    from evomerge.merge import run_merge
-    from evomerge.space import SearchSpace, load_space
+    from evomerge.merging.executor import run_merge
+    from evomerge.spaces.parameters.candidate import CompiledCandidate
+    from evomerge.spaces.parameters.space import SearchSpace, load_space
 
     sys.path.insert(0, str(REPO / "bench"))
     from merge_throughput import llama_shapes, write_models
@@ -270,7 +270,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--params", type=float, default=0.5e9, help="synthetic parameters per model"
     )
-    parser.add_argument("--space", help="a search space in place of the config's (e.g. dare_ties_layers)")
+    parser.add_argument(
+        "--space", help="a search space in place of the config's (e.g. dare_ties_layers)"
+    )
     parser.add_argument("--skip-synthetic", action="store_true")
     parser.add_argument("--skip-demo", action="store_true")
     parser.add_argument(
@@ -287,7 +289,7 @@ def main(argv=None) -> None:
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # "pretrained is not a str" per HFLM
     import torch
 
-    from evomerge.config import load_run_config
+    from evomerge.search.config import load_run_config
 
     torch.set_num_threads(args.threads)
     config = load_run_config(args.config).model_copy(update={"threads": args.threads})

@@ -44,7 +44,7 @@ def evomerge(*args: str) -> list[str]:
 def study_trials(run_dir: Path):
     import optuna
 
-    from evomerge.study import open_storage
+    from evomerge.search.study import open_storage
 
     meta = yaml.safe_load((run_dir / "config.yaml").read_text())["search"]
     url = meta["storage"] or f"sqlite:///{run_dir / 'study.db'}"
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--storage", choices=["sqlite", "journal"], default="sqlite")
     args = parser.parse_args()
 
-    from evomerge.config import load_run_config
+    from evomerge.search.config import load_run_config
 
     pool = ROOT / "runs" / "demo-pool"
     if args.config == ROOT / "configs" / "demo.yaml" and not (pool / "pool.json").exists():

@@ -40,6 +40,7 @@ def main(jobs_path: str, results_path: str) -> None:
             results[job["name"]] = {"ok": True, "config": dumped}
         except Exception as exc:  # noqa: BLE001 (any refusal is recorded for the test to judge)
             results[job["name"]] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
     def options(job):
         return MergeOptions(
             copy_tokenizer=False,
@@ -69,8 +70,14 @@ def main(jobs_path: str, results_path: str) -> None:
             try:
                 run(job)
                 # The process's peak resident memory so far (VmHWM starts anew at exec, ru_maxrss not).
-                peak_kib = int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1))
-                results[job["name"]] = {"ok": True, "seconds": time.perf_counter() - started, "peak_kib": peak_kib}
+                peak_kib = int(
+                    re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)
+                )
+                results[job["name"]] = {
+                    "ok": True,
+                    "seconds": time.perf_counter() - started,
+                    "peak_kib": peak_kib,
+                }
             except Exception as exc:  # noqa: BLE001 (recorded, so one failure hides no other)
                 results[job["name"]] = {
                     "ok": False,

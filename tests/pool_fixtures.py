@@ -84,7 +84,9 @@ def small_pool2_models(small_pool2: Path) -> dict:
 SKILLS = ("add", "rev", "sort")
 
 
-def pool_search_config(pool: Path, *, tasks, subset: int, search: dict, space="linear_global", **fitness) -> dict:
+def pool_search_config(
+    pool: Path, *, tasks, subset: int, search: dict, space="linear_global", **fitness
+) -> dict:
     """A search config (as a mapping) over a demo pool folder: its three specialists, its
     tasks, 1 thread. Tests pass what they vary."""
     return {
@@ -94,7 +96,12 @@ def pool_search_config(pool: Path, *, tasks, subset: int, search: dict, space="l
             "dtype": "float32",
         },
         "space": space,
-        "fitness": {"task_paths": [str(pool / "tasks")], "tasks": list(tasks), "subset": {"count": subset}, **fitness},
+        "fitness": {
+            "task_paths": [str(pool / "tasks")],
+            "tasks": list(tasks),
+            "subset": {"count": subset},
+            **fitness,
+        },
         "search": search,
         "threads": 1,
     }

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-from evomerge.adapters import AdapterCheckpoint, open_checkpoint
-from evomerge.checkpoint import Checkpoint
-from evomerge.errors import UserError
-from evomerge.merge import run_merge
-from evomerge.recipe import parse_recipe
 from tiny_models import RANK, build_tiny_pool, write_adapter
+
+from evomerge.errors import UserError
+from evomerge.io.adapters import AdapterCheckpoint, open_checkpoint
+from evomerge.io.checkpoint import Checkpoint
+from evomerge.merging.executor import run_merge
+from evomerge.merging.recipe import parse_recipe
 
 
 @pytest.fixture(scope="module", params=["fp32", "bf16"])
@@ -29,8 +29,13 @@ def lora_pool(request, tmp_path_factory):
     folders = build_tiny_pool(root, dtype=dtype, n_models=1)
     folders["plain"] = write_adapter(root / "plain", folders["base"])
     folders["rslora"] = write_adapter(
-        root / "rslora", folders["base"], dtype=dtype, seed=1, use_rslora=True,
-        rank_pattern={"down_proj": 2}, alpha_pattern={"q_proj": 16},
+        root / "rslora",
+        folders["base"],
+        dtype=dtype,
+        seed=1,
+        use_rslora=True,
+        rank_pattern={"down_proj": 2},
+        alpha_pattern={"q_proj": 16},
     )
     return request.param, folders
 
@@ -51,7 +56,13 @@ def test_a_lora_recipe_matches_mergekit(lora_pool, mergekit_python, tmp_path):
     jobs = {
         "threads": 1,
         "merges": [
-            {"name": name, "recipe": text, "out": str(tmp_path / f"mk-{name}"), "seed": 0, "lora_cache": str(tmp_path / "cache")}
+            {
+                "name": name,
+                "recipe": text,
+                "out": str(tmp_path / f"mk-{name}"),
+                "seed": 0,
+                "lora_cache": str(tmp_path / "cache"),
+            }
             for name, text in recipes.items()
         ],
     }
@@ -74,12 +85,16 @@ def test_the_adapter_changes_exactly_the_tensors_it_targets(lora_pool):
     base = Checkpoint(str(folders["base"]))
     adapted = open_checkpoint(f"{folders['base']}+{folders['plain']}")
     assert isinstance(adapted, AdapterCheckpoint)
-    changed = {name for name in base.names if not torch.equal(base.tensor(name), adapted.tensor(name))}
+    changed = {
+        name for name in base.names if not torch.equal(base.tensor(name), adapted.tensor(name))
+    }
     assert changed == set(adapted.factors)
     assert any("embed_tokens" in n for n in changed) and any("down_proj" in n for n in changed)
     name = next(n for n in changed if n.endswith("q_proj.weight"))
     factors = adapted.factors[name]
-    expected = (base.tensor(name).float() + (factors.b @ factors.a) * 2.0).to(base.torch_dtype(name))
+    expected = (base.tensor(name).float() + (factors.b @ factors.a) * 2.0).to(
+        base.torch_dtype(name)
+    )
     assert torch.equal(adapted.tensor(name), expected)  # alpha 8 / r 4
 
 
@@ -93,7 +108,10 @@ def _merge_cli(recipe: str, out: Path, *extra: str) -> subprocess.CompletedProce
     recipe_file.write_text(recipe)
     return subprocess.run(
         [sys.executable, "-m", "evomerge", "merge", str(recipe_file), str(out), *extra],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
 
 
@@ -176,15 +194,23 @@ def test_a_search_over_a_pool_with_an_adapter_exports_what_it_scored(tmp_path, s
     from pool_fixtures import pool_search_config
 
     from evomerge.cli.process import set_up_process
-    from evomerge.config import RunConfig
-    from evomerge.export import export_trial
-    from evomerge.run_folder import write_run_folder
-    from evomerge.search import Search
+    from evomerge.results.export import export_trial
+    from evomerge.search.config import RunConfig
+    from evomerge.search.loop import Search
+    from evomerge.search.run_folder import write_run_folder
 
     adapter = write_adapter(tmp_path / "adapter", small_pool / "base")
-    data = pool_search_config(small_pool, tasks=["evomerge_add"], subset=8, space="task_arithmetic_layers",
-                              search={"sampler": "random", "trials": 5, "seed": 0})
-    data["pool"]["models"] = {"add": str(small_pool / "add"), "lora": f"{small_pool / 'base'}+{adapter}"}
+    data = pool_search_config(
+        small_pool,
+        tasks=["evomerge_add"],
+        subset=8,
+        space="task_arithmetic_layers",
+        search={"sampler": "random", "trials": 5, "seed": 0},
+    )
+    data["pool"]["models"] = {
+        "add": str(small_pool / "add"),
+        "lora": f"{small_pool / 'base'}+{adapter}",
+    }
     config, run_dir = RunConfig.model_validate(data), tmp_path / "run"
     set_up_process(threads=1, hf_home=run_dir / "hf", offline=True)
     write_run_folder(config, run_dir)
@@ -196,4 +222,6 @@ def test_a_search_over_a_pool_with_an_adapter_exports_what_it_scored(tmp_path, s
     export_trial(run_dir, tmp_path / "export", trial_number=trial.number)
     exported = load_file(str(tmp_path / "export" / "model.safetensors"))
     assert all(torch.equal(exported[k], scored[k]) for k in scored)
-    assert any("+" in line for line in (tmp_path / "export" / "recipe.yaml").read_text().splitlines())
+    assert any(
+        "+" in line for line in (tmp_path / "export" / "recipe.yaml").read_text().splitlines()
+    )

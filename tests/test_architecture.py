@@ -1,4 +1,4 @@
-"""The package's import structure: no import cycles, and the methods above the kernel.
+"""The package's import structure: the layer order of docs/DESIGN_NOTES.md, and no cycles.
 
 Read from the source (every `import` and `from ... import`, at module level or inside a
 function), not from what an import happens to execute, so that a cycle hidden in a function
@@ -71,8 +71,10 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
 
 
 def test_the_reader_sees_imports_of_every_kind():
-    assert "evomerge.kernel.cpu" in GRAPH["evomerge.kernel.task_vectors"]  # from package import module
-    assert "evomerge.kernel.task_vectors" in GRAPH["evomerge.merge"]  # inside a function
+    assert (
+        "evomerge.kernel.cpu" in GRAPH["evomerge.kernel.task_vectors"]
+    )  # from package import module
+    assert "evomerge.kernel.task_vectors" in GRAPH["evomerge.merging.executor"]  # inside a function
     assert "evomerge.methods.registry" in GRAPH["evomerge.methods"]  # an __init__
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) == []
@@ -92,3 +94,65 @@ def test_no_method_module_imports_the_kernel():
         if name.startswith("evomerge.methods")
     }
     assert not any(offenders.values()), offenders
+
+
+# The layers, bottom first (docs/DESIGN_NOTES.md, "The layers"): a module may import its own
+# layer and the layers below it, never one above. `pool` builds the offline demo pools beside
+# the library (it needs only `io`); `cli` sits on top of everything.
+LAYERS = [
+    ("evomerge", "evomerge.errors"),
+    ("evomerge.io",),
+    ("evomerge.methods",),
+    ("evomerge.kernel",),
+    ("evomerge.merging",),
+    ("evomerge.fitness", "evomerge.pool"),
+    ("evomerge.spaces",),
+    ("evomerge.search",),
+    ("evomerge.results",),
+    ("evomerge.cli", "evomerge.__main__"),
+]
+
+
+def layer_of(module: str) -> int:
+    """The index in LAYERS of the longest prefix that names `module` or a package above it."""
+    best, depth = None, -1
+    for index, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and prefix.count(".") > depth:
+                best, depth = index, prefix.count(".")
+    assert best is not None, f"{module} is in no layer: add it to LAYERS"
+    return best
+
+
+def test_every_module_sits_in_a_layer():
+    for name in MODULES:
+        layer_of(name)
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    upward = sorted(
+        f"{name} -> {imported}"
+        for name, imports in GRAPH.items()
+        for imported in imports
+        if layer_of(imported) > layer_of(name)
+    )
+    assert not upward, "imports that point up a layer:\n" + "\n".join(upward)
+
+
+def test_only_the_cli_imports_results_and_pools():
+    """`results` and `pool` are ends, not foundations: no library layer builds on them."""
+    ends = ("evomerge.results", "evomerge.pool")
+    offenders = sorted(
+        f"{name} -> {imported}"
+        for name, imports in GRAPH.items()
+        for imported in imports
+        if imported.startswith(ends) and not name.startswith(("evomerge.cli", *ends))
+    )
+    assert not offenders, offenders
+
+
+def test_the_layer_rule_catches_an_upward_import():
+    assert layer_of("evomerge.io.checkpoint") < layer_of("evomerge.search.loop")
+    assert (
+        layer_of("evomerge.errors") == 0 and layer_of("evomerge.cli.report_cmd") == len(LAYERS) - 1
+    )

@@ -51,7 +51,12 @@ def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
 
 def evomerge(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "evomerge", *args], check=False, env=ENV, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "evomerge", *args],
+        check=False,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -120,7 +125,9 @@ def rewrite_tensors(folder: Path, change) -> None:
 
 # --- recipes ---------------------------------------------------------------------------------
 def test_malformed_yaml(monkeypatch, capsys, work, pool):
-    merge_fails(monkeypatch, capsys, work, "merge_method: linear\nmodels: [\n  - {model: a\n", "line")
+    merge_fails(
+        monkeypatch, capsys, work, "merge_method: linear\nmodels: [\n  - {model: a\n", "line"
+    )
 
 
 def test_unknown_key_names_the_closest_valid_key(monkeypatch, capsys, work, pool):
@@ -157,7 +164,9 @@ def _pickle_model(src: Path, dst: Path) -> Path:
 
 def test_pickle_weights_are_refused_without_allow_pickle(monkeypatch, capsys, work, pool):
     pickled = _pickle_model(pool["ft1"], work / "pickled")
-    merge_fails(monkeypatch, capsys, work, linear_recipe(pool["ft0"], pickled), "pickle", "--allow-pickle")
+    merge_fails(
+        monkeypatch, capsys, work, linear_recipe(pool["ft0"], pickled), "pickle", "--allow-pickle"
+    )
 
 
 def test_allow_pickle_loads_weights_only_and_merges_the_same(monkeypatch, capsys, work, pool):
@@ -166,9 +175,19 @@ def test_allow_pickle_loads_weights_only_and_merges_the_same(monkeypatch, capsys
     pickled = _pickle_model(pool["ft1"], work / "pickled")
     for name, second in (("from-pickle", pickled), ("from-safetensors", pool["ft1"])):
         (work / f"{name}.yaml").write_text(yaml.safe_dump(linear_recipe(pool["ft0"], second)))
-        code, err = cli(monkeypatch, capsys, "merge", str(work / f"{name}.yaml"), str(work / name), "--allow-pickle")
+        code, err = cli(
+            monkeypatch,
+            capsys,
+            "merge",
+            str(work / f"{name}.yaml"),
+            str(work / name),
+            "--allow-pickle",
+        )
         assert code == 0, err
-    a, b = load_file(work / "from-pickle" / "model.safetensors"), load_file(work / "from-safetensors" / "model.safetensors")
+    a, b = (
+        load_file(work / "from-pickle" / "model.safetensors"),
+        load_file(work / "from-safetensors" / "model.safetensors"),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -187,8 +206,18 @@ def test_allow_pickle_never_runs_pickled_code(monkeypatch, capsys, work, pool):
     evil.mkdir()
     shutil.copy(pool["ft1"] / "config.json", evil)
     marker = work / "pwned"
-    torch.save({"model.embed_tokens.weight": torch.zeros(2), "x": _RunsCode(marker)}, evil / "pytorch_model.bin")
-    merge_fails(monkeypatch, capsys, work, linear_recipe(pool["ft0"], evil), "refused", extra=("--allow-pickle",))
+    torch.save(
+        {"model.embed_tokens.weight": torch.zeros(2), "x": _RunsCode(marker)},
+        evil / "pytorch_model.bin",
+    )
+    merge_fails(
+        monkeypatch,
+        capsys,
+        work,
+        linear_recipe(pool["ft0"], evil),
+        "refused",
+        extra=("--allow-pickle",),
+    )
     assert not marker.exists()
 
 
@@ -205,7 +234,13 @@ def test_corrupt_safetensors_header(monkeypatch, capsys, work, pool):
     header_len = int.from_bytes(data[:8], "little")
     data[8 : 8 + header_len] = b"\xff" * header_len  # not JSON
     (broken / "model.safetensors").write_bytes(bytes(data))
-    merge_fails(monkeypatch, capsys, work, linear_recipe(pool["ft0"], broken), "unreadable safetensors header")
+    merge_fails(
+        monkeypatch,
+        capsys,
+        work,
+        linear_recipe(pool["ft0"], broken),
+        "unreadable safetensors header",
+    )
 
 
 def test_header_claiming_an_absurd_size(monkeypatch, capsys, work, pool):
@@ -217,7 +252,9 @@ def test_header_claiming_an_absurd_size(monkeypatch, capsys, work, pool):
 # --- the pool ---------------------------------------------------------------------------------
 def test_shapes_that_differ_between_models(monkeypatch, capsys, work, pool):
     wider = build_tiny_pool(work / "wider", n_models=0, intermediate_size=64)["base"]
-    merge_fails(monkeypatch, capsys, work, linear_recipe(pool["ft0"], wider), "different shapes", "mlp")
+    merge_fails(
+        monkeypatch, capsys, work, linear_recipe(pool["ft0"], wider), "different shapes", "mlp"
+    )
 
 
 def test_different_architectures_by_config(monkeypatch, capsys, work, pool):
@@ -225,34 +262,66 @@ def test_different_architectures_by_config(monkeypatch, capsys, work, pool):
     config = json.loads((other / "config.json").read_text())
     config.update(model_type="mistral", architectures=["MistralForCausalLM"])
     (other / "config.json").write_text(json.dumps(config))
-    merge_fails(monkeypatch, capsys, work, linear_recipe(pool["ft0"], other), "different architectures", "mistral")
+    merge_fails(
+        monkeypatch,
+        capsys,
+        work,
+        linear_recipe(pool["ft0"], other),
+        "different architectures",
+        "mistral",
+    )
 
 
 def test_different_architectures_by_tensor_names(monkeypatch, capsys, work, pool):
     other = copy_model(pool["ft1"], work / "with-bias")
-    rewrite_tensors(other, lambda t: t.update({"model.layers.2.self_attn.q_proj.bias": torch.zeros(32)}))
+    rewrite_tensors(
+        other, lambda t: t.update({"model.layers.2.self_attn.q_proj.bias": torch.zeros(32)})
+    )
     merge_fails(
-        monkeypatch, capsys, work, linear_recipe(pool["ft0"], other),
-        "different architectures", "model.layers.N.self_attn.q_proj.bias",
+        monkeypatch,
+        capsys,
+        work,
+        linear_recipe(pool["ft0"], other),
+        "different architectures",
+        "model.layers.N.self_attn.q_proj.bias",
     )
 
 
 def test_different_vocabularies(monkeypatch, capsys, work, pool):
     """Policy: models must share one vocabulary (config vocab_size); the message names both."""
     bigger = build_tiny_pool(work / "vocab", n_models=0, vocab_size=80)["base"]
-    merge_fails(monkeypatch, capsys, work, linear_recipe(pool["ft0"], bigger), "vocabularies", "64 tokens", "80 tokens")
+    merge_fails(
+        monkeypatch,
+        capsys,
+        work,
+        linear_recipe(pool["ft0"], bigger),
+        "vocabularies",
+        "64 tokens",
+        "80 tokens",
+    )
 
 
 def test_nan_in_a_source_is_refused_with_the_tensor_name(monkeypatch, capsys, work, pool):
     broken = copy_model(pool["ft1"], work / "nan")
-    rewrite_tensors(broken, lambda t: t["model.layers.1.mlp.up_proj.weight"].__setitem__((0, 0), float("nan")))
-    merge_fails(monkeypatch, capsys, work, linear_recipe(pool["ft0"], broken), "NaN", "model.layers.1.mlp.up_proj.weight")
+    rewrite_tensors(
+        broken, lambda t: t["model.layers.1.mlp.up_proj.weight"].__setitem__((0, 0), float("nan"))
+    )
+    merge_fails(
+        monkeypatch,
+        capsys,
+        work,
+        linear_recipe(pool["ft0"], broken),
+        "NaN",
+        "model.layers.1.mlp.up_proj.weight",
+    )
 
 
 def test_inf_in_a_source_is_refused(monkeypatch, capsys, work, pool):
     broken = copy_model(pool["ft1"], work / "inf")
     rewrite_tensors(broken, lambda t: t["model.norm.weight"].__setitem__(3, float("inf")))
-    merge_fails(monkeypatch, capsys, work, linear_recipe(pool["ft0"], broken), "Inf", "model.norm.weight")
+    merge_fails(
+        monkeypatch, capsys, work, linear_recipe(pool["ft0"], broken), "Inf", "model.norm.weight"
+    )
 
 
 # --- parameters -------------------------------------------------------------------------------
@@ -260,7 +329,10 @@ def test_density_above_one(monkeypatch, capsys, work, pool):
     recipe = {
         "merge_method": "ties",
         "base_model": str(pool["base"]),
-        "models": [{"model": str(pool[m]), "parameters": {"weight": 0.5, "density": 1.5}} for m in ("ft0", "ft1")],
+        "models": [
+            {"model": str(pool[m]), "parameters": {"weight": 0.5, "density": 1.5}}
+            for m in ("ft0", "ft1")
+        ],
     }
     merge_fails(monkeypatch, capsys, work, recipe, "'density'", "[0, 1]", "1.5")
 
@@ -303,7 +375,10 @@ def ties_recipe(pool, *, global_=None, first=None, slice_=None) -> dict:
     """A TIES recipe over ft0 and ft1, as slices when `slice_` parameters are given."""
     first = {"weight": 0.5, **(first or {})}
     if slice_ is None:
-        models = [{"model": str(pool["ft0"]), "parameters": first}, {"model": str(pool["ft1"]), "parameters": {"weight": 0.5}}]
+        models = [
+            {"model": str(pool["ft0"]), "parameters": first},
+            {"model": str(pool["ft1"]), "parameters": {"weight": 0.5}},
+        ]
         body = {"models": models}
     else:
         sources = [
@@ -312,15 +387,28 @@ def ties_recipe(pool, *, global_=None, first=None, slice_=None) -> dict:
             {"model": str(pool["base"]), "layer_range": [0, 4]},
         ]
         body = {"slices": [{"sources": sources, "parameters": slice_}]}
-    return {"merge_method": "ties", "base_model": str(pool["base"]), **body, **({"parameters": global_} if global_ else {})}
+    return {
+        "merge_method": "ties",
+        "base_model": str(pool["base"]),
+        **body,
+        **({"parameters": global_} if global_ else {}),
+    }
 
 
 MISSPELLED = {  # level -> (recipe changes, path named in the message, closest name)
     "global": ({"global_": {"lamda": 3}}, "parameters.lamda", "lambda"),
     "per-model": ({"first": {"densty": 0.2}}, "models[0].parameters.densty", "density"),
     "per-slice": ({"slice_": {"densty": 0.2}}, "slices[0].parameters.densty", "density"),
-    "per-source": ({"slice_": {}, "first": {"densty": 0.2}}, "slices[0].sources[0].parameters.densty", "density"),
-    "filter-list": ({"first": {"densty": [{"filter": "mlp", "value": 0.2}, {"value": 1.0}]}}, "models[0].parameters.densty", "density"),
+    "per-source": (
+        {"slice_": {}, "first": {"densty": 0.2}},
+        "slices[0].sources[0].parameters.densty",
+        "density",
+    ),
+    "filter-list": (
+        {"first": {"densty": [{"filter": "mlp", "value": 0.2}, {"value": 1.0}]}},
+        "models[0].parameters.densty",
+        "density",
+    ),
 }
 
 
@@ -328,16 +416,29 @@ MISSPELLED = {  # level -> (recipe changes, path named in the message, closest n
 def test_misspelled_parameter_is_refused_by_merge(monkeypatch, capsys, work, pool, level):
     """Once merged without a word at the parameter's default (density 1, lambda 1)."""
     changes, path, closest = MISSPELLED[level]
-    merge_fails(monkeypatch, capsys, work, ties_recipe(pool, **changes), path, f"did you mean {closest!r}")
+    merge_fails(
+        monkeypatch, capsys, work, ties_recipe(pool, **changes), path, f"did you mean {closest!r}"
+    )
 
 
 @pytest.mark.parametrize("level", sorted(MISSPELLED))
-def test_misspelled_parameter_is_refused_by_eval_of_a_recipe(monkeypatch, capsys, work, pool, level):
+def test_misspelled_parameter_is_refused_by_eval_of_a_recipe(
+    monkeypatch, capsys, work, pool, level
+):
     changes, path, closest = MISSPELLED[level]
     file = work / "recipe.yaml"
     file.write_text(yaml.safe_dump(ties_recipe(pool, **changes)))
     before = snapshot(work)
-    code, err = cli(monkeypatch, capsys, "eval", str(file), "--tasks", "evomerge_add", "--out", str(work / "scores.json"))
+    code, err = cli(
+        monkeypatch,
+        capsys,
+        "eval",
+        str(file),
+        "--tasks",
+        "evomerge_add",
+        "--out",
+        str(work / "scores.json"),
+    )
     assert_one_sentence(code, err, path, f"did you mean {closest!r}")
     assert snapshot(work) == before, "something was written"
 
@@ -354,7 +455,9 @@ def test_output_folder_that_exists(monkeypatch, capsys, work, pool):
     out = work / "out" / "model"
     out.mkdir(parents=True)
     (out / "keep.txt").write_text("mine")
-    err = merge_fails(monkeypatch, capsys, work, linear_recipe(pool["ft0"], pool["ft1"]), "exists", "--force")
+    err = merge_fails(
+        monkeypatch, capsys, work, linear_recipe(pool["ft0"], pool["ft1"]), "exists", "--force"
+    )
     assert (out / "keep.txt").read_text() == "mine" and err
 
 
@@ -388,11 +491,15 @@ def search_fails(work: Path, config: Path, *needles: str, args: tuple[str, ...] 
 
 
 def test_unknown_sampler(work, small_pool):
-    search_fails(work, search_config(work, small_pool, search__sampler="cmaez"), "search.sampler", "cmaes")
+    search_fails(
+        work, search_config(work, small_pool, search__sampler="cmaez"), "search.sampler", "cmaes"
+    )
 
 
 # `--trials 0` only creates the study for workers; it must refuse what they would refuse
-ALSO_WITH_TRIALS_0 = pytest.mark.parametrize("args", [(), ("--trials", "0")], ids=["search", "trials-0"])
+ALSO_WITH_TRIALS_0 = pytest.mark.parametrize(
+    "args", [(), ("--trials", "0")], ids=["search", "trials-0"]
+)
 
 
 @pytest.mark.slow
@@ -405,7 +512,9 @@ def test_unknown_task(work, small_pool, args):
 @pytest.mark.slow
 @ALSO_WITH_TRIALS_0
 def test_unknown_metric(work, small_pool, args):
-    config = search_config(work, small_pool, fitness__tasks=[{"name": "evomerge_add", "metric": "acuracy"}])
+    config = search_config(
+        work, small_pool, fitness__tasks=[{"name": "evomerge_add", "metric": "acuracy"}]
+    )
     search_fails(work, config, "no metric 'acuracy'", "acc", args=args)
 
 
@@ -420,7 +529,9 @@ def test_missing_task_data_file(work, small_pool):
 
 @pytest.mark.slow
 def test_unreachable_storage_is_one_sentence_and_quick(work, small_pool):
-    config = search_config(work, small_pool, search__storage="postgresql://evomerge@127.0.0.1:1/nothing")
+    config = search_config(
+        work, small_pool, search__storage="postgresql://evomerge@127.0.0.1:1/nothing"
+    )
     seconds = search_fails(work, config, "postgresql://evomerge@127.0.0.1:1/nothing")
     assert seconds < 60
 
@@ -435,7 +546,9 @@ def test_nan_in_a_pool_model_is_refused_at_search_set_up(work, small_pool):
     name = next(n for n in tensors if ".mlp." in n)
     tensors[name].view(-1)[0] = float("nan")
     save_file(tensors, file, metadata={"format": "pt"})
-    config = search_config(work, small_pool, pool__models={"add": str(small_pool / "add"), "rev": str(broken)})
+    config = search_config(
+        work, small_pool, pool__models={"add": str(small_pool / "add"), "rev": str(broken)}
+    )
     search_fails(work, config, "NaN", name)
 
 
@@ -447,9 +560,18 @@ def test_search_space_bounds_outside_the_limits(work, small_pool):
 @pytest.mark.parametrize(
     "space, needles",
     [
-        ({"method": "ties", "search": {"weight": None, "densty": [0.1, 1.0]}}, ("search.densty", "did you mean 'density'")),
-        ({"method": "ties", "search": {"weight": None}, "fixed": {"lamda": 3}}, ("fixed.lamda", "did you mean 'lambda'")),
-        ({"method": "ties", "search": {"weight": None}, "fixed": {"int8_mask": 3}}, ("fixed.int8_mask", "bool", "3")),
+        (
+            {"method": "ties", "search": {"weight": None, "densty": [0.1, 1.0]}},
+            ("search.densty", "did you mean 'density'"),
+        ),
+        (
+            {"method": "ties", "search": {"weight": None}, "fixed": {"lamda": 3}},
+            ("fixed.lamda", "did you mean 'lambda'"),
+        ),
+        (
+            {"method": "ties", "search": {"weight": None}, "fixed": {"int8_mask": 3}},
+            ("fixed.int8_mask", "bool", "3"),
+        ),
     ],
     ids=["search", "fixed", "fixed-value"],
 )
@@ -461,13 +583,23 @@ def test_misspelled_parameter_in_an_inline_space(work, small_pool, space, needle
     "space, name, floats",
     [
         ({"method": "karcher", "search": {"max_iter": [2, 20]}}, "max_iter", "tol"),
-        ({"method": "ties", "search": {"weight": None, "int8_mask": [0, 1]}}, "int8_mask", "weight, density, lambda"),
+        (
+            {"method": "ties", "search": {"weight": None, "int8_mask": [0, 1]}},
+            "int8_mask",
+            "weight, density, lambda",
+        ),
     ],
 )
 def test_only_float_parameters_can_be_searched(work, small_pool, space, name, floats):
     """An int or bool gene was accepted and the search then stopped at its first candidate with
     "parameter 'max_iter' ... must be a finite int, got 10.5", which named no cause."""
-    search_fails(work, search_config(work, small_pool, space=space), f"search.{name}", "only float parameters", floats)
+    search_fails(
+        work,
+        search_config(work, small_pool, space=space),
+        f"search.{name}",
+        "only float parameters",
+        floats,
+    )
 
 
 @pytest.mark.slow
@@ -477,8 +609,11 @@ def test_a_first_fidelity_rung_larger_than_a_task_is_refused(work, small_pool, a
 
     config = search_config(work, small_pool, fitness__subset={"count": N_DEV + 1})
     search_fails(
-        work, config, f"fitness.subset.count {N_DEV + 1} is more than the {N_DEV} dev examples",
-        "fidelity: null", args=args,
+        work,
+        config,
+        f"fitness.subset.count {N_DEV + 1} is more than the {N_DEV} dev examples",
+        "fidelity: null",
+        args=args,
     )
 
 
@@ -486,7 +621,10 @@ def test_a_first_fidelity_rung_larger_than_a_task_is_refused(work, small_pool, a
     "search, needles",
     [
         ({"fidelity": {"eta": 1}}, ("search.fidelity.eta", "greater than 1")),
-        ({"promotion": {"quantile": 0.75}}, ("search.promotion was replaced by search.fidelity", "fidelity: null")),
+        (
+            {"promotion": {"quantile": 0.75}},
+            ("search.promotion was replaced by search.fidelity", "fidelity: null"),
+        ),
     ],
     ids=["eta-1", "promotion"],
 )
@@ -501,13 +639,15 @@ def test_missing_pool_model(work, small_pool):
 
 
 def test_run_folder_of_an_incompatible_version(work, small_pool):
-    from evomerge.config import load_run_config
-    from evomerge.run_folder import write_run_folder
+    from evomerge.search.config import load_run_config
+    from evomerge.search.run_folder import write_run_folder
 
     run_dir = work / "old-run"
     write_run_folder(load_run_config(search_config(work, small_pool)), run_dir)
     meta = json.loads((run_dir / "run.json").read_text())
-    (run_dir / "run.json").write_text(json.dumps({**meta, "run_format": 999, "evomerge_version": "9.9"}))
+    (run_dir / "run.json").write_text(
+        json.dumps({**meta, "run_format": 999, "evomerge_version": "9.9"})
+    )
     before = snapshot(work)
     for command in ("resume", "worker"):
         result = evomerge(command, str(run_dir))

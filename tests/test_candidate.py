@@ -20,8 +20,8 @@ SPACES = {  # space -> the pool models it merges
 
 
 def space_over(pool, name: str, models, dtype="float32"):
-    from evomerge.checkpoint import Checkpoint
-    from evomerge.space import SearchSpace, load_space
+    from evomerge.io.checkpoint import Checkpoint
+    from evomerge.spaces.parameters.space import SearchSpace, load_space
 
     return SearchSpace(
         load_space(name),
@@ -42,8 +42,8 @@ def live_model(pool):
 def test_a_compiled_candidate_is_the_merge_of_its_recipe(tmp_path, small_pool, name):
     from safetensors.torch import load_file
 
-    from evomerge.candidate import CompiledCandidate
-    from evomerge.merge import run_merge
+    from evomerge.merging.executor import run_merge
+    from evomerge.spaces.parameters.candidate import CompiledCandidate
 
     torch.set_num_threads(1)
     space = space_over(small_pool, name, SPACES[name])
@@ -62,14 +62,16 @@ def test_a_compiled_candidate_is_the_merge_of_its_recipe(tmp_path, small_pool, n
 def test_a_candidate_with_an_inf_is_refused(small_pool):
     """Weights that overflow float32 (to Inf, as the merge dtype reads them): the kernel's pass
     (task arithmetic) and the checked copy (linear's torch code) both report it."""
-    from evomerge.candidate import CandidateError, CompiledCandidate
+    from evomerge.spaces.parameters.candidate import CandidateError, CompiledCandidate
 
     torch.set_num_threads(1)
     for name in ("task_arithmetic_layers", "linear_global"):
         space = space_over(small_pool, name, ("add", "rev"))
         candidate = CompiledCandidate(live_model(small_pool), space, seed=0)
         candidate.apply({g.name: g.high for g in space.genes})  # in bounds: finite
-        genome = {g.name: 1e40 for g in space.genes}  # beyond the bounds: the search never asks this
+        genome = {
+            g.name: 1e40 for g in space.genes
+        }  # beyond the bounds: the search never asks this
         with pytest.raises(CandidateError, match="NaN or Inf"):
             candidate.apply(genome)
 
@@ -88,26 +90,37 @@ def adapters(small_pool, tmp_path_factory):
 
 
 def adapter_space(pool, name: str, models: dict, dtype: str):
-    from evomerge.checkpoint import Checkpoint
-    from evomerge.space import SearchSpace, load_space
+    from evomerge.io.checkpoint import Checkpoint
+    from evomerge.spaces.parameters.space import SearchSpace, load_space
 
-    return SearchSpace(load_space(name), base=str(pool / "base"), models=models,
-                       num_layers=Checkpoint(pool / "base").num_layers, dtype=dtype)
+    return SearchSpace(
+        load_space(name),
+        base=str(pool / "base"),
+        models=models,
+        num_layers=Checkpoint(pool / "base").num_layers,
+        dtype=dtype,
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", sorted(SPACES))
-def test_a_candidate_over_adapters_is_the_merge_of_its_recipe(tmp_path, small_pool, adapters, name, dtype):
+def test_a_candidate_over_adapters_is_the_merge_of_its_recipe(
+    tmp_path, small_pool, adapters, name, dtype
+):
     """Adapters kept factored (formed per tensor per trial) give `evomerge merge`'s bits, beside
     a full fine-tune in the same pool."""
     from safetensors.torch import load_file
 
-    from evomerge.candidate import CompiledCandidate
-    from evomerge.factored import FactoredTensor
-    from evomerge.merge import run_merge
+    from evomerge.merging.executor import run_merge
+    from evomerge.merging.factored import FactoredTensor
+    from evomerge.spaces.parameters.candidate import CompiledCandidate
 
     torch.set_num_threads(1)
-    models = {"rslora": adapters["rslora"]} if len(SPACES[name]) == 1 else {"add": str(small_pool / "add"), **adapters}
+    models = (
+        {"rslora": adapters["rslora"]}
+        if len(SPACES[name]) == 1
+        else {"add": str(small_pool / "add"), **adapters}
+    )
     space = adapter_space(small_pool, name, models, dtype)
     candidate = CompiledCandidate(live_model(small_pool).to(getattr(torch, dtype)), space, seed=5)
     assert any(isinstance(job.tensor, FactoredTensor) for job in candidate.jobs)
@@ -124,9 +137,9 @@ def test_a_candidate_over_adapters_is_the_merge_of_its_recipe(tmp_path, small_po
 def test_an_adapter_pool_keeps_the_base_and_the_factors_only(small_pool, adapters):
     """Between trials a pool of adapters holds the base's tensors (shared by every adapter and
     the base) and the factors: nothing of full-model size per adapter."""
-    from evomerge.adapters import open_checkpoint
-    from evomerge.candidate import CompiledCandidate
-    from evomerge.checkpoint import Checkpoint
+    from evomerge.io.adapters import open_checkpoint
+    from evomerge.io.checkpoint import Checkpoint
+    from evomerge.spaces.parameters.candidate import CompiledCandidate
 
     torch.set_num_threads(1)
     space = adapter_space(small_pool, "dare_ties_layers", dict(adapters), "float32")
@@ -134,7 +147,9 @@ def test_an_adapter_pool_keeps_the_base_and_the_factors_only(small_pool, adapter
     kept = sum(job.tensor.resident_bytes() for job in candidate.jobs)
     base = Checkpoint(small_pool / "base")
     factors = [f for ref in adapters.values() for f in open_checkpoint(ref).factors.values()]
-    expected = sum(base.tensor(n).nbytes for n in candidate.targets) + sum(f.a.nbytes + f.b.nbytes for f in factors)
+    expected = sum(base.tensor(n).nbytes for n in candidate.targets) + sum(
+        f.a.nbytes + f.b.nbytes for f in factors
+    )
     assert kept == expected
 
 
@@ -145,14 +160,19 @@ def test_adapters_keep_dare_draw_tables_and_the_merge_bits(tmp_path):
     from tiny_models import build_tiny_pool, write_adapter
     from transformers import AutoModelForCausalLM
 
-    from evomerge.candidate import CompiledCandidate
     from evomerge.kernel.task_vectors import DRAW_TABLE_MIN
-    from evomerge.merge import run_merge
+    from evomerge.merging.executor import run_merge
+    from evomerge.spaces.parameters.candidate import CompiledCandidate
 
     torch.set_num_threads(1)
-    folders = build_tiny_pool(tmp_path / "pool", n_models=0, num_hidden_layers=2, intermediate_size=DRAW_TABLE_MIN // 32)
+    folders = build_tiny_pool(
+        tmp_path / "pool", n_models=0, num_hidden_layers=2, intermediate_size=DRAW_TABLE_MIN // 32
+    )
     base = folders["base"]
-    models = {name: f"{base}+{write_adapter(tmp_path / name, base, seed=seed)}" for seed, name in enumerate(("a", "b"))}
+    models = {
+        name: f"{base}+{write_adapter(tmp_path / name, base, seed=seed)}"
+        for seed, name in enumerate(("a", "b"))
+    }
     space = adapter_space(tmp_path / "pool", "dare_ties_layers", models, "float32")
     live = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True).eval()
     candidate = CompiledCandidate(live, space, seed=2)
@@ -160,8 +180,15 @@ def test_adapters_keep_dare_draw_tables_and_the_merge_bits(tmp_path):
     for attempt in range(2):
         genome = {g.name: rng.uniform(g.low, g.high) for g in space.genes}
         candidate.apply(genome)
-        merged = load_file(str(run_merge(space.decode(genome), tmp_path / f"m{attempt}", seed=2).out_dir / "model.safetensors"))
+        merged = load_file(
+            str(
+                run_merge(space.decode(genome), tmp_path / f"m{attempt}", seed=2).out_dir
+                / "model.safetensors"
+            )
+        )
         for tensor, value in candidate.targets.items():
             assert torch.equal(value, merged[tensor]), (tensor, attempt)
-    large = [job for job in candidate.jobs if job.target.numel() >= DRAW_TABLE_MIN]  # gate, up, down
+    large = [
+        job for job in candidate.jobs if job.target.numel() >= DRAW_TABLE_MIN
+    ]  # gate, up, down
     assert len(large) == 3 * 2 and all(len(job.tensor.draw_tables) == 2 for job in large)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evomerge.checkpoint import Checkpoint
 from evomerge.errors import UserError
-from evomerge.merge import run_merge
-from evomerge.recipe import parse_recipe
+from evomerge.io.checkpoint import Checkpoint
+from evomerge.merging.executor import run_merge
+from evomerge.merging.recipe import parse_recipe
 
 
 def test_sharded_folders_read_and_write_the_same_tensors(tmp_path):
@@ -48,8 +48,8 @@ def test_writer_reuses_a_buffer_only_once_its_bytes_are_written(tmp_path, monkey
     fills up): every tensor on disk is the one merged for it, none overwritten by a later one."""
     import time
 
-    import evomerge.output as output
-    from evomerge.output import ShardedWriter, TensorSpec
+    from evomerge.io import output
+    from evomerge.io.output import ShardedWriter, TensorSpec
 
     slow_write = output.write_bytes
 

@@ -9,12 +9,12 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import build_tiny_pool
 from transformers import AutoModelForCausalLM
 
-from evomerge.dataflow import DataflowCandidate, DataflowConfig, DataflowSpace, Step
 from evomerge.errors import UserError
-from evomerge.merge import run_merge
-from tiny_models import build_tiny_pool
+from evomerge.merging.executor import run_merge
+from evomerge.spaces.dataflow import DataflowCandidate, DataflowConfig, DataflowSpace, Step
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,12 @@ def pool(tmp_path_factory):
 
 def make_space(pool, **settings) -> DataflowSpace:
     config = DataflowConfig(kind="dataflow", **settings)
-    return DataflowSpace(config, base=str(pool["base"]), models={"ft0": str(pool["ft0"]), "ft1": str(pool["ft1"])}, dtype="float32")
+    return DataflowSpace(
+        config,
+        base=str(pool["base"]),
+        models={"ft0": str(pool["ft0"]), "ft1": str(pool["ft1"])},
+        dtype="float32",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +60,9 @@ def test_the_scored_candidate_is_the_exported_model(live, tmp_path):
         assert exported.config.num_hidden_layers == len(space.path(genome))
         with torch.no_grad():
             assert torch.equal(exported(BATCH).logits, scored)
-            assert torch.equal(exported.generate(BATCH[:1], max_new_tokens=6, do_sample=False), generated)
+            assert torch.equal(
+                exported.generate(BATCH[:1], max_new_tokens=6, do_sample=False), generated
+            )
 
 
 def test_a_layer_used_twice_keeps_two_cache_slots(live, tmp_path):
@@ -75,9 +82,14 @@ def test_a_trial_copies_no_weights_but_the_scaled_projections(live):
     candidate.assemble(path)
     resident = {p.data_ptr() for source in candidate.sources.values() for p in source.parameters()}
     fresh = [name for name, p in model.named_parameters() if p.data_ptr() not in resident]
-    assert sorted(fresh) == ["model.layers.1.mlp.down_proj.weight", "model.layers.1.self_attn.o_proj.weight"]
+    assert sorted(fresh) == [
+        "model.layers.1.mlp.down_proj.weight",
+        "model.layers.1.self_attn.o_proj.weight",
+    ]
     source = candidate.sources["ft0"].model.layers[1]
-    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, source.mlp.down_proj.weight * 0.8)
+    assert torch.equal(
+        model.model.layers[1].mlp.down_proj.weight, source.mlp.down_proj.weight * 0.8
+    )
 
 
 def test_baselines_are_the_models_themselves(pool, live, tmp_path):
@@ -89,7 +101,10 @@ def test_baselines_are_the_models_themselves(pool, live, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(BATCH).logits, specialist(BATCH).logits)
     run_merge(space.decode(baselines["only_ft1"]), tmp_path / "out")
-    ours, theirs = load_file(str(tmp_path / "out" / "model.safetensors")), load_file(str(pool["ft1"] / "model.safetensors"))
+    ours, theirs = (
+        load_file(str(tmp_path / "out" / "model.safetensors")),
+        load_file(str(pool["ft1"] / "model.safetensors")),
+    )
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
@@ -108,10 +123,18 @@ def test_mergekit_merges_the_exported_recipe_to_the_same_tensors(live, mergekit_
 
     space, _, _ = live
     genomes = random_genomes(space, 3, seed=1)
-    jobs = {"threads": 1, "merges": [
-        {"name": str(i), "recipe": space.decode(g).to_yaml(), "out": str(tmp_path / f"mk{i}"), "seed": 0}
-        for i, g in enumerate(genomes)
-    ]}
+    jobs = {
+        "threads": 1,
+        "merges": [
+            {
+                "name": str(i),
+                "recipe": space.decode(g).to_yaml(),
+                "out": str(tmp_path / f"mk{i}"),
+                "seed": 0,
+            }
+            for i, g in enumerate(genomes)
+        ],
+    }
     results = run_driver(mergekit_python, jobs)
     for i, genome in enumerate(genomes):
         assert results[str(i)]["ok"], results[str(i)].get("traceback")
@@ -131,32 +154,56 @@ def test_bad_data_flow_spaces_are_refused(pool, tmp_path):
         make_space(pool, sources=["base", "ft9"])
     wide = build_tiny_pool(tmp_path / "wide", n_models=0, intermediate_size=64)["base"]
     with pytest.raises(UserError, match="do not fit the base"):
-        DataflowSpace(DataflowConfig(kind="dataflow"), base=str(pool["base"]), models={"wide": str(wide)}, dtype=None)
+        DataflowSpace(
+            DataflowConfig(kind="dataflow"),
+            base=str(pool["base"]),
+            models={"wide": str(wide)},
+            dtype=None,
+        )
     other = tmp_path / "mistral"
     shutil.copytree(pool["ft0"], other)
-    config = (other / "config.json").read_text().replace('"llama"', '"mistral"').replace("LlamaForCausalLM", "MistralForCausalLM")
+    config = (
+        (other / "config.json")
+        .read_text()
+        .replace('"llama"', '"mistral"')
+        .replace("LlamaForCausalLM", "MistralForCausalLM")
+    )
     (other / "config.json").write_text(config)
     with pytest.raises(UserError, match="different architectures"):
-        DataflowSpace(DataflowConfig(kind="dataflow"), base=str(pool["base"]), models={"m": str(other)}, dtype=None)
+        DataflowSpace(
+            DataflowConfig(kind="dataflow"),
+            base=str(pool["base"]),
+            models={"m": str(other)},
+            dtype=None,
+        )
 
 
 def test_a_data_flow_search_exports_the_model_it_scored(tmp_path, small_pool):
     from pool_fixtures import pool_search_config
 
     from evomerge.cli.process import set_up_process
-    from evomerge.config import RunConfig
-    from evomerge.export import export_trial
-    from evomerge.run_folder import write_run_folder
-    from evomerge.search import Search
+    from evomerge.results.export import export_trial
+    from evomerge.search.config import RunConfig
+    from evomerge.search.loop import Search
+    from evomerge.search.run_folder import write_run_folder
 
-    data = pool_search_config(small_pool, tasks=["evomerge_add", "evomerge_sort"], subset=10,
-                              search={"sampler": "random", "trials": 6, "seed": 3}, space="dataflow_scaled")
+    data = pool_search_config(
+        small_pool,
+        tasks=["evomerge_add", "evomerge_sort"],
+        subset=10,
+        search={"sampler": "random", "trials": 6, "seed": 3},
+        space="dataflow_scaled",
+    )
     config, run_dir = RunConfig.model_validate(data), tmp_path / "run"
     set_up_process(threads=1, hf_home=run_dir / "hf", offline=True)
     write_run_folder(config, run_dir)
     search = Search(config, run_dir)
     search.run(until=6, progress=False)
-    trials = [t for t in search.study.trials if t.state.name == "COMPLETE" and "baseline" not in t.user_attrs]
+    trials = [
+        t
+        for t in search.study.trials
+        if t.state.name == "COMPLETE" and "baseline" not in t.user_attrs
+    ]
     assert trials, [t.user_attrs.get("fail_reason") for t in search.study.trials]
     trial = trials[-1]
     search.candidate.apply(trial.params)
@@ -178,11 +225,30 @@ def test_the_vllm_backend_refuses_a_data_flow_space(tmp_path, small_pool):
     import yaml
     from pool_fixtures import pool_search_config
 
-    data = pool_search_config(small_pool, tasks=["evomerge_add"], subset=10, search={"trials": 2},
-                              space="dataflow", backend="vllm")
+    data = pool_search_config(
+        small_pool,
+        tasks=["evomerge_add"],
+        subset=10,
+        search={"trials": 2},
+        space="dataflow",
+        backend="vllm",
+    )
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
-    result = subprocess.run([sys.executable, "-m", "evomerge", "search", str(tmp_path / "config.yaml"), "--run-dir",
-                             str(tmp_path / "run")], capture_output=True, text=True, timeout=300, check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "evomerge",
+            "search",
+            str(tmp_path / "config.yaml"),
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 2, result.stderr
     assert "fitness.backend: hf" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "run").exists()

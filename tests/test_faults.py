@@ -25,12 +25,20 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 def evomerge(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "evomerge", *args], check=False, env=ENV, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "evomerge", *args],
+        check=False,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
 def linear_recipe(tmp: Path, *models: Path) -> Path:
-    recipe = {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models]}
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models],
+    }
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -48,7 +56,9 @@ def test_sigkill_during_merge_leaves_no_model_and_the_next_run_cleans_up(tmp_pat
     """Killed mid-write: the destination does not exist (only a hidden `.NAME.partial-*`
     folder does), and the next merge to the same destination removes that leftover."""
     torch.set_num_threads(1)
-    big = build_tiny_pool(tmp_path / "big", n_models=1, hidden_size=512, intermediate_size=1024, num_hidden_layers=8)
+    big = build_tiny_pool(
+        tmp_path / "big", n_models=1, hidden_size=512, intermediate_size=1024, num_hidden_layers=8
+    )
     recipe = linear_recipe(tmp_path, big["base"], big["ft0"])
     out = tmp_path / "out" / "model"
     args = [sys.executable, "-m", "evomerge", "merge", str(recipe), str(out), "--shard-size", "1MB"]
@@ -75,14 +85,16 @@ def test_sigkill_during_merge_leaves_no_model_and_the_next_run_cleans_up(tmp_pat
 def test_stale_staging_of_a_live_process_is_kept(tmp_path):
     """Cleanup removes only the leftovers of dead processes: a merge still running to the same
     destination keeps its folder."""
-    from evomerge.output import _owner, remove_stale_staging
+    from evomerge.io.output import _owner, remove_stale_staging
 
     host = _owner().rsplit(".", 1)[0]
     live = tmp_path / f".model.partial-{_owner()}-abc123"
     dead = tmp_path / f".model.partial-{host}.{2**22 + 12345}-def456"
     other_host = tmp_path / ".model.partial-someotherhost.1-ghi789"
     # killed between the two renames of --force: the old model and the finished new one
-    twins = [tmp_path / f".model.{kind}-{host}.{2**22 + 12346}-jkl012" for kind in ("old", "partial")]
+    twins = [
+        tmp_path / f".model.{kind}-{host}.{2**22 + 12346}-jkl012" for kind in ("old", "partial")
+    ]
     for folder in (live, dead, other_host, *twins):
         folder.mkdir()
     assert remove_stale_staging(tmp_path / "model") == [dead]
@@ -95,16 +107,19 @@ def test_stale_staging_of_a_live_process_is_kept(tmp_path):
 # --- a full disk ------------------------------------------------------------------------------
 def test_full_disk_injected_write_error(tmp_path, pool, monkeypatch, capsys):
     """The shard writer's write raising ENOSPC: one sentence, exit 2, nothing at the destination."""
-    import evomerge.output
-
+    import evomerge.io.output
     from evomerge.cli import main
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(evomerge.output, "write_bytes", full_disk)
+    monkeypatch.setattr(evomerge.io.output, "write_bytes", full_disk)
     out = tmp_path / "new" / "model"
-    monkeypatch.setattr(sys, "argv", ["evomerge", "merge", str(linear_recipe(tmp_path, pool["ft0"], pool["ft1"])), str(out)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["evomerge", "merge", str(linear_recipe(tmp_path, pool["ft0"], pool["ft1"])), str(out)],
+    )
     with pytest.raises(SystemExit) as exit_:
         main()
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -120,7 +135,11 @@ def small_disk(tmp_path):
     mount.mkdir()
     if os.geteuid() != 0 or not shutil.which("mount"):
         pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=False, capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+        check=False,
+        capture_output=True,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
@@ -132,9 +151,13 @@ def small_disk(tmp_path):
 def test_full_disk_real(tmp_path, small_disk):
     """A real ENOSPC from a 1 MiB file system (the merged model is ~2 MB)."""
     torch.set_num_threads(1)
-    models = build_tiny_pool(tmp_path / "models", n_models=1, hidden_size=128, intermediate_size=256)
+    models = build_tiny_pool(
+        tmp_path / "models", n_models=1, hidden_size=128, intermediate_size=256
+    )
     out = small_disk / "model"
-    result = evomerge("merge", str(linear_recipe(tmp_path, models["base"], models["ft0"])), str(out))
+    result = evomerge(
+        "merge", str(linear_recipe(tmp_path, models["base"], models["ft0"])), str(out)
+    )
     assert result.returncode == 2, result.stderr
     line = result.stderr.strip().splitlines()[-1].rsplit("\r", 1)[-1]
     assert line.startswith("error: ") and "No space left on device" in line, result.stderr
@@ -150,9 +173,20 @@ def test_nan_candidate_fails_its_trial_and_the_search_goes_on(tmp_path, small_po
     import optuna
 
     config = {
-        "pool": {"base": str(small_pool / "base"), "models": {n: str(small_pool / n) for n in ("add", "rev", "sort")}},
-        "space": {"method": "linear", "search": {"weight": [0.0, 1.0e40]}, "fixed": {"normalize": False}},
-        "fitness": {"task_paths": [str(small_pool / "tasks")], "tasks": ["evomerge_add"], "subset": {"count": 4}},
+        "pool": {
+            "base": str(small_pool / "base"),
+            "models": {n: str(small_pool / n) for n in ("add", "rev", "sort")},
+        },
+        "space": {
+            "method": "linear",
+            "search": {"weight": [0.0, 1.0e40]},
+            "fixed": {"normalize": False},
+        },
+        "fitness": {
+            "task_paths": [str(small_pool / "tasks")],
+            "tasks": ["evomerge_add"],
+            "subset": {"count": 4},
+        },
         "search": {"sampler": "cmaes", "trials": 6, "seed": 0},
         "threads": 1,
     }
@@ -174,7 +208,9 @@ def _with_remote_code(src: Path, dst: Path, marker: Path) -> Path:
     """A copy of a model folder whose config and tokenizer config point at custom code that
     would create `marker` if it were ever imported."""
     shutil.copytree(src, dst)
-    (dst / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\nEvil = object\n")
+    (dst / "evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\nEvil = object\n"
+    )
     config = json.loads((dst / "config.json").read_text())
     config["auto_map"] = {"AutoConfig": "evil.Evil", "AutoModelForCausalLM": "evil.Evil"}
     (dst / "config.json").write_text(json.dumps(config))
@@ -188,11 +224,13 @@ def _with_remote_code(src: Path, dst: Path, marker: Path) -> Path:
 def test_remote_code_is_never_run(tmp_path, small_pool):
     """The search's evaluation model and `evomerge eval` load with trust_remote_code=False."""
     from evomerge.fitness.live_model import load_live_model
-    from evomerge.search import load_eval_model
+    from evomerge.search.loop import load_eval_model
 
     marker = tmp_path / "remote-code-ran"
     model_dir = _with_remote_code(small_pool / "base", tmp_path / "model", marker)
-    config = SimpleNamespace(pool=SimpleNamespace(base=str(model_dir), dtype="float32"), device="cpu")
+    config = SimpleNamespace(
+        pool=SimpleNamespace(base=str(model_dir), dtype="float32"), device="cpu"
+    )
     for model, _ in (load_eval_model(config), load_live_model(model_dir)):
         assert type(model).__module__.startswith("transformers.")
     assert not marker.exists()

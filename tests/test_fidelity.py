@@ -8,11 +8,11 @@ import math
 
 import pytest
 
-from evomerge.config import RunConfig
 from evomerge.errors import UserError
-from evomerge.fidelity import RUNGS_ATTR, Schedule, read_examples, rung_sizes, write_examples
 from evomerge.fitness.tasks import TaskSet
 from evomerge.pool import load_manifest
+from evomerge.search.config import RunConfig
+from evomerge.search.fidelity import RUNGS_ATTR, Schedule, read_examples, rung_sizes, write_examples
 
 ADD, SORT = "evomerge_add", "evomerge_sort"
 
@@ -37,7 +37,10 @@ def finished(rungs: list[float]):
     from optuna.distributions import FloatDistribution
 
     return optuna.trial.create_trial(
-        params={"x": 0.5}, distributions={"x": FloatDistribution(0, 1)}, value=rungs[-1], user_attrs={RUNGS_ATTR: rungs}
+        params={"x": 0.5},
+        distributions={"x": FloatDistribution(0, 1)},
+        value=rungs[-1],
+        user_attrs={RUNGS_ATTR: rungs},
     )
 
 
@@ -73,15 +76,23 @@ def test_the_first_rung_is_the_fitness_subset_and_every_order_a_permutation():
 
 
 def test_without_subset_or_with_fidelity_null_every_trial_scores_all_of_dev():
-    for config, subset in ((run_config(), None), (run_config({"count": 4}, fidelity=None), {ADD: [0, 1, 2, 3], SORT: [0, 1, 2, 3]})):
+    for config, subset in (
+        (run_config(), None),
+        (run_config({"count": 4}, fidelity=None), {ADD: [0, 1, 2, 3], SORT: [0, 1, 2, 3]}),
+    ):
         schedule = Schedule.of(config, task_set({ADD: 20, SORT: 10}, subset))
         assert schedule.sizes == [{ADD: 20, SORT: 10}]
 
 
 def test_a_subset_larger_than_a_task_is_refused():
     config = run_config(subset={"count": 12})
-    with pytest.raises(UserError, match=r"fitness.subset.count 12 is more than the 10 dev examples of 'evomerge_sort'.*fidelity: null"):
-        Schedule.of(config, task_set({ADD: 20, SORT: 10}, {ADD: list(range(12)), SORT: list(range(10))}))
+    with pytest.raises(
+        UserError,
+        match=r"fitness.subset.count 12 is more than the 10 dev examples of 'evomerge_sort'.*fidelity: null",
+    ):
+        Schedule.of(
+            config, task_set({ADD: 20, SORT: 10}, {ADD: list(range(12)), SORT: list(range(10))})
+        )
 
 
 @pytest.mark.parametrize("eta", [1, 0.5, 0])
@@ -95,17 +106,25 @@ def test_eta_of_one_or_less_is_refused(eta):
 def test_promotion_is_refused_with_what_to_write_instead():
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match=r"search.promotion was replaced by search.fidelity.*fidelity: null"):
+    with pytest.raises(
+        ValidationError, match=r"search.promotion was replaced by search.fidelity.*fidelity: null"
+    ):
         RunConfig.model_validate(
-            {"pool": {"base": "b", "models": {"a": "a"}}, "space": "linear_global", "fitness": {"tasks": [ADD]},
-             "search": {"promotion": {"quantile": 0.5}}}
+            {
+                "pool": {"base": "b", "models": {"a": "a"}},
+                "space": "linear_global",
+                "fitness": {"tasks": [ADD]},
+                "search": {"promotion": {"quantile": 0.5}},
+            }
         )
 
 
 def test_a_trial_goes_on_while_in_the_top_third_and_level_with_the_incumbent():
     schedule = Schedule(orders={}, sizes=[{}, {}, {}], eta=3)
     assert schedule.goes_on(0, 0.1, peers=[])  # the first at a rung always goes on
-    peers = [finished([v, v]) for v in (0.5, 0.6, 0.7, 0.8, 0.9)]  # with it, six values: top two go on
+    peers = [
+        finished([v, v]) for v in (0.5, 0.6, 0.7, 0.8, 0.9)
+    ]  # with it, six values: top two go on
     assert schedule.goes_on(0, 0.85, peers) and schedule.goes_on(0, 0.95, peers)
     assert not schedule.goes_on(0, 0.75, peers)
     assert schedule.goes_on(1, 0.8, peers[:1])  # while n < eta: the best goes on
@@ -117,14 +136,21 @@ def test_a_trial_goes_on_while_in_the_top_third_and_level_with_the_incumbent():
 
 
 @pytest.mark.slow
-def test_rung_by_rung_scores_each_example_once_and_ends_at_the_full_score(small_pool, small_pool_models, tmp_path):
+def test_rung_by_rung_scores_each_example_once_and_ends_at_the_full_score(
+    small_pool, small_pool_models, tmp_path
+):
     from evomerge.fitness import Evaluator
 
     live = copy.deepcopy(small_pool_models["add"])
     config = run_config(subset={"count": 10, "sampling": "random", "seed": 0})
     fitness = config.fitness.model_copy(
-        update={"task_paths": [load_manifest(small_pool)["task_path"]],
-                "tasks": [config.fitness.tasks[0], config.fitness.tasks[1].model_copy(update={"metric": "perplexity"})]}
+        update={
+            "task_paths": [load_manifest(small_pool)["task_path"]],
+            "tasks": [
+                config.fitness.tasks[0],
+                config.fitness.tasks[1].model_copy(update={"metric": "perplexity"}),
+            ],
+        }
     )
     config = config.model_copy(update={"fitness": fitness})
     evaluator = Evaluator(live, small_pool_models["tokenizer"], fitness, tmp_path)

@@ -85,8 +85,9 @@ def test_lower_is_better_metric_counts_the_right_way(
         assert r.value == pytest.approx(expected)
 
 
-def test_explicit_direction_overrides_the_task(small_pool: Path, small_pool_models: dict,
-                                               tmp_path: Path) -> None:
+def test_explicit_direction_overrides_the_task(
+    small_pool: Path, small_pool_models: dict, tmp_path: Path
+) -> None:
     config = FitnessConfig(
         tasks=[{"name": ADD, "metric": "acc", "direction": "minimize"}],
         task_paths=[load_manifest(small_pool)["task_path"]],
@@ -139,12 +140,17 @@ def test_unknown_task_and_metric_are_user_errors(small_pool_models: dict, tmp_pa
     with pytest.raises(UserError, match="did you mean evomerge_add"):
         Evaluator(base, tok, FitnessConfig(tasks=["evomerge_ad"], task_paths=paths), tmp_path)
     with pytest.raises(UserError, match="no metric 'f1'"):
-        Evaluator(base, tok, FitnessConfig(tasks=[{"name": ADD, "metric": "f1"}],
-                                           task_paths=paths), tmp_path)
+        Evaluator(
+            base,
+            tok,
+            FitnessConfig(tasks=[{"name": ADD, "metric": "f1"}], task_paths=paths),
+            tmp_path,
+        )
 
 
-def test_task_data_paths_do_not_depend_on_cwd(small_pool_models: dict, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_task_data_paths_do_not_depend_on_cwd(
+    small_pool_models: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # far from eval_tasks/ and its data/
     config = FitnessConfig(tasks=[REV], task_paths=[REPO / "eval_tasks"], subset={"count": 8})
     ev = Evaluator(small_pool_models["base"], small_pool_models["tokenizer"], config, "run")
@@ -156,10 +162,21 @@ def test_eval_command(small_pool: Path, tmp_path: Path) -> None:
     from evomerge.cli import cli
 
     out = tmp_path / "scores.json"
-    result = CliRunner().invoke(cli, [
-        "eval", str(small_pool / "sort"), "--task-path", str(small_pool / "tasks"),
-        "--tasks", f"{SORT},{REV}:perplexity:0.5", "--limit", "10", "--out", str(out),
-    ])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            str(small_pool / "sort"),
+            "--task-path",
+            str(small_pool / "tasks"),
+            "--tasks",
+            f"{SORT},{REV}:perplexity:0.5",
+            "--limit",
+            "10",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert SORT in result.output and "fitness" in result.output
     report = json.loads(out.read_text())
@@ -181,15 +198,21 @@ def split_task_folder(pool: Path, dest: Path, n_dev: int = 60) -> Path:
         lines = (pool / "tasks" / "data" / f"{skill}_test.jsonl").read_text().splitlines()
         for split, part in (("dev", lines[:n_dev]), ("test", lines[n_dev:])):
             (dest / "data" / f"{skill}_{split}.jsonl").write_text("\n".join(part) + "\n")
-        cfg["dataset_kwargs"] = {"data_files": {s: f"data/{skill}_{s}.jsonl" for s in ("dev", "test")}}
+        cfg["dataset_kwargs"] = {
+            "data_files": {s: f"data/{skill}_{s}.jsonl" for s in ("dev", "test")}
+        }
         cfg["validation_split"], cfg["test_split"] = "dev", "test"
         (dest / source.name).write_text(yaml.safe_dump(cfg, sort_keys=False))
     return dest
 
 
-def test_the_search_scores_dev_and_the_report_test(small_pool: Path, small_pool_models: dict, tmp_path: Path) -> None:
+def test_the_search_scores_dev_and_the_report_test(
+    small_pool: Path, small_pool_models: dict, tmp_path: Path
+) -> None:
     tasks = split_task_folder(small_pool, tmp_path / "tasks")
-    config = FitnessConfig(tasks=[ADD, {"name": REV, "metric": "perplexity"}], task_paths=[tasks], subset={"count": 10})
+    config = FitnessConfig(
+        tasks=[ADD, {"name": REV, "metric": "perplexity"}], task_paths=[tasks], subset={"count": 10}
+    )
     model, tok = small_pool_models["add"], small_pool_models["tokenizer"]
     dev = Evaluator(model, tok, config, tmp_path / "run")
     test = Evaluator(model, tok, config, tmp_path / "run", split="test")
@@ -201,9 +224,14 @@ def test_the_search_scores_dev_and_the_report_test(small_pool: Path, small_pool_
     result = test.score(full=True, per_example=True)
     assert result.n_examples == {ADD: N_TEST - 60, REV: N_TEST - 60}
     # per-example values, in document order, aggregate back to the task's score
-    assert len(result.per_example[ADD]) == N_TEST - 60 and set(result.per_example[ADD]) <= {0.0, 1.0}
+    assert len(result.per_example[ADD]) == N_TEST - 60 and set(result.per_example[ADD]) <= {
+        0.0,
+        1.0,
+    }
     for task in (ADD, REV):
-        assert test.aggregate(task, result.per_example[task]) == pytest.approx(result.per_task[task])
+        assert test.aggregate(task, result.per_example[task]) == pytest.approx(
+            result.per_task[task]
+        )
     assert dev.score(full=True).per_task != result.per_task
 
 
@@ -216,14 +244,20 @@ def one_split_task_folder(pool: Path, dest: Path) -> Path:
     shutil.copytree(pool / "tasks" / "data", dest / "data")
     for source in sorted((pool / "tasks").glob("*.yaml")):
         cfg = yaml.safe_load(source.read_text())
-        cfg["dataset_kwargs"] = {"data_files": {"test": cfg["dataset_kwargs"]["data_files"]["test"]}}
+        cfg["dataset_kwargs"] = {
+            "data_files": {"test": cfg["dataset_kwargs"]["data_files"]["test"]}
+        }
         cfg.pop("validation_split", None)
         (dest / source.name).write_text(yaml.safe_dump(cfg, sort_keys=False))
     return dest
 
 
-def test_a_task_with_one_split_serves_both_roles(small_pool: Path, small_pool_models: dict, tmp_path: Path) -> None:
-    config = FitnessConfig(tasks=[ADD], task_paths=[one_split_task_folder(small_pool, tmp_path / "tasks")])
+def test_a_task_with_one_split_serves_both_roles(
+    small_pool: Path, small_pool_models: dict, tmp_path: Path
+) -> None:
+    config = FitnessConfig(
+        tasks=[ADD], task_paths=[one_split_task_folder(small_pool, tmp_path / "tasks")]
+    )
     model, tok = small_pool_models["add"], small_pool_models["tokenizer"]
     dev = Evaluator(model, tok, config, tmp_path / "run")
     test = Evaluator(model, tok, config, tmp_path / "run", split="test")
@@ -245,9 +279,18 @@ def test_a_public_benchmark_config_is_a_user_error(tmp_path: Path) -> None:
     from evomerge.cli import cli
 
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({"pool": {"base": "b", "models": {"a": "a"}}, "space": "linear_global",
-                                      "fitness": {"tasks": ["gsm8k"]}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "pool": {"base": "b", "models": {"a": "a"}},
+                "space": "linear_global",
+                "fitness": {"tasks": ["gsm8k"]},
+            }
+        )
+    )
     result = CliRunner().invoke(cli, ["search", str(config), "--run-dir", str(tmp_path / "run")])
     assert isinstance(result.exception, UserError)  # one sentence, exit code 2 (cli.main)
-    assert "public benchmark" in str(result.exception) and "allow_public_benchmarks" in str(result.exception)
+    assert "public benchmark" in str(result.exception) and "allow_public_benchmarks" in str(
+        result.exception
+    )
     assert not (tmp_path / "run").exists()

@@ -15,16 +15,32 @@ from hypothesis import strategies as st
 from tiny_models import build_tiny_pool
 
 from evomerge.errors import UserError
-from evomerge.plan import plan_merge
-from evomerge.recipe import Recipe, parse_recipe
-from evomerge.space import SearchSpace, SpaceConfig
+from evomerge.merging.plan import plan_merge
+from evomerge.merging.recipe import Recipe, parse_recipe
+from evomerge.spaces.parameters.space import SearchSpace, SpaceConfig
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 RECIPE_KEYS = [
-    "merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
-    "tokenizer_source", "chat_template", "model", "sources", "layer_range", "filter", "value",
-    "weight", "density", "t", "normalize", "lambda",
+    "merge_method",
+    "models",
+    "slices",
+    "base_model",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "chat_template",
+    "model",
+    "sources",
+    "layer_range",
+    "filter",
+    "value",
+    "weight",
+    "density",
+    "t",
+    "normalize",
+    "lambda",
 ]
 METHODS = ["linear", "ties", "slerp", "dare_ties", "passthrough", "task_arithmetic", "nope"]
 
@@ -47,8 +63,12 @@ def test_any_text(text):
 
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-10, 100), st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from(METHODS + ["float16", "bfloat16", "base", "union", "{{ x }}"]), st.text(max_size=8),
+    st.none(),
+    st.booleans(),
+    st.integers(-10, 100),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(METHODS + ["float16", "bfloat16", "base", "union", "{{ x }}"]),
+    st.text(max_size=8),
 )
 keys = st.one_of(st.sampled_from(RECIPE_KEYS), st.text(max_size=6), st.integers(0, 3))
 structures = st.recursive(
@@ -68,14 +88,29 @@ def test_any_yaml_structure(data):
 def recipe_like(draw):
     """Mostly-valid recipes with random damage: the paths a real typo takes."""
     settings_ = st.one_of(
-        st.floats(-2, 2), st.lists(st.floats(-2, 2), min_size=1, max_size=3),
-        st.lists(st.fixed_dictionaries({"filter": st.sampled_from(["mlp", "self_attn", "*"]), "value": st.floats(-2, 2)}), max_size=2),
+        st.floats(-2, 2),
+        st.lists(st.floats(-2, 2), min_size=1, max_size=3),
+        st.lists(
+            st.fixed_dictionaries(
+                {"filter": st.sampled_from(["mlp", "self_attn", "*"]), "value": st.floats(-2, 2)}
+            ),
+            max_size=2,
+        ),
         scalars,
     )
-    params = st.dictionaries(st.sampled_from(["weight", "density", "t", "normalize", "lambda", "wieght"]), settings_, max_size=3)
-    model = st.fixed_dictionaries({"model": st.sampled_from(["a", "b", "/x/c"])}, optional={"parameters": params})
+    params = st.dictionaries(
+        st.sampled_from(["weight", "density", "t", "normalize", "lambda", "wieght"]),
+        settings_,
+        max_size=3,
+    )
+    model = st.fixed_dictionaries(
+        {"model": st.sampled_from(["a", "b", "/x/c"])}, optional={"parameters": params}
+    )
     source = st.fixed_dictionaries(
-        {"model": st.sampled_from(["a", "b"]), "layer_range": st.lists(st.integers(-2, 40), min_size=0, max_size=3)},
+        {
+            "model": st.sampled_from(["a", "b"]),
+            "layer_range": st.lists(st.integers(-2, 40), min_size=0, max_size=3),
+        },
         optional={"parameters": params},
     )
     body = draw(st.sampled_from(["models", "slices", "both", "neither"]))
@@ -83,10 +118,23 @@ def recipe_like(draw):
     if body in ("models", "both"):
         recipe["models"] = draw(st.lists(model, max_size=3))
     if body in ("slices", "both"):
-        recipe["slices"] = draw(st.lists(st.fixed_dictionaries({"sources": st.lists(source, max_size=3)}), max_size=2))
+        recipe["slices"] = draw(
+            st.lists(st.fixed_dictionaries({"sources": st.lists(source, max_size=3)}), max_size=2)
+        )
     optional = st.dictionaries(
-        st.sampled_from(["base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "chat_template", "merge_methd"]),
-        st.one_of(scalars, params), max_size=3,
+        st.sampled_from(
+            [
+                "base_model",
+                "parameters",
+                "dtype",
+                "out_dtype",
+                "tokenizer_source",
+                "chat_template",
+                "merge_methd",
+            ]
+        ),
+        st.one_of(scalars, params),
+        max_size=3,
     )
     recipe.update(draw(optional))
     return recipe
@@ -106,16 +154,31 @@ def pool(tmp_path_factory) -> dict[str, Path]:
 
 
 SPACES = [
-    {"method": "ties", "layers_per_group": 2, "split": ["self_attn", "mlp"], "search": {"weight": None, "density": [0.1, 1.0]}},
+    {
+        "method": "ties",
+        "layers_per_group": 2,
+        "split": ["self_attn", "mlp"],
+        "search": {"weight": None, "density": [0.1, 1.0]},
+    },
     {"method": "slerp", "layers_per_group": 1, "search": {"t": None}},
     {"method": "linear", "search": {"weight": [-1.0, 2.0]}, "fixed": {"normalize": False}},
-    {"method": "dare_ties", "layers_per_group": 3, "search": {"weight": [0.0, 1.0], "density": [0.0, 1.0], "lambda": None}},
+    {
+        "method": "dare_ties",
+        "layers_per_group": 3,
+        "search": {"weight": [0.0, 1.0], "density": [0.0, 1.0], "lambda": None},
+    },
 ]
 
 
 def make_space(pool, config: dict) -> SearchSpace:
-    models = {"m0": str(pool["ft0"])} if config["method"] == "slerp" else {"m0": str(pool["ft0"]), "m1": str(pool["ft1"])}
-    return SearchSpace(SpaceConfig(**config), base=str(pool["base"]), models=models, num_layers=4, dtype="float32")
+    models = (
+        {"m0": str(pool["ft0"])}
+        if config["method"] == "slerp"
+        else {"m0": str(pool["ft0"]), "m1": str(pool["ft1"])}
+    )
+    return SearchSpace(
+        SpaceConfig(**config), base=str(pool["base"]), models=models, num_layers=4, dtype="float32"
+    )
 
 
 gene_values = st.one_of(
@@ -134,13 +197,16 @@ def test_any_genome_decodes_to_a_plannable_recipe_or_a_clear_error(pool, data, w
         if data.draw(st.integers(0, 40), label="drop") == 0:
             continue  # a missing gene now and then
         inside = data.draw(st.floats(gene.low, gene.high), label=gene.name)
-        genome[gene.name] = data.draw(st.one_of(st.just(inside), gene_values), label=f"{gene.name} value")
+        genome[gene.name] = data.draw(
+            st.one_of(st.just(inside), gene_values), label=f"{gene.name} value"
+        )
     try:
         recipe = space.decode(genome)
     except UserError as exc:
         assert str(exc)
         assert any(
-            g.name not in genome or not (math.isfinite(genome[g.name]) and g.low <= genome[g.name] <= g.high)
+            g.name not in genome
+            or not (math.isfinite(genome[g.name]) and g.low <= genome[g.name] <= g.high)
             for g in space.genes
         ), "a genome inside the bounds was refused"
         return

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from evomerge.pool import N_TEST
 from pool_fixtures import pool_search_config
 from test_fitness import split_task_folder
+
+from evomerge.pool import N_TEST
 
 pytestmark = pytest.mark.slow
 
@@ -21,14 +21,19 @@ TASKS = ["evomerge_add", "evomerge_rev"]
 def split_run(small_pool: Path, tmp_path_factory) -> Path:
     """A 6-trial search over tasks with dev and test splits, every trial on all of dev."""
     from evomerge.cli.process import set_up_process
-    from evomerge.config import load_run_config
-    from evomerge.run_folder import write_run_folder
-    from evomerge.search import Search
+    from evomerge.search.config import load_run_config
+    from evomerge.search.loop import Search
+    from evomerge.search.run_folder import write_run_folder
 
     tmp = tmp_path_factory.mktemp("heldout")
     tasks = split_task_folder(small_pool, tmp / "tasks")
-    config = pool_search_config(small_pool, tasks=TASKS, subset=8, space="linear_global",
-                                search={"sampler": "gp", "trials": 6, "seed": 0, "fidelity": None})
+    config = pool_search_config(
+        small_pool,
+        tasks=TASKS,
+        subset=8,
+        space="linear_global",
+        search={"sampler": "gp", "trials": 6, "seed": 0, "fidelity": None},
+    )
     config["fitness"].pop("subset")
     config["fitness"]["task_paths"] = [str(tasks)]
     (tmp / "run.yaml").write_text(yaml.safe_dump(config))
@@ -41,9 +46,9 @@ def split_run(small_pool: Path, tmp_path_factory) -> Path:
 
 
 def test_report_scores_the_best_trial_on_test_and_the_study_never_sees_it(split_run: Path) -> None:
-    from evomerge.report import report_run
-    from evomerge.run_folder import read_run_folder
-    from evomerge.study import best_trial, open_run_study
+    from evomerge.results.report import report_run
+    from evomerge.search.run_folder import read_run_folder
+    from evomerge.search.study import best_trial, open_run_study
 
     report = report_run(split_run)
     held = report.summary["held_out"]
@@ -56,8 +61,12 @@ def test_report_scores_the_best_trial_on_test_and_the_study_never_sees_it(split_
     # the search scored dev: its scores are the dev scores, and differ from test
     assert best["dev"]["per_task"] == pytest.approx(chosen.user_attrs["per_task"])
     assert best["test"]["per_task"] != best["dev"]["per_task"]
-    assert best["test"]["n_examples"] == {t: N_TEST - 60 for t in TASKS}  # split_task_folder's test part
-    assert all(0 <= se < 0.2 for se in best["test"]["se"].values()) and any(best["test"]["se"].values())
+    assert best["test"]["n_examples"] == {
+        t: N_TEST - 60 for t in TASKS
+    }  # split_task_folder's test part
+    assert all(0 <= se < 0.2 for se in best["test"]["se"].values()) and any(
+        best["test"]["se"].values()
+    )
     assert held["held_out"] == {t: True for t in TASKS}
     for split in ("dev", "test"):
         paired = held["paired"][split]
@@ -65,7 +74,11 @@ def test_report_scores_the_best_trial_on_test_and_the_study_never_sees_it(split_
         assert paired["se"] > 0 and 0 <= paired["p_not_better"] <= 1
     # no test score reached the study
     assert not any("test" in json.dumps(t.user_attrs) for t in study.trials)
-    assert "dev chose, test held out" in report.text and "paired" in report.text and " ± " in report.text
+    assert (
+        "dev chose, test held out" in report.text
+        and "paired" in report.text
+        and " ± " in report.text
+    )
     assert "no held-out split" not in report.text
 
     # the second report reads the cache
@@ -77,7 +90,7 @@ def test_report_scores_the_best_trial_on_test_and_the_study_never_sees_it(split_
 
 
 def test_export_prints_and_cards_dev_and_test(split_run: Path, tmp_path: Path) -> None:
-    from evomerge.export import export_trial
+    from evomerge.results.export import export_trial
 
     said = []
     export_trial(split_run, tmp_path / "out", say=said.append)
@@ -87,14 +100,16 @@ def test_export_prints_and_cards_dev_and_test(split_run: Path, tmp_path: Path) -
 
 
 def test_a_report_without_the_pool_says_so(split_run: Path, tmp_path: Path) -> None:
-    from evomerge.fitness.heldout import chosen_scores
-    from evomerge.report import format_held_out
-    from evomerge.run_folder import read_run_folder
-    from evomerge.study import best_trial, open_run_study
+    from evomerge.results.heldout import chosen_scores
+    from evomerge.results.report import format_held_out
+    from evomerge.search.run_folder import read_run_folder
+    from evomerge.search.study import best_trial, open_run_study
 
     config = read_run_folder(split_run)
     study = open_run_study(config, split_run)
-    gone = config.model_copy(update={"pool": config.pool.model_copy(update={"base": str(tmp_path / "gone")})})
+    gone = config.model_copy(
+        update={"pool": config.pool.model_copy(update={"base": str(tmp_path / "gone")})}
+    )
     other = tmp_path / "run"
     other.mkdir()
     scores = chosen_scores(gone, other, study, best_trial(study))

@@ -14,9 +14,9 @@ import torch
 
 from evomerge.kernel import cpu
 from evomerge.kernel.task_vectors import DRAW_TABLE_MIN, NORMAL_FLOOR, FusedTensor
+from evomerge.methods.random_fields import UniformField
 from evomerge.methods.registry import MergeInputs
 from evomerge.methods.task_arithmetic import combine, sparsified_delta
-from evomerge.random_fields import UniformField
 
 pytestmark = pytest.mark.skipif(cpu.library() is None, reason="no C compiler to build the kernel")
 
@@ -31,10 +31,17 @@ def make_inputs(dtype: torch.dtype, models: int = 3, shape=(61, 97), seed: int =
         if i == 1:
             delta[:4] = -delta[:4].abs()  # conflicting signs
         tensors.append((base + delta).to(dtype))
-        tensors[-1][0, :5] = -0.0  # a base of -0 with nothing added: sums of -0 must give +0 (as torch's do)
+        tensors[-1][
+            0, :5
+        ] = -0.0  # a base of -0 with nothing added: sums of -0 must give +0 (as torch's do)
     base[0, :5] = -0.0
     # bf16 rounding makes many |delta| equal: stable-rank tie-breaking is exercised too
-    return MergeInputs(models=tensors, base=base.to(dtype), tensor_name="layers.0.w", field=UniformField(7, "layers.0.w"))
+    return MergeInputs(
+        models=tensors,
+        base=base.to(dtype),
+        tensor_name="layers.0.w",
+        field=UniformField(7, "layers.0.w"),
+    )
 
 
 def fused(inputs, weight, density, *, resident, rule, consensus, **options) -> torch.Tensor:
@@ -52,9 +59,14 @@ def fused_tensor_merge(fused_tensor: FusedTensor, weight, density, **options) ->
 
 def torch_path(inputs, weight, density, *, rule, rescale, consensus, normalize, lambda_):
     deltas = torch.stack(
-        [sparsified_delta(inputs, i, rule=rule, density=density[i], rescale=rescale) for i in range(len(inputs.models))]
+        [
+            sparsified_delta(inputs, i, rule=rule, density=density[i], rescale=rescale)
+            for i in range(len(inputs.models))
+        ]
     )
-    return combine(inputs.base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
+    return combine(
+        inputs.base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_
+    )
 
 
 CASES = list(
@@ -84,7 +96,9 @@ def check_kernel_matches_torch_ops(resident, dtype, rule, consensus, normalize, 
         ([-0.3, -0.5, -0.2], [0.5, 0.7, 0.3], 1.0),  # every weighted zero a -0
         ([0.6, 0.3, 0.1], [0.0, 1e-3, 1.0], 1.3),  # density 0 and a single kept element
     ):
-        options = dict(rule=rule, rescale=rescale, consensus=consensus, normalize=normalize, lambda_=lambda_)
+        options = dict(
+            rule=rule, rescale=rescale, consensus=consensus, normalize=normalize, lambda_=lambda_
+        )
         expected = torch_path(inputs, weight, density, **options)
         got = fused(inputs, weight, density, resident=resident, **options)
         assert got.dtype == expected.dtype
@@ -99,21 +113,34 @@ def test_dare_rescale_from_the_draw_table_matches_torch_ops(dtype, consensus):
     resident = FusedTensor(inputs, rule="random", consensus=consensus, resident=True)
     for density in ([0.5, 0.7, 0.3], [0.11, 1.0, 0.999], [0.0, 1 / 65536, 0.42]):
         options = dict(rescale=True, normalize=False, lambda_=1.0)
-        expected = torch_path(inputs, [0.3, 0.5, 0.2], density, rule="random", consensus=consensus, **options)
+        expected = torch_path(
+            inputs, [0.3, 0.5, 0.2], density, rule="random", consensus=consensus, **options
+        )
         got = fused_tensor_merge(resident, [0.3, 0.5, 0.2], density, **options)
         assert torch.equal(bits(got), bits(expected)), density
     assert sorted(resident._draw_tables) == [0, 1, 2]  # the table path ran
 
 
 def test_the_fast_bfloat16_path_is_asked_for_only_where_no_value_can_be_subnormal():
-    def ask(scale, weight, *, smallest_tau=2.0**-95, smallest_base=1.0, dtype=torch.bfloat16, resident=True):
+    def ask(
+        scale,
+        weight,
+        *,
+        smallest_tau=2.0**-95,
+        smallest_base=1.0,
+        dtype=torch.bfloat16,
+        resident=True,
+    ):
         base = torch.ones(64)
         base[3], base[5] = 0.0, smallest_base
         tau = torch.full((64,), 0.5)
         tau[3] = smallest_tau  # where the base is 0, so that base + tau keeps it
         inputs = MergeInputs(models=[(base + tau).to(dtype)], base=base.to(dtype), tensor_name="w")
         fused_tensor = FusedTensor(inputs, rule="random", consensus=True, resident=resident)
-        assert fused_tensor.min_magnitude(0) == smallest_tau and fused_tensor.min_magnitude(1) == smallest_base
+        assert (
+            fused_tensor.min_magnitude(0) == smallest_tau
+            and fused_tensor.min_magnitude(1) == smallest_base
+        )
         return fused_tensor.subnormal_free(torch.tensor([scale]), torch.tensor([weight]))
 
     assert NORMAL_FLOOR == 2.0**-99
@@ -123,7 +150,9 @@ def test_the_fast_bfloat16_path_is_asked_for_only_where_no_value_can_be_subnorma
     assert ask(3.0, -1.0) and ask(1.0, 0.0)  # larger factors and weights; a zero weight adds zeros
     assert not ask(1.0, 1.0, smallest_base=2.0**-100)  # the base plus a term might be subnormal
     assert not ask(1.0, 1.0, dtype=torch.float32)  # float32 has no such path
-    assert not ask(1.0, 1.0, resident=False)  # a plain merge reads each input once: no pass for its smallest magnitudes
+    assert not ask(
+        1.0, 1.0, resident=False
+    )  # a plain merge reads each input once: no pass for its smallest magnitudes
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:
@@ -135,8 +164,8 @@ def bits(x: torch.Tensor) -> torch.Tensor:
 def test_inline_draws_and_magnitude_cut_match_the_torch_definitions(dtype, numel):
     from evomerge.kernel.cpu import abs_sums, top_magnitudes
     from evomerge.kernel.rules import KeepRule, TaskVector
+    from evomerge.methods.random_fields import keep_threshold
     from evomerge.methods.sparsify import magnitude_ranks
-    from evomerge.random_fields import keep_threshold
 
     generator = torch.Generator().manual_seed(numel)
     delta = (torch.randn(numel, generator=generator) * 0.01).to(dtype)
@@ -157,7 +186,12 @@ def test_inline_draws_and_magnitude_cut_match_the_torch_definitions(dtype, numel
     sub_ranks = magnitude_ranks(subtracted)
     for k in sorted({0, 1, numel // 3, numel - 1, numel}):
         expected = int(((ranks < k) * (delta.double().abs() * 2.0**30).floor()).sum())
-        assert abs_sums([TaskVector(delta)], [top_magnitudes(TaskVector(delta), k)], [2.0**30])[0][0][0] == expected
+        assert (
+            abs_sums([TaskVector(delta)], [top_magnitudes(TaskVector(delta), k)], [2.0**30])[0][0][
+                0
+            ]
+            == expected
+        )
         expected = int(((sub_ranks < k) * (subtracted.double().abs() * 2.0**30).floor()).sum())
         tau = TaskVector(model, base)
         assert abs_sums([tau], [top_magnitudes(tau, k)], [2.0**30])[0][0][0] == expected
@@ -223,9 +257,16 @@ def check_every_finite_value(dtype):
     every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     every = every[torch.isfinite(every)][1:]  # [1:]: a last block of 255, not a multiple of 8
     models = [every.clone(), every.flip(0).contiguous()]
-    inputs = MergeInputs(models=models, base=torch.zeros_like(every), tensor_name="w", field=UniformField(5, "w"))
+    inputs = MergeInputs(
+        models=models, base=torch.zeros_like(every), tensor_name="w", field=UniformField(5, "w")
+    )
     plain = dict(rule=None, rescale=False, consensus=False, normalize=False)
-    for weight, lambda_ in (([1.0, 0.0], 1.0), ([0.7, 0.3], 1.0), ([0.55, 0.45], 0.9), ([3.0, -2.5], 1.0)):
+    for weight, lambda_ in (
+        ([1.0, 0.0], 1.0),
+        ([0.7, 0.3], 1.0),
+        ([0.55, 0.45], 0.9),
+        ([3.0, -2.5], 1.0),
+    ):
         check_same_finite_bits(inputs, weight, [1.0, 1.0], **plain, lambda_=lambda_, resident=False)
     # dare_ties over stored task vectors large enough for draw tables: the search's hot path,
     # which for bfloat16 on CPUs with AVX512_BF16 takes a path of its own where no value can
@@ -233,20 +274,30 @@ def check_every_finite_value(dtype):
     dare_ties = dict(rule="random", rescale=True, consensus=True, normalize=False, lambda_=1.0)
     for values in (every, every[every.float().abs() >= 2.0**-90]):
         copies = DRAW_TABLE_MIN // values.numel() + 1
-        models = [torch.cat([m.roll(c * 101) for c in range(copies)]) for m in (values, values.flip(0))]
+        models = [
+            torch.cat([m.roll(c * 101) for c in range(copies)]) for m in (values, values.flip(0))
+        ]
         base = models[0].roll(7)
         inputs = MergeInputs(models=models, base=base, tensor_name="w", field=UniformField(5, "w"))
         resident = FusedTensor(inputs, rule="random", consensus=True, resident=True)
-        for weight in ([0.7, 0.3], [3.0, -2.5], [1e-30, 0.5]):  # 1e-30: products near the subnormals
+        for weight in (
+            [0.7, 0.3],
+            [3.0, -2.5],
+            [1e-30, 0.5],
+        ):  # 1e-30: products near the subnormals
             check_same_finite_bits(inputs, weight, [0.6, 0.9], **dare_ties, fused_tensor=resident)
         assert 0 in resident._draw_tables  # the table path ran
         fast = resident.subnormal_free(torch.ones(2), torch.tensor([0.7, 0.3]).to(dtype))
         assert fast == (dtype == torch.bfloat16 and values is not every)
 
 
-def check_same_finite_bits(inputs, weight, density, *, rule, consensus, resident=False, fused_tensor=None, **options):
+def check_same_finite_bits(
+    inputs, weight, density, *, rule, consensus, resident=False, fused_tensor=None, **options
+):
     expected = torch_path(inputs, weight, density, rule=rule, consensus=consensus, **options)
-    fused_tensor = fused_tensor or FusedTensor(inputs, rule=rule, consensus=consensus, resident=resident)
+    fused_tensor = fused_tensor or FusedTensor(
+        inputs, rule=rule, consensus=consensus, resident=resident
+    )
     got = fused_tensor_merge(fused_tensor, weight, density, **options)
     finite = torch.isfinite(expected)
     assert torch.equal(torch.isfinite(got), finite)
@@ -271,7 +322,9 @@ def other_x86_library(request, tmp_path_factory):
     built = tmp_path_factory.mktemp("kernel") / f"tv_merge_{request.param}.so"
     compiler = shutil.which("cc") or shutil.which("gcc")
     flag, dtype = OTHER_X86_BUILDS[request.param]
-    subprocess.run([compiler, *cpu.FLAGS, flag, str(cpu.SOURCE), "-o", str(built), "-lm"], check=True)
+    subprocess.run(
+        [compiler, *cpu.FLAGS, flag, str(cpu.SOURCE), "-o", str(built), "-lm"], check=True
+    )
     library = ctypes.CDLL(str(built))
     cpu.declare(library)
     return library, dtype
@@ -285,14 +338,18 @@ def other_x86_kernel(other_x86_library, monkeypatch):
     return dtype
 
 
-@pytest.mark.parametrize("resident,rule,consensus,normalize,rescale", [c[:1] + c[2:] for c in CASES if c[1] == torch.float16])
-def test_other_x86_builds_match_torch_ops(other_x86_kernel, resident, rule, consensus, normalize, rescale):
+@pytest.mark.parametrize(
+    "resident,rule,consensus,normalize,rescale",
+    [c[:1] + c[2:] for c in CASES if c[1] == torch.float16],
+)
+def test_other_x86_builds_match_torch_ops(
+    other_x86_kernel, resident, rule, consensus, normalize, rescale
+):
     check_kernel_matches_torch_ops(resident, other_x86_kernel, rule, consensus, normalize, rescale)
 
 
 def test_other_x86_builds_round_every_value_like_torch(other_x86_kernel):
     check_every_finite_value(other_x86_kernel)
-
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -306,7 +363,9 @@ def test_copy_finite_copies_and_sees_every_nan_and_inf(dtype):
             y[where] = bad
             assert not cpu.copy_finite(y, out)
             assert torch.equal(out.view(torch.uint8), y.view(torch.uint8))
-    assert not cpu.copy_finite(torch.tensor([float("inf")]), torch.empty(1, dtype=torch.float64))  # torch's copy
+    assert not cpu.copy_finite(
+        torch.tensor([float("inf")]), torch.empty(1, dtype=torch.float64)
+    )  # torch's copy
 
 
 def test_the_merge_reports_an_inf_made_by_any_block():
@@ -320,7 +379,11 @@ def test_the_merge_reports_an_inf_made_by_any_block():
         merged, finite = FusedTensor(inputs, rule=None, consensus=False, resident=False).merge(
             weight=[10.0], density=[1.0], normalize=False, rescale=False, lambda_=1.0
         )
-        assert not finite and torch.isinf(merged[where]) and torch.isfinite(merged).sum() == base.numel() - 1
+        assert (
+            not finite
+            and torch.isinf(merged[where])
+            and torch.isfinite(merged).sum() == base.numel() - 1
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

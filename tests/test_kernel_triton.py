@@ -14,10 +14,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from evomerge.kernel import cpu, triton_merge  # noqa: E402
-from evomerge.kernel.rules import KeepRule, TaskVector  # noqa: E402
-from evomerge.methods.sparsify import magnitude_ranks  # noqa: E402
-from evomerge.random_fields import UniformField, keep_threshold  # noqa: E402
+from evomerge.kernel import cpu, triton_merge
+from evomerge.kernel.rules import KeepRule, TaskVector
+from evomerge.methods.random_fields import UniformField, keep_threshold
+from evomerge.methods.sparsify import magnitude_ranks
 
 pytestmark = pytest.mark.skipif(cpu.library() is None, reason="the C kernel is the reference here")
 
@@ -27,8 +27,11 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 def on_device(base, taus, rules):
     """The kernel's inputs where the Triton kernel runs (the C kernel keeps the CPU copies)."""
-    move = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
-    rules = [KeepRule.key_below(move(r.tensor), r.threshold) if r.mode == KeepRule.KEY_BELOW else r for r in rules]
+    move = lambda x: None if x is None else x.to(DEVICE)
+    rules = [
+        KeepRule.key_below(move(r.tensor), r.threshold) if r.mode == KeepRule.KEY_BELOW else r
+        for r in rules
+    ]
     return move(base), [TaskVector(move(t.x), move(t.base)) for t in taus], rules
 
 
@@ -39,7 +42,9 @@ def bits(x: torch.Tensor) -> torch.Tensor:
 def inputs(dtype, mode, subtract):
     generator = torch.Generator().manual_seed(len(mode))
     base = torch.randn(NUMEL, generator=generator).to(dtype)
-    models = [(base.float() + torch.randn(NUMEL, generator=generator) * 0.02).to(dtype) for _ in range(3)]
+    models = [
+        (base.float() + torch.randn(NUMEL, generator=generator) * 0.02).to(dtype) for _ in range(3)
+    ]
     for x in (base, *models):
         x[:5] = -0.0  # a base of -0 with nothing added: sums of -0s are +0, as torch's are
     deltas = [m - base for m in models]
@@ -48,9 +53,14 @@ def inputs(dtype, mode, subtract):
     if mode == "all":
         rules = [KeepRule.keep_all()] * 3
     elif mode == "ranks":
-        rules = [KeepRule.key_below(magnitude_ranks(d), NUMEL // (i + 2)) for i, d in enumerate(deltas)]
+        rules = [
+            KeepRule.key_below(magnitude_ranks(d), NUMEL // (i + 2)) for i, d in enumerate(deltas)
+        ]
     else:  # DARE draws, one model keeping everything
-        rules = [KeepRule.hash_below(field.hash_key(i), keep_threshold(p)) for i, p in enumerate((0.3, 0.6, 1.0))]
+        rules = [
+            KeepRule.hash_below(field.hash_key(i), keep_threshold(p))
+            for i, p in enumerate((0.3, 0.6, 1.0))
+        ]
     return base, taus, rules
 
 
@@ -64,16 +74,29 @@ def test_triton_kernel_matches_the_c_kernel(dtype, mode, subtract):
     assert triton_merge.abs_sums(on_taus, on_rules, scales) == cpu.abs_sums(taus, rules, scales)[0]
     rescale = torch.tensor([1.0, 1.3, 0.9]).to(dtype)
     signs = ([1, -1, 1], [-1, -1, -1])  # the second: every weighted zero a -0
-    for sign, consensus, normalize, lambda_ in itertools.product(signs, [False, True], [False, True], [1.0, 0.7]):
+    for sign, consensus, normalize, lambda_ in itertools.product(
+        signs, [False, True], [False, True], [1.0, 0.7]
+    ):
         weights = (torch.tensor([0.5, 0.3, 0.8]) * torch.tensor(sign)).to(dtype)
-        options = dict(consensus=consensus, normalize=normalize, plain_divisor=float(weights.float().sum()), lambda_=lambda_)
-        expected, _ = cpu.tv_merge(base, taus, rules, rescale, weights, **options, out=torch.empty_like(base))
-        got, finite = triton_merge.tv_merge(on_base, on_taus, on_rules, rescale, weights, **options, out=torch.empty_like(on_base))
+        options = dict(
+            consensus=consensus,
+            normalize=normalize,
+            plain_divisor=float(weights.float().sum()),
+            lambda_=lambda_,
+        )
+        expected, _ = cpu.tv_merge(
+            base, taus, rules, rescale, weights, **options, out=torch.empty_like(base)
+        )
+        got, finite = triton_merge.tv_merge(
+            on_base, on_taus, on_rules, rescale, weights, **options, out=torch.empty_like(on_base)
+        )
         assert torch.equal(bits(got.cpu()), bits(expected)), (sign, consensus, normalize, lambda_)
         assert finite
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, on the way to Inf
+@pytest.mark.filterwarnings(
+    "ignore:overflow encountered:RuntimeWarning"
+)  # numpy, on the way to Inf
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_rounding_covers_every_finite_value(dtype):
     """Products of every finite value with weights that round, overflow and go subnormal."""
@@ -87,8 +110,18 @@ def test_triton_rounding_covers_every_finite_value(dtype):
     for weight in ([0.7, 0.3], [3.0, -2.5], [1e-3, 0.55]):
         w = torch.tensor(weight).to(dtype)
         options = dict(consensus=False, normalize=False, plain_divisor=1.0, lambda_=0.9)
-        expected, expected_finite = cpu.tv_merge(base, taus, rules, torch.ones(2, dtype=dtype), w, **options)
-        got, got_finite = triton_merge.tv_merge(on_base, on_taus, rules, torch.ones(2, dtype=dtype), w, **options, out=torch.empty_like(on_base))
+        expected, expected_finite = cpu.tv_merge(
+            base, taus, rules, torch.ones(2, dtype=dtype), w, **options
+        )
+        got, got_finite = triton_merge.tv_merge(
+            on_base,
+            on_taus,
+            rules,
+            torch.ones(2, dtype=dtype),
+            w,
+            **options,
+            out=torch.empty_like(on_base),
+        )
         got = got.cpu()
         finite = torch.isfinite(expected)
         assert torch.equal(torch.isfinite(got), finite)

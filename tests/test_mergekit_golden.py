@@ -1,7 +1,7 @@
 """Golden comparisons with mergekit 0.1.5: the same recipe, merged by both, gives the same tensors.
 
 Tiny GQA Llama pools (fp32 and bf16) are built once; every case is merged in-process by
-`evomerge.merge.run_merge` and, all in one subprocess, by mergekit's own `run_merge` in its own
+`evomerge.merging.executor.run_merge` and, all in one subprocess, by mergekit's own `run_merge` in its own
 environment (see mergekit_env.py). Both sides run with one torch thread so that reductions are
 summed in one order.
 
@@ -25,9 +25,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evomerge.merge import run_merge
-from evomerge.plan import plan_merge
-from evomerge.recipe import parse_recipe
+from evomerge.merging.executor import run_merge
+from evomerge.merging.plan import plan_merge
+from evomerge.merging.recipe import parse_recipe
 
 pytestmark = pytest.mark.mergekit
 

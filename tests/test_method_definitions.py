@@ -13,7 +13,9 @@ from evomerge.methods.arcee_fusion import outlier_threshold
 
 
 def _merge(name: str, base: torch.Tensor, *models: torch.Tensor, **params) -> torch.Tensor:
-    inputs = MergeInputs(models=list(models), base=base, tensor_name="model.layers.0.mlp.up_proj.weight")
+    inputs = MergeInputs(
+        models=list(models), base=base, tensor_name="model.layers.0.mlp.up_proj.weight"
+    )
     with torch.no_grad():
         return get_method(name).merge(inputs, **params)
 
@@ -57,7 +59,9 @@ def test_ramplus_scales_each_models_lone_updates_by_its_shared_to_unique_ratio()
     # B updates 4 alone and 1, 5 with A: the same, lambda_B = 2. Shared ones are averaged.
     assert torch.allclose(out, torch.tensor([0.8, 0.4, 0.0, 0.0, -1.0, 0.2]), rtol=0, atol=1e-7)
     clamped = _merge("ramplus_tl", BASE, FT_A, FT_B, r=0.5, alpha=0.2, epsilon=1e-5)
-    assert torch.allclose(clamped, torch.tensor([0.44, 0.4, 0.0, 0.0, -0.55, 0.2]), rtol=0, atol=1e-7)
+    assert torch.allclose(
+        clamped, torch.tensor([0.44, 0.4, 0.0, 0.0, -0.55, 0.2]), rtol=0, atol=1e-7
+    )
 
 
 def test_ramplus_with_epsilon_zero_and_a_model_that_changed_nothing_stays_finite():

@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from evomerge.errors import UserError
+from evomerge.merging.recipe import parse_recipe, resolve_setting
 from evomerge.methods import MergeInputs, get_method, method_names
-from evomerge.random_fields import UniformField
-from evomerge.recipe import parse_recipe, resolve_setting
+from evomerge.methods.random_fields import UniformField
 
 METHODS = method_names()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -171,7 +171,7 @@ def test_dtype_and_shape_are_kept(name, dtype, shape):
 def test_the_executor_gives_the_methods_bits(name, dtype, resident):
     """The merge executor runs a fused kernel where one takes the merge, else the method: the
     method's torch code is the reference either way, bit for bit."""
-    from evomerge.merge import PreparedTensor
+    from evomerge.merging.executor import PreparedTensor
 
     method = get_method(name)
     n = _model_count(method)
@@ -181,9 +181,13 @@ def test_the_executor_gives_the_methods_bits(name, dtype, resident):
     kwargs = _kwargs(method, n, weights=[0.5, 0.3, 0.2][:n], density=density)
     expected = _merge(method, models, base, kwargs)
     field = UniformField(1234, "model.layers.0.mlp.up_proj.weight") if method.randomized else None
-    inputs = MergeInputs(models=list(models), base=base, tensor_name="model.layers.0.mlp.up_proj.weight", field=field)
+    inputs = MergeInputs(
+        models=list(models), base=base, tensor_name="model.layers.0.mlp.up_proj.weight", field=field
+    )
     got, finite = PreparedTensor(method, inputs, resident=resident).run(kwargs)
-    assert got.dtype == expected.dtype and torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+    assert got.dtype == expected.dtype and torch.equal(
+        got.view(torch.uint8), expected.view(torch.uint8)
+    )
     assert finite in (None, True)
 
 

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from evomerge.cli import cli
-from evomerge.merge import run_merge
-from evomerge.recipe import parse_recipe
-from evomerge.space import SearchSpace, load_space
+from evomerge.merging.executor import run_merge
+from evomerge.merging.recipe import parse_recipe
+from evomerge.spaces.parameters.space import SearchSpace, load_space
 
 pytestmark = pytest.mark.mergekit
 
@@ -54,7 +54,9 @@ def merged(tmp_path_factory, mergekit_python):
 
     def compare_with_mergekit(name: str, recipe_text: str, folder: Path) -> None:
         ours[name] = folder
-        jobs.append({"name": name, "recipe": recipe_text, "out": str(root / "mk" / name), "seed": 0})
+        jobs.append(
+            {"name": name, "recipe": recipe_text, "out": str(root / "mk" / name), "seed": 0}
+        )
 
     for method, body in RECIPES.items():
         recipe_file = root / f"{method}.yaml"
@@ -68,7 +70,9 @@ def merged(tmp_path_factory, mergekit_python):
     for method, space_config in SPACES.items():
         config = load_space(space_config)
         chosen = dict(list(models.items())[:1]) if method == "nearswap" else models
-        space = SearchSpace(config, base=str(pool["base"]), models=chosen, num_layers=4, dtype="float32")
+        space = SearchSpace(
+            config, base=str(pool["base"]), models=chosen, num_layers=4, dtype="float32"
+        )
         rng = random.Random(len(method))
         recipe = space.decode({g.name: rng.uniform(g.low, g.high) for g in space.genes})
         run_merge(recipe, root / "space" / method, seed=0)
@@ -76,7 +80,9 @@ def merged(tmp_path_factory, mergekit_python):
 
     # Embeddings and lm_head of 32768 x 32 = 1,048,576 elements: mergekit samples 10^6.
     big = build_tiny_pool(root / "big", dtype=torch.float32, n_models=1, seed=8, vocab_size=32768)
-    text = fill_in_paths(f"merge_method: arcee_fusion\n{RECIPES['arcee_fusion'].replace('ft1', 'ft0')}", big)
+    text = fill_in_paths(
+        f"merge_method: arcee_fusion\n{RECIPES['arcee_fusion'].replace('ft1', 'ft0')}", big
+    )
     run_merge(parse_recipe(text), root / "big-evo", seed=0)
     compare_with_mergekit("arcee_fusion-large", text, root / "big-evo")
 

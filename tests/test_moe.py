@@ -27,12 +27,19 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from evomerge.cli import cli
-from evomerge.merge import run_merge
-from evomerge.recipe import parse_recipe
+from evomerge.merging.executor import run_merge
+from evomerge.merging.recipe import parse_recipe
 
 CONFIG = dict(
-    vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    max_position_embeddings=64,
     tie_word_embeddings=False,
 )
 RECIPES = {
@@ -60,8 +67,12 @@ def recipe_text(name: str, root: Path) -> str:
 
 
 def loaded_state(folder: Path) -> dict[str, torch.Tensor]:
-    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
-    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    model, info = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, output_loading_info=True
+    )
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), (
+        info
+    )
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
@@ -75,7 +86,10 @@ def test_the_output_keeps_the_per_expert_layout_and_loads(moe_pool, tmp_path, na
     state = loaded_state(tmp_path / "out")
     gate_up = state["model.layers.1.mlp.experts.gate_up_proj"]  # (E, 2I, H): w1 rows, then w3
     for expert in range(CONFIG["num_local_experts"]):
-        w1, w3 = (written[f"model.layers.1.block_sparse_moe.experts.{expert}.{w}.weight"] for w in ("w1", "w3"))
+        w1, w3 = (
+            written[f"model.layers.1.block_sparse_moe.experts.{expert}.{w}.weight"]
+            for w in ("w1", "w3")
+        )
         assert torch.equal(gate_up[expert], torch.cat([w1, w3]))
 
 
@@ -83,10 +97,18 @@ def test_the_output_keeps_the_per_expert_layout_and_loads(moe_pool, tmp_path, na
 def test_mergekit_merges_the_same_model(moe_pool, mergekit_python, tmp_path):
     from mergekit_env import run_driver
 
-    jobs = {"threads": 1, "merges": [
-        {"name": name, "recipe": recipe_text(name, moe_pool), "out": str(tmp_path / f"mk-{name}"), "seed": 0}
-        for name in ELEMENTWISE
-    ]}
+    jobs = {
+        "threads": 1,
+        "merges": [
+            {
+                "name": name,
+                "recipe": recipe_text(name, moe_pool),
+                "out": str(tmp_path / f"mk-{name}"),
+                "seed": 0,
+            }
+            for name in ELEMENTWISE
+        ],
+    }
     results = run_driver(mergekit_python, jobs)
     for name in ELEMENTWISE:
         assert results[name]["ok"], results[name].get("traceback")
@@ -99,8 +121,15 @@ def test_mergekit_merges_the_same_model(moe_pool, mergekit_python, tmp_path):
 
 # vLLM's CPU attention needs head_dim >= 64; a wider init than the default 0.02 gives decisive
 # logits, so greedy tokens are not decided by near-ties that rounding could flip.
-VLLM_CONFIG = {**CONFIG, "hidden_size": 128, "intermediate_size": 64, "num_attention_heads": 2,
-               "num_key_value_heads": 1, "max_position_embeddings": 128, "initializer_range": 0.2}
+VLLM_CONFIG = {
+    **CONFIG,
+    "hidden_size": 128,
+    "intermediate_size": 64,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 128,
+    "initializer_range": 0.2,
+}
 VLLM_PROMPTS = [[1, 5, 9, 33, 2], [7, 7, 7], [60, 3, 41, 12, 8, 19, 25]]
 LOGPROB_TOL = 1e-3  # as in test_vllm.py: float32, different kernels
 GREEDY_TOKENS = 8
@@ -129,7 +158,7 @@ def hf_prompt_logprobs_and_greedy(model, prompt: list[int]) -> tuple[list[float]
         tokens = list(prompt)
         for _ in range(GREEDY_TOKENS):
             tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
-    return given, tokens[len(prompt):]
+    return given, tokens[len(prompt) :]
 
 
 @pytest.mark.vllm
@@ -161,7 +190,10 @@ def test_the_merged_folder_loads_in_vllm_and_agrees_with_transformers(tmp_path):
     )
     try:
         params = SamplingParams(
-            max_tokens=GREEDY_TOKENS, temperature=0.0, ignore_eos=True, prompt_logprobs=0,
+            max_tokens=GREEDY_TOKENS,
+            temperature=0.0,
+            ignore_eos=True,
+            prompt_logprobs=0,
             detokenize=False,
         )
         prompts = [TokensPrompt(prompt_token_ids=p) for p in VLLM_PROMPTS]

@@ -66,14 +66,22 @@ def test_dev_and_test_are_disjoint_from_each_other_and_from_training(name: str) 
     # The base's stream and a specialist's (with replay of the mix) never draw a held-out prompt.
     everything = Batches(list(skills.values()), pool.make_tokenizer(), held_out=excluded, seed=1)
     first = next(iter(skills))
-    specialist = pool.specialist_batches(skills, [first], pool.make_tokenizer(),
-                                         dataclasses.replace(pool.SIZES["full"], replay=0.5), seed=10)
+    specialist = pool.specialist_batches(
+        skills,
+        [first],
+        pool.make_tokenizer(),
+        dataclasses.replace(pool.SIZES["full"], replay=0.5),
+        seed=10,
+    )
     drawn = {stream.example()[0] for stream in (everything, specialist) for _ in range(4000)}
     assert not drawn & excluded
     # ... while the held-out prompts are ordinary draws of the skills (the check is not vacuous;
     # demo2's shift has too many prompts for 3000 draws to meet one, its sub and dedup do).
-    assert any(p in excluded for skill in skills.values()
-               for p in (skill.generate(random.Random(i))[0] for i in range(3000)))
+    assert any(
+        p in excluded
+        for skill in skills.values()
+        for p in (skill.generate(random.Random(i))[0] for i in range(3000))
+    )
 
 
 def test_shipped_eval_tasks_match_the_generator(tmp_path: Path) -> None:
@@ -95,8 +103,9 @@ def test_build_is_deterministic(small_pool: Path, tmp_path: Path) -> None:
         assert (again / name / "model.safetensors").read_bytes() == first, name
 
 
-def test_specialists_beat_base_on_own_skill(small_pool: Path, small_pool_models: dict,
-                                             tmp_path: Path) -> None:
+def test_specialists_beat_base_on_own_skill(
+    small_pool: Path, small_pool_models: dict, tmp_path: Path
+) -> None:
     import torch
 
     from evomerge.fitness import Evaluator, FitnessConfig
@@ -113,7 +122,10 @@ def test_specialists_beat_base_on_own_skill(small_pool: Path, small_pool_models:
                 p.copy_(src)
         scores[name] = evaluator.score(full=True).metrics
     for skill in SKILLS:
-        own, base = scores[skill][pool.TASK_PREFIX + skill], scores["base"][pool.TASK_PREFIX + skill]
+        own, base = (
+            scores[skill][pool.TASK_PREFIX + skill],
+            scores["base"][pool.TASK_PREFIX + skill],
+        )
         # The small pool is a smoke-sized version: clearly better, not the full pool's margins.
         assert own["acc,none"] >= base["acc,none"] + 0.05, (skill, scores)
         assert own["perplexity,none"] < base["perplexity,none"], (skill, scores)
@@ -130,13 +142,25 @@ def test_existing_folder_needs_force(small_pool: Path) -> None:
 
 
 @pytest.mark.parametrize("name, fixture", [("demo", "small_pool"), ("demo2", "small_pool2")])
-def test_cli_user_error_is_one_line_exit_2(name: str, fixture: str,
-                                           request: pytest.FixtureRequest) -> None:
+def test_cli_user_error_is_one_line_exit_2(
+    name: str, fixture: str, request: pytest.FixtureRequest
+) -> None:
     built = request.getfixturevalue(fixture)
     proc = subprocess.run(
-        [sys.executable, "-c", "from evomerge.cli import main; main()",
-         "pool", name, str(built), "--size", "small"],
-        check=False, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-c",
+            "from evomerge.cli import main; main()",
+            "pool",
+            name,
+            str(built),
+            "--size",
+            "small",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "--force" in proc.stderr

@@ -37,7 +37,10 @@ def test_layout_manifest_and_metrics(small_pool2: Path) -> None:
     assert manifest["name"] == "demo2" and manifest["size"] == "small"
     assert set(manifest["models"]) == {"base", "shift", "sub", "dedup"}
     assert {s: v["metric"] for s, v in manifest["skills"].items()} == {
-        "shift": "exact_match", "sub": "acc", "dedup": "acc"}
+        "shift": "exact_match",
+        "sub": "acc",
+        "dedup": "acc",
+    }
     assert not set(SKILLS) & set(pool.POOLS["demo"])  # other skills than the demo's
     for rel in manifest["models"].values():
         assert (small_pool2 / rel / "model.safetensors").is_file()
@@ -46,13 +49,16 @@ def test_layout_manifest_and_metrics(small_pool2: Path) -> None:
     assert "validation_split: dev" in yaml_text and "test_split: test" in yaml_text
 
 
-def test_tasks_load_with_both_splits_and_score(small_pool2: Path, small_pool2_models: dict,
-                                                tmp_path: Path) -> None:
+def test_tasks_load_with_both_splits_and_score(
+    small_pool2: Path, small_pool2_models: dict, tmp_path: Path
+) -> None:
     manifest = pool.load_manifest(small_pool2)
     evaluator = _evaluator(manifest, small_pool2_models, tmp_path / "run")
     for name, task in evaluator.tasks.leaf_tasks.items():
-        assert {k: len(v) for k, v in task.dataset.items()} == {"dev": pool.N_DEV,
-                                                                 "test": pool.N_TEST}, name
+        assert {k: len(v) for k, v in task.dataset.items()} == {
+            "dev": pool.N_DEV,
+            "test": pool.N_TEST,
+        }, name
         dev, test = ({d["prompt"] for d in task.dataset[k]} for k in ("dev", "test"))
         assert not dev & test, name
     scores = {}
@@ -80,7 +86,7 @@ def _greedy_match(model, tokenizer, docs: list[dict]) -> list[bool]:
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([full])).logits[0]
         predicted = logits[len(prompt) - 1 : len(full) - 1].argmax(-1).tolist()
-        hits.append(predicted == full[len(prompt):])
+        hits.append(predicted == full[len(prompt) :])
     return hits
 
 
@@ -98,4 +104,3 @@ def test_generate_until_task_scores_exact_match_of_real_generations(
         expected = _greedy_match(evaluator.model, small_pool2_models["tokenizer"], docs)
         assert 0 < sum(expected) < len(expected)  # neither all right nor all wrong
         assert result.per_task[task] == sum(expected) / len(expected)
-

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from evomerge import pool
-from evomerge.adapters import AdapterCheckpoint
-from evomerge.checkpoint import Checkpoint
 from evomerge.errors import UserError
+from evomerge.io.adapters import AdapterCheckpoint
+from evomerge.io.checkpoint import Checkpoint
 from evomerge.pool.lora import TARGET_MODULES, build_lora_pool
 
 SKILLS = tuple(pool.POOLS["demo"])
@@ -24,15 +24,24 @@ SKILLS = tuple(pool.POOLS["demo"])
 
 def test_layout_and_manifest(small_lora_pool: Path) -> None:
     manifest = pool.load_manifest(small_lora_pool)
-    assert manifest["name"] == "demo-lora" and manifest["tasks"] == [pool.TASK_PREFIX + s for s in SKILLS]
+    assert manifest["name"] == "demo-lora" and manifest["tasks"] == [
+        pool.TASK_PREFIX + s for s in SKILLS
+    ]
     base = small_lora_pool / "base"
     for skill in SKILLS:
-        assert manifest["models"][skill] == f"{base.resolve()}+{(small_lora_pool / skill).resolve()}"
+        assert (
+            manifest["models"][skill] == f"{base.resolve()}+{(small_lora_pool / skill).resolve()}"
+        )
         config = json.loads((small_lora_pool / skill / "adapter_config.json").read_text())
-        assert config["peft_type"] == "LORA" and Path(config["base_model_name_or_path"]) == base.resolve()
+        assert (
+            config["peft_type"] == "LORA"
+            and Path(config["base_model_name_or_path"]) == base.resolve()
+        )
         names = load_file(str(small_lora_pool / skill / "adapter_model.safetensors"))
         modules = {key.split(".")[-3] for key in names}
-        assert modules == set(TARGET_MODULES) and all(key.startswith("base_model.model.model.layers.") for key in names)
+        assert modules == set(TARGET_MODULES) and all(
+            key.startswith("base_model.model.model.layers.") for key in names
+        )
 
 
 def test_peft_reads_the_adapters_as_evomerge_does(small_lora_pool: Path) -> None:
@@ -42,14 +51,18 @@ def test_peft_reads_the_adapters_as_evomerge_does(small_lora_pool: Path) -> None
 
     for skill in SKILLS:
         base = AutoModelForCausalLM.from_pretrained(small_lora_pool / "base", use_safetensors=True)
-        merged = PeftModel.from_pretrained(base, small_lora_pool / skill).merge_and_unload().state_dict()
+        merged = (
+            PeftModel.from_pretrained(base, small_lora_pool / skill).merge_and_unload().state_dict()
+        )
         ours = AdapterCheckpoint(str(small_lora_pool / "base"), str(small_lora_pool / skill))
         assert len(ours.factors) == 7 * Checkpoint(small_lora_pool / "base").num_layers
         assert all(torch.equal(ours.tensor(name), merged[name]) for name in ours.names), skill
 
 
 def test_the_base_is_the_demo_pools_base(small_lora_pool: Path, small_pool: Path) -> None:
-    ours, theirs = (load_file(str(p / "base" / "model.safetensors")) for p in (small_lora_pool, small_pool))
+    ours, theirs = (
+        load_file(str(p / "base" / "model.safetensors")) for p in (small_lora_pool, small_pool)
+    )
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
@@ -60,7 +73,9 @@ def test_adapters_are_specialists(small_lora_pool: Path, tmp_path: Path) -> None
     from evomerge.fitness import Evaluator, FitnessConfig
 
     manifest = pool.load_manifest(small_lora_pool)
-    base = AutoModelForCausalLM.from_pretrained(small_lora_pool / "base", use_safetensors=True).eval()
+    base = AutoModelForCausalLM.from_pretrained(
+        small_lora_pool / "base", use_safetensors=True
+    ).eval()
     tokenizer = AutoTokenizer.from_pretrained(small_lora_pool / "base")
     live = copy.deepcopy(base)
     config = FitnessConfig(tasks=manifest["tasks"], task_paths=[manifest["task_path"]])
@@ -75,23 +90,41 @@ def test_adapters_are_specialists(small_lora_pool: Path, tmp_path: Path) -> None
         scores[skill] = evaluator.score(full=True).metrics
     for skill in SKILLS:
         task = pool.TASK_PREFIX + skill
-        assert scores[skill][task]["acc,none"] >= scores["base"][task]["acc,none"] + 0.05, (skill, scores)
+        assert scores[skill][task]["acc,none"] >= scores["base"][task]["acc,none"] + 0.05, (
+            skill,
+            scores,
+        )
 
 
-def test_a_lora_pool_recipe_matches_mergekit(small_lora_pool: Path, mergekit_python, tmp_path: Path) -> None:
+def test_a_lora_pool_recipe_matches_mergekit(
+    small_lora_pool: Path, mergekit_python, tmp_path: Path
+) -> None:
     """`base+adapter` references to the built adapters: evomerge merge == mergekit 0.1.5."""
     from mergekit_env import run_driver
 
-    from evomerge.merge import run_merge
-    from evomerge.recipe import parse_recipe
+    from evomerge.merging.executor import run_merge
+    from evomerge.merging.recipe import parse_recipe
 
     models = pool.load_manifest(small_lora_pool)["models"]
     recipe = (
         f"merge_method: task_arithmetic\nbase_model: {models['base']}\ndtype: float32\nmodels:\n"
-        + "".join(f"  - model: {models[s]}\n    parameters: {{weight: {w}}}\n" for s, w in zip(SKILLS, (0.9, 0.6, 0.4)))
+        + "".join(
+            f"  - model: {models[s]}\n    parameters: {{weight: {w}}}\n"
+            for s, w in zip(SKILLS, (0.9, 0.6, 0.4))
+        )
     )
-    jobs = {"threads": 1, "merges": [{"name": "lora", "recipe": recipe, "out": str(tmp_path / "mk"), "seed": 0,
-                                       "lora_cache": str(tmp_path / "cache")}]}
+    jobs = {
+        "threads": 1,
+        "merges": [
+            {
+                "name": "lora",
+                "recipe": recipe,
+                "out": str(tmp_path / "mk"),
+                "seed": 0,
+                "lora_cache": str(tmp_path / "cache"),
+            }
+        ],
+    }
     result = run_driver(mergekit_python, jobs)["lora"]
     assert result["ok"], result.get("traceback")
     run_merge(parse_recipe(recipe), tmp_path / "em")
@@ -109,15 +142,20 @@ def test_a_search_over_the_lora_pool(small_lora_pool: Path, tmp_path: Path) -> N
     from pool_fixtures import pool_search_config
 
     from evomerge.cli.process import set_up_process
-    from evomerge.config import RunConfig
-    from evomerge.export import export_trial
-    from evomerge.factored import FactoredTensor
-    from evomerge.run_folder import write_run_folder
-    from evomerge.search import Search
+    from evomerge.merging.factored import FactoredTensor
+    from evomerge.results.export import export_trial
+    from evomerge.search.config import RunConfig
+    from evomerge.search.loop import Search
+    from evomerge.search.run_folder import write_run_folder
 
     models = pool.load_manifest(small_lora_pool)["models"]
-    data = pool_search_config(small_lora_pool, tasks=["evomerge_add", "evomerge_rev"], subset=8,
-                              space="dare_ties_layers", search={"sampler": "random", "trials": 4, "seed": 0})
+    data = pool_search_config(
+        small_lora_pool,
+        tasks=["evomerge_add", "evomerge_rev"],
+        subset=8,
+        space="dare_ties_layers",
+        search={"sampler": "random", "trials": 4, "seed": 0},
+    )
     data["pool"]["models"] = {s: models[s] for s in SKILLS}
     config, run_dir = RunConfig.model_validate(data), tmp_path / "run"
     set_up_process(threads=1, hf_home=run_dir / "hf", offline=True)
@@ -149,9 +187,24 @@ def test_bad_builds_are_refused(small_lora_pool: Path) -> None:
     with pytest.raises(UserError, match="unknown pool size"):
         build_lora_pool(small_lora_pool.parent / "x", size="huge")
     proc = subprocess.run(
-        [sys.executable, "-c", "from evomerge.cli import main; main()",
-         "pool", "demo-lora", str(small_lora_pool), "--size", "small"],
-        check=False, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-c",
+            "from evomerge.cli import main; main()",
+            "pool",
+            "demo-lora",
+            str(small_lora_pool),
+            "--size",
+            "small",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "--force" in proc.stderr
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip().startswith("error:")
+        and "--force" in proc.stderr
+    )
     assert "Traceback" not in proc.stderr and not list(small_lora_pool.parent.glob(".*partial*"))

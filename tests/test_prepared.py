@@ -84,7 +84,9 @@ def _models(models: dict, specialist: str) -> dict:
 
 
 def _hf_lm(model, tokenizer, config: FitnessConfig):
-    return make_lm("hf", model, tokenizer, batch_size=config.batch_size, max_length=config.max_length)
+    return make_lm(
+        "hf", model, tokenizer, batch_size=config.batch_size, max_length=config.max_length
+    )
 
 
 def _reference(lm, config: FitnessConfig, run_dir: Path, samples=None) -> dict:
@@ -92,8 +94,14 @@ def _reference(lm, config: FitnessConfig, run_dir: Path, samples=None) -> dict:
     from lm_eval.evaluator import evaluate
 
     tasks = build_task_set(config, run_dir)
-    out = evaluate(lm=lm, task_dict=tasks.task_dict, samples=samples, cache_requests=False,
-                   bootstrap_iters=0, log_samples=True)
+    out = evaluate(
+        lm=lm,
+        task_dict=tasks.task_dict,
+        samples=samples,
+        cache_requests=False,
+        bootstrap_iters=0,
+        log_samples=True,
+    )
     return {name: (out["results"][name], out["samples"][name]) for name in tasks.leaf_tasks}
 
 
@@ -117,33 +125,59 @@ def _assert_same(evaluator: Evaluator, lm, tmp_path: Path) -> None:
 
     subset = evaluator.score()
     reference = _reference(lm, config, tmp_path / "ref-subset", samples=evaluator.tasks.subset)
-    assert subset.per_task == {s.name: float(reference[s.name][0][s.metric_key]) for s in evaluator.tasks.specs}
+    assert subset.per_task == {
+        s.name: float(reference[s.name][0][s.metric_key]) for s in evaluator.tasks.specs
+    }
 
     chosen = {s.name: [7, 2, 11] for s in evaluator.tasks.specs}
     got = evaluator.score_examples(chosen)
-    reference = _reference(lm, config, tmp_path / "ref-chosen", samples={t: sorted(d) for t, d in chosen.items()})
+    reference = _reference(
+        lm, config, tmp_path / "ref-chosen", samples={t: sorted(d) for t, d in chosen.items()}
+    )
     for spec in evaluator.tasks.specs:
         per_doc = _per_doc(reference[spec.name][1], spec.metric_key)
         assert got[spec.name] == [per_doc[d] for d in chosen[spec.name]], spec.name
 
 
 @pytest.mark.parametrize("which", ["base", "add", "average"])
-def test_demo_tasks_score_as_lm_eval(which: str, small_pool: Path, small_pool_models: dict, tmp_path: Path) -> None:
+def test_demo_tasks_score_as_lm_eval(
+    which: str, small_pool: Path, small_pool_models: dict, tmp_path: Path
+) -> None:
     model = _models(small_pool_models, "add")[which]
     tokenizer = small_pool_models["tokenizer"]
     manifest = load_manifest(small_pool)
-    config = FitnessConfig(tasks=manifest["tasks"], task_paths=[manifest["task_path"]], subset={"count": 20}, batch_size=16)
-    _assert_same(Evaluator(model, tokenizer, config, tmp_path / "run"), _hf_lm(model, tokenizer, config), tmp_path)
+    config = FitnessConfig(
+        tasks=manifest["tasks"],
+        task_paths=[manifest["task_path"]],
+        subset={"count": 20},
+        batch_size=16,
+    )
+    _assert_same(
+        Evaluator(model, tokenizer, config, tmp_path / "run"),
+        _hf_lm(model, tokenizer, config),
+        tmp_path,
+    )
 
 
 @pytest.mark.parametrize("which", ["base", "shift", "average"])
-def test_demo2_tasks_with_generation_score_as_lm_eval(which: str, small_pool2: Path, small_pool2_models: dict, tmp_path: Path) -> None:
+def test_demo2_tasks_with_generation_score_as_lm_eval(
+    which: str, small_pool2: Path, small_pool2_models: dict, tmp_path: Path
+) -> None:
     model = _models(small_pool2_models, "shift")[which]
     tokenizer = small_pool2_models["tokenizer"]
     manifest = load_manifest(small_pool2)
-    config = FitnessConfig(tasks=manifest["tasks"], task_paths=[manifest["task_path"]], subset={"count": 20}, batch_size=16)
+    config = FitnessConfig(
+        tasks=manifest["tasks"],
+        task_paths=[manifest["task_path"]],
+        subset={"count": 20},
+        batch_size=16,
+    )
     evaluator = Evaluator(model, tokenizer, config, tmp_path / "run")
-    assert [s.metric for s in evaluator.tasks.specs] == ["exact_match", "acc", "acc"]  # the single-metric default
+    assert [s.metric for s in evaluator.tasks.specs] == [
+        "exact_match",
+        "acc",
+        "acc",
+    ]  # the single-metric default
     _assert_same(evaluator, _hf_lm(model, tokenizer, evaluator.config), tmp_path)
 
 
@@ -166,55 +200,94 @@ def test_a_filtered_task_and_a_multiple_choice_task_score_as_lm_eval(
     tokenizer = small_pool2_models["tokenizer"]
     config = FitnessConfig(
         tasks=["evomerge_shift_filtered", "evomerge_add_first_digit"],
-        task_paths=[_extra_tasks(small_pool2, tmp_path)], subset={"count": 20}, batch_size=16,
+        task_paths=[_extra_tasks(small_pool2, tmp_path)],
+        subset={"count": 20},
+        batch_size=16,
     )
     evaluator = Evaluator(model, tokenizer, config, tmp_path / "run")
     assert [s.metric_key for s in evaluator.tasks.specs] == ["exact_match,strict-match", "acc,none"]
     _assert_same(evaluator, _hf_lm(model, tokenizer, evaluator.config), tmp_path)
 
 
-def test_scoring_prints_nothing(small_pool: Path, small_pool_models: dict, tmp_path: Path, capfd) -> None:
+def test_scoring_prints_nothing(
+    small_pool: Path, small_pool_models: dict, tmp_path: Path, capfd
+) -> None:
     """lm-eval's progress bars and logs stay out of every trial's scoring."""
     manifest = load_manifest(small_pool)
-    config = FitnessConfig(tasks=manifest["tasks"], task_paths=[manifest["task_path"]], subset={"count": 5})
-    evaluator = Evaluator(small_pool_models["base"], small_pool_models["tokenizer"], config, tmp_path)
+    config = FitnessConfig(
+        tasks=manifest["tasks"], task_paths=[manifest["task_path"]], subset={"count": 5}
+    )
+    evaluator = Evaluator(
+        small_pool_models["base"], small_pool_models["tokenizer"], config, tmp_path
+    )
     capfd.readouterr()
     evaluator.score()
     evaluator.score_examples({"evomerge_add": [3, 1]})
     assert capfd.readouterr() == ("", "")
 
 
-def test_metric_choices_are_resolved_or_refused_in_one_sentence(small_pool2: Path, small_pool2_models: dict, tmp_path: Path) -> None:
+def test_metric_choices_are_resolved_or_refused_in_one_sentence(
+    small_pool2: Path, small_pool2_models: dict, tmp_path: Path
+) -> None:
     model, tok = small_pool2_models["base"], small_pool2_models["tokenizer"]
     folder = _extra_tasks(small_pool2, tmp_path)
     for name in ("sub_dev.jsonl", "shift_dev.jsonl"):
-        shutil.copyfile(Path(load_manifest(small_pool2)["task_path"]) / "data" / name, tmp_path / name)
-    (folder / "two.yaml").write_text(FILTERED.replace("evomerge_shift_filtered", "evomerge_two_filters").replace(
-        "filter_list:\n", "filter_list:\n  - name: loose\n    filter:\n      - function: take_first\n"
-    ).format(data=tmp_path / "shift_dev.jsonl"))
-    (folder / "norm.yaml").write_text(MULTIPLE_CHOICE.replace("evomerge_add_first_digit", "evomerge_norm").replace(
-        "metric: acc\n", "metric: acc_bytes\n").format(data=folder.parent / "sub_dev.jsonl"))
+        shutil.copyfile(
+            Path(load_manifest(small_pool2)["task_path"]) / "data" / name, tmp_path / name
+        )
+    (folder / "two.yaml").write_text(
+        FILTERED.replace("evomerge_shift_filtered", "evomerge_two_filters")
+        .replace(
+            "filter_list:\n",
+            "filter_list:\n  - name: loose\n    filter:\n      - function: take_first\n",
+        )
+        .format(data=tmp_path / "shift_dev.jsonl")
+    )
+    (folder / "norm.yaml").write_text(
+        MULTIPLE_CHOICE.replace("evomerge_add_first_digit", "evomerge_norm")
+        .replace("metric: acc\n", "metric: acc_bytes\n")
+        .format(data=folder.parent / "sub_dev.jsonl")
+    )
 
     def spec_of(spec):
-        return Evaluator(model, tok, FitnessConfig(tasks=[spec], task_paths=[folder]), tmp_path / "run").tasks.specs[0]
+        return Evaluator(
+            model, tok, FitnessConfig(tasks=[spec], task_paths=[folder]), tmp_path / "run"
+        ).tasks.specs[0]
 
     assert spec_of("evomerge_add_first_digit").metric == "acc"  # acc among several
-    assert spec_of({"name": "evomerge_two_filters", "metric": "exact_match,loose"}).metric_key == "exact_match,loose"
-    with pytest.raises(UserError, match=r"filters its answers several ways \(loose, strict-match\); name one"):
+    assert (
+        spec_of({"name": "evomerge_two_filters", "metric": "exact_match,loose"}).metric_key
+        == "exact_match,loose"
+    )
+    with pytest.raises(
+        UserError, match=r"filters its answers several ways \(loose, strict-match\); name one"
+    ):
         spec_of("evomerge_two_filters")
     with pytest.raises(UserError, match="has no filter 'lenient'; it has strict-match"):
         spec_of({"name": "evomerge_shift_filtered", "metric": "exact_match,lenient"})
-    with pytest.raises(UserError, match=r"reports several metrics \(acc_bytes, acc_norm\); name the one"):
+    with pytest.raises(
+        UserError, match=r"reports several metrics \(acc_bytes, acc_norm\); name the one"
+    ):
         spec_of("evomerge_norm")
 
 
-def test_a_group_is_refused_in_one_sentence(small_pool: Path, small_pool_models: dict, tmp_path: Path) -> None:
+def test_a_group_is_refused_in_one_sentence(
+    small_pool: Path, small_pool_models: dict, tmp_path: Path
+) -> None:
     folder = tmp_path / "group"
     folder.mkdir()
-    (folder / "g.yaml").write_text(textwrap.dedent("""\
+    (folder / "g.yaml").write_text(
+        textwrap.dedent("""\
         group: evomerge_both
         task: [evomerge_add, evomerge_rev]
-    """))
-    config = FitnessConfig(tasks=["evomerge_both"], task_paths=[load_manifest(small_pool)["task_path"], folder])
-    with pytest.raises(UserError, match="'evomerge_both' is a group, not a task; list its tasks one by one"):
-        Evaluator(small_pool_models["base"], small_pool_models["tokenizer"], config, tmp_path / "run")
+    """)
+    )
+    config = FitnessConfig(
+        tasks=["evomerge_both"], task_paths=[load_manifest(small_pool)["task_path"], folder]
+    )
+    with pytest.raises(
+        UserError, match="'evomerge_both' is a group, not a task; list its tasks one by one"
+    ):
+        Evaluator(
+            small_pool_models["base"], small_pool_models["tokenizer"], config, tmp_path / "run"
+        )

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from evomerge.merge import run_merge
+from evomerge.merging.executor import run_merge
+from evomerge.merging.recipe import parse_recipe
 from evomerge.methods import MergeInputs, get_method
-from evomerge.random_fields import SCALE, UniformField
-from evomerge.recipe import parse_recipe
+from evomerge.methods.random_fields import SCALE, UniformField
 
 N = 1 << 20  # elements per statistical draw
 
@@ -84,12 +84,17 @@ def test_a_draw_depends_only_on_the_element_index():
     short = field.integers(2, torch.Size([5000]))
     assert torch.equal(long[:5000], short)
     assert torch.equal(field.integers(2, torch.Size([50, 100])).flatten(), short)
-    for start, stop in ((0, 1), (4990, 5000), ((1 << 22) - 7, (1 << 22) + 1000), (123, (1 << 22) + 1)):
+    for start, stop in (
+        (0, 1),
+        (4990, 5000),
+        ((1 << 22) - 7, (1 << 22) + 1000),
+        (123, (1 << 22) + 1),
+    ):
         assert torch.equal(field.span(2, start, stop), long[start:stop]), (start, stop)
 
 
 def test_keep_probabilities_step_by_a_65536th():
-    from evomerge.random_fields import keep_threshold
+    from evomerge.methods.random_fields import keep_threshold
 
     assert [keep_threshold(p) for p in (0.0, 1.0, 0.5, 1 / 65536)] == [0, SCALE, SCALE // 2, 1]
     assert keep_threshold(0.3) == math.ceil(0.3 * 65536)  # rounded up to the next step
@@ -97,13 +102,17 @@ def test_keep_probabilities_step_by_a_65536th():
 
 
 def test_draw_l1_table_holds_the_exact_l1_sum_of_every_dare_mask():
+    from evomerge.methods.random_fields import keep_threshold
     from evomerge.methods.sparsify import draw_l1_table, exact_abs_sum
-    from evomerge.random_fields import keep_threshold
 
     generator = torch.Generator().manual_seed(0)
-    delta = (torch.randn((1 << 22) + 333, generator=generator) * 0.01).to(torch.bfloat16)  # two hash chunks
+    delta = (torch.randn((1 << 22) + 333, generator=generator) * 0.01).to(
+        torch.bfloat16
+    )  # two hash chunks
     field, shift = UniformField(5, "w"), 40
-    table = draw_l1_table(delta, field, 1, shift, chunk=1 << 21)  # chunks of the pass != hash chunks
+    table = draw_l1_table(
+        delta, field, 1, shift, chunk=1 << 21
+    )  # chunks of the pass != hash chunks
     assert table.shape == (65537,) and int(table[0]) == 0
     assert int(table[-1]) == exact_abs_sum(delta, shift)
     for density in (1 / 65536, 0.1, 0.5, 0.77, 0.999):
@@ -250,8 +259,8 @@ POOL_CONFIG = {
 _SUBPROCESS = """
 import json, sys, torch
 torch.set_num_threads(int(sys.argv[1]))
-from evomerge.merge import run_merge
-from evomerge.recipe import parse_recipe
+from evomerge.merging.executor import run_merge
+from evomerge.merging.recipe import parse_recipe
 for text, out, seed in json.loads(sys.argv[2]):
     run_merge(parse_recipe(text), out, seed=seed)
 """

@@ -172,11 +172,15 @@ def parse_evomerge(args: list[str]) -> None:
 def parse_only(command: Command) -> None:
     words = shlex.split(command.text)
     if words[0] == "make":
-        done = subprocess.run(["make", "-n", "-C", str(ROOT), *words[1:]], capture_output=True, text=True)
+        done = subprocess.run(
+            ["make", "-n", "-C", str(ROOT), *words[1:]], capture_output=True, text=True
+        )
         assert done.returncode == 0, f"README line {command.line}: `{command.text}`: {done.stderr}"
         return
     invocations = evomerge_invocations(command.text)
-    assert invocations, f"README line {command.line}: `{command.text}` has no evomerge command to check"
+    assert invocations, (
+        f"README line {command.line}: `{command.text}` has no evomerge command to check"
+    )
     for args in invocations:
         try:
             parse_evomerge([substituted(a) for a in args])
@@ -239,7 +243,11 @@ def test_readme_command(command: Command, sandbox):
         return
     done = subprocess.run(
         ["bash", "-c", substituted(command.text)],
-        cwd=sandbox["root"], env=sandbox["env"], capture_output=True, text=True, timeout=600,
+        cwd=sandbox["root"],
+        env=sandbox["env"],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, (
         f"README line {command.line}: `{command.text}` exited {done.returncode}:\n{done.stderr[-3000:]}"
@@ -251,12 +259,16 @@ def test_every_command_is_evomerge_or_make():
     for command in COMMANDS:
         first = next(w for w in shlex.split(command.text) if "=" not in w)
         assert first in ("evomerge", "make", "for"), f"README line {command.line}: `{command.text}`"
-        assert first != "for" or command.text in PARSE_ONLY, f"README line {command.line}: loops are parse-only"
+        assert first != "for" or command.text in PARSE_ONLY, (
+            f"README line {command.line}: loops are parse-only"
+        )
 
 
 def test_the_tables_match_the_readme():
     texts = {c.text for c in COMMANDS}
-    assert set(PARSE_ONLY) <= texts, f"PARSE_ONLY names lines the README no longer has: {set(PARSE_ONLY) - texts}"
+    assert set(PARSE_ONLY) <= texts, (
+        f"PARSE_ONLY names lines the README no longer has: {set(PARSE_ONLY) - texts}"
+    )
     for placeholder in PLACEHOLDERS:
         assert any(placeholder in t for t in texts), f"no README command uses {placeholder}"
     for rel, edits in FILE_EDITS.items():
@@ -268,11 +280,15 @@ def test_the_tables_match_the_readme():
 
 def test_the_parser_catches_what_a_user_would_hit():
     """The parse-only check is the CLI's own parser: it refuses what the real command refuses."""
-    for bad in (["serch", "x.yaml"], ["merge", "only-one.yaml"], ["worker", "runs/x", "--devic", "cuda"]):
+    for bad in (
+        ["serch", "x.yaml"],
+        ["merge", "only-one.yaml"],
+        ["worker", "runs/x", "--devic", "cuda"],
+    ):
         with pytest.raises(click.ClickException):
             parse_evomerge(bad)
     parse_evomerge(["worker", "runs/x", "--device", "cuda"])
     parse_evomerge(["pool", "demo", "runs/demo-pool"])
-    assert evomerge_invocations("for i in 0 1; do X=$i evomerge worker r --device cuda & done; wait") == [
-        ["worker", "r", "--device", "cuda"]
-    ]
+    assert evomerge_invocations(
+        "for i in 0 1; do X=$i evomerge worker r --device cuda & done; wait"
+    ) == [["worker", "r", "--device", "cuda"]]

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from test_mergekit_golden import CASES  # tests/ is on sys.path under pytest
 
 from evomerge.errors import UserError
+from evomerge.merging.recipe import Recipe, parse_recipe
 from evomerge.methods import get_method
-from evomerge.recipe import Recipe, parse_recipe
 
 WRITE_BACK = {case.id: case.recipe.replace("$", "") for case in CASES}
 WRITE_BACK["chat_template_tokenizer"] = """
@@ -194,25 +194,52 @@ TIES_BASE = "merge_method: ties\nbase_model: base\n"
 @pytest.mark.parametrize(
     "text, path, suggestion",
     [
-        (TIES_BASE + "parameters: {lamda: 3}\nmodels: [{model: a, parameters: {weight: 1}}]",
-         "parameters.lamda", "lambda"),
-        (TIES_BASE + "models: [{model: a, parameters: {weight: 1}}, {model: b, parameters: {densty: 0.2}}]",
-         "models[1].parameters.densty", "density"),
-        (TIES_BASE + "models:\n  - model: a\n    parameters:\n      weight: 1\n"
-         "      densty: [{filter: mlp, value: 0.2}, {value: 1}]",
-         "models[0].parameters.densty", "density"),
-        (TIES_BASE + "slices:\n  - parameters: {wieght: [0, 1]}\n    sources:\n"
-         "      - {model: a, layer_range: [0, 2]}\n      - {model: base, layer_range: [0, 2]}",
-         "slices[0].parameters.wieght", "weight"),
-        (TIES_BASE + "slices:\n  - sources:\n      - {model: a, layer_range: [0, 2], parameters: {weight: 1}}\n"
-         "      - {model: base, layer_range: [0, 2]}\n  - sources:\n"
-         "      - {model: a, layer_range: [2, 4], parameters: {weight: 1, densty: [{filter: mlp, value: 0.5}]}}\n"
-         "      - {model: base, layer_range: [2, 4]}",
-         "slices[1].sources[0].parameters.densty", "density"),
-        ("merge_method: slerp\nbase_model: base\nmodels: [{model: a}]\nparameters: {weight: 0.5}",
-         "parameters.weight", None),  # nothing close: the message lists what slerp has
+        (
+            TIES_BASE + "parameters: {lamda: 3}\nmodels: [{model: a, parameters: {weight: 1}}]",
+            "parameters.lamda",
+            "lambda",
+        ),
+        (
+            TIES_BASE
+            + "models: [{model: a, parameters: {weight: 1}}, {model: b, parameters: {densty: 0.2}}]",
+            "models[1].parameters.densty",
+            "density",
+        ),
+        (
+            TIES_BASE + "models:\n  - model: a\n    parameters:\n      weight: 1\n"
+            "      densty: [{filter: mlp, value: 0.2}, {value: 1}]",
+            "models[0].parameters.densty",
+            "density",
+        ),
+        (
+            TIES_BASE + "slices:\n  - parameters: {wieght: [0, 1]}\n    sources:\n"
+            "      - {model: a, layer_range: [0, 2]}\n      - {model: base, layer_range: [0, 2]}",
+            "slices[0].parameters.wieght",
+            "weight",
+        ),
+        (
+            TIES_BASE
+            + "slices:\n  - sources:\n      - {model: a, layer_range: [0, 2], parameters: {weight: 1}}\n"
+            "      - {model: base, layer_range: [0, 2]}\n  - sources:\n"
+            "      - {model: a, layer_range: [2, 4], parameters: {weight: 1, densty: [{filter: mlp, value: 0.5}]}}\n"
+            "      - {model: base, layer_range: [2, 4]}",
+            "slices[1].sources[0].parameters.densty",
+            "density",
+        ),
+        (
+            "merge_method: slerp\nbase_model: base\nmodels: [{model: a}]\nparameters: {weight: 0.5}",
+            "parameters.weight",
+            None,
+        ),  # nothing close: the message lists what slerp has
     ],
-    ids=["global", "per-model", "per-model-conditional", "per-slice", "per-source-conditional", "other-method"],
+    ids=[
+        "global",
+        "per-model",
+        "per-model-conditional",
+        "per-slice",
+        "per-source-conditional",
+        "other-method",
+    ],
 )
 def test_unknown_parameter_names_the_path_and_the_closest_parameter(text, path, suggestion):
     """A misspelled parameter used to be ignored (the merge ran at its default); it is refused
@@ -226,16 +253,36 @@ def test_unknown_parameter_names_the_path_and_the_closest_parameter(text, path, 
 
 
 def test_unknown_merge_method_is_refused_when_parsed():
-    with pytest.raises(UserError, match=r"merge_method: unknown merge method 'tiez'; did you mean 'ties'"):
+    with pytest.raises(
+        UserError, match=r"merge_method: unknown merge method 'tiez'; did you mean 'ties'"
+    ):
         parse_recipe("merge_method: tiez\nmodels: [{model: a}]")
 
 
 def test_every_declared_parameter_is_accepted_at_every_level():
     """The check refuses only names the method does not declare."""
-    for name in ("ties", "della", "breadcrumbs", "slerp", "karcher", "nuslerp", "sce", "passthrough"):
+    for name in (
+        "ties",
+        "della",
+        "breadcrumbs",
+        "slerp",
+        "karcher",
+        "nuslerp",
+        "sce",
+        "passthrough",
+    ):
         params = {p.name: 1 for p in get_method(name).params}
-        text = yaml.safe_dump({
-            "merge_method": name, "base_model": "base", "parameters": params,
-            "slices": [{"parameters": params, "sources": [{"model": "a", "layer_range": [0, 2], "parameters": params}]}],
-        })
+        text = yaml.safe_dump(
+            {
+                "merge_method": name,
+                "base_model": "base",
+                "parameters": params,
+                "slices": [
+                    {
+                        "parameters": params,
+                        "sources": [{"model": "a", "layer_range": [0, 2], "parameters": params}],
+                    }
+                ],
+            }
+        )
         assert parse_recipe(text).merge_method == name

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from evomerge.errors import UserError
-from evomerge.report import PLOTS, make_report, multi_fidelity_saving, report_run
-from evomerge.run_folder import RunGenes
-from evomerge.space import SearchSpace, load_space
+from evomerge.results.report import PLOTS, make_report, multi_fidelity_saving, report_run
+from evomerge.search.run_folder import RunGenes
+from evomerge.spaces.parameters.space import SearchSpace, load_space
 
 TASKS = ("evomerge_add", "evomerge_rev", "evomerge_sort")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -159,7 +159,10 @@ def test_report_on_a_study(tmp_path: Path):
 
     for label in ("uniform", "dare_ties_0.5", "only_a", "only_b2"):
         assert label in report.text
-    assert "3 of 9 trials (33%) stopped before all of dev; 660 of 900 examples scored (1.4x fewer)" in report.text
+    assert (
+        "3 of 9 trials (33%) stopped before all of dev; 660 of 900 examples scored (1.4x fewer)"
+        in report.text
+    )
     assert "9 complete, 1 failed, 6 full evaluations" in report.text
     best_line = next(line for line in report.text.splitlines() if line.startswith("*"))
     assert best_line.split()[1] == str(numbers[0.8])
@@ -217,9 +220,9 @@ def test_no_completed_trial_is_a_user_error(tmp_path: Path):
 
 # --- the command, on a run folder made by hand (config.yaml, run.json, study.db) --------------
 def make_run_folder(run_dir: Path, *, trials: bool = True) -> Path:
-    from evomerge.config import RunConfig
-    from evomerge.fingerprint import pool_fingerprints
-    from evomerge.run_folder import RUN_FORMAT
+    from evomerge.io.fingerprint import pool_fingerprints
+    from evomerge.search.config import RunConfig
+    from evomerge.search.run_folder import RUN_FORMAT
 
     run_dir.mkdir()
     config = {
@@ -228,9 +231,15 @@ def make_run_folder(run_dir: Path, *, trials: bool = True) -> Path:
         "fitness": {"tasks": list(TASKS)},
     }
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    (run_dir / "pool.json").write_text(json.dumps(pool_fingerprints(RunConfig.model_validate(config))))
+    (run_dir / "pool.json").write_text(
+        json.dumps(pool_fingerprints(RunConfig.model_validate(config)))
+    )
     space = make_space()
-    meta = {"run_format": RUN_FORMAT, "evomerge_version": "test", "space": RunGenes.of(space).to_json()}
+    meta = {
+        "run_format": RUN_FORMAT,
+        "evomerge_version": "test",
+        "space": RunGenes.of(space).to_json(),
+    }
     (run_dir / "run.json").write_text(json.dumps(meta))
     if trials:
         build_study(f"sqlite:///{run_dir / 'study.db'}", space)
@@ -267,13 +276,13 @@ def test_report_and_export_read_a_run_without_torch_or_the_search(tmp_path: Path
     run_dir = make_run_folder(tmp_path / "run")
     code = f"""
 import sys
-from evomerge.export import pick_trial
-from evomerge.report import report_run
+from evomerge.results.export import pick_trial
+from evomerge.results.report import report_run
 
 report = report_run({str(run_dir)!r})
 config, trial = pick_trial({str(run_dir)!r})
-heavy = ("torch", "transformers", "lm_eval", "evomerge.search", "evomerge.candidate",
-         "evomerge.space", "evomerge.merge", "evomerge.fitness.backends")
+heavy = ("torch", "transformers", "lm_eval", "evomerge.search.loop", "evomerge.spaces.parameters.candidate",
+         "evomerge.spaces.parameters.space", "evomerge.merging.executor", "evomerge.fitness.backends")
 loaded = [name for name in heavy if name in sys.modules]
 assert not loaded, loaded
 print(trial.number, report.summary["best"]["number"])
@@ -358,10 +367,19 @@ def test_a_retried_baseline_is_listed_once_with_its_completed_run():
     from optuna.distributions import FloatDistribution
     from optuna.trial import TrialState, create_trial
 
-    from evomerge.report import _baseline_trials
+    from evomerge.results.report import _baseline_trials
 
     dist = {"x": FloatDistribution(0, 1)}
-    killed = create_trial(params={"x": 0.5}, distributions=dist, state=TrialState.FAIL, user_attrs={"baseline": "uniform"})
-    retry = create_trial(params={"x": 0.5}, distributions=dist, value=0.3, user_attrs={"baseline": "uniform"})
-    other = create_trial(params={"x": 1.0}, distributions=dist, value=0.2, user_attrs={"baseline": "only_a"})
+    killed = create_trial(
+        params={"x": 0.5},
+        distributions=dist,
+        state=TrialState.FAIL,
+        user_attrs={"baseline": "uniform"},
+    )
+    retry = create_trial(
+        params={"x": 0.5}, distributions=dist, value=0.3, user_attrs={"baseline": "uniform"}
+    )
+    other = create_trial(
+        params={"x": 1.0}, distributions=dist, value=0.2, user_attrs={"baseline": "only_a"}
+    )
     assert _baseline_trials([killed, retry, other]) == [retry, other]

@@ -12,7 +12,7 @@ import math
 import optuna
 import pytest
 
-from evomerge.samplers import CMA_GENERATION, WarmStartedCmaEs, design_trials, make_sampler
+from evomerge.search.samplers import CMA_GENERATION, WarmStartedCmaEs, design_trials, make_sampler
 
 GENES = [f"g{i}" for i in range(6)]
 PEAK = {"g0": 0.9, "g1": 0.1, "g2": 0.85, "g3": 0.15, "g4": 0.9, "g5": 0.1}
@@ -32,7 +32,9 @@ def fitness(trial: optuna.Trial) -> float:
 def open_study(path, sampler, *, create: bool) -> optuna.Study:
     storage = f"sqlite:///{path}"
     if create:
-        study = optuna.create_study(storage=storage, study_name="s", sampler=sampler, direction="maximize")
+        study = optuna.create_study(
+            storage=storage, study_name="s", sampler=sampler, direction="maximize"
+        )
         for genome in BASELINES:
             study.enqueue_trial(genome, user_attrs={"baseline": "b"})
         return study
@@ -47,7 +49,11 @@ def test_every_named_sampler_runs_a_seeded_study_reproducibly(tmp_path) -> None:
     for name in ("gp", "cmaes", "cmaes_warm", "tpe", "random"):
         runs = []
         for attempt in range(2):
-            study = open_study(tmp_path / f"{name}-{attempt}.db", make_sampler(name, seed=1, trials=12), create=True)
+            study = open_study(
+                tmp_path / f"{name}-{attempt}.db",
+                make_sampler(name, seed=1, trials=12),
+                create=True,
+            )
             study.optimize(fitness, n_trials=12)
             runs.append([t.params for t in study.trials])
         assert runs[0] == runs[1], name
@@ -60,8 +66,13 @@ def test_design_size_rule() -> None:
 
 def test_warm_cmaes_starts_from_the_best_of_the_design_not_the_centre(tmp_path) -> None:
     n_design, population = 12, 9  # 6 genes: CMA-ES's population is 4 + 3 ln 6 ~ 9
-    study = open_study(tmp_path / "warm.db", WarmStartedCmaEs(
-        design=make_sampler("gp", seed=0, trials=0), design_trials=n_design, seed=0), create=True)
+    study = open_study(
+        tmp_path / "warm.db",
+        WarmStartedCmaEs(
+            design=make_sampler("gp", seed=0, trials=0), design_trials=n_design, seed=0
+        ),
+        create=True,
+    )
     study.optimize(fitness, n_trials=n_design + population)
     design = study.trials[:n_design]
     generation0 = study.trials[n_design:]
@@ -105,7 +116,7 @@ def test_warm_cmaes_resumes_from_storage(tmp_path, split_at: int) -> None:
     assert [t.number for t in stored] == [n_design + 9, n_design + 18]
     # the warm start holds across the restart: generation 0 sits around the design's best
     best = max(trials[:n_design], key=lambda t: t.value).params
-    generation0 = trials[n_design:n_design + 9]
+    generation0 = trials[n_design : n_design + 9]
     mean = {g: sum(t.params[g] for t in generation0) / 9 for g in GENES}
     assert distance(mean, best) < 0.25 < distance(mean, {g: 0.5 for g in GENES})
 
@@ -136,11 +147,16 @@ def test_queued_baselines_are_observations(name: str, observes: bool) -> None:
     other_peak = {g: 1.0 - v for g, v in PEAK.items()}
     proposals = []
     for peak in (PEAK, other_peak):
-        study = optuna.create_study(sampler=make_sampler(name, seed=0, trials=0), direction="maximize")
+        study = optuna.create_study(
+            sampler=make_sampler(name, seed=0, trials=0), direction="maximize"
+        )
         for i in range(10):
-            study.enqueue_trial({g: 0.5 + 0.4 * math.sin(7.0 * (i + 1) * (j + 1)) for j, g in enumerate(GENES)})
+            study.enqueue_trial(
+                {g: 0.5 + 0.4 * math.sin(7.0 * (i + 1) * (j + 1)) for j, g in enumerate(GENES)}
+            )
         study.optimize(
-            lambda t, peak=peak: -sum((t.suggest_float(g, 0.0, 1.0) - peak[g]) ** 2 for g in GENES), n_trials=11
+            lambda t, peak=peak: -sum((t.suggest_float(g, 0.0, 1.0) - peak[g]) ** 2 for g in GENES),
+            n_trials=11,
         )
         proposals.append(study.trials[10].params)
     assert (proposals[0] != proposals[1]) == observes
@@ -157,7 +173,12 @@ def test_resume_continues_a_warm_cmaes_search_on_a_real_pool(tmp_path, small_poo
     evomerge("search", str(config), "--run-dir", str(run_dir))
     evomerge("resume", str(run_dir), "--trials", "5")
     trials = trials_of(run_dir)
-    assert [t.user_attrs.get("baseline") for t in trials[:4]] == ["uniform", "only_add", "only_rev", "only_sort"]
+    assert [t.user_attrs.get("baseline") for t in trials[:4]] == [
+        "uniform",
+        "only_add",
+        "only_rev",
+        "only_sort",
+    ]
     # linear_global over 3 models: 3 genes, population 7; trials 10-16 are generation 0
     assert [t.system_attrs.get(CMA_GENERATION) for t in trials] == [None] * 10 + [0] * 7
     design = [t for t in trials[:10] if t.user_attrs.get("fidelity") == "full"]

@@ -38,7 +38,11 @@ def write_config(
 
 def evomerge(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [sys.executable, "-m", "evomerge", *args], env=ENV, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "evomerge", *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"evomerge {' '.join(args)} failed:\n{result.stderr[-3000:]}")
@@ -70,7 +74,9 @@ def wait_for_completed(run_dir: Path, count: int, timeout: float = 240) -> None:
         if database.exists():
             try:
                 with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
-                    (done,) = db.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()
+                    (done,) = db.execute(
+                        "SELECT count(*) FROM trials WHERE state = 'COMPLETE'"
+                    ).fetchone()
                 if done >= count:
                     return
             except sqlite3.OperationalError:  # no trials table yet, or locked for a moment
@@ -85,7 +91,9 @@ def test_resume_continues_the_same_cmaes_run(tmp_path, small_pool):
     (Optuna re-seeds the within-generation draws per process, so the proposals after the
     restart differ from an uninterrupted run's; the sampler state itself comes from storage.)"""
     straight = tmp_path / "straight"
-    evomerge("search", str(write_config(tmp_path, small_pool, trials=15)), "--run-dir", str(straight))
+    evomerge(
+        "search", str(write_config(tmp_path, small_pool, trials=15)), "--run-dir", str(straight)
+    )
     split = tmp_path / "split"
     evomerge("search", str(write_config(tmp_path, small_pool, trials=9)), "--run-dir", str(split))
     evomerge("resume", str(split), "--trials", "6")
@@ -129,12 +137,12 @@ def test_export_equals_the_scored_candidate_bit_for_bit(tmp_path, small_pool):
     import torch
     from safetensors.torch import load_file
 
-    from evomerge.config import load_run_config
-    from evomerge.export import export_trial
-    from evomerge.merge import run_merge
-    from evomerge.recipe import load_recipe
-    from evomerge.run_folder import write_run_folder
-    from evomerge.search import Search
+    from evomerge.merging.executor import run_merge
+    from evomerge.merging.recipe import load_recipe
+    from evomerge.results.export import export_trial
+    from evomerge.search.config import load_run_config
+    from evomerge.search.loop import Search
+    from evomerge.search.run_folder import write_run_folder
 
     run_dir = tmp_path / "run"
     config = load_run_config(write_config(tmp_path, small_pool, space="dare_ties_layers", trials=7))
@@ -154,7 +162,11 @@ def test_export_equals_the_scored_candidate_bit_for_bit(tmp_path, small_pool):
     assert "evomerge_add" in (tmp_path / "export" / "README.md").read_text()
 
     # the exported recipe is an ordinary recipe: `evomerge merge` rebuilds the same model
-    run_merge(load_recipe(tmp_path / "export" / "recipe.yaml"), tmp_path / "again", seed=config.search.merge_seed)
+    run_merge(
+        load_recipe(tmp_path / "export" / "recipe.yaml"),
+        tmp_path / "again",
+        seed=config.search.merge_seed,
+    )
     again = load_file(str(tmp_path / "again" / "model.safetensors"))
     assert all(torch.equal(again[k], exported[k]) for k in exported)
 
@@ -164,12 +176,14 @@ def test_a_worker_whose_trial_another_worker_failed_goes_on(tmp_path, small_pool
     or tells its result (Optuna: "Cannot tell a FAIL trial"): it drops that result and goes on."""
     from optuna.trial import TrialState
 
-    from evomerge.config import load_run_config
-    from evomerge.run_folder import write_run_folder
-    from evomerge.search import Search
+    from evomerge.search.config import load_run_config
+    from evomerge.search.loop import Search
+    from evomerge.search.run_folder import write_run_folder
 
     run_dir = tmp_path / "run"
-    config = load_run_config(write_config(tmp_path, small_pool, trials=3, baselines=False, sampler="random"))
+    config = load_run_config(
+        write_config(tmp_path, small_pool, trials=3, baselines=False, sampler="random")
+    )
     set_up_like_the_cli(config, run_dir)
     write_run_folder(config, run_dir)
     search = Search(config, run_dir)
@@ -177,12 +191,14 @@ def test_a_worker_whose_trial_another_worker_failed_goes_on(tmp_path, small_pool
 
     def judged_dead_while_scored(examples):
         running = search.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if running and running[0].number == 0:  # what a peer's fail_stale does to a trial with late heartbeats
+        if (
+            running and running[0].number == 0
+        ):  # what a peer's fail_stale does to a trial with late heartbeats
             search.study.tell(0, state=TrialState.FAIL)
         return score(examples)
 
     search.evaluator.score_examples = judged_dead_while_scored
-    with caplog.at_level("WARNING", logger="evomerge.search"):
+    with caplog.at_level("WARNING", logger="evomerge.search.loop"):
         search.run(until=3, progress=False)
     assert [t.state.name for t in search.study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
     assert "trial 0 was failed by another worker while it ran here" in caplog.text
@@ -191,15 +207,20 @@ def test_a_worker_whose_trial_another_worker_failed_goes_on(tmp_path, small_pool
 def test_a_worker_whose_budget_is_met_waits_out_a_dead_peers_trial(tmp_path, small_pool, caplog):
     """A peer died mid-trial just before the budget was met: the last worker does not leave
     that trial RUNNING; it waits out the grace period, fails it and runs its retry."""
-    from evomerge.config import load_run_config
-    from evomerge.run_folder import write_run_folder
-    from evomerge.search import Search
+    from evomerge.search.config import load_run_config
+    from evomerge.search.loop import Search
+    from evomerge.search.run_folder import write_run_folder
 
     run_dir = tmp_path / "run"
     config = load_run_config(
         write_config(
-            tmp_path, small_pool, trials=1, baselines=False, sampler="random",
-            heartbeat_seconds=1, grace_seconds=2,
+            tmp_path,
+            small_pool,
+            trials=1,
+            baselines=False,
+            sampler="random",
+            heartbeat_seconds=1,
+            grace_seconds=2,
         )
     )
     set_up_like_the_cli(config, run_dir)
@@ -215,9 +236,15 @@ def test_a_worker_whose_budget_is_met_waits_out_a_dead_peers_trial(tmp_path, sma
 
 
 def test_failing_candidates_are_recorded_and_the_search_goes_on(tmp_path, small_pool):
-    space = {"method": "della", "search": {"density": [0.05, 0.95], "weight": [0.0, 1.0]}, "fixed": {"epsilon": 0.3}}
+    space = {
+        "method": "della",
+        "search": {"density": [0.05, 0.95], "weight": [0.0, 1.0]},
+        "fixed": {"epsilon": 0.3},
+    }
     run_dir = tmp_path / "run"
-    config = write_config(tmp_path, small_pool, space=space, trials=10, baselines=False, sampler="random")
+    config = write_config(
+        tmp_path, small_pool, space=space, trials=10, baselines=False, sampler="random"
+    )
     evomerge("search", str(config), "--run-dir", str(run_dir))
     trials = trials_of(run_dir)
     assert len(trials) == 10
@@ -245,7 +272,7 @@ def test_resume_refuses_a_changed_pool(tmp_path, small_pool):
 def test_multi_objective_search_exports_from_the_pareto_front(tmp_path, small_pool):
     import optuna
 
-    from evomerge.study import best_trial, pareto_front
+    from evomerge.search.study import best_trial, pareto_front
 
     run_dir = tmp_path / "run"
     config = write_config(tmp_path, small_pool, trials=8, sampler="tpe", objectives="per_task")
@@ -258,7 +285,9 @@ def test_multi_objective_search_exports_from_the_pareto_front(tmp_path, small_po
     assert {t.number for t in pareto_front(complete, study.directions)} == front
     assert chosen.number in front
     assert chosen.user_attrs["fitness"] == max(
-        t.user_attrs["fitness"] for t in study.best_trials if t.user_attrs.get("fidelity") == chosen.user_attrs["fidelity"]
+        t.user_attrs["fitness"]
+        for t in study.best_trials
+        if t.user_attrs.get("fidelity") == chosen.user_attrs["fidelity"]
     )
     evomerge("export", str(run_dir), str(tmp_path / "out"))
     assert (tmp_path / "out" / "model.safetensors").exists()
@@ -303,7 +332,13 @@ def test_sampler_multi_is_refused_with_what_to_write_instead(tmp_path, small_poo
         ({"sampler": "cmaes", "objectives": "per_task"}, "sampler: tpe"),
     ):
         run_dir = tmp_path / f"run-{len(words)}"
-        result = evomerge("search", str(write_config(tmp_path, small_pool, **search)), "--run-dir", str(run_dir), check=False)
+        result = evomerge(
+            "search",
+            str(write_config(tmp_path, small_pool, **search)),
+            "--run-dir",
+            str(run_dir),
+            check=False,
+        )
         assert result.returncode == 2
         line = result.stderr.strip().splitlines()[-1]
         assert line.startswith("error: ") and words in line, result.stderr

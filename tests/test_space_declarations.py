@@ -11,7 +11,7 @@ import pytest
 
 from evomerge.errors import UserError
 from evomerge.methods import get_method, method_names
-from evomerge.space import SearchSpace, load_space
+from evomerge.spaces.parameters.space import SearchSpace, load_space
 
 HERE = Path(__file__).resolve().parent
 SPACES = sorted(p.stem for p in (HERE.parent / "search_spaces").glob("*.yaml"))
@@ -28,20 +28,32 @@ def test_bundled_spaces_keep_their_genes_and_baselines():
     the same bounds, and the same baselines in the same order (the order they are queued in)."""
     golden = json.loads((HERE / "golden_spaces.json").read_text())
     # spaces added since (their genes have no earlier version to keep) and data-flow spaces
-    added = {"ramplus_tl_layers", "dataflow", "dataflow_scaled", "method_per_group", "pairwise_sequence"}
+    added = {
+        "ramplus_tl_layers",
+        "dataflow",
+        "dataflow_scaled",
+        "method_per_group",
+        "pairwise_sequence",
+    }
     assert {key.split("/")[0] for key in golden} == set(SPACES) - added
     for key, expected in golden.items():
         name, n_models = key.split("/")
         space = make_space(load_space(name), int(n_models))
         assert [f"{g.name} [{g.low:g}, {g.high:g}]" for g in space.genes] == expected["genes"], key
-        assert [[label, genome] for label, genome in space.baselines().items()] == expected["baselines"], key
+        assert [[label, genome] for label, genome in space.baselines().items()] == expected[
+            "baselines"
+        ], key
 
 
 def test_bounds_are_the_declared_ones_unless_the_space_narrows_them():
     declared = get_method("ties").param("density").bounds
-    space = make_space(load_space({"method": "ties", "search": {"weight": None, "density": None}}), 2)
+    space = make_space(
+        load_space({"method": "ties", "search": {"weight": None, "density": None}}), 2
+    )
     assert {g.param: (g.low, g.high) for g in space.genes}["density"] == declared
-    narrowed = make_space(load_space({"method": "ties", "search": {"weight": None, "density": [0.3, 0.6]}}), 2)
+    narrowed = make_space(
+        load_space({"method": "ties", "search": {"weight": None, "density": [0.3, 0.6]}}), 2
+    )
     assert {g.param: (g.low, g.high) for g in narrowed.genes}["density"] == (0.3, 0.6)
 
 
@@ -52,19 +64,36 @@ def test_baselines_come_from_roles_not_names():
     assert nuslerp.baselines()["uniform"] == {"all.m0.weight": 0.5, "all.m1.weight": 0.5}
     slerp = make_space(load_space({"method": "slerp", "search": {"t": None}}), 1)
     assert slerp.baselines() == {"uniform": {"all.t": 0.5}, "only_m0": {"all.t": 1.0}}
-    with_lambda = make_space(load_space({"method": "ties", "search": {"weight": None, "lambda": None}}), 2)
+    with_lambda = make_space(
+        load_space({"method": "ties", "search": {"weight": None, "lambda": None}}), 2
+    )
     assert with_lambda.baselines() == {}
 
 
 @pytest.mark.parametrize(
     "space, needles",
     [
-        ({"method": "ties", "search": {"wieght": None}}, ["space: search.wieght:", "did you mean 'weight'"]),
-        ({"method": "ties", "search": {"weight": None}, "fixed": {"normalise": True}}, ["fixed.normalise", "did you mean 'normalize'"]),
+        (
+            {"method": "ties", "search": {"wieght": None}},
+            ["space: search.wieght:", "did you mean 'weight'"],
+        ),
+        (
+            {"method": "ties", "search": {"weight": None}, "fixed": {"normalise": True}},
+            ["fixed.normalise", "did you mean 'normalize'"],
+        ),
         ({"method": "tis", "search": {"weight": None}}, ["space: method:", "did you mean 'ties'"]),
-        ({"method": "karcher", "search": {"max_iter": [2, 20]}}, ["search.max_iter", "only float parameters", "int", "tol"]),
-        ({"method": "ties", "search": {"weight": None, "rescale": [0, 1]}}, ["search.rescale", "bool", "weight, density, lambda"]),
-        ({"method": "model_stock", "search": {"filter_wise": [0, 1]}}, ["search.filter_wise", "float parameters of 'model_stock': none"]),
+        (
+            {"method": "karcher", "search": {"max_iter": [2, 20]}},
+            ["search.max_iter", "only float parameters", "int", "tol"],
+        ),
+        (
+            {"method": "ties", "search": {"weight": None, "rescale": [0, 1]}},
+            ["search.rescale", "bool", "weight, density, lambda"],
+        ),
+        (
+            {"method": "model_stock", "search": {"filter_wise": [0, 1]}},
+            ["search.filter_wise", "float parameters of 'model_stock': none"],
+        ),
         ({"method": "ties", "search": {"density": None}}, ["needs 'weight' searched or fixed"]),
     ],
 )
@@ -89,7 +118,12 @@ print(json.dumps({
 def test_declared_parameters_are_the_ones_mergekit_knows(mergekit_python):
     """Refusing undeclared names must never refuse a recipe mergekit 0.1.5 understands: every
     method declares exactly mergekit's parameters, per model where mergekit takes one per input."""
-    out = subprocess.run([str(mergekit_python), "-c", MERGEKIT_PARAMETERS], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [str(mergekit_python), "-c", MERGEKIT_PARAMETERS],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     theirs = json.loads(out.stdout.strip().splitlines()[-1])
     for name in method_names():
         ours = {p.name: p.per_model for p in get_method(name).params}

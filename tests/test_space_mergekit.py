@@ -12,15 +12,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from evomerge.merge import run_merge
-from evomerge.space import SearchSpace, load_space
+from evomerge.merging.executor import run_merge
+from evomerge.spaces.parameters.space import SearchSpace, load_space
 
 pytestmark = pytest.mark.mergekit
 
 # Parameter spaces (a data-flow space, `kind: dataflow`, is checked against mergekit in
 # tests/test_dataflow.py).
 SPACES = sorted(
-    p.stem for p in (Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml")
+    p.stem
+    for p in (Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml")
     if "kind" not in (yaml.safe_load(p.read_text()) or {})
 )
 
@@ -52,13 +53,26 @@ def test_decoded_genomes_run_in_mergekit_with_the_same_result(tmp_path, mergekit
         recipe = _space(name, pool).decode(_genome(_space(name, pool), seed=len(name)))
         run_merge(recipe, tmp_path / "evo" / name, seed=0)
         ours[name] = tmp_path / "evo" / name
-        jobs.append({"name": name, "recipe": recipe.to_yaml(), "out": str(tmp_path / "mk" / name), "seed": 0})
+        jobs.append(
+            {
+                "name": name,
+                "recipe": recipe.to_yaml(),
+                "out": str(tmp_path / "mk" / name),
+                "seed": 0,
+            }
+        )
     results = run_driver(mergekit_python, {"threads": 1, "merges": jobs})
     for name in SPACES:
-        assert results[name]["ok"], f"mergekit refused the {name} recipe: {results[name].get('error')}"
+        assert results[name]["ok"], (
+            f"mergekit refused the {name} recipe: {results[name].get('error')}"
+        )
         a = load_file(str(ours[name] / "model.safetensors"))
         b = load_file(str(tmp_path / "mk" / name / "model.safetensors"))
         assert a.keys() == b.keys(), name
         for key in a:
             # ties trims by magnitude: exact ties in |delta| may be broken differently (fp32: rare)
-            assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6) if name.startswith("ties") else torch.equal(a[key], b[key]), (name, key)
+            assert (
+                torch.allclose(a[key], b[key], rtol=0, atol=1e-6)
+                if name.startswith("ties")
+                else torch.equal(a[key], b[key])
+            ), (name, key)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from evomerge.cli import cli
 from evomerge.errors import UserError
-from evomerge.stages import load_stages, run_stages
+from evomerge.merging.multistage import load_stages, run_stages
 
 # A + B by SLERP, then that with C by TIES; the last document has no name: the final merge.
 TWO_STAGES = """
@@ -101,9 +101,20 @@ def both(pool, tmp_path_factory, mergekit_python):
         recipe = _write(root, _filled(text, pool), f"{label}.yaml")
         evo, evo_stages = root / "evo" / label, root / "evo-stages" / label
         run_stages(load_stages(recipe), evo, seed=0, intermediate_dir=evo_stages)
-        for name, source in ((label, recipe.read_text()), (f"{label}-rerun", (evo / "recipe.yaml").read_text())):
+        for name, source in (
+            (label, recipe.read_text()),
+            (f"{label}-rerun", (evo / "recipe.yaml").read_text()),
+        ):
             mk, mk_stages = root / "mk" / name, root / "mk-stages" / name
-            jobs.append({"name": name, "recipe": source, "out": str(mk), "intermediate_dir": str(mk_stages), "seed": 0})
+            jobs.append(
+                {
+                    "name": name,
+                    "recipe": source,
+                    "out": str(mk),
+                    "intermediate_dir": str(mk_stages),
+                    "seed": 0,
+                }
+            )
             out[name] = (evo, evo_stages, mk, mk_stages)
     results = run_driver(mergekit_python, {"threads": 1, "multi": jobs})
     return {name: (*folders, results[name]) for name, folders in out.items()}
@@ -145,23 +156,34 @@ def test_evomerge_merge_runs_the_stages_and_writes_them_beside_the_model(pool, t
 
 
 def test_stages_the_final_merge_does_not_use_are_skipped(pool, tmp_path):
-    text = _filled(TWO_STAGES, pool) + "---\nname: unused\nmerge_method: linear\nmodels: [{model: nowhere}]\n"
+    text = (
+        _filled(TWO_STAGES, pool)
+        + "---\nname: unused\nmerge_method: linear\nmodels: [{model: nowhere}]\n"
+    )
     summary = run_stages(load_stages(_write(tmp_path, text)), tmp_path / "out", seed=0)
     assert summary.out_dir == tmp_path / "out"  # the missing model of `unused` was never read
 
 
 def _linear(name, model: str) -> str:
     head = f"name: {name}\n" if name else ""
-    return head + f"merge_method: linear\nmodels: [{{model: {model}, parameters: {{weight: 1.0}}}}]\n"
+    return (
+        head + f"merge_method: linear\nmodels: [{{model: {model}, parameters: {{weight: 1.0}}}}]\n"
+    )
 
 
 @pytest.mark.parametrize(
     "text, fragment",
     [
         (_linear("a", "$ft0") + "---\n" + _linear("a", "a"), "two stages are named 'a'"),
-        (_linear(None, "$ft0") + "---\n" + _linear(None, "$ft1"), "more than one document has no name"),
+        (
+            _linear(None, "$ft0") + "---\n" + _linear(None, "$ft1"),
+            "more than one document has no name",
+        ),
         (_linear("a", "b") + "---\n" + _linear("b", "a"), "in a cycle (b -> a -> b)"),
-        (_linear("x/y", "$ft0") + "---\n" + _linear(None, "x/y"), "name 'x/y' must be a plain word"),
+        (
+            _linear("x/y", "$ft0") + "---\n" + _linear(None, "x/y"),
+            "name 'x/y' must be a plain word",
+        ),
         (_linear("a", "$ft0") + "---\n- not a recipe\n", "(document 2): expected a mapping"),
         (
             _linear("a", "$ft0") + "---\nmodels: [\n",

@@ -38,12 +38,16 @@ TASKS = ["evomerge_add", "evomerge_rev", "evomerge_sort"]
 @pytest.fixture(scope="module")
 def search(small_pool: Path, tmp_path_factory: pytest.TempPathFactory):
     """A search whose evaluator is a live vLLM engine (started once for the module)."""
-    from evomerge.config import RunConfig
-    from evomerge.search import Search
+    from evomerge.search.config import RunConfig
+    from evomerge.search.loop import Search
 
     config = RunConfig.model_validate(
         pool_search_config(
-            small_pool, tasks=TASKS, subset=8, backend="vllm", search={"sampler": "cmaes", "trials": 4, "seed": 3}
+            small_pool,
+            tasks=TASKS,
+            subset=8,
+            backend="vllm",
+            search={"sampler": "cmaes", "trials": 4, "seed": 3},
         )
     )
     return Search(config, tmp_path_factory.mktemp("vllm-run"))
@@ -149,7 +153,9 @@ def test_prepared_requests_score_as_lm_eval_evaluate(search, tmp_path: Path) -> 
     sync_weights(lm)
 
 
-def test_prepared_generate_until_scores_as_lm_eval_evaluate(search, small_pool: Path, tmp_path: Path) -> None:
+def test_prepared_generate_until_scores_as_lm_eval_evaluate(
+    search, small_pool: Path, tmp_path: Path
+) -> None:
     """A generate-until task with a regex filter (over the pool's rev data), every document."""
     from evomerge.fitness import FitnessConfig
     from evomerge.fitness.tasks import build_task_set
@@ -157,7 +163,9 @@ def test_prepared_generate_until_scores_as_lm_eval_evaluate(search, small_pool: 
 
     folder = tmp_path / "tasks"
     folder.mkdir()
-    (folder / "filtered.yaml").write_text(FILTERED.format(data=small_pool / "tasks" / "data" / "rev_dev.jsonl"))
+    (folder / "filtered.yaml").write_text(
+        FILTERED.format(data=small_pool / "tasks" / "data" / "rev_dev.jsonl")
+    )
     config = FitnessConfig(tasks=["evomerge_shift_filtered"], task_paths=[folder])
     lm = search.evaluator.lm
     tasks = build_task_set(config, tmp_path / "run")

@@ -55,7 +55,7 @@ def write_adapter(folder: Path, base: Path, *, dtype=torch.float32, seed=0, **co
 
     from safetensors.torch import save_file
 
-    from evomerge.checkpoint import Checkpoint
+    from evomerge.io.checkpoint import Checkpoint
 
     generator = torch.Generator().manual_seed(seed)
     base_ckpt = Checkpoint(str(base))
@@ -71,8 +71,12 @@ def write_adapter(folder: Path, base: Path, *, dtype=torch.float32, seed=0, **co
             tensors[f"base_model.model.{module}.lora_B.weight"] = b.to(dtype)
         elif module.endswith("embed_tokens"):
             vocab, dim = base_ckpt.shape(name)
-            tensors[f"base_model.model.{module}.lora_embedding_A"] = (torch.randn(RANK, vocab, generator=generator) * 0.1).to(dtype)
-            tensors[f"base_model.model.{module}.lora_embedding_B"] = (torch.randn(dim, RANK, generator=generator) * 0.1).to(dtype)
+            tensors[f"base_model.model.{module}.lora_embedding_A"] = (
+                torch.randn(RANK, vocab, generator=generator) * 0.1
+            ).to(dtype)
+            tensors[f"base_model.model.{module}.lora_embedding_B"] = (
+                torch.randn(dim, RANK, generator=generator) * 0.1
+            ).to(dtype)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     settings = {

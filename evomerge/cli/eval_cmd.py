@@ -35,30 +35,50 @@ class _SeveralTaskNames(click.Command):
 @click.command("eval", cls=_SeveralTaskNames)
 @click.argument("model", metavar="MODEL_DIR|RECIPE.yaml", type=click.Path(path_type=Path))
 @click.option(
-    "--tasks", "task_args", multiple=True, metavar="NAME[:METRIC[:WEIGHT]]...",
+    "--tasks",
+    "task_args",
+    multiple=True,
+    metavar="NAME[:METRIC[:WEIGHT]]...",
     help="Tasks to score: the names up to the next option (so MODEL_DIR goes first), "
     "comma-separated or repeated (default: every task under --task-path).",
 )
 @click.option(
-    "--task-path", "task_paths", multiple=True, type=click.Path(path_type=Path),
+    "--task-path",
+    "task_paths",
+    multiple=True,
+    type=click.Path(path_type=Path),
     help="Folder of lm-eval task YAMLs (repeatable; default: the repo's eval_tasks/).",
 )
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="A fitness config YAML (or a search config with a `fitness:` block).")
-@click.option("--limit", type=click.IntRange(min=1), help="Score only the first N examples of each task.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A fitness config YAML (or a search config with a `fitness:` block).",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), help="Score only the first N examples of each task."
+)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
-@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for task copies and dataset caches (default: a temporary one).")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the scores as JSON here.")
-def command(model, task_args, task_paths, config_path, limit, batch_size, threads, run_dir,
-            out_path) -> None:
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for task copies and dataset caches (default: a temporary one).",
+)
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the scores as JSON here.",
+)
+def command(
+    model, task_args, task_paths, config_path, limit, batch_size, threads, run_dir, out_path
+) -> None:
     """Score MODEL_DIR (a Hugging Face folder, or a merge RECIPE.yaml) on lm-eval tasks.
 
     Prints each task's score and the combined fitness; --out also writes them as JSON.
     """
-    from evomerge.recipe import load_recipe
+    from evomerge.merging.recipe import load_recipe
 
     recipe = load_recipe(model) if model.is_file() else None  # its mistakes before any work
     config = _fitness_config(config_path, task_paths, task_args, limit, batch_size)
@@ -68,10 +88,12 @@ def command(model, task_args, task_paths, config_path, limit, batch_size, thread
         work = Path(run_dir) if run_dir else Path(tmp)
         from evomerge.cli.process import set_up_process
 
-        set_up_process(threads=threads, hf_home=work / "hf", offline=config.offline)  # before lm-eval loads
+        set_up_process(
+            threads=threads, hf_home=work / "hf", offline=config.offline
+        )  # before lm-eval loads
         from evomerge.fitness import Evaluator
         from evomerge.fitness.live_model import load_live_model
-        from evomerge.merge import run_merge
+        from evomerge.merging.executor import run_merge
 
         # a recipe is merged with the same code as `evomerge merge`, into the temporary folder
         folder = run_merge(recipe, Path(tmp) / "merged").out_dir if recipe else model
@@ -96,8 +118,8 @@ def _fitness_config(config_path, task_paths, task_args, limit, batch_size):
     """The FitnessConfig of a --config file with the command line's choices on top."""
     from evomerge.fitness.config import FitnessConfig
     from evomerge.fitness.tasks import local_task_names
+    from evomerge.merging.recipe import validate_model
     from evomerge.pool import repo_task_dir
-    from evomerge.recipe import validate_model
 
     data = _fitness_block(config_path) if config_path else {}
     if task_paths:
@@ -151,11 +173,16 @@ def _table(result, specs, maximize) -> str:
     rows = [("task", "metric", "weight", "better", "score", "examples")]
     for spec in specs:
         n = result.n_examples.get(spec.name)
-        rows.append((
-            spec.name, spec.metric, f"{spec.weight:g}",
-            "higher" if maximize[spec.name] else "lower",
-            f"{result.per_task[spec.name]:.4f}", "" if n is None else str(n),
-        ))
+        rows.append(
+            (
+                spec.name,
+                spec.metric,
+                f"{spec.weight:g}",
+                "higher" if maximize[spec.name] else "lower",
+                f"{result.per_task[spec.name]:.4f}",
+                "" if n is None else str(n),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -22,10 +22,12 @@ import click
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin checkpoints (weights only).")
 @click.option("--threads", type=int, help="CPU threads for torch (default: all cores).")
-def command(recipe_path, out_dir, device, seed, out_dtype, shard_size, force, allow_pickle, threads):
+def command(
+    recipe_path, out_dir, device, seed, out_dtype, shard_size, force, allow_pickle, threads
+):
     """Merge the models of RECIPE.yaml (mergekit format) into OUT_DIR."""
-    from evomerge.output import parse_size
-    from evomerge.stages import load_stages
+    from evomerge.io.output import parse_size
+    from evomerge.merging.multistage import load_stages
 
     stages = load_stages(recipe_path)  # one recipe, or mergekit-multi's named stages
     shard_bytes = parse_size(shard_size)
@@ -38,11 +40,13 @@ def command(recipe_path, out_dir, device, seed, out_dtype, shard_size, force, al
         import torch
         from tqdm import tqdm
 
-        from evomerge.stages import run_stages
+        from evomerge.merging.multistage import run_stages
 
     if threads:
         torch.set_num_threads(threads)
-    with tqdm(total=0, unit="tensor", desc="merging", leave=False, delay=1.0) as bar:  # no bar before a quick error
+    with tqdm(
+        total=0, unit="tensor", desc="merging", leave=False, delay=1.0
+    ) as bar:  # no bar before a quick error
 
         def progress(done: int, total: int) -> None:
             bar.total = total

@@ -9,7 +9,9 @@ import click
 
 log = logging.getLogger(__name__)
 
-SIZE_HELP = "full: the pool itself (a minute or two on 1 thread); small: a seconds-long build for tests."
+SIZE_HELP = (
+    "full: the pool itself (a minute or two on 1 thread); small: a seconds-long build for tests."
+)
 
 
 @click.group(name="pool")
@@ -32,16 +34,23 @@ def _build(name: str, out_dir: Path, size: str, force: bool) -> None:
     click.echo(f"built the {size} {name} pool in {manifest['seconds']['total']:.0f} s: {out_dir}")
     for model, reference in load_manifest(out_dir)["models"].items():
         click.echo(f"  {model:<6} {reference}")
-    click.echo(f"  tasks  {out_dir / manifest['task_path']}  ({', '.join(manifest['tasks'])}; "
-               "split dev for the search, test for reports)")
+    click.echo(
+        f"  tasks  {out_dir / manifest['task_path']}  ({', '.join(manifest['tasks'])}; "
+        "split dev for the search, test for reports)"
+    )
 
 
 def _pool_command(name: str, summary: str) -> click.Command:
     """One `evomerge pool NAME OUT_DIR` command; the pools differ only in their skills."""
 
     @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-    @click.option("--size", type=click.Choice(["small", "full"]), default="full",
-                  show_default=True, help=SIZE_HELP)
+    @click.option(
+        "--size",
+        type=click.Choice(["small", "full"]),
+        default="full",
+        show_default=True,
+        help=SIZE_HELP,
+    )
     @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
     def build(out_dir: Path, size: str, force: bool) -> None:
         _build(name, out_dir, size, force)

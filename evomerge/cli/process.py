@@ -12,13 +12,14 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
-from typing import Iterator, Optional, TextIO
+from typing import TextIO
 
 
 def set_up_process(
-    *, threads: Optional[int] = None, hf_home: Optional[Path] = None, offline: bool = False
+    *, threads: int | None = None, hf_home: Path | None = None, offline: bool = False
 ) -> None:
     """Set what the commands need process-wide.
 
@@ -55,7 +56,7 @@ LOG_FILE = "search.log"
 
 
 @contextmanager
-def quiet_output(run_dir: Path, *, verbose: Optional[int] = None) -> Iterator[TextIO]:
+def quiet_output(run_dir: Path, *, verbose: int | None = None) -> Iterator[TextIO]:
     """Quiet by default: inside the block, everything the libraries print to stderr (lm-eval's
     and transformers' progress bars, warnings, log records) and every log record that is not
     evomerge's own go to RUN_DIR/search.log. Yields the terminal's stream, for the search's own

@@ -21,10 +21,10 @@ def report(run_dir: Path, top: int, out: Path | None) -> None:
     """Summarise the search in RUN_DIR: a table of the best trials against the baselines,
     history / genome / per-task plots and summary.json. Loads no model."""
     from evomerge.cli.process import quiet_output, set_up_process
-    from evomerge.run_folder import read_run_folder
+    from evomerge.search.run_folder import read_run_folder
 
     set_up_process()
-    from evomerge.report import report_run
+    from evomerge.results.report import report_run
 
     read_run_folder(run_dir, check_pool=False)  # a bad folder is refused before the log is written
     with quiet_output(run_dir):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
 
 import click
 
@@ -23,18 +23,25 @@ def _output(run_dir: Path):
     return quiet_output(run_dir)
 
 
-def _run(search, run_dir: Path, *, more: Optional[int]) -> None:
+def _run(search, run_dir: Path, *, more: int | None) -> None:
     """Run until the study's budget (config search.trials) is met, or `more` trials more."""
-    from evomerge.study import best_trial, finished_count, run_summary
+    from evomerge.search.study import best_trial, finished_count, run_summary
 
     config = search.config
-    until = finished_count(search.study.get_trials(deepcopy=False)) + more if more else config.search.trials
+    until = (
+        finished_count(search.study.get_trials(deepcopy=False)) + more
+        if more
+        else config.search.trials
+    )
     timeout = config.search.timeout_minutes
     try:
         with _output(run_dir) as terminal:
             search.run(until=until, timeout_s=timeout * 60 if timeout else None, progress=terminal)
     except KeyboardInterrupt:
-        click.echo(f"\nstopped; every finished trial is saved. Continue with: evomerge resume {run_dir}", err=True)
+        click.echo(
+            f"\nstopped; every finished trial is saved. Continue with: evomerge resume {run_dir}",
+            err=True,
+        )
         raise SystemExit(130)
     trials = search.study.get_trials(deepcopy=False)
     summary, best = run_summary(trials), best_trial(search.study, trials)
@@ -46,42 +53,50 @@ def _run(search, run_dir: Path, *, more: Optional[int]) -> None:
 
 @click.command("search")
 @click.argument("config_path", metavar="CONFIG.yaml", type=click.Path(path_type=Path))
-@click.option("--run-dir", type=click.Path(path_type=Path), help="Run folder (default: runs/<config name>).")
+@click.option(
+    "--run-dir", type=click.Path(path_type=Path), help="Run folder (default: runs/<config name>)."
+)
 @click.option(
     "--trials",
     type=click.IntRange(min=0),
     help="Trials to run (default: the config's search.trials). 0: only create the run folder and "
     "the study (baselines queued), for `evomerge worker` processes to run.",
 )
-def search(config_path: Path, run_dir: Optional[Path], trials: Optional[int]) -> None:
+def search(config_path: Path, run_dir: Path | None, trials: int | None) -> None:
     """Start a search over merge recipes described by CONFIG.yaml."""
-    from evomerge.config import load_run_config
     from evomerge.errors import UserError
-    from evomerge.run_folder import write_run_folder
+    from evomerge.search.config import load_run_config
+    from evomerge.search.run_folder import write_run_folder
 
     config = load_run_config(config_path)
     run_dir = run_dir or Path("runs") / config_path.stem
     if (run_dir / "run.json").exists():
-        raise UserError(f"{str(run_dir)!r} already holds a run; continue it with: evomerge resume {run_dir}")
+        raise UserError(
+            f"{str(run_dir)!r} already holds a run; continue it with: evomerge resume {run_dir}"
+        )
     if trials:
-        config = config.model_copy(update={"search": config.search.model_copy(update={"trials": trials})})
+        config = config.model_copy(
+            update={"search": config.search.model_copy(update={"trials": trials})}
+        )
     _set_up(config, run_dir)
     # a failed set-up (missing model, unknown task, ...) leaves no run
     with _removed_on_failure(run_dir), _output(run_dir):
         write_run_folder(config, run_dir)
         if trials == 0:
-            from evomerge.fidelity import Schedule
             from evomerge.fitness.tasks import build_task_set
-            from evomerge.run_folder import build_space
-            from evomerge.study import create_study, open_run_storage
+            from evomerge.search.fidelity import Schedule
+            from evomerge.search.run_folder import build_space
+            from evomerge.search.study import create_study, open_run_storage
 
             # the checks a worker would make at its start (tasks, metrics, the fidelity schedule),
             # made now: no study for workers that could never run a trial
             Schedule.of(config, build_task_set(config.fitness, run_dir))
             create_study(config, open_run_storage(config, run_dir), build_space(config))
-            click.echo(f"study ready ({config.search.trials} trials); start workers with: evomerge worker {run_dir}")
+            click.echo(
+                f"study ready ({config.search.trials} trials); start workers with: evomerge worker {run_dir}"
+            )
             return
-        from evomerge.search import Search
+        from evomerge.search.loop import Search
 
         search = Search(config, run_dir, create=True)
     _run(search, run_dir, more=None)
@@ -101,7 +116,9 @@ def _removed_on_failure(run_dir: Path) -> Iterator[None]:
             shutil.rmtree(run_dir, ignore_errors=True)
         else:
             for entry in set(run_dir.iterdir()) - existed:
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(
+                    missing_ok=True
+                )
         for parent in new_parents:
             try:
                 parent.rmdir()
@@ -112,14 +129,16 @@ def _removed_on_failure(run_dir: Path) -> Iterator[None]:
 
 @click.command("resume")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--trials", type=int, help="Run this many more trials (default: until the budget is met).")
-def resume(run_dir: Path, trials: Optional[int]) -> None:
+@click.option(
+    "--trials", type=int, help="Run this many more trials (default: until the budget is met)."
+)
+def resume(run_dir: Path, trials: int | None) -> None:
     """Continue the study of RUN_DIR: same storage, same sampler state."""
-    from evomerge.run_folder import read_run_folder
+    from evomerge.search.run_folder import read_run_folder
 
     config = read_run_folder(run_dir)
     _set_up(config, run_dir)
-    from evomerge.search import Search
+    from evomerge.search.loop import Search
 
     with _output(run_dir):
         search = Search(config, run_dir, create=False)
@@ -131,16 +150,26 @@ def resume(run_dir: Path, trials: Optional[int]) -> None:
 @click.option("--storage", help="Storage URL of the study (default: the run folder's).")
 @click.option("--study", "study_name", help="Study name (default: the run's).")
 @click.option("--device", help="Device of this worker, e.g. cuda:1 (default: the run's).")
-@click.option("--trials", type=int, help="Run this many trials (default: until the study's budget is met).")
-def worker(run_dir: Path, storage: Optional[str], study_name: Optional[str], device: Optional[str], trials: Optional[int]) -> None:
+@click.option(
+    "--trials", type=int, help="Run this many trials (default: until the study's budget is met)."
+)
+def worker(
+    run_dir: Path,
+    storage: str | None,
+    study_name: str | None,
+    device: str | None,
+    trials: int | None,
+) -> None:
     """Join the study of RUN_DIR as one more worker (one per GPU or node)."""
-    from evomerge.run_folder import read_run_folder
+    from evomerge.search.run_folder import read_run_folder
 
     config = read_run_folder(run_dir)
-    search_cfg = config.search.model_copy(update={k: v for k, v in {"storage": storage, "study_name": study_name}.items() if v})
+    search_cfg = config.search.model_copy(
+        update={k: v for k, v in {"storage": storage, "study_name": study_name}.items() if v}
+    )
     config = config.model_copy(update={"search": search_cfg, "device": device or config.device})
     _set_up(config, run_dir)
-    from evomerge.search import Search
+    from evomerge.search.loop import Search
 
     with _output(run_dir):
         search = Search(config, run_dir, create=False)

@@ -140,10 +140,40 @@ class FitnessConfig(BaseModel):
 
 
 PUBLIC_BENCHMARKS = (
-    "mmlu", "gsm8k", "hellaswag", "arc_", "truthfulqa", "winogrande", "piqa", "boolq",
-    "openbookqa", "siqa", "social_iqa", "lambada", "bbh", "gpqa", "ifeval", "math", "minerva_math",
-    "humaneval", "mbpp", "drop", "race", "sciq", "commonsense_qa", "leaderboard", "mmlu_pro",
-    "musr", "anli", "triviaqa", "nq_open", "squad", "copa", "super_glue", "glue", "agieval",
+    "mmlu",
+    "gsm8k",
+    "hellaswag",
+    "arc_",
+    "truthfulqa",
+    "winogrande",
+    "piqa",
+    "boolq",
+    "openbookqa",
+    "siqa",
+    "social_iqa",
+    "lambada",
+    "bbh",
+    "gpqa",
+    "ifeval",
+    "math",
+    "minerva_math",
+    "humaneval",
+    "mbpp",
+    "drop",
+    "race",
+    "sciq",
+    "commonsense_qa",
+    "leaderboard",
+    "mmlu_pro",
+    "musr",
+    "anli",
+    "triviaqa",
+    "nq_open",
+    "squad",
+    "copa",
+    "super_glue",
+    "glue",
+    "agieval",
 )
 """Task names (or prefixes, for families like `mmlu_*` and `arc_*`) of lm-eval's well-known
 public benchmarks: leaderboard test sets a merge must not be tuned on."""
@@ -151,12 +181,12 @@ public benchmarks: leaderboard test sets a merge must not be tuned on."""
 
 def is_public_benchmark(task: str) -> bool:
     name = task.lower()
-    return any(name == p or name.startswith(p if p.endswith("_") else p + "_") for p in PUBLIC_BENCHMARKS)
+    return any(
+        name == p or name.startswith(p if p.endswith("_") else p + "_") for p in PUBLIC_BENCHMARKS
+    )
 
 
-def combine(
-    specs: list[TaskSpec], per_task: dict[str, float], maximize: dict[str, bool]
-) -> float:
+def combine(specs: list[TaskSpec], per_task: dict[str, float], maximize: dict[str, bool]) -> float:
     """Weighted mean of the task metrics, minimised ones negated: larger is always better."""
     total = sum(s.weight for s in specs)
     signed = sum(

@@ -61,7 +61,13 @@ class Evaluator:
     """lm-eval tasks and their requests built once, scoring the live `model` on every call."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, config: FitnessConfig, run_dir: str | Path, *, split: str = "dev"
+        self,
+        model: Any,
+        tokenizer: Any,
+        config: FitnessConfig,
+        run_dir: str | Path,
+        *,
+        split: str = "dev",
     ) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
@@ -91,14 +97,19 @@ class Evaluator:
         started = time.perf_counter()
         values = self._values(wanted)
         aggregated = {
-            task: {f"{metric},{filt}": _aggregate(self.tasks.leaf_tasks[task], metric, v) for (metric, filt), v in rows.items()}
+            task: {
+                f"{metric},{filt}": _aggregate(self.tasks.leaf_tasks[task], metric, v)
+                for (metric, filt), v in rows.items()
+            }
             for task, rows in values.items()
         }
         per_task = {}
         for spec in self.tasks.specs:
             row = aggregated[spec.name]
             if spec.metric_key not in row:
-                raise RuntimeError(f"lm-eval reported no {spec.metric_key!r} for {spec.name!r}: {sorted(row)}")
+                raise RuntimeError(
+                    f"lm-eval reported no {spec.metric_key!r} for {spec.name!r}: {sorted(row)}"
+                )
             per_task[spec.name] = row[spec.metric_key]
         return FitnessResult(
             value=combine(self.tasks.specs, per_task, self.tasks.maximize),
@@ -106,7 +117,10 @@ class Evaluator:
             full=subset is None,
             n_examples={name: len(docs) for name, docs in wanted.items()},
             seconds=time.perf_counter() - started,
-            metrics={task: {k: v for k, v in row.items() if isinstance(v, float)} for task, row in aggregated.items()},
+            metrics={
+                task: {k: v for k, v in row.items() if isinstance(v, float)}
+                for task, row in aggregated.items()
+            },
             per_example=self._per_example(values) if per_example else {},
         )
 
@@ -115,7 +129,9 @@ class Evaluator:
         indices into the scored split), in the order given: what multi-fidelity search grows
         example by example, never scoring one twice. Aggregate with `aggregate`, combine the
         per-task aggregates with `value_of`."""
-        wanted = {task: list(dict.fromkeys(indices)) for task, indices in examples.items() if indices}
+        wanted = {
+            task: list(dict.fromkeys(indices)) for task, indices in examples.items() if indices
+        }
         values = self._per_example(self._values(wanted)) if wanted else {}
         by_doc = {task: dict(zip(wanted[task], values[task])) for task in values}
         return {task: [by_doc[task][i] for i in indices] for task, indices in examples.items()}

@@ -18,7 +18,7 @@ def load_live_model(reference: str | Path, *, dtype: Any = "auto", device: str =
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.checkpoint import Checkpoint
+    from evomerge.io.checkpoint import Checkpoint
 
     folder = Checkpoint(str(reference)).path
     if not (folder / "config.json").is_file():
@@ -30,5 +30,7 @@ def load_live_model(reference: str | Path, *, dtype: Any = "auto", device: str =
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as exc:  # transformers' ways of saying "no usable tokenizer"
-        raise UserError(f"cannot load the tokenizer of {reference}: {str(exc).splitlines()[0]}") from None
+        raise UserError(
+            f"cannot load the tokenizer of {reference}: {str(exc).splitlines()[0]}"
+        ) from None
     return model, tokenizer

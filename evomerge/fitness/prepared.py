@@ -103,12 +103,16 @@ class PreparedRequests:
         for name, task in tasks.items():
             self.docs[name] = self._build(name, task)
         self.tokens: dict[int, tuple[list[int], list[int]]] = {
-            i: self._encode(*inst.args) for i, inst in enumerate(self.instances) if inst.request_type == "loglikelihood"
+            i: self._encode(*inst.args)
+            for i, inst in enumerate(self.instances)
+            if inst.request_type == "loglikelihood"
         }
         """loglikelihood instance id -> (context tokens, continuation tokens)."""
 
     def _build(self, name: str, task: Task) -> dict[int, list[int]]:
-        task.build_all_requests(limit=None, samples=None, rank=0, world_size=1, cache_requests=False)
+        task.build_all_requests(
+            limit=None, samples=None, rank=0, world_size=1, cache_requests=False
+        )
         by_doc: dict[int, list[int]] = {}
         for inst in sorted(task.instances, key=lambda x: (x.doc_id, x.idx)):
             if inst.request_type not in ("loglikelihood", "generate_until"):
@@ -133,7 +137,9 @@ class PreparedRequests:
 
     def ids(self, wanted: dict[str, list[int]]) -> tuple[int, ...]:
         """The instance ids of `wanted`'s documents, in lm-eval's order (task, document, idx)."""
-        return tuple(sorted({i for task, docs in wanted.items() for d in docs for i in self.docs[task][d]}))
+        return tuple(
+            sorted({i for task, docs in wanted.items() for d in docs for i in self.docs[task][d]})
+        )
 
     def run(self, wanted: dict[str, list[int]]) -> dict[str, Values]:
         """Per task of `wanted` (task -> document ids): per (metric, filter), the values lm-eval's
@@ -169,7 +175,9 @@ class HFPreparedRequests(PreparedRequests):
             raise UserError("the hf fitness backend scores causal language models only.")
         super().__init__(lm, tasks)
         self.context_length: dict[int, int] = {
-            i: len(lm.tok_encode(inst.args[0])) for i, inst in enumerate(self.instances) if i not in self.tokens
+            i: len(lm.tok_encode(inst.args[0]))
+            for i, inst in enumerate(self.instances)
+            if i not in self.tokens
         }
         """generate_until instance id -> tokens of its context (HFLM's sort key)."""
         self._layouts: OrderedDict[tuple[int, ...], _Layout] = OrderedDict()
@@ -197,8 +205,17 @@ class HFPreparedRequests(PreparedRequests):
             key = tuple(ctx + cont[:-1]) if lm.logits_cache else (i,)
             groups.setdefault(key, []).append(i)
         # one request per group, the longest continuation; longest input first (HFLM's Collator)
-        heads = {max(members, key=lambda i: len(self.tokens[i][1])): members for members in groups.values()}
-        order = sorted(heads, key=lambda i: (-len(self.tokens[i][0] + self.tokens[i][1]), tuple(self.tokens[i][0] + self.tokens[i][1])))
+        heads = {
+            max(members, key=lambda i: len(self.tokens[i][1])): members
+            for members in groups.values()
+        }
+        order = sorted(
+            heads,
+            key=lambda i: (
+                -len(self.tokens[i][0] + self.tokens[i][1]),
+                tuple(self.tokens[i][0] + self.tokens[i][1]),
+            ),
+        )
         size, window = lm.batch_size, lm.max_length + 1
         batches, answered, flat_places, offset = [], [], [], 0
         for start in range(0, len(order), size):
@@ -224,9 +241,15 @@ class HFPreparedRequests(PreparedRequests):
             padded = torch.zeros(len(chunk), width, dtype=torch.long)
             for row, inp in enumerate(inputs):
                 padded[row, : len(inp)] = torch.tensor(inp, dtype=torch.long)
-            batches.append(_LoglikelihoodBatch(
-                padded, torch.tensor(rows), torch.tensor(lp_at), torch.tensor(gr_at), torch.tensor(targets)
-            ))
+            batches.append(
+                _LoglikelihoodBatch(
+                    padded,
+                    torch.tensor(rows),
+                    torch.tensor(lp_at),
+                    torch.tensor(gr_at),
+                    torch.tensor(targets),
+                )
+            )
         by_length: dict[int, list[int]] = {}
         for k, places in enumerate(flat_places):
             by_length.setdefault(len(places), []).append(k)
@@ -242,7 +265,9 @@ class HFPreparedRequests(PreparedRequests):
         lm = self.lm
         groups: dict[str, list[int]] = {}
         for i in ids:
-            groups.setdefault(json.dumps(self.instances[i].args[1], sort_keys=True, default=str), []).append(i)
+            groups.setdefault(
+                json.dumps(self.instances[i].args[1], sort_keys=True, default=str), []
+            ).append(i)
         eos = lm.tok_decode(lm.eot_token_id, skip_special_tokens=False)
         batches = []
         for members in groups.values():
@@ -256,7 +281,9 @@ class HFPreparedRequests(PreparedRequests):
                     f"task {self.instances[members[0]].task_name!r} samples its generations; "
                     "a fitness needs greedy ones (do_sample: false)."
                 )
-            order = sorted(members, key=lambda i: (-self.context_length[i], self.instances[i].args[0]))
+            order = sorted(
+                members, key=lambda i: (-self.context_length[i], self.instances[i].args[0])
+            )
             for start in range(0, len(order), lm.batch_size):
                 chunk = order[start : start + lm.batch_size]
                 inputs, mask = lm.tok_batch_encode(
@@ -264,9 +291,17 @@ class HFPreparedRequests(PreparedRequests):
                     left_truncate_len=lm.max_length - max_gen_toks,
                     truncation=lm.truncation,
                 )
-                batches.append(_GenerateBatch(
-                    inputs, mask, total or inputs.shape[1] + max_gen_toks, until, self._stop_table(until), kwargs, chunk
-                ))
+                batches.append(
+                    _GenerateBatch(
+                        inputs,
+                        mask,
+                        total or inputs.shape[1] + max_gen_toks,
+                        until,
+                        self._stop_table(until),
+                        kwargs,
+                        chunk,
+                    )
+                )
         return batches
 
     def _stop_table(self, until: list[str]) -> torch.Tensor:

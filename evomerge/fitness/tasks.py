@@ -86,7 +86,11 @@ def split_names(cfg: dict) -> set[str]:
     """The dataset splits a task YAML names: its data_files keys and its *_split fields."""
     data_files = (cfg.get("dataset_kwargs") or {}).get("data_files")
     names = set(data_files) if isinstance(data_files, dict) else set()
-    names |= {cfg[key] for key in ("training_split", "validation_split", "test_split") if isinstance(cfg.get(key), str)}
+    names |= {
+        cfg[key]
+        for key in ("training_split", "validation_split", "test_split")
+        if isinstance(cfg.get(key), str)
+    }
     return names
 
 
@@ -99,7 +103,9 @@ def _score_split(cfg: dict, splits: tuple[str, str], scored: str) -> None:
             cfg["validation_split"] = None  # scored already; not also the few-shot pool
 
 
-def _rewrite_yaml(src: Path, dst: Path, cache_dir: Path, splits: tuple[str, str], scored: str) -> None:
+def _rewrite_yaml(
+    src: Path, dst: Path, cache_dir: Path, splits: tuple[str, str], scored: str
+) -> None:
     text = src.read_text(encoding="utf-8")
     cfg = yaml.load(text, Loader=_Loader)
     if not isinstance(cfg, dict):
@@ -124,7 +130,12 @@ def _rewrite_yaml(src: Path, dst: Path, cache_dir: Path, splits: tuple[str, str]
 
 
 def copy_task_paths(
-    task_paths: list[Path], dest: Path, cache_dir: Path, *, splits: tuple[str, str] = ("dev", "test"), scored: str = "dev"
+    task_paths: list[Path],
+    dest: Path,
+    cache_dir: Path,
+    *,
+    splits: tuple[str, str] = ("dev", "test"),
+    scored: str = "dev",
 ) -> list[Path]:
     """Copy each task folder (or YAML file) under `dest` with absolute data paths; return copies.
 
@@ -264,7 +275,9 @@ def _resolve(spec: TaskSpec, task: Task) -> tuple[TaskSpec, bool]:
             )
         filter_name = "none" if "none" in filters else filters[0]
     elif filter_name not in filters:
-        raise UserError(f"task {spec.name!r} has no filter {filter_name!r}; it has {', '.join(filters)}.")
+        raise UserError(
+            f"task {spec.name!r} has no filter {filter_name!r}; it has {', '.join(filters)}."
+        )
     key = metric if filter_name == "none" else f"{metric},{filter_name}"
     if spec.direction != "auto":
         maximize = spec.direction == "maximize"
@@ -324,6 +337,12 @@ def build_task_set(config: FitnessConfig, run_dir: Path, *, split: str = "dev") 
         maximize=maximize,
         n_docs=n_docs,
         subset=subset,
-        scored_split={name: task.config.test_split or task.config.validation_split for name, task in leaves.items()},
-        held_out={name: set(splits) <= set(getattr(task.dataset, "keys", list)()) for name, task in leaves.items()},
+        scored_split={
+            name: task.config.test_split or task.config.validation_split
+            for name, task in leaves.items()
+        },
+        held_out={
+            name: set(splits) <= set(getattr(task.dataset, "keys", list)())
+            for name, task in leaves.items()
+        },
     )

@@ -342,7 +342,9 @@ class VLLMPreparedRequests(PreparedRequests):
     def __init__(self, lm: VLLMLiveLM, tasks: dict[str, Any]) -> None:
         super().__init__(lm, tasks)
         self.contexts: dict[int, list[int]] = {
-            i: lm.tok_encode(inst.args[0]) for i, inst in enumerate(self.instances) if i not in self.tokens
+            i: lm.tok_encode(inst.args[0])
+            for i, inst in enumerate(self.instances)
+            if i not in self.tokens
         }
         """generate_until instance id -> its context's token ids."""
 

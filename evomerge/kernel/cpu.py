@@ -18,20 +18,31 @@ import subprocess
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from evomerge.kernel.rules import KeepRule, TaskVector
 from evomerge.methods import registry
-from evomerge.random_fields import SCALE
+from evomerge.methods.random_fields import SCALE
 
 LOG = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("tv_merge.c")
-SOURCES = [SOURCE, SOURCE.with_name("tv_merge_typed.h"), SOURCE.with_name("tv_merge_avx512.h")]  # included by the first
+SOURCES = [
+    SOURCE,
+    SOURCE.with_name("tv_merge_typed.h"),
+    SOURCE.with_name("tv_merge_avx512.h"),
+]  # included by the first
 # -march=native: the library is built per machine (the cache key includes the CPU's flags);
 # -ffp-contract=off keeps every multiply and add separately rounded, as torch does.
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
+FLAGS = [
+    "-O3",
+    "-march=native",
+    "-fopenmp",
+    "-ffp-contract=off",
+    "-fno-fast-math",
+    "-fPIC",
+    "-shared",
+]
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 MAX_MODELS = 64  # tv_merge.c
 
@@ -47,7 +58,7 @@ def disabled() -> bool:
 
 
 @lru_cache(maxsize=1)
-def library() -> Optional[ctypes.CDLL]:
+def library() -> ctypes.CDLL | None:
     """The compiled kernel, or None when it is disabled or cannot be built here."""
     if disabled():
         return None
@@ -56,14 +67,20 @@ def library() -> Optional[ctypes.CDLL]:
         LOG.info("no C compiler found; the merge kernel runs as torch ops")
         return None
     source = b"".join(path.read_bytes() for path in SOURCES)
-    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, _cpu_flags()]).encode()).hexdigest()[
+        :16
+    ]
     target = _cache_dir() / f"tv_merge-{key}.so"
     if not target.exists():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True)
+                subprocess.run(
+                    [compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+                    check=True,
+                    capture_output=True,
+                )
                 built.replace(target)  # atomic: concurrent workers never load half a file
         except (OSError, subprocess.CalledProcessError) as exc:
             LOG.warning("could not build the merge kernel (%s); using torch ops", exc)
@@ -92,7 +109,10 @@ def declare(lib: ctypes.CDLL) -> None:
             "abs_sums": ([c_int, i64, p, p, ctypes.POINTER(KeepRule), p, p, p, p], None),
             "magnitude_cut": ([p, p, i64, i64, p, p], None),
             "draw_l1_table": ([p, i64, ctypes.c_uint32, ctypes.c_double, p], None),
-            "tv_merge": ([c_int, i64, p, p, p, p, p, p, c_int, c_int, f32, c_int, f32, c_int, p], c_int),
+            "tv_merge": (
+                [c_int, i64, p, p, p, p, p, p, c_int, c_int, f32, c_int, f32, c_int, p],
+                c_int,
+            ),
         }
         for name, (argtypes, restype) in signatures.items():
             fn = getattr(lib, f"{name}_{suffix}")
@@ -113,7 +133,13 @@ def fits(tensors: list[torch.Tensor]) -> bool:
     return (
         first.device.type == "cpu"
         and first.dtype in DTYPES
-        and all(t.is_contiguous() and t.dtype == first.dtype and t.shape == first.shape and t.device == first.device for t in tensors)
+        and all(
+            t.is_contiguous()
+            and t.dtype == first.dtype
+            and t.shape == first.shape
+            and t.device == first.device
+            for t in tensors
+        )
         and first.numel() < 2**31
         and len(tensors) <= MAX_MODELS + 1  # the models, plus the base
         and library() is not None
@@ -169,7 +195,15 @@ def top_magnitudes(tau: TaskVector, k: int) -> KeepRule:
     if k <= 0:
         return KeepRule.magnitude_cut(0xFFFFFFFF, 0)
     cut_bits, cutoff = ctypes.c_uint32(), ctypes.c_int64()
-    _call("magnitude_cut", tau.x, *tau.pointers(), tau.x.numel(), k, ctypes.byref(cut_bits), ctypes.byref(cutoff))
+    _call(
+        "magnitude_cut",
+        tau.x,
+        *tau.pointers(),
+        tau.x.numel(),
+        k,
+        ctypes.byref(cut_bits),
+        ctypes.byref(cutoff),
+    )
     return KeepRule.magnitude_cut(cut_bits.value, cutoff.value)
 
 
@@ -187,7 +221,10 @@ def abs_sums(
     first = taus[0]
     n = first.x.numel()
     xs = (ctypes.c_void_p * models)(*[t.x.data_ptr() for t in taus])
-    bits = [torch.empty((n + 7) // 8, dtype=torch.uint8) if rule.mode == KeepRule.HASH_BELOW else None for rule in rules]
+    bits = [
+        torch.empty((n + 7) // 8, dtype=torch.uint8) if rule.mode == KeepRule.HASH_BELOW else None
+        for rule in rules
+    ]
     bits_c = (ctypes.c_void_p * models)(*[b.data_ptr() if b is not None else None for b in bits])
     kept, every = (ctypes.c_int64 * models)(), (ctypes.c_int64 * models)()
     _call(
@@ -209,7 +246,7 @@ def tv_merge(
     normalize: bool,
     plain_divisor: float,
     lambda_: float,
-    out: Optional[torch.Tensor] = None,
+    out: torch.Tensor | None = None,
     subnormal_free: bool = False,
 ) -> tuple[torch.Tensor, bool]:
     """base + lambda * sum_i(w_i m_i s_i tau_i) / Z, all task vectors relative to one base,

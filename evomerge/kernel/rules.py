@@ -7,7 +7,7 @@ Plain data shared by the C kernel (`cpu.py`) and the Triton kernel (`triton_merg
 from __future__ import annotations
 
 import ctypes
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -17,9 +17,9 @@ class TaskVector(NamedTuple):
     the base, subtracted on the fly (a one-shot merge then never stores tau at all)."""
 
     x: torch.Tensor
-    base: Optional[torch.Tensor] = None
+    base: torch.Tensor | None = None
 
-    def pointers(self) -> tuple[int, Optional[int]]:
+    def pointers(self) -> tuple[int, int | None]:
         return self.x.data_ptr(), self.base.data_ptr() if self.base is not None else None
 
 
@@ -40,7 +40,7 @@ class KeepRule(ctypes.Structure):
     KEEP_ALL, KEY_BELOW, HASH_BELOW, MAGNITUDE, BITS = range(5)
 
     @classmethod
-    def keep_all(cls) -> "KeepRule":
+    def keep_all(cls) -> KeepRule:
         return cls(mode=cls.KEEP_ALL)
 
     @property
@@ -48,26 +48,26 @@ class KeepRule(ctypes.Structure):
         return self.mode == self.KEEP_ALL
 
     @classmethod
-    def key_below(cls, key: torch.Tensor, threshold: int) -> "KeepRule":
+    def key_below(cls, key: torch.Tensor, threshold: int) -> KeepRule:
         """key[e] < threshold, e.g. precomputed magnitude ranks (int32)."""
         rule = cls(mode=cls.KEY_BELOW, threshold=threshold, key=key.data_ptr())
         rule.tensor = key
         return rule
 
     @classmethod
-    def hash_below(cls, hash_key: int, threshold: int) -> "KeepRule":
+    def hash_below(cls, hash_key: int, threshold: int) -> KeepRule:
         """The DARE draw of each element (random_fields.UniformField) < threshold (at most
         random_fields.SCALE, as keep_threshold gives it)."""
         return cls(mode=cls.HASH_BELOW, threshold=threshold, hash_key=hash_key)
 
     @classmethod
-    def stored_bits(cls, bits: torch.Tensor) -> "KeepRule":
+    def stored_bits(cls, bits: torch.Tensor) -> KeepRule:
         """Element e kept where bit e % 8 of bits[e // 8] is set (cpu.abs_sums stores them)."""
         rule = cls(mode=cls.BITS, bits=bits.data_ptr())
         rule.tensor = bits
         return rule
 
     @classmethod
-    def magnitude_cut(cls, cut_bits: int, cutoff: int) -> "KeepRule":
+    def magnitude_cut(cls, cut_bits: int, cutoff: int) -> KeepRule:
         """|tau| above the cut (float32 bits), or at it and below index `cutoff` (cpu.top_magnitudes)."""
         return cls(mode=cls.MAGNITUDE, cut_bits=cut_bits, cutoff=cutoff)

@@ -3,7 +3,7 @@
 `evomerge.methods.task_arithmetic` is the reference: torch ops that read like the papers. This
 module computes the same merge, bit for bit (tests/test_kernel.py), in one pass over memory per
 tensor: the C kernel on the CPU (`cpu.py`), the Triton kernel on CUDA GPUs (`triton_merge.py`).
-The merge executor (`evomerge.merge.PreparedTensor`) asks `prepare` whether the kernel takes a
+The merge executor (`evomerge.merging.executor.PreparedTensor`) asks `prepare` whether the kernel takes a
 tensor and otherwise calls the method itself.
 
 Lifecycle: prepare once per run, merge per trial.
@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import itertools
 import logging
-from functools import lru_cache
-from typing import Optional
+from functools import cache
 
 import torch
 
 from evomerge.kernel import cpu
 from evomerge.kernel.rules import KeepRule, TaskVector
 from evomerge.methods import sparsify
+from evomerge.methods.random_fields import UniformField
 from evomerge.methods.registry import MergeInputs, MergeMethod
 from evomerge.methods.task_arithmetic import MEMBERS, Sparsifier, task_vector_merge
-from evomerge.random_fields import UniformField
 
 LOG = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ DRAW_TABLE_MIN = 1 << 20
 NORMAL_FLOOR = 2.0**-99
 
 
-def prepare(method: MergeMethod, inputs: MergeInputs, *, resident: bool) -> Optional["FusedTensor"]:
+def prepare(method: MergeMethod, inputs: MergeInputs, *, resident: bool) -> FusedTensor | None:
     """The kernel's state for merging `inputs` by `method`, or None where the kernel does not
     take them (another method or rule, another dtype or device, no kernel built)."""
     member = MEMBERS.get(method.name)
@@ -66,7 +65,13 @@ def _fits_gpu(tensors: list[torch.Tensor]) -> bool:
     first = tensors[0]
     return (
         first.dtype in cpu.DTYPES
-        and all(t.is_contiguous() and t.dtype == first.dtype and t.shape == first.shape and t.device == first.device for t in tensors)
+        and all(
+            t.is_contiguous()
+            and t.dtype == first.dtype
+            and t.shape == first.shape
+            and t.device == first.device
+            for t in tensors
+        )
         and first.numel() < 2**31
         and len(tensors) <= cpu.MAX_MODELS + 1
     )
@@ -85,7 +90,7 @@ class FusedTensor:
     def keep_draw_tables(self, tables: dict[int, torch.Tensor]) -> None:
         """Keep DARE's draw tables in `tables`, which outlives this object: for one-shot inputs
         formed anew for each merge but equal in all of them (a LoRA adapter's tensor in a
-        search, which keeps the adapter's factors and not its task vector: evomerge/factored.py)."""
+        search, which keeps the adapter's factors and not its task vector: evomerge/merging/factored.py)."""
         self._draw_tables, self.keeps_draw_tables = tables, True
 
     def merge(
@@ -97,7 +102,7 @@ class FusedTensor:
         rescale: bool,
         lambda_: float,
         int8_mask: bool = False,  # a mergekit memory option; it does not change the result
-        out: Optional[torch.Tensor] = None,
+        out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, bool]:
         """task_vector_merge's result (into `out` where the kernel can write there), and
         whether every value of it is finite (found in the same pass)."""
@@ -113,20 +118,33 @@ class FusedTensor:
         if plain_divisor.abs() < 1e-8:
             plain_divisor = torch.ones((), dtype=dtype)
         rescale_factors = torch.stack(factors)
-        options = dict(consensus=self.consensus, normalize=normalize, plain_divisor=float(plain_divisor), lambda_=lambda_)
+        options = dict(
+            consensus=self.consensus,
+            normalize=normalize,
+            plain_divisor=float(plain_divisor),
+            lambda_=lambda_,
+        )
         out = out if self.can_write(out) else torch.empty_like(base)
         if base.is_cuda:
             from evomerge.kernel import triton_merge
 
             return triton_merge.tv_merge(base, taus, rules, rescale_factors, w, **options, out=out)
         subnormal_free = self.subnormal_free(rescale_factors, w)
-        return cpu.tv_merge(base, taus, rules, rescale_factors, w, **options, out=out, subnormal_free=subnormal_free)
+        return cpu.tv_merge(
+            base, taus, rules, rescale_factors, w, **options, out=out, subnormal_free=subnormal_free
+        )
 
-    def can_write(self, out: Optional[torch.Tensor]) -> bool:
+    def can_write(self, out: torch.Tensor | None) -> bool:
         """Whether the kernel can write the result into `out` (the live model's parameter in
         the search, a buffer lent by the output writer in a plain merge)."""
         base = self.inputs.base
-        return out is not None and out.dtype == base.dtype and out.shape == base.shape and out.is_contiguous() and out.device == base.device
+        return (
+            out is not None
+            and out.dtype == base.dtype
+            and out.shape == base.shape
+            and out.is_contiguous()
+            and out.device == base.device
+        )
 
     def task_vector(self, index: int) -> TaskVector:
         """Resident: the stored tau_i; one-shot: theta_i and the base, subtracted on the fly."""
@@ -140,13 +158,17 @@ class FusedTensor:
         if self.rule is None or density >= 1:
             return KeepRule.keep_all()
         if self.rule == "random":
-            return KeepRule.hash_below(self.inputs.field.hash_key(index), sparsify.keep_threshold(density))
+            return KeepRule.hash_below(
+                self.inputs.field.hash_key(index), sparsify.keep_threshold(density)
+            )
         k = sparsify.magnitude_keep_count(density, self.inputs.base.numel())
         if self.resident or tau.x.is_cuda:
             return KeepRule.key_below(self.inputs.magnitude_ranks(index), k)
         return cpu.top_magnitudes(tau, k)
 
-    def l1_norms(self, taus: list, rules: list, rescaled: list[int]) -> dict[int, tuple[float, float]]:
+    def l1_norms(
+        self, taus: list, rules: list, rescaled: list[int]
+    ) -> dict[int, tuple[float, float]]:
         """{i: (kept, all)}: the L1 norms of task vector i over what rules[i] keeps and over
         every element, from exact fixed-point sums as sparsify.l1_rescale computes them. DARE
         masks of a resident tensor read them from its draw table; the rest take one pass over
@@ -155,16 +177,25 @@ class FusedTensor:
         shifts = {i: self.l1_shift(i) for i in rescaled}
         sums = {}
         for i in rescaled:
-            if self.keeps_draw_tables and rules[i].mode == KeepRule.HASH_BELOW and self.inputs.base.numel() >= DRAW_TABLE_MIN:
+            if (
+                self.keeps_draw_tables
+                and rules[i].mode == KeepRule.HASH_BELOW
+                and self.inputs.base.numel() >= DRAW_TABLE_MIN
+            ):
                 table = self.draw_l1_table(i)
                 sums[i] = int(table[rules[i].threshold]), int(table[-1])
         scanned = [i for i in rescaled if i not in sums]
         if scanned:
             scales = [2.0 ** shifts[i] for i in scanned]
-            found, after = self._abs_sums([taus[i] for i in scanned], [rules[i] for i in scanned], scales)
+            found, after = self._abs_sums(
+                [taus[i] for i in scanned], [rules[i] for i in scanned], scales
+            )
             for i, pair, rule in zip(scanned, found, after):
                 sums[i], rules[i] = pair, rule
-        return {i: (kept * 2.0 ** -shifts[i], every * 2.0 ** -shifts[i]) for i, (kept, every) in sums.items()}
+        return {
+            i: (kept * 2.0 ** -shifts[i], every * 2.0 ** -shifts[i])
+            for i, (kept, every) in sums.items()
+        }
 
     def _abs_sums(self, taus: list, rules: list, scales: list[float]):
         if taus[0].x.is_cuda:  # the GPU hashes again in the merge pass: compute is cheap there
@@ -212,14 +243,20 @@ class FusedTensor:
             return False
         if self.min_magnitude(self.count) < NORMAL_FLOOR:
             return False
-        for i, (scale, weight) in enumerate(zip(rescale.float().tolist(), weights.float().tolist())):
-            if weight != 0 and self.min_magnitude(i) * min(1.0, abs(scale)) * min(1.0, abs(weight)) < NORMAL_FLOOR:
+        for i, (scale, weight) in enumerate(
+            zip(rescale.float().tolist(), weights.float().tolist())
+        ):
+            if (
+                weight != 0
+                and self.min_magnitude(i) * min(1.0, abs(scale)) * min(1.0, abs(weight))
+                < NORMAL_FLOOR
+            ):
                 return False
         return True
 
 
 # --- the GPU: checked against the CPU before first use ----------------------------------------
-@lru_cache(maxsize=None)
+@cache
 def gpu_ready(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the Triton kernel runs on this GPU and gives the CPU's bits for this dtype: it
     is checked once per process against the torch code on small random inputs, every rule
@@ -229,10 +266,17 @@ def gpu_ready(device: torch.device, dtype: torch.dtype) -> bool:
     try:
         mismatch = self_check(device, dtype)
     except Exception as exc:  # no triton, a compile error, a driver problem
-        LOG.warning("the Triton merge kernel is unavailable on %s (%s); using torch ops", device, exc)
+        LOG.warning(
+            "the Triton merge kernel is unavailable on %s (%s); using torch ops", device, exc
+        )
         return False
     if mismatch:
-        LOG.warning("the Triton merge kernel differs from the CPU on %s for %s (%s); using torch ops", device, dtype, mismatch)
+        LOG.warning(
+            "the Triton merge kernel differs from the CPU on %s for %s (%s); using torch ops",
+            device,
+            dtype,
+            mismatch,
+        )
     return not mismatch
 
 
@@ -243,7 +287,9 @@ def self_check(device: torch.device, dtype: torch.dtype) -> str:
     generator = torch.Generator().manual_seed(0)
     numel = 3 * 1024 + 17  # a few kernel blocks and a ragged end
     base = torch.randn(numel, generator=generator).to(dtype)
-    models = [(base.float() + 0.02 * torch.randn(numel, generator=generator)).to(dtype) for _ in range(3)]
+    models = [
+        (base.float() + 0.02 * torch.randn(numel, generator=generator)).to(dtype) for _ in range(3)
+    ]
     for x in (base, *models):
         x[:8] = -0.0  # with all weights negative, sums of -0s: +0, as torch sums
     cases = {
@@ -252,15 +298,23 @@ def self_check(device: torch.device, dtype: torch.dtype) -> str:
         "task_arithmetic": dict(rule=None, density=[1.0] * 3, rescale=False, consensus=False, normalize=False, lambda_=0.8),
     }  # fmt: skip
     weights = ([0.6, -0.3, 0.9], [-0.6, -0.3, -0.9])
-    for (name, options), resident, weight in itertools.product(cases.items(), (False, True), weights):
+    for (name, options), resident, weight in itertools.product(
+        cases.items(), (False, True), weights
+    ):
         field = UniformField(7, name)
-        expected = task_vector_merge(MergeInputs(models, base, name, field), weight=weight, **options)
+        expected = task_vector_merge(
+            MergeInputs(models, base, name, field), weight=weight, **options
+        )
         inputs = MergeInputs([m.to(device) for m in models], base.to(device), name, field)
         rules = {key: options[key] for key in ("rule", "consensus")}
         parameters = {key: value for key, value in options.items() if key not in rules}
-        got, finite = FusedTensor(inputs, **rules, resident=resident).merge(weight=weight, **parameters)
+        got, finite = FusedTensor(inputs, **rules, resident=resident).merge(
+            weight=weight, **parameters
+        )
         got = got.cpu()
         bits = torch.int16 if got.itemsize == 2 else torch.int32
-        if not torch.equal(got.view(bits), expected.view(bits)) or finite != bool(torch.isfinite(expected).all()):
+        if not torch.equal(got.view(bits), expected.view(bits)) or finite != bool(
+            torch.isfinite(expected).all()
+        ):
             return f"{name}, {'resident' if resident else 'one-shot'}, weights {weight}"
     return ""

@@ -85,8 +85,21 @@ def _keep(key_ptr, modes_ptr, thresholds_ptr, hash_keys_ptr, i, offs, mask):
 
 
 @triton.jit
-def _weighted(taus, keys, sub_base_ptr, modes_ptr, thresholds_ptr, hash_keys_ptr, rescale_ptr, weights_ptr,
-              i: tl.constexpr, offs, mask, KIND: tl.constexpr, HAS_SUB: tl.constexpr):
+def _weighted(
+    taus,
+    keys,
+    sub_base_ptr,
+    modes_ptr,
+    thresholds_ptr,
+    hash_keys_ptr,
+    rescale_ptr,
+    weights_ptr,
+    i: tl.constexpr,
+    offs,
+    mask,
+    KIND: tl.constexpr,
+    HAS_SUB: tl.constexpr,
+):
     """w_i * s_i * tau_i at offs, each product rounded as torch rounds it (tv_merge.c weigh_block)."""
     d = _task_vector(taus[i], sub_base_ptr, offs, mask, KIND, HAS_SUB)
     kept = d * _keep(keys[i], modes_ptr, thresholds_ptr, hash_keys_ptr, i, offs, mask)
@@ -102,7 +115,16 @@ def _tv_merge_kernel(base_ptr, taus, keys, sub_base_ptr, modes_ptr, thresholds_p
                      NORMALIZE: tl.constexpr, USE_LAMBDA: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    args = (taus, keys, sub_base_ptr, modes_ptr, thresholds_ptr, hash_keys_ptr, rescale_ptr, weights_ptr)
+    args = (
+        taus,
+        keys,
+        sub_base_ptr,
+        modes_ptr,
+        thresholds_ptr,
+        hash_keys_ptr,
+        rescale_ptr,
+        weights_ptr,
+    )
     total = _weighted(*args, 0, offs, mask, KIND, HAS_SUB)
     for i in tl.static_range(1, M):
         total = total + _weighted(*args, i, offs, mask, KIND, HAS_SUB)
@@ -123,7 +145,9 @@ def _tv_merge_kernel(base_ptr, taus, keys, sub_base_ptr, modes_ptr, thresholds_p
         divisor = _round(divisor, KIND)
         divisor = tl.where(divisor == 0.0, 1.0, divisor)
     else:
-        mixed = _round(0.0 + total, KIND)  # ((0 + w0) + w1) + ...: torch's sum, signed zeros included
+        mixed = _round(
+            0.0 + total, KIND
+        )  # ((0 + w0) + w1) + ...: torch's sum, signed zeros included
         divisor = tl.zeros([BLOCK], tl.float32) + plain_divisor
     if NORMALIZE:
         mixed = _round(tl.math.div_rn(mixed, divisor), KIND)
@@ -156,7 +180,9 @@ def _rule_arrays(taus, rules, device):
     thresholds = torch.tensor([rule.threshold for rule in rules], dtype=torch.int64, device=device)
     hash_keys = torch.tensor([rule.hash_key for rule in rules], dtype=torch.int64, device=device)
     # a model without ranks passes its task vector as a stand-in key (never read)
-    keys = tuple(rule.tensor if rule.mode == KeepRule.KEY_BELOW else tau.x for tau, rule in zip(taus, rules))
+    keys = tuple(
+        rule.tensor if rule.mode == KeepRule.KEY_BELOW else tau.x for tau, rule in zip(taus, rules)
+    )
     return modes, thresholds, hash_keys, keys
 
 
@@ -180,7 +206,9 @@ def abs_sums(taus, rules, scales) -> list[tuple[int, int]]:
     return [(values[2 * i], values[2 * i + 1]) for i in range(len(taus))]
 
 
-def tv_merge(base, taus, rules, rescale, weights, *, consensus, normalize, plain_divisor, lambda_, out):
+def tv_merge(
+    base, taus, rules, rescale, weights, *, consensus, normalize, plain_divisor, lambda_, out
+):
     """base + lambda * sum_i(w_i m_i s_i tau_i) / Z into `out`, and whether it is all finite,
     as cpu.tv_merge on the CPU."""
     n, device = base.numel(), base.device

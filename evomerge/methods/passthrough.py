@@ -3,14 +3,12 @@ from different models into a deeper one ("frankenmerge")."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from evomerge.methods.registry import MergeInputs, MergeMethod, Param, register
 
 
-def passthrough(inputs: MergeInputs, *, scale: list[Optional[float]]) -> torch.Tensor:
+def passthrough(inputs: MergeInputs, *, scale: list[float | None]) -> torch.Tensor:
     if len(inputs.models) != 1:
         raise ValueError("passthrough takes exactly one input per slice")
     tensor, factor = inputs.models[0], scale[0]

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal
 
 from evomerge.errors import UserError
 
 if TYPE_CHECKING:
     import torch
 
-    from evomerge.random_fields import UniformField
+    from evomerge.methods.random_fields import UniformField
 
 REQUIRED = object()
 
@@ -47,9 +48,9 @@ class Param:
     per_model: bool
     default: Any = REQUIRED
     kind: type = float
-    bounds: Optional[tuple[float, float]] = None
-    limits: Optional[tuple[float, float]] = None
-    role: Optional[Role] = None
+    bounds: tuple[float, float] | None = None
+    limits: tuple[float, float] | None = None
+    role: Role | None = None
 
     @property
     def required(self) -> bool:
@@ -84,7 +85,9 @@ class Param:
     def check_limits(self, value: float, where: str) -> None:
         if self.limits is not None and not self.limits[0] <= value <= self.limits[1]:
             low, high = self.limits
-            raise UserError(f"parameter {self.name!r} {where} must lie in [{low:g}, {high:g}], got {value!r}")
+            raise UserError(
+                f"parameter {self.name!r} {where} must lie in [{low:g}, {high:g}], got {value!r}"
+            )
 
 
 # How a method treats `base_model`:
@@ -109,11 +112,11 @@ class MergeInputs:
 
     def __init__(
         self,
-        models: list["torch.Tensor"],
-        base: Optional["torch.Tensor"],
+        models: list[torch.Tensor],
+        base: torch.Tensor | None,
         tensor_name: str,
-        field: Optional["UniformField"] = None,
-        peaks: Optional[list[Optional[float]]] = None,
+        field: UniformField | None = None,
+        peaks: list[float | None] | None = None,
     ):
         self.models, self.base, self.tensor_name, self.field = models, base, tensor_name, field
         self._memo: dict[tuple[str, int], Any] = {}
@@ -138,32 +141,32 @@ class MergeInputs:
         task vector. It sizes the exact L1 sums of DARE's rescale (sparsify.fixed_point_shift)."""
         return self.peak(index) + self.peak(len(self.models))
 
-    def delta(self, index: int) -> "torch.Tensor":
+    def delta(self, index: int) -> torch.Tensor:
         """The task vector tau_i = theta_i - theta_base."""
         return self.cached("delta", index, lambda: self.models[index] - self.base)
 
-    def magnitude_ranks(self, index: int) -> "torch.Tensor":
+    def magnitude_ranks(self, index: int) -> torch.Tensor:
         from evomerge.methods.sparsify import magnitude_ranks
 
         return self.cached("desc", index, lambda: magnitude_ranks(self.delta(index)))
 
-    def ascending_ranks(self, index: int) -> "torch.Tensor":
+    def ascending_ranks(self, index: int) -> torch.Tensor:
         from evomerge.methods.sparsify import ascending_ranks
 
         return self.cached("asc", index, lambda: ascending_ranks(self.delta(index)))
 
-    def row_ranks(self, index: int) -> "torch.Tensor":
+    def row_ranks(self, index: int) -> torch.Tensor:
         from evomerge.methods.sparsify import row_ranks
 
         return self.cached("rows", index, lambda: row_ranks(self.delta(index)))
 
-    def draws(self, index: int) -> "torch.Tensor":
+    def draws(self, index: int) -> torch.Tensor:
         """16-bit random integers for every element of model `index`'s tensor."""
         shape, device = self.models[index].shape, self.models[index].device
         return self.cached("draws", index, lambda: self.field.integers(index, shape, device))
 
 
-def abs_peak(tensor: "torch.Tensor") -> float:
+def abs_peak(tensor: torch.Tensor) -> float:
     """max |x| by min and max, one pass (NaN if x holds a NaN, Inf for an Inf)."""
     import torch
 
@@ -176,11 +179,11 @@ def abs_peak(tensor: "torch.Tensor") -> float:
 @dataclass(frozen=True)
 class MergeMethod:
     name: str
-    merge: Callable[..., "torch.Tensor"]
+    merge: Callable[..., torch.Tensor]
     params: tuple[Param, ...]
     base_role: BaseRole
     min_models: int = 1
-    max_models: Optional[int] = None
+    max_models: int | None = None
     randomized: bool = False
     reference: str = ""
 
@@ -190,7 +193,9 @@ class MergeMethod:
             if param.name == name:
                 return param
         names = [p.name for p in self.params]
-        raise UserError(f"merge method {self.name!r} has no parameter {name!r}{_closest(name, names)}")
+        raise UserError(
+            f"merge method {self.name!r} has no parameter {name!r}{_closest(name, names)}"
+        )
 
     @property
     def per_model_params(self) -> tuple[Param, ...]:
@@ -216,7 +221,9 @@ def get_method(name: str) -> MergeMethod:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise UserError(f"unknown merge method {name!r}{_closest(name, sorted(_REGISTRY))}") from None
+        raise UserError(
+            f"unknown merge method {name!r}{_closest(name, sorted(_REGISTRY))}"
+        ) from None
 
 
 def _closest(name: str, known: list[str]) -> str:

@@ -51,7 +51,9 @@ register(
         name="sce",
         merge=sce,
         params=(
-            Param("select_topk", per_model=False, default=1.0, bounds=(0.0, 1.0), limits=(0.0, 1.0)),
+            Param(
+                "select_topk", per_model=False, default=1.0, bounds=(0.0, 1.0), limits=(0.0, 1.0)
+            ),
             Param("int8_mask", per_model=False, default=False, kind=bool),
         ),
         base_role="required",

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from evomerge.random_fields import SCALE, UniformField, keep_threshold
+from evomerge.methods.random_fields import SCALE, UniformField, keep_threshold
 
 
 def magnitude_ranks(delta: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,10 @@ def l1_rescale(delta: torch.Tensor, kept: torch.Tensor, bound: float) -> torch.T
     `bound` >= max |delta| sizes the exact sums (see MergeInputs.tau_bound).
     """
     shift = fixed_point_shift(delta.numel(), bound)
-    before, after = exact_abs_sum(delta, shift) * 2.0**-shift, exact_abs_sum(kept, shift) * 2.0**-shift
+    before, after = (
+        exact_abs_sum(delta, shift) * 2.0**-shift,
+        exact_abs_sum(kept, shift) * 2.0**-shift,
+    )
     return kept * l1_factor(before, after, kept.dtype)
 
 
@@ -133,7 +136,9 @@ def _fixed_point(x: torch.Tensor, shift: int) -> torch.Tensor:
     return (x.abs().double() * (2.0**shift)).floor().to(torch.int64)
 
 
-def draw_l1_table(delta: torch.Tensor, field: UniformField, index: int, shift: int, chunk: int = 1 << 22) -> torch.Tensor:
+def draw_l1_table(
+    delta: torch.Tensor, field: UniformField, index: int, shift: int, chunk: int = 1 << 22
+) -> torch.Tensor:
     """What a DARE mask keeps of |delta|, for every density at once: entry b (0..SCALE) is
     exact_abs_sum of delta where its draws are below b, i.e. under keep_threshold of density
     b / SCALE. The last entry is the whole sum. Built once per task vector (one pass), it turns
@@ -143,5 +148,7 @@ def draw_l1_table(delta: torch.Tensor, field: UniformField, index: int, shift: i
     for start in range(0, flat.numel(), chunk):
         stop = min(start + chunk, flat.numel())
         draw = field.span(index, start, stop, flat.device)
-        sums.index_add_(0, draw.long() + 1, _fixed_point(flat[start:stop], shift))  # kept from draw + 1 on
+        sums.index_add_(
+            0, draw.long() + 1, _fixed_point(flat[start:stop], shift)
+        )  # kept from draw + 1 on
     return sums.cumsum(0)

@@ -96,7 +96,9 @@ def multislerp(
     w = torch.tensor(weight, dtype=points.dtype, device=points.device)
     if normalize_weights:
         if abs(sum(weight)) < 1e-12:
-            raise ValueError("the weights sum to 0, so they cannot be normalised; change them or set normalize_weights: false")
+            raise ValueError(
+                "the weights sum to 0, so they cannot be normalised; change them or set normalize_weights: false"
+            )
         w = w / w.sum()
     norms = torch.norm(flat, dim=-1, keepdim=True)  # (M, 1)
     units = flat / (norms + eps)
@@ -120,7 +122,9 @@ register(
     MergeMethod(
         name="slerp",
         merge=slerp,
-        params=(Param("t", per_model=False, bounds=(0.0, 1.0), limits=(0.0, 1.0), role="interpolation"),),
+        params=(
+            Param("t", per_model=False, bounds=(0.0, 1.0), limits=(0.0, 1.0), role="interpolation"),
+        ),
         base_role="required",
         min_models=1,
         max_models=1,

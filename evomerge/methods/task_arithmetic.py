@@ -94,8 +94,8 @@ def task_vector_merge(
     lambda_: float,
     rule: Sparsifier,
     consensus: bool,
-    gamma: Optional[list[float]] = None,
-    epsilon: Optional[list[float]] = None,
+    gamma: list[float] | None = None,
+    epsilon: list[float] | None = None,
     int8_mask: bool = False,  # a mergekit memory option; it does not change the result
 ) -> torch.Tensor:
     if not inputs.models:
@@ -140,16 +140,27 @@ def _family_member(
 ) -> MergeMethod:
     params = [
         Param("weight", per_model=True, bounds=(0.0, 1.0), role="weight"),
-        Param("density", per_model=True, default=1.0, bounds=(0.0, 1.0), limits=(0.0, 1.0), role="density"),
+        Param(
+            "density",
+            per_model=True,
+            default=1.0,
+            bounds=(0.0, 1.0),
+            limits=(0.0, 1.0),
+            role="density",
+        ),
         Param("lambda", per_model=False, default=1.0, bounds=(0.5, 1.5)),
         Param("normalize", per_model=False, default=normalize, kind=bool),
         Param("rescale", per_model=False, default=rescale, kind=bool),
         Param("int8_mask", per_model=False, default=False, kind=bool),
     ]
     if rule == "breadcrumbs":
-        params.append(Param("gamma", per_model=True, default=0.01, bounds=(0.0, 0.1), limits=(0.0, 1.0)))
+        params.append(
+            Param("gamma", per_model=True, default=0.01, bounds=(0.0, 0.1), limits=(0.0, 1.0))
+        )
     if rule == "della":
-        params.append(Param("epsilon", per_model=True, default=0.15, bounds=(0.0, 0.3), limits=(0.0, 1.0)))
+        params.append(
+            Param("epsilon", per_model=True, default=0.15, bounds=(0.0, 0.3), limits=(0.0, 1.0))
+        )
     return MergeMethod(
         name=name,
         merge=partial(task_vector_merge, rule=rule, consensus=consensus),

@@ -54,8 +54,16 @@ if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 __all__ = [
-    "MANIFEST_NAME", "N_DEV", "N_TEST", "POOLS", "SIZES", "TASK_PREFIX",
-    "build_pool", "load_manifest", "make_tokenizer", "repo_task_dir",
+    "MANIFEST_NAME",
+    "N_DEV",
+    "N_TEST",
+    "POOLS",
+    "SIZES",
+    "TASK_PREFIX",
+    "build_pool",
+    "load_manifest",
+    "make_tokenizer",
+    "repo_task_dir",
 ]
 
 MANIFEST_NAME = "pool.json"
@@ -67,13 +75,20 @@ def _save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, path: Pat
 
 
 def specialist_batches(
-    skills: dict[str, Skill], focus: list[str], tokenizer: PreTrainedTokenizerFast,
-    spec: PoolSize, seed: int,
+    skills: dict[str, Skill],
+    focus: list[str],
+    tokenizer: PreTrainedTokenizerFast,
+    spec: PoolSize,
+    seed: int,
 ) -> Batches:
     """The training stream of a fine-tune from the base: `focus` skills plus replay of the mix."""
     return Batches(
-        [skills[s] for s in focus], tokenizer, held_out=held_out_prompts(skills), seed=seed,
-        mix=list(skills.values()), replay=spec.replay,
+        [skills[s] for s in focus],
+        tokenizer,
+        held_out=held_out_prompts(skills),
+        seed=seed,
+        mix=list(skills.values()),
+        replay=spec.replay,
     )
 
 
@@ -82,15 +97,28 @@ def train_base(
 ) -> tuple[LlamaForCausalLM, float]:
     """The pool's base, pretrained on the mix of its skills, and its final loss."""
     base = make_model(spec, tokenizer, seed=0)
-    everything = Batches(list(skills.values()), tokenizer, held_out=held_out_prompts(skills), seed=1)
-    loss = train(base, everything, steps=spec.base_steps, lr=spec.base_lr, batch=spec.batch,
-                 warmup=spec.warmup, label="base")
+    everything = Batches(
+        list(skills.values()), tokenizer, held_out=held_out_prompts(skills), seed=1
+    )
+    loss = train(
+        base,
+        everything,
+        steps=spec.base_steps,
+        lr=spec.base_lr,
+        batch=spec.batch,
+        warmup=spec.warmup,
+        label="base",
+    )
     return base, loss
 
 
 def train_specialist(
-    model: LlamaForCausalLM, base_state: dict[str, Any], skills: dict[str, Skill], skill: str,
-    tokenizer: PreTrainedTokenizerFast, spec: PoolSize,
+    model: LlamaForCausalLM,
+    base_state: dict[str, Any],
+    skills: dict[str, Skill],
+    skill: str,
+    tokenizer: PreTrainedTokenizerFast,
+    spec: PoolSize,
 ) -> float:
     """Fine-tune `model` from `base_state` into the specialist of `skill` (left in `model`); its
     final loss. The seeds follow the skill's place in the pool, so each specialist is the same
@@ -101,8 +129,13 @@ def train_specialist(
     model.load_state_dict(base_state)
     torch.manual_seed(100 + index)
     return train(
-        model, specialist_batches(skills, [skill], tokenizer, spec, seed=10 + index),
-        steps=spec.spec_steps, lr=spec.spec_lr, batch=spec.batch, warmup=spec.warmup, label=skill,
+        model,
+        specialist_batches(skills, [skill], tokenizer, spec, seed=10 + index),
+        steps=spec.spec_steps,
+        lr=spec.spec_lr,
+        batch=spec.batch,
+        warmup=spec.warmup,
+        label=skill,
     )
 
 
@@ -156,8 +189,16 @@ def build_pool(
             timings[skill] = time.perf_counter() - t0
 
         manifest = write_manifest(
-            tmp, name=name, size=size, models={s: s for s in skills}, skills=skills,
-            task_names=task_names, spec=spec, losses=losses, timings=timings, started=started,
+            tmp,
+            name=name,
+            size=size,
+            models={s: s for s in skills},
+            skills=skills,
+            task_names=task_names,
+            spec=spec,
+            losses=losses,
+            timings=timings,
+            started=started,
         )
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -171,8 +212,18 @@ def build_pool(
 
 
 def write_manifest(
-    folder: Path, *, name: str, size: str, models: dict[str, str], skills: dict, task_names: list[str],
-    spec: Any, losses: dict[str, float], timings: dict[str, float], started: float, **extra: Any,
+    folder: Path,
+    *,
+    name: str,
+    size: str,
+    models: dict[str, str],
+    skills: dict,
+    task_names: list[str],
+    spec: Any,
+    losses: dict[str, float],
+    timings: dict[str, float],
+    started: float,
+    **extra: Any,
 ) -> dict[str, Any]:
     """Write `folder`/pool.json (what `load_manifest` reads) and return it; `models` maps each
     skill to its folder (or `base+<adapter>`), `extra` adds pool-specific sections."""
@@ -183,7 +234,12 @@ def write_manifest(
         "base": "base",
         "models": {"base": "base", **models},
         "skills": {
-            s.name: {"model": s.name, "task": task_name(s), "metric": s.metric, "description": s.description}
+            s.name: {
+                "model": s.name,
+                "task": task_name(s),
+                "metric": s.metric,
+                "description": s.description,
+            }
             for s in skills.values()
         },
         "task_path": "tasks",
@@ -192,7 +248,8 @@ def write_manifest(
         "settings": dataclasses.asdict(spec),
         **extra,
         "final_loss": {k: round(v, 5) for k, v in losses.items()},
-        "seconds": {k: round(v, 2) for k, v in timings.items()} | {"total": round(time.perf_counter() - started, 2)},
+        "seconds": {k: round(v, 2) for k, v in timings.items()}
+        | {"total": round(time.perf_counter() - started, 2)},
     }
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
@@ -203,8 +260,10 @@ def load_manifest(pool_dir: str | Path) -> dict[str, Any]:
     pool_dir = Path(pool_dir)
     path = pool_dir / MANIFEST_NAME
     if not path.is_file():
-        raise UserError(f"{pool_dir} is not an evomerge pool (no {MANIFEST_NAME}); build one "
-                        "with `evomerge pool demo DIR` (or demo2, demo-lora).")
+        raise UserError(
+            f"{pool_dir} is not an evomerge pool (no {MANIFEST_NAME}); build one "
+            "with `evomerge pool demo DIR` (or demo2, demo-lora)."
+        )
     manifest = json.loads(path.read_text(encoding="utf-8"))
     manifest["models"] = {k: _absolute(pool_dir, v) for k, v in manifest["models"].items()}
     manifest["task_path"] = str((pool_dir / manifest["task_path"]).resolve())
@@ -213,6 +272,8 @@ def load_manifest(pool_dir: str | Path) -> dict[str, Any]:
 
 def _absolute(pool_dir: Path, reference: str) -> str:
     """A model reference of the manifest made absolute: a folder, or `base+adapter` (LoRA pools)."""
-    from evomerge.checkpoint import reference_parts
+    from evomerge.io.checkpoint import reference_parts
 
-    return "+".join(str((pool_dir / part).resolve()) for part in reference_parts(reference, base_dir=pool_dir))
+    return "+".join(
+        str((pool_dir / part).resolve()) for part in reference_parts(reference, base_dir=pool_dir)
+    )

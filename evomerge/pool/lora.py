@@ -57,7 +57,7 @@ def build_lora_pool(
 ) -> dict[str, Any]:
     """Build the LoRA variant of pool `name` into `out_dir`; return the manifest written there.
     Deterministic (fixed seeds, one torch thread); nothing is left half-written on failure."""
-    from evomerge.output import staged_output
+    from evomerge.io.output import staged_output
 
     if name not in POOLS:
         raise UserError(f"unknown pool {name!r}; choose one of {', '.join(POOLS)}.")
@@ -81,16 +81,27 @@ def build_lora_pool(
                 torch.manual_seed(100 + i)
                 adapted = add_lora(base, schedule)
                 losses[skill] = train(
-                    base, specialist_batches(skills, [skill], tokenizer, spec, seed=10 + i),
-                    steps=schedule.steps, lr=schedule.lr, batch=spec.batch, warmup=spec.warmup,
+                    base,
+                    specialist_batches(skills, [skill], tokenizer, spec, seed=10 + i),
+                    steps=schedule.steps,
+                    lr=schedule.lr,
+                    batch=spec.batch,
+                    warmup=spec.warmup,
                     label=f"{skill} (LoRA)",
                 )
                 save_adapter(adapted, schedule, tmp / skill, base_path=out_dir / "base")
                 remove_lora(base, adapted)
                 timings[skill] = time.perf_counter() - t0
             manifest = write_manifest(
-                tmp, name=f"{name}-lora", size=size, models={s: f"base+{s}" for s in skills},
-                skills=skills, task_names=task_names, spec=spec, losses=losses, timings=timings,
+                tmp,
+                name=f"{name}-lora",
+                size=size,
+                models={s: f"base+{s}" for s in skills},
+                skills=skills,
+                task_names=task_names,
+                spec=spec,
+                losses=losses,
+                timings=timings,
                 started=started,
                 lora=dataclasses.asdict(schedule) | {"target_modules": list(TARGET_MODULES)},
             )
@@ -106,7 +117,9 @@ class LoraLinear(torch.nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.lora_A = torch.nn.Linear(base_layer.in_features, schedule.rank, bias=False)  # (r, in)
-        self.lora_B = torch.nn.Linear(schedule.rank, base_layer.out_features, bias=False)  # (out, r)
+        self.lora_B = torch.nn.Linear(
+            schedule.rank, base_layer.out_features, bias=False
+        )  # (out, r)
         torch.nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init
         torch.nn.init.zeros_(self.lora_B.weight)  # the update starts at zero
         self.scaling = schedule.alpha / schedule.rank
@@ -119,8 +132,11 @@ def add_lora(model: torch.nn.Module, schedule: LoraSchedule) -> dict[str, LoraLi
     """Freeze `model` and wrap each target projection in a LoraLinear; {module name: layer}."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    targets = [name for name, module in model.named_modules()
-               if name.rsplit(".", 1)[-1] in TARGET_MODULES and isinstance(module, torch.nn.Linear)]
+    targets = [
+        name
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in TARGET_MODULES and isinstance(module, torch.nn.Linear)
+    ]
     adapted = {}
     for name in targets:
         parent, child = _parent(model, name)
@@ -138,14 +154,20 @@ def remove_lora(model: torch.nn.Module, adapted: dict[str, LoraLinear]) -> None:
         parameter.requires_grad_(True)
 
 
-def save_adapter(adapted: dict[str, LoraLinear], schedule: LoraSchedule, folder: Path, *, base_path: Path) -> None:
+def save_adapter(
+    adapted: dict[str, LoraLinear], schedule: LoraSchedule, folder: Path, *, base_path: Path
+) -> None:
     """Write the adapter as PEFT's `save_pretrained` does (its tensor names and config keys)."""
     from safetensors.torch import save_file
 
     tensors = {}
     for name, layer in adapted.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous()
+        tensors[f"base_model.model.{name}.lora_A.weight"] = (
+            layer.lora_A.weight.detach().contiguous()
+        )
+        tensors[f"base_model.model.{name}.lora_B.weight"] = (
+            layer.lora_B.weight.detach().contiguous()
+        )
     folder.mkdir(parents=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
@@ -164,7 +186,9 @@ def save_adapter(adapted: dict[str, LoraLinear], schedule: LoraSchedule, folder:
         "inference_mode": True,
         "modules_to_save": None,
     }
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (folder / "adapter_config.json").write_text(
+        json.dumps(config, indent=2) + "\n", encoding="utf-8"
+    )
 
 
 def _parent(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:

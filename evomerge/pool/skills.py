@@ -84,16 +84,31 @@ def _dedup(rng: random.Random) -> tuple[str, str]:
 SKILLS: dict[str, Skill] = {
     s.name: s
     for s in (
-        Skill("add", _add, f"add a number below {ADD_RANGES[0]} and one below "
-              f"{ADD_RANGES[1]}: a:37+8=45."),
+        Skill(
+            "add",
+            _add,
+            f"add a number below {ADD_RANGES[0]} and one below {ADD_RANGES[1]}: a:37+8=45.",
+        ),
         Skill("rev", _rev, f"reverse {WORD_LENGTHS[0]}-{WORD_LENGTHS[1]} letters: r:abcd=dcba."),
         Skill("sort", _sort, f"sort {WORD_LENGTHS[0]}-{WORD_LENGTHS[1]} letters: s:dbca=abcd."),
-        Skill("shift", _shift, f"move {SHIFT_LENGTHS[0]}-{SHIFT_LENGTHS[1]} letters "
-              f"{SHIFT} places on (generated until '.'): c:abcdyz=defgbc.", "generate_until"),
-        Skill("sub", _sub, f"subtract a number below {SUB_RANGES[2]} from one of "
-              f"{SUB_RANGES[0]}-{SUB_RANGES[1] - 1}: m:37 8=29."),
-        Skill("dedup", _dedup, f"collapse runs of letters of {DEDUP_LETTERS[0]}-"
-              f"{DEDUP_LETTERS[-1]}: d:aabccc=abc."),
+        Skill(
+            "shift",
+            _shift,
+            f"move {SHIFT_LENGTHS[0]}-{SHIFT_LENGTHS[1]} letters "
+            f"{SHIFT} places on (generated until '.'): c:abcdyz=defgbc.",
+            "generate_until",
+        ),
+        Skill(
+            "sub",
+            _sub,
+            f"subtract a number below {SUB_RANGES[2]} from one of "
+            f"{SUB_RANGES[0]}-{SUB_RANGES[1] - 1}: m:37 8=29.",
+        ),
+        Skill(
+            "dedup",
+            _dedup,
+            f"collapse runs of letters of {DEDUP_LETTERS[0]}-{DEDUP_LETTERS[-1]}: d:aabccc=abc.",
+        ),
     )
 }
 """Every skill, by name."""

@@ -103,9 +103,7 @@ def write_tasks(task_dir: Path, pool_name: str, skills: dict[str, Skill]) -> lis
             f"    dev: {files['dev']}\n"
             f"    test: {files['test']}\n"
             f"validation_split: dev\n"
-            f"test_split: test\n"
-            + _scoring_yaml(skill)
-            + "metadata:\n  version: 2.0\n"
+            f"test_split: test\n" + _scoring_yaml(skill) + "metadata:\n  version: 2.0\n"
         )
         (task_dir / f"{task_name(skill)}.yaml").write_text(yaml_text, encoding="utf-8")
         names.append(task_name(skill))

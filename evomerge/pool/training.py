@@ -49,12 +49,30 @@ class PoolSize:
 # head_dim = hidden / heads = 64 in both sizes: vLLM's CPU attention needs head_dim >= 64.
 SIZES: dict[str, PoolSize] = {
     "full": PoolSize(
-        hidden=256, layers=3, heads=4, kv_heads=4, intermediate=512, batch=32,
-        base_steps=400, base_lr=1e-3, spec_steps=300, spec_lr=5e-4, replay=0.35,
+        hidden=256,
+        layers=3,
+        heads=4,
+        kv_heads=4,
+        intermediate=512,
+        batch=32,
+        base_steps=400,
+        base_lr=1e-3,
+        spec_steps=300,
+        spec_lr=5e-4,
+        replay=0.35,
     ),
     "small": PoolSize(
-        hidden=64, layers=2, heads=1, kv_heads=1, intermediate=128, batch=32,
-        base_steps=300, base_lr=3e-3, spec_steps=200, spec_lr=3e-3, replay=0.0,
+        hidden=64,
+        layers=2,
+        heads=1,
+        kv_heads=1,
+        intermediate=128,
+        batch=32,
+        base_steps=300,
+        base_lr=3e-3,
+        spec_steps=200,
+        spec_lr=3e-3,
+        replay=0.0,
     ),
 }
 

@@ -1,0 +1,171 @@
+"""The run configuration of a search: one YAML file, validated up front.
+
+    pool:
+      base: runs/demo-pool/base
+      models: {add: runs/demo-pool/add, rev: runs/demo-pool/rev}
+      dtype: float32
+    space: dare_ties_layers              # a file in search_spaces/, a path, or a mapping
+    fitness: {task_paths: [eval_tasks], tasks: [...], subset: {count: 40}}
+    search: {sampler: gp, trials: 40, seed: 0}      # objectives: combined | per_task
+    device: cpu
+
+Relative paths are read relative to the config file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from evomerge.errors import UserError
+from evomerge.fitness.config import FitnessConfig
+from evomerge.io.checkpoint import reference_parts
+from evomerge.merging.recipe import DTYPES, validate_model
+
+
+class PoolConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    base: str
+    models: dict[str, str] = Field(min_length=1)
+    dtype: str | None = "float32"
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        """A plain list of folders gets the folder names as short names."""
+        if isinstance(value, list):
+            return {Path(str(v)).name: v for v in value}
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str | None) -> str | None:
+        if value is not None and value not in DTYPES:
+            raise ValueError(f"dtype {value!r} is not one of {', '.join(DTYPES)}")
+        return value
+
+
+class Fidelity(BaseModel):
+    """Multi-fidelity over examples (asynchronous successive halving, `evomerge.search.fidelity`):
+    every trial scores the fitness subset first (rung 0); each further rung scores `eta` times
+    as many examples per task, the last all of dev, and a trial goes on to the next rung only
+    while its value there is in the top 1/`eta` of the values trials reached there so far."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    eta: float = Field(default=3.0, gt=1.0, allow_inf_nan=False)
+
+
+SamplerName = Literal["gp", "cmaes", "cmaes_warm", "tpe", "random"]
+"""The samplers of `evomerge.search.samplers`."""
+
+DEFAULT_SAMPLER: SamplerName = "gp"  # chosen on dev by bench/search_quality.py (docs/BENCHMARKS.md)
+"""The sampler of a config that names none (the one place to change the default)."""
+
+
+class SearchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    sampler: SamplerName = DEFAULT_SAMPLER
+    objectives: Literal["combined", "per_task"] = "combined"
+    """`combined`: maximise the weighted fitness; `per_task`: one objective per task, a Pareto
+    front of trade-offs (export takes the front's best combined fitness)."""
+    trials: int = Field(default=40, ge=1)
+    timeout_minutes: float | None = Field(default=None, gt=0)
+    seed: int = 0
+    storage: str | None = None
+    study_name: str = "evomerge"
+    baselines: bool = True
+    fidelity: Fidelity | None = Field(default_factory=Fidelity)
+    """`null`: every trial is scored on all of dev (as without `fitness.subset`)."""
+    merge_seed: int = 0
+    heartbeat_seconds: int = Field(default=10, ge=1)
+    """Workers on SQL storage beat this often; a trial whose worker stopped beating for
+    `grace_seconds` (killed, node lost) is marked failed and retried once."""
+    grace_seconds: int = Field(default=60, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_promotion(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "promotion" in data:
+            raise ValueError(
+                "search.promotion was replaced by search.fidelity: write `fidelity: {eta: 3}` "
+                "(the fitness subset is its first rung) or `fidelity: null` to score every trial on all of dev"
+            )
+        return data
+
+    @field_validator("sampler", mode="before")
+    @classmethod
+    def _no_multi(cls, value: Any) -> Any:
+        if value == "multi":
+            raise ValueError(
+                "'multi' is not a sampler: for one objective per task write "
+                "`objectives: per_task` with `sampler: tpe` (or random)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _sampler_fits_objectives(self) -> SearchConfig:
+        if self.objectives == "per_task" and self.sampler in ("cmaes", "cmaes_warm"):
+            raise ValueError(
+                "the cmaes sampler optimises one objective; with `objectives: per_task` "
+                "choose `sampler: tpe` or `sampler: random`"
+            )
+        return self
+
+
+class ExportConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    out_dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    shard_size: str = "5GB"
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    pool: PoolConfig
+    space: str | dict
+    fitness: FitnessConfig
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    device: str = "cpu"
+    threads: int | None = Field(default=None, ge=1)
+
+    def resolved(self, base_dir: Path) -> RunConfig:
+        """Paths made absolute against `base_dir` (the config file's folder)."""
+
+        def absolute(p: str) -> str:
+            parts = reference_parts(p, base_dir=base_dir)
+            if len(parts) > 1:  # base+adapter: each folder
+                return "+".join(map(absolute, parts))
+            path = Path(p).expanduser()
+            return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+        pool = self.pool.model_copy(
+            update={
+                "base": absolute(self.pool.base),
+                "models": {k: absolute(v) for k, v in self.pool.models.items()},
+            }
+        )
+        space = self.space
+        if isinstance(space, str) and (base_dir / space).is_file():
+            space = absolute(space)
+        return self.model_copy(
+            update={"pool": pool, "space": space, "fitness": self.fitness.resolved(base_dir)}
+        )
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file {str(path)!r} does not exist") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: malformed YAML{where}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config keys")
+    config = validate_model(RunConfig, data, str(path))
+    return config.resolved(path.resolve().parent)

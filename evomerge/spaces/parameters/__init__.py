@@ -1,0 +1,1 @@
+"""The parameter space kind: merge coefficients of one method, per group of layers."""

@@ -1,0 +1,167 @@
+"""Merge candidates compiled once per run, materialised straight into a live model.
+
+Compile (once per run): lay the search space out against the pool as a plan of tensor jobs
+(`evomerge.merging.plan`, the same layout and parameter precedence as `evomerge merge`), note which
+gene fills which parameter slot of which job, read every source tensor onto the device in the
+merge dtype and prepare it for repeated merges (`evomerge.merging.executor.PreparedTensor`, resident;
+LoRA adapters stay factored, `evomerge.merging.factored`).
+Per trial (`apply(genome)`): write the genes into the slots and run the jobs; each result lands
+in the evaluation model's parameter in place, its finiteness checked in the same pass.
+
+A genome decodes to an ordinary recipe (`SearchSpace.decode`, for export); the compiled jobs
+are that recipe's plan with the genome's values in it, run through the same executor, so the
+exported model is bit for bit the one that was scored.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from evomerge.errors import UserError
+from evomerge.merging.executor import PreparedTensor, load_inputs
+from evomerge.merging.factored import FactoredTensor, has_adapter
+from evomerge.merging.plan import MergePlan, TensorJob, plan_merge
+
+if TYPE_CHECKING:
+    import torch
+
+    from evomerge.spaces.parameters.space import SearchSpace
+
+
+class CandidateError(Exception):
+    """A candidate that cannot be scored (non-finite weights, ...): the trial fails, the
+    search goes on."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one gene's value goes in a job's keyword arguments: `kwarg`, or element `model`
+    of it for a per-model parameter."""
+
+    gene: str
+    kwarg: str
+    model: int | None = None
+
+
+@dataclass
+class CompiledJob:
+    """One output tensor: its prepared inputs, the parameters that are the same in every trial
+    (`fixed`), the slots the genome fills, and the live parameter the result goes into."""
+
+    name: str
+    tensor: PreparedTensor | FactoredTensor
+    fixed: dict[str, Any]
+    slots: list[Slot]
+    target: torch.Tensor
+
+    def parameters(self, genome: dict[str, float]) -> dict[str, Any]:
+        kwargs = {
+            key: list(value) if isinstance(value, list) else value
+            for key, value in self.fixed.items()
+        }
+        for slot in self.slots:
+            value = float(genome[slot.gene])  # as the recipe's parameter reader coerces it
+            if slot.model is None:
+                kwargs[slot.kwarg] = value
+            else:
+                kwargs[slot.kwarg][slot.model] = value
+        return kwargs
+
+
+class CompiledCandidate:
+    """The candidates of `space`, compiled against its pool, written into `model` in place."""
+
+    def __init__(
+        self, model: torch.nn.Module, space: SearchSpace, *, seed: int, device: str = "cpu"
+    ):
+        self.genes = [gene.name for gene in space.genes]
+        plan, slots = compile_slots(space)
+        state = dict(model.named_parameters())
+        state.update(dict(model.named_buffers()))
+        missing = [job.out_name for job in plan.jobs if job.out_name not in state]
+        if missing:
+            raise ValueError(f"the evaluation model has no parameters {missing[:3]}")
+        self.jobs = [
+            CompiledJob(
+                name=job.out_name,
+                tensor=resident_tensor(plan, job, seed=seed, device=device),
+                fixed=job.kwargs,
+                slots=slots[job.out_name],
+                target=state[job.out_name],
+            )
+            for job in plan.jobs
+        ]
+        self.targets = {job.name: job.target for job in self.jobs}
+
+    def apply(self, genome: dict[str, float], *, only: set[str] | None = None) -> None:
+        """Materialise `genome` into the live model (`only`: just these tensors); CandidateError
+        where a merged tensor has a NaN or an Inf."""
+        missing = [name for name in self.genes if name not in genome]
+        if missing:
+            raise UserError(f"the genome lacks genes {missing[:3]}; was the search space changed?")
+        for job in self.jobs:
+            if only is not None and job.name not in only:
+                continue
+            if not job.tensor.run_into(job.parameters(genome), job.target):
+                raise CandidateError(f"the merged tensor {job.name!r} has NaN or Inf values")
+
+
+def resident_tensor(
+    plan: MergePlan, job: TensorJob, *, seed: int, device: str
+) -> PreparedTensor | FactoredTensor:
+    """One job read once for a run of merges: resident inputs, or, where its models include
+    LoRA adapters, the adapters kept factored (evomerge/merging/factored.py)."""
+    if has_adapter(plan, job):
+        return FactoredTensor(plan, job, seed=seed, device=device)
+    return PreparedTensor(
+        plan.method, load_inputs(plan, job, seed=seed, device=device), resident=True
+    )
+
+
+def compile_slots(space: SearchSpace) -> tuple[MergePlan, dict[str, list[Slot]]]:
+    """The plan of the space's recipes, and for each job the slots its genes fill.
+
+    Found by decoding two probe genomes and planning both: a parameter that takes gene g's
+    value in both plans is g's slot (every gene has different values in the two probes, and
+    no two genes the same pair), one that is equal in both is fixed. So the slots are exactly
+    what `decode` and the planner make of a genome, with no second copy of their rules."""
+    first, second = _probe_genomes(space)
+    plan = plan_merge(space.decode(first))
+    other = plan_merge(space.decode(second), checkpoints=plan.checkpoints)
+    genes = {(first[name], second[name]): name for name in first}
+    return plan, {
+        job.out_name: _slots(job, again, genes) for job, again in zip(plan.jobs, other.jobs)
+    }
+
+
+def _probe_genomes(space: SearchSpace) -> tuple[dict[str, float], dict[str, float]]:
+    """Two genomes inside the bounds in which every gene differs, and no two genes take the
+    same pair of values."""
+    rng = random.Random(0)
+    while True:
+        first = {g.name: rng.uniform(g.low, g.high) for g in space.genes}
+        second = {g.name: rng.uniform(g.low, g.high) for g in space.genes}
+        pairs = {(first[name], second[name]) for name in first}
+        if len(pairs) == len(first) and all(first[name] != second[name] for name in first):
+            return first, second
+
+
+def _slots(job: TensorJob, again: TensorJob, genes: dict[tuple[float, float], str]) -> list[Slot]:
+    if (job.out_name, job.inputs, job.base) != (again.out_name, again.inputs, again.base):
+        raise RuntimeError(f"the layout of {job.out_name!r} depends on the genome")
+    slots = []
+    for kwarg, value in job.kwargs.items():
+        if isinstance(value, list):
+            pairs = [(i, (v, w)) for i, (v, w) in enumerate(zip(value, again.kwargs[kwarg]))]
+        else:
+            pairs = [(None, (value, again.kwargs[kwarg]))]
+        for model, (v, w) in pairs:
+            if (v, w) in genes:
+                slots.append(Slot(genes[v, w], kwarg, model))
+            elif v != w:
+                raise RuntimeError(
+                    f"parameter {kwarg!r} of {job.out_name!r} is no single gene's value"
+                )
+    return slots

@@ -1,0 +1,335 @@
+"""Search spaces: which merge parameters a search explores, and genome <-> recipe.
+
+A space (a file in `search_spaces/`) names a merge method, how layers are grouped, an optional
+split of each layer by tensor-name filters, and the bounds of each searched parameter:
+
+    method: dare_ties
+    layers_per_group: 2          # null: one group for the whole model
+    split: [self_attn, mlp]      # the last part also covers every tensor the others miss
+    search: {weight: null, density: [0.1, 1.0]}   # null: the bounds the method declares
+    fixed: {normalize: false}
+
+The method's declarations (`evomerge.methods.Param`) are the source of truth: every name must be
+one of its parameters (a typo gets the closest name), only float parameters are searched, bounds
+default to the declared ones and must lie within the declared limits, and the baseline genomes
+come from each parameter's declared role.
+
+A genome is a flat dict of floats with readable names, e.g. `L0-1.self_attn.math.weight` (per
+model) or `L2-3.t` (per group). It decodes to an ordinary `Recipe` with one slice per layer
+group, which `evomerge merge` and mergekit-yaml both run. Every gene is drawn directly inside
+its bounds, so the map from genome to recipe is one-to-one and smooth (no folding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from evomerge.errors import UserError
+from evomerge.merging.recipe import (
+    ConditionalSetting,
+    MethodName,
+    Recipe,
+    Slice,
+    SliceSource,
+    registry_errors_as_validation_errors,
+    validate_model,
+)
+from evomerge.methods import MergeMethod, Param, get_method
+
+if TYPE_CHECKING:
+    import optuna
+
+
+class SpaceConfig(BaseModel):
+    """A space as its file says, checked against the method's declared parameters when read."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    method: MethodName
+    layers_per_group: int | None = Field(default=None, ge=1)
+    split: list[str] = Field(default_factory=list)
+    search: dict[str, tuple[float, float] | None] = Field(min_length=1)
+    """Bounds of each searched parameter; null: the method's declared bounds."""
+    fixed: dict[str, bool | int | float | str] = Field(default_factory=dict)
+
+    @field_validator("search")
+    @classmethod
+    def _ordered(cls, value):
+        for name, bounds in value.items():
+            if bounds is not None and not bounds[0] < bounds[1]:
+                raise ValueError(f"bounds of {name!r} must be [low, high] with low < high")
+        return value
+
+    @model_validator(mode="after")
+    def _declared_parameters(self) -> SpaceConfig:
+        method = get_method(self.method)
+        for name in self.search:
+            with registry_errors_as_validation_errors(f"search.{name}"):
+                _check_searchable(method, method.param(name))
+        for name, value in self.fixed.items():
+            with registry_errors_as_validation_errors(f"fixed.{name}"):
+                method.param(name).coerce(value, "every tensor")
+        for param in method.params:
+            if param.required and param.name not in self.search and param.name not in self.fixed:
+                raise ValueError(
+                    f"merge method {method.name!r} needs {param.name!r} searched or fixed"
+                )
+        return self
+
+
+def _check_searchable(method: MergeMethod, param: Param) -> None:
+    """Genes are floats (CMA-ES and the smooth genome map need them): an int or a bool is fixed."""
+    if param.kind is not float:
+        floats = [p.name for p in method.params if p.kind is float]
+        raise UserError(
+            f"only float parameters can be searched, and {param.name!r} takes {param.kind.__name__} "
+            f"values (fix it under 'fixed'); the float parameters of {method.name!r}: "
+            f"{', '.join(floats) or 'none'}"
+        )
+
+
+def load_space(source: str | Path | dict, *, base_dir: Path = Path(".")) -> SpaceConfig:
+    """A space from a file path (absolute, relative to `base_dir`, or a name in
+    `search_spaces/`) or from an inline mapping."""
+    data, where = read_space(source, base_dir=base_dir)
+    return validate_model(SpaceConfig, data, where)
+
+
+def read_space(source: str | Path | dict, *, base_dir: Path = Path(".")) -> tuple[Any, str]:
+    """The raw mapping of a space and where it came from (for messages): a space's `kind`
+    says which config reads it (`kind: dataflow`, see evomerge.spaces.dataflow)."""
+    if isinstance(source, dict):
+        return source, "space"
+    path = _find_space_file(str(source), base_dir)
+    try:
+        return yaml.safe_load(path.read_text()), str(path)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: malformed YAML ({exc.__class__.__name__})") from None
+
+
+def _find_space_file(name: str, base_dir: Path) -> Path:
+    bundled = Path(__file__).resolve().parents[3] / "search_spaces"
+    for candidate in (Path(name), base_dir / name, bundled / name, bundled / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in bundled.glob("*.yaml"))
+    raise UserError(f"search space {name!r} not found (bundled spaces: {', '.join(known)})")
+
+
+@dataclass(frozen=True)
+class Gene:
+    """One searched value: a float in [low, high], or, where `choices` is given, one of them
+    (a categorical gene: low and high are unused)."""
+
+    name: str
+    low: float
+    high: float
+    group: str  # "L0-1" or "all"
+    part: str | None  # split filter, or None
+    model: str | None  # pool model name for per-model parameters
+    param: str
+    choices: tuple[str, ...] | None = None
+
+    def suggest(self, trial: optuna.Trial) -> float | str:
+        """This gene's value in `trial`, drawn by the study's sampler."""
+        if self.choices is not None:
+            return trial.suggest_categorical(self.name, self.choices)
+        return trial.suggest_float(self.name, self.low, self.high)
+
+    def admits(self, value: Any) -> bool:
+        """Whether `value` is one this gene can take."""
+        if self.choices is not None:
+            return value in self.choices
+        return isinstance(value, (int, float)) and self.low <= value <= self.high
+
+
+def suggest_genome(trial: optuna.Trial, genes: list[Gene]) -> dict[str, float | str]:
+    """A genome drawn by the study's sampler: every gene suggested once, in order."""
+    return {gene.name: gene.suggest(trial) for gene in genes}
+
+
+def check_genome(genome: dict[str, Any], genes: list[Gene]) -> None:
+    """UserError unless `genome` gives every gene a value it admits (a genome stored in a study
+    is decoded long after the search: its space may have changed since)."""
+    missing = [g.name for g in genes if g.name not in genome]
+    if missing:
+        raise UserError(f"the genome lacks genes {missing[:3]}; was the search space changed?")
+    for gene in genes:
+        value = genome[gene.name]
+        if not gene.admits(value):
+            allowed = (
+                ", ".join(gene.choices)
+                if gene.choices is not None
+                else f"[{gene.low:g}, {gene.high:g}]"
+            )
+            raise UserError(
+                f"gene {gene.name!r} = {value!r} is not one of its values ({allowed}); "
+                "was the search space changed?"
+            )
+
+
+class SearchSpace:
+    """Genes and decoding for one pool: `models` maps short names to model folders."""
+
+    kind = "parameters"  # a parameter space; `kind: dataflow` files are read by evomerge.spaces.dataflow
+
+    def __init__(
+        self,
+        config: SpaceConfig,
+        *,
+        base: str,
+        models: dict[str, str],
+        num_layers: int,
+        dtype: str | None,
+    ):
+        self.config, self.base, self.models, self.dtype = config, base, models, dtype
+        self.method: MergeMethod = get_method(config.method)
+        self.title = self.method.name  # what the report calls the space
+        self.num_layers = num_layers
+        self._check_pool()
+        self.groups = self._layer_groups()
+        self.genes = self._genes()
+
+    # --- layout --------------------------------------------------------------------------
+    def _check_pool(self) -> None:
+        if self.method.max_models is not None and len(self.models) > self.method.max_models:
+            raise UserError(
+                f"search space: {self.method.name!r} merges at most {self.method.max_models} "
+                f"model(s) besides the base; the pool has {len(self.models)}"
+            )
+
+    def _layer_groups(self) -> list[tuple[str, int, int]]:
+        size = self.config.layers_per_group or self.num_layers
+        groups = []
+        for start in range(0, self.num_layers, size):
+            end = min(start + size, self.num_layers)
+            label = "all" if size >= self.num_layers else f"L{start}-{end - 1}"
+            groups.append((label, start, end))
+        return groups
+
+    def _bounds(self, name: str) -> tuple[float, float]:
+        param = self.method.param(name)
+        bounds = self.config.search[name] or param.bounds
+        if bounds is None:
+            raise UserError(f"search space: give bounds for {name!r}")
+        if not all(math.isfinite(b) for b in bounds):
+            raise UserError(f"search space: the bounds of {name!r} must be finite numbers")
+        for bound in bounds:
+            param.check_limits(float(bound), "in the search space")
+        return float(bounds[0]), float(bounds[1])
+
+    def _genes(self) -> list[Gene]:
+        genes = []
+        parts = self.config.split or [None]
+        for label, _, _ in self.groups:
+            for name in self.config.search:
+                param = self.method.param(name)
+                low, high = self._bounds(name)
+                for part in parts:
+                    prefix = label if part is None else f"{label}.{part}"
+                    if param.per_model:
+                        for model in self.models:
+                            genes.append(
+                                Gene(
+                                    f"{prefix}.{model}.{name}", low, high, label, part, model, name
+                                )
+                            )
+                    else:
+                        genes.append(Gene(f"{prefix}.{name}", low, high, label, part, None, name))
+        return genes
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, float]:
+        """The genome of `trial`, drawn by the study's sampler."""
+        return suggest_genome(trial, self.genes)
+
+    # --- decoding ------------------------------------------------------------------------
+    def decode(self, genome: dict[str, float]) -> Recipe:
+        """The recipe a genome stands for: one slice per layer group."""
+        check_genome(genome, self.genes)
+        slices = []
+        for label, start, end in self.groups:
+            sources = [
+                SliceSource(
+                    model=path,
+                    layer_range=(start, end),
+                    parameters=self._settings(genome, label, model) or None,
+                )
+                for model, path in self.models.items()
+            ]
+            if self.method.base_role != "input":
+                sources.append(SliceSource(model=self.base, layer_range=(start, end)))
+            slices.append(
+                Slice(sources=sources, parameters=self._settings(genome, label, None) or None)
+            )
+        return Recipe(
+            merge_method=self.method.name,
+            slices=slices,
+            base_model=self.base if self.method.base_role != "input" else None,
+            parameters=dict(self.config.fixed) or None,
+            dtype=self.dtype,
+        )
+
+    def _settings(self, genome: dict[str, float], label: str, model: str | None) -> dict[str, Any]:
+        out = {}
+        for name in self.config.search:
+            if self.method.param(name).per_model != (model is not None):
+                continue
+            genes = [
+                g for g in self.genes if g.group == label and g.model == model and g.param == name
+            ]
+            if len(genes) == 1:
+                out[name] = genome[genes[0].name]
+            else:  # split: filters in order, the last one catches everything else
+                out[name] = [
+                    ConditionalSetting(
+                        filter=g.part if i < len(genes) - 1 else None, value=genome[g.name]
+                    )
+                    for i, g in enumerate(genes)
+                ]
+        return out
+
+    # --- baselines -----------------------------------------------------------------------
+    def baselines(self) -> dict[str, dict[str, float]]:
+        """Named genomes of the classic recipes, where the space can express them: each gene
+        takes its value from the role its parameter declares (a gene without one, or a value
+        outside its bounds, and the recipe is left out)."""
+        out = {}
+        for label, by_role in classic_recipes(self.method, list(self.models)).items():
+            genome = self.genome_of(by_role)
+            if genome is not None:
+                out[label] = genome
+        return out
+
+    def genome_of(self, by_role: dict[str, Any]) -> dict[str, float] | None:
+        """The genome whose genes take the values `by_role` gives their parameters' roles (a
+        value, or a function of the gene's model); None where a gene has no value in bounds."""
+        genome = {}
+        for gene in self.genes:
+            value = by_role.get(self.method.param(gene.param).role)
+            value = value(gene.model) if callable(value) else value
+            if value is None or not gene.low <= value <= gene.high:
+                return None
+            genome[gene.name] = float(value)
+        return genome
+
+
+def classic_recipes(method: MergeMethod, models: list[str]) -> dict[str, dict[str, Any]]:
+    """Role -> value (or model -> value) of each classic recipe; roles as in `methods.Role`."""
+    n = len(models)
+    recipes: dict[str, dict[str, Any]] = {
+        "uniform": {"weight": lambda m: 1.0 / n, "density": 1.0, "interpolation": 0.5},
+    }
+    if method.name == "dare_ties":
+        recipes["dare_ties_0.5"] = {"weight": 0.5, "density": 0.5, "interpolation": 0.5}
+    for model in models:
+        recipes[f"only_{model}"] = {
+            "weight": lambda m, me=model: 1.0 if m == me else 0.0,
+            "density": 1.0,
+            "interpolation": 1.0,
+        }
+    return recipes
