@@ -1,6 +1,7 @@
 # Two entry points that do everything on a fresh machine:
 #   make demo   build the offline demo pool, search merge recipes over it, export and report
-#   make test   run the test suite (including golden comparisons against mergekit 0.1.5)
+#   make test   lint (ruff check, ruff format --check), then the test suite (including golden
+#               comparisons against mergekit 0.1.5)
 # Each creates the virtual environments it needs. Where there is no NVIDIA GPU the CPU build
 # of torch is pinned (a plain `torch` would pull several GB of CUDA packages).
 
@@ -54,7 +55,10 @@ demo: venv
 	$(VENV)/bin/evomerge export $(RUN) $(RUN)/best-merge --force
 	$(VENV)/bin/evomerge report $(RUN)
 
+# Lint first: a style slip fails in seconds, before the suite's minutes.
 test: venv mergekit-venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	EVOMERGE_MERGEKIT_PYTHON=$(CURDIR)/$(MERGEKIT_VENV)/bin/python $(VENV)/bin/python -m pytest -q
 
 clean:

@@ -145,13 +145,16 @@ def main() -> None:
     )
     print(f"  evaluator setup (once)         {setup:8.3f} s")
     print(
-        f"  forward passes                 {med['forward']:8.3f} s   {1e3 * med['forward'] / n:6.3f} ms/example"
+        f"  forward passes                 {med['forward']:8.3f} s   "
+        f"{1e3 * med['forward'] / n:6.3f} ms/example"
     )
     print(
-        f"  score (prepared requests)      {med['score']:8.3f} s   {1e3 * med['score'] / n:6.3f} ms/example"
+        f"  score (prepared requests)      {med['score']:8.3f} s   "
+        f"{1e3 * med['score'] / n:6.3f} ms/example"
     )
     print(
-        f"  lm-eval evaluate (before)      {med['evaluate']:8.3f} s   {1e3 * med['evaluate'] / n:6.3f} ms/example"
+        f"  lm-eval evaluate (before)      {med['evaluate']:8.3f} s   "
+        f"{1e3 * med['evaluate'] / n:6.3f} ms/example"
     )
     print(f"  weight swap in place           {t_swap:8.4f} s")
     # paired (each score minus the forward run just before it): steadier than medians' difference
@@ -162,14 +165,16 @@ def main() -> None:
     )
     before = statistics.median(e - f for e, f in zip(times["evaluate"], times["forward"]))
     print(
-        f"  before: evaluate - forward:    {before:.4f} s = {100 * before / med['forward']:.0f}% of forward"
+        f"  before: evaluate - forward:    {before:.4f} s = "
+        f"{100 * before / med['forward']:.0f}% of forward"
     )
     print(f"  ratio evaluate / score:        {med['evaluate'] / med['score']:.2f}x")
     print(f"  of the overhead, lm-eval's filters + process_results: {med['metrics']:.4f} s")
     n_few = sum(len(d) for d in slices.values())
     print(
         f"  score_examples, {n_few} examples: {med['few']:.4f} s, their forward passes "
-        f"{med['few_forward']:.4f} s ({100 * (med['few'] - med['few_forward']) / med['few_forward']:.0f}% overhead)"
+        f"{med['few_forward']:.4f} s "
+        f"({100 * (med['few'] - med['few_forward']) / med['few_forward']:.0f}% overhead)"
     )
 
 
@@ -179,7 +184,6 @@ def bench_vllm(manifest: dict, repeats: int, tmp: Path) -> None:
 
     from lm_eval.evaluator import evaluate
 
-    from evomerge.fitness.backends import sync_weights
     from evomerge.fitness.tasks import build_task_set
     from evomerge.search.config import RunConfig
     from evomerge.search.loop import Search
@@ -233,8 +237,8 @@ def bench_vllm(manifest: dict, repeats: int, tmp: Path) -> None:
     for i, genome in enumerate(genomes):  # genome 0 warms both paths up
         got = {}
         for name, fn in (
-            ("apply", lambda: search.candidate.apply(genome)),
-            ("push", lambda: sync_weights(lm)),
+            ("apply", lambda genome=genome: search.candidate.apply(genome)),
+            ("push", evaluator.sync_weights),
             ("score", lambda: evaluator.score(full=True)),
             ("evaluate", old),
         ):
@@ -252,8 +256,8 @@ def bench_vllm(manifest: dict, repeats: int, tmp: Path) -> None:
     medw = {k: statistics.median(v) for k, v in wall_s.items()}
     n = sum(len(d) for d in every.values())
     print(
-        f"pool {manifest['name']} ({manifest['size']}), {n} examples, vLLM {_vllm_version()} in-process, "
-        f"1 thread, median of {repeats} genomes; CPU s (wall s)"
+        f"pool {manifest['name']} ({manifest['size']}), {n} examples, "
+        f"vLLM {_vllm_version()} in-process, 1 thread, median of {repeats} genomes; CPU s (wall s)"
     )
     print(f"  engine + search setup (once)      {setup:8.1f} s wall")
     for name, label in (
@@ -268,10 +272,12 @@ def bench_vllm(manifest: dict, repeats: int, tmp: Path) -> None:
     new_w = medw["apply"] + medw["push"] + medw["score"]
     before_w = medw["apply"] + medw["push"] + medw["evaluate"]
     print(
-        f"  per trial, apply + push + score:  {new:.3f} s ({new_w:.3f}); before {before:.3f} s ({before_w:.3f})"
+        f"  per trial, apply + push + score:  {new:.3f} s ({new_w:.3f}); before {before:.3f} s "
+        f"({before_w:.3f})"
     )
     print(
-        f"  ratio evaluate / score:           {med['evaluate'] / med['score']:.2f}x; per trial {before / new:.2f}x"
+        f"  ratio evaluate / score:           {med['evaluate'] / med['score']:.2f}x; per trial "
+        f"{before / new:.2f}x"
     )
     print(
         f"  metrics equal on both paths:      {repeats + 1 - mismatches} of {repeats + 1} genomes"

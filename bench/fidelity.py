@@ -115,22 +115,28 @@ def print_pool(rows: list[dict]) -> None:
     by_mode = {m: [r for r in rows if r["mode"] == m] for m in ("full", "multi")}
     for r in rows:
         print(
-            f"  {r['mode']:5s} seed {r['seed']}: {r['examples']:6d} examples, {r['full_trials']:2d} of "
-            f"{r['complete']} trials full, best #{r['best_trial']} dev {r['best_dev']:.4f} +- {r['best_dev_se']:.4f}"
-            f", eval {r['eval_seconds']:.0f} s, search {r['seconds']:.0f} s"
+            f"  {r['mode']:5s} seed {r['seed']}: {r['examples']:6d} examples, "
+            f"{r['full_trials']:2d} of {r['complete']} trials full, "
+            f"best #{r['best_trial']} dev {r['best_dev']:.4f} +- {r['best_dev_se']:.4f}, "
+            f"eval {r['eval_seconds']:.0f} s, search {r['seconds']:.0f} s"
         )
     full, multi = by_mode["full"], by_mode["multi"]
     if full and multi:
         ratio = statistics.mean(r["examples"] for r in full) / statistics.mean(
             r["examples"] for r in multi
         )
-        mean = lambda rs, k: statistics.mean(r[k] for r in rs)
+
+        def mean(rows: list[dict], key: str) -> float:
+            return statistics.mean(r[key] for r in rows)
+
         gap = mean(multi, "best_dev") - mean(full, "best_dev")
         se = mean(full, "best_dev_se")
+        eval_ratio = mean(full, "eval_seconds") / mean(multi, "eval_seconds")
         print(
-            f"  examples scored, full / multi: {ratio:.2f}x; mean best dev: full {mean(full, 'best_dev'):.4f}, "
-            f"multi {mean(multi, 'best_dev'):.4f} (multi - full {gap:+.4f}, one standard error {se:.4f}); "
-            f"eval seconds full / multi: {mean(full, 'eval_seconds') / mean(multi, 'eval_seconds'):.2f}x"
+            f"  examples scored, full / multi: {ratio:.2f}x; mean best dev: "
+            f"full {mean(full, 'best_dev'):.4f}, multi {mean(multi, 'best_dev'):.4f} "
+            f"(multi - full {gap:+.4f}, one standard error {se:.4f}); "
+            f"eval seconds full / multi: {eval_ratio:.2f}x"
         )
 
 
@@ -155,7 +161,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for pool in args.pools:
             print(
-                f"{pool.name}: {args.sampler}, {args.space}, {args.trials} trials, first rung {args.first}, eta {args.eta:g}",
+                f"{pool.name}: {args.sampler}, {args.space}, {args.trials} trials, first rung "
+                f"{args.first}, eta {args.eta:g}",
                 flush=True,
             )
             pool_rows = []

@@ -1,7 +1,7 @@
 """Merge-kernel throughput: one per-layer dare_ties (or ties) candidate over base + 3 sources.
 
-    python bench/kernel.py [--params 1e8] [--dtype float32|bfloat16|float16] [--method dare_ties|ties]
-                           [--threads 2] [--device cpu|cuda]
+    python bench/kernel.py [--params 1e8] [--dtype float32|bfloat16|float16]
+                           [--method dare_ties|ties] [--threads 2] [--device cpu|cuda]
 
 Builds synthetic resident inputs the way the search holds them (task vectors, the live
 model's parameter each result goes into, per-model density and weight for every tensor), then
@@ -205,26 +205,31 @@ def main() -> None:
     copy_gbps = copy.gbps
 
     print(
-        f"{args.method} candidate, base + 3 sources, {numel / 1e6:.0f}M parameters per model, {args.dtype}, {args.threads} threads"
+        f"{args.method} candidate, base + 3 sources, {numel / 1e6:.0f}M parameters per model, "
+        f"{args.dtype}, {args.threads} threads"
     )
     print(f"  memory copy bandwidth:     {copy_gbps:6.1f} GB/s")
     print(
-        f"  fused kernel:              {fused:6.3f} s  {moved / fused / 1e9:6.1f} GB/s  = {moved / fused / 1e9 / copy_gbps:5.1%} of copy bandwidth"
+        f"  fused kernel:              {fused:6.3f} s  {moved / fused / 1e9:6.1f} GB/s  = "
+        f"{moved / fused / 1e9 / copy_gbps:5.1%} of copy bandwidth"
     )
     if fused_runs:
         paired = statistics.median(moved / seconds / 1e9 / gbps for seconds, gbps in fused_runs)
         copies = sorted(gbps for _, gbps in fused_runs)
         print(
-            f"  paired with the copy before each run: median {paired:5.1%} (copies {copies[0]:.1f}-{copies[-1]:.1f} GB/s)"
+            f"  paired with the copy before each run: median {paired:5.1%} (copies "
+            f"{copies[0]:.1f}-{copies[-1]:.1f} GB/s)"
         )
     print(
-        f"  torch ops:                 {plain:6.3f} s  {moved / plain / 1e9:6.1f} GB/s  = {moved / plain / 1e9 / copy_gbps:5.1%}"
+        f"  torch ops:                 {plain:6.3f} s  {moved / plain / 1e9:6.1f} GB/s  = "
+        f"{moved / plain / 1e9 / copy_gbps:5.1%}"
     )
     print(f"  fused / torch speed-up:    {plain / fused:6.1f}x")
     what = "draw table" if args.method == "dare_ties" else "int32 magnitude rank"
     print(f"  precomputed once per run:  {prepared:6.3f} s  ({what}s of the 3 task vectors)")
     print(
-        f"  resident per parameter:    {itemsize} + {table_bytes / numel / 3:.3f} bytes per source (its task vector + {what})"
+        f"  resident per parameter:    {itemsize} + {table_bytes / numel / 3:.3f} bytes per source "
+        f"(its task vector + {what})"
     )
 
 

@@ -6,7 +6,7 @@
 Builds a base and two fine-tunes (random Llama-shaped tensors written straight to safetensors
 shards: no model is instantiated), merges the same `ties` and `dare_ties` recipes with
 `evomerge merge` (in-process `run_merge`) and with mergekit (one process, its Python API, in the
-environment of tests/mergekit_env.py), and prints for each:
+environment of tests/helpers/mergekit_env.py), and prints for each:
 
   - wall seconds for both, and the ratio mergekit / evomerge in-process; then the same ratio
     for the command lines: a fresh process per merge on both sides (a timed `evomerge merge`,
@@ -312,7 +312,8 @@ _PEAK_MEMORY = (
     "sys.argv = ['evomerge', *sys.argv[1:]]\n"
     "try:\n    runpy.run_module('evomerge', run_name='__main__')\n"
     "except SystemExit as exc:\n    code = exc.code\nelse:\n    code = 0\n"
-    "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1), file=sys.stderr)\n"
+    "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1), "
+    "file=sys.stderr)\n"
     "sys.exit(code)\n"
 )
 
@@ -322,7 +323,7 @@ def run_mergekit(folders: dict[str, Path], out_root: Path, repeats: int) -> dict
     time of the whole process (start-up, imports, one merge), which is what a `mergekit-yaml`
     call costs. One fresh process per merge, like the evomerge CLI runs."""
     sys.path.insert(0, str(REPO / "tests"))
-    from mergekit_env import mergekit_python_or_reason, run_driver
+    from helpers.mergekit_env import mergekit_python_or_reason, run_driver
 
     python, reason = mergekit_python_or_reason()
     if python is None:
@@ -424,14 +425,16 @@ def search_memory(folders: dict[str, Path]) -> None:
             code = (
                 f"import json, sys; sys.path.insert(0, {str(REPO / 'bench')!r}); "
                 "from merge_throughput import measure_search; "
-                f"print(json.dumps(measure_search({str(folders['base'])!r}, {models!r}, {space!r})))"
+                f"print(json.dumps(measure_search({str(folders['base'])!r}, {models!r}, "
+                f"{space!r})))"
             )
             run = subprocess.run(
                 [sys.executable, "-c", code], check=True, capture_output=True, text=True
             )
             result = json.loads(run.stdout.strip().splitlines()[-1])
             print(
-                f"{space:<24} {kind:<5} {result['kept_bytes'] / GB:>8.3f} {result['peak_gb']:>8.2f} {result['apply_s']:>8.3f}"
+                f"{space:<24} {kind:<5} {result['kept_bytes'] / GB:>8.3f} "
+                f"{result['peak_gb']:>8.2f} {result['apply_s']:>8.3f}"
             )
 
 
@@ -484,7 +487,10 @@ def main(argv=None) -> None:
         )
         for name, result in evo.items():
             rate = result["bytes"] / result["seconds"]
-            line = f"{name:<10} {result['seconds']:>10.1f} {rate / GB:>6.2f} {100 * rate / bandwidth:>6.1f}%"
+            line = (
+                f"{name:<10} {result['seconds']:>10.1f} {rate / GB:>6.2f} "
+                f"{100 * rate / bandwidth:>6.1f}%"
+            )
             if name in mk:
                 theirs = mk[name]
                 line += (

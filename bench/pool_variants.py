@@ -255,7 +255,8 @@ def print_block(result: dict) -> None:
         print(f"  {label:10s}      {cells[0]} |       {cells[1]}")
     ta, (density, weights) = result["picks"]["TA grid"], result["picks"]["TIES grid"]
     print(
-        f"  TA grid best weights {tuple(ta)}; TIES grid best density {density} weights {tuple(weights)}"
+        f"  TA grid best weights {tuple(ta)}; TIES grid best density {density} weights "
+        f"{tuple(weights)}"
     )
     best = summ["best_specialist"]
     print(f"  best specialist on dev: {best} (test {rows[best]['test']['mean']:.3f})")
@@ -265,7 +266,8 @@ def print_block(result: dict) -> None:
             f"retention {fmt(summ[merge]['retention'], 2)}"
         )
     print(
-        f"  task vectors: mean cos {tv['mean_cos']:.3f} ({fmt(tv['cos'])}); norm {fmt(tv['norm'], 2)}"
+        f"  task vectors: mean cos {tv['mean_cos']:.3f} ({fmt(tv['cos'])}); norm "
+        f"{fmt(tv['norm'], 2)}"
     )
 
 

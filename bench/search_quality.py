@@ -1,18 +1,19 @@
 """Search quality on any pool: samplers x spaces x seeds, chosen on dev, reported on test.
 
-    python bench/search_quality.py --pool runs/demo-pool --spaces dare_ties_global task_arithmetic_layers \\
-        --samplers cmaes cmaes_warm gp tpe random --seeds 0 1 2 --trials 50 --jobs 8 --out results.json
+    python bench/search_quality.py --pool runs/demo-pool \\
+        --spaces dare_ties_global task_arithmetic_layers \\
+        --samplers cmaes cmaes_warm gp tpe random --seeds 0 1 2 --trials 50 --jobs 8 \\
+        --out results.json
 
-A pool is a folder with `pool.json` (as `evomerge pool` writes it: base, models, task_path,
-tasks, and each skill's metric). Each (space, sampler, seed) is a fresh study (baselines queued first, every trial
-scored on the full dev split, no subset) run in its own process, `--jobs` at a time. Its best
-trial, chosen on dev as `evomerge export` would, is then scored once on the test split. The
-references are chosen and scored the same way: each specialist alone (the best chosen on dev)
-and each naive recipe (a uniform average, DARE-TIES 0.5/0.5, task arithmetic with weight 1).
-The table prints, per sampler x space, the mean and the worst seed of the chosen trial's test
-score minus the best specialist's and minus each naive recipe's, in points (x100). Tasks with
-one split are scored on it for both roles (the JSON says so: `held_out`).
-
+A pool is a folder with `pool.json` (as `evomerge pool` writes it: base, models, task_path, tasks,
+and each skill's metric). Each (space, sampler, seed) is a fresh study (baselines queued first,
+every trial scored on the full dev split, no subset) run in its own process, `--jobs` at a time. Its
+best trial, chosen on dev as `evomerge export` would, is then scored once on the test split. The
+references are chosen and scored the same way: each specialist alone (the best chosen on dev) and
+each naive recipe (a uniform average, DARE-TIES 0.5/0.5, task arithmetic with weight 1). The table
+prints, per sampler x space, the mean and the worst seed of the chosen trial's test score minus the
+best specialist's and minus each naive recipe's, in points (x100). Tasks with one split are scored
+on it for both roles (the JSON says so: `held_out`).
 `--spaces ps+dataflow` runs the two linked studies of the README at the same total budget: half
 the trials over `task_arithmetic_layers`, its winner merged and added to the pool, then half over
 the data-flow space.
@@ -246,7 +247,8 @@ def print_table(table: dict, references: dict, trials: int) -> None:
     for group in ("specialists", "naive"):
         for name, r in references[group].items():
             print(
-                f"  {group[:-1] if group == 'specialists' else 'naive'} {name}: {r['dev']:.4f} / {r['test']:.4f}"
+                f"  {group[:-1] if group == 'specialists' else 'naive'} {name}: {r['dev']:.4f} / "
+                f"{r['test']:.4f}"
             )
     if not all(references["held_out"].values()):
         one = [t for t, h in references["held_out"].items() if not h]
@@ -310,9 +312,10 @@ def main() -> None:
             else:
                 run = done.result()
                 print(
-                    f"{run['sampler']:>10} {run['space']:<24} seed {run['seed']}: dev {run['dev']:.4f} "
-                    f"test {run['test']:.4f} (trial {run['best_trial']}{', a baseline' if run['best_is_baseline'] else ''}; "
-                    f"{run['seconds']:.0f} s, sampler {run['sampler_seconds_per_trial']:.2f} s/trial)",
+                    f"{run['sampler']:>10} {run['space']:<24} seed {run['seed']}: "
+                    f"dev {run['dev']:.4f} test {run['test']:.4f} (trial {run['best_trial']}"
+                    f"{', a baseline' if run['best_is_baseline'] else ''}; {run['seconds']:.0f} s, "
+                    f"sampler {run['sampler_seconds_per_trial']:.2f} s/trial)",
                     flush=True,
                 )
                 runs.append(run)

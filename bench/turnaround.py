@@ -1,7 +1,7 @@
 """Genome-to-score turnaround: in-memory candidates against write-to-disk-and-reload.
 
-    python bench/turnaround.py [--config configs/demo.yaml] [--space NAME] [--repeats 3] [--threads 1]
-                               [--params 0.5e9] [--skip-synthetic] [--skip-demo]
+    python bench/turnaround.py [--config configs/demo.yaml] [--space NAME] [--repeats 3]
+                               [--threads 1] [--params 0.5e9] [--skip-synthetic] [--skip-demo]
 
 Times one trial split into phases, for two ways of turning a genome into a scored model:
 
@@ -167,7 +167,7 @@ def bench_demo(config, repeats: int, root: Path) -> tuple[Timings, Timings, dict
     mismatches = []
     for i, genome in enumerate(genomes):
         value_mem, t_mem = in_memory(genome)
-        value_disk, t_disk = on_disk(search.space.decode(genome))
+        value_disk, t_disk = on_disk(search.space.recipe(genome))
         if value_mem != value_disk:
             mismatches.append((i, value_mem, value_disk))
         if i > 0:  # genome 0 warms both paths up
@@ -220,7 +220,7 @@ def bench_synthetic(
         phases = apply_timed(candidate, genome)
         _, apply = timed(candidate.apply, genome)
         folder = root / "merged"
-        _, merge_write = timed(run_merge, space.decode(genome), folder, seed=0, force=True)
+        _, merge_write = timed(run_merge, space.recipe(genome), folder, seed=0, force=True)
         reloaded, load = timed(AutoModelForCausalLM.from_pretrained, folder, dtype=torch.bfloat16)
         # transformers keeps a checkpoint whose dtype matches memory-mapped, so part of the
         # reload is paid at first use; time one read of every weight on both models.
@@ -319,10 +319,12 @@ def main(argv=None) -> None:
     print(
         f"\nturnaround: median of {args.repeats} genomes per cell (after 1 warm-up), "
         f"{args.threads} thread(s), seconds; load average {load_before:.1f} -> "
-        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; run took {time.perf_counter() - started:.0f} s"
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; run took "
+        f"{time.perf_counter() - started:.0f} s"
     )
     print(
-        "in-memory: merge = parameters from the genome + merge (the kernel finds finiteness in its pass), "
+        "in-memory: merge = parameters from the genome + merge "
+        "(the kernel finds finiteness in its pass), "
         "swap = checked copy into the live model (none where the kernel wrote there)"
     )
     print(
@@ -337,7 +339,8 @@ def main(argv=None) -> None:
         share = mem.median_sum("merge", "swap") / trial_mem
         print(
             f"demo: {demo['params'] / 1e6:.2f}M parameters in {demo['tensors']} tensors, "
-            f"{demo['genes']} genes, {demo['scored'] or demo['examples']} of {demo['examples']} examples scored per trial; search set-up {demo['setup']:.1f} s"
+            f"{demo['genes']} genes, {demo['scored'] or demo['examples']} of "
+            f"{demo['examples']} examples scored per trial; search set-up {demo['setup']:.1f} s"
         )
         print(f"  ratio on-disk / in-memory, trial:        {trial_disk / trial_mem:6.2f}x")
         print(
@@ -368,15 +371,17 @@ def main(argv=None) -> None:
         print(
             f"synthetic: {syn['params'] / 1e9:.2f}B parameters (bf16, {syn['layers']} layers, "
             f"hidden {syn['hidden']}), base + 2, {syn['genes']} genes; wrote models in "
-            f"{syn['write']:.0f} s, live model + CompiledCandidate set-up {syn['setup']:.1f} s; no scoring"
+            f"{syn['write']:.0f} s, live model + CompiledCandidate set-up {syn['setup']:.1f} s; "
+            "no scoring"
         )
         print(f"  ratio on-disk / in-memory, merge+swap:   {disk_ms / mem_ms:6.2f}x")
         print(
-            f"  CompiledCandidate.apply(genome) itself (cross-check of merge+swap): {smem.median('apply'):.3f} s"
+            "  CompiledCandidate.apply(genome) itself (cross-check of merge+swap): "
+            f"{smem.median('apply'):.3f} s"
         )
         print(
-            f"  on-disk first read of every weight costs {sdisk.median('touch'):.3f} s more than on the "
-            "live model (mapped pages faulted in; not in the table)"
+            f"  on-disk first read of every weight costs {sdisk.median('touch'):.3f} s more than "
+            "on the live model (mapped pages faulted in; not in the table)"
         )
         check = (
             "same weights on both paths for every genome"

@@ -134,11 +134,13 @@ def main() -> None:
         f"start-up {startup:.1f} CPU s per worker"
     )
     print(
-        f"{'workers':>7}  {'trials':>6}  {'running/min':>11}  {'ratio':>5}  {'wall/min':>8}  {'ratio':>5}  {'cpu s/trial':>11}"
+        f"{'workers':>7}  {'trials':>6}  {'running/min':>11}  {'ratio':>5}  {'wall/min':>8}  "
+        f"{'ratio':>5}  {'cpu s/trial':>11}"
     )
     for n, r in rows.items():
         print(
-            f"{n:>7}  {r['trials']:>6}  {r['running']:>11.1f}  {r['running'] / ref['running']:>5.2f}  "
+            f"{n:>7}  {r['trials']:>6}  "
+            f"{r['running']:>11.1f}  {r['running'] / ref['running']:>5.2f}  "
             f"{r['wall']:>8.1f}  {r['wall'] / ref['wall']:>5.2f}  {r['cpu']:>11.2f}"
         )
     print(f"(run folders in {tmp})")

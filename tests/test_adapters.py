@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.tiny_models import RANK, build_tiny_pool, write_adapter
 from safetensors.torch import load_file, save_file
-from tiny_models import RANK, build_tiny_pool, write_adapter
 
 from evomerge.errors import UserError
 from evomerge.io.adapters import AdapterCheckpoint, open_checkpoint
@@ -41,14 +41,15 @@ def lora_pool(request, tmp_path_factory):
 
 
 def test_a_lora_recipe_matches_mergekit(lora_pool, mergekit_python, tmp_path):
-    from mergekit_env import run_driver
+    from helpers.mergekit_env import run_driver
 
     pool_name, folders = lora_pool
     dtype = "float32" if pool_name == "fp32" else "bfloat16"
     recipes = {
         "single": f"merge_method: linear\ndtype: {dtype}\nmodels:\n"
         f"  - model: {folders['base']}+{folders['plain']}\n    parameters: {{weight: 1.0}}\n",
-        "two_adapters": f"merge_method: task_arithmetic\nbase_model: {folders['base']}\ndtype: {dtype}\nmodels:\n"
+        "two_adapters": "merge_method: task_arithmetic\n"
+        f"base_model: {folders['base']}\ndtype: {dtype}\nmodels:\n"
         f"  - model: {folders['base']}+{folders['plain']}\n    parameters: {{weight: 0.7}}\n"
         f"  - model: {folders['base']}+{folders['rslora']}\n    parameters: {{weight: 0.5}}\n"
         f"  - model: {folders['ft0']}\n    parameters: {{weight: 0.3}}\n",
@@ -118,7 +119,10 @@ def _merge_cli(recipe: str, out: Path, *extra: str) -> subprocess.CompletedProce
 def _bad(tmp_path, make_adapter) -> str:
     folders = build_tiny_pool(tmp_path / "pool", n_models=1)
     adapter = make_adapter(tmp_path / "adapter", folders)
-    recipe = f"merge_method: linear\nmodels:\n  - model: {folders['base']}+{adapter}\n    parameters: {{weight: 1.0}}\n"
+    recipe = (
+        "merge_method: linear\nmodels:\n"
+        f"  - model: {folders['base']}+{adapter}\n    parameters: {{weight: 1.0}}\n"
+    )
     out = tmp_path / "out"
     result = _merge_cli(recipe, out)
     assert result.returncode == 2, result.stderr
@@ -191,7 +195,7 @@ def test_a_pickle_adapter_loads_weights_only_when_allowed(tmp_path):
 def test_a_search_over_a_pool_with_an_adapter_exports_what_it_scored(tmp_path, small_pool):
     """A pool member may be `base+adapter`: the search merges it like any model, and the
     exported model is the scored one, bit for bit."""
-    from pool_fixtures import pool_search_config
+    from helpers.pool_fixtures import pool_search_config
 
     from evomerge.cli.process import set_up_process
     from evomerge.results.export import export_trial
@@ -225,3 +229,77 @@ def test_a_search_over_a_pool_with_an_adapter_exports_what_it_scored(tmp_path, s
     assert any(
         "+" in line for line in (tmp_path / "export" / "recipe.yaml").read_text().splitlines()
     )
+
+
+# --- adapter configs and files, validated like model files (issue 30) -----------------------
+def _config(**changes):
+    def edit(folder: Path) -> None:
+        import json
+
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+
+    return edit
+
+
+def _truncate(folder: Path) -> None:
+    file = folder / "adapter_model.safetensors"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def _not_a_pickle(folder: Path) -> None:
+    (folder / "adapter_model.safetensors").unlink()
+    (folder / "adapter_model.bin").write_bytes(b"not a pickle file at all")
+
+
+BROKEN_ADAPTERS = {  # case -> (what is done to a good adapter, words of the message)
+    "rank-0": (_config(r=0), ("r must be a positive number", "0")),
+    "alpha-not-a-number": (_config(lora_alpha="x"), ("lora_alpha", "'x'")),
+    "rank-pattern-not-a-mapping": (_config(rank_pattern=[4]), ("rank_pattern",)),
+    "config-is-a-list": (
+        lambda f: (f / "adapter_config.json").write_text("[1]"),
+        ("adapter_config.json", "JSON list"),
+    ),
+    "config-not-utf8": (
+        lambda f: (f / "adapter_config.json").write_bytes(b'{"r": "\xe9"}'),
+        ("not UTF-8",),
+    ),
+    "truncated-weights": (_truncate, ("adapter_model.safetensors",)),
+    "rank-differs-from-the-factors": (_config(r=RANK * 2), (f"rank {RANK} factors", "r=8")),
+    "pickle-that-is-not-one": (_not_a_pickle, ("adapter_model.bin", "convert it")),
+}
+
+
+@pytest.fixture(scope="module")
+def adapter_base(tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    return build_tiny_pool(tmp_path_factory.mktemp("adapter-base"), n_models=0)["base"]
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_ADAPTERS))
+def test_a_broken_adapter_is_one_sentence(tmp_path, adapter_base, monkeypatch, capsys, case):
+    """Each once ended in a traceback (ZeroDivisionError, TypeError, AttributeError,
+    SafetensorError, torch's own advice to retry with weights_only=False) or, for a rank that
+    differs from the factors' (which PEFT refuses), merged without a word."""
+    from evomerge.cli import main
+
+    break_it, needles = BROKEN_ADAPTERS[case]
+    adapter = write_adapter(tmp_path / "adapter", adapter_base)
+    break_it(adapter)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {adapter_base}+{adapter}\n"
+        "    parameters: {weight: 1.0}\n"
+    )
+    out = tmp_path / "out"
+    monkeypatch.setattr(
+        sys, "argv", ["evomerge", "merge", str(recipe), str(out), "--allow-pickle"]
+    )
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert all(n in lines[0] for n in needles), err
+    assert "weights_only" not in err and not out.exists()

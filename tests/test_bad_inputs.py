@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from pool_fixtures import pool_search_config
-from tiny_models import build_tiny_pool
+from helpers.pool_fixtures import pool_search_config
+from helpers.tiny_models import build_tiny_pool
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -655,3 +655,230 @@ def test_run_folder_of_an_incompatible_version(work, small_pool):
     result = evomerge("export", str(run_dir), str(work / "exported"))
     assert_one_sentence(result.returncode, result.stderr, "run format 999")
     assert snapshot(work) == before
+
+
+# --- model folders, by class (issue 30) -------------------------------------------------------
+def _edit_config(**changes):
+    def edit(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+    return edit
+
+
+def _config_a_folder(folder: Path) -> None:
+    (folder / "config.json").unlink()
+    (folder / "config.json").mkdir()
+
+
+def _deep_header(folder: Path) -> None:
+    """A safetensors header nested 100 000 deep: Python's JSON parser recurses on it."""
+    file = folder / "model.safetensors"
+    header = b"[" * 100_000 + b"]" * 100_000
+    file.write_bytes(len(header).to_bytes(8, "little") + header + file.read_bytes()[8:])
+
+
+def _fp8_tensor(folder: Path) -> None:
+    """Real FP8 checkpoints exist (dtype F8_E4M3); the merge arithmetic does not handle them."""
+    rewrite_tensors(folder, lambda t: t.update(lm_head=t["lm_head.weight"].to(torch.float8_e4m3fn)))
+
+
+BROKEN_FOLDERS = {  # case -> (what is done to a copy of a model folder, words of the message)
+    "config-is-a-list": (lambda f: (f / "config.json").write_text("[1, 2]"), ("JSON list",)),
+    "config-not-utf8": (
+        lambda f: (f / "config.json").write_bytes(b'{"model_type": "caf\xe9"}'),
+        ("config.json", "not UTF-8"),
+    ),
+    "config-is-a-folder": (_config_a_folder, ("config.json", "directory")),
+    "layer-count-a-word": (_edit_config(num_hidden_layers="two"), ("whole number", "'two'")),
+    "index-without-weight-map": (
+        lambda f: (f / "model.safetensors.index.json").write_text('{"metadata": {}}'),
+        ("index", "weight_map"),
+    ),
+    "header-nested-too-deep": (_deep_header, ("unreadable safetensors header",)),
+    "fp8-tensor": (_fp8_tensor, ("F8_E4M3", "convert")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_FOLDERS))
+def test_a_broken_model_folder_is_one_sentence(monkeypatch, capsys, work, pool, case):
+    """Each once ended in a traceback (AttributeError, UnicodeDecodeError, IsADirectoryError,
+    ValueError, RecursionError, KeyError) instead of naming the file and the fix."""
+    break_it, needles = BROKEN_FOLDERS[case]
+    broken = copy_model(pool["ft1"], work / "broken")
+    break_it(broken)
+    merge_fails(monkeypatch, capsys, work, linear_recipe(pool["ft0"], broken), *needles)
+
+
+# --- recipes, by class --------------------------------------------------------------------------
+def _stages(first_name: str, pool) -> str:
+    """A two-stage recipe (mergekit-multi) whose first stage is called `first_name`."""
+    first = yaml.safe_dump({"name": first_name, **linear_recipe(pool["ft0"], pool["ft1"])})
+    final = yaml.safe_dump(linear_recipe(Path(first_name), pool["ft0"]))
+    return f"{first}---\n{final}"
+
+
+BAD_RECIPES = {  # case -> (recipe text for the pool, words of the message)
+    "no-slices": (lambda p: "merge_method: passthrough\nslices: []\n", ("'slices' is empty",)),
+    "stage-name-too-long": (lambda p: _stages("s" * 300, p), ("at most 100",)),
+    "stage-name-with-nul": (lambda p: _stages("a\0b", p), ("printable",)),
+    "recipe-too-large": (
+        lambda p: yaml.safe_dump(linear_recipe(p["ft0"], p["ft1"])) + "#" * (2 << 20) + "\n",
+        ("bytes", "limit"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECIPES))
+def test_a_bad_recipe_is_one_sentence(monkeypatch, capsys, work, pool, case):
+    """Once an IndexError, an OSError after the first stage's merge, and ten minutes of
+    parsing for a 100 MB recipe."""
+    text, needles = BAD_RECIPES[case]
+    merge_fails(monkeypatch, capsys, work, text(pool), *needles)
+
+
+# --- command-line options, by class ----------------------------------------------------------
+BAD_OPTIONS = {  # case -> (command line after `evomerge`, with {recipe} and {out}; words)
+    "shard-size-inf": (("merge", "{recipe}", "{out}", "--shard-size", "infGB"), ("infGB",)),
+    "shard-size-0": (("merge", "{recipe}", "{out}", "--shard-size", "0"), ("positive size",)),
+    "device-banana": (("merge", "{recipe}", "{out}", "--device", "banana"), ("'banana'",)),
+    "merge-threads-negative": (("merge", "{recipe}", "{out}", "--threads", "-1"), ("--threads",)),
+    "eval-threads-0": (("eval", "{recipe}", "--tasks", "a", "--threads", "0"), ("--threads",)),
+    "eval-batch-size-0": (("eval", "{recipe}", "--tasks", "a", "--batch-size", "0"), ("--batch",)),
+    "resume-trials-negative": (("resume", "{out}", "--trials", "-1"), ("--trials",)),
+    "worker-trials-negative": (("worker", "{out}", "--trials", "-1"), ("--trials",)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OPTIONS))
+def test_a_bad_option_is_refused_before_any_work(monkeypatch, capsys, work, pool, case):
+    """`--threads -1` and `--device banana` were tracebacks, `--shard-size infGB` an
+    OverflowError, `resume --trials -1` was accepted (exit 0)."""
+    args, needles = BAD_OPTIONS[case]
+    recipe = work / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(linear_recipe(pool["ft0"], pool["ft1"])))
+    before = snapshot(work)
+    fill = {"recipe": str(recipe), "out": str(work / "out")}
+    code, err = cli(monkeypatch, capsys, *(a.format(**fill) for a in args))
+    assert code == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.lower().startswith("error: ") and all(n in last for n in needles), err
+    assert snapshot(work) == before, "something was written"
+
+
+# --- output places, checked before the work ---------------------------------------------------
+def _no_work(monkeypatch) -> None:
+    """Loading a model or building a pool is the work: a check after it fails the test."""
+    import evomerge.fitness.live_model
+    import evomerge.pool
+
+    def work_started(*args, **kwargs):
+        raise AssertionError("the work started before the output place was checked")
+
+    monkeypatch.setattr(evomerge.fitness.live_model, "load_live_model", work_started)
+    monkeypatch.setattr(evomerge.pool, "build_pool", work_started)
+
+
+def _multi_stage(work: Path, pool) -> Path:
+    file = work / "stages.yaml"
+    file.write_text(_stages("first", pool))
+    return file
+
+
+UNWRITABLE = {  # case -> command line after `evomerge`, writing under {blocked} (a file)
+    "eval-out": lambda work, pool: (
+        "eval", str(pool["ft0"]), "--tasks", "evomerge_add", "--out", "{blocked}/scores.json"
+    ),
+    "report-out": lambda work, pool: (
+        "report", str(_run_folder(work)), "--no-held-out", "--out", "{blocked}/report"
+    ),
+    "pool-demo": lambda work, pool: ("pool", "demo", "{blocked}/pool", "--size", "small"),
+    "multi-stage-merge": lambda work, pool: ("merge", str(_multi_stage(work, pool)), "{blocked}/m"),
+}
+
+
+def _run_folder(work: Path) -> Path:
+    from test_report import make_run_folder
+
+    return make_run_folder(work / "run")
+
+
+@pytest.mark.parametrize("case", sorted(UNWRITABLE))
+def test_an_unwritable_output_place_is_refused_before_the_work(
+    monkeypatch, capsys, work, pool, case
+):
+    """Each was an OSError traceback, `eval` and the multi-stage merge only after the work."""
+    args = UNWRITABLE[case](work, pool)
+    (work / "blocked").write_text("a file where a folder was expected")
+    _no_work(monkeypatch)
+    before = snapshot(work)
+    code, err = cli(monkeypatch, capsys, *(a.format(blocked=work / "blocked") for a in args))
+    assert_one_sentence(code, err, "is a file, not a folder")
+    assert snapshot(work) == before, "something was written"
+
+
+def test_an_output_that_is_a_mount_point_is_refused_before_the_work(
+    monkeypatch, capsys, work, pool
+):
+    """A container volume: the final rename failed with EBUSY after the whole merge."""
+    mount = work / "volume"
+    mount.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == mount or real(p))
+    (work / "recipe.yaml").write_text(yaml.safe_dump(linear_recipe(pool["ft0"], pool["ft1"])))
+    before = snapshot(work)
+    code, err = cli(monkeypatch, capsys, "merge", str(work / "recipe.yaml"), str(mount))
+    assert_one_sentence(code, err, "mount point", "inside it")
+    assert snapshot(work) == before
+
+
+def test_a_killed_multi_stage_merge_leaves_no_intermediates_behind(
+    monkeypatch, capsys, work, pool
+):
+    """`.OUT.stages-*` of a dead process (one full model per stage) is removed by the next
+    merge to the same place, as single-stage `.partial` folders are."""
+    stale = work / ".m.stages-deadhost.999999999-abcd"
+    (stale / "first").mkdir(parents=True)
+    from evomerge.io.output import _owner
+
+    dead = work / f".m.stages-{_owner().rsplit('.', 1)[0]}.999999999-abcd"
+    (dead / "first").mkdir(parents=True)
+    code, err = cli(monkeypatch, capsys, "merge", str(_multi_stage(work, pool)), str(work / "m"))
+    assert code == 0, err
+    assert not dead.exists() and stale.exists()  # another host's may still be running
+    assert sorted(p.name for p in work.iterdir()) == sorted(["m", "stages.yaml", stale.name])
+
+
+# --- run folders ------------------------------------------------------------------------------
+def _gone_study(run: Path) -> None:
+    (run / "study.db").unlink()
+
+
+BROKEN_RUNS = {  # case -> (what is done to a run folder, commands that must refuse, words)
+    "pool-json-corrupt": (
+        lambda r: (r / "pool.json").write_text("{not json"), ("resume",), "pool.json"
+    ),
+    "pool-json-a-list": (lambda r: (r / "pool.json").write_text("[1]"), ("resume",), "pool.json"),
+    "run-json-a-list": (
+        lambda r: (r / "run.json").write_text("[]"), ("resume", "report", "export"), "run.json"
+    ),
+    "no-study": (_gone_study, ("resume", "report", "export", "worker"), "study.db"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_RUNS))
+def test_a_broken_run_folder_is_one_sentence_and_gets_nothing_written(
+    monkeypatch, capsys, work, case
+):
+    """A corrupt pool.json was a JSONDecodeError; `resume`/`report` on a run without its
+    study.db created an empty one."""
+    break_it, commands, needle = BROKEN_RUNS[case]
+    run = _run_folder(work)
+    break_it(run)
+    before = snapshot(work)
+    for command in commands:
+        extra = (str(work / "exported"),) if command == "export" else ()
+        extra += ("--no-held-out",) if command == "report" else ()
+        code, err = cli(monkeypatch, capsys, command, str(run), *extra)
+        assert_one_sentence(code, err, needle)
+        assert snapshot(work) == before, f"{command} wrote into the run folder"

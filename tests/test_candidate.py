@@ -8,15 +8,27 @@ import random
 import pytest
 import torch
 
-SPACES = {  # space -> the pool models it merges
-    "task_arithmetic_layers": ("add", "rev", "sort"),
-    "dare_ties_layers": ("add", "rev", "sort"),
-    "dare_ties_layers_split": ("add", "rev", "sort"),
-    "dare_ties_global": ("add", "rev", "sort"),
-    "ties_layers": ("add", "rev", "sort"),
-    "linear_global": ("add", "rev", "sort"),
-    "slerp_layers": ("add",),
-}
+
+def parameter_spaces() -> dict[str, tuple[str, ...]]:
+    """Every parameter space in search_spaces/ (a glob, not a list to keep in step) -> the pool
+    models it merges: one where its method merges one model into the base."""
+    from evomerge.methods import get_method
+    from evomerge.spaces.registry import BUNDLED, PARAMETERS, kind_of, read_space
+
+    out = {}
+    for path in sorted(BUNDLED.glob("*.yaml")):
+        data, _ = read_space(path)
+        if kind_of(data) == PARAMETERS:
+            one = get_method(data["method"]).max_models == 1
+            out[path.stem] = ("add",) if one else ("add", "rev", "sort")
+    return out
+
+
+SPACES = parameter_spaces()
+
+
+def test_the_contract_covers_every_bundled_parameter_space():
+    assert {"ramplus_tl_layers", "slerp_layers", "dare_ties_layers_split"} <= set(SPACES)
 
 
 def space_over(pool, name: str, models, dtype="float32"):
@@ -52,7 +64,7 @@ def test_a_compiled_candidate_is_the_merge_of_its_recipe(tmp_path, small_pool, n
     for attempt in range(2):  # a second genome: every slot is rewritten, nothing left over
         genome = {g.name: rng.uniform(g.low, g.high) for g in space.genes}
         candidate.apply(genome)
-        out = run_merge(space.decode(genome), tmp_path / f"merged-{attempt}", seed=11).out_dir
+        out = run_merge(space.recipe(genome), tmp_path / f"merged-{attempt}", seed=11).out_dir
         merged = load_file(str(out / "model.safetensors"))
         assert merged.keys() == candidate.targets.keys()
         for tensor, live in candidate.targets.items():
@@ -79,14 +91,14 @@ def test_a_candidate_with_an_inf_is_refused(small_pool):
 @pytest.fixture(scope="module")
 def adapters(small_pool, tmp_path_factory):
     """Two LoRA adapters of the small pool's base (one rank-stabilised, per-module ranks)."""
-    from tiny_models import write_adapter
+    from helpers.tiny_models import write_adapter
 
     root = tmp_path_factory.mktemp("adapters")
     base = small_pool / "base"
-    return {
-        "lora": f"{base}+{write_adapter(root / 'lora', base, seed=3)}",
-        "rslora": f"{base}+{write_adapter(root / 'rslora', base, seed=4, use_rslora=True, rank_pattern={'down_proj': 2})}",
-    }
+    lora = write_adapter(root / "lora", base, seed=3)
+    ranks = {"down_proj": 2}
+    rslora = write_adapter(root / "rslora", base, seed=4, use_rslora=True, rank_pattern=ranks)
+    return {"lora": f"{base}+{lora}", "rslora": f"{base}+{rslora}"}
 
 
 def adapter_space(pool, name: str, models: dict, dtype: str):
@@ -128,7 +140,7 @@ def test_a_candidate_over_adapters_is_the_merge_of_its_recipe(
     for attempt in range(2):
         genome = {g.name: rng.uniform(g.low, g.high) for g in space.genes}
         candidate.apply(genome)
-        out = run_merge(space.decode(genome), tmp_path / f"merged-{attempt}", seed=5).out_dir
+        out = run_merge(space.recipe(genome), tmp_path / f"merged-{attempt}", seed=5).out_dir
         merged = load_file(str(out / "model.safetensors"))
         for tensor, live in candidate.targets.items():
             assert torch.equal(live, merged[tensor]), (tensor, attempt)
@@ -156,8 +168,8 @@ def test_an_adapter_pool_keeps_the_base_and_the_factors_only(small_pool, adapter
 def test_adapters_keep_dare_draw_tables_and_the_merge_bits(tmp_path):
     """Tensors of 2^20 elements or more: DARE's L1 rescale is read from draw tables kept across
     trials (built from the first trial's transient task vector); the bits stay the plain merge's."""
+    from helpers.tiny_models import build_tiny_pool, write_adapter
     from safetensors.torch import load_file
-    from tiny_models import build_tiny_pool, write_adapter
     from transformers import AutoModelForCausalLM
 
     from evomerge.kernel.task_vectors import DRAW_TABLE_MIN
@@ -182,7 +194,7 @@ def test_adapters_keep_dare_draw_tables_and_the_merge_bits(tmp_path):
         candidate.apply(genome)
         merged = load_file(
             str(
-                run_merge(space.decode(genome), tmp_path / f"m{attempt}", seed=2).out_dir
+                run_merge(space.recipe(genome), tmp_path / f"m{attempt}", seed=2).out_dir
                 / "model.safetensors"
             )
         )

@@ -15,7 +15,7 @@ from evomerge.merging.recipe import parse_recipe
 
 
 def test_sharded_folders_read_and_write_the_same_tensors(tmp_path):
-    from tiny_models import build_tiny_pool
+    from helpers.tiny_models import build_tiny_pool
 
     torch.set_num_threads(1)
     pool = build_tiny_pool(tmp_path / "pool", n_models=1)

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 import torch
+from helpers.tiny_models import build_tiny_pool
 from safetensors.torch import load_file
-from tiny_models import build_tiny_pool
 from transformers import AutoModelForCausalLM
 
 from evomerge.errors import UserError
@@ -55,7 +55,7 @@ def test_the_scored_candidate_is_the_exported_model(live, tmp_path):
             scored = model(BATCH).logits
             generated = model.generate(BATCH[:1], max_new_tokens=6, do_sample=False)
         out = tmp_path / str(index)
-        run_merge(space.decode(genome), out)
+        run_merge(space.recipe(genome), out)
         exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
         assert exported.config.num_hidden_layers == len(space.path(genome))
         with torch.no_grad():
@@ -100,7 +100,7 @@ def test_baselines_are_the_models_themselves(pool, live, tmp_path):
     specialist = AutoModelForCausalLM.from_pretrained(pool["ft1"], dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.equal(model(BATCH).logits, specialist(BATCH).logits)
-    run_merge(space.decode(baselines["only_ft1"]), tmp_path / "out")
+    run_merge(space.recipe(baselines["only_ft1"]), tmp_path / "out")
     ours, theirs = (
         load_file(str(tmp_path / "out" / "model.safetensors")),
         load_file(str(pool["ft1"] / "model.safetensors")),
@@ -112,14 +112,14 @@ def test_paths_are_bounded_and_runs_become_slices(pool):
     space = make_space(pool, repeats=2, max_layers=3)
     everything = {g.name: 1.0 for g in space.genes}
     assert len(space.path(everything)) == 3
-    recipe = space.decode({g.name: float(g.model == "ft0") for g in space.genes})
+    recipe = space.recipe({g.name: float(g.model == "ft0") for g in space.genes})
     assert [s.sources[0].layer_range for s in recipe.slices] == [(0, 3)]  # 3 = max_layers
     assert space.path({g.name: 0.0 for g in space.genes}) == [Step("base", 0)]
 
 
 @pytest.mark.mergekit
 def test_mergekit_merges_the_exported_recipe_to_the_same_tensors(live, mergekit_python, tmp_path):
-    from mergekit_env import run_driver
+    from helpers.mergekit_env import run_driver
 
     space, _, _ = live
     genomes = random_genomes(space, 3, seed=1)
@@ -128,7 +128,7 @@ def test_mergekit_merges_the_exported_recipe_to_the_same_tensors(live, mergekit_
         "merges": [
             {
                 "name": str(i),
-                "recipe": space.decode(g).to_yaml(),
+                "recipe": space.recipe(g).to_yaml(),
                 "out": str(tmp_path / f"mk{i}"),
                 "seed": 0,
             }
@@ -138,7 +138,7 @@ def test_mergekit_merges_the_exported_recipe_to_the_same_tensors(live, mergekit_
     results = run_driver(mergekit_python, jobs)
     for i, genome in enumerate(genomes):
         assert results[str(i)]["ok"], results[str(i)].get("traceback")
-        run_merge(space.decode(genome), tmp_path / f"em{i}")
+        run_merge(space.recipe(genome), tmp_path / f"em{i}")
         ours = load_file(str(tmp_path / f"em{i}" / "model.safetensors"))
         theirs = {}
         for file in (tmp_path / f"mk{i}").glob("*.safetensors"):
@@ -179,7 +179,7 @@ def test_bad_data_flow_spaces_are_refused(pool, tmp_path):
 
 
 def test_a_data_flow_search_exports_the_model_it_scored(tmp_path, small_pool):
-    from pool_fixtures import pool_search_config
+    from helpers.pool_fixtures import pool_search_config
 
     from evomerge.cli.process import set_up_process
     from evomerge.results.export import export_trial
@@ -223,7 +223,7 @@ def test_the_vllm_backend_refuses_a_data_flow_space(tmp_path, small_pool):
     import sys
 
     import yaml
-    from pool_fixtures import pool_search_config
+    from helpers.pool_fixtures import pool_search_config
 
     data = pool_search_config(
         small_pool,

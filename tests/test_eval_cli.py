@@ -118,13 +118,14 @@ def test_a_bad_model_folder_is_the_library_sentence(tmp_path, make, needle):
     ), result.stderr
 
 
-def test_a_config_file_task_paths_are_relative_to_it_and_every_task_is_the_default(
+def test_a_config_file_task_paths_are_relative_to_it_and_its_tasks_are_the_default(
     small_pool, tmp_path
 ):
-    """No --tasks: every task lm-eval finds under the config's task path (its groups and tags,
-    like the pool's `evomerge_demo`, are not scored twice)."""
+    """No --tasks: the tasks the config names, found under its task path (relative to it)."""
     shutil.copytree(small_pool / "tasks", tmp_path / "cfg" / "tasks")
-    (tmp_path / "cfg" / "fitness.yaml").write_text("fitness:\n  task_paths: [tasks]\n")
+    (tmp_path / "cfg" / "fitness.yaml").write_text(
+        "fitness:\n  task_paths: [tasks]\n  tasks: [evomerge_add, evomerge_rev, evomerge_sort]\n"
+    )
     out = tmp_path / "scores.json"
     result = evomerge(
         "eval",

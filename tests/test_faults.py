@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from tiny_models import build_tiny_pool
+from helpers.tiny_models import build_tiny_pool
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -234,3 +234,92 @@ def test_remote_code_is_never_run(tmp_path, small_pool):
     for model, _ in (load_eval_model(config), load_live_model(model_dir)):
         assert type(model).__module__.startswith("transformers.")
     assert not marker.exists()
+
+
+def _with_task_code(tasks: Path, dst: Path, marker: Path) -> Path:
+    """A copy of a task folder with one more task, `evomerge_evil`, whose YAML imports a
+    function (lm-eval's `!function`) that would create `marker` when its task is loaded."""
+    shutil.copytree(tasks, dst)
+    (dst / "evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n\ndef docs(d):\n    return d\n"
+    )
+    add = next(dst.glob("*add*.yaml")).read_text().replace("evomerge_add", "evomerge_evil")
+    (dst / "evil.yaml").write_text(add + "process_docs: !function evil.docs\n")
+    return dst
+
+
+def test_eval_loads_no_task_the_user_did_not_name(tmp_path, small_pool, monkeypatch, capsys):
+    """Task folders are code: `eval` without task names refuses, naming what it could score,
+    and with names it loads those tasks only; the unnamed task's code never runs."""
+    from evomerge.cli import main
+
+    marker = tmp_path / "task-code-ran"
+    tasks = _with_task_code(small_pool / "tasks", tmp_path / "tasks", marker)
+    model = str(small_pool / "add")
+    for tail, code in (((), 2), (("--tasks", "evomerge_add", "--limit", "2"), 0)):
+        monkeypatch.setattr(sys, "argv", ["evomerge", "eval", model, "--task-path", str(tasks)])
+        sys.argv += tail
+        try:
+            main()
+            exit_code = 0
+        except SystemExit as exc:
+            exit_code = exc.code
+        err = capsys.readouterr().err
+        assert exit_code == code, err
+        if code:
+            assert "no tasks named" in err and "evomerge_evil" in err and "run code" in err
+    assert not marker.exists()
+
+
+# --- a kill while a cache or a file is written --------------------------------------------------
+def test_an_atomic_write_cut_short_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    import evomerge.io.output
+    from evomerge.io.output import write_text_atomic
+
+    target = tmp_path / "heldout" / "scores-1-2.json"
+    write_text_atomic(target, '{"old": 1}')
+
+    def killed(self, text):
+        raise KeyboardInterrupt  # the kill arrives mid-write
+
+    monkeypatch.setattr(evomerge.io.output.tempfile, "NamedTemporaryFile", _FailingTemp(killed))
+    with pytest.raises(KeyboardInterrupt):
+        write_text_atomic(target, '{"new": 2}')
+    assert target.read_text() == '{"old": 1}'
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
+
+
+class _FailingTemp:
+    """NamedTemporaryFile whose `write` runs `fail` instead (the file itself is real)."""
+
+    def __init__(self, fail):
+        import tempfile
+
+        self.make, self.fail = tempfile.NamedTemporaryFile, fail
+
+    def __call__(self, *args, **kwargs):
+        handle = self.make(*args, **kwargs)
+        handle.write = lambda text: self.fail(handle, text)
+        return handle
+
+
+@pytest.mark.parametrize("content", ['{"key": {"trials"', "", "[]", "\xff"], ids=repr)
+def test_an_unreadable_held_out_cache_entry_is_treated_as_absent(tmp_path, content):
+    """A cache written in place and cut short by a kill made every later `report` and
+    `export` crash until the file was deleted; now it is scored again (here: the pool is gone,
+    so the scores are reported unavailable, as without a cache)."""
+    from test_report import make_run_folder
+
+    from evomerge.results.heldout import best_baseline, chosen_scores
+    from evomerge.search.run_folder import read_run_folder
+    from evomerge.search.study import best_trial, open_run_study
+
+    run = make_run_folder(tmp_path / "run")
+    config = read_run_folder(run, check_pool=False)
+    study = open_run_study(config, run)
+    trial = best_trial(study)
+    chosen = [t for t in (trial, best_baseline(study, other_than=trial.number)) if t]
+    cache = run / "heldout" / f"scores-{'-'.join(str(t.number) for t in chosen)}.json"
+    cache.parent.mkdir()
+    cache.write_text(content, encoding="latin-1")
+    assert "unavailable" in chosen_scores(config, run, study, trial)

@@ -88,7 +88,8 @@ def test_a_subset_larger_than_a_task_is_refused():
     config = run_config(subset={"count": 12})
     with pytest.raises(
         UserError,
-        match=r"fitness.subset.count 12 is more than the 10 dev examples of 'evomerge_sort'.*fidelity: null",
+        match=r"fitness.subset.count 12 is more than the 10 dev examples of 'evomerge_sort'"
+        r".*fidelity: null",
     ):
         Schedule.of(
             config, task_set({ADD: 20, SORT: 10}, {ADD: list(range(12)), SORT: list(range(10))})

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers.tiny_models import build_tiny_pool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_models import build_tiny_pool
 
 from evomerge.errors import UserError
 from evomerge.merging.plan import plan_merge
@@ -201,7 +201,7 @@ def test_any_genome_decodes_to_a_plannable_recipe_or_a_clear_error(pool, data, w
             st.one_of(st.just(inside), gene_values), label=f"{gene.name} value"
         )
     try:
-        recipe = space.decode(genome)
+        recipe = space.recipe(genome)
     except UserError as exc:
         assert str(exc)
         assert any(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pool_fixtures import pool_search_config
+from helpers.pool_fixtures import pool_search_config
 from test_fitness import split_task_folder
 
 from evomerge.pool import N_TEST

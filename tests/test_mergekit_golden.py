@@ -1,9 +1,9 @@
 """Golden comparisons with mergekit 0.1.5: the same recipe, merged by both, gives the same tensors.
 
 Tiny GQA Llama pools (fp32 and bf16) are built once; every case is merged in-process by
-`evomerge.merging.executor.run_merge` and, all in one subprocess, by mergekit's own `run_merge` in its own
-environment (see mergekit_env.py). Both sides run with one torch thread so that reductions are
-summed in one order.
+`evomerge.merging.executor.run_merge` and, all in one subprocess, by mergekit's own `run_merge` in
+its own environment (see helpers/mergekit_env.py). Both sides run with one torch thread so that
+reductions are summed in one order.
 
 Checks, from strict to loose, each chosen per case with the reason beside it:
   exact     — bit-identical tensors: we follow mergekit's arithmetic operation for operation.
@@ -723,7 +723,7 @@ models:
 
 # --- building and running everything once per session ---------------------------------------
 def _recipe_text(case: Case, pool: dict[str, Path]) -> str:
-    from mergekit_env import fill_in_paths
+    from helpers.mergekit_env import fill_in_paths
 
     return fill_in_paths(case.recipe, pool)
 
@@ -731,8 +731,8 @@ def _recipe_text(case: Case, pool: dict[str, Path]) -> str:
 @pytest.fixture(scope="session")
 def golden(tmp_path_factory, mergekit_python):
     """Both merges of every case: {case id: (evomerge folder, mergekit folder, mergekit result)}."""
-    from mergekit_env import run_driver
-    from tiny_models import build_tiny_pool
+    from helpers.mergekit_env import run_driver
+    from helpers.tiny_models import build_tiny_pool
 
     root = tmp_path_factory.mktemp("golden")
     torch.set_num_threads(1)
@@ -812,7 +812,10 @@ def _tied_at_boundary(case: Case, pool: dict[str, Path], name: str) -> torch.Ten
     plan = plan_merge(parse_recipe(_recipe_text(case, pool)))
     job = next(j for j in plan.jobs if j.out_name == name)
     dtype = _merge_dtype(case)
-    load = lambda ref: plan.checkpoints[ref.model].tensor(ref.name).to(dtype)
+
+    def load(ref):
+        return plan.checkpoints[ref.model].tensor(ref.name).to(dtype)
+
     base = load(job.base)
     excused = torch.zeros(base.shape, dtype=torch.bool)
     for i, ref in enumerate(job.inputs):

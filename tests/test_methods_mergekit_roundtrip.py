@@ -24,7 +24,8 @@ RECIPES = {
     "nearswap": "base_model: $base\nmodels: [{model: $ft0}]\nparameters: {t: 0.004}\n",
     "arcee_fusion": "base_model: $base\nmodels: [{model: $ft1}]\n",
     "ram": "base_model: $base\nmodels: [{model: $ft0}, {model: $ft1}, {model: $ft2}]\n",
-    "ramplus_tl": "base_model: $base\nmodels: [{model: $ft0}, {model: $ft2}]\nparameters: {r: 0.4}\n",
+    "ramplus_tl": "base_model: $base\nmodels: [{model: $ft0}, {model: $ft2}]\n"
+    "parameters: {r: 0.4}\n",
 }
 SPACES = {
     "nearswap": {"method": "nearswap", "layers_per_group": 2, "search": {"t": None}},
@@ -44,8 +45,8 @@ def _load(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory, mergekit_python):
     """{job name: (evomerge folder, mergekit folder, mergekit result)}, one mergekit process."""
-    from mergekit_env import fill_in_paths, run_driver
-    from tiny_models import build_tiny_pool
+    from helpers.mergekit_env import fill_in_paths, run_driver
+    from helpers.tiny_models import build_tiny_pool
 
     root = tmp_path_factory.mktemp("methods")
     torch.set_num_threads(1)
@@ -74,7 +75,7 @@ def merged(tmp_path_factory, mergekit_python):
             config, base=str(pool["base"]), models=chosen, num_layers=4, dtype="float32"
         )
         rng = random.Random(len(method))
-        recipe = space.decode({g.name: rng.uniform(g.low, g.high) for g in space.genes})
+        recipe = space.recipe({g.name: rng.uniform(g.low, g.high) for g in space.genes})
         run_merge(recipe, root / "space" / method, seed=0)
         compare_with_mergekit(f"space-{method}", recipe.to_yaml(), root / "space" / method)
 

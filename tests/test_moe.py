@@ -43,10 +43,14 @@ CONFIG = dict(
     tie_word_embeddings=False,
 )
 RECIPES = {
-    "task_arithmetic": "merge_method: task_arithmetic\nbase_model: $m0\nmodels:\n  - model: $m1\n    parameters: {weight: 0.7}\n"
+    "task_arithmetic": "merge_method: task_arithmetic\nbase_model: $m0\nmodels:\n"
+    "  - model: $m1\n    parameters: {weight: 0.7}\n"
     "  - model: $m2\n    parameters: {weight: -0.2}\n",
-    "linear": "merge_method: linear\nmodels:\n  - model: $m0\n    parameters: {weight: 0.6}\n  - model: $m1\n    parameters: {weight: 0.4}\n",
-    "ties": "merge_method: ties\nbase_model: $m0\nmodels:\n  - model: $m1\n    parameters: {weight: 0.7, density: 0.5}\n"
+    "linear": "merge_method: linear\nmodels:\n"
+    "  - model: $m0\n    parameters: {weight: 0.6}\n"
+    "  - model: $m1\n    parameters: {weight: 0.4}\n",
+    "ties": "merge_method: ties\nbase_model: $m0\nmodels:\n"
+    "  - model: $m1\n    parameters: {weight: 0.7, density: 0.5}\n"
     "  - model: $m2\n    parameters: {weight: 0.5, density: 0.8}\n",
 }
 
@@ -95,7 +99,7 @@ def test_the_output_keeps_the_per_expert_layout_and_loads(moe_pool, tmp_path, na
 
 @pytest.mark.mergekit
 def test_mergekit_merges_the_same_model(moe_pool, mergekit_python, tmp_path):
-    from mergekit_env import run_driver
+    from helpers.mergekit_env import run_driver
 
     jobs = {
         "threads": 1,

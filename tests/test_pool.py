@@ -1,5 +1,5 @@
 """The demo pool: layout, loadability, determinism, held-out data, and real specialists
-(demo2's own tests are in test_pool2.py; the splits of both pools are checked here)."""
+(demo2's own tests are in test_pool_demo2.py; the splits of both pools are checked here)."""
 
 from __future__ import annotations
 

@@ -100,7 +100,7 @@ def test_a_lora_pool_recipe_matches_mergekit(
     small_lora_pool: Path, mergekit_python, tmp_path: Path
 ) -> None:
     """`base+adapter` references to the built adapters: evomerge merge == mergekit 0.1.5."""
-    from mergekit_env import run_driver
+    from helpers.mergekit_env import run_driver
 
     from evomerge.merging.executor import run_merge
     from evomerge.merging.recipe import parse_recipe
@@ -139,7 +139,7 @@ def test_a_lora_pool_recipe_matches_mergekit(
 def test_a_search_over_the_lora_pool(small_lora_pool: Path, tmp_path: Path) -> None:
     """A short search whose pool is the adapters: they stay factored, every trial is scored,
     and the export is the scored model."""
-    from pool_fixtures import pool_search_config
+    from helpers.pool_fixtures import pool_search_config
 
     from evomerge.cli.process import set_up_process
     from evomerge.merging.factored import FactoredTensor

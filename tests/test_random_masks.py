@@ -271,7 +271,7 @@ def runs(tmp_path_factory):
     """Every recipe merged in-process twice (seed 42), once with seed 43, and once in each of
     two subprocesses with 1 and 2 torch threads (one process per thread count, since
     importing evomerge costs seconds). Returns {(recipe, run): output folder}."""
-    from tiny_models import build_tiny_pool
+    from helpers.tiny_models import build_tiny_pool
 
     root = tmp_path_factory.mktemp("masks")
     folders = build_tiny_pool(root, dtype=torch.bfloat16, n_models=2, seed=5, **POOL_CONFIG)

@@ -19,6 +19,7 @@ fails here, and so does an edit that leaves a table entry behind.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shlex
@@ -43,14 +44,21 @@ PLACEHOLDERS = {
 PARSE_ONLY = {
     "make demo": "installs the venv and runs the full demo (minutes)",
     "make test": "the whole test suite",
-    "evomerge pool demo runs/demo-pool": "trains the full demo pool (100 s); the sandbox has the small pool there",
-    "evomerge pool demo-lora runs/demo-lora-pool": "trains the full LoRA pool (100 s); the sandbox has the small one there",
-    "for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i evomerge worker runs/shared --device cuda & done; wait": "needs 4 GPUs",
+    "evomerge pool demo runs/demo-pool": (
+        "trains the full demo pool (100 s); the sandbox has the small pool there"
+    ),
+    "evomerge pool demo-lora runs/demo-lora-pool": (
+        "trains the full LoRA pool (100 s); the sandbox has the small one there"
+    ),
+    (
+        "for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i evomerge worker runs/shared --device cuda & "
+        "done; wait"
+    ): "needs 4 GPUs",
 }
 
 # Files the README assumes the reader has: sandbox path -> where it comes from ("{pool}" is the
-# small demo pool, "{lora_pool}" the small demo-lora pool). Folders of models are linked, task and config folders copied (their
-# relative paths must resolve inside the sandbox).
+# small demo pool, "{lora_pool}" the small demo-lora pool). Folders of models are linked, task and
+# config folders copied (their relative paths must resolve inside the sandbox).
 USER_FILES = {
     "models/base": "{pool}/base",
     "models/math": "{pool}/add",
@@ -137,7 +145,8 @@ FILES = readme_files(BLOCKS)
 
 # --- parsing without running ---------------------------------------------------------------------
 def evomerge_invocations(text: str) -> list[list[str]]:
-    """The argument lists of every `evomerge` in a shell line (`a; b & c`, loops, VAR=x prefixes)."""
+    """The argument lists of every `evomerge` in a shell line (`a; b & c`, loops, VAR=x
+    prefixes)."""
     lexer = shlex.shlex(text, posix=True, punctuation_chars=True)
     lexer.whitespace_split = True
     tokens, invocations, current = list(lexer), [], None
@@ -234,7 +243,7 @@ def sandbox(tmp_path_factory, small_pool: Path, small_lora_pool: Path) -> dict:
     return {"root": root, "env": env}
 
 
-# --- the tests -------------------------------------------------------------------------------------
+# --- the tests ----------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS, ids=[f"L{c.line}:{c.text[:60]}" for c in COMMANDS])
 def test_readme_command(command: Command, sandbox):
@@ -250,7 +259,8 @@ def test_readme_command(command: Command, sandbox):
         timeout=600,
     )
     assert done.returncode == 0, (
-        f"README line {command.line}: `{command.text}` exited {done.returncode}:\n{done.stderr[-3000:]}"
+        f"README line {command.line}: `{command.text}` exited "
+        f"{done.returncode}:\n{done.stderr[-3000:]}"
     )
 
 
@@ -292,3 +302,68 @@ def test_the_parser_catches_what_a_user_would_hit():
     assert evomerge_invocations(
         "for i in 0 1; do X=$i evomerge worker r --device cuda & done; wait"
     ) == [["worker", "r", "--device", "cuda"]]
+
+
+# --- the method table ----------------------------------------------------------------------------
+def method_table(markdown: str) -> dict[str, list[str]]:
+    """The README's table of merge methods: each method named in a row's first cell (`a / b`
+    names two with the same row) -> the row's other cells."""
+    lines = markdown.split("\n")
+    start = next(
+        (i for i, line in enumerate(lines) if line.startswith("| method | inputs |")), None
+    )
+    assert start is not None, "the README has no table headed | method | inputs | ..."
+    rows = {}
+    for line in itertools.takewhile(lambda line: line.startswith("|"), lines[start + 2 :]):
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        rows.update({name.strip(): cells[1:] for name in cells[0].split(" / ")})
+    return rows
+
+
+def method_row(name: str) -> list[str]:
+    """What the README's row says of a registered method: its inputs, then its per-model and
+    its global parameters in declaration order, each with its default (a name alone: required,
+    or no default); `—` for none."""
+    from evomerge.methods import get_method
+
+    method = get_method(name)
+    low, high = method.min_models, method.max_models
+    count = str(low) if low == high else f"{low} or more" if high is None else f"{low} to {high}"
+    models = f"{count} model" + ("" if count == "1" else "s")
+    inputs = {
+        "input": f"{models} (a base counts as one)",
+        "required": f"base + {models}",
+        "optional": f"{models}, base optional",
+    }[method.base_role]
+    per_model = [p for p in method.params if p.per_model]
+    shared = [p for p in method.params if not p.per_model]
+    return [inputs, _params_cell(per_model), _params_cell(shared)]
+
+
+def _params_cell(params) -> str:
+    def text(param) -> str:
+        if param.required or param.default is None:
+            return param.name
+        value = param.default
+        if isinstance(value, bool):
+            shown = str(value).lower()
+        else:  # 1.0 -> 1, 1e-05 -> 1e-5
+            shown = re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{value:g}")
+        return f"{param.name}={shown}"
+
+    return ", ".join(map(text, params)) or "—"
+
+
+def test_the_method_table_matches_the_registry():
+    """Every registered method has a row, every row a registered method, and each row says
+    what the method declares: the table cannot go stale."""
+    from evomerge.methods import method_names
+
+    rows = method_table(README.read_text())
+    assert set(rows) == set(method_names()), (
+        f"README method table: missing {sorted(set(method_names()) - set(rows))}, "
+        f"unknown {sorted(set(rows) - set(method_names()))}"
+    )
+    for name, cells in rows.items():
+        expected = method_row(name)
+        assert cells == expected, f"README method table, {name}: write | {' | '.join(expected)} |"

@@ -43,7 +43,7 @@ def test_to_yaml_reads_back_to_an_equal_recipe(name):
 @pytest.fixture(scope="module")
 def mergekit_parsed(mergekit_python):
     """mergekit's MergeConfiguration of every original recipe and of its write-back."""
-    from mergekit_env import run_driver
+    from helpers.mergekit_env import run_driver
 
     jobs = []
     for name, text in WRITE_BACK.items():
@@ -200,8 +200,8 @@ TIES_BASE = "merge_method: ties\nbase_model: base\n"
             "lambda",
         ),
         (
-            TIES_BASE
-            + "models: [{model: a, parameters: {weight: 1}}, {model: b, parameters: {densty: 0.2}}]",
+            TIES_BASE + "models:\n  - {model: a, parameters: {weight: 1}}\n"
+            "  - {model: b, parameters: {densty: 0.2}}",
             "models[1].parameters.densty",
             "density",
         ),
@@ -218,19 +218,21 @@ TIES_BASE = "merge_method: ties\nbase_model: base\n"
             "weight",
         ),
         (
-            TIES_BASE
-            + "slices:\n  - sources:\n      - {model: a, layer_range: [0, 2], parameters: {weight: 1}}\n"
+            TIES_BASE + "slices:\n  - sources:\n"
+            "      - {model: a, layer_range: [0, 2], parameters: {weight: 1}}\n"
             "      - {model: base, layer_range: [0, 2]}\n  - sources:\n"
-            "      - {model: a, layer_range: [2, 4], parameters: {weight: 1, densty: [{filter: mlp, value: 0.5}]}}\n"
+            "      - {model: a, layer_range: [2, 4],\n"
+            "         parameters: {weight: 1, densty: [{filter: mlp, value: 0.5}]}}\n"
             "      - {model: base, layer_range: [2, 4]}",
             "slices[1].sources[0].parameters.densty",
             "density",
         ),
         (
-            "merge_method: slerp\nbase_model: base\nmodels: [{model: a}]\nparameters: {weight: 0.5}",
-            "parameters.weight",
+            "merge_method: slerp\nbase_model: base\nmodels: [{model: a}]\n"
+            "parameters: {wieght: 0.5}",
+            "parameters.wieght",
             None,
-        ),  # nothing close: the message lists what slerp has
+        ),  # nothing close, and no method's: the message lists what slerp has
     ],
     ids=[
         "global",
@@ -250,6 +252,22 @@ def test_unknown_parameter_names_the_path_and_the_closest_parameter(text, path, 
     assert message.startswith(f"r.yaml: {path}: "), message
     hint = f"did you mean {suggestion!r}" if suggestion else "(known: t)"
     assert hint in message, message
+
+
+@pytest.mark.parametrize("method", ["slerp", "model_stock", "sce", "nearswap", "karcher"])
+def test_a_parameter_another_method_takes_is_ignored_with_a_warning(method, caplog):
+    """mergekit runs `weight` on a method that takes none (it ignores it); so does evomerge,
+    saying so in one line, and the recipe means what it means without it."""
+    text = (
+        f"merge_method: {method}\nbase_model: base\n"
+        "models: [{model: a, parameters: {weight: 0.3}}, {model: b}]\nparameters: {weight: 0.5}"
+    )
+    with caplog.at_level("WARNING", logger="evomerge.merging.recipe"):
+        recipe = parse_recipe(text, source="r.yaml")
+    warned = [r.getMessage() for r in caplog.records]
+    assert any("parameters.weight" in w and "is ignored" in w for w in warned), warned
+    assert any("models[0].parameters.weight" in w for w in warned), warned
+    assert recipe.merge_method == method
 
 
 def test_unknown_merge_method_is_refused_when_parsed():

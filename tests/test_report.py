@@ -1,4 +1,5 @@
-"""`evomerge report` on real Optuna studies built trial by trial: no model is run."""
+"""`evomerge report` on real Optuna studies built trial by trial: no model is run (held-out
+scoring, the one step that would load one, is replaced by a stand-in where it is reached)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from click.testing import CliRunner
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from evomerge.errors import UserError
-from evomerge.results.report import PLOTS, make_report, multi_fidelity_saving, report_run
+from evomerge.results.plots import PLOTS
+from evomerge.results.report import make_report, report_run
+from evomerge.results.summary import multi_fidelity_saving
 from evomerge.search.run_folder import RunGenes
 from evomerge.spaces.parameters.space import SearchSpace, load_space
 
@@ -219,14 +222,22 @@ def test_no_completed_trial_is_a_user_error(tmp_path: Path):
 
 
 # --- the command, on a run folder made by hand (config.yaml, run.json, study.db) --------------
-def make_run_folder(run_dir: Path, *, trials: bool = True) -> Path:
+def make_run_folder(run_dir: Path, *, trials: bool = True, pool: Path | None = None) -> Path:
+    """A run folder whose pool is gone, or with `pool`, one whose pool folders exist (empty:
+    anything that loads a model from them fails)."""
     from evomerge.io.fingerprint import pool_fingerprints
     from evomerge.search.config import RunConfig
     from evomerge.search.run_folder import RUN_FORMAT
 
     run_dir.mkdir()
+    where = pool or Path("/nowhere")
+    for name in ("base", "a", "b") if pool else ():
+        (where / name).mkdir(parents=True)
     config = {
-        "pool": {"base": "/nowhere/base", "models": {"a": "/nowhere/a", "b2": "/nowhere/b"}},
+        "pool": {
+            "base": str(where / "base"),
+            "models": {"a": str(where / "a"), "b2": str(where / "b")},
+        },
         "space": "dare_ties_layers",
         "fitness": {"tasks": list(TASKS)},
     }
@@ -281,8 +292,9 @@ from evomerge.results.report import report_run
 
 report = report_run({str(run_dir)!r})
 config, trial = pick_trial({str(run_dir)!r})
-heavy = ("torch", "transformers", "lm_eval", "evomerge.search.loop", "evomerge.spaces.parameters.candidate",
-         "evomerge.spaces.parameters.space", "evomerge.merging.executor", "evomerge.fitness.backends")
+heavy = ("torch", "transformers", "lm_eval", "evomerge.search.loop",
+         "evomerge.spaces.parameters.candidate", "evomerge.spaces.parameters.space",
+         "evomerge.merging.executor", "evomerge.fitness.prepared")
 loaded = [name for name in heavy if name in sys.modules]
 assert not loaded, loaded
 print(trial.number, report.summary["best"]["number"])
@@ -292,6 +304,95 @@ print(trial.number, report.summary["best"]["number"])
     exported, best = done.stdout.split()
     assert exported == best
     check_png(run_dir / "report" / "genome.png")
+
+
+# --- held-out scoring: the one step of `report` that loads a model -------------------------------
+def test_the_help_says_what_report_loads():
+    from evomerge.cli import cli
+
+    result = CliRunner().invoke(cli, ["report", "--help"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "--no-held-out" in text and "loads the pool's base model" in text
+    assert "Loads no model" not in text
+
+
+def test_no_held_out_loads_no_model_even_with_the_pool_on_disk(tmp_path: Path):
+    """`report --no-held-out` in a fresh process: the table, plots and summary.json, and no
+    torch, transformers, lm-eval or held-out scoring imported, though the pool is there."""
+    import subprocess
+    import sys
+
+    run_dir = make_run_folder(tmp_path / "run", pool=tmp_path / "pool")
+    code = f"""
+import sys
+from evomerge.cli import cli
+
+cli.main(["report", {str(run_dir)!r}, "--no-held-out"], standalone_mode=False)
+heavy = ("torch", "transformers", "lm_eval", "evomerge.results.heldout")
+loaded = [name for name in heavy if name in sys.modules]
+assert not loaded, loaded
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "top 9 of 9 complete trials" in done.stdout and "held-out" not in done.stdout
+    summary = json.loads((run_dir / "report" / "summary.json").read_text())
+    assert "held_out" not in summary and summary["best"] is not None
+    assert not (run_dir / "heldout").exists()
+
+
+class StandInHeldOut:
+    """`results.heldout.HeldOut` without a model: each construction is logged in `events`."""
+
+    events: list[str] = []
+    held_out = dict.fromkeys(TASKS, True)
+
+    def __init__(self, config, run_dir) -> None:
+        self.events.append("model loaded")
+
+    def score(self, genome, *trial_attrs):
+        return {"dev": 0.5, "test": 0.4}
+
+    def describe(self, scores):
+        return {
+            split: {"value": v, "per_task": dict.fromkeys(TASKS, v), "se": {}, "n_examples": 9}
+            for split, v in scores.items()
+        }
+
+    def compare(self, a, b):
+        return {split: {"difference": 0.0, "se": 0.01, "p_not_better": 0.5} for split in a}
+
+
+def test_report_announces_the_model_before_loading_it(tmp_path: Path, monkeypatch):
+    """One line before the model loads, then the scores; a second report reads them from
+    RUN_DIR/heldout/ and neither loads nor announces anything."""
+    import evomerge.results.heldout as heldout
+
+    monkeypatch.setattr(heldout, "HeldOut", StandInHeldOut)
+    events = StandInHeldOut.events = []
+    run_dir = make_run_folder(tmp_path / "run", pool=tmp_path / "pool")
+    report = report_run(run_dir, say=events.append)
+    assert len(events) == 2 and events[1] == "model loaded"
+    assert events[0].startswith("held-out scores: loading the model to score #")
+    assert report.summary["held_out"]["trials"][0]["test"]["value"] == 0.4
+    assert "dev chose, test held out" in report.text
+
+    events.clear()
+    assert report_run(run_dir, say=events.append).summary["held_out"] == report.summary["held_out"]
+    assert events == []
+
+
+def test_cli_report_announces_the_model_on_the_terminal(tmp_path: Path, monkeypatch):
+    import evomerge.results.heldout as heldout
+    from evomerge.cli import cli
+
+    monkeypatch.setattr(heldout, "HeldOut", StandInHeldOut)
+    run_dir = make_run_folder(tmp_path / "run", pool=tmp_path / "pool")
+    result = CliRunner().invoke(cli, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    announced = [line for line in result.stderr.splitlines() if "loading the model" in line]
+    assert len(announced) == 1 and announced[0].endswith("(--no-held-out skips this)")
+    assert "dev chose, test held out" in result.stdout
 
 
 def test_a_run_folder_without_a_gene_list_is_a_user_error(tmp_path: Path):
@@ -367,7 +468,7 @@ def test_a_retried_baseline_is_listed_once_with_its_completed_run():
     from optuna.distributions import FloatDistribution
     from optuna.trial import TrialState, create_trial
 
-    from evomerge.results.report import _baseline_trials
+    from evomerge.results.summary import baseline_trials
 
     dist = {"x": FloatDistribution(0, 1)}
     killed = create_trial(
@@ -382,4 +483,4 @@ def test_a_retried_baseline_is_listed_once_with_its_completed_run():
     other = create_trial(
         params={"x": 1.0}, distributions=dist, value=0.2, user_attrs={"baseline": "only_a"}
     )
-    assert _baseline_trials([killed, retry, other]) == [retry, other]
+    assert baseline_trials([killed, retry, other]) == [retry, other]

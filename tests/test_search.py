@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pool_fixtures import pool_search_config
+from helpers.pool_fixtures import pool_search_config
 
 pytestmark = pytest.mark.slow
 

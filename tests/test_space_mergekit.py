@@ -43,14 +43,14 @@ def _genome(space: SearchSpace, seed: int) -> dict[str, float]:
 
 
 def test_decoded_genomes_run_in_mergekit_with_the_same_result(tmp_path, mergekit_python):
-    from mergekit_env import run_driver
-    from tiny_models import build_tiny_pool
+    from helpers.mergekit_env import run_driver
+    from helpers.tiny_models import build_tiny_pool
 
     torch.set_num_threads(1)
     pool = build_tiny_pool(tmp_path / "pool", dtype=torch.float32, seed=5)
     jobs, ours = [], {}
     for name in SPACES:
-        recipe = _space(name, pool).decode(_genome(_space(name, pool), seed=len(name)))
+        recipe = _space(name, pool).recipe(_genome(_space(name, pool), seed=len(name)))
         run_merge(recipe, tmp_path / "evo" / name, seed=0)
         ours[name] = tmp_path / "evo" / name
         jobs.append(

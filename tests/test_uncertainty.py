@@ -27,7 +27,10 @@ def test_a_paired_comparison_sees_a_small_consistent_gain_that_unpaired_noise_hi
     hard = [rng.gauss(0, 1) for _ in range(300)]  # what the two models share: hard examples
     b = {"t": hard}
     a = {"t": [x + 0.05 for x in hard]}  # the same examples, each a little better
-    combine = lambda per_task: per_task["t"]
+
+    def combine(per_task):
+        return per_task["t"]
+
     out = paired_difference(a, b, {"t": mean}, combine)
     assert out["difference"] == pytest.approx(0.05)
     assert out["se"] < 1e-9 and out["p_not_better"] == 0.0
@@ -47,8 +50,13 @@ def test_no_real_difference_is_not_called_a_gain() -> None:
 def test_tasks_combine_with_their_weights_and_any_aggregation() -> None:
     a = {"acc": [1.0, 1.0, 0.0, 1.0], "ll": [-1.0, -2.0, -1.5, -1.0]}
     b = {"acc": [1.0, 0.0, 0.0, 1.0], "ll": [-1.0, -2.0, -1.5, -1.0]}
-    perplexity = lambda lls: math.exp(-mean(lls))
-    combine = lambda p: (2 * p["acc"] - p["ll"]) / 3  # perplexity minimised: negated
+
+    def perplexity(lls):
+        return math.exp(-mean(lls))
+
+    def combine(p):  # perplexity minimised: negated
+        return (2 * p["acc"] - p["ll"]) / 3
+
     out = paired_difference(a, b, {"acc": mean, "ll": perplexity}, combine)
     assert out["difference"] == pytest.approx(2 * 0.25 / 3)
     with pytest.raises(ValueError, match="different examples"):

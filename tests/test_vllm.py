@@ -2,7 +2,8 @@
 
 Needs vLLM (`make vllm-venv`), so it runs in its own lane, not in `make test`:
 
-    make test-vllm     # = .venv-vllm/bin/python -m pytest -q -m vllm tests/test_moe.py tests/test_vllm.py
+    make test-vllm  # runs: .venv-vllm/bin/python -m pytest -q -m vllm \\
+                    #   tests/test_moe.py tests/test_vllm.py
 
 Elsewhere it is skipped. Agreement is to rounding, not bit for bit (different kernels; see
 `evomerge.fitness.vllm_backend`): per-request log-likelihoods within `LOGPROB_TOL`, metrics
@@ -20,7 +21,7 @@ import os
 from pathlib import Path
 
 import pytest
-from pool_fixtures import pool_search_config
+from helpers.pool_fixtures import pool_search_config
 from test_prepared import FILTERED, _assert_same, _per_doc, _reference
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -102,8 +103,6 @@ def _requests(small_pool: Path, count: int = 12):
 def test_base_merged_and_back(search, hf, small_pool: Path) -> None:
     """Score the base, push a merge in, score it, push the base back: same scores as hf, and
     the base's scores reproduced exactly by the same engine."""
-    from evomerge.fitness.backends import sync_weights
-
     lm, staging = search.evaluator.lm, search.evaluator.lm.staging
     base_state = {k: v.clone() for k, v in staging.state_dict().items()}
     requests = _requests(small_pool)
@@ -115,7 +114,7 @@ def test_base_merged_and_back(search, hf, small_pool: Path) -> None:
 
     # a real merge of the pool (task arithmetic, equal weights), through the search's own path
     search.candidate.apply(search.space.baselines()["uniform"])
-    sync_weights(lm)
+    search.evaluator.sync_weights()
     assert any(not v.equal(staging.state_dict()[k]) for k, v in base_state.items())
     merged = search.evaluator.score(full=True)
     _mirror(search, hf)
@@ -129,7 +128,7 @@ def test_base_merged_and_back(search, hf, small_pool: Path) -> None:
         assert got_greedy == want_greedy
 
     staging.load_state_dict(base_state)
-    sync_weights(lm)
+    search.evaluator.sync_weights()
     again = search.evaluator.score(full=True)
     assert again.metrics == base.metrics
     assert lm.loglikelihood(requests) == base_ll
@@ -138,19 +137,17 @@ def test_base_merged_and_back(search, hf, small_pool: Path) -> None:
 def test_prepared_requests_score_as_lm_eval_evaluate(search, tmp_path: Path) -> None:
     """Base and a merge pushed into the engine: full set, subset and chosen documents equal
     `lm_eval.evaluator.evaluate` over the same live LM (same engine, same weights) bit for bit."""
-    from evomerge.fitness.backends import sync_weights
-
     lm, staging = search.evaluator.lm, search.evaluator.lm.staging
     assert lm.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
     base_state = {k: v.clone() for k, v in staging.state_dict().items()}
     _assert_same(search.evaluator, lm, tmp_path / "base")
 
     search.candidate.apply(search.space.baselines()["uniform"])
-    sync_weights(lm)
+    search.evaluator.sync_weights()
     _assert_same(search.evaluator, lm, tmp_path / "merged")
 
     staging.load_state_dict(base_state)
-    sync_weights(lm)
+    search.evaluator.sync_weights()
 
 
 def test_prepared_generate_until_scores_as_lm_eval_evaluate(

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from postgres import postgres_url  # noqa: F401  (fixture)
+from helpers.postgres import postgres_url  # noqa: F401  (fixture)
 from test_search import ENV, evomerge, write_config
 
 pytestmark = pytest.mark.slow

@@ -40,7 +40,8 @@ class _SeveralTaskNames(click.Command):
     multiple=True,
     metavar="NAME[:METRIC[:WEIGHT]]...",
     help="Tasks to score: the names up to the next option (so MODEL_DIR goes first), "
-    "comma-separated or repeated (default: every task under --task-path).",
+    "comma-separated or repeated (default: the --config's tasks; task YAMLs can run code, so "
+    "only named tasks are loaded).",
 )
 @click.option(
     "--task-path",
@@ -58,8 +59,10 @@ class _SeveralTaskNames(click.Command):
 @click.option(
     "--limit", type=click.IntRange(min=1), help="Score only the first N examples of each task."
 )
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch CPU threads."
+)
 @click.option(
     "--run-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -82,6 +85,10 @@ def command(
 
     recipe = load_recipe(model) if model.is_file() else None  # its mistakes before any work
     config = _fitness_config(config_path, task_paths, task_args, limit, batch_size)
+    if out_path:  # before the evaluation, not after it
+        from evomerge.io.output import check_writable
+
+        check_writable(out_path, "--out")
 
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # read when torch loads
     with tempfile.TemporaryDirectory(prefix="evomerge-eval-") as tmp:
@@ -130,13 +137,24 @@ def _fitness_config(config_path, task_paths, task_args, limit, batch_size):
     if names:
         data["tasks"] = [_parse_task(t) for t in names]
     elif "tasks" not in data:
-        data["tasks"] = local_task_names(data.get("task_paths", []))
-        if not data["tasks"]:
-            raise UserError("no tasks given; pass --tasks or a --task-path with task YAMLs.")
+        raise _name_the_tasks(local_task_names(data.get("task_paths", [])))
     if limit is not None:
         data["subset"] = {"count": limit, "sampling": "first"}
     data.setdefault("batch_size", batch_size)
     return validate_model(FitnessConfig, data, str(config_path or "evomerge eval"))
+
+
+def _name_the_tasks(available: list[str]) -> UserError:
+    """No task named: a task YAML's `!function` imports Python from its folder, so loading
+    every task of a folder would run code the user never asked for (the index lists names
+    without importing anything)."""
+    listed = f" (this --task-path has {', '.join(available[:8])}" if available else ""
+    more = ", ..." if len(available) > 8 else ""
+    return UserError(
+        "no tasks named; pass --tasks NAME or a --config with tasks"
+        f"{listed}{more}{')' if available else ''}: task YAMLs can run code, so evomerge eval "
+        "loads only the tasks it is given"
+    )
 
 
 def _fitness_block(path: Path) -> dict[str, Any]:

@@ -28,7 +28,8 @@ def export(run_dir: Path, out_dir: Path, trial_number: int | None, force: bool) 
             run_dir, out_dir, trial_number=trial_number, force=force, say=click.echo
         )
     click.echo(
-        f"exported {summary.tensors} tensors in {summary.seconds:.1f} s -> {out_dir} (recipe: {out_dir / 'recipe.yaml'})"
+        f"exported {summary.tensors} tensors in {summary.seconds:.1f} s -> {out_dir} "
+        f"(recipe: {out_dir / 'recipe.yaml'})"
     )
 
 

@@ -21,7 +21,9 @@ import click
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest shard file.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin checkpoints (weights only).")
-@click.option("--threads", type=int, help="CPU threads for torch (default: all cores).")
+@click.option(
+    "--threads", type=click.IntRange(min=1), help="CPU threads for torch (default: all cores)."
+)
 def command(
     recipe_path, out_dir, device, seed, out_dtype, shard_size, force, allow_pickle, threads
 ):

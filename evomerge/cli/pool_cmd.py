@@ -1,4 +1,5 @@
-"""`evomerge pool demo|demo2|demo3|demo-lora OUT_DIR`: build an offline pool (base + specialists + tasks)."""
+"""`evomerge pool demo|demo2|demo3|demo-lora OUT_DIR`: build an offline pool (base + specialists
++ tasks)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ def command() -> None:
 
 def _build(name: str, out_dir: Path, size: str, force: bool) -> None:
     from evomerge.cli.process import set_up_process
+    from evomerge.io.output import check_writable
 
+    check_writable(out_dir, "the pool")  # before the build, not after it
     set_up_process()
     from evomerge.pool import build_pool, load_manifest
 
@@ -57,9 +60,10 @@ def _pool_command(name: str, summary: str) -> click.Command:
 
     build.__doc__ = (
         f"Build the {name} pool into OUT_DIR, offline: {summary}\n\n"
-        "A tiny base model and one specialist per synthetic skill. Writes OUT_DIR/base, OUT_DIR/<skill> (HF folders; PEFT adapter folders in demo-lora), OUT_DIR/tasks (lm-eval tasks with "
-        "held-out dev and test data) and OUT_DIR/pool.json. Deterministic: the same command "
-        "gives the same pool."
+        "A tiny base model and one specialist per synthetic skill. Writes OUT_DIR/base, "
+        "OUT_DIR/<skill> (HF folders; PEFT adapter folders in demo-lora), OUT_DIR/tasks "
+        "(lm-eval tasks with held-out dev and test data) and OUT_DIR/pool.json. "
+        "Deterministic: the same command gives the same pool."
     )
     return command.command(name=name)(build)
 

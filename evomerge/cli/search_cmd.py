@@ -37,15 +37,18 @@ def _run(search, run_dir: Path, *, more: int | None) -> None:
     try:
         with _output(run_dir) as terminal:
             search.run(until=until, timeout_s=timeout * 60 if timeout else None, progress=terminal)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         click.echo(
             f"\nstopped; every finished trial is saved. Continue with: evomerge resume {run_dir}",
             err=True,
         )
-        raise SystemExit(130)
+        raise SystemExit(130) from interrupt
     trials = search.study.get_trials(deepcopy=False)
     summary, best = run_summary(trials), best_trial(search.study, trials)
-    line = f"{summary['complete']} complete, {summary['failed']} failed, {summary['full_evaluations']} full evaluations"
+    line = (
+        f"{summary['complete']} complete, {summary['failed']} failed, "
+        f"{summary['full_evaluations']} full evaluations"
+    )
     if best is not None:
         line += f"; best trial #{best.number}: fitness {best.user_attrs['fitness']:.4f}"
     click.echo(line)
@@ -93,7 +96,8 @@ def search(config_path: Path, run_dir: Path | None, trials: int | None) -> None:
             Schedule.of(config, build_task_set(config.fitness, run_dir))
             create_study(config, open_run_storage(config, run_dir), build_space(config))
             click.echo(
-                f"study ready ({config.search.trials} trials); start workers with: evomerge worker {run_dir}"
+                f"study ready ({config.search.trials} trials); "
+                f"start workers with: evomerge worker {run_dir}"
             )
             return
         from evomerge.search.loop import Search
@@ -130,7 +134,9 @@ def _removed_on_failure(run_dir: Path) -> Iterator[None]:
 @click.command("resume")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option(
-    "--trials", type=int, help="Run this many more trials (default: until the budget is met)."
+    "--trials",
+    type=click.IntRange(min=0),
+    help="Run this many more trials (default: until the budget is met).",
 )
 def resume(run_dir: Path, trials: int | None) -> None:
     """Continue the study of RUN_DIR: same storage, same sampler state."""
@@ -151,7 +157,9 @@ def resume(run_dir: Path, trials: int | None) -> None:
 @click.option("--study", "study_name", help="Study name (default: the run's).")
 @click.option("--device", help="Device of this worker, e.g. cuda:1 (default: the run's).")
 @click.option(
-    "--trials", type=int, help="Run this many trials (default: until the study's budget is met)."
+    "--trials",
+    type=click.IntRange(min=0),
+    help="Run this many trials (default: until the study's budget is met).",
 )
 def worker(
     run_dir: Path,

@@ -1,14 +1,22 @@
-"""Backends: wrap a live model as an lm-eval `LM`, once per run.
+"""Backends: what scores the live model, one object each, in one dict (`BACKENDS`).
 
-The seam is one function, `make_lm`. "hf" wraps the in-memory transformers model with lm-eval's
-`HFLM`, so tensors copied into the model's parameters are scored on the next call with no
-reload. "vllm" starts one vLLM engine over the model's folder and pushes the live model's
-weights into it in place (`evomerge.fitness.vllm_backend`); after changing the live model, call
-`sync_weights(lm)` so the next score sees the change.
+A backend is three functions: `make_lm` wraps the live model as an lm-eval `LM`, once per run;
+`prepare` builds every request of the tasks once for that LM; `sync` makes the LM score the
+live model's current weights, after each change. "hf" wraps the in-memory transformers model
+with lm-eval's `HFLM`, so tensors copied into the model's parameters are scored on the next call
+with no reload (`sync` has nothing to do). "vllm" starts one vLLM engine over the model's folder
+and pushes the live model's weights into it in place (`evomerge.fitness.vllm_backend`).
+
+A new backend is one `register_backend(...)` call (its heavy imports inside its functions:
+reading a run config imports this module). `fitness.backend` in a run config is checked
+against `BACKENDS`.
 """
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import UserError
@@ -19,39 +27,55 @@ if TYPE_CHECKING:
 
     from evomerge.fitness.prepared import PreparedRequests
 
-BACKENDS = ("hf", "vllm")
+
+@dataclass(frozen=True)
+class Backend:
+    """One way to score the live model.
+
+    `make_lm(model, tokenizer, *, batch_size, max_length)`: an lm-eval LM over the live
+    `model` that keeps a reference, never a copy. `prepare(lm, tasks)`: every request of
+    `tasks` (name -> lm-eval Task), built once for that LM. `sync(lm)`: make `lm` score the
+    live model's weights as they are now."""
+
+    name: str
+    make_lm: Callable[..., LM]
+    prepare: Callable[[LM, dict[str, Task]], PreparedRequests]
+    sync: Callable[[LM], None]
+    summary: str = ""
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    if backend.name in BACKENDS:
+        raise ValueError(f"fitness backend {backend.name!r} is registered twice")
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called `name`, or a `UserError` naming the closest one."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(BACKENDS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UserError(
+            f"unknown fitness backend {name!r}{hint} (known: {', '.join(BACKENDS)})"
+        ) from None
 
 
 def make_lm(
     backend: str, model: Any, tokenizer: Any, *, batch_size: int, max_length: int | None
 ) -> LM:
-    """An lm-eval LM over the live `model`; it keeps a reference, never a copy."""
-    if backend == "hf":
-        return _hf(model, tokenizer, batch_size=batch_size, max_length=max_length)
-    if backend == "vllm":
-        return _vllm(model, tokenizer, max_length=max_length)
-    raise UserError(f"unknown fitness backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+    """An lm-eval LM over the live `model` by the backend called `backend`."""
+    return get_backend(backend).make_lm(
+        model, tokenizer, batch_size=batch_size, max_length=max_length
+    )
 
 
-def prepare_requests(backend: str, lm: LM, tasks: dict[str, Task]) -> PreparedRequests:
-    """Every request of `tasks`, built once for `lm` (made by `make_lm(backend, ...)`)."""
-    if backend == "hf":
-        from evomerge.fitness.prepared import HFPreparedRequests
-
-        return HFPreparedRequests(lm, tasks)
-    from evomerge.fitness.vllm_backend import VLLMPreparedRequests
-
-    return VLLMPreparedRequests(lm, tasks)
-
-
-def sync_weights(lm: LM) -> None:
-    """Make `lm` score the live model's current weights: "hf" scores the model object itself
-    (nothing to do); "vllm" pushes them into its engine."""
-    push = getattr(lm, "sync_weights", None)
-    if push is not None:
-        push()
-
-
+# --- hf ------------------------------------------------------------------------------------
 def _hf(model: Any, tokenizer: Any, *, batch_size: int, max_length: int | None) -> LM:
     from lm_eval.models.huggingface import HFLM
 
@@ -62,7 +86,18 @@ def _hf(model: Any, tokenizer: Any, *, batch_size: int, max_length: int | None) 
     return HFLM(pretrained=model, tokenizer=tokenizer, **kwargs)
 
 
-def _vllm(model: Any, tokenizer: Any, *, max_length: int | None) -> LM:
+def _hf_requests(lm: LM, tasks: dict[str, Task]) -> PreparedRequests:
+    from evomerge.fitness.prepared import HFPreparedRequests
+
+    return HFPreparedRequests(lm, tasks)
+
+
+def _scores_the_model_itself(lm: LM) -> None:
+    """HFLM runs the live module: its weights are the ones scored, nothing to push."""
+
+
+# --- vllm ----------------------------------------------------------------------------------
+def _vllm(model: Any, tokenizer: Any, *, batch_size: int, max_length: int | None) -> LM:
     # vLLM is imported only here; the engine takes config and tokenizer from the model's folder
     # and its weights from the live model (batching is the engine's own: no batch_size)
     from evomerge.fitness.vllm_backend import VLLMLiveLM, start_engine, torch_dtype_name
@@ -75,3 +110,33 @@ def _vllm(model: Any, tokenizer: Any, *, max_length: int | None) -> LM:
         model.name_or_path, dtype=torch_dtype_name(model.dtype), max_model_len=max_length
     )
     return VLLMLiveLM(llm, tokenizer, staging=model, max_length=max_length)
+
+
+def _vllm_requests(lm: LM, tasks: dict[str, Task]) -> PreparedRequests:
+    from evomerge.fitness.vllm_backend import VLLMPreparedRequests
+
+    return VLLMPreparedRequests(lm, tasks)
+
+
+def _push_into_engine(lm: LM) -> None:
+    lm.sync_weights()
+
+
+register_backend(
+    Backend(
+        "hf",
+        _hf,
+        _hf_requests,
+        _scores_the_model_itself,
+        summary="lm-eval's HFLM over the live transformers model",
+    )
+)
+register_backend(
+    Backend(
+        "vllm",
+        _vllm,
+        _vllm_requests,
+        _push_into_engine,
+        summary="one vLLM engine per run, the live weights pushed into it after each change",
+    )
+)

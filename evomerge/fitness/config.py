@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from evomerge.errors import UserError
+
 Direction = Literal["auto", "maximize", "minimize"]
 
 
@@ -93,9 +95,10 @@ class FitnessConfig(BaseModel):
     YAMLs are read relative to the YAML file itself."""
     subset: SubsetConfig | None = None
     """Used by `Evaluator.score(full=False)`; without it every call scores the full tasks."""
-    backend: Literal["hf", "vllm"] = "hf"
-    """`hf`: lm-eval's HFLM over the live model; `vllm`: one vLLM engine per run, the live
-    model's weights pushed into it after each change (needs vLLM: `make vllm-venv` on CPU)."""
+    backend: str = "hf"
+    """One of `evomerge.fitness.backends.BACKENDS`. `hf`: lm-eval's HFLM over the live model;
+    `vllm`: one vLLM engine per run, the live model's weights pushed into it after each change
+    (needs vLLM: `make vllm-venv` on CPU)."""
     batch_size: int = Field(default=64, ge=1)
     max_length: int | None = Field(default=None, ge=1)
     offline: bool = True
@@ -106,6 +109,17 @@ class FitnessConfig(BaseModel):
     """The held-out split, scored only for the report and the model card."""
     allow_public_benchmarks: bool = False
     """Search on well-known public benchmarks anyway (see `PUBLIC_BENCHMARKS`)."""
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        from evomerge.fitness.backends import get_backend  # a light module: no torch
+
+        try:
+            get_backend(value)
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("tasks", mode="before")
     @classmethod

@@ -73,21 +73,22 @@ class Evaluator:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
-        from evomerge.fitness.backends import make_lm, prepare_requests
+        from evomerge.fitness.backends import get_backend
         from evomerge.fitness.tasks import build_task_set
 
         self.model = model
         self.split = split
         self.tasks = build_task_set(config, self.run_dir, split=split)
-        self.lm = make_lm(
-            config.backend,
-            model,
-            tokenizer,
-            batch_size=config.batch_size,
-            max_length=config.max_length,
+        self.backend = get_backend(config.backend)
+        self.lm = self.backend.make_lm(
+            model, tokenizer, batch_size=config.batch_size, max_length=config.max_length
         )
-        self.prepared = prepare_requests(config.backend, self.lm, self.tasks.leaf_tasks)
+        self.prepared = self.backend.prepare(self.lm, self.tasks.leaf_tasks)
         """The requests, built once."""
+
+    def sync_weights(self) -> None:
+        """Make the next score see the live model's weights as they are now (after a change)."""
+        self.backend.sync(self.lm)
 
     def score(self, *, full: bool = False, per_example: bool = False) -> FitnessResult:
         """Score the model as its parameters are now: the fixed subset, or all if `full`;

@@ -148,7 +148,8 @@ class PreparedRequests:
         return {task: self.metric_values(task, docs) for task, docs in wanted.items()}
 
     def respond(self, ids: tuple[int, ...]) -> None:
-        """Set `resps` of the instances `ids` (as lm-eval's `evaluate` does) from the model as it is now."""
+        """Set `resps` of the instances `ids` (as lm-eval's `evaluate` does) from the model as it
+        is now."""
         raise NotImplementedError
 
     def metric_values(self, name: str, docs: list[int]) -> Values:
@@ -330,7 +331,7 @@ class HFPreparedRequests(PreparedRequests):
         layout = self._layout(self.ids(wanted))
         with torch.no_grad():
             for batch in layout.loglikelihood.batches if layout.loglikelihood else []:
-                self.lm.model(batch.inputs).logits
+                _ = self.lm.model(batch.inputs).logits  # timed, not used
             for batch in layout.generate:
                 self._generate(batch)
 

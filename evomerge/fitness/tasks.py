@@ -222,7 +222,7 @@ def _manager(paths: list[Path], *, defaults: bool) -> TaskManager:
 
 def local_task_names(task_paths: list[Path]) -> list[str]:
     """The tasks (not groups or tags) that the YAMLs under `task_paths` define, as lm-eval
-    indexes them: what `evomerge eval` scores when no task is named."""
+    indexes them, without importing any `!function` code: named when a user names none."""
     return _manager([_existing(Path(p)) for p in task_paths], defaults=False).all_subtasks
 
 
@@ -260,7 +260,8 @@ def _resolve(spec: TaskSpec, task: Task) -> tuple[TaskSpec, bool]:
         else:
             raise UserError(
                 f"task {spec.name!r} reports several metrics ({', '.join(sorted(reported))}); "
-                f"name the one that counts, e.g. {{name: {spec.name}, metric: {sorted(reported)[0]}}}."
+                "name the one that counts, e.g. "
+                f"{{name: {spec.name}, metric: {sorted(reported)[0]}}}."
             )
     if metric not in reported:
         raise UserError(

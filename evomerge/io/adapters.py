@@ -14,7 +14,6 @@ reference (the product in the factors' float32, then added in place to the base 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -22,7 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from evomerge.errors import UserError
-from evomerge.io.checkpoint import Checkpoint, reference_parts, resolve_model_path
+from evomerge.io.checkpoint import (
+    Checkpoint,
+    _load_pickle,
+    inside,
+    read_json_object,
+    reference_parts,
+    resolve_model_path,
+)
 from evomerge.io.fingerprint import folder_fingerprint
 
 if TYPE_CHECKING:
@@ -100,8 +106,8 @@ class AdapterCheckpoint(Checkpoint):
         if folder.is_dir() and folder.resolve() != self.path.resolve():
             if folder_fingerprint(folder) != folder_fingerprint(self.path):
                 raise UserError(
-                    f"adapter {str(self.adapter_path)!r} was trained on {named!r}, which is not the "
-                    f"base {base!r} it is applied to"
+                    f"adapter {str(self.adapter_path)!r} was trained on {named!r}, "
+                    f"which is not the base {base!r} it is applied to"
                 )
 
 
@@ -111,18 +117,35 @@ def _adapter_config(folder: Path) -> dict:
         raise UserError(
             f"{str(folder)!r} is not a PEFT adapter folder: it has no adapter_config.json"
         )
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{file} is not valid JSON: {exc}") from None
+    config = read_json_object(inside(folder, file.name))
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise UserError(
-            f"adapter {str(folder)!r} is a {config['peft_type']} adapter; only LoRA adapters can be merged"
+            f"adapter {str(folder)!r} is a {config['peft_type']} adapter; "
+            "only LoRA adapters can be merged"
         )
     for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA bias terms")):
         if config.get(flag):
             raise UserError(f"adapter {str(folder)!r} uses {what}, which evomerge cannot merge yet")
+    _check_ranks(file, config)
     return config
+
+
+def _check_ranks(file: Path, config: dict) -> None:
+    """`r`, `lora_alpha` and their per-module patterns must be positive numbers: they divide
+    every update (a rank of 0, or an alpha of "x", would fail mid-merge)."""
+    for key, default in (("r", 8), ("lora_alpha", 8)):
+        _check_positive(file, key, config.get(key, default))
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise UserError(f"{file}: {key} must map module patterns to numbers; fix the file")
+        for pattern, value in patterns.items():
+            _check_positive(file, f"{key}[{pattern!r}]", value)
+
+
+def _check_positive(file: Path, key: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise UserError(f"{file}: {key} must be a positive number, got {value!r}; fix the file")
 
 
 def _scale(config: dict, module: str) -> float:
@@ -141,22 +164,26 @@ def _pattern_value(patterns: dict, module: str, default):
 
 
 def _adapter_tensors(folder: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     file = folder / "adapter_model.safetensors"
     if file.is_file():
-        return load_file(str(file))
+        try:
+            return load_file(str(inside(folder, file.name)))
+        except (SafetensorError, OSError) as exc:  # truncated, corrupt, unreadable
+            raise UserError(f"cannot read adapter weights {file}: {exc}") from None
     pickled = folder / "adapter_model.bin"
     if pickled.is_file():
+        inside(folder, pickled.name)
         if not allow_pickle:
             raise UserError(
-                f"adapter {str(folder)!r} has only a pickle file (adapter_model.bin), which can run "
-                "code when loaded; convert it to safetensors, or pass --allow-pickle to load it "
-                "weights-only"
+                f"adapter {str(folder)!r} has only a pickle file (adapter_model.bin), "
+                "which can run code when loaded; convert it to safetensors, "
+                "or pass --allow-pickle to load it weights-only"
             )
-        import torch
-
-        return torch.load(pickled, map_location="cpu", weights_only=True)
+        # weights only, and refused in one sentence if it is anything else
+        return _load_pickle(pickled)
     raise UserError(f"adapter {str(folder)!r} has no adapter_model.safetensors")
 
 
@@ -188,6 +215,12 @@ def _load_factors(
             raise UserError(
                 f"adapter {str(folder)!r} has only lora_{next(iter(pair))} for {module!r}"
             )
+        rank = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
+        if pair["A"].dim() == 2 and pair["A"].shape[0] != rank:  # PEFT refuses it too
+            raise UserError(
+                f"adapter {str(folder)!r} has rank {pair['A'].shape[0]} factors for {module!r}, "
+                f"but its adapter_config.json says r={rank}; fix r (or rank_pattern)"
+            )
         # Embeddings store (r, vocab) and (dim, r): their product is the transposed update.
         embedding = module in embeddings
         transpose = embedding or bool(config.get("fan_in_fan_out"))
@@ -200,8 +233,8 @@ def _load_factors(
             or shape != tuple(base.shape(name))
         ):
             raise UserError(
-                f"adapter {str(folder)!r} does not fit the base: its update of {module!r} has shape "
-                f"{shape}, the base tensor {tuple(base.shape(name))}"
+                f"adapter {str(folder)!r} does not fit the base: its update of "
+                f"{module!r} has shape {shape}, the base tensor {tuple(base.shape(name))}"
             )
         factors[name] = LoraFactors(a, b, _scale(config, module), transpose, embedding)
     return factors

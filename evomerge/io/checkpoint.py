@@ -12,11 +12,12 @@ import logging
 import math
 import os
 import re
-from functools import cached_property, lru_cache
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from evomerge.errors import UserError
+from evomerge.io.dtypes import ITEMSIZE, NAMES, code_of, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -26,34 +27,15 @@ LOG = logging.getLogger(__name__)
 # `model.layers.12.mlp...`, `transformer.h.3.attn...`, `blocks.0...`
 _LAYER_RE = re.compile(r"(^|\.)(layers|h|blocks|block|layer)\.(\d+)\.")
 
+# The config keys that hold the layer count, by architecture family: `num_hidden_layers`
+# (Llama, Mistral, Qwen, Gemma, Phi, GPT-NeoX, Falcon, ...), `n_layer` (GPT-2, GPT-J, Bloom,
+# CodeGen), `num_layers` (GPT-Neo, ChatGLM, T5), `n_layers` (MPT, DBRX). A merge that changes
+# the depth must rewrite whichever the config has, or transformers builds the old depth and
+# silently ignores the extra layers' tensors.
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
 # Above this a header is not a real safetensors header but an attack or a corrupt file.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-_ITEMSIZE = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-}
-
-
-@lru_cache(maxsize=1)
-def _torch_dtypes() -> dict:
-    """safetensors dtype codes -> torch dtypes."""
-    import torch
-
-    return {
-        "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-        "U8": torch.uint8, "BOOL": torch.bool,
-    }  # fmt: skip
-
 
 def layer_index(tensor_name: str) -> int | None:
     """The transformer layer a tensor belongs to, or None for embeddings, norms, heads."""
@@ -72,6 +54,9 @@ class Checkpoint:
     def __init__(self, reference: str, *, allow_pickle: bool = False):
         self.reference = reference
         self.path = resolve_model_path(reference)
+        for name in METADATA_FILES:
+            if (self.path / name).exists() or (self.path / name).is_symlink():
+                inside(self.path, name)
         self._files = _tensor_files(self.path, allow_pickle=allow_pickle)
         self._handles: dict[Path, object] = {}
         self._name_to_file: dict[str, Path] = {}
@@ -82,10 +67,11 @@ class Checkpoint:
             else:  # --allow-pickle: loaded once, weights only, memory-mapped
                 self._handles[file] = _load_pickle(file)
                 header = {
-                    n: (tuple(t.shape), _dtype_code(t.dtype))
+                    n: (tuple(t.shape), code_of(t.dtype))
                     for n, t in self._handles[file].items()
                 }
             for name, (shape, dtype) in header.items():
+                _check_dtype(file, name, dtype)
                 self._name_to_file[name] = file
                 self._meta[name] = (shape, dtype)
 
@@ -107,7 +93,7 @@ class Checkpoint:
         return self._meta[name][1]
 
     def torch_dtype(self, name: str) -> torch.dtype:
-        return _torch_dtypes()[self.dtype_name(name)]
+        return torch_dtype(NAMES[self.dtype_name(name)])
 
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor, read from its (memory-mapped) file."""
@@ -130,17 +116,20 @@ class Checkpoint:
         file = self.path / "config.json"
         if not file.exists():
             return {}
-        try:
-            return json.loads(file.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{file} is not valid JSON: {exc}") from None
+        return read_json_object(inside(self.path, file.name))
 
     @cached_property
     def num_layers(self) -> int:
         """Transformer layers: from the config, else from the tensor names."""
-        configured = self.config.get("num_hidden_layers") or self.config.get("n_layer")
+        configured = next((self.config[k] for k in LAYER_COUNT_KEYS if k in self.config), None)
         if configured:
-            return int(configured)
+            # a bool is an int to Python, and "two" or 2.5 would fail deep inside the plan
+            if isinstance(configured, bool) or not isinstance(configured, int) or configured < 0:
+                raise UserError(
+                    f"{self.path / 'config.json'}: the layer count must be a whole number, "
+                    f"got {configured!r}; fix the model's config.json"
+                )
+            return configured
         indices = [i for i in map(layer_index, self.names) if i is not None]
         return max(indices) + 1 if indices else 0
 
@@ -196,6 +185,70 @@ def reference_parts(reference: str, *, base_dir: Path = Path(".")) -> list[str]:
     return reference.split("+")
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+# Every file evomerge may read from a model folder besides its weights (and copy into a merged
+# model): each is checked to stay inside the folder when the folder is opened, before any work.
+METADATA_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    *TOKENIZER_FILES,
+)
+
+
+def inside(folder: Path, name: str | Path) -> Path:
+    """`folder / name`, refused (`UserError`) when it resolves outside `folder`.
+
+    Whatever evomerge reads from a model folder (weights, index shards, configs, tokenizer
+    files) may be copied into a merged model that its user then publishes, so a symlink or a
+    `..` must never reach a file the user did not name (a token cache, a key). The folder
+    itself may be a symlink: containment is judged after resolving it."""
+    path = Path(folder) / name
+    root, target = Path(folder).resolve(), path.resolve()
+    if target != root and root not in target.parents:
+        raise UserError(
+            f"{path} resolves outside its model folder {folder} (a symlink or '..'); "
+            "evomerge reads nothing from outside the folder named: copy the file into it"
+        )
+    return path
+
+
+def read_json(file: Path) -> object:
+    """The JSON value in `file`, or one sentence (`UserError`) saying why it cannot be read:
+    a folder, unreadable, not UTF-8, not JSON, or nested too deep for the parser."""
+    try:
+        return json.loads(Path(file).read_bytes())
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+    except UnicodeDecodeError:
+        why = "not UTF-8 text"
+    except json.JSONDecodeError as exc:
+        why = f"not valid JSON: {exc}"
+    except RecursionError:  # `[[[[...` 100 000 deep: an attack or a corrupt file
+        why = "nested too deep to be a real file"
+    raise UserError(f"cannot read {file} ({why}); fix or replace the file")
+
+
+def read_json_object(file: Path) -> dict:
+    """`read_json`, refused unless the file holds a JSON object (a mapping of settings)."""
+    value = read_json(file)
+    if not isinstance(value, dict):
+        raise UserError(
+            f"{file} holds a JSON {type(value).__name__}, not an object of settings; "
+            "fix or replace the file"
+        )
+    return value
+
+
 def resolve_model_path(reference: str) -> Path:
     """A local folder for a model reference: a path as is, or a hub id downloaded if possible."""
     path = Path(reference).expanduser()
@@ -230,16 +283,19 @@ def _download(repo_id: str) -> Path:
 def _tensor_files(folder: Path, *, allow_pickle: bool) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise UserError(f"{index} is not a valid safetensors index: {exc}") from None
-        files = sorted({folder / name for name in weight_map.values()})
+        weight_map = read_json_object(inside(folder, index.name)).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index} is not a valid safetensors index: it has no weight_map")
+        if not all(isinstance(name, str) for name in weight_map.values()):
+            raise UserError(
+                f"{index} is not a valid safetensors index: shard names must be strings"
+            )
+        files = sorted({inside(folder, name) for name in weight_map.values()})
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise UserError(f"{folder}: shards listed in the index are missing: {missing}")
         return files
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(inside(folder, f.name) for f in folder.glob("*.safetensors"))
     if files:
         return files
     pickles = [
@@ -248,6 +304,7 @@ def _tensor_files(folder: Path, *, allow_pickle: bool) -> list[Path]:
         if f.name not in _NOT_WEIGHTS
     ]
     if pickles:
+        pickles = [inside(folder, f.name) for f in pickles]
         if not allow_pickle:
             raise UserError(
                 f"{folder} holds only pickle weights (.bin/.pt), which can run code when "
@@ -279,8 +336,11 @@ def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
         EOFError,
         OSError,
         ValueError,
-    ) as exc:  # truncated, old format, not a pickle
-        raise UserError(f"cannot read pickle weights {file}: {str(exc).splitlines()[0]}") from None
+    ):  # truncated, old format, not a pickle: torch's own text advises unsafe retries
+        raise UserError(
+            f"cannot read pickle weights {file}: not a complete PyTorch weights file "
+            "(truncated, corrupt or an old format); convert it to safetensors"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -288,23 +348,14 @@ def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-_DTYPE_CODES = {
-    "float64": "F64",
-    "float32": "F32",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "int64": "I64",
-    "int32": "I32",
-    "int16": "I16",
-    "int8": "I8",
-    "uint8": "U8",
-    "bool": "BOOL",
-}
-
-
-def _dtype_code(dtype: torch.dtype) -> str:
-    name = str(dtype).removeprefix("torch.")
-    return _DTYPE_CODES.get(name, name.upper())
+def _check_dtype(file: Path, name: str, dtype: str) -> None:
+    """Refuse a tensor type the merge arithmetic does not handle (FP8, FP4, ...) up front,
+    instead of failing at the tensor deep inside a merge."""
+    if dtype not in ITEMSIZE:
+        raise UserError(
+            f"{file}: tensor {name!r} has dtype {dtype}, which evomerge cannot merge "
+            f"(it reads {', '.join(ITEMSIZE)}); convert the model first, e.g. to bfloat16"
+        )
 
 
 def _read_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -322,7 +373,7 @@ def _read_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
             )
         try:
             header = json.loads(handle.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise UserError(f"{file} has an unreadable safetensors header") from None
     if not isinstance(header, dict):
         raise UserError(f"{file} has an unreadable safetensors header")
@@ -336,11 +387,13 @@ def _read_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
             shape, dtype = tuple(int(d) for d in info["shape"]), str(info["dtype"])
         except (KeyError, TypeError, ValueError):
             raise UserError(f"{file}: malformed header entry for {name!r}") from None
+        _check_dtype(file, name, dtype)
         if not 0 <= start <= end <= data_bytes:
             raise UserError(f"{file} is truncated or corrupt: tensor {name!r} lies past its end")
-        if dtype in _ITEMSIZE and end - start != _ITEMSIZE[dtype] * math.prod(shape):
+        if dtype in ITEMSIZE and end - start != ITEMSIZE[dtype] * math.prod(shape):
             raise UserError(
-                f"{file} is corrupt: tensor {name!r} has {end - start} bytes for shape {list(shape)}"
+                f"{file} is corrupt: tensor {name!r} has {end - start} bytes "
+                f"for shape {list(shape)}"
             )
         out[name] = (shape, dtype)
     return out

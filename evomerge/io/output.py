@@ -23,20 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from evomerge.errors import UserError
+from evomerge.io.checkpoint import LAYER_COUNT_KEYS, TOKENIZER_FILES, inside, read_json_object
+from evomerge.io.dtypes import CODES, name_of
 
 if TYPE_CHECKING:
     import torch
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 
 
 def parse_size(text: str) -> int:
@@ -45,10 +36,14 @@ def parse_size(text: str) -> int:
     clean = text.strip().upper().removesuffix("B").removesuffix("I")
     try:
         if clean and clean[-1] in units:
-            return int(float(clean[:-1]) * units[clean[-1]])
-        return int(clean)
+            size = float(clean[:-1]) * units[clean[-1]]
+        else:
+            size = int(clean)
     except ValueError:
         raise UserError(f"cannot read size {text!r}; write it like 5GB or 500MB") from None
+    if not math.isfinite(size) or size < 1:  # `infGB` and `0` parse but name no size
+        raise UserError(f"size {text!r} is not a positive size; write it like 5GB or 500MB")
+    return int(size)
 
 
 @contextmanager
@@ -62,10 +57,7 @@ def staged_output(out_dir: Path, *, force: bool) -> Iterator[Path]:
     same host removes the partial folders whose process is gone.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise UserError(
-            f"output {str(out_dir)!r} exists and is not empty; pass --force to replace it"
-        )
+    check_output_folder(out_dir, force=force)
     created = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]
     staging = None
     try:
@@ -74,6 +66,8 @@ def staged_output(out_dir: Path, *, force: bool) -> Iterator[Path]:
         staging = Path(
             tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{_owner()}-", dir=out_dir.parent)
         )
+        # mkdtemp makes the folder 0700; the model it becomes follows the umask, as mkdir would
+        staging.chmod(0o777 & ~_umask())
         yield staging
     except BaseException as exc:
         if staging is not None:
@@ -98,6 +92,71 @@ def staged_output(out_dir: Path, *, force: bool) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
+def check_output_folder(out_dir: Path, *, force: bool) -> None:
+    """Refuse, before any work, a model folder `staged_output` could not put in place: one
+    that exists (without `force`), a mount point (a container volume: the final rename fails
+    with EBUSY), or a place that cannot be written."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise UserError(
+            f"output {str(out_dir)!r} exists and is not empty; pass --force to replace it"
+        )
+    if out_dir.is_dir() and os.path.ismount(out_dir):
+        raise UserError(
+            f"output {str(out_dir)!r} is a mount point, which cannot be replaced in one rename; "
+            "write into a new folder inside it instead"
+        )
+    check_writable(out_dir, "output")
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Refuse, before any work, an output place that cannot be written: under a file, or in a
+    folder that is read-only or another user's. Writes nothing."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    folder = existing if existing.is_dir() else existing.parent
+    if existing != path and not existing.is_dir():
+        why = f"{existing} is a file, not a folder"
+    elif not os.access(folder, os.W_OK | os.X_OK) or not os.access(existing, os.W_OK):
+        why = f"{existing} is not writable (read-only, or another user's)"
+    else:
+        return
+    raise UserError(f"cannot write {what} {str(path)!r}: {why}; choose another place")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: a kill or a full disk mid-write leaves the previous
+    file (or none), never a truncated one that later readers choke on."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    )
+    try:
+        with handle:
+            handle.write(text)
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def scratch_folder(out_dir: Path, kind: str) -> Path:
+    """A new `.NAME.KIND-HOST.PID-XXXX` folder beside `out_dir`: named like staging folders,
+    so `remove_stale_staging` removes it once its process is gone."""
+    out_dir = Path(out_dir)
+    folder = tempfile.mkdtemp(prefix=f".{out_dir.name}.{kind}-{_owner()}-", dir=out_dir.parent)
+    os.chmod(folder, 0o777 & ~_umask())
+    return Path(folder)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, the only way POSIX offers, and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _owner() -> str:
     """`HOST.PID` of this process, as it appears in staging folder names."""
     host = "".join(c for c in socket.gethostname() if c.isalnum())[:32] or "host"
@@ -112,7 +171,7 @@ def remove_stale_staging(out_dir: Path) -> list[Path]:
     its finished `.NAME.partial-*` twin (same suffix) are kept for the user to pick from."""
     removed = []
     host = _owner().rsplit(".", 1)[0]
-    for kind in ("partial", "old"):
+    for kind in ("partial", "old", "stages"):  # stages: scratch_folder's, of multi-stage merges
         prefix = f".{out_dir.name}.{kind}-"
         for folder in out_dir.parent.glob(f"{glob.escape(prefix)}*"):
             suffix = folder.name[len(prefix) :]
@@ -151,12 +210,6 @@ class TensorSpec:
         import torch
 
         return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
-
-
-_SAFETENSORS_DTYPES = {
-    "float64": "F64", "float32": "F32", "bfloat16": "BF16", "float16": "F16", "int64": "I64",
-    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
-}  # fmt: skip
 
 
 class ShardedWriter:
@@ -208,7 +261,8 @@ class ShardedWriter:
         spec = self.layout[self._next]
         if (name, tuple(tensor.shape), tensor.dtype) != (spec.name, spec.shape, spec.dtype):
             raise RuntimeError(
-                f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} does not match the planned {spec}"
+                f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} "
+                f"does not match the planned {spec}"
             )
         self._next += 1
         offered, self._offered = self._offered, None
@@ -306,7 +360,7 @@ def _header(specs: list[TensorSpec]) -> bytes:
     """The safetensors header: 8-byte little-endian length, then JSON padded to 8 bytes."""
     entries, offset = {"__metadata__": {"format": "pt"}}, 0
     for spec in specs:
-        dtype = _SAFETENSORS_DTYPES[str(spec.dtype).removeprefix("torch.")]
+        dtype = CODES[name_of(spec.dtype)]
         entries[spec.name] = {
             "dtype": dtype,
             "shape": list(spec.shape),
@@ -318,14 +372,36 @@ def _header(specs: list[TensorSpec]) -> bytes:
     return len(text).to_bytes(8, "little") + text
 
 
-def write_config(src: Path, dst: Path, *, num_layers: int, dtype: str | None) -> None:
-    """config.json from the source model, with the merged layer count and dtype."""
+# Config entries with one item per layer (attention kind, RoPE on/off): a merge that changes
+# the depth gives each output layer the entry of the source layer it was made from.
+PER_LAYER_KEYS = ("layer_types", "attention_layers", "no_rope_layers")
+
+
+def write_config(
+    src: Path, dst: Path, *, layer_sources: list[int | None], dtype: str | None
+) -> None:
+    """config.json from the source model, with the merged depth and dtype.
+
+    `layer_sources[i]` is the source layer output layer i was made from (None: not known). Every
+    layer-count key the config has is set to the merged depth, and every per-layer list is
+    re-laid out by `layer_sources`."""
     file = src / "config.json"
     if not file.exists():
         return
-    config = json.loads(file.read_text())
-    if "num_hidden_layers" in config:
-        config["num_hidden_layers"] = num_layers
+    config = read_json_object(inside(src, file.name))
+    old_depth = next((config[k] for k in LAYER_COUNT_KEYS if k in config), None)
+    for key in LAYER_COUNT_KEYS:
+        if key in config:
+            config[key] = len(layer_sources)
+    for key in PER_LAYER_KEYS:
+        entries = config.get(key)
+        if isinstance(entries, list) and len(entries) == old_depth and entries:
+            config[key] = [
+                entries[s if s is not None and s < len(entries) else i % len(entries)]
+                for i, s in enumerate(layer_sources)
+            ]
+    if "attention_types" in config and "attention_layers" in config:  # GPT-Neo's run-length form
+        config["attention_types"] = [[[kind], 1] for kind in config["attention_layers"]]
     if dtype:
         config["torch_dtype"] = dtype
         if "dtype" in config:
@@ -333,12 +409,13 @@ def write_config(src: Path, dst: Path, *, num_layers: int, dtype: str | None) ->
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = src / "generation_config.json"
     if generation.exists():
-        shutil.copy2(generation, dst / generation.name)
+        shutil.copy2(inside(src, generation.name), dst / generation.name)
 
 
 def copy_tokenizer(src: Path, dst: Path, *, chat_template: str | None) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).exists():
-            shutil.copy2(src / name, dst / name)
+            # copied as a plain file: a link could publish what it points to
+            shutil.copy2(inside(src, name), dst / name)
     if chat_template:
         (dst / "chat_template.jinja").write_text(chat_template)

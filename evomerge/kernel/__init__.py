@@ -6,8 +6,9 @@ pass (plus one over all models for DARE's L1 rescale where no draw table has it)
 whether the result is finite from the same pass. They follow the torch code of
 `evomerge.methods.task_arithmetic` op for op, so results are bit-identical
 (tests/test_kernel.py, tests/test_kernel_triton.py). The dependency is one way: the methods
-know nothing of the kernels, and the merge executor (`evomerge.merging.executor`) picks the kernel where
-it applies (other devices or dtypes, breadcrumbs/della, no C compiler, no Triton: the method).
+know nothing of the kernels, and the merge executor (`evomerge.merging.executor`) picks the kernel
+where it applies (other devices or dtypes, breadcrumbs/della, no C compiler, no Triton: the
+method).
 
   task_vectors.py  the fused path of the family: which merges it takes, the state it keeps
                    per tensor ("prepare once per run, merge per trial"), the GPU's self-check

@@ -262,7 +262,8 @@ def tv_merge(
     rescale_c = (ctypes.c_float * models)(*rescale.float().tolist())
     weights_c = (ctypes.c_float * models)(*weights.float().tolist())
     finite = _call(
-        "tv_merge", base, models, base.numel(), base.data_ptr(), xs, sub_base, rules_c, rescale_c, weights_c,
-        int(consensus), int(normalize), plain_divisor, int(lambda_ != 1), lambda_, int(subnormal_free), out.data_ptr(),
+        "tv_merge", base, models, base.numel(), base.data_ptr(), xs, sub_base, rules_c, rescale_c,
+        weights_c, int(consensus), int(normalize), plain_divisor, int(lambda_ != 1), lambda_,
+        int(subnormal_free), out.data_ptr(),
     )  # fmt: skip
     return out, bool(finite)

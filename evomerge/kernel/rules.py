@@ -69,5 +69,6 @@ class KeepRule(ctypes.Structure):
 
     @classmethod
     def magnitude_cut(cls, cut_bits: int, cutoff: int) -> KeepRule:
-        """|tau| above the cut (float32 bits), or at it and below index `cutoff` (cpu.top_magnitudes)."""
+        """|tau| above the cut (float32 bits), or at it and below index `cutoff`
+        (cpu.top_magnitudes)."""
         return cls(mode=cls.MAGNITUDE, cut_bits=cut_bits, cutoff=cutoff)

@@ -27,8 +27,8 @@ from evomerge.kernel import cpu
 from evomerge.kernel.rules import KeepRule, TaskVector
 from evomerge.methods import sparsify
 from evomerge.methods.random_fields import UniformField
-from evomerge.methods.registry import MergeInputs, MergeMethod
-from evomerge.methods.task_arithmetic import MEMBERS, Sparsifier, task_vector_merge
+from evomerge.methods.registry import MergeInputs, MergeMethod, Sparsifier, get_method
+from evomerge.methods.task_arithmetic import task_vector_merge
 
 LOG = logging.getLogger(__name__)
 
@@ -44,12 +44,12 @@ NORMAL_FLOOR = 2.0**-99
 def prepare(method: MergeMethod, inputs: MergeInputs, *, resident: bool) -> FusedTensor | None:
     """The kernel's state for merging `inputs` by `method`, or None where the kernel does not
     take them (another method or rule, another dtype or device, no kernel built)."""
-    member = MEMBERS.get(method.name)
-    if member is None or member.rule not in FUSED_RULES or not inputs.models:
+    rules = method.task_vectors
+    if rules is None or rules.sparsify not in FUSED_RULES or not inputs.models:
         return None
     if not applies([inputs.base, *inputs.models]):
         return None
-    return FusedTensor(inputs, rule=member.rule, consensus=member.consensus, resident=resident)
+    return FusedTensor(inputs, rule=rules.sparsify, consensus=rules.consensus, resident=resident)
 
 
 def applies(tensors: list[torch.Tensor]) -> bool:
@@ -292,25 +292,28 @@ def self_check(device: torch.device, dtype: torch.dtype) -> str:
     ]
     for x in (base, *models):
         x[:8] = -0.0  # with all weights negative, sums of -0s: +0, as torch sums
-    cases = {
-        "dare_ties": dict(rule="random", density=[0.3, 0.5, 1.0], rescale=True, consensus=True, normalize=False, lambda_=1.0),
-        "ties": dict(rule="magnitude", density=[0.2, 0.5, 0.7], rescale=False, consensus=True, normalize=True, lambda_=1.0),
-        "task_arithmetic": dict(rule=None, density=[1.0] * 3, rescale=False, consensus=False, normalize=False, lambda_=0.8),
-    }  # fmt: skip
+    cases = {  # the rules of each method are its own (`MergeMethod.task_vectors`)
+        "dare_ties": dict(density=[0.3, 0.5, 1.0], rescale=True, normalize=False, lambda_=1.0),
+        "ties": dict(density=[0.2, 0.5, 0.7], rescale=False, normalize=True, lambda_=1.0),
+        "task_arithmetic": dict(density=[1.0] * 3, rescale=False, normalize=False, lambda_=0.8),
+    }
     weights = ([0.6, -0.3, 0.9], [-0.6, -0.3, -0.9])
-    for (name, options), resident, weight in itertools.product(
+    for (name, parameters), resident, weight in itertools.product(
         cases.items(), (False, True), weights
     ):
+        rules = get_method(name).task_vectors
         field = UniformField(7, name)
         expected = task_vector_merge(
-            MergeInputs(models, base, name, field), weight=weight, **options
+            MergeInputs(models, base, name, field),
+            weight=weight,
+            rule=rules.sparsify,
+            consensus=rules.consensus,
+            **parameters,
         )
         inputs = MergeInputs([m.to(device) for m in models], base.to(device), name, field)
-        rules = {key: options[key] for key in ("rule", "consensus")}
-        parameters = {key: value for key, value in options.items() if key not in rules}
-        got, finite = FusedTensor(inputs, **rules, resident=resident).merge(
-            weight=weight, **parameters
-        )
+        got, finite = FusedTensor(
+            inputs, rule=rules.sparsify, consensus=rules.consensus, resident=resident
+        ).merge(weight=weight, **parameters)
         got = got.cpu()
         bits = torch.int16 if got.itemsize == 2 else torch.int32
         if not torch.equal(got.view(bits), expected.view(bits)) or finite != bool(

@@ -100,7 +100,8 @@ def _weighted(
     KIND: tl.constexpr,
     HAS_SUB: tl.constexpr,
 ):
-    """w_i * s_i * tau_i at offs, each product rounded as torch rounds it (tv_merge.c weigh_block)."""
+    """w_i * s_i * tau_i at offs, each product rounded as torch rounds it (tv_merge.c
+    weigh_block)."""
     d = _task_vector(taus[i], sub_base_ptr, offs, mask, KIND, HAS_SUB)
     kept = d * _keep(keys[i], modes_ptr, thresholds_ptr, hash_keys_ptr, i, offs, mask)
     scale = tl.load(rescale_ptr + i)
@@ -111,8 +112,9 @@ def _weighted(
 @triton.jit
 def _tv_merge_kernel(base_ptr, taus, keys, sub_base_ptr, modes_ptr, thresholds_ptr, hash_keys_ptr,
                      rescale_ptr, weights_ptr, out_ptr, nonfinite_ptr, n, plain_divisor, lambda_,
-                     M: tl.constexpr, KIND: tl.constexpr, HAS_SUB: tl.constexpr, CONSENSUS: tl.constexpr,
-                     NORMALIZE: tl.constexpr, USE_LAMBDA: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                     M: tl.constexpr, KIND: tl.constexpr, HAS_SUB: tl.constexpr,
+                     CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, USE_LAMBDA: tl.constexpr,
+                     BLOCK: tl.constexpr):  # fmt: skip
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     args = (
@@ -162,8 +164,10 @@ def _tv_merge_kernel(base_ptr, taus, keys, sub_base_ptr, modes_ptr, thresholds_p
 
 
 @triton.jit
-def _abs_sums_kernel(taus, keys, sub_base_ptr, modes_ptr, thresholds_ptr, hash_keys_ptr, scales_ptr, sums_ptr, n,
-                     M: tl.constexpr, KIND: tl.constexpr, HAS_SUB: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _abs_sums_kernel(taus, keys, sub_base_ptr, modes_ptr, thresholds_ptr, hash_keys_ptr,
+                     scales_ptr, sums_ptr, n,
+                     M: tl.constexpr, KIND: tl.constexpr, HAS_SUB: tl.constexpr,
+                     BLOCK: tl.constexpr):  # fmt: skip
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     for i in tl.static_range(M):
@@ -200,7 +204,8 @@ def abs_sums(taus, rules, scales) -> list[tuple[int, int]]:
     _abs_sums_kernel[_grid(n)](
         tuple(t.x for t in taus), keys, sub_base, modes, thresholds, hash_keys,
         torch.tensor(scales, dtype=torch.float64, device=device), sums, n,
-        M=len(taus), KIND=_KIND[first.x.dtype], HAS_SUB=first.base is not None, BLOCK=BLOCK, **_LAUNCH,
+        M=len(taus), KIND=_KIND[first.x.dtype], HAS_SUB=first.base is not None, BLOCK=BLOCK,
+        **_LAUNCH,
     )  # fmt: skip
     values = sums.tolist()
     return [(values[2 * i], values[2 * i + 1]) for i in range(len(taus))]
@@ -218,7 +223,8 @@ def tv_merge(
     sub_base = first.base if first.base is not None else base
     _tv_merge_kernel[_grid(n)](
         base, tuple(t.x for t in taus), keys, sub_base, modes, thresholds, hash_keys,
-        rescale.float().to(device), weights.float().to(device), out, nonfinite, n, float(plain_divisor), float(lambda_),
+        rescale.float().to(device), weights.float().to(device), out, nonfinite, n,
+        float(plain_divisor), float(lambda_),
         M=len(taus), KIND=_KIND[base.dtype], HAS_SUB=first.base is not None, CONSENSUS=consensus,
         NORMALIZE=normalize, USE_LAMBDA=lambda_ != 1, BLOCK=BLOCK, **_LAUNCH,
     )  # fmt: skip

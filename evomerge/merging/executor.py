@@ -3,8 +3,9 @@
 `PreparedTensor` is the single place where a tensor's inputs and parameters become a tensor:
 it runs the fused kernel where it takes the merge (the task-vector family, evomerge/kernel)
 and the method's own torch code otherwise. The plain `evomerge merge` command streams its
-output to disk (`merged_tensors`), and the search's candidates (evomerge/spaces/parameters/candidate.py) call the
-same code, so that what was scored is what ships.
+output to disk (`merged_tensors`), and the search's candidates
+(evomerge/spaces/parameters/candidate.py) call the same code, so that what was scored is what
+ships.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from evomerge import __version__
 from evomerge.errors import UserError
+from evomerge.io.dtypes import torch_dtype
 from evomerge.merging.plan import MergePlan, TensorJob, TensorRef, plan_merge
 from evomerge.merging.recipe import Recipe
 from evomerge.methods.registry import MergeInputs, MergeMethod
@@ -27,21 +30,9 @@ from evomerge.methods.registry import MergeInputs, MergeMethod
 if TYPE_CHECKING:
     import torch
 
+    from evomerge.io.output import TensorSpec
+
 LOG = logging.getLogger(__name__)
-
-TORCH_DTYPES = {
-    "float32": "float32",
-    "float16": "float16",
-    "bfloat16": "bfloat16",
-    "float64": "float64",
-}
-
-
-def torch_dtype(name: str | None):
-    import torch
-
-    return None if name is None else getattr(torch, TORCH_DTYPES[name])
-
 
 def output_layout(plan: MergePlan, out_dtype: str | None = None) -> list[TensorSpec]:
     """Name, shape and dtype of every output tensor, from the input headers alone."""
@@ -124,7 +115,8 @@ def inputs_from(
     seed: int,
     device: str,
 ) -> MergeInputs:
-    """The method's view of a job's tensors (read in `job_refs` order), cast to `dtype` on `device`."""
+    """The method's view of a job's tensors (read in `job_refs` order), cast to `dtype` on
+    `device`."""
     from evomerge.methods.random_fields import UniformField
 
     tensors = [t.to(device=device, dtype=dtype) for t in tensors]
@@ -231,8 +223,7 @@ def run_merge(
     from evomerge.io.output import ShardedWriter, copy_tokenizer, staged_output, write_config
 
     started = time.perf_counter()
-    if device.startswith("cuda"):
-        _check_cuda()
+    check_device(device)
     plan = plan_merge(recipe, allow_pickle=allow_pickle)
     final_dtype = out_dtype or recipe.out_dtype or recipe.dtype
     with staged_output(Path(out_dir), force=force) as staging:
@@ -248,7 +239,7 @@ def run_merge(
                 progress(done, len(plan.jobs))
         writer.finish()
         source = plan.checkpoints[plan.config_source].path
-        write_config(source, staging, num_layers=plan.num_layers, dtype=final_dtype)
+        write_config(source, staging, layer_sources=plan.layer_sources(), dtype=final_dtype)
         tokenizer_from = _tokenizer_source(plan)
         copy_tokenizer(tokenizer_from, staging, chat_template=_chat_template(recipe))
         (staging / "recipe.yaml").write_text(recipe.to_yaml())
@@ -289,8 +280,20 @@ def _chat_template(recipe: Recipe) -> str | None:
     )
 
 
-def _check_cuda() -> None:
+def check_device(device: str) -> None:
+    """Refuse a device name the merge cannot use, before any work: `cpu`, `cuda` or `cuda:N`
+    (of a GPU torch sees)."""
+    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", str(device))
+    if match is None:
+        raise UserError(f"device {device!r} is not one of cpu, cuda or cuda:N (e.g. cuda:0)")
+    if device == "cpu":
+        return
     import torch
 
     if not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but torch sees no CUDA GPU here")
+    if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+        raise UserError(
+            f"device {device!r} does not exist: torch sees {torch.cuda.device_count()} GPU(s), "
+            "numbered from cuda:0"
+        )

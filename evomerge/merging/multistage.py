@@ -25,8 +25,8 @@ output, removed afterwards. Stages the final merge does not use are skipped.
 from __future__ import annotations
 
 import logging
+import reprlib
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from evomerge.errors import UserError
-from evomerge.merging.recipe import Recipe, load_recipe, validate_model
+from evomerge.merging.recipe import Recipe, check_file_size, load_recipe, validate_model
 
 LOG = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ def load_stages(path: Path) -> list[Stage]:
         name = data.pop("name", None)
         if name is not None and not _is_plain_name(name):
             raise UserError(
-                f"{where}: name {name!r} must be a plain word (no '/', not '.' or '..')"
+                f"{where}: name {reprlib.repr(name)} must be a plain word of at most "
+                f"{_MAX_NAME} printable characters (it names a folder: no '/', not '.' or '..')"
             )
         stages.append(Stage(name, validate_model(Recipe, data, where)))
     _check_names(stages, path)
@@ -77,6 +78,7 @@ def load_stages(path: Path) -> list[Stage]:
 
 def _documents(path: Path) -> list[Any] | None:
     """The file's YAML documents if they are stages (two or more, or one with a name)."""
+    check_file_size(path, "recipe")
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError):
@@ -91,9 +93,16 @@ def _documents(path: Path) -> list[Any] | None:
     return documents if len(documents) > 1 or named else None
 
 
+_MAX_NAME = 100  # a stage name is a folder name: file systems allow 255 bytes, less a prefix
+
+
 def _is_plain_name(name: Any) -> bool:
     return (
-        isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\")
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in "/\\")
+        and len(name.encode()) <= _MAX_NAME
+        and name.isprintable()  # no NUL, newline or other control characters
     )
 
 
@@ -153,6 +162,7 @@ def run_stages(
     a scratch folder beside `out_dir` (removed). Returns the final merge's summary, with the
     tensors, bytes and seconds of all stages.
     """
+    from evomerge.io.output import check_output_folder, remove_stale_staging, scratch_folder
     from evomerge.merging.executor import MergeSummary, run_merge
 
     if len(stages) == 1:
@@ -162,10 +172,13 @@ def run_stages(
     for stage in stages:
         if stage not in order:
             LOG.warning("stage %r is not used by the final merge; skipped", stage.name)
+    # the final folder is checked before the stages' work, not after it
+    check_output_folder(Path(out_dir), force=options.get("force", False))
     scratch = None
     if intermediate_dir is None:
-        home = _existing_parent(out_dir)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{Path(out_dir).name}.stages-", dir=home))
+        beside = _existing_parent(out_dir) / Path(out_dir).name
+        remove_stale_staging(beside)  # the scratch folders of killed multi-stage merges
+        scratch = scratch_folder(beside, "stages")
     root = Path(intermediate_dir or scratch)
     folders: dict[str, str] = {}  # stage name -> its output folder
     summaries = []

@@ -15,6 +15,7 @@ from typing import Any
 from evomerge.errors import UserError
 from evomerge.io.adapters import open_checkpoint
 from evomerge.io.checkpoint import Checkpoint, check_compatible, layer_index, with_layer_index
+from evomerge.io.dtypes import ITEMSIZE
 from evomerge.merging.recipe import Parameters, Recipe, Slice, SliceSource, resolve_setting
 from evomerge.methods import MergeMethod, get_method
 
@@ -43,6 +44,16 @@ class MergePlan:
     jobs: list[TensorJob]
     config_source: str  # the model whose config.json / tokenizer the output starts from
     num_layers: int
+
+    def layer_sources(self) -> list[int | None]:
+        """For each output layer, the layer of its first input tensor (None where no tensor
+        of the layer comes from a layer): what a per-layer config entry is copied from."""
+        sources: list[int | None] = [None] * self.num_layers
+        for job in self.jobs:
+            out = layer_index(job.out_name)
+            if out is not None and out < self.num_layers and sources[out] is None:
+                sources[out] = layer_index(job.inputs[0].name) if job.inputs else None
+        return sources
 
     def input_bytes(self) -> int:
         """Bytes of input tensor data the merge reads."""
@@ -227,22 +238,8 @@ def _kwarg(name: str) -> str:
     return f"{name}_" if keyword.iskeyword(name) else name
 
 
-_ITEMSIZE = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-}
-
-
 def _itemsize(code: str) -> int:
-    return _ITEMSIZE.get(code, 4)
+    return ITEMSIZE.get(code, 4)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

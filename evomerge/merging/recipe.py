@@ -14,10 +14,11 @@ default. The names are the ones mergekit 0.1.5 declares for the same method.
 from __future__ import annotations
 
 import difflib
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any
 
 import yaml
 from pydantic import (
@@ -32,7 +33,7 @@ from pydantic import (
 
 from evomerge.errors import UserError
 
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 
 
 class ConditionalSetting(BaseModel):
@@ -43,8 +44,11 @@ class ConditionalSetting(BaseModel):
     value: Scalar | list[Scalar]
 
 
-Setting = Union[Scalar, list[Scalar], list[ConditionalSetting]]
+Setting = Scalar | list[Scalar] | list[ConditionalSetting]
 Parameters = dict[str, Setting]
+
+
+LOG = logging.getLogger(__name__)
 
 
 def _registered_method(name: str):
@@ -63,6 +67,16 @@ def registry_errors_as_validation_errors(where: str = "") -> Iterator[None]:
         yield
     except UserError as exc:
         raise ValueError(f"{where}: {exc}" if where else str(exc)) from None
+
+
+def _ignored(method, name: str) -> bool:
+    """True when `method` does not take `name` but another registered method does: a name
+    no method declares is a typo, refused with the closest valid name."""
+    from evomerge.methods.registry import registered_methods
+
+    if any(param.name == name for param in method.params):
+        return False
+    return any(param.name == name for m in registered_methods() for param in m.params)
 
 
 def _known_method(name: str) -> str:
@@ -129,6 +143,8 @@ class Recipe(BaseModel):
             raise ValueError("a recipe needs exactly one of 'models' or 'slices'")
         if self.models is not None and not self.models:
             raise ValueError("'models' is empty")
+        if self.slices is not None and not self.slices:
+            raise ValueError("'slices' is empty; give at least one slice")
         for field in ("dtype", "out_dtype"):
             value = getattr(self, field)
             if value is not None and value not in DTYPES:
@@ -145,6 +161,17 @@ class Recipe(BaseModel):
         method = _registered_method(self.merge_method)
         for where, parameters in self._parameter_scopes():
             for name in parameters or {}:
+                if _ignored(method, name):
+                    # mergekit ignores a parameter another method takes (a `weight` left in a
+                    # recipe switched to slerp): so does evomerge, but it says so
+                    LOG.warning(
+                        "%s.%s: merge method %r takes no %r parameter; it is ignored",
+                        where,
+                        name,
+                        method.name,
+                        name,
+                    )
+                    continue
                 with registry_errors_as_validation_errors(f"{where}.{name}"):
                     method.param(name)
         return self
@@ -217,6 +244,7 @@ def _gradient(values: list[Scalar], t: float) -> Scalar:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; every mistake becomes one `UserError` sentence."""
     path = Path(path)
+    check_file_size(path, "recipe")
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -224,6 +252,24 @@ def load_recipe(path: str | Path) -> Recipe:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read recipe file {str(path)!r}: {exc}") from None
     return parse_recipe(text, source=str(path))
+
+
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest recipe or config file read: real ones are a few KB, and YAML parsing and
+validation of a 100 MB one would take over ten minutes and gigabytes."""
+
+
+def check_file_size(path: Path, what: str) -> None:
+    """Refuse a recipe or config file larger than MAX_CONFIG_BYTES, before parsing it."""
+    try:
+        size = Path(path).stat().st_size
+    except OSError:
+        return  # missing or unreadable: the reader says which, in its own words
+    if size > MAX_CONFIG_BYTES:
+        raise UserError(
+            f"{what} file {str(path)!r} is {size:,} bytes, over the {MAX_CONFIG_BYTES:,}-byte "
+            f"limit; a {what} is a few KB, so this is not one"
+        )
 
 
 def parse_recipe(text: str, source: str = "recipe") -> Recipe:

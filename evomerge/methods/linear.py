@@ -10,7 +10,8 @@ from evomerge.methods.registry import MergeInputs, MergeMethod, Param, register
 def linear(inputs: MergeInputs, *, weight: list[float], normalize: bool) -> torch.Tensor:
     if normalize and abs(sum(weight)) < 1e-12:
         raise ValueError(
-            "the weights sum to 0, so they cannot be normalised; change them or set normalize: false"
+            "the weights sum to 0, so they cannot be normalised; "
+            "change them or set normalize: false"
         )
     first = inputs.models[0]
     if not first.is_floating_point():

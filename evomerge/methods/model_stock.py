@@ -1,5 +1,7 @@
-"""Model Stock: interpolate between the base and the average of the fine-tunes by
-t = k cos(theta) / (1 + (k - 1) cos(theta)), theta the mean angle between task vectors."""
+"""Model Stock: interpolate between the base and the average of the k fine-tunes by
+t = k c / (1 + (k - 1) c), c the mean of the cosines between every pair of task vectors (not
+the cosine of a mean angle), taken over the whole tensor or, with `filter_wise`, per output row.
+Where 1 + (k - 1) c is (nearly) zero there is no finite t, and the base is kept."""
 
 from __future__ import annotations
 

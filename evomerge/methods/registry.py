@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from evomerge.errors import UserError
@@ -88,6 +88,24 @@ class Param:
             raise UserError(
                 f"parameter {self.name!r} {where} must lie in [{low:g}, {high:g}], got {value!r}"
             )
+
+
+# How a member of the task-vector family trims each task vector before they are combined:
+#   None — keeps all of it; "magnitude" — the largest |tau| (TIES); "random" — a random draw
+#   rescaled (DARE); "breadcrumbs" — drops the largest and the smallest; "della" — by rank in
+#   its row, at random.
+Sparsifier = Literal["magnitude", "random", "breadcrumbs", "della"] | None
+
+
+@dataclass(frozen=True)
+class TaskVectorRules:
+    """What makes a method one of the task-vector family (methods/task_arithmetic.py): its
+    sparsification rule and whether models vote on signs (TIES's consensus). Code that runs the
+    family another way (the fused kernel, evomerge/kernel/task_vectors.py) reads these fields
+    off the method, so a new member needs no table elsewhere."""
+
+    sparsify: Sparsifier
+    consensus: bool
 
 
 # How a method treats `base_model`:
@@ -178,6 +196,13 @@ def abs_peak(tensor: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class MergeMethod:
+    """A merge method: its function and what it declares.
+
+    `task_vectors`: its rules, for a member of the task-vector family (None otherwise).
+    `baselines`: classic recipes of this method a search queues besides the uniform merge and
+    each model alone, as label -> value of each parameter role (`Role`), e.g. DARE-TIES's
+    `{"dare_ties_0.5": {"weight": 0.5, "density": 0.5, ...}}`."""
+
     name: str
     merge: Callable[..., torch.Tensor]
     params: tuple[Param, ...]
@@ -186,6 +211,8 @@ class MergeMethod:
     max_models: int | None = None
     randomized: bool = False
     reference: str = ""
+    task_vectors: TaskVectorRules | None = None
+    baselines: dict[str, dict[Role, float]] = field(default_factory=dict, compare=False)
 
     def param(self, name: str) -> Param:
         """The parameter called `name`, or a `UserError` naming the closest one."""
@@ -235,3 +262,8 @@ def _closest(name: str, known: list[str]) -> str:
 
 def method_names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def registered_methods() -> list[MergeMethod]:
+    """Every method, in the order they were registered."""
+    return list(_REGISTRY.values())

@@ -97,7 +97,8 @@ def multislerp(
     if normalize_weights:
         if abs(sum(weight)) < 1e-12:
             raise ValueError(
-                "the weights sum to 0, so they cannot be normalised; change them or set normalize_weights: false"
+                "the weights sum to 0, so they cannot be normalised; "
+                "change them or set normalize_weights: false"
             )
         w = w / w.sum()
     norms = torch.norm(flat, dim=-1, keepdim=True)  # (M, 1)

@@ -16,14 +16,18 @@ runs a fused kernel with the same bits instead where one applies (evomerge/kerne
 from __future__ import annotations
 
 from functools import partial
-from typing import Literal, NamedTuple, Optional
 
 import torch
 
 from evomerge.methods import sparsify
-from evomerge.methods.registry import MergeInputs, MergeMethod, Param, register
-
-Sparsifier = Optional[Literal["magnitude", "random", "breadcrumbs", "della"]]
+from evomerge.methods.registry import (
+    MergeInputs,
+    MergeMethod,
+    Param,
+    Sparsifier,
+    TaskVectorRules,
+    register,
+)
 
 
 def sparsified_delta(
@@ -119,16 +123,6 @@ def task_vector_merge(
     )
 
 
-class Member(NamedTuple):
-    """How one method of the family is configured: its sparsification and consensus rules."""
-
-    rule: Sparsifier
-    consensus: bool
-
-
-MEMBERS: dict[str, Member] = {}  # method name -> its rules, for code that runs the family
-
-
 def _family_member(
     name: str,
     *,
@@ -137,6 +131,7 @@ def _family_member(
     normalize: bool,
     rescale: bool,
     reference: str,
+    baselines: dict | None = None,
 ) -> MergeMethod:
     params = [
         Param("weight", per_model=True, bounds=(0.0, 1.0), role="weight"),
@@ -168,6 +163,8 @@ def _family_member(
         base_role="required",
         randomized=rule in ("random", "della"),
         reference=reference,
+        task_vectors=TaskVectorRules(sparsify=rule, consensus=consensus),
+        baselines=baselines or {},
     )
 
 
@@ -176,17 +173,19 @@ DARE_PAPER = "https://arxiv.org/abs/2311.03099"
 BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
 DELLA_PAPER = "https://arxiv.org/abs/2406.11617"
 
-for _name, _rule, _consensus, _normalize, _rescale, _ref in (
-    ("task_arithmetic", None, False, False, False, "https://arxiv.org/abs/2212.04089"),
-    ("ties", "magnitude", True, True, False, TIES_PAPER),
-    ("dare_linear", "random", False, False, True, DARE_PAPER),
-    ("dare_ties", "random", True, False, True, DARE_PAPER),
-    ("breadcrumbs", "breadcrumbs", False, False, False, BREADCRUMBS_PAPER),
-    ("breadcrumbs_ties", "breadcrumbs", True, False, False, BREADCRUMBS_PAPER),
-    ("della", "della", True, True, True, DELLA_PAPER),
-    ("della_linear", "della", False, False, True, DELLA_PAPER),
+# DARE's paper merges at half density with half weights: a search over DARE-TIES starts there.
+DARE_TIES_BASELINES = {"dare_ties_0.5": {"weight": 0.5, "density": 0.5, "interpolation": 0.5}}
+
+for _name, _rule, _consensus, _normalize, _rescale, _ref, _baselines in (
+    ("task_arithmetic", None, False, False, False, "https://arxiv.org/abs/2212.04089", None),
+    ("ties", "magnitude", True, True, False, TIES_PAPER, None),
+    ("dare_linear", "random", False, False, True, DARE_PAPER, None),
+    ("dare_ties", "random", True, False, True, DARE_PAPER, DARE_TIES_BASELINES),
+    ("breadcrumbs", "breadcrumbs", False, False, False, BREADCRUMBS_PAPER, None),
+    ("breadcrumbs_ties", "breadcrumbs", True, False, False, BREADCRUMBS_PAPER, None),
+    ("della", "della", True, True, True, DELLA_PAPER, None),
+    ("della_linear", "della", False, False, True, DELLA_PAPER, None),
 ):
-    MEMBERS[_name] = Member(_rule, _consensus)
     register(
         _family_member(
             _name,
@@ -195,5 +194,6 @@ for _name, _rule, _consensus, _normalize, _rescale, _ref in (
             normalize=_normalize,
             rescale=_rescale,
             reference=_ref,
+            baselines=_baselines,
         )
     )

@@ -1,9 +1,10 @@
 """The offline pools: a tiny base model and one specialist per synthetic skill.
 
-Two pools, each deterministic (fixed seeds, one torch thread) and needing no network:
-
-- `demo`: add, rev, sort, all scored as loglikelihood tasks (greedy-match `acc`);
-- `demo2`: shift (a Caesar cipher, generated until "." and scored by `exact_match`), sub, dedup.
+One pool per entry of `skills.POOLS` (`demo`, `demo2`, `demo3`), built by `build_pool`, and
+the LoRA variant of a pool (`lora.build_lora_pool`, `evomerge pool demo-lora`: the same base,
+one adapter per skill). Every pool is deterministic (fixed seeds, one torch thread) and needs
+no network. A skill's task is scored as its `Skill.output_type` says: a loglikelihood task by
+greedy-match `acc`, a generate-until one (shift, a Caesar cipher) by `exact_match`.
 
 Each pool has a character-level tokenizer (one token per character, BOS added by the
 post-processor), a small `LlamaForCausalLM` base pretrained on the mix of its skills, and one

@@ -11,7 +11,8 @@ names, `base_model_name_or_path` the pool's base), so PEFT, mergekit and evomerg
 Layout written by `build_lora_pool(out_dir)`::
 
     out_dir/base/            HF folder (config.json, model.safetensors, tokenizer files)
-    out_dir/<skill>/         one LoRA adapter per skill (adapter_config.json, adapter_model.safetensors)
+    out_dir/<skill>/         one LoRA adapter per skill
+                             (adapter_config.json, adapter_model.safetensors)
     out_dir/tasks/           lm-eval task YAMLs + dev and test data, as in the demo pool
     out_dir/pool.json        manifest; a specialist's model is `base+<skill>` (mergekit's syntax)
 """

@@ -15,12 +15,13 @@ from evomerge import __version__
 from evomerge.errors import UserError
 from evomerge.search.run_folder import build_space, read_run_folder
 from evomerge.search.study import best_trial, open_run_study
+from evomerge.spaces.refine import REFINED_ATTR, refined_recipe
 
 if TYPE_CHECKING:
     from evomerge.merging.executor import MergeSummary
     from evomerge.merging.multistage import Stage
     from evomerge.merging.recipe import Recipe
-    from evomerge.spaces.parameters.space import SearchSpace
+    from evomerge.spaces.base import Space
 
 
 def export_trial(
@@ -35,7 +36,7 @@ def export_trial(
     from evomerge.io.output import parse_size
     from evomerge.merging.multistage import Stage, run_stages
     from evomerge.results.heldout import chosen_scores
-    from evomerge.results.report import format_held_out
+    from evomerge.results.table import format_held_out
 
     config = read_run_folder(run_dir)
     study = open_run_study(config, Path(run_dir))
@@ -64,17 +65,21 @@ def pick_trial(run_dir: Path, trial_number: int | None = None):
     return config, _pick(open_run_study(config, Path(run_dir)), trial_number)
 
 
-def trial_recipe(space: SearchSpace, trial) -> Recipe:
-    """The recipe a trial scored: its genome decoded in the run's space (one-recipe spaces)."""
-    return space.decode({g.name: trial.params[g.name] for g in space.genes})
+def trial_recipe(space: Space, trial) -> Recipe:
+    """The recipe a trial scored, in a space whose candidates are one recipe."""
+    (stage,) = trial_stages(space, trial)
+    return stage.recipe
 
 
-def trial_stages(space, trial) -> list[Stage]:
-    """The stages of the merge a trial scored: one unnamed stage for a one-recipe space."""
-    from evomerge.merging.multistage import Stage
+def trial_stages(space: Space, trial) -> list[Stage]:
+    """The stages of the merge a trial scored: its genome decoded in the run's space (a refined
+    trial: its recipe with per-tensor weights, `evomerge.spaces.refine`)."""
+    genome = {g.name: trial.params[g.name] for g in space.genes}
+    if REFINED_ATTR in trial.user_attrs:
+        from evomerge.merging.multistage import Stage
 
-    decoded = space.decode({g.name: trial.params[g.name] for g in space.genes})
-    return decoded if isinstance(decoded, list) else [Stage(None, decoded)]
+        return [Stage(None, refined_recipe(space, genome, trial.user_attrs[REFINED_ATTR]))]
+    return space.decode(genome)
 
 
 def _pick(study, trial_number: int | None):
@@ -123,8 +128,18 @@ def score_rows(scores: dict) -> str:
     return "| task | dev | test |\n|---|---|---|\n" + "\n".join(rows) + note
 
 
+def _public_name(reference: str) -> str:
+    """A model reference as a card shows it: a local folder by its name, a hub id as it is
+    (each part of `base+adapter` alike)."""
+    parts = reference.split("+")
+    return "+".join(Path(part).name if Path(part).expanduser().exists() else part for part in parts)
+
+
 def model_card(stages, trial, config, run_dir, scores: dict) -> str:
-    sources = "\n".join(f"- `{name}`: {path}" for name, path in config.pool.models.items())
+    # A card is written to be published: it names models, never this machine's paths.
+    sources = "\n".join(
+        f"- `{name}`: {_public_name(path)}" for name, path in config.pool.models.items()
+    )
     methods = [f"`{s.recipe.merge_method}`" for s in stages]
     what = (
         f"a {methods[0]} merge"
@@ -136,12 +151,12 @@ tags: [merge, evomerge]
 ---
 # Merged model (evomerge trial #{trial.number})
 
-Made by [evomerge]({__version__}) {__version__}: {what} whose per-layer
+Made by evomerge {__version__}: {what} whose per-layer
 parameters were searched ({config.search.sampler}, seed {config.search.seed}) against the
 evaluation tasks below. The recipe is in `recipe.yaml` (mergekit-compatible); DARE/DELLA masks
 use merge seed {config.search.merge_seed}.
 
-Base model: {config.pool.base}
+Base model: {_public_name(config.pool.base)}
 
 Sources:
 {sources}
@@ -153,5 +168,5 @@ dev split; the test split was scored once, afterwards, and never seen by the sea
 
 {score_rows(scores)}
 
-Run folder: {Path(run_dir).resolve()}
+Run folder: {Path(run_dir).name}
 """

@@ -12,19 +12,23 @@ sees a test score.
     gain = held.compare(scores_best, scores_baseline)    # paired, per split
 
 `chosen_scores(config, run_dir, study, trial)` does all that for `evomerge report` and `export`:
-the trial against the best baseline, cached under RUN_DIR/heldout/ (one file per pair).
+the trial against the best baseline, cached under RUN_DIR/heldout/ (one file per pair). It is
+the only part of either command that loads the model (the base as a live model, and every pool
+member once to prepare the candidate); its `say` hook announces that before it happens.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evomerge.fitness.config import combine
 from evomerge.fitness.uncertainty import paired_difference, standard_error
 from evomerge.io.checkpoint import reference_parts
+from evomerge.io.output import write_text_atomic
 
 if TYPE_CHECKING:
     import optuna
@@ -57,15 +61,18 @@ class HeldOut:
         """Per task: whether it has a test split apart from its dev split."""
         return self.evaluators["test"].tasks.held_out
 
-    def score(self, genome: dict[str, float]) -> dict[str, FitnessResult]:
-        """`genome` (a trial's params) materialised, then scored on every example of dev and
-        of test."""
-        from evomerge.fitness.backends import sync_weights
+    def score(
+        self, genome: dict[str, float], user_attrs: dict | None = None
+    ) -> dict[str, FitnessResult]:
+        """`genome` (a trial's params; with its `user_attrs`, a refined trial's per-tensor
+        weights) materialised, then scored on every example of dev and of test."""
+        from evomerge.search.refine import apply_trial
 
-        self.candidate.apply({g.name: genome[g.name] for g in self.space.genes})
+        genome = {g.name: genome[g.name] for g in self.space.genes}
+        apply_trial(self.candidate, genome, user_attrs or {})
         out = {}
         for split, evaluator in self.evaluators.items():
-            sync_weights(evaluator.lm)
+            evaluator.sync_weights()
             out[split] = evaluator.score(full=True, per_example=True)
         return out
 
@@ -128,10 +135,18 @@ def best_baseline(study: optuna.Study, *, other_than: int) -> optuna.trial.Froze
     return max(done, key=lambda t: t.user_attrs["fitness"], default=None)
 
 
-def chosen_scores(config: RunConfig, run_dir: Path, study: optuna.Study, trial) -> dict[str, Any]:
+def chosen_scores(
+    config: RunConfig,
+    run_dir: Path,
+    study: optuna.Study,
+    trial,
+    *,
+    say: Callable[[str], Any] = lambda text: None,
+) -> dict[str, Any]:
     """`trial` and the best baseline scored on all of dev and on test, with standard errors and
     the paired difference; cached in RUN_DIR/heldout/. Without the pool on disk, a dict with
-    one key, `unavailable`, says why."""
+    one key, `unavailable`, says why. `say` gets one line just before the model is loaded
+    (never when the scores come from the cache or the pool is gone)."""
     rival = best_baseline(study, other_than=trial.number)
     chosen = [t for t in (trial, rival) if t is not None]
     key = {
@@ -139,10 +154,9 @@ def chosen_scores(config: RunConfig, run_dir: Path, study: optuna.Study, trial) 
         "fitness": config.fitness.model_dump(mode="json"),
     }
     path = Path(run_dir) / "heldout" / f"scores-{'-'.join(str(t.number) for t in chosen)}.json"
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            return cached["scores"]
+    cached = _read_cache(path)
+    if cached is not None and cached.get("key") == key:
+        return cached["scores"]
     folders = [
         part
         for ref in (config.pool.base, *config.pool.models.values())
@@ -152,8 +166,10 @@ def chosen_scores(config: RunConfig, run_dir: Path, study: optuna.Study, trial) 
     if missing:
         return {"unavailable": f"the pool is not on disk any more ({missing[0]})"}
 
+    numbers = " and ".join(f"#{t.number}" for t in chosen)
+    say(f"held-out scores: loading the model to score {numbers} on all of dev and on test")
     held = HeldOut(config, Path(run_dir))
-    scores = {t.number: held.score(t.params) for t in chosen}
+    scores = {t.number: held.score(t.params, t.user_attrs) for t in chosen}
     out = {
         "held_out": held.held_out,
         "trials": [
@@ -166,6 +182,16 @@ def chosen_scores(config: RunConfig, run_dir: Path, study: optuna.Study, trial) 
         ],
         "paired": held.compare(scores[trial.number], scores[rival.number]) if rival else None,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"key": key, "scores": out}, indent=1))
+    write_text_atomic(path, json.dumps({"key": key, "scores": out}, indent=1))
     return out
+
+
+def _read_cache(path: Path) -> dict | None:
+    """A cached entry, or None when there is none or it cannot be read (a cache written by an
+    older evomerge in place and cut short by a kill): it is then scored again and rewritten."""
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):  # missing, unreadable, cut short, not JSON
+        return None
+    ok = isinstance(cached, dict) and isinstance(cached.get("scores"), dict)
+    return cached if ok else None

@@ -14,6 +14,7 @@ Relative paths are read relative to the config file.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,8 @@ from evomerge.errors import UserError
 from evomerge.fitness.config import FitnessConfig
 from evomerge.io.checkpoint import reference_parts
 from evomerge.merging.recipe import DTYPES, validate_model
+from evomerge.search.refine_config import RefineConfig, check_refinable, parse_refine
+from evomerge.search.samplers import SAMPLERS, able
 
 
 class PoolConfig(BaseModel):
@@ -58,16 +61,14 @@ class Fidelity(BaseModel):
     eta: float = Field(default=3.0, gt=1.0, allow_inf_nan=False)
 
 
-SamplerName = Literal["gp", "cmaes", "cmaes_warm", "tpe", "random"]
-"""The samplers of `evomerge.search.samplers`."""
-
-DEFAULT_SAMPLER: SamplerName = "gp"  # chosen on dev by bench/search_quality.py (docs/BENCHMARKS.md)
+DEFAULT_SAMPLER = "gp"  # chosen on dev by bench/search_quality.py (docs/BENCHMARKS.md)
 """The sampler of a config that names none (the one place to change the default)."""
 
 
 class SearchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    sampler: SamplerName = DEFAULT_SAMPLER
+    sampler: str = DEFAULT_SAMPLER
+    """One of `evomerge.search.samplers.SAMPLERS`."""
     objectives: Literal["combined", "per_task"] = "combined"
     """`combined`: maximise the weighted fitness; `per_task`: one objective per task, a Pareto
     front of trade-offs (export takes the front's best combined fitness)."""
@@ -84,6 +85,14 @@ class SearchConfig(BaseModel):
     """Workers on SQL storage beat this often; a trial whose worker stopped beating for
     `grace_seconds` (killed, node lost) is marked failed and retried once."""
     grace_seconds: int = Field(default=60, ge=1)
+    refine: RefineConfig | None = None
+    """`gradient`: after the budget, refine the best trial's weights per tensor on dev
+    (`evomerge.search.refine`); null: the black-box search only."""
+
+    @field_validator("refine", mode="before")
+    @classmethod
+    def _refine_off(cls, value: Any) -> Any:
+        return parse_refine(value)
 
     @model_validator(mode="before")
     @classmethod
@@ -105,12 +114,22 @@ class SearchConfig(BaseModel):
             )
         return value
 
+    @field_validator("sampler")
+    @classmethod
+    def _known_sampler(cls, value: str) -> str:
+        if value not in SAMPLERS:
+            close = difflib.get_close_matches(value, list(SAMPLERS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown sampler {value!r}{hint} (known: {', '.join(SAMPLERS)})")
+        return value
+
     @model_validator(mode="after")
     def _sampler_fits_objectives(self) -> SearchConfig:
-        if self.objectives == "per_task" and self.sampler in ("cmaes", "cmaes_warm"):
+        if self.objectives == "per_task" and not SAMPLERS[self.sampler].objectives:
+            choices = [f"`sampler: {name}`" for name in able("objectives")]
             raise ValueError(
-                "the cmaes sampler optimises one objective; with `objectives: per_task` "
-                "choose `sampler: tpe` or `sampler: random`"
+                f"the {self.sampler} sampler optimises one objective; with `objectives: "
+                f"per_task` choose {', '.join(choices[:-1])} or {choices[-1]}"
             )
         return self
 
@@ -130,6 +149,17 @@ class RunConfig(BaseModel):
     export: ExportConfig = Field(default_factory=ExportConfig)
     device: str = "cpu"
     threads: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _refinable(self) -> RunConfig:
+        if self.search.refine is not None:
+            check_refinable(
+                self.space,
+                backend=self.fitness.backend,
+                objectives=self.search.objectives,
+                models=self.pool.models,
+            )
+        return self
 
     def resolved(self, base_dir: Path) -> RunConfig:
         """Paths made absolute against `base_dir` (the config file's folder)."""

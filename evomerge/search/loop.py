@@ -20,9 +20,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from evomerge.fitness.backends import sync_weights
 from evomerge.search.config import RunConfig
 from evomerge.search.fidelity import RUNGS_ATTR, Schedule, write_examples
+from evomerge.search.refine import apply_trial, make_refiner
 from evomerge.search.run_folder import build_space
 from evomerge.search.samplers import make_sampler
 from evomerge.search.study import (
@@ -33,10 +33,12 @@ from evomerge.search.study import (
     open_study,
 )
 from evomerge.search.workers import Coordinator, retry_waiting, worker_name
-from evomerge.spaces.parameters.candidate import CompiledCandidate
+from evomerge.spaces.refine import REFINED_ATTR
 
 if TYPE_CHECKING:
     import optuna
+
+    from evomerge.spaces.base import Candidate, Space
 
 LOG = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class Search:
         self.candidate = make_candidate(model, self.space, config)
         self.evaluator = Evaluator(model, tokenizer, config.fitness, run_dir)
         self.schedule = Schedule.of(config, self.evaluator.tasks)
+        self.refiner = make_refiner(config, self.candidate, self.evaluator, self.space)
         self.run_dir = run_dir
         self.per_task = config.search.objectives == "per_task"
 
@@ -98,6 +101,8 @@ class Search:
         try:
             while deadline is None or time.monotonic() < deadline:
                 ran = finished_count(trials) < until or retry_waiting(trials)
+                if not ran and self.refiner is not None:  # the budget is met: refine once
+                    ran = self.refiner.queue(self.study, trials)
                 if ran:
                     self.trial(trials)
                 elif not self.workers.wait_for_silent_trials(self.study, deadline):
@@ -122,8 +127,8 @@ class Search:
                 trial.set_user_attr("worker", self.worker)
                 genome = self.space.suggest(trial)
                 started = time.perf_counter()
-                self.candidate.apply(genome)
-                sync_weights(self.evaluator.lm)  # vllm: push into the engine; hf: nothing to do
+                apply_trial(self.candidate, genome, trial.user_attrs)  # refined: per tensor
+                self.evaluator.sync_weights()  # vllm: push into the engine; hf: nothing to do
                 trial.set_user_attr("merge_seconds", time.perf_counter() - started)
                 values = self._score(trial, trials)
         except KeyboardInterrupt:  # Ctrl-C: no trial is left RUNNING
@@ -144,7 +149,7 @@ class Search:
         """Score rung by rung (`evomerge.search.fidelity`), keep the per-example scores in the run
         folder, record the scores on `trial` and return what the study maximises."""
         started = time.perf_counter()
-        baseline = "baseline" in trial.user_attrs
+        baseline = "baseline" in trial.user_attrs or REFINED_ATTR in trial.user_attrs
         incumbent = best_trial(self.study, trials)
         if incumbent is not None and len(incumbent.user_attrs.get(RUNGS_ATTR) or ()) < len(
             self.schedule.sizes
@@ -216,21 +221,18 @@ def _interrupts_held() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-def make_candidate(model, space, config: RunConfig):
-    """What writes a genome into the live model: the compiled parameter-space candidate, the
-    data-flow candidate (layers by reference) for a data-flow space, or a staged space's."""
-    if space.kind == "staged":
-        from evomerge.spaces.staged import staged_candidate
+def make_candidate(model, space: Space, config: RunConfig) -> Candidate:
+    """What writes a genome into the live model: the candidate of the space's kind
+    (`evomerge.spaces.registry`), set up once for the run."""
+    from evomerge.spaces.registry import get_kind
 
-        return staged_candidate(model, space, seed=config.search.merge_seed, device=config.device)
-    if space.kind == "dataflow":
-        from evomerge.merging.executor import torch_dtype
-        from evomerge.spaces.dataflow import DataflowCandidate
-
-        return DataflowCandidate(
-            model, space, dtype=torch_dtype(config.pool.dtype) or model.dtype, device=config.device
-        )
-    return CompiledCandidate(model, space, seed=config.search.merge_seed, device=config.device)
+    return get_kind(space.kind).candidate(
+        model,
+        space,
+        seed=config.search.merge_seed,
+        device=config.device,
+        dtype=config.pool.dtype,
+    )
 
 
 def load_eval_model(config: RunConfig):

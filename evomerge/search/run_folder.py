@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 from evomerge import __version__
 from evomerge.errors import UserError
+from evomerge.io.checkpoint import read_json_object
 from evomerge.search.config import RunConfig
 from evomerge.search.study import storage_url
 
 if TYPE_CHECKING:
-    from evomerge.spaces.dataflow import DataflowSpace
-    from evomerge.spaces.parameters.space import SearchSpace
+    from evomerge.spaces.base import Space
 
 RUN_FORMAT = 1  # bump when the run folder layout changes incompatibly
 
@@ -39,15 +39,17 @@ RUN_FORMAT = 1  # bump when the run folder layout changes incompatibly
 @dataclass(frozen=True)
 class RunGenes:
     """The genes of a run as run.json keeps them. Each gene is a dict with the fields of
-    `evomerge.spaces.parameters.space.Gene`: name, low, high, group, part, model, param, and choices (a
-    categorical gene's values; absent in runs made before categorical genes)."""
+    `evomerge.spaces.base.Gene`: name, low, high, group, part, model, param, choices (a
+    categorical gene's values; absent in runs made before categorical genes) and stage (the
+    merge stage the gene sets, in spaces whose stages have genes of their own; absent in runs
+    made before it was kept)."""
 
     method: str
     groups: tuple[str, ...]  # layer group labels, in layer order
     genes: tuple[dict[str, Any], ...]
 
     @classmethod
-    def of(cls, space: SearchSpace) -> RunGenes:
+    def of(cls, space: Space) -> RunGenes:
         return cls(
             method=space.title,
             groups=tuple(label for label, _, _ in space.groups),
@@ -58,58 +60,32 @@ class RunGenes:
         return {"method": self.method, "groups": list(self.groups), "genes": list(self.genes)}
 
 
-def build_space(config: RunConfig) -> SearchSpace | DataflowSpace:
-    """The run's search space over its pool: parameter space (reads the base model's layer
-    count), or the kind its file names (`dataflow`, `method_per_group`, `pairwise`)."""
-    space = _space_of_kind(config)
-    categorical = [g.name for g in space.genes if g.choices is not None]
-    if categorical and config.search.sampler in ("cmaes", "cmaes_warm"):
-        raise UserError(
-            f"sampler {config.search.sampler!r} would draw the categorical gene {categorical[0]!r} at random "
-            "(CMA-ES searches floats only); use sampler gp, tpe or random for this space"
-        )
-    return space
-
-
-def _space_of_kind(config: RunConfig):
-    from evomerge.io.checkpoint import Checkpoint
-    from evomerge.merging.recipe import validate_model
-    from evomerge.spaces.parameters.space import SearchSpace, SpaceConfig, read_space
+def build_space(config: RunConfig) -> Space:
+    """The run's search space over its pool, built by the kind its file names
+    (`evomerge.spaces.registry`), after checking that the run's backend can score that kind
+    and its sampler can draw the space's genes."""
+    from evomerge.search.samplers import SAMPLERS, able
+    from evomerge.spaces.registry import get_kind, kind_of, read_space
 
     data, where = read_space(config.space)
-    pool = dict(base=config.pool.base, models=dict(config.pool.models), dtype=config.pool.dtype)
-    kind = data.get("kind") if isinstance(data, dict) else None
-    if kind in ("method_per_group", "pairwise"):
-        from evomerge.spaces.staged import (
-            MethodPerGroupConfig,
-            MethodPerGroupSpace,
-            PairwiseConfig,
-            PairwiseSpace,
-        )
-
-        space_class, config_class = {
-            "method_per_group": (MethodPerGroupSpace, MethodPerGroupConfig),
-            "pairwise": (PairwiseSpace, PairwiseConfig),
-        }[kind]
-        return space_class(
-            validate_model(config_class, data, where),
-            num_layers=Checkpoint(config.pool.base).num_layers,
-            **pool,
-        )
-    if kind == "dataflow":
-        from evomerge.spaces.dataflow import DataflowConfig, DataflowSpace
-
-        if config.fitness.backend == "vllm":
-            raise UserError(
-                "a data-flow space changes the model's depth per trial, which a running vLLM engine "
-                "cannot; score it with fitness.backend: hf"
-            )
-        return DataflowSpace(validate_model(DataflowConfig, data, where), **pool)
-    return SearchSpace(
-        validate_model(SpaceConfig, data, where),
-        num_layers=Checkpoint(config.pool.base).num_layers,
-        **pool,
+    kind = get_kind(kind_of(data))
+    kind.check_backend(config.fitness.backend)
+    space = kind.build(
+        data,
+        where,
+        base=config.pool.base,
+        models=dict(config.pool.models),
+        dtype=config.pool.dtype,
     )
+    categorical = [g.name for g in space.genes if g.choices is not None]
+    if categorical and not SAMPLERS[config.search.sampler].categorical:
+        capable = able("categorical")
+        raise UserError(
+            f"sampler {config.search.sampler!r} would draw the categorical gene "
+            f"{categorical[0]!r} at random (it models floats only); use sampler "
+            f"{', '.join(capable[:-1])} or {capable[-1]} for this space"
+        )
+    return space
 
 
 def write_run_folder(config: RunConfig, run_dir: Path) -> None:
@@ -143,8 +119,9 @@ def read_run_folder(run_dir: Path, *, check_pool: bool = True) -> RunConfig:
     run_dir = Path(run_dir)
     _read_meta(run_dir)
     config = load_run_config(run_dir / "config.yaml")
+    _check_study_exists(config, run_dir)
     if check_pool:
-        saved = json.loads((run_dir / "pool.json").read_text())
+        saved = _read_pool_record(run_dir)
         now = pool_fingerprints(config)
         changed = [name for name in saved if saved[name] != now.get(name)]
         if changed:
@@ -153,6 +130,35 @@ def read_run_folder(run_dir: Path, *, check_pool: bool = True) -> RunConfig:
                 "resuming would mix scores of different models — start a new run"
             )
     return config
+
+
+def _check_study_exists(config: RunConfig, run_dir: Path) -> None:
+    """A run whose study file is gone is refused: opening it would create an empty study
+    (writing into the folder) and then report or resume nothing."""
+    url = storage_url(config, run_dir)
+    file = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
+    if url.startswith("journal:") or url.endswith(".log"):
+        file = url.removeprefix("journal:")
+    if file is not None and not Path(file).exists():
+        raise UserError(
+            f"the study of run {str(run_dir)!r} is missing ({file} does not exist), so it has "
+            "no trials to read; restore the file or start a new run"
+        )
+
+
+def _read_pool_record(run_dir: Path) -> dict[str, str]:
+    """pool.json: the fingerprints of the models the run started with."""
+    file = run_dir / "pool.json"
+    try:
+        saved = read_json_object(file)
+    except UserError:
+        saved = None
+    if not saved or not all(isinstance(v, str) for v in saved.values()):
+        raise UserError(
+            f"{file} is missing or corrupt, so the pool cannot be checked against the run's; "
+            "restore it, or start a new run"
+        )
+    return saved
 
 
 def read_run_genes(run_dir: Path) -> RunGenes:
@@ -174,9 +180,9 @@ def _read_meta(run_dir: Path) -> dict[str, Any]:
     if not meta_file.exists():
         raise UserError(f"{str(run_dir)!r} is not an evomerge run folder (no run.json)")
     try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{meta_file} is corrupt") from None
+        meta = read_json_object(meta_file)
+    except UserError:
+        raise UserError(f"{meta_file} is corrupt; restore it, or start a new run") from None
     if meta.get("run_format") != RUN_FORMAT:
         raise UserError(
             f"{str(run_dir)!r} was written by evomerge {meta.get('evomerge_version', '?')} "

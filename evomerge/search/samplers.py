@@ -14,13 +14,12 @@
                (`source_trials`, WS-CMA-ES: the search starts at the mean of the best tenth of
                the design, with a spread of about 0.1 of each gene's range), then CMA-ES
                carries on. See `WarmStartedCmaEs`.
-- `tpe`        multivariate TPE; `random`, uniform draws; `multi`, multivariate TPE over one
-               objective per task (a Pareto front).
+- `tpe`        multivariate TPE; `random`, uniform draws.
 
-Categorical genes (a staged space's method per group, or order of merges): `gp`, `tpe` and
-`random` draw them natively; `cmaes` and `cmaes_warm` are refused for such spaces
-(`run_folder.build_space`), since CMA-ES would draw them at random, independently of its
-distribution.
+What each sampler can do (draw categorical genes, search several objectives, start from the
+trials it did not propose) is declared once, in `SAMPLERS`: the run config checks its
+objectives against it, the run folder its space's genes (`run_folder.build_space`), and the
+README's table is checked against it. A new sampler is one `register_sampler(...)` call.
 
 Every sampler keeps its state in the study's storage (CMA-ES its optimizer in trial system
 attributes; the others need nothing but the trials), so `resume` and extra workers continue the
@@ -30,6 +29,8 @@ same search.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -47,26 +48,83 @@ def design_trials(trials: int) -> int:
     return min(max(10, trials // 3), 50)
 
 
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler a run config may name, and what it can do.
+
+    `make(seed, trials)` builds it for a study of `trials` trials (`seed` None in processes
+    that join a running study). `categorical`: it draws categorical genes as such (not at
+    random beside its model); `objectives`: it searches several objectives (a Pareto front);
+    `warm_start`: it learns from trials it did not propose, the queued baselines included."""
+
+    name: str
+    make: Callable[[int | None, int], BaseSampler]
+    categorical: bool
+    objectives: bool
+    warm_start: bool
+    summary: str = ""
+
+
+SAMPLERS: dict[str, Sampler] = {}
+
+
+def register_sampler(sampler: Sampler) -> Sampler:
+    if sampler.name in SAMPLERS:
+        raise ValueError(f"sampler {sampler.name!r} is registered twice")
+    SAMPLERS[sampler.name] = sampler
+    return sampler
+
+
+def able(capability: str) -> list[str]:
+    """The names of the samplers that can do `capability` (a field of `Sampler`), in order."""
+    return [name for name, sampler in SAMPLERS.items() if getattr(sampler, capability)]
+
+
 def make_sampler(name: str, *, seed: int | None, trials: int) -> BaseSampler:
-    """The sampler called `name` (see `config.SamplerName`) for a study of `trials` trials.
+    """The sampler called `name` (see `SAMPLERS`) for a study of `trials` trials.
 
     `seed` is None in processes that join a running study (workers, resume): equal seeds
     would make every process replay the same proposals."""
-    if name == "gp":
-        return _gp(seed)
-    if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    if name == "cmaes_warm":
-        return WarmStartedCmaEs(design=_gp(seed), design_trials=design_trials(trials), seed=seed)
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise ValueError(f"unknown sampler {name!r}")
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}")
+    return SAMPLERS[name].make(seed, trials)
 
 
-def _gp(seed: int | None) -> BaseSampler:
+def _gp(seed: int | None, trials: int = 0) -> BaseSampler:
     return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
+
+
+def _cmaes(seed: int | None, trials: int) -> BaseSampler:
+    return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+
+
+def _cmaes_warm(seed: int | None, trials: int) -> BaseSampler:
+    return WarmStartedCmaEs(design=_gp(seed), design_trials=design_trials(trials), seed=seed)
+
+
+def _tpe(seed: int | None, trials: int) -> BaseSampler:
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+
+
+def _random(seed: int | None, trials: int) -> BaseSampler:
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+# CMA-ES models floats only: it would draw a categorical gene at random, beside its
+# distribution, and it optimises one objective.
+for _sampler in (
+    Sampler("gp", _gp, categorical=True, objectives=True, warm_start=True,
+            summary="Gaussian-process Bayesian optimisation (the default)"),
+    Sampler("tpe", _tpe, categorical=True, objectives=True, warm_start=True,
+            summary="multivariate TPE"),
+    Sampler("cmaes_warm", _cmaes_warm, categorical=False, objectives=False, warm_start=True,
+            summary="a GP design, then CMA-ES started from its best"),
+    Sampler("cmaes", _cmaes, categorical=False, objectives=False, warm_start=False,
+            summary="CMA-ES from the centre of the box"),
+    Sampler("random", _random, categorical=True, objectives=True, warm_start=False,
+            summary="uniform draws"),
+):  # fmt: skip
+    register_sampler(_sampler)
 
 
 class WarmStartedCmaEs(BaseSampler):

@@ -7,6 +7,7 @@ process that only reads the study needs none.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,16 @@ def storage_url(config: RunConfig, run_dir: Path) -> str:
     return config.search.storage or f"sqlite:///{(Path(run_dir) / 'study.db').resolve()}"
 
 
+def masked(url: str) -> str:
+    """`url` with its password, if any, replaced by `***`: what messages and logs may show."""
+    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
+
+
+def _without_password(text: str, url: str) -> str:
+    password = re.search(r"//[^/@:]*:([^/@]*)@", url)
+    return text.replace(password.group(1), "***") if password and password.group(1) else text
+
+
 def open_storage(url: str):
     """Optuna storage for a URL: a journal file or an RDB (SQLite, PostgreSQL, MySQL). A dead
     worker's trial is failed and retried by `evomerge.search.workers`, for every storage alike."""
@@ -37,10 +48,18 @@ def open_storage(url: str):
             return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
         return RDBStorage(url)
     except (optuna.exceptions.StorageInternalError, ImportError, ValueError) as exc:
-        raise UserError(f"cannot open study storage {url!r}: {exc}") from None
+        reason = _without_password(str(exc), url)
+        raise UserError(f"cannot open study storage {masked(url)!r}: {reason}") from None
+    except OSError as exc:  # a journal file in a missing, read-only or file-blocked folder
+        raise UserError(
+            f"cannot open study storage {masked(url)!r} ({exc.strerror or exc}); its folder "
+            "must exist and be writable"
+        ) from None
     except Exception as exc:  # SQLAlchemy's connection errors have many types
         if type(exc).__module__.startswith("sqlalchemy"):
-            raise UserError(f"cannot reach study storage {url!r}: {type(exc).__name__}") from None
+            raise UserError(
+                f"cannot reach study storage {masked(url)!r}: {type(exc).__name__}"
+            ) from None
         raise
 
 

@@ -26,9 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from evomerge.errors import UserError
 from evomerge.io.checkpoint import Checkpoint, check_compatible, reference_parts
+from evomerge.merging.multistage import Stage
 from evomerge.merging.recipe import ConditionalSetting, Recipe, Slice, SliceSource
 from evomerge.methods import get_method
-from evomerge.spaces.parameters.space import Gene, suggest_genome
+from evomerge.spaces.base import Gene, suggest_genome
 
 # The config fields that make one model's layer fit another's (the residual stream and heads).
 LAYER_SHAPE_KEYS = (
@@ -139,7 +140,11 @@ class DataflowSpace:
                 break
         return steps or [Step(self.order[0][1], 0)]  # an empty path has no slices to export
 
-    def decode(self, genome: dict[str, float]) -> Recipe:
+    def decode(self, genome: dict[str, float]) -> list[Stage]:
+        """The merge a genome stands for: one unnamed stage, its `recipe`."""
+        return [Stage(None, self.recipe(genome))]
+
+    def recipe(self, genome: dict[str, float]) -> Recipe:
         """A mergekit passthrough recipe of the path: runs of consecutive layers of one source
         become one slice, a scaled layer a slice of its own."""
         slices = []

@@ -8,7 +8,7 @@ LoRA adapters stay factored, `evomerge.merging.factored`).
 Per trial (`apply(genome)`): write the genes into the slots and run the jobs; each result lands
 in the evaluation model's parameter in place, its finiteness checked in the same pass.
 
-A genome decodes to an ordinary recipe (`SearchSpace.decode`, for export); the compiled jobs
+A genome decodes to an ordinary recipe (`SearchSpace.recipe`, for export); the compiled jobs
 are that recipe's plan with the genome's values in it, run through the same executor, so the
 exported model is bit for bit the one that was scored.
 """
@@ -23,16 +23,12 @@ from evomerge.errors import UserError
 from evomerge.merging.executor import PreparedTensor, load_inputs
 from evomerge.merging.factored import FactoredTensor, has_adapter
 from evomerge.merging.plan import MergePlan, TensorJob, plan_merge
+from evomerge.spaces.base import CandidateError
 
 if TYPE_CHECKING:
     import torch
 
     from evomerge.spaces.parameters.space import SearchSpace
-
-
-class CandidateError(Exception):
-    """A candidate that cannot be scored (non-finite weights, ...): the trial fails, the
-    search goes on."""
 
 
 @dataclass(frozen=True)
@@ -126,10 +122,10 @@ def compile_slots(space: SearchSpace) -> tuple[MergePlan, dict[str, list[Slot]]]
     Found by decoding two probe genomes and planning both: a parameter that takes gene g's
     value in both plans is g's slot (every gene has different values in the two probes, and
     no two genes the same pair), one that is equal in both is fixed. So the slots are exactly
-    what `decode` and the planner make of a genome, with no second copy of their rules."""
+    what `recipe` and the planner make of a genome, with no second copy of their rules."""
     first, second = _probe_genomes(space)
-    plan = plan_merge(space.decode(first))
-    other = plan_merge(space.decode(second), checkpoints=plan.checkpoints)
+    plan = plan_merge(space.recipe(first))
+    other = plan_merge(space.recipe(second), checkpoints=plan.checkpoints)
     genes = {(first[name], second[name]): name for name in first}
     return plan, {
         job.out_name: _slots(job, again, genes) for job, again in zip(plan.jobs, other.jobs)

@@ -23,14 +23,13 @@ its bounds, so the map from genome to recipe is one-to-one and smooth (no foldin
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import UserError
+from evomerge.merging.multistage import Stage
 from evomerge.merging.recipe import (
     ConditionalSetting,
     MethodName,
@@ -41,6 +40,8 @@ from evomerge.merging.recipe import (
     validate_model,
 )
 from evomerge.methods import MergeMethod, Param, get_method
+from evomerge.spaces.base import Gene, check_genome, suggest_genome
+from evomerge.spaces.registry import read_space
 
 if TYPE_CHECKING:
     import optuna
@@ -100,83 +101,10 @@ def load_space(source: str | Path | dict, *, base_dir: Path = Path(".")) -> Spac
     return validate_model(SpaceConfig, data, where)
 
 
-def read_space(source: str | Path | dict, *, base_dir: Path = Path(".")) -> tuple[Any, str]:
-    """The raw mapping of a space and where it came from (for messages): a space's `kind`
-    says which config reads it (`kind: dataflow`, see evomerge.spaces.dataflow)."""
-    if isinstance(source, dict):
-        return source, "space"
-    path = _find_space_file(str(source), base_dir)
-    try:
-        return yaml.safe_load(path.read_text()), str(path)
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: malformed YAML ({exc.__class__.__name__})") from None
-
-
-def _find_space_file(name: str, base_dir: Path) -> Path:
-    bundled = Path(__file__).resolve().parents[3] / "search_spaces"
-    for candidate in (Path(name), base_dir / name, bundled / name, bundled / f"{name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    known = sorted(p.stem for p in bundled.glob("*.yaml"))
-    raise UserError(f"search space {name!r} not found (bundled spaces: {', '.join(known)})")
-
-
-@dataclass(frozen=True)
-class Gene:
-    """One searched value: a float in [low, high], or, where `choices` is given, one of them
-    (a categorical gene: low and high are unused)."""
-
-    name: str
-    low: float
-    high: float
-    group: str  # "L0-1" or "all"
-    part: str | None  # split filter, or None
-    model: str | None  # pool model name for per-model parameters
-    param: str
-    choices: tuple[str, ...] | None = None
-
-    def suggest(self, trial: optuna.Trial) -> float | str:
-        """This gene's value in `trial`, drawn by the study's sampler."""
-        if self.choices is not None:
-            return trial.suggest_categorical(self.name, self.choices)
-        return trial.suggest_float(self.name, self.low, self.high)
-
-    def admits(self, value: Any) -> bool:
-        """Whether `value` is one this gene can take."""
-        if self.choices is not None:
-            return value in self.choices
-        return isinstance(value, (int, float)) and self.low <= value <= self.high
-
-
-def suggest_genome(trial: optuna.Trial, genes: list[Gene]) -> dict[str, float | str]:
-    """A genome drawn by the study's sampler: every gene suggested once, in order."""
-    return {gene.name: gene.suggest(trial) for gene in genes}
-
-
-def check_genome(genome: dict[str, Any], genes: list[Gene]) -> None:
-    """UserError unless `genome` gives every gene a value it admits (a genome stored in a study
-    is decoded long after the search: its space may have changed since)."""
-    missing = [g.name for g in genes if g.name not in genome]
-    if missing:
-        raise UserError(f"the genome lacks genes {missing[:3]}; was the search space changed?")
-    for gene in genes:
-        value = genome[gene.name]
-        if not gene.admits(value):
-            allowed = (
-                ", ".join(gene.choices)
-                if gene.choices is not None
-                else f"[{gene.low:g}, {gene.high:g}]"
-            )
-            raise UserError(
-                f"gene {gene.name!r} = {value!r} is not one of its values ({allowed}); "
-                "was the search space changed?"
-            )
-
-
 class SearchSpace:
     """Genes and decoding for one pool: `models` maps short names to model folders."""
 
-    kind = "parameters"  # a parameter space; `kind: dataflow` files are read by evomerge.spaces.dataflow
+    kind = "parameters"  # a space file that names no kind (evomerge.spaces.registry)
 
     def __init__(
         self,
@@ -248,7 +176,11 @@ class SearchSpace:
         return suggest_genome(trial, self.genes)
 
     # --- decoding ------------------------------------------------------------------------
-    def decode(self, genome: dict[str, float]) -> Recipe:
+    def decode(self, genome: dict[str, float]) -> list[Stage]:
+        """The merge a genome stands for: one unnamed stage, its `recipe`."""
+        return [Stage(None, self.recipe(genome))]
+
+    def recipe(self, genome: dict[str, float]) -> Recipe:
         """The recipe a genome stands for: one slice per layer group."""
         check_genome(genome, self.genes)
         slices = []
@@ -324,8 +256,7 @@ def classic_recipes(method: MergeMethod, models: list[str]) -> dict[str, dict[st
     recipes: dict[str, dict[str, Any]] = {
         "uniform": {"weight": lambda m: 1.0 / n, "density": 1.0, "interpolation": 0.5},
     }
-    if method.name == "dare_ties":
-        recipes["dare_ties_0.5"] = {"weight": 0.5, "density": 0.5, "interpolation": 0.5}
+    recipes.update(method.baselines)  # the method's own classic recipes
     for model in models:
         recipes[f"only_{model}"] = {
             "weight": lambda m, me=model: 1.0 if m == me else 0.0,

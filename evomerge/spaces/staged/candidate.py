@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 from evomerge.io.checkpoint import Checkpoint
 from evomerge.merging.executor import PreparedTensor, inputs_of, job_refs
 from evomerge.merging.plan import plan_merge
-from evomerge.spaces.parameters.candidate import CandidateError, CompiledCandidate
-from evomerge.spaces.parameters.space import check_genome
+from evomerge.spaces.base import CandidateError, check_genome
+from evomerge.spaces.parameters.candidate import CompiledCandidate
 from evomerge.spaces.staged.space import MethodPerGroupSpace, PairwiseSpace
 
 if TYPE_CHECKING:

@@ -20,6 +20,7 @@ named stages (`evomerge.merging.multistage`), which `evomerge merge` and mergeki
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any, Literal
 
@@ -35,14 +36,8 @@ from evomerge.merging.recipe import (
     describe_validation_error,
 )
 from evomerge.methods import get_method
-from evomerge.spaces.parameters.space import (
-    Gene,
-    SearchSpace,
-    SpaceConfig,
-    check_genome,
-    classic_recipes,
-    suggest_genome,
-)
+from evomerge.spaces.base import Gene, check_genome, suggest_genome
+from evomerge.spaces.parameters.space import SearchSpace, SpaceConfig, classic_recipes
 
 MAX_MODELS = 6  # 720 orders, each one value of a categorical gene
 
@@ -116,7 +111,7 @@ class PairwiseConfig(SpaceConfig):
 class MethodPerGroupSpace:
     """Genes and decoding of method-per-group candidates over one pool."""
 
-    kind = "staged"
+    kind = "method_per_group"
 
     def __init__(
         self,
@@ -162,7 +157,7 @@ class MethodPerGroupSpace:
         method's stage (a single stage where every group chose one method)."""
         check_genome(genome, self.genes)
         chosen = self.chosen(genome)
-        stages = [Stage(_stage_name(m), self.spaces[m].decode(genome)) for m in chosen]
+        stages = [Stage(_stage_name(m), self.spaces[m].recipe(genome)) for m in chosen]
         if len(stages) == 1:
             return [Stage(None, stages[0].recipe)]
         slices = [
@@ -240,7 +235,7 @@ def _genome_from(
 class PairwiseSpace:
     """Genes and decoding of pairwise sequences over one pool."""
 
-    kind = "staged"
+    kind = "pairwise"
 
     def __init__(
         self,
@@ -281,7 +276,7 @@ class PairwiseSpace:
         self.groups = probe.groups
         self.genes = [Gene("order", 0.0, 0.0, "all", None, None, "order", self.orders)]
         for s in range(1, self.stages + 1):
-            self.genes += [_renamed(g, f"S{s}.{g.name}") for g in probe.genes]
+            self.genes += [_of_stage(g, f"S{s}") for g in probe.genes]
 
     def suggest(self, trial) -> dict[str, float | str]:
         return suggest_genome(trial, self.genes)
@@ -310,7 +305,7 @@ class PairwiseSpace:
         for s, name in enumerate(names[1:], start=1):
             space = self._stage_space(s, prev, self.models[name])
             prefix = f"S{s}."
-            recipe = space.decode(
+            recipe = space.recipe(
                 {k[len(prefix) :]: v for k, v in genome.items() if k.startswith(prefix)}
             )
             label = f"S{s}" if s < self.stages else None
@@ -347,7 +342,6 @@ def _shares(share: float) -> dict[str, Any]:
     }
 
 
-def _renamed(gene: Gene, name: str) -> Gene:
-    return Gene(
-        name, gene.low, gene.high, gene.group, gene.part, gene.model, gene.param, gene.choices
-    )
+def _of_stage(gene: Gene, stage: str) -> Gene:
+    """Stage `stage`'s copy of a gene of the stage space (`S1.L0-1.t`)."""
+    return dataclasses.replace(gene, name=f"{stage}.{gene.name}", stage=stage)

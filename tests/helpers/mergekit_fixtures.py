@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def mergekit_python():
     """The python of a mergekit 0.1.5 environment (see mergekit_env.py), or skip."""
-    from mergekit_env import mergekit_python_or_reason
+    from helpers.mergekit_env import mergekit_python_or_reason
 
     python, reason = mergekit_python_or_reason()
     if python is None:

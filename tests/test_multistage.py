@@ -66,7 +66,7 @@ models:
 
 
 def _filled(text: str, pool: dict[str, Path]) -> str:
-    from mergekit_env import fill_in_paths
+    from helpers.mergekit_env import fill_in_paths
 
     return fill_in_paths(text, pool)
 
@@ -83,7 +83,7 @@ def _write(tmp_path: Path, text: str, name: str = "stages.yaml") -> Path:
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    from tiny_models import build_tiny_pool
+    from helpers.tiny_models import build_tiny_pool
 
     torch.set_num_threads(1)
     return build_tiny_pool(tmp_path_factory.mktemp("stages-pool"), dtype=torch.float32, seed=11)
@@ -93,7 +93,7 @@ def pool(tmp_path_factory):
 def both(pool, tmp_path_factory, mergekit_python):
     """Each recipe merged by evomerge (intermediates kept) and by mergekit-multi; and the
     recipe.yaml evomerge wrote beside its output, rerun by mergekit-multi."""
-    from mergekit_env import run_driver
+    from helpers.mergekit_env import run_driver
 
     root = tmp_path_factory.mktemp("stages")
     jobs, out = [], {}
@@ -194,8 +194,11 @@ def _linear(name, model: str) -> str:
             "(document 2): merge_method: unknown merge method 'linaer'; did you mean 'linear'?",
         ),
         (
-            _linear("a", "$ft0").replace("linear", "slerp") + "---\n" + _linear(None, "a"),
-            "(document 1): models[0].parameters.weight: merge method 'slerp' has no parameter 'weight'",
+            _linear("a", "$ft0").replace("linear", "slerp").replace("weight", "wieght")
+            + "---\n"
+            + _linear(None, "a"),
+            "(document 1): models[0].parameters.wieght: merge method 'slerp' has no parameter "
+            "'wieght'",
         ),
     ],
 )

@@ -12,7 +12,7 @@ Where the environment comes from, in order:
      EVOMERGE_MERGEKIT_TORCH_INDEX to take torch from another index, e.g. its CPU wheels);
 otherwise the mergekit tests are skipped with the reason from `mergekit_python_or_reason()`.
 
-    python tests/mergekit_env.py          # create .venv-mergekit/ (what `make test` runs)
+    python tests/helpers/mergekit_env.py  # create .venv-mergekit/ (what `make test` runs)
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import tempfile
 import venv
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV_DIR = REPO / ".venv-mergekit"
 DRIVER = Path(__file__).resolve().parent / "mergekit_driver.py"
 MERGEKIT_VERSION = "0.1.5"

@@ -1,7 +1,7 @@
 """Session fixtures over the small demo and demo2 pools (each built once per test session,
 ~10 s, only by the tests that ask for it).
 
-Wire into tests with `pytest_plugins = ["pool_fixtures"]` in tests/conftest.py (or import
+Wire into tests with `pytest_plugins = ["helpers.pool_fixtures"]` in tests/conftest.py (or import
 the fixtures there).
 """
 

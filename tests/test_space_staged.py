@@ -251,8 +251,8 @@ def test_a_bad_staged_space_is_one_sentence(space, models, needles):
 def test_the_exported_stages_equal_mergekit_multi_stage_by_stage(tmp_path, mergekit_python):
     """Both bundled staged spaces, methods mixed, over a tiny fp32 pool: mergekit-multi runs the
     recipe.yaml evomerge writes, and every stage and the final model are equal."""
-    from mergekit_env import run_driver
-    from tiny_models import build_tiny_pool
+    from helpers.mergekit_env import run_driver
+    from helpers.tiny_models import build_tiny_pool
 
     torch.set_num_threads(1)
     pool = build_tiny_pool(tmp_path / "pool", dtype=torch.float32, seed=7)
@@ -299,7 +299,7 @@ def test_the_exported_stages_equal_mergekit_multi_stage_by_stage(tmp_path, merge
 
 # --- the search --------------------------------------------------------------------------------
 def _config(tmp_path: Path, pool: Path, space: str, **search) -> Path:
-    from pool_fixtures import pool_search_config
+    from helpers.pool_fixtures import pool_search_config
 
     config = pool_search_config(
         pool,

@@ -1,6 +1,6 @@
 """A throwaway PostgreSQL server on loopback for tests: `initdb` + `pg_ctl` in a temp folder.
 
-    from postgres import postgres_url  # noqa: F401  (the fixture)
+    from helpers.postgres import postgres_url  # noqa: F401  (the fixture)
 
     def test_x(postgres_url): ...      # "postgresql+psycopg2://evomerge@127.0.0.1:PORT/postgres"
 

@@ -69,7 +69,8 @@ def main(jobs_path: str, results_path: str) -> None:
             started = time.perf_counter()
             try:
                 run(job)
-                # The process's peak resident memory so far (VmHWM starts anew at exec, ru_maxrss not).
+                # The process's peak resident memory so far (VmHWM starts anew at exec,
+                # ru_maxrss does not).
                 peak_kib = int(
                     re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)
                 )

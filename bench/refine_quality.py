@@ -1,0 +1,203 @@
+"""Learned merging: the black-box best against the same study's gradient-refined trial.
+
+    python bench/refine_quality.py --pools runs/demo-pool runs/demo2-pool runs/demo3-pool \\
+        --space task_arithmetic_layers --seeds 0 1 2 --trials 50 --jobs 2 --out refine.json
+
+Each (pool, seed) is one fresh study (baselines first, every trial on all of dev, `gp`) with
+`search.refine: gradient`: `trials` black-box trials, then the refined trial of the best one,
+in the same study. Both are scored on every dev and test example (`HeldOut`, as `evomerge
+report` does) with the paired test difference and its standard error. The naive references
+are chosen as in bench/search_quality.py; the ceiling (multi-task fine-tune) is the test mean
+`bench/ceiling.py` measured for each pool (docs/BENCHMARKS.md, "The offline pools"), or
+`--ceiling POOL=VALUE`. Printed per pool: the share of the gap between the best naive recipe
+(on test) and the ceiling that each closes, mean and worst seed; the dev-to-test drop of each;
+the refinement's cost (forward+backward example passes, seconds, trial-equivalents: its seconds
+over the mean seconds of a black-box trial).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Test means of the multi-task fine-tune (bench/ceiling.py), docs/BENCHMARKS.md.
+CEILINGS = {"demo": 0.976, "demo2": 0.951, "demo3": 0.921}
+
+
+def run_one(job: dict) -> dict:
+    """One study with refinement; the black-box best and the refined trial on dev and test."""
+    from search_quality import _setup, pool_config
+
+    _setup()
+    from evomerge.results.heldout import HeldOut
+    from evomerge.search.config import RunConfig
+    from evomerge.search.loop import Search
+    from evomerge.search.run_folder import write_run_folder
+    from evomerge.search.study import best_trial
+    from evomerge.spaces.refine import REFINED_ATTR
+
+    pool = Path(job["pool"])
+    data = pool_config(pool, job["space"], "gp", job["seed"], job["trials"])
+    data["search"]["refine"] = job["refine"]
+    config = RunConfig.model_validate(data)
+    run_dir = Path(job["workdir"]) / f"{pool.name}-{job['space']}-{job['seed']}"
+    write_run_folder(config, run_dir)
+    started = time.perf_counter()
+    search = Search(config, run_dir)
+    search.run(until=job["trials"], progress=False)
+    seconds = time.perf_counter() - started
+    trials = [t for t in search.study.trials if t.state.name == "COMPLETE"]
+    refined = next(t for t in trials if REFINED_ATTR in t.user_attrs)
+    black_box = best_trial(search.study, [t for t in trials if t is not refined])
+    held = HeldOut(config, run_dir)
+    scores = {
+        "black_box": held.score(black_box.params),
+        "refined": held.score(refined.params, refined.user_attrs),
+    }
+    described = {k: held.describe(v) for k, v in scores.items()}
+    paired = held.compare(scores["refined"], scores["black_box"])
+    per_trial = [
+        t.user_attrs["merge_seconds"] + t.user_attrs["eval_seconds"]
+        for t in trials
+        if t is not refined
+    ]
+    stats = refined.user_attrs["refine"]
+    return {
+        "pool": pool.name,
+        "space": job["space"],
+        "seed": job["seed"],
+        "trials": job["trials"],
+        "seconds": seconds,
+        "black_box_trial": black_box.number,
+        "refined_from": stats["from_trial"],
+        **{
+            f"{k}_{split}": described[k][split]["value"]
+            for k in described
+            for split in ("dev", "test")
+        },
+        "paired_test": paired["test"],
+        "paired_dev": paired["dev"],
+        "refine": stats,
+        "trial_seconds": statistics.mean(per_trial),
+        "trial_equivalents": stats["seconds"] / statistics.mean(per_trial),
+    }
+
+
+def references(pool: str, workdir: str) -> dict:
+    from search_quality import score_references
+
+    return score_references(pool, workdir)
+
+
+def summarise(runs: list[dict], refs: dict[str, dict], ceilings: dict[str, float]) -> None:
+    """Per pool: test scores, gap closed (mean / worst seed), drops, cost."""
+    print(
+        "\n| pool | seeds | best naive (test) | ceiling | black-box test | refined test "
+        "| gap closed: black-box | gap closed: refined | refined - black-box, test (paired ± se) "
+        "| dev-to-test drop: black-box / refined | refinement cost |"
+    )
+    print("|---" * 11 + "|")
+    for pool in sorted({r["pool"] for r in runs}):
+        mine = sorted((r for r in runs if r["pool"] == pool), key=lambda r: r["seed"])
+        naive = max(v["test"] for v in refs[pool]["naive"].values())
+        ceiling = ceilings[pool]
+
+        def closed(key: str, mine=mine, naive=naive, ceiling=ceiling) -> str:
+            shares = [(r[key] - naive) / (ceiling - naive) for r in mine]
+            return f"{100 * statistics.mean(shares):.0f}% / {100 * min(shares):.0f}%"
+
+        def mean(key: str, mine=mine) -> float:
+            return statistics.mean(r[key] for r in mine)
+
+        paired = " ; ".join(
+            f"{100 * r['paired_test']['difference']:+.1f}±{100 * r['paired_test']['se']:.1f}"
+            for r in mine
+        )
+        drop_bb = mean("black_box_dev") - mean("black_box_test")
+        drop_rf = mean("refined_dev") - mean("refined_test")
+        cost = (
+            f"{statistics.mean(r['refine']['train_passes'] for r in mine):.0f} fwd+bwd, "
+            f"{statistics.mean(r['refine']['seconds'] for r in mine):.0f} s, "
+            f"{statistics.mean(r['trial_equivalents'] for r in mine):.0f} trials"
+        )
+        print(
+            f"| {pool} | {len(mine)} | {naive:.3f} | {ceiling:.3f} | {mean('black_box_test'):.3f} "
+            f"| {mean('refined_test'):.3f} | {closed('black_box_test')} | {closed('refined_test')} "
+            f"| {paired} | {100 * drop_bb:+.1f} / {100 * drop_rf:+.1f} | {cost} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pools", type=Path, nargs="+", default=[Path("runs/demo-pool")])
+    parser.add_argument("--space", default="task_arithmetic_layers")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--refine", default="{}", help="search.refine as JSON (default: {})")
+    parser.add_argument("--ceiling", nargs="*", default=[], metavar="POOL=VALUE")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    ceilings = {**CEILINGS, **{k: float(v) for k, v in (c.split("=") for c in args.ceiling)}}
+    refine = json.loads(args.refine)
+    runs, refs = [], {}
+    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(args.jobs) as workers:
+        pending = {
+            workers.submit(references, str(p.resolve()), f"{tmp}/{p.name}"): p.name
+            for p in args.pools
+        }
+        jobs = [
+            {
+                "pool": str(p.resolve()),
+                "space": args.space,
+                "seed": seed,
+                "trials": args.trials,
+                "refine": refine,
+                "workdir": tmp,
+            }
+            for seed in args.seeds
+            for p in args.pools
+        ]
+        futures = [workers.submit(run_one, job) for job in jobs] + list(pending)
+        for done in as_completed(futures):
+            if done in pending:
+                refs[Path(pending[done]).name] = done.result()
+                continue
+            run = done.result()
+            runs.append(run)
+            print(
+                f"{run['pool']} seed {run['seed']}: black-box #{run['black_box_trial']} dev "
+                f"{run['black_box_dev']:.4f} test {run['black_box_test']:.4f}; refined dev "
+                f"{run['refined_dev']:.4f} test {run['refined_test']:.4f}; "
+                f"refine {run['refine']['seconds']:.0f} s, {run['refine']['steps']} steps, "
+                f"held-out {run['refine']['held_out_start']:.4f} -> "
+                f"{run['refine']['held_out_refined']:.4f}",
+                flush=True,
+            )
+            if args.out:
+                args.out.write_text(json.dumps({"runs": runs, "references": refs}, indent=2))
+    pool_names = {Path(p).name: p for p in args.pools}
+    refs = {
+        json.loads((Path(pool_names[k]) / "pool.json").read_text())["name"]: v
+        for k, v in refs.items()
+    }
+    for run in runs:
+        run["pool"] = json.loads((Path(pool_names[run["pool"]]) / "pool.json").read_text())["name"]
+    summarise(runs, refs, ceilings)
+    if args.out:
+        args.out.write_text(json.dumps({"runs": runs, "references": refs}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

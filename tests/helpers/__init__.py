@@ -1,0 +1,1 @@
+"""Shared test helpers: pytest plugins (fixtures), tiny models, the mergekit environment."""
