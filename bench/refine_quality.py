@@ -12,7 +12,9 @@ are chosen as in bench/search_quality.py; the ceiling (multi-task fine-tune) is 
 `--ceiling POOL=VALUE`. Printed per pool: the share of the gap between the best naive recipe
 (on test) and the ceiling that each closes, mean and worst seed; the dev-to-test drop of each;
 the refinement's cost (forward+backward example passes, seconds, trial-equivalents: its seconds
-over the mean seconds of a black-box trial).
+over the mean seconds of a black-box trial). `--oracle` also refines the black-box best on the
+test split itself (train and early-stopping folds both from test): the share of the gap that
+per-tensor weights can reach at all, what limits a pool where the refinement falls short.
 """
 
 from __future__ import annotations
@@ -65,6 +67,15 @@ def run_one(job: dict) -> dict:
         "black_box": held.score(black_box.params),
         "refined": held.score(refined.params, refined.user_attrs),
     }
+    if job[
+        "oracle"
+    ]:  # the same refinement fitted on test itself: what per-tensor weights can reach
+        from evomerge.search.refine import Refiner
+
+        oracle = Refiner(
+            config.search.refine, held.candidate, held.evaluators["test"], held.space, seed=0
+        ).refine(black_box.params)
+        scores["oracle"] = held.score(black_box.params, {REFINED_ATTR: oracle.weights})
     described = {k: held.describe(v) for k, v in scores.items()}
     paired = held.compare(scores["refined"], scores["black_box"])
     per_trial = [
@@ -126,15 +137,20 @@ def summarise(runs: list[dict], refs: dict[str, dict], ceilings: dict[str, float
         )
         drop_bb = mean("black_box_dev") - mean("black_box_test")
         drop_rf = mean("refined_dev") - mean("refined_test")
+        fold = statistics.mean(r["refine"]["held_out_start"] - r["black_box_test"] for r in mine)
+        fold_rf = statistics.mean(r["refine"]["held_out_refined"] - r["refined_test"] for r in mine)
         cost = (
             f"{statistics.mean(r['refine']['train_passes'] for r in mine):.0f} fwd+bwd, "
             f"{statistics.mean(r['refine']['seconds'] for r in mine):.0f} s, "
             f"{statistics.mean(r['trial_equivalents'] for r in mine):.0f} trials"
         )
+        if "oracle_test" in mine[0]:
+            print(f"{pool}: per-tensor oracle (refined on test) closes {closed('oracle_test')}")
         print(
             f"| {pool} | {len(mine)} | {naive:.3f} | {ceiling:.3f} | {mean('black_box_test'):.3f} "
             f"| {mean('refined_test'):.3f} | {closed('black_box_test')} | {closed('refined_test')} "
-            f"| {paired} | {100 * drop_bb:+.1f} / {100 * drop_rf:+.1f} | {cost} |"
+            f"| {paired} | {100 * drop_bb:+.1f} / {100 * drop_rf:+.1f} (held-out fold: "
+            f"{100 * fold:+.1f} / {100 * fold_rf:+.1f}) | {cost} |"
         )
 
 
@@ -148,6 +164,9 @@ def main() -> None:
     parser.add_argument("--refine", default="{}", help="search.refine as JSON (default: {})")
     parser.add_argument("--ceiling", nargs="*", default=[], metavar="POOL=VALUE")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--oracle", action="store_true", help="also refine on test itself (an upper bound)"
+    )
     args = parser.parse_args()
     ceilings = {**CEILINGS, **{k: float(v) for k, v in (c.split("=") for c in args.ceiling)}}
     refine = json.loads(args.refine)
@@ -164,6 +183,7 @@ def main() -> None:
                 "seed": seed,
                 "trials": args.trials,
                 "refine": refine,
+                "oracle": args.oracle,
                 "workdir": tmp,
             }
             for seed in args.seeds

@@ -122,7 +122,8 @@ def bench_demo(config, repeats: int, root: Path) -> tuple[Timings, Timings, dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.fitness import Evaluator
-    from evomerge.merging.executor import run_merge, torch_dtype
+    from evomerge.io.dtypes import torch_dtype
+    from evomerge.merging.executor import run_merge
     from evomerge.search.loop import Search
 
     if not Path(config.pool.base).is_dir():

@@ -292,9 +292,7 @@ def test_a_broken_adapter_is_one_sentence(tmp_path, adapter_base, monkeypatch, c
         "    parameters: {weight: 1.0}\n"
     )
     out = tmp_path / "out"
-    monkeypatch.setattr(
-        sys, "argv", ["evomerge", "merge", str(recipe), str(out), "--allow-pickle"]
-    )
+    monkeypatch.setattr(sys, "argv", ["evomerge", "merge", str(recipe), str(out), "--allow-pickle"])
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         main()

@@ -787,13 +787,23 @@ def _multi_stage(work: Path, pool) -> Path:
 
 UNWRITABLE = {  # case -> command line after `evomerge`, writing under {blocked} (a file)
     "eval-out": lambda work, pool: (
-        "eval", str(pool["ft0"]), "--tasks", "evomerge_add", "--out", "{blocked}/scores.json"
+        "eval",
+        str(pool["ft0"]),
+        "--tasks",
+        "evomerge_add",
+        "--out",
+        "{blocked}/scores.json",
     ),
     "report-out": lambda work, pool: (
-        "report", str(_run_folder(work)), "--no-held-out", "--out", "{blocked}/report"
+        "report",
+        str(_run_folder(work)),
+        "--no-held-out",
+        "--out",
+        "{blocked}/report",
     ),
     "pool-demo": lambda work, pool: ("pool", "demo", "{blocked}/pool", "--size", "small"),
     "multi-stage-merge": lambda work, pool: ("merge", str(_multi_stage(work, pool)), "{blocked}/m"),
+    "export": lambda work, pool: ("export", str(_run_folder(work)), "{blocked}/model"),
 }
 
 
@@ -832,9 +842,7 @@ def test_an_output_that_is_a_mount_point_is_refused_before_the_work(
     assert snapshot(work) == before
 
 
-def test_a_killed_multi_stage_merge_leaves_no_intermediates_behind(
-    monkeypatch, capsys, work, pool
-):
+def test_a_killed_multi_stage_merge_leaves_no_intermediates_behind(monkeypatch, capsys, work, pool):
     """`.OUT.stages-*` of a dead process (one full model per stage) is removed by the next
     merge to the same place, as single-stage `.partial` folders are."""
     stale = work / ".m.stages-deadhost.999999999-abcd"
@@ -856,11 +864,15 @@ def _gone_study(run: Path) -> None:
 
 BROKEN_RUNS = {  # case -> (what is done to a run folder, commands that must refuse, words)
     "pool-json-corrupt": (
-        lambda r: (r / "pool.json").write_text("{not json"), ("resume",), "pool.json"
+        lambda r: (r / "pool.json").write_text("{not json"),
+        ("resume",),
+        "pool.json",
     ),
     "pool-json-a-list": (lambda r: (r / "pool.json").write_text("[1]"), ("resume",), "pool.json"),
     "run-json-a-list": (
-        lambda r: (r / "run.json").write_text("[]"), ("resume", "report", "export"), "run.json"
+        lambda r: (r / "run.json").write_text("[]"),
+        ("resume", "report", "export"),
+        "run.json",
     ),
     "no-study": (_gone_study, ("resume", "report", "export", "worker"), "study.db"),
 }
@@ -882,3 +894,205 @@ def test_a_broken_run_folder_is_one_sentence_and_gets_nothing_written(
         code, err = cli(monkeypatch, capsys, command, str(run), *extra)
         assert_one_sentence(code, err, needle)
         assert snapshot(work) == before, f"{command} wrote into the run folder"
+
+
+# --- resume sees every change to what a trial scores -------------------------------------------
+def _append_to(relative: str):
+    def change(pool: Path) -> None:
+        file = next(pool.glob(relative))
+        file.write_text(file.read_text() + "\n")
+
+    return change
+
+
+def _edit_json(relative: str, **changes):
+    def change(pool: Path) -> None:
+        file = pool / relative
+        file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+
+    return change
+
+
+POOL_CHANGES = {  # case -> (change to a copied pool, the name `resume` must give)
+    "config": (_edit_json("rev/config.json", rms_norm_eps=0.5), "rev"),
+    "tokenizer": (_edit_json("base/tokenizer_config.json", model_max_length=7), "base"),
+    "task-yaml": (_append_to("tasks/*add*.yaml"), "task files"),
+    "task-data": (_append_to("tasks/**/*add_dev*.jsonl"), "task files"),
+}
+
+
+@pytest.fixture
+def copied_pool(small_pool, work) -> Path:
+    return shutil.copytree(small_pool, work / "pool")
+
+
+@pytest.mark.parametrize("case", sorted(POOL_CHANGES))
+def test_resume_refuses_any_change_to_what_a_trial_scores(copied_pool, work, case):
+    """Once only `*.safetensors` were fingerprinted: a changed config or tokenizer was resumed,
+    and new trials scored 0.0 beside old 0.69."""
+    from evomerge.errors import UserError
+    from evomerge.search.config import load_run_config
+    from evomerge.search.run_folder import read_run_folder, write_run_folder
+
+    change, name = POOL_CHANGES[case]
+    config = load_run_config(search_config(work, copied_pool))
+    write_run_folder(config, work / "run")
+    (work / "run" / "study.db").touch()  # as the search makes it
+    read_run_folder(work / "run")  # unchanged: accepted
+    change(copied_pool)
+    with pytest.raises(UserError, match=f"pool changed since this run started \\({name}\\)"):
+        read_run_folder(work / "run")
+
+
+def test_a_run_started_before_configs_were_fingerprinted_is_still_checked(copied_pool, work):
+    """pool.json from before: weights only, no `task files`; still accepted, still checked."""
+    from evomerge.errors import UserError
+    from evomerge.io.fingerprint import pool_fingerprints
+    from evomerge.search.config import load_run_config
+    from evomerge.search.run_folder import read_run_folder, write_run_folder
+
+    config = load_run_config(search_config(work, copied_pool))
+    write_run_folder(config, work / "run")
+    (work / "run" / "study.db").touch()
+    old = pool_fingerprints(config, weights_only=True)
+    (work / "run" / "pool.json").write_text(json.dumps(old))
+    _edit_json("rev/config.json", rms_norm_eps=0.5)(copied_pool)
+    read_run_folder(work / "run")  # the weights did not change
+    rewrite_tensors(copied_pool / "rev", lambda t: t["model.norm.weight"].mul_(2))
+    with pytest.raises(UserError, match="pool changed"):
+        read_run_folder(work / "run")
+
+
+# --- tasks ------------------------------------------------------------------------------------
+def _empty_dev_data(tasks: Path) -> None:
+    next(tasks.glob("**/*add_dev*.jsonl")).write_text("")
+
+
+def _latin1_yaml(tasks: Path) -> None:
+    yaml_file = next(tasks.glob("*add*.yaml"))
+    yaml_file.write_bytes(b"# \xe9volution\n" + yaml_file.read_bytes())
+
+
+BROKEN_TASKS = {  # case -> (change to a copy of the demo pool's task folder, words)
+    "empty-dev-split": (_empty_dev_data, ("evomerge_add", "empty")),
+    "yaml-in-latin-1": (_latin1_yaml, ("not UTF-8", "re-save")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_TASKS))
+def test_a_broken_task_is_one_sentence(monkeypatch, capsys, work, small_pool, case):
+    """Once a StopIteration from `datasets` and a UnicodeDecodeError."""
+    break_it, needles = BROKEN_TASKS[case]
+    tasks = shutil.copytree(small_pool / "tasks", work / "tasks")
+    break_it(tasks)
+    args = ("--task-path", str(tasks), "--tasks", "evomerge_add", "--run-dir", str(work / "r"))
+    code, err = cli(monkeypatch, capsys, "eval", str(small_pool / "add"), *args, "--limit", "2")
+    assert_one_sentence(code, err, *needles, progress_before=True)
+
+
+# --- the guarantee, as a property: no command ends in a traceback ------------------------------
+COMMANDS = {  # command -> its command line, with the input X in its first argument's place
+    "merge": ("merge", "{x}", "{out}"),
+    "eval": ("eval", "{x}", "--tasks", "evomerge_add", "--out", "{out}.json"),
+    "search": ("search", "{x}", "--run-dir", "{out}"),
+    "resume": ("resume", "{x}"),
+    "worker": ("worker", "{x}"),
+    "report": ("report", "{x}", "--no-held-out"),
+    "export": ("export", "{x}", "{out}"),
+}
+
+
+# inputs a command never reads, so it may succeed on them: `report` does not read pool.json
+UNREAD = {"report": "run:pool-json"}
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(pool, tmp_path_factory) -> dict[str, Path]:
+    """Every bad input of this suite's tables, as files and folders, plus the plain kinds
+    (empty, binary, missing): what a user may hand any command by mistake."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    inputs = {}
+    for case, (break_it, _) in BROKEN_FOLDERS.items():
+        inputs[f"folder:{case}"] = copy_model(pool["ft1"], root / f"folder-{case}")
+        break_it(inputs[f"folder:{case}"])
+        recipe = root / f"recipe-over-{case}.yaml"
+        recipe.write_text(yaml.safe_dump(linear_recipe(pool["ft0"], inputs[f"folder:{case}"])))
+        inputs[f"recipe-over:{case}"] = recipe
+    from helpers.tiny_models import write_adapter
+    from test_adapters import BROKEN_ADAPTERS
+
+    for case, (break_it, _) in BROKEN_ADAPTERS.items():
+        adapter = write_adapter(root / f"adapter-{case}", pool["base"])
+        break_it(adapter)
+        recipe = root / f"recipe-over-adapter-{case}.yaml"
+        recipe.write_text(yaml.safe_dump(linear_recipe(f"{pool['base']}+{adapter}")))
+        inputs[f"recipe-over-adapter:{case}"] = recipe
+    for case, (text, _) in BAD_RECIPES.items():
+        inputs[f"recipe:{case}"] = root / f"recipe-{case}.yaml"
+        inputs[f"recipe:{case}"].write_text(text(pool))
+    for case, (break_it, _, _) in BROKEN_RUNS.items():
+        (root / f"run-{case}").mkdir()
+        inputs[f"run:{case}"] = _run_folder(root / f"run-{case}")
+        break_it(inputs[f"run:{case}"])
+    (root / "empty.yaml").write_text("")
+    (root / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    (root / "empty-folder").mkdir()
+    inputs.update(
+        {
+            "empty-file": root / "empty.yaml",
+            "binary-file": root / "binary.yaml",
+            "empty-folder": root / "empty-folder",
+            "missing": root / "missing",
+        }
+    )
+    return inputs
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_no_command_ends_in_a_traceback_on_any_bad_input(
+    monkeypatch, capsys, tmp_path, bad_inputs, command
+):
+    """The README's promise as a property: every bad input of these suites, handed to every
+    command, ends in exit code 2 and an `error:` line, never in a traceback."""
+    broken = []
+    for name, path in bad_inputs.items():
+        out = tmp_path / f"out-{len(broken)}-{name.replace(':', '-')}"
+        args = [a.format(x=path, out=out) for a in COMMANDS[command]]
+        try:
+            code, err = cli(monkeypatch, capsys, *args)
+        except Exception as exc:  # escaped the entry point: a traceback for the user
+            code, err = "raised", f"{type(exc).__name__}: {exc}"
+        last = (err.strip().splitlines() or [""])[-1].rsplit("\r", 1)[-1]
+        refused = code == 2 and last.lower().startswith("error: ")
+        if not (refused or (code == 0 and name.startswith(UNREAD.get(command, "-")))):
+            broken.append(f"{name}: exit {code}: {err.strip()[-300:]}")
+        elif "Traceback" in err:
+            broken.append(f"{name}: exit {code}: {err.strip()[-300:]}")
+    assert not broken, "\n".join(broken)
+
+
+@pytest.mark.parametrize("where", ["missing/study.log", "blocked/study.log"])
+def test_a_journal_storage_in_an_unusable_folder_is_one_sentence(work, small_pool, where):
+    """A journal file in a missing folder, or under a file: once a FileNotFoundError."""
+    (work / "blocked").write_text("a file where a folder was expected")
+    config = search_config(work, small_pool, search__storage=f"journal:{work / where}")
+    search_fails(work, config, "cannot open study storage", "must exist and be writable")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("merge", "{big}", "{out}"), ("search", "{big}"), ("eval", "{model}", "--config", "{big}")],
+    ids=["recipe", "search-config", "fitness-config"],
+)
+def test_an_oversized_recipe_or_config_is_refused_before_parsing(
+    monkeypatch, capsys, work, pool, args
+):
+    """A 100 MB recipe ran for over ten minutes (a 5 MB one: 94 s and 570 MB)."""
+    big = work / "big.yaml"
+    big.write_text("merge_method: linear\n" + "#" * (2 << 20) + "\n")
+    before = snapshot(work)
+    fill = {"big": str(big), "out": str(work / "out"), "model": str(pool["ft0"])}
+    started = time.perf_counter()
+    code, err = cli(monkeypatch, capsys, *(a.format(**fill) for a in args))
+    assert_one_sentence(code, err, "big.yaml", "limit")
+    assert time.perf_counter() - started < 30 and snapshot(work) == before

@@ -323,3 +323,61 @@ def test_an_unreadable_held_out_cache_entry_is_treated_as_absent(tmp_path, conte
     cache.parent.mkdir()
     cache.write_text(content, encoding="latin-1")
     assert "unavailable" in chosen_scores(config, run, study, trial)
+
+
+# --- a full disk during a search ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+        RuntimeError("(sqlite3.OperationalError) database or disk is full"),
+    ],
+    ids=["write", "storage"],
+)
+def test_a_full_disk_during_a_search_is_one_sentence_and_fails_the_trial(
+    tmp_path, small_pool, monkeypatch, capsys, error
+):
+    """Once six chained tracebacks and a trial left RUNNING."""
+    import optuna
+
+    import evomerge.search.loop
+    from evomerge.cli import main
+
+    def full(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(evomerge.search.loop, "write_examples", full)
+    config = {
+        "pool": {
+            "base": str(small_pool / "base"),
+            "models": {n: str(small_pool / n) for n in ("add", "rev")},
+        },
+        "space": "linear_global",
+        "fitness": {
+            "task_paths": [str(small_pool / "tasks")],
+            "tasks": ["evomerge_add"],
+            "subset": {"count": 4},
+        },
+        "search": {"sampler": "random", "trials": 3, "seed": 0, "baselines": False},
+        "threads": 1,
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["evomerge", "search", str(tmp_path / "config.yaml"), "--run-dir", str(run_dir)],
+    )
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    lines = [line.rsplit("\r", 1)[-1] for line in err.strip().splitlines() if line.strip()]
+    assert exit_.value.code == 2 and "Traceback" not in err, err
+    assert lines[-1].startswith("error: the disk is full") and "evomerge resume" in lines[-1]
+    assert sum(line.startswith(("error", "WARNING", "ERROR")) for line in lines) == 1, err
+    study = optuna.load_study(study_name="evomerge", storage=f"sqlite:///{run_dir / 'study.db'}")
+    (trial,) = study.get_trials(deepcopy=False)  # the search stopped at the first
+    assert trial.state.name == "FAIL" and "disk is full" in lines[-1]
+    assert trial.user_attrs["fail_reason"].startswith(type(error).__name__)
+    assert any(w in trial.user_attrs["fail_reason"] for w in ("No space", "disk is full"))

@@ -54,6 +54,12 @@ PARSE_ONLY = {
         "for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i evomerge worker runs/shared --device cuda & "
         "done; wait"
     ): "needs 4 GPUs",
+    "evomerge pool smol runs/smol-pool": (
+        "downloads SmolLM2 and trains for minutes (the real-model lane, tests/test_real_model.py)"
+    ),
+    "evomerge search runs/smol-pool/search.yaml --run-dir runs/smol": "needs the smol pool",
+    "evomerge report runs/smol": "needs the smol search",
+    "evomerge export runs/smol runs/smol/best-merge": "needs the smol search",
 }
 
 # Files the README assumes the reader has: sandbox path -> where it comes from ("{pool}" is the

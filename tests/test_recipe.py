@@ -153,12 +153,9 @@ def test_unknown_key_names_the_closest_valid_key(text, wrong, suggestion):
     assert f"did you mean {suggestion!r}" in message
 
 
-def test_union_tokenizer_is_refused_with_the_alternatives():
+def test_union_tokenizer_is_accepted():
     text = "merge_method: linear\ntokenizer_source: union\nmodels: [{model: a}, {model: b}]"
-    with pytest.raises(UserError) as info:
-        parse_recipe(text)
-    message = str(info.value)
-    assert "union" in message and "'base'" in message
+    assert parse_recipe(text).vocabulary_source() == "union"  # merged: tests/test_vocabulary.py
 
 
 @pytest.mark.parametrize(

@@ -46,7 +46,10 @@ def distance(params: dict, point: dict) -> float:
 
 
 def test_every_named_sampler_runs_a_seeded_study_reproducibly(tmp_path) -> None:
-    for name in ("gp", "cmaes", "cmaes_warm", "tpe", "random"):
+    from evomerge.search.samplers import SAMPLERS
+
+    assert {"gp", "cmaes", "cmaes_warm", "tpe", "random"} <= set(SAMPLERS)
+    for name in SAMPLERS:
         runs = []
         for attempt in range(2):
             study = open_study(

@@ -40,9 +40,30 @@ def test_bundled_spaces_keep_their_genes_and_baselines():
         name, n_models = key.split("/")
         space = make_space(load_space(name), int(n_models))
         assert [f"{g.name} [{g.low:g}, {g.high:g}]" for g in space.genes] == expected["genes"], key
-        assert [[label, genome] for label, genome in space.baselines().items()] == expected[
-            "baselines"
-        ], key
+        baselines = space.baselines()
+        # task arithmetic's scalings (issue 31) came later: the others are as they were
+        assert [
+            [label, genome]
+            for label, genome in baselines.items()
+            if not label.startswith("lambda_")
+        ] == expected["baselines"], key
+
+
+def test_task_arithmetic_spaces_queue_the_classic_scalings():
+    space = make_space(load_space("task_arithmetic_layers"), 3)
+    baselines = space.baselines()
+    labels = [label for label in baselines if label.startswith("lambda_")]
+    assert labels == ["lambda_0.3", "lambda_0.5", "lambda_0.7", "lambda_1"]
+    for label in labels:
+        assert set(baselines[label].values()) == {float(label.removeprefix("lambda_"))}
+    # a method that normalises the weights: a scaling is the uniform merge again, not queued
+    assert not any(
+        label.startswith("lambda_")
+        for label in make_space(load_space("ties_layers"), 3).baselines()
+    )
+    # one model: lambda 1 is `uniform` already
+    one = make_space(load_space("task_arithmetic_layers"), 1).baselines()
+    assert "lambda_1" not in one and "lambda_0.5" in one
 
 
 def test_bounds_are_the_declared_ones_unless_the_space_narrows_them():

@@ -120,3 +120,20 @@ def test_a_kind_declares_the_backends_that_can_score_it():
             refused = next(b for b in BACKENDS if b not in kind.backends)
             with pytest.raises(UserError, match="score it with fitness.backend"):
                 kind.check_backend(refused)
+
+
+def test_run_json_keeps_each_genes_stage_for_the_report(small_pool):
+    """A pairwise sequence's genes name their stage in the gene list run.json keeps, which is
+    what the report draws a row per stage from (it parses no gene names)."""
+    import json
+
+    from evomerge.results.plots import _stage_prefix
+    from evomerge.search.run_folder import RunGenes
+
+    space = build("pairwise_sequence", small_pool)
+    genes = json.loads(json.dumps(RunGenes.of(space).to_json()))["genes"]
+    stages = {gene["name"]: _stage_prefix(gene) for gene in genes}
+    assert stages["order"] == ""
+    floats = [name for name in stages if name != "order"]
+    assert floats and all(stages[name] == name.split(".")[0] for name in floats)
+    assert {stages[name] for name in floats} == {"S1", "S2"}

@@ -24,9 +24,18 @@ def cli(verbose: int) -> None:
 
 
 def _register_commands() -> None:
-    from evomerge.cli import eval_cmd, export_cmd, merge_cmd, pool_cmd, report_cmd, search_cmd
+    from evomerge.cli import (
+        check_cmd,
+        eval_cmd,
+        export_cmd,
+        merge_cmd,
+        pool_cmd,
+        report_cmd,
+        search_cmd,
+    )
 
-    for module in (merge_cmd, pool_cmd, eval_cmd, search_cmd, export_cmd, report_cmd):
+    modules = (merge_cmd, check_cmd, pool_cmd, eval_cmd, search_cmd, export_cmd, report_cmd)
+    for module in modules:
         for command in getattr(module, "commands", None) or (module.command,):
             cli.add_command(command)
 

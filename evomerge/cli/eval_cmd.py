@@ -13,27 +13,19 @@ import click
 from evomerge.errors import UserError
 
 
-class _SeveralTaskNames(click.Command):
-    """`--tasks a b c` as the README writes it: a click option takes one value, so the words
-    after `--tasks`, up to the next option, are read as `--tasks a --tasks b --tasks c`."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        spread: list[str] = []
-        taken = None  # values since the last `--tasks`; None while another option is read
-        for i, arg in enumerate(args):
-            if arg == "--":
-                return super().parse_args(ctx, spread + args[i:])
-            if arg.startswith("-"):
-                taken = 0 if arg == "--tasks" else None
-            elif taken is not None:
-                spread += ["--tasks"] if taken else []
-                taken += 1
-            spread.append(arg)
-        return super().parse_args(ctx, spread)
+def _more_task_names(ctx: click.Context, param: click.Parameter, words: tuple[str, ...]) -> None:
+    """`--tasks a b c` as the README writes it: an option takes one value, so click leaves `b`
+    and `c` as positional words, which join the names `--tasks` took."""
+    ctx.params["task_args"] = (*ctx.params.get("task_args", ()), *words)
 
 
-@click.command("eval", cls=_SeveralTaskNames)
-@click.argument("model", metavar="MODEL_DIR|RECIPE.yaml", type=click.Path(path_type=Path))
+@click.command("eval")
+@click.argument(
+    "model", metavar="MODEL_DIR|BASE+ADAPTER|RECIPE.yaml", type=click.Path(path_type=Path)
+)
+@click.argument(
+    "more_tasks", nargs=-1, metavar="[TASKS]...", expose_value=False, callback=_more_task_names
+)
 @click.option(
     "--tasks",
     "task_args",
@@ -64,6 +56,31 @@ class _SeveralTaskNames(click.Command):
     "--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch CPU threads."
 )
 @click.option(
+    "--chat-template/--no-chat-template",
+    "chat_template",
+    default=None,
+    help="Wrap prompts in the model's chat template, as lm-eval's --apply_chat_template "
+    "(instruct and chat models; default: the --config's fitness.apply_chat_template, else off).",
+)
+@click.option(
+    "--system-instruction",
+    metavar="TEXT",
+    help="A system message before each prompt (lm-eval's --system_instruction).",
+)
+@click.option(
+    "--fewshot-as-multiturn",
+    is_flag=True,
+    default=None,
+    help="With the chat template, few-shot examples as earlier turns (lm-eval's flag).",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["dev", "test"]),
+    default="dev",
+    show_default=True,
+    help="Which split of tasks that have both to score: dev (what a search scores) or test.",
+)
+@click.option(
     "--run-dir",
     type=click.Path(file_okay=False, path_type=Path),
     help="Folder for task copies and dataset caches (default: a temporary one).",
@@ -75,9 +92,22 @@ class _SeveralTaskNames(click.Command):
     help="Write the scores as JSON here.",
 )
 def command(
-    model, task_args, task_paths, config_path, limit, batch_size, threads, run_dir, out_path
+    model,
+    task_args,
+    task_paths,
+    config_path,
+    limit,
+    batch_size,
+    threads,
+    chat_template,
+    system_instruction,
+    fewshot_as_multiturn,
+    split,
+    run_dir,
+    out_path,
 ) -> None:
-    """Score MODEL_DIR (a Hugging Face folder, or a merge RECIPE.yaml) on lm-eval tasks.
+    """Score MODEL_DIR (a Hugging Face folder, BASE+ADAPTER: a base with a PEFT LoRA adapter
+    applied, or a merge RECIPE.yaml) on lm-eval tasks.
 
     Prints each task's score and the combined fitness; --out also writes them as JSON.
     """
@@ -85,6 +115,16 @@ def command(
 
     recipe = load_recipe(model) if model.is_file() else None  # its mistakes before any work
     config = _fitness_config(config_path, task_paths, task_args, limit, batch_size)
+    chat = {
+        "apply_chat_template": chat_template,
+        "system_instruction": system_instruction,
+        "fewshot_as_multiturn": fewshot_as_multiturn,
+    }
+    if any(v is not None for v in chat.values()):
+        from evomerge.merging.recipe import validate_model
+
+        data = config.model_dump() | {k: v for k, v in chat.items() if v is not None}
+        config = validate_model(type(config), data, str(config_path or "evomerge eval"))
     if out_path:  # before the evaluation, not after it
         from evomerge.io.output import check_writable
 
@@ -98,17 +138,26 @@ def command(
         set_up_process(
             threads=threads, hf_home=work / "hf", offline=config.offline
         )  # before lm-eval loads
+        from evomerge.cli.process import quiet_output
         from evomerge.fitness import Evaluator
         from evomerge.fitness.live_model import load_live_model
         from evomerge.merging.executor import run_merge
 
         # a recipe is merged with the same code as `evomerge merge`, into the temporary folder
         folder = run_merge(recipe, Path(tmp) / "merged").out_dir if recipe else model
-        lm_model, tokenizer = load_live_model(folder)
-        evaluator = Evaluator(lm_model, tokenizer, config, work)
-        result = evaluator.score(full=limit is None)
+        # lm-eval's progress bars and its warnings about the already-loaded model, which the
+        # user cannot act on, go to the run folder's log (`-v` keeps them on the terminal)
+        with quiet_output(work):
+            lm_model, tokenizer = load_live_model(folder)
+            evaluator = Evaluator(lm_model, tokenizer, config, work, split=split)
+            result = evaluator.score(full=limit is None)
 
     click.echo(_table(result, evaluator.tasks.specs, evaluator.tasks.maximize))
+    from evomerge.fitness.zeros import all_zero_tasks, zero_warning
+
+    zeros = all_zero_tasks([result.per_task], evaluator.tasks.maximize)
+    if zeros:
+        click.echo("warning: " + zero_warning(zeros, who="the model scored"), err=True)
     if out_path:
         report = {
             "model": str(model.resolve()),
@@ -161,9 +210,12 @@ def _fitness_block(path: Path) -> dict[str, Any]:
     """The mapping of a fitness config file, or of the `fitness:` block of a search config."""
     import yaml
 
+    from evomerge.merging.recipe import check_file_size
+
+    check_file_size(path, "config")
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read fitness config {path}: {exc}") from None
     if isinstance(data, dict) and "fitness" in data:
         data = data["fitness"]

@@ -23,6 +23,9 @@ def export(run_dir: Path, out_dir: Path, trial_number: int | None, force: bool) 
     from evomerge.results.export import export_trial
 
     read_run_folder(run_dir, check_pool=False)  # a bad folder is refused before the log is written
+    from evomerge.io.output import check_output_folder
+
+    check_output_folder(out_dir, force=force)  # before the held-out scoring, not after it
     with quiet_output(run_dir):
         summary = export_trial(
             run_dir, out_dir, trial_number=trial_number, force=force, say=click.echo

@@ -2,7 +2,8 @@
 
 - `config`    — `FitnessConfig`: tasks (name, metric, weight, direction), task paths, subset.
 - `tasks`     — builds the lm-eval tasks once (local task folders made location-independent).
-- `backends`  — wraps the live model as an lm-eval `LM` ("hf", or "vllm" in `vllm_backend`).
+- `backends`  — the registry of backends ("hf"; "vllm" in `vllm_backend`), one object each:
+                wrap the live model as an lm-eval `LM`, build its requests, sync its weights.
 - `evaluator` — `Evaluator.score()` -> `FitnessResult`.
 
 Importing this package is cheap; torch and lm-eval load when an `Evaluator` is built.

@@ -33,13 +33,14 @@ class Backend:
     """One way to score the live model.
 
     `make_lm(model, tokenizer, *, batch_size, max_length)`: an lm-eval LM over the live
-    `model` that keeps a reference, never a copy. `prepare(lm, tasks)`: every request of
-    `tasks` (name -> lm-eval Task), built once for that LM. `sync(lm)`: make `lm` score the
-    live model's weights as they are now."""
+    `model` that keeps a reference, never a copy. `prepare(lm, tasks, prompt=...)`: every request
+    of `tasks` (name -> lm-eval Task), built once for that LM, prompts written as `prompt` (a
+    `fitness.prepared.PromptFormat`: the chat template, a system instruction) says.
+    `sync(lm)`: make `lm` score the live model's weights as they are now."""
 
     name: str
     make_lm: Callable[..., LM]
-    prepare: Callable[[LM, dict[str, Task]], PreparedRequests]
+    prepare: Callable[..., PreparedRequests]
     sync: Callable[[LM], None]
     summary: str = ""
 
@@ -86,10 +87,10 @@ def _hf(model: Any, tokenizer: Any, *, batch_size: int, max_length: int | None) 
     return HFLM(pretrained=model, tokenizer=tokenizer, **kwargs)
 
 
-def _hf_requests(lm: LM, tasks: dict[str, Task]) -> PreparedRequests:
+def _hf_requests(lm: LM, tasks: dict[str, Task], **options: Any) -> PreparedRequests:
     from evomerge.fitness.prepared import HFPreparedRequests
 
-    return HFPreparedRequests(lm, tasks)
+    return HFPreparedRequests(lm, tasks, **options)
 
 
 def _scores_the_model_itself(lm: LM) -> None:
@@ -112,10 +113,10 @@ def _vllm(model: Any, tokenizer: Any, *, batch_size: int, max_length: int | None
     return VLLMLiveLM(llm, tokenizer, staging=model, max_length=max_length)
 
 
-def _vllm_requests(lm: LM, tasks: dict[str, Task]) -> PreparedRequests:
+def _vllm_requests(lm: LM, tasks: dict[str, Task], **options: Any) -> PreparedRequests:
     from evomerge.fitness.vllm_backend import VLLMPreparedRequests
 
-    return VLLMPreparedRequests(lm, tasks)
+    return VLLMPreparedRequests(lm, tasks, **options)
 
 
 def _push_into_engine(lm: LM) -> None:

@@ -12,6 +12,7 @@ A fitness config is usually a block of the search config, e.g.::
       backend: hf
       dev_split: dev                         # what the search scores ...
       test_split: test                       # ... and what only the report does
+      apply_chat_template: false             # true for instruct/chat models (as lm-eval's)
 
 A task whose YAML names both a `dev_split` and a `test_split` (in `dataset_kwargs.data_files`,
 `validation_split` or `test_split`) is scored on dev by the search and on test only for the
@@ -109,6 +110,14 @@ class FitnessConfig(BaseModel):
     """The held-out split, scored only for the report and the model card."""
     allow_public_benchmarks: bool = False
     """Search on well-known public benchmarks anyway (see `PUBLIC_BENCHMARKS`)."""
+    apply_chat_template: bool = False
+    """Wrap each prompt in the tokenizer's chat template, as lm-eval's `--apply_chat_template`
+    does: how an instruct or chat model is used, so how it should be scored."""
+    system_instruction: str | None = None
+    """A system message before each prompt (lm-eval's `--system_instruction`)."""
+    fewshot_as_multiturn: bool = False
+    """With the chat template, few-shot examples as earlier turns of the conversation rather
+    than one user message (lm-eval's `--fewshot_as_multiturn`; needs apply_chat_template)."""
 
     @field_validator("backend")
     @classmethod
@@ -138,6 +147,8 @@ class FitnessConfig(BaseModel):
             raise ValueError("at least one task needs a weight above 0")
         if self.dev_split == self.test_split:
             raise ValueError("dev_split and test_split must name different splits")
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise ValueError("fewshot_as_multiturn needs apply_chat_template: true")
         public = [n for n in names if is_public_benchmark(n)]
         if public and not self.allow_public_benchmarks:
             raise ValueError(

@@ -83,7 +83,12 @@ class Evaluator:
         self.lm = self.backend.make_lm(
             model, tokenizer, batch_size=config.batch_size, max_length=config.max_length
         )
-        self.prepared = self.backend.prepare(self.lm, self.tasks.leaf_tasks)
+        from evomerge.fitness.prepared import PromptFormat
+
+        prompt = PromptFormat.of(config)
+        # a backend's `prepare` takes `prompt` when prompts are not lm-eval's plain default
+        options = {"prompt": prompt} if prompt != PromptFormat() else {}
+        self.prepared = self.backend.prepare(self.lm, self.tasks.leaf_tasks, **options)
         """The requests, built once."""
 
     def sync_weights(self) -> None:

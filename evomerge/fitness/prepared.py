@@ -88,15 +88,62 @@ class _Layout:
     generate: list[_GenerateBatch]
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptFormat:
+    """How prompts are written: lm-eval's `evaluate(apply_chat_template=...,
+    system_instruction=..., fewshot_as_multiturn=...)`, from a fitness config."""
+
+    apply_chat_template: bool = False
+    system_instruction: str | None = None
+    fewshot_as_multiturn: bool = False
+
+    @classmethod
+    def of(cls, config: Any) -> PromptFormat:
+        """The prompt format a `FitnessConfig` asks for."""
+        return cls(
+            apply_chat_template=bool(getattr(config, "apply_chat_template", False)),
+            system_instruction=getattr(config, "system_instruction", None),
+            fewshot_as_multiturn=bool(getattr(config, "fewshot_as_multiturn", False)),
+        )
+
+    def request_kwargs(self, lm: TemplateLM) -> dict[str, Any]:
+        """The arguments lm-eval's `evaluate` gives `Task.build_all_requests` for this format."""
+        chat = self.apply_chat_template
+        if chat and not getattr(getattr(lm, "tokenizer", None), "chat_template", None):
+            raise UserError(
+                "fitness.apply_chat_template is true but the model's tokenizer has no chat "
+                "template; set it to false (or give the model a chat template)."
+            )
+        return {
+            "system_instruction": self.system_instruction,
+            "apply_chat_template": chat,
+            "fewshot_as_multiturn": self.fewshot_as_multiturn,
+            "chat_template": lm.apply_chat_template if chat else None,
+            "tokenizer_name": _tokenizer_name(lm) if chat else "",
+        }
+
+
+def _tokenizer_name(lm: TemplateLM) -> str:
+    try:
+        return lm.tokenizer_name
+    except NotImplementedError:  # only request caches use it; evomerge caches none
+        return ""
+
+
 class PreparedRequests:
     """Every request of `tasks`, built and tokenised once by `lm`; `run` scores chosen documents.
 
-    A backend's subclass gives `respond`: the responses of the given instances.
+    A backend's subclass gives `respond`: the responses of the given instances. `prompt` says
+    how prompts are written (the chat template, a system instruction), as lm-eval's own.
     """
 
-    def __init__(self, lm: TemplateLM, tasks: dict[str, Task]) -> None:
+    def __init__(
+        self, lm: TemplateLM, tasks: dict[str, Task], *, prompt: PromptFormat | None = None
+    ) -> None:
         self.lm = lm
         self.tasks = tasks
+        self.prompt = prompt or PromptFormat()
+        self._request_kwargs = self.prompt.request_kwargs(lm)
         self.instances: list[Instance] = []
         self.docs: dict[str, dict[int, list[int]]] = {}
         """Per task, per document id: its instance ids, in lm-eval's order (`Instance.idx`)."""
@@ -111,7 +158,12 @@ class PreparedRequests:
 
     def _build(self, name: str, task: Task) -> dict[int, list[int]]:
         task.build_all_requests(
-            limit=None, samples=None, rank=0, world_size=1, cache_requests=False
+            limit=None,
+            samples=None,
+            rank=0,
+            world_size=1,
+            cache_requests=False,
+            **self._request_kwargs,
         )
         by_doc: dict[int, list[int]] = {}
         for inst in sorted(task.instances, key=lambda x: (x.doc_id, x.idx)):
@@ -171,10 +223,12 @@ class PreparedRequests:
 class HFPreparedRequests(PreparedRequests):
     """Prepared requests answered by lm-eval's `HFLM` model, batched once as HFLM batches them."""
 
-    def __init__(self, lm: HFLM, tasks: dict[str, Task]) -> None:
+    def __init__(
+        self, lm: HFLM, tasks: dict[str, Task], *, prompt: PromptFormat | None = None
+    ) -> None:
         if getattr(lm, "backend", "causal") != "causal":
             raise UserError("the hf fitness backend scores causal language models only.")
-        super().__init__(lm, tasks)
+        super().__init__(lm, tasks, prompt=prompt)
         self.context_length: dict[int, int] = {
             i: len(lm.tok_encode(inst.args[0]))
             for i, inst in enumerate(self.instances)

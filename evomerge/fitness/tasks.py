@@ -106,7 +106,13 @@ def _score_split(cfg: dict, splits: tuple[str, str], scored: str) -> None:
 def _rewrite_yaml(
     src: Path, dst: Path, cache_dir: Path, splits: tuple[str, str], scored: str
 ) -> None:
-    text = src.read_text(encoding="utf-8")
+    try:
+        text = src.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(
+            f"task file {src} is not UTF-8 text (lm-eval reads task YAMLs as UTF-8); "
+            "re-save it as UTF-8"
+        ) from None
     cfg = yaml.load(text, Loader=_Loader)
     if not isinstance(cfg, dict):
         shutil.copyfile(src, dst)
@@ -287,6 +293,10 @@ def _resolve(spec: TaskSpec, task: Task) -> tuple[TaskSpec, bool]:
     return spec.model_copy(update={"metric": key}), maximize
 
 
+FEWSHOT_SEED = 1234
+"""lm-eval's default `fewshot_random_seed`."""
+
+
 def build_task_set(config: FitnessConfig, run_dir: Path, *, split: str = "dev") -> TaskSet:
     """Index and build every task of `config` once (local tasks first, built-ins only if needed).
 
@@ -318,8 +328,17 @@ def build_task_set(config: FitnessConfig, run_dir: Path, *, split: str = "dev") 
         raise UserError(f"task data not found: {exc}") from None
     except ConnectionError as exc:
         raise UserError(f"task data is not reachable offline: {exc}") from None
+    except StopIteration:  # `datasets` finding no row to read the schema from
+        raise UserError(
+            f"the data of task(s) {', '.join(names)} has an empty file; give every split "
+            "at least one example"
+        ) from None
 
     leaves = task_dict["tasks"]
+    for task in leaves.values():
+        # few-shot examples drawn as `simple_evaluate` draws them (its fewshot_random_seed):
+        # the same shots in every build, so dev, test and a resumed run see the same prompts
+        task.set_fewshot_seed(seed=FEWSHOT_SEED)
     specs, maximize = [], {}
     for spec in config.tasks:
         if spec.name not in leaves:
@@ -329,6 +348,12 @@ def build_task_set(config: FitnessConfig, run_dir: Path, *, split: str = "dev") 
         specs.append(resolved)
 
     n_docs = {name: len(task.eval_docs) for name, task in leaves.items()}
+    empty = [name for name, n in n_docs.items() if n == 0]
+    if empty:  # nothing to score: a fitness of 0/0
+        raise UserError(
+            f"task {empty[0]!r} has no examples in the split it scores ({scored}); "
+            "check its data files"
+        )
     subset = None
     if config.subset is not None:
         subset = {name: subset_indices(config.subset, name, n) for name, n in n_docs.items()}

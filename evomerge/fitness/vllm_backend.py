@@ -150,8 +150,24 @@ class VLLMLiveLM(TemplateLM):
         self.staging = staging
         self._max_length = max_length
         self.max_gen_toks = max_gen_toks
-        self.last_push_seconds = 0.0
         self.sync_weights()
+
+    # --- prompts -------------------------------------------------------------------------------
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        """The chat template applied as lm-eval's HFLM and VLLM apply it (no system-role retry:
+        a template that refuses a system message is a config error, said by the caller)."""
+        return self.tokenizer.apply_chat_template(
+            chat_history,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+        )
+
+    @property
+    def tokenizer_name(self) -> str:
+        return getattr(self.tokenizer, "name_or_path", "").replace("/", "__")
 
     # --- weights ------------------------------------------------------------------------------
     def sync_weights(self) -> None:
@@ -167,7 +183,6 @@ class VLLMLiveLM(TemplateLM):
         import torch
         from vllm import envs
 
-        started = time.perf_counter()
         with torch.no_grad():
             weights = [(name, tensor.detach()) for name, tensor in named]
             if not envs.VLLM_ENABLE_V1_MULTIPROCESSING:  # same process: tensors by reference
@@ -188,7 +203,6 @@ class VLLMLiveLM(TemplateLM):
                 )
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM did not reset its prefix cache after a weight push")
-        self.last_push_seconds = time.perf_counter() - started
 
     # --- tokenization, as lm-eval's HFLM does it ----------------------------------------------
     @property
@@ -339,8 +353,8 @@ class VLLMPreparedRequests(PreparedRequests):
 
     lm: VLLMLiveLM
 
-    def __init__(self, lm: VLLMLiveLM, tasks: dict[str, Any]) -> None:
-        super().__init__(lm, tasks)
+    def __init__(self, lm: VLLMLiveLM, tasks: dict[str, Any], *, prompt: Any = None) -> None:
+        super().__init__(lm, tasks, prompt=prompt)
         self.contexts: dict[int, list[int]] = {
             i: lm.tok_encode(inst.args[0])
             for i, inst in enumerate(self.instances)

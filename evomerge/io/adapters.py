@@ -104,7 +104,9 @@ class AdapterCheckpoint(Checkpoint):
             return
         folder = Path(named).expanduser()
         if folder.is_dir() and folder.resolve() != self.path.resolve():
-            if folder_fingerprint(folder) != folder_fingerprint(self.path):
+            # the weights decide: a copy with a re-saved config is still the same base
+            recorded = folder_fingerprint(folder, weights_only=True)
+            if recorded != folder_fingerprint(self.path, weights_only=True):
                 raise UserError(
                     f"adapter {str(self.adapter_path)!r} was trained on {named!r}, "
                     f"which is not the base {base!r} it is applied to"

@@ -138,7 +138,7 @@ class Checkpoint:
         return sum(f.stat().st_size for f in self._files)
 
 
-def check_compatible(checkpoints: dict[str, Checkpoint]) -> None:
+def check_compatible(checkpoints: dict[str, Checkpoint], *, same_vocabulary: bool = True) -> None:
     """Refuse to merge models that are not one architecture with one vocabulary.
 
     Compared with the first model: the config's `model_type` and `architectures` (where both
@@ -156,10 +156,11 @@ def check_compatible(checkpoints: dict[str, Checkpoint]) -> None:
                     "architectures and cannot be merged"
                 )
         a, b = first.config.get("vocab_size"), other.config.get("vocab_size")
-        if a is not None and b is not None and a != b:
+        if same_vocabulary and a is not None and b is not None and a != b:
             raise UserError(
                 f"models {first_ref!r} ({a} tokens) and {ref!r} ({b} tokens) have different "
-                "vocabularies; evomerge merges only models that share one tokenizer"
+                "vocabularies; add 'tokenizer_source: union' (or base, or a model) to align "
+                "them token by token"
             )
         mine, theirs = _name_templates(first.names), _name_templates(other.names)
         if mine != theirs:

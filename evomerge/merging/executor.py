@@ -46,7 +46,10 @@ def output_layout(plan: MergePlan, out_dtype: str | None = None) -> list[TensorS
         dtype = cast or merge_dtype(
             plan, [plan.checkpoints[r.model].torch_dtype(r.name) for r in refs]
         )
-        layout.append(TensorSpec(job.out_name, ckpt.shape(refs[0].name), dtype))
+        shape = ckpt.shape(refs[0].name)
+        if plan.is_aligned(job.out_name):  # one row per token of the output vocabulary
+            shape = (plan.vocabulary.size, *shape[1:])
+        layout.append(TensorSpec(job.out_name, shape, dtype))
     return layout
 
 
@@ -80,6 +83,9 @@ def inputs_of(
     search's in-memory stage outputs): checked finite, cast to the merge dtype, on `device`."""
     dtype = merge_dtype(plan, [t.dtype for t in tensors])
     peaks = checked_peaks(job_refs(job), tensors, dtype)
+    if plan.is_aligned(job.out_name):  # rows re-laid out by token: the peaks no longer hold
+        tensors = plan.vocabulary.align([r.model for r in job_refs(job)], tensors)
+        peaks = [None] * len(tensors)
     return inputs_from(plan, job, tensors, peaks, dtype=dtype, seed=seed, device=device)
 
 
@@ -220,7 +226,7 @@ def run_merge(
     """Merge `recipe` into a Hugging Face model folder at `out_dir`, atomically.
 
     `extra_files` (name -> text) are written beside the model, e.g. a model card."""
-    from evomerge.io.output import ShardedWriter, copy_tokenizer, staged_output, write_config
+    from evomerge.io.output import ShardedWriter, staged_output, write_config
 
     started = time.perf_counter()
     check_device(device)
@@ -240,8 +246,7 @@ def run_merge(
         writer.finish()
         source = plan.checkpoints[plan.config_source].path
         write_config(source, staging, layer_sources=plan.layer_sources(), dtype=final_dtype)
-        tokenizer_from = _tokenizer_source(plan)
-        copy_tokenizer(tokenizer_from, staging, chat_template=_chat_template(recipe))
+        write_tokenizer(plan, staging)
         (staging / "recipe.yaml").write_text(recipe.to_yaml())
         provenance = {"evomerge_version": __version__, "seed": seed, "out_dtype": final_dtype}
         (staging / "evomerge.json").write_text(json.dumps(provenance, indent=2) + "\n")
@@ -256,28 +261,12 @@ def run_merge(
     )
 
 
-def _tokenizer_source(plan: MergePlan) -> Path:
-    source = plan.recipe.tokenizer_source
-    if source in (None, "base"):
-        return plan.checkpoints[plan.config_source].path
-    if source in plan.checkpoints:
-        return plan.checkpoints[source].path
-    path = Path(source)
-    if not path.is_dir():
-        raise UserError(f"tokenizer_source {source!r} is neither 'base' nor a model folder")
-    return path
+def write_tokenizer(plan: MergePlan, staging: Path) -> None:
+    """The output's tokenizer, chat template, vocab_size and stop tokens (see
+    evomerge/merging/chat.py)."""
+    from evomerge.merging.chat import write_tokenizer_files
 
-
-def _chat_template(recipe: Recipe) -> str | None:
-    template = recipe.chat_template
-    if template is None or template == "auto":
-        return None
-    if "{{" in template or "{%" in template:
-        return template
-    raise UserError(
-        f"chat_template {template!r} is not a Jinja template; named templates are not bundled, "
-        "so give the template text itself"
-    )
+    write_tokenizer_files(plan, staging)
 
 
 def check_device(device: str) -> None:

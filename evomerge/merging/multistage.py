@@ -46,8 +46,8 @@ class Stage:
 
     def inputs(self) -> list[str]:
         """Every model reference: the inputs, and the tokenizer's source."""
-        tokenizer = self.recipe.tokenizer_source
-        return self.recipe.model_paths() + ([tokenizer] if tokenizer else [])
+        models = self.recipe.model_paths()
+        return models + [m for m in self.recipe.tokenizer_models() if m not in models]
 
 
 # --- reading -----------------------------------------------------------------------------
@@ -238,8 +238,18 @@ def _with_stage_folders(recipe: Recipe, folders: dict[str, str]) -> Recipe:
         if "base_model" in slice_:
             slice_["base_model"] = swap(slice_["base_model"])
     for key in ("base_model", "tokenizer_source"):
-        if key in data:
+        if key in data and data[key] not in ("union", "base"):
             data[key] = swap(data[key])
+    tokenizer = data.get("tokenizer")
+    if isinstance(tokenizer, dict):
+        if tokenizer.get("source") not in (None, "union", "base"):
+            tokenizer["source"] = swap(tokenizer["source"])
+        for entry in (tokenizer.get("tokens") or {}).values():
+            donor = entry.get("source") if isinstance(entry, dict) else None
+            if isinstance(donor, str):
+                entry["source"] = swap(donor)
+            elif isinstance(donor, dict) and "model" in donor:
+                donor["model"] = swap(donor["model"])
     return Recipe.model_validate(data)
 
 

@@ -17,6 +17,7 @@ from evomerge.io.adapters import open_checkpoint
 from evomerge.io.checkpoint import Checkpoint, check_compatible, layer_index, with_layer_index
 from evomerge.io.dtypes import ITEMSIZE
 from evomerge.merging.recipe import Parameters, Recipe, Slice, SliceSource, resolve_setting
+from evomerge.merging.tokenizer import VocabularyAlignment, is_vocabulary_tensor
 from evomerge.methods import MergeMethod, get_method
 
 
@@ -44,6 +45,12 @@ class MergePlan:
     jobs: list[TensorJob]
     config_source: str  # the model whose config.json / tokenizer the output starts from
     num_layers: int
+    # the output vocabulary and each input's rows, where the recipe aligns vocabularies
+    vocabulary: VocabularyAlignment | None = None
+
+    def is_aligned(self, out_name: str) -> bool:
+        """True for a tensor whose rows are re-laid out by token before the merge."""
+        return self.vocabulary is not None and is_vocabulary_tensor(out_name)
 
     def layer_sources(self) -> list[int | None]:
         """For each output layer, the layer of its first input tensor (None where no tensor
@@ -80,12 +87,14 @@ def plan_merge(
         ref: opened.get(ref) or open_checkpoint(ref, allow_pickle=allow_pickle)
         for ref in recipe.model_paths()
     }
+    aligned = recipe.vocabulary_source() is not None
     if any(ref not in opened for ref in checkpoints):  # models opened earlier were checked then
-        check_compatible(checkpoints)
+        check_compatible(checkpoints, same_vocabulary=not aligned)
     slices = _as_slices(recipe, checkpoints)
     config_source = recipe.base_model or slices[0].sources[0].model
     reference = checkpoints[config_source]
     planner = _Planner(recipe, method, checkpoints)
+    planner.aligned = aligned
 
     first_layer = [n for n in reference.names if layer_index(n) == 0]
     outside = [n for n in reference.names if layer_index(n) is None]
@@ -109,7 +118,14 @@ def plan_merge(
             out_layer += 1
     for name in post:
         planner.add(name, [(s.model, name) for s in slices[-1].sources], slices[-1], t=0.0)
-    return MergePlan(recipe, method, checkpoints, planner.jobs, config_source, out_layer)
+    vocabulary = None
+    if aligned:
+        from evomerge.merging.tokenizer import build_alignment
+
+        vocabulary = build_alignment(recipe, checkpoints)
+    return MergePlan(
+        recipe, method, checkpoints, planner.jobs, config_source, out_layer, vocabulary
+    )
 
 
 def _is_input_side(name: str) -> bool:
@@ -152,6 +168,7 @@ class _Planner:
     def __init__(self, recipe: Recipe, method: MergeMethod, checkpoints: dict[str, Checkpoint]):
         self.recipe, self.method, self.checkpoints = recipe, method, checkpoints
         self.jobs: list[TensorJob] = []
+        self.aligned = False  # vocabulary tensors may differ in rows: they are aligned by token
 
     def add(self, out_name: str, sources: list[tuple[str, str]], slice_: Slice, t: float) -> None:
         base_model = slice_.base_model or self.recipe.base_model
@@ -211,6 +228,8 @@ class _Planner:
             if name not in ckpt:
                 raise UserError(f"model {model!r} has no tensor {name!r} (needed for {out_name!r})")
             shapes[model] = ckpt.shape(name)
+            if self.aligned and is_vocabulary_tensor(out_name):
+                shapes[model] = shapes[model][1:]
         if len(set(shapes.values())) > 1:
             described = ", ".join(f"{m}: {list(s)}" for m, s in shapes.items())
             raise UserError(f"tensor {out_name!r} has different shapes across models ({described})")

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -123,6 +123,52 @@ class Slice(BaseModel):
         return self
 
 
+class ModelTokenSource(BaseModel):
+    """`{kind: model_token, model: M, token: "<x>"}` (or `token_id: 5`): a token's embedding
+    taken from another token's row of model M."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelTokenSource:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of 'token' or 'token_id'")
+        return self
+
+
+class ZeroSource(BaseModel):
+    """`{kind: zero}`: a token's embedding is all zeros."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["zero"]
+
+
+TokenSource = Annotated[ModelTokenSource | ZeroSource, Field(discriminator="kind")]
+
+
+class TokenEmbedding(BaseModel):
+    """How one token of the output vocabulary gets its embedding (mergekit's `tokens:` entry);
+    `force` uses the source even for models that have the token."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source: TokenSource | str | None = None
+    force: bool = False
+
+
+class TokenizerSettings(BaseModel):
+    """mergekit's `tokenizer:` block: the output vocabulary (`union`, `base` or a model), the
+    embeddings of chosen tokens, and padding of the vocabulary to a multiple."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source: str = "union"
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+
+
 class Recipe(BaseModel):
     """A merge recipe, field for field as mergekit 0.1.5 reads it."""
 
@@ -135,6 +181,7 @@ class Recipe(BaseModel):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSettings | None = None
     chat_template: str | None = None
 
     @model_validator(mode="after")
@@ -149,12 +196,16 @@ class Recipe(BaseModel):
             value = getattr(self, field)
             if value is not None and value not in DTYPES:
                 raise ValueError(f"{field} {value!r} is not one of {', '.join(DTYPES)}")
-        if self.tokenizer_source == "union":
-            raise ValueError(
-                "tokenizer_source 'union' is not supported: evomerge merges models that share "
-                "the base's vocabulary; use 'base' or a model path"
-            )
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give either 'tokenizer_source' or a 'tokenizer' block, not both")
         return self
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value: str | None) -> str | None:
+        from evomerge.merging.chat_templates import check_chat_template
+
+        return check_chat_template(value)
 
     @model_validator(mode="after")
     def _known_parameters(self) -> Recipe:
@@ -199,6 +250,26 @@ class Recipe(BaseModel):
         if self.base_model:
             seen[self.base_model] = None
         return list(seen)
+
+    def vocabulary_source(self) -> str | None:
+        """`union`, `base` or a model: where the output vocabulary comes from when the inputs'
+        vocabularies are aligned token by token; None when they must share one vocabulary."""
+        if self.tokenizer is not None:
+            return self.tokenizer.source
+        return self.tokenizer_source
+
+    def tokenizer_models(self) -> list[str]:
+        """Model references the tokenizer settings name (a source model, token donors)."""
+        refs = []
+        source = self.vocabulary_source()
+        if source not in (None, "union", "base"):
+            refs.append(source)
+        for entry in ((self.tokenizer and self.tokenizer.tokens) or {}).values():
+            donor = entry.source
+            ref = donor.model if isinstance(donor, ModelTokenSource) else donor
+            if isinstance(ref, str) and ref not in refs:
+                refs.append(ref)
+        return refs
 
     def to_yaml(self) -> str:
         """YAML that both `evomerge merge` and `mergekit-yaml` 0.1.5 accept."""
@@ -329,7 +400,8 @@ def _format_loc(loc: tuple) -> str:
 
 
 def _is_union_branch(part: str) -> bool:
-    return part in {"bool", "int", "float", "str", "ConditionalSetting"} or part.startswith("list[")
+    branches = {"bool", "int", "float", "str", "ConditionalSetting", "model_token", "zero"}
+    return part in branches or part.startswith(("list[", "tagged-union["))
 
 
 def _valid_keys_at(model_cls: type[BaseModel], data: Any, loc: tuple) -> list[str]:

@@ -129,14 +129,25 @@ class LoraLinear(torch.nn.Module):
         return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scaling
 
 
-def add_lora(model: torch.nn.Module, schedule: LoraSchedule) -> dict[str, LoraLinear]:
-    """Freeze `model` and wrap each target projection in a LoraLinear; {module name: layer}."""
+def add_lora(
+    model: torch.nn.Module,
+    schedule: LoraSchedule,
+    *,
+    modules: tuple[str, ...] = TARGET_MODULES,
+    layers: tuple[int, ...] | None = None,
+) -> dict[str, LoraLinear]:
+    """Freeze `model` and wrap each target projection (of `modules`, in decoder `layers`, all
+    if None) in a LoraLinear; {module name: layer}."""
+    from evomerge.io.checkpoint import layer_index
+
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     targets = [
         name
         for name, module in model.named_modules()
-        if name.rsplit(".", 1)[-1] in TARGET_MODULES and isinstance(module, torch.nn.Linear)
+        if name.rsplit(".", 1)[-1] in modules
+        and isinstance(module, torch.nn.Linear)
+        and (layers is None or layer_index(name + ".weight") in layers)
     ]
     adapted = {}
     for name in targets:
@@ -156,7 +167,13 @@ def remove_lora(model: torch.nn.Module, adapted: dict[str, LoraLinear]) -> None:
 
 
 def save_adapter(
-    adapted: dict[str, LoraLinear], schedule: LoraSchedule, folder: Path, *, base_path: Path
+    adapted: dict[str, LoraLinear],
+    schedule: LoraSchedule,
+    folder: Path,
+    *,
+    base_path: Path,
+    modules: tuple[str, ...] = TARGET_MODULES,
+    layers: tuple[int, ...] | None = None,
 ) -> None:
     """Write the adapter as PEFT's `save_pretrained` does (its tensor names and config keys)."""
     from safetensors.torch import save_file
@@ -178,7 +195,8 @@ def save_adapter(
         "r": schedule.rank,
         "lora_alpha": schedule.alpha,
         "lora_dropout": 0.0,
-        "target_modules": sorted(TARGET_MODULES),
+        "target_modules": sorted(modules),
+        "layers_to_transform": sorted(layers) if layers is not None else None,
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,

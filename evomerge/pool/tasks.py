@@ -75,7 +75,14 @@ def _scoring_yaml(skill: Skill) -> str:
     )
 
 
-def write_tasks(task_dir: Path, pool_name: str, skills: dict[str, Skill]) -> list[str]:
+def write_tasks(
+    task_dir: Path,
+    pool_name: str,
+    skills: dict[str, Skill],
+    *,
+    n_dev: int = N_DEV,
+    n_test: int = N_TEST,
+) -> list[str]:
     """Write one lm-eval task YAML per skill plus its dev and test data; return the task names.
 
     `data_files` are relative to the YAML file (evomerge's evaluator resolves them so). A
@@ -87,7 +94,7 @@ def write_tasks(task_dir: Path, pool_name: str, skills: dict[str, Skill]) -> lis
     names = []
     for skill in skills.values():
         files = {}
-        for split, docs in held_out(skill).items():
+        for split, docs in held_out(skill, n_dev, n_test).items():
             files[split] = f"data/{skill.name}_{split}.jsonl"
             with open(task_dir / files[split], "w", encoding="utf-8") as fh:
                 fh.writelines(json.dumps(doc) + "\n" for doc in docs)

@@ -134,11 +134,31 @@ def make_report(
         summary["dashboard"] = dashboard
     if held_out is not None:
         summary["held_out"] = held_out
+    zeros = _all_zero_tasks(study)
+    if zeros:
+        summary["all_zero_tasks"] = zeros
     files.append(write_summary(out_dir, summary))
     text = format_table(summary, title=title)
+    if zeros:
+        from evomerge.fitness.zeros import zero_warning
+
+        text += "\nwarning: " + zero_warning(zeros, who="every trial scored")
     if held_out is not None:
         text += "\n\n" + format_held_out(held_out)
     if dashboard:
         text += f"\ndashboard: {dashboard}"
     text += "\n" + "\n".join(f"wrote {f}" for f in files)
     return Report(text=text, summary=summary, files=files)
+
+
+def _all_zero_tasks(study: optuna.Study) -> list[str]:
+    """Tasks on which every completed trial scored exactly 0 (a format problem, not a merge)."""
+    from optuna.trial import TrialState
+
+    from evomerge.fitness.zeros import all_zero_tasks
+
+    rows = [
+        t.user_attrs.get("per_task") or {}
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    ]
+    return all_zero_tasks(rows, {})  # an exact 0 of a minimised metric (perplexity) never occurs

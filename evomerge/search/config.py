@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from evomerge.errors import UserError
 from evomerge.fitness.config import FitnessConfig
 from evomerge.io.checkpoint import reference_parts
-from evomerge.merging.recipe import DTYPES, validate_model
+from evomerge.merging.recipe import DTYPES, check_file_size, validate_model
 from evomerge.search.refine_config import RefineConfig, check_refinable, parse_refine
 from evomerge.search.samplers import SAMPLERS, able
 
@@ -187,15 +187,24 @@ class RunConfig(BaseModel):
 
 def load_run_config(path: str | Path) -> RunConfig:
     path = Path(path)
+    check_file_size(path, "config")
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise UserError(f"config file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:  # a folder, unreadable, not text
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise UserError(f"cannot read config file {str(path)!r} ({why})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}: malformed YAML{where}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of config keys")
-    config = validate_model(RunConfig, data, str(path))
-    return config.resolved(path.resolve().parent)
+    config = validate_model(RunConfig, data, str(path)).resolved(path.resolve().parent)
+    from evomerge.merging.preflight import pool_vocabulary_problem
+
+    problem = pool_vocabulary_problem([config.pool.base, *config.pool.models.values()])
+    if problem:
+        raise UserError(f"{path}: {problem}")
+    return config

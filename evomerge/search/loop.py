@@ -10,6 +10,7 @@ search; `evomerge.search.workers` keeps the workers of one study in step.
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import sys
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from evomerge.errors import UserError
 from evomerge.search.config import RunConfig
 from evomerge.search.fidelity import RUNGS_ATTR, Schedule, write_examples
 from evomerge.search.refine import apply_trial, make_refiner
@@ -74,6 +76,7 @@ class Search:
         self.refiner = make_refiner(config, self.candidate, self.evaluator, self.space)
         self.run_dir = run_dir
         self.per_task = config.search.objectives == "per_task"
+        self._zeros_checked = False
 
     def run(
         self, *, until: int, timeout_s: float | None = None, progress: bool | TextIO = True
@@ -137,6 +140,8 @@ class Search:
                     self._tell_failed(trial, None)
             raise
         except Exception as exc:
+            if _disk_full(exc):  # every later trial would fail too: stop, in one sentence
+                self._stop_on_full_disk(trial, exc)
             self._tell_failed(trial, exc)
             return
         with _interrupts_held():
@@ -144,6 +149,30 @@ class Search:
                 self.study.tell(trial, values)
             except ValueError:  # Optuna's "Cannot tell a FAIL trial"
                 self._lost(trial)
+            except Exception as exc:
+                if _disk_full(exc):  # the study's own storage is on the full disk
+                    self._stop_on_full_disk(trial, exc)
+                raise
+        self._warn_if_baselines_zero()
+
+    def _warn_if_baselines_zero(self) -> None:
+        """Once every queued baseline is scored: one line for each task on which all of them
+        (the models themselves among them) scored exactly 0, with the likely causes."""
+        if self._zeros_checked:
+            return
+        from optuna.trial import TrialState
+
+        from evomerge.fitness.zeros import all_zero_tasks, zero_warning
+
+        baselines = [t for t in self.study.get_trials(deepcopy=False) if "baseline" in t.user_attrs]
+        if not baselines or any(not t.state.is_finished() for t in baselines):
+            return
+        self._zeros_checked = True
+        rows = [t.user_attrs.get("per_task") or {} for t in baselines]
+        done = [r for t, r in zip(baselines, rows) if t.state == TrialState.COMPLETE]
+        zeros = all_zero_tasks(done, self.evaluator.tasks.maximize)
+        if zeros:
+            LOG.warning(zero_warning(zeros, who="every baseline (the models, their merges) scored"))
 
     def _score(self, trial: optuna.Trial, trials: Sequence):
         """Score rung by rung (`evomerge.search.fidelity`), keep the per-example scores in the run
@@ -189,6 +218,25 @@ class Search:
         if reason:
             LOG.warning("trial %d failed: %s", trial.number, reason)
 
+    def _stop_on_full_disk(self, trial: optuna.Trial | None, exc: Exception) -> None:
+        """Fail the trial with its reason, if the storage still takes that, and stop the search
+        with one sentence (`UserError`). If the storage cannot take it either, the trial stays
+        RUNNING and `resume` retries it: nothing is lost."""
+        from optuna.trial import TrialState
+
+        told = ""
+        if trial is not None:
+            try:  # as _tell_failed does, without its log line: the sentence below says it all
+                trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {_first_line(exc)}")
+                self.study.tell(trial, state=TrialState.FAIL)
+                told = f"trial {trial.number} was marked failed; "
+            except Exception:  # the storage is on the full disk too
+                told = f"trial {trial.number} is retried on resume; "
+        raise UserError(
+            f"the disk is full ({_first_line(exc)}); {told}free some space, then continue "
+            f"with `evomerge resume {self.run_dir}`"
+        ) from None
+
     def _lost(self, trial: optuna.Trial) -> None:
         """The trial was failed by another worker, which judged this one dead because its
         heartbeats were late (a pause longer than the grace period)."""
@@ -197,6 +245,28 @@ class Search:
             "later than search.grace_seconds); its result is dropped and the search goes on",
             trial.number,
         )
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an error it was raised from, is a full disk or quota: an OSError
+    itself, or as a database reports it (SQLite: "database or disk is full")."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            return True
+        if "disk is full" in str(exc) or "No space left on device" in str(exc):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
 @contextmanager

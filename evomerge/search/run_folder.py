@@ -113,7 +113,7 @@ def write_run_folder(config: RunConfig, run_dir: Path) -> None:
 
 def read_run_folder(run_dir: Path, *, check_pool: bool = True) -> RunConfig:
     """The config of an existing run, after checking the folder and the pool."""
-    from evomerge.io.fingerprint import pool_fingerprints
+    from evomerge.io.fingerprint import VERSION, pool_fingerprints
     from evomerge.search.config import load_run_config
 
     run_dir = Path(run_dir)
@@ -122,7 +122,9 @@ def read_run_folder(run_dir: Path, *, check_pool: bool = True) -> RunConfig:
     _check_study_exists(config, run_dir)
     if check_pool:
         saved = _read_pool_record(run_dir)
-        now = pool_fingerprints(config)
+        # a run started before configs, tokenizers and tasks were fingerprinted kept weights only
+        legacy = not all(v.startswith(VERSION) for v in saved.values())
+        now = pool_fingerprints(config, weights_only=legacy)
         changed = [name for name in saved if saved[name] != now.get(name)]
         if changed:
             raise UserError(

@@ -18,7 +18,7 @@ from evomerge.search.config import RunConfig
 if TYPE_CHECKING:
     import optuna
 
-    from evomerge.spaces.parameters.space import SearchSpace
+    from evomerge.spaces.base import Space
 
 
 # --- storage ----------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def objective_names(config: RunConfig) -> list[str]:
     return ["fitness"]
 
 
-def create_study(config: RunConfig, storage, space: SearchSpace, *, sampler=None) -> optuna.Study:
+def create_study(config: RunConfig, storage, space: Space, *, sampler=None) -> optuna.Study:
     """Create the run's study (or open the one a `--trials 0` set-up made), with the
     baselines queued when it is new. A study another run already started is refused."""
     import optuna

@@ -16,6 +16,7 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,8 +67,9 @@ def register_kind(kind: SpaceKind) -> SpaceKind:
     return kind
 
 
+@cache
 def _import_kinds() -> None:
-    """Import every sub-package of evomerge.spaces: each registers its kinds."""
+    """Import every sub-package of evomerge.spaces (once): each registers its kinds."""
     import evomerge.spaces
 
     for module in pkgutil.iter_modules(evomerge.spaces.__path__):

@@ -15,8 +15,9 @@ default to the declared ones and must lie within the declared limits, and the ba
 come from each parameter's declared role.
 
 A genome is a flat dict of floats with readable names, e.g. `L0-1.self_attn.math.weight` (per
-model) or `L2-3.t` (per group). It decodes to an ordinary `Recipe` with one slice per layer
-group, which `evomerge merge` and mergekit-yaml both run. Every gene is drawn directly inside
+model) or `L2-3.t` (per group). It stands for an ordinary `Recipe` with one slice per layer
+group (`recipe`; `decode` gives it as the one stage of the merge), which `evomerge merge` and
+mergekit-yaml both run. Every gene is drawn directly inside
 its bounds, so the map from genome to recipe is one-to-one and smooth (no folding).
 """
 
@@ -233,8 +234,9 @@ class SearchSpace:
         out = {}
         for label, by_role in classic_recipes(self.method, list(self.models)).items():
             genome = self.genome_of(by_role)
-            if genome is not None:
-                out[label] = genome
+            if genome is None or (label.startswith("lambda_") and genome in out.values()):
+                continue  # a scaling that is another baseline already is not queued twice
+            out[label] = genome
         return out
 
     def genome_of(self, by_role: dict[str, Any]) -> dict[str, float] | None:
@@ -250,6 +252,16 @@ class SearchSpace:
         return genome
 
 
+TASK_ARITHMETIC_SCALINGS = (0.3, 0.5, 0.7, 1.0)
+"""lambda of the classic task-arithmetic baselines (Ilharco et al.): equal weights, scaled."""
+
+
+def _normalizes(method: MergeMethod) -> bool:
+    """Whether the method divides by the sum of the weights by default (then a scaling of equal
+    weights is the uniform merge again)."""
+    return any(p.name == "normalize" and p.default is True for p in method.params)
+
+
 def classic_recipes(method: MergeMethod, models: list[str]) -> dict[str, dict[str, Any]]:
     """Role -> value (or model -> value) of each classic recipe; roles as in `methods.Role`."""
     n = len(models)
@@ -257,6 +269,11 @@ def classic_recipes(method: MergeMethod, models: list[str]) -> dict[str, dict[st
         "uniform": {"weight": lambda m: 1.0 / n, "density": 1.0, "interpolation": 0.5},
     }
     recipes.update(method.baselines)  # the method's own classic recipes
+    if method.task_vectors is not None and not _normalizes(method):
+        # task arithmetic's classic scalings: every task vector at lambda (merges of adapters
+        # and fine-tunes often do best near 0.5-0.7 each, far from uniform's 1/n)
+        for scale in TASK_ARITHMETIC_SCALINGS:
+            recipes[f"lambda_{scale:g}"] = {"weight": scale, "density": 1.0, "interpolation": 0.5}
     for model in models:
         recipes[f"only_{model}"] = {
             "weight": lambda m, me=model: 1.0 if m == me else 0.0,
