@@ -747,6 +747,7 @@ BAD_OPTIONS = {  # case -> (command line after `evomerge`, with {recipe} and {ou
     "eval-batch-size-0": (("eval", "{recipe}", "--tasks", "a", "--batch-size", "0"), ("--batch",)),
     "resume-trials-negative": (("resume", "{out}", "--trials", "-1"), ("--trials",)),
     "worker-trials-negative": (("worker", "{out}", "--trials", "-1"), ("--trials",)),
+    "worker-device-banana": (("worker", "{run}", "--device", "banana"), ("'banana'",)),
 }
 
 
@@ -757,8 +758,9 @@ def test_a_bad_option_is_refused_before_any_work(monkeypatch, capsys, work, pool
     args, needles = BAD_OPTIONS[case]
     recipe = work / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(linear_recipe(pool["ft0"], pool["ft1"])))
+    run = _run_folder(work) if "{run}" in args else None
     before = snapshot(work)
-    fill = {"recipe": str(recipe), "out": str(work / "out")}
+    fill = {"recipe": str(recipe), "out": str(work / "out"), "run": str(run)}
     code, err = cli(monkeypatch, capsys, *(a.format(**fill) for a in args))
     assert code == 2 and "Traceback" not in err, err
     last = err.strip().splitlines()[-1]

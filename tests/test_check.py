@@ -122,7 +122,6 @@ def test_a_missing_model_and_a_bad_layer_range_block(pool, tmp_path):
 
 def test_tied_embeddings_and_adapters_are_reported(tmp_path):
     import torch
-
     from helpers.tiny_models import build_tiny_pool, write_adapter
 
     folders = build_tiny_pool(tmp_path / "pool", n_models=1, tie_word_embeddings=True)
@@ -172,3 +171,30 @@ def test_the_layer_keys_of_the_output_are_named(tmp_path):
     result = CliRunner().invoke(cli, ["check", str(recipe)])
     assert result.exit_code == 0, result.output
     assert "the output has 6 layers; config.json key(s) set: num_hidden_layers" in result.output
+
+
+def test_a_multi_stage_recipe_is_checked_stage_by_stage(pool, tmp_path):
+    code, lines = _check(
+        tmp_path,
+        """
+name: first
+merge_method: linear
+tokenizer_source: union
+models:
+  - model: $base
+    parameters: {weight: 0.5}
+  - model: $chat
+    parameters: {weight: 0.5}
+---
+merge_method: slerp
+base_model: first
+parameters: {t: 0.5}
+models:
+  - model: first
+  - model: $chat
+""",
+        pool,
+    )
+    assert code == 0, lines
+    assert any(x.startswith("INFO  [first] vocabulary: aligned by token") for x in lines)
+    assert any(x.startswith("INFO  [final] stage: reads an earlier stage's output") for x in lines)

@@ -381,3 +381,12 @@ def test_a_full_disk_during_a_search_is_one_sentence_and_fails_the_trial(
     assert trial.state.name == "FAIL" and "disk is full" in lines[-1]
     assert trial.user_attrs["fail_reason"].startswith(type(error).__name__)
     assert any(w in trial.user_attrs["fail_reason"] for w in ("No space", "disk is full"))
+
+
+def test_an_atomic_write_follows_the_umask_like_a_plain_write(tmp_path):
+    from evomerge.io.output import write_text_atomic
+
+    (tmp_path / "plain.json").write_text("{}")
+    write_text_atomic(tmp_path / "atomic.json", "{}")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes["atomic.json"] == modes["plain.json"]

@@ -111,7 +111,7 @@ def test_merge_eval_search_export_on_the_real_model(smol_pool: Path, tmp_path: P
 
     # a three-trial search with the pool's own config, then report and export
     config = (pool / "search.yaml").read_text()
-    config = config.replace("trials: 12", "trials: 3").replace("count: 24", "count: 6")
+    config = config.replace("trials: 20", "trials: 3").replace("count: 24", "count: 6")
     run_config = pool / f"search-test-{os.getpid()}.yaml"  # paths in it are relative to the pool
     run_config.write_text(config)
     run = tmp_path / "run"

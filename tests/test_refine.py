@@ -31,7 +31,14 @@ def config_of(pool: Path, tmp: Path, *, space="task_arithmetic_layers", refine=N
         tasks=TASKS,
         subset=8,
         batch_size=32,
-        search={"sampler": "random", "trials": 5, "seed": 1, "refine": refine, **search},
+        search={
+            "sampler": "random",
+            "trials": 5,
+            "seed": 1,
+            "refine": refine,
+            "baselines": False,  # queued baselines may outnumber a 5-trial budget
+            **search,
+        },
     )
     path = tmp / f"config-{len(list(tmp.glob('config-*')))}.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -245,6 +252,17 @@ def test_a_refined_trial_enqueued_before_a_kill_is_scored_on_resume(tmp_path, sm
     resumed = new_search(config2, run_dir, create=False)
     resumed.run(until=5, progress=False)
     assert [t.state.name for t in refined_trials(resumed.study)] == ["COMPLETE"]
+
+
+def test_no_refinement_while_baselines_wait_beyond_the_budget(tmp_path, small_pool):
+    """The study asks the oldest waiting trial first: a refined trial queued behind baselines
+    would run them all past the budget, so the refinement waits for a budget that covers them."""
+    config, _ = config_of(small_pool, tmp_path, refine=FAST, baselines=True, trials=2)
+    search = new_search(config, tmp_path / "run")
+    search.run(until=2, progress=False)
+    states = [t.state.name for t in search.study.get_trials(deepcopy=False)]
+    assert states.count("COMPLETE") == 2 and "WAITING" in states
+    assert not refined_trials(search.study)
 
 
 @pytest.mark.parametrize(

@@ -89,6 +89,8 @@ def build_study(
     rng = random.Random(0)
     fitness = {"uniform": 0.5, "dare_ties_0.5": 0.55, "only_a": 0.3, "only_b2": 0.35}
     for label, genome in space.baselines().items():
+        if label.startswith("lambda_"):  # task arithmetic's scalings: not this study's story
+            continue
         add_trial(
             study,
             space,

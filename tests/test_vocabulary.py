@@ -154,12 +154,17 @@ def test_exaone_renders_the_exaone_format(pool):
 def test_named_templates_render_as_mergekits(name, pool):
     """Each bundled template renders a conversation exactly as mergekit 0.1.5's file of the
     same name (read from its environment where it is installed; skipped otherwise)."""
+    import os
+
     from transformers import AutoTokenizer
 
     from evomerge.merging.chat import NAMED_TEMPLATES
 
-    root = Path(__file__).parent.parent / ".venv-mergekit" / "lib"
-    found = sorted(root.glob(f"*/site-packages/mergekit/_data/chat_templates/{name}.jinja"))
+    envs = [Path(__file__).parent.parent / ".venv-mergekit"]
+    if os.environ.get("EVOMERGE_MERGEKIT_PYTHON"):
+        envs.insert(0, Path(os.environ["EVOMERGE_MERGEKIT_PYTHON"]).parent.parent)
+    pattern = f"lib/*/site-packages/mergekit/_data/chat_templates/{name}.jinja"
+    found = [f for env in envs for f in sorted(env.glob(pattern))]
     if not found:
         pytest.skip("mergekit 0.1.5's environment is not installed")
     tokenizer = AutoTokenizer.from_pretrained(pool["base"])
@@ -282,3 +287,38 @@ models:
     from evomerge.merging.chat import NAMED_TEMPLATES
 
     assert AutoTokenizer.from_pretrained(out).chat_template == NAMED_TEMPLATES["llama3"]
+
+
+def test_the_readmes_way_to_bring_a_fine_tune_to_the_pools_union(pool, tmp_path):
+    """A search cannot align vocabularies; the README's workaround (each fine-tune at weight 1,
+    the others at 0, `tokenizer_source: union`) gives the fine-tune itself on its own tokens."""
+    from helpers.vocab_models import vocab_of
+
+    out = _merge(
+        tmp_path,
+        """
+merge_method: linear
+base_model: $base
+tokenizer_source: union
+models:
+  - model: $pad
+    parameters: {weight: 1.0}
+  - model: $chat
+    parameters: {weight: 0.0}
+  - model: $base
+    parameters: {weight: 0.0}
+""",
+        pool,
+    )
+    merged, original = (
+        load_file(out / "model.safetensors"),
+        load_file(pool["pad"] / "model.safetensors"),
+    )
+    out_vocab, pad_vocab = vocab_of(out), vocab_of(pool["pad"])
+    assert set(pad_vocab) < set(out_vocab) and "<|im_end|>" in out_vocab
+    for name, tensor in original.items():
+        if "embed_tokens" in name or "lm_head" in name:
+            rows = [out_vocab[t] for t in pad_vocab]
+            assert torch.equal(merged[name][rows], tensor[list(pad_vocab.values())]), name
+        else:
+            assert torch.equal(merged[name], tensor), name

@@ -165,8 +165,12 @@ def command(
             "maximize": evaluator.tasks.maximize,
             **result.to_dict(),
         }
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(report, indent=2) + "\n")
+        from evomerge.io.output import write_text_atomic
+
+        try:  # whole or not at all; a full disk is one sentence (the scores are printed above)
+            write_text_atomic(out_path, json.dumps(report, indent=2) + "\n")
+        except OSError as exc:
+            raise UserError(f"writing {out_path} failed ({exc.strerror or exc})") from None
         click.echo(f"wrote {out_path}")
 
 
@@ -197,12 +201,11 @@ def _name_the_tasks(available: list[str]) -> UserError:
     """No task named: a task YAML's `!function` imports Python from its folder, so loading
     every task of a folder would run code the user never asked for (the index lists names
     without importing anything)."""
-    listed = f" (this --task-path has {', '.join(available[:8])}" if available else ""
-    more = ", ..." if len(available) > 8 else ""
+    found = ", ".join(available[:8]) + (", ..." if len(available) > 8 else "")
+    where = f" (the task path has {found})" if available else ""
     return UserError(
-        "no tasks named; pass --tasks NAME or a --config with tasks"
-        f"{listed}{more}{')' if available else ''}: task YAMLs can run code, so evomerge eval "
-        "loads only the tasks it is given"
+        f"no tasks named; pass --tasks NAME or a --config with tasks{where}: task YAMLs can "
+        "run code, so evomerge eval loads only the tasks it is given"
     )
 
 

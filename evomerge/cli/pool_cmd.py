@@ -1,5 +1,6 @@
 """`evomerge pool demo|demo2|demo3|demo-lora OUT_DIR`: build an offline pool (base + specialists
-+ tasks)."""
++ tasks); `evomerge pool smol OUT_DIR`: the real-model pool (SmolLM2-135M-Instruct + 3 LoRA
+adapters, the checkpoint downloaded once)."""
 
 from __future__ import annotations
 

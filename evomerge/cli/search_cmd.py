@@ -14,6 +14,9 @@ def _set_up(config, run_dir: Path) -> None:
     from evomerge.cli.process import set_up_process
 
     set_up_process(threads=config.threads, hf_home=run_dir / "hf", offline=config.fitness.offline)
+    from evomerge.merging.executor import check_device
+
+    check_device(config.device)  # the config's, or `worker --device`: before any set-up work
 
 
 def _output(run_dir: Path):

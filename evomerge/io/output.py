@@ -135,6 +135,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with handle:
             handle.write(text)
+        os.chmod(handle.name, 0o666 & ~_umask())  # made 0600; a plain write follows the umask
         os.replace(handle.name, path)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)

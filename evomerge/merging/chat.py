@@ -31,6 +31,15 @@ if TYPE_CHECKING:
 LOG = logging.getLogger(__name__)
 
 
+def _read(file: Path):
+    """A JSON file's content; None where it is missing or not JSON (a copied file we only
+    adjust: a broken one is left as it is)."""
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def model_template(folder: Path) -> str | None:
     """A model folder's chat template (chat_template.jinja, else tokenizer_config.json's, the
     `default` one of a list), stripped; None if it has none."""
@@ -42,11 +51,12 @@ def model_template(folder: Path) -> str | None:
     if not config.is_file():
         return None
     try:
-        template = json.loads(config.read_text()).get("chat_template")
+        template = (_read(config) or {}).get("chat_template")
     except (json.JSONDecodeError, AttributeError):
         return None
     if isinstance(template, list):
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        defaults = [t for t in template if isinstance(t, dict) and t.get("name") == "default"]
+        template = defaults[0].get("template") if defaults else None
     return template.strip() if isinstance(template, str) and template.strip() else None
 
 
@@ -91,7 +101,7 @@ def write_tokenizer_files(plan: MergePlan, staging: Path) -> None:
             (staging / "chat_template.jinja").write_text(template)
             config = staging / "tokenizer_config.json"
             if config.is_file():  # one template, not two that disagree
-                data = json.loads(config.read_text())
+                data = _read(config)
                 if isinstance(data, dict) and "chat_template" in data:
                     data.pop("chat_template")
                     config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
@@ -103,7 +113,9 @@ def output_vocab(folder: Path) -> dict[str, int]:
     file = folder / "tokenizer.json"
     if not file.is_file():
         return {}
-    spec = json.loads(file.read_text())
+    spec = _read(file)
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        return {}
     vocab = spec.get("model", {}).get("vocab", {})
     if isinstance(vocab, list):  # Unigram: [piece, score] pairs in id order
         vocab = {piece[0]: i for i, piece in enumerate(vocab)}
@@ -117,7 +129,8 @@ def _special(folder: Path, name: str) -> str | None:
     file = folder / "tokenizer_config.json"
     if not file.is_file():
         return None
-    value = json.loads(file.read_text()).get(name)
+    data = _read(file)
+    value = data.get(name) if isinstance(data, dict) else None
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
@@ -141,7 +154,7 @@ def align_stop_tokens(folder: Path, remap: dict[int, int | None] | None) -> None
         file = folder / name
         if not file.is_file():
             continue
-        data = json.loads(file.read_text())
+        data = _read(file)
         if not isinstance(data, dict):
             continue
         changed = {}
@@ -181,6 +194,8 @@ def align_stop_tokens(folder: Path, remap: dict[int, int | None] | None) -> None
 def _set_config(file: Path, values: dict) -> None:
     if not file.is_file():
         return
-    data = json.loads(file.read_text())
+    data = _read(file)
+    if not isinstance(data, dict):
+        return
     data.update(values)
     file.write_text(json.dumps(data, indent=2) + "\n")

@@ -270,12 +270,12 @@ def write_tokenizer(plan: MergePlan, staging: Path) -> None:
 
 
 def check_device(device: str) -> None:
-    """Refuse a device name the merge cannot use, before any work: `cpu`, `cuda` or `cuda:N`
-    (of a GPU torch sees)."""
-    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", str(device))
+    """Refuse a device name the merge cannot use, before any work: `cpu`, `mps`, `cuda` or
+    `cuda:N` (of a GPU torch sees)."""
+    match = re.fullmatch(r"cpu|mps|cuda(?::(\d+))?", str(device))
     if match is None:
-        raise UserError(f"device {device!r} is not one of cpu, cuda or cuda:N (e.g. cuda:0)")
-    if device == "cpu":
+        raise UserError(f"device {device!r} is not one of cpu, cuda, cuda:N (e.g. cuda:0) or mps")
+    if device in ("cpu", "mps"):  # mps: torch names it if it is missing
         return
     import torch
 

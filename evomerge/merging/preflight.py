@@ -55,7 +55,7 @@ def check_path(path: Path) -> list[Finding]:
     findings = []
     for stage in stages:
         found = check_recipe(stage.recipe, stages=names)
-        prefix = f"[{stage.name}] " if len(stages) > 1 and stage.name else ""
+        prefix = f"[{stage.name or 'final'}] " if len(stages) > 1 else ""
         findings += [Finding(f.level, prefix + f.topic, f.message) for f in found]
     return findings
 
@@ -154,6 +154,16 @@ def check_recipe(recipe: Recipe, *, stages: set[str] = frozenset(), search: bool
         findings += found
         if ckpt is not None:
             opened[ref] = ckpt
+    if stages.intersection(refs):
+        findings.append(
+            Finding(
+                "info",
+                "stage",
+                "reads an earlier stage's output, which does not exist yet: its sources are "
+                "compared when `evomerge merge` builds it",
+            )
+        )
+        return findings
     inputs = {r: c for r, c in opened.items() if r in recipe.model_paths()}
     if len(inputs) < len([r for r in recipe.model_paths() if r not in stages]):
         return findings  # a source is missing or broken: said above, nothing more to compare
@@ -164,14 +174,13 @@ def check_recipe(recipe: Recipe, *, stages: set[str] = frozenset(), search: bool
         return findings
     findings += _shapes(inputs)
     findings += _tied(inputs)
-    plan, plan_error = None, None
-    if not stages.intersection(recipe.model_paths()):
-        from evomerge.merging.plan import plan_merge
+    from evomerge.merging.plan import plan_merge
 
-        try:
-            plan = plan_merge(recipe, checkpoints=inputs | opened)
-        except UserError as exc:
-            plan_error = str(exc)
+    plan, plan_error = None, None
+    try:
+        plan = plan_merge(recipe, checkpoints=inputs | opened)
+    except UserError as exc:
+        plan_error = str(exc)
     vocabulary = _vocabulary(recipe, inputs, plan, search=search)
     findings += vocabulary
     if blocked(vocabulary):  # the plan's refusal would only say it again

@@ -94,6 +94,12 @@ class Refiner:
         start = best_trial(study, trials)
         if refined or start is None:
             return False
+        if any(t.state == TrialState.WAITING for t in trials):
+            # Baselines queued beyond the budget: the study asks the oldest waiting trial first,
+            # so a refined trial queued now would run them all first.
+            LOG.warning("no refinement: the budget is smaller than the queued baselines")
+            return False
+        LOG.info("refining trial #%d by gradient", start.number)
         result = self.refine(start.params)
         result.stats["from_trial"] = start.number
         study.enqueue_trial(

@@ -114,7 +114,7 @@ class DataflowSpace:
 
     def _genes(self) -> list[Gene]:
         genes = []
-        for label, name, layer in self.order:
+        for label, name, _ in self.order:
             group = label.rsplit(".", 1)[0]
             genes.append(Gene(f"{label}.use", 0.0, 1.0, group, None, name, "use"))
             if self.config.scale is not None:

@@ -234,9 +234,12 @@ class SearchSpace:
         out = {}
         for label, by_role in classic_recipes(self.method, list(self.models)).items():
             genome = self.genome_of(by_role)
-            if genome is None or (label.startswith("lambda_") and genome in out.values()):
-                continue  # a scaling that is another baseline already is not queued twice
-            out[label] = genome
+            if genome is not None:
+                out[label] = genome
+        for label, by_role in task_arithmetic_scalings(self.method).items():
+            genome = self.genome_of(by_role)
+            if genome is not None and genome not in out.values():  # not queued twice
+                out[label] = genome
         return out
 
     def genome_of(self, by_role: dict[str, Any]) -> dict[str, float] | None:
@@ -256,10 +259,18 @@ TASK_ARITHMETIC_SCALINGS = (0.3, 0.5, 0.7, 1.0)
 """lambda of the classic task-arithmetic baselines (Ilharco et al.): equal weights, scaled."""
 
 
-def _normalizes(method: MergeMethod) -> bool:
-    """Whether the method divides by the sum of the weights by default (then a scaling of equal
+def task_arithmetic_scalings(method: MergeMethod) -> dict[str, dict[str, Any]]:
+    """Task arithmetic's classic scalings, every task vector at lambda (merges of adapters and
+    fine-tunes often do best near 0.5-0.7 each, far from uniform's 1/n), for a task-vector
+    method that does not divide by the sum of the weights (for one that does, a scaling of equal
     weights is the uniform merge again)."""
-    return any(p.name == "normalize" and p.default is True for p in method.params)
+    normalizes = any(p.name == "normalize" and p.default is True for p in method.params)
+    if method.task_vectors is None or normalizes:
+        return {}
+    return {
+        f"lambda_{scale:g}": {"weight": scale, "density": 1.0, "interpolation": 0.5}
+        for scale in TASK_ARITHMETIC_SCALINGS
+    }
 
 
 def classic_recipes(method: MergeMethod, models: list[str]) -> dict[str, dict[str, Any]]:
@@ -269,11 +280,6 @@ def classic_recipes(method: MergeMethod, models: list[str]) -> dict[str, dict[st
         "uniform": {"weight": lambda m: 1.0 / n, "density": 1.0, "interpolation": 0.5},
     }
     recipes.update(method.baselines)  # the method's own classic recipes
-    if method.task_vectors is not None and not _normalizes(method):
-        # task arithmetic's classic scalings: every task vector at lambda (merges of adapters
-        # and fine-tunes often do best near 0.5-0.7 each, far from uniform's 1/n)
-        for scale in TASK_ARITHMETIC_SCALINGS:
-            recipes[f"lambda_{scale:g}"] = {"weight": scale, "density": 1.0, "interpolation": 0.5}
     for model in models:
         recipes[f"only_{model}"] = {
             "weight": lambda m, me=model: 1.0 if m == me else 0.0,
