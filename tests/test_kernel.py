@@ -105,6 +105,36 @@ def check_kernel_matches_torch_ops(resident, dtype, rule, consensus, normalize, 
         assert torch.equal(bits(got), bits(expected)), (weight, density)
 
 
+def test_a_resident_tensor_keeps_task_vectors_not_the_models_too():
+    """A model is base + task vector: a search keeps one of the two (n + 2 model-sizes for n
+    sources, the live model included, not 2n + 2), and merges the same bits from it."""
+    import weakref
+
+    inputs = make_inputs(torch.bfloat16)
+    alive = [weakref.ref(model) for model in inputs.models]
+    expected = torch_path(
+        make_inputs(torch.bfloat16),
+        [0.3, 0.5, 0.2],
+        [0.5, 0.7, 0.3],
+        rule="magnitude",
+        rescale=False,
+        consensus=True,
+        normalize=True,
+        lambda_=1.0,
+    )
+    kept = FusedTensor(inputs, rule="magnitude", consensus=True, resident=True)
+    assert inputs.models == [None, None, None]
+    assert all(ref() is None for ref in alive), "a source model is still referenced"
+    got, _ = kept.merge(
+        weight=[0.3, 0.5, 0.2],
+        density=[0.5, 0.7, 0.3],
+        normalize=True,
+        rescale=False,
+        lambda_=1.0,
+    )
+    assert torch.equal(bits(got), bits(expected))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("consensus", [True, False])  # dare_ties, dare_linear
 def test_dare_rescale_from_the_draw_table_matches_torch_ops(dtype, consensus):

@@ -73,7 +73,7 @@ def test_the_gradient_matches_finite_differences(tmp_path, small_pool, space):
     import torch
 
     from evomerge.fitness.teacher import make_batch
-    from evomerge.spaces.refine import DifferentiableMerge
+    from evomerge.spaces.refine.merge import DifferentiableMerge
 
     config, _ = config_of(small_pool, tmp_path, space=space, refine={"l2": 0.5})
     search = new_search(config, tmp_path / "run")
@@ -185,7 +185,7 @@ def test_per_tensor_weights_export_bit_for_bit(tmp_path, small_pool, space):
     import torch
 
     from evomerge.merging.executor import run_merge
-    from evomerge.spaces.refine import apply_refined, refined_recipe
+    from evomerge.spaces.refine.recipe import apply_refined, refined_recipe
 
     config, _ = config_of(small_pool, tmp_path, space=space)
     search = new_search(config, tmp_path / "run")
@@ -312,6 +312,6 @@ def test_the_cli_refuses_in_one_sentence(tmp_path, small_pool):
 
 def test_the_config_names_every_task_vector_method():
     from evomerge.search.refine_config import TASK_VECTOR_METHODS as READ
-    from evomerge.spaces.refine import TASK_VECTOR_METHODS
+    from evomerge.spaces.refine.merge import TASK_VECTOR_METHODS
 
     assert set(READ) == set(TASK_VECTOR_METHODS)

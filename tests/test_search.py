@@ -145,11 +145,14 @@ def test_export_equals_the_scored_candidate_bit_for_bit(tmp_path, small_pool):
     from evomerge.search.run_folder import write_run_folder
 
     run_dir = tmp_path / "run"
-    config = load_run_config(write_config(tmp_path, small_pool, space="dare_ties_layers", trials=7))
+    config = load_run_config(
+        write_config(tmp_path, small_pool, space="dare_ties_layers", trials=12)
+    )
     set_up_like_the_cli(config, run_dir)
     write_run_folder(config, run_dir)
     search = Search(config, run_dir)
-    search.run(until=7, progress=False)
+    assert len(search.space.baselines()) < 12  # the last trial is a proposal, not a baseline
+    search.run(until=12, progress=False)
     trial = search.study.trials[-1]  # a CMA-ES proposal: densities < 1, so DARE masks are in play
     assert trial.state.name == "COMPLETE"
     search.candidate.apply(trial.params)

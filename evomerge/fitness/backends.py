@@ -101,15 +101,14 @@ def _scores_the_model_itself(lm: LM) -> None:
 def _vllm(model: Any, tokenizer: Any, *, batch_size: int, max_length: int | None) -> LM:
     # vLLM is imported only here; the engine takes config and tokenizer from the model's folder
     # and its weights from the live model (batching is the engine's own: no batch_size)
-    from evomerge.fitness.vllm_backend import VLLMLiveLM, start_engine, torch_dtype_name
+    from evomerge.fitness.vllm_backend import VLLMLiveLM, start_engine
+    from evomerge.io.dtypes import name_of
 
     if not getattr(model, "name_or_path", None):
         raise UserError(
             "fitness.backend 'vllm' needs a model loaded from a folder (from_pretrained)"
         )
-    llm = start_engine(
-        model.name_or_path, dtype=torch_dtype_name(model.dtype), max_model_len=max_length
-    )
+    llm = start_engine(model.name_or_path, dtype=name_of(model.dtype), max_model_len=max_length)
     return VLLMLiveLM(llm, tokenizer, staging=model, max_length=max_length)
 
 

@@ -49,6 +49,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from evomerge.fitness.prepared import PreparedRequests
+from evomerge.io.dtypes import name_of
 
 if TYPE_CHECKING:
     import torch
@@ -123,11 +124,6 @@ class WeightPushExtension:
         )
 
 
-def torch_dtype_name(dtype: torch.dtype) -> str:
-    """`torch.float32` -> `"float32"`, as vLLM's `dtype` argument takes it."""
-    return str(dtype).removeprefix("torch.")
-
-
 class VLLMLiveLM(TemplateLM):
     """An lm-eval LM scored by an existing vLLM engine whose weights follow a staging model.
 
@@ -196,7 +192,7 @@ class VLLMLiveLM(TemplateLM):
                     "evomerge_load_weights",
                     args=(
                         [name for name, _ in weights],
-                        [torch_dtype_name(t.dtype) for t in cpu],
+                        [name_of(t.dtype) for t in cpu],
                         [list(t.shape) for t in cpu],
                         [t.reshape(-1).view(torch.uint8).numpy().tobytes() for t in cpu],
                     ),

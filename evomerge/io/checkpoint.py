@@ -37,6 +37,7 @@ LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 # Above this a header is not a real safetensors header but an attack or a corrupt file.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
+
 def layer_index(tensor_name: str) -> int | None:
     """The transformer layer a tensor belongs to, or None for embeddings, norms, heads."""
     match = _LAYER_RE.search(tensor_name)
@@ -67,8 +68,7 @@ class Checkpoint:
             else:  # --allow-pickle: loaded once, weights only, memory-mapped
                 self._handles[file] = _load_pickle(file)
                 header = {
-                    n: (tuple(t.shape), code_of(t.dtype))
-                    for n, t in self._handles[file].items()
+                    n: (tuple(t.shape), code_of(t.dtype)) for n, t in self._handles[file].items()
                 }
             for name, (shape, dtype) in header.items():
                 _check_dtype(file, name, dtype)

@@ -3,8 +3,8 @@
 `evomerge.methods.task_arithmetic` is the reference: torch ops that read like the papers. This
 module computes the same merge, bit for bit (tests/test_kernel.py), in one pass over memory per
 tensor: the C kernel on the CPU (`cpu.py`), the Triton kernel on CUDA GPUs (`triton_merge.py`).
-The merge executor (`evomerge.merging.executor.PreparedTensor`) asks `prepare` whether the kernel takes a
-tensor and otherwise calls the method itself.
+The merge executor (`evomerge.merging.executor.PreparedTensor`) asks `prepare` whether the kernel
+takes a tensor and otherwise calls the method itself.
 
 Lifecycle: prepare once per run, merge per trial.
   - `prepare(method, inputs, resident=...)` once per output tensor, after its inputs are read.
@@ -83,6 +83,8 @@ class FusedTensor:
     def __init__(self, inputs: MergeInputs, *, rule: Sparsifier, consensus: bool, resident: bool):
         self.inputs, self.rule, self.consensus, self.resident = inputs, rule, consensus, resident
         self.count = len(inputs.models)
+        if resident:  # tau_i is what every merge reads: theta_i would be a redundant copy
+            inputs.keep_task_vectors_only()
         self._draw_tables: dict[int, torch.Tensor] = {}
         self.keeps_draw_tables = resident
         self._smallest: dict[int, float] = {}
@@ -90,7 +92,8 @@ class FusedTensor:
     def keep_draw_tables(self, tables: dict[int, torch.Tensor]) -> None:
         """Keep DARE's draw tables in `tables`, which outlives this object: for one-shot inputs
         formed anew for each merge but equal in all of them (a LoRA adapter's tensor in a
-        search, which keeps the adapter's factors and not its task vector: evomerge/merging/factored.py)."""
+        search, which keeps the adapter's factors and not its task vector:
+        evomerge/merging/factored.py)."""
         self._draw_tables, self.keeps_draw_tables = tables, True
 
     def merge(

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger(__name__)
 
+
 def output_layout(plan: MergePlan, out_dtype: str | None = None) -> list[TensorSpec]:
     """Name, shape and dtype of every output tensor, from the input headers alone."""
     from evomerge.io.output import TensorSpec

@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from evomerge.errors import UserError
+from evomerge.io.dtypes import MERGE_DTYPES
 
 Scalar = bool | int | float | str
 
@@ -194,8 +195,8 @@ class Recipe(BaseModel):
             raise ValueError("'slices' is empty; give at least one slice")
         for field in ("dtype", "out_dtype"):
             value = getattr(self, field)
-            if value is not None and value not in DTYPES:
-                raise ValueError(f"{field} {value!r} is not one of {', '.join(DTYPES)}")
+            if value is not None and value not in MERGE_DTYPES:
+                raise ValueError(f"{field} {value!r} is not one of {', '.join(MERGE_DTYPES)}")
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ValueError("give either 'tokenizer_source' or a 'tokenizer' block, not both")
         return self
@@ -275,9 +276,6 @@ class Recipe(BaseModel):
         """YAML that both `evomerge merge` and `mergekit-yaml` 0.1.5 accept."""
         data = self.model_dump(mode="json", exclude_none=True)
         return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
-
-
-DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def resolve_setting(setting: Setting, tensor_name: str, t: float) -> Scalar | None:

@@ -149,6 +149,24 @@ class MergeInputs:
             self._memo[key] = compute()
         return self._memo[key]
 
+    def keep_task_vectors_only(self) -> None:
+        """Form every task vector and peak now, then let go of the models themselves.
+
+        A model is its base plus its task vector, so a search's resident tensor that merges
+        through task vectors needs theta_i no more; keeping both would hold one more model-size
+        per source for the whole run. Afterwards `models` holds None for each model."""
+        for index in range(len(self.models)):
+            self.peak(index)
+            self.delta(index)
+        self.models = [None] * len(self.models)
+
+    def view(self) -> MergeInputs:
+        """The same inputs, sharing their task vectors and peaks, keeping whatever else it
+        derives (ranks, draws) to itself: freed with the view, not kept for the run."""
+        shared = MergeInputs(self.models, self.base, self.tensor_name, self.field)
+        shared._memo = {key: v for key, v in self._memo.items() if key[0] in ("delta", "peak")}
+        return shared
+
     def peak(self, index: int) -> float:
         """max |theta| of model `index` (index `len(models)`: the base)."""
         tensor = self.models[index] if index < len(self.models) else self.base
@@ -180,7 +198,8 @@ class MergeInputs:
 
     def draws(self, index: int) -> torch.Tensor:
         """16-bit random integers for every element of model `index`'s tensor."""
-        shape, device = self.models[index].shape, self.models[index].device
+        like = self.models[index] if self.models[index] is not None else self.delta(index)
+        shape, device = like.shape, like.device
         return self.cached("draws", index, lambda: self.field.integers(index, shape, device))
 
 

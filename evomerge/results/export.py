@@ -1,7 +1,7 @@
 """Export a search result: the trial's recipe (mergekit YAML) and the merged model.
 
-The model is produced by `evomerge.merging.executor.run_merge` from the same recipe and merge seed that
-the search materialised in memory, through the same tensor code, so it equals the scored
+The model is produced by `evomerge.merging.executor.run_merge` from the same recipe and merge seed
+that the search materialised in memory, through the same tensor code, so it equals the scored
 candidate bit for bit (when exported in the merge dtype).
 """
 
@@ -15,7 +15,7 @@ from evomerge import __version__
 from evomerge.errors import UserError
 from evomerge.search.run_folder import build_space, read_run_folder
 from evomerge.search.study import best_trial, open_run_study
-from evomerge.spaces.refine import REFINED_ATTR, refined_recipe
+from evomerge.spaces.refine import REFINED_ATTR
 
 if TYPE_CHECKING:
     from evomerge.merging.executor import MergeSummary
@@ -77,6 +77,7 @@ def trial_stages(space: Space, trial) -> list[Stage]:
     genome = {g.name: trial.params[g.name] for g in space.genes}
     if REFINED_ATTR in trial.user_attrs:
         from evomerge.merging.multistage import Stage
+        from evomerge.spaces.refine.recipe import refined_recipe
 
         return [Stage(None, refined_recipe(space, genome, trial.user_attrs[REFINED_ATTR]))]
     return space.decode(genome)

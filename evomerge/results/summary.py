@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from evomerge.io.output import write_text_atomic
 
 if TYPE_CHECKING:
     import optuna
@@ -135,8 +135,5 @@ def multi_fidelity_saving(trials) -> dict[str, Any]:
 def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:
     """`summary` as OUT_DIR/summary.json, renamed into place: a reader never sees half of it."""
     path = Path(out_dir) / "summary.json"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".summary.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(summary, f, indent=2, allow_nan=False)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(summary, indent=2, allow_nan=False))
     return path

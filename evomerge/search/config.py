@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from evomerge.errors import UserError
 from evomerge.fitness.config import FitnessConfig
 from evomerge.io.checkpoint import reference_parts
-from evomerge.merging.recipe import DTYPES, check_file_size, validate_model
+from evomerge.io.dtypes import MERGE_DTYPES
+from evomerge.merging.recipe import check_file_size, validate_model
 from evomerge.search.refine_config import RefineConfig, check_refinable, parse_refine
 from evomerge.search.samplers import SAMPLERS, able
 
@@ -46,8 +47,8 @@ class PoolConfig(BaseModel):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, value: str | None) -> str | None:
-        if value is not None and value not in DTYPES:
-            raise ValueError(f"dtype {value!r} is not one of {', '.join(DTYPES)}")
+        if value is not None and value not in MERGE_DTYPES:
+            raise ValueError(f"dtype {value!r} is not one of {', '.join(MERGE_DTYPES)}")
         return value
 
 
@@ -100,7 +101,8 @@ class SearchConfig(BaseModel):
         if isinstance(data, dict) and "promotion" in data:
             raise ValueError(
                 "search.promotion was replaced by search.fidelity: write `fidelity: {eta: 3}` "
-                "(the fitness subset is its first rung) or `fidelity: null` to score every trial on all of dev"
+                "(the fitness subset is its first rung) or `fidelity: null` to score every trial "
+                "on all of dev"
             )
         return data
 

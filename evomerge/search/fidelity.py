@@ -101,8 +101,9 @@ class Schedule:
                 name = too_small[0]
                 raise UserError(
                     f"fitness.subset.count {subset.count} is more than the {n_docs[name]} "
-                    f"{config.fitness.dev_split} examples of {name!r}: the first fidelity rung must be "
-                    "a part of every task; lower it, or set search.fidelity: null to score every trial on all of dev"
+                    f"{config.fitness.dev_split} examples of {name!r}: the first fidelity rung "
+                    "must be a part of every task; lower it, or set search.fidelity: null to score "
+                    "every trial on all of dev"
                 )
         orders = {
             t: _order(tasks.subset[t], n, subset.sampling, f"{subset.seed}-{t}")

@@ -3,9 +3,9 @@
 One trial is `ask -> decode -> materialise -> score -> tell`, in `Search.trial`; `Search.run`
 repeats it until the budget is met. All the set-up (sources on the device, task vectors,
 ranks, random draws, lm-eval tasks, the evaluation model) happens once in `Search.__init__`.
-The study lives in Optuna storage (SQLite in the run folder by default, see `evomerge.search.study`),
-and so does the CMA-ES state, which is what makes `resume` and many workers continue the same
-search; `evomerge.search.workers` keeps the workers of one study in step.
+The study lives in Optuna storage (SQLite in the run folder by default, see
+`evomerge.search.study`), and so does the CMA-ES state, which is what makes `resume` and many
+workers continue the same search; `evomerge.search.workers` keeps the workers of one study in step.
 """
 
 from __future__ import annotations
@@ -310,7 +310,7 @@ def load_eval_model(config: RunConfig):
     import torch
 
     from evomerge.fitness.live_model import load_live_model
-    from evomerge.merging.executor import torch_dtype
+    from evomerge.io.dtypes import torch_dtype
 
     return load_live_model(
         config.pool.base,

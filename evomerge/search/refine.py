@@ -39,7 +39,9 @@ from evomerge.fitness.teacher import (
     teacher_forced_examples,
 )
 from evomerge.search.study import best_trial
-from evomerge.spaces.refine import REFINED_ATTR, DifferentiableMerge, apply_refined
+from evomerge.spaces.refine import REFINED_ATTR
+from evomerge.spaces.refine.merge import DifferentiableMerge
+from evomerge.spaces.refine.recipe import apply_refined
 
 if TYPE_CHECKING:
     import optuna

@@ -188,6 +188,7 @@ def _read_meta(run_dir: Path) -> dict[str, Any]:
     if meta.get("run_format") != RUN_FORMAT:
         raise UserError(
             f"{str(run_dir)!r} was written by evomerge {meta.get('evomerge_version', '?')} "
-            f"(run format {meta.get('run_format')}); this evomerge {__version__} reads format {RUN_FORMAT}"
+            f"(run format {meta.get('run_format')}); "
+            f"this evomerge {__version__} reads format {RUN_FORMAT}"
         )
     return meta

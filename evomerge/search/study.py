@@ -94,7 +94,8 @@ def create_study(config: RunConfig, storage, space: Space, *, sampler=None) -> o
     if started:  # another run's study: mixing its trials into a new run would corrupt both
         raise UserError(
             f"the storage already holds a study named {name!r} with {len(trials)} trials; "
-            "continue it with `evomerge resume`/`evomerge worker`, or choose another search.study_name"
+            "continue it with `evomerge resume`/`evomerge worker`, "
+            "or choose another search.study_name"
         )
     if config.search.baselines and not trials:
         for label, genome in space.baselines().items():

@@ -157,7 +157,8 @@ class Coordinator:
             if not told and time.time() - met > 2 * self.interval:
                 told = True  # a live worker would have beaten by now
                 LOG.warning(
-                    "the budget is met; waiting for trial(s) %s of another worker, silent for %.0f s or more "
+                    "the budget is met; waiting for trial(s) %s of another worker, "
+                    "silent for %.0f s or more "
                     "(a dead worker's trial is failed after search.grace_seconds and run here)",
                     silent,
                     time.time() - met,

@@ -17,7 +17,7 @@ def build(data, where: str, *, base: str, models: dict[str, str], dtype: str | N
 
 def candidate(model, space, *, seed: int, device: str, dtype: str | None):
     """The sources' layers loaded once; a trial points the live model at its path's layers."""
-    from evomerge.merging.executor import torch_dtype
+    from evomerge.io.dtypes import torch_dtype
 
     return DataflowCandidate(model, space, dtype=torch_dtype(dtype) or model.dtype, device=device)
 

@@ -88,7 +88,8 @@ class DataflowSpace:
         unknown = [n for n in names if n not in pool]
         if unknown:
             raise UserError(
-                f"data-flow space: source {unknown[0]!r} is not in the pool (it has: {', '.join(pool)})"
+                f"data-flow space: source {unknown[0]!r} is not in the pool "
+                f"(it has: {', '.join(pool)})"
             )
         self.sources = {name: pool[name] for name in names}
         self.num_layers = _check_layers_fit(base, self.sources)
@@ -96,8 +97,8 @@ class DataflowSpace:
         self.max_layers = config.max_layers or bound
         if self.max_layers > bound:
             raise UserError(
-                f"data-flow space: max_layers {self.max_layers} exceeds the bound repeats x base depth "
-                f"= {config.repeats} x {self.num_layers} = {bound}"
+                f"data-flow space: max_layers {self.max_layers} exceeds the bound "
+                f"repeats x base depth = {config.repeats} x {self.num_layers} = {bound}"
             )
         self.order = [
             (f"R{r}.L{i}.{name}", name, i)
@@ -213,6 +214,7 @@ def _check_layers_fit(base: str, sources: dict[str, str]) -> int:
             mine, theirs = reference.get(key), checkpoint.config.get(key)
             if mine != theirs:
                 raise UserError(
-                    f"data-flow space: the layers of {name!r} do not fit the base's ({key} {theirs} vs {mine})"
+                    f"data-flow space: the layers of {name!r} do not fit the base's "
+                    f"({key} {theirs} vs {mine})"
                 )
     return checkpoints["base"].num_layers

@@ -3,8 +3,8 @@
 Compile (once per run): lay the search space out against the pool as a plan of tensor jobs
 (`evomerge.merging.plan`, the same layout and parameter precedence as `evomerge merge`), note which
 gene fills which parameter slot of which job, read every source tensor onto the device in the
-merge dtype and prepare it for repeated merges (`evomerge.merging.executor.PreparedTensor`, resident;
-LoRA adapters stay factored, `evomerge.merging.factored`).
+merge dtype and prepare it for repeated merges (`evomerge.merging.executor.PreparedTensor`,
+resident; LoRA adapters stay factored, `evomerge.merging.factored`).
 Per trial (`apply(genome)`): write the genes into the slots and run the jobs; each result lands
 in the evaluation model's parameter in place, its finiteness checked in the same pass.
 

@@ -89,9 +89,9 @@ def _check_searchable(method: MergeMethod, param: Param) -> None:
     if param.kind is not float:
         floats = [p.name for p in method.params if p.kind is float]
         raise UserError(
-            f"only float parameters can be searched, and {param.name!r} takes {param.kind.__name__} "
-            f"values (fix it under 'fixed'); the float parameters of {method.name!r}: "
-            f"{', '.join(floats) or 'none'}"
+            f"only float parameters can be searched, and {param.name!r} takes "
+            f"{param.kind.__name__} values (fix it under 'fixed'); "
+            f"the float parameters of {method.name!r}: {', '.join(floats) or 'none'}"
         )
 
 

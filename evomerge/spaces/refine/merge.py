@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from evomerge.errors import UserError
-from evomerge.methods.registry import MergeInputs, registered_methods
+from evomerge.methods.registry import registered_methods
 from evomerge.methods.task_arithmetic import sparsified_delta
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ class DifferentiableMerge:
         rule, consensus = method.task_vectors.sparsify, method.task_vectors.consensus
         # A fresh view of the inputs: what is derived here is freed with this object, not kept
         # beside the search's resident state for the rest of the run.
-        fresh = MergeInputs(inputs.models, inputs.base, inputs.tensor_name, inputs.field)
+        fresh = inputs.view()
         deltas = [
             sparsified_delta(
                 fresh,

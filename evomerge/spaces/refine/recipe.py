@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from evomerge.spaces.parameters.candidate import CompiledCandidate
     from evomerge.spaces.parameters.space import SearchSpace
 
-REFINED_ATTR = "refined_weights"
 """The user attribute of a refined trial: output tensor name -> per-model weights."""
 
 

@@ -1,8 +1,9 @@
 """Candidates of the staged spaces, written into a live model: the model `evomerge merge` makes
 of the decoded stages (`evomerge.merging.multistage.run_stages`), bit for bit.
 
-- Method per group: one compiled candidate per method (`evomerge.spaces.parameters.candidate`, prepared once per
-  run, so memory holds the prepared inputs once per method); per trial each method writes the
+- Method per group: one compiled candidate per method (`evomerge.spaces.parameters.candidate`,
+  prepared once per run, so memory holds the prepared inputs once per method); per trial each
+  method writes the
   tensors of the groups that chose it. A tensor belongs to the group whose genes it takes,
   which is how the stages' final passthrough picks it (embeddings from the first group's stage,
   norms and head from the last group's).
@@ -57,7 +58,8 @@ class MethodPerGroupCandidate:
                 groups = {group_of_gene[slot.gene] for slot in job.slots}
                 if len(groups) != 1:
                     raise RuntimeError(
-                        f"tensor {job.name!r} takes the genes of {len(groups)} layer groups, not one"
+                        f"tensor {job.name!r} takes the genes of {len(groups)} layer groups, "
+                        "not one"
                     )
                 self.tensors.setdefault((method, groups.pop()), set()).add(job.name)
 

@@ -69,19 +69,22 @@ class MethodPerGroupConfig(BaseModel):
             for name in names:
                 if name not in declared:
                     raise ValueError(
-                        f"{where}.{name}: none of the methods ({', '.join(self.methods)}) has a parameter {name!r}"
+                        f"{where}.{name}: none of the methods ({', '.join(self.methods)}) "
+                        f"has a parameter {name!r}"
                     )
         for method in self.methods:
             self.method_config(method)
         return self
 
     def method_config(self, method: str) -> SpaceConfig:
-        """The ordinary space of one of the methods: the searched and fixed parameters it declares."""
+        """The ordinary space of one of the methods: the searched and fixed parameters it
+        declares."""
         names = {p.name for p in get_method(method).params}
         searched = {k: v for k, v in self.search.items() if k in names}
         if not searched:
             raise ValueError(
-                f"method {method!r} declares none of the searched parameters ({', '.join(self.search)})"
+                f"method {method!r} declares none of the searched parameters "
+                f"({', '.join(self.search)})"
             )
         data = {
             "method": method,
@@ -214,7 +217,8 @@ def _shared_genes(spaces: dict[str, SearchSpace]) -> list[Gene]:
             elif (genes[gene.name][1].low, genes[gene.name][1].high) != (gene.low, gene.high):
                 other, known = genes[gene.name]
                 raise UserError(
-                    f"search space: {gene.param!r} ranges over [{known.low:g}, {known.high:g}] in {other!r} and "
+                    f"search space: {gene.param!r} ranges over [{known.low:g}, {known.high:g}] "
+                    f"in {other!r} and "
                     f"[{gene.low:g}, {gene.high:g}] in {method!r}; give its bounds under 'search'"
                 )
     return [gene for _, gene in genes.values()]
@@ -257,16 +261,19 @@ class PairwiseSpace:
         self.title = f"{config.method} in pairs"
         if len(models) < 3:
             raise UserError(
-                f"a pairwise sequence needs at least three models besides the base (the pool has {len(models)}); "
+                "a pairwise sequence needs at least three models besides the base "
+                f"(the pool has {len(models)}); "
                 "with fewer it is the one-shot merge"
             )
         if any(">" in name for name in models):
             raise UserError(
-                "pool model names may not contain '>' in a pairwise space (it joins an order's names)"
+                "pool model names may not contain '>' in a pairwise space "
+                "(it joins an order's names)"
             )
         if len(models) > MAX_MODELS:
             raise UserError(
-                f"a pairwise sequence orders at most {MAX_MODELS} models (the pool has {len(models)})"
+                f"a pairwise sequence orders at most {MAX_MODELS} models "
+                f"(the pool has {len(models)})"
             )
         self.orders = tuple(">".join(order) for order in itertools.permutations(models))
         self.into_base = self.method.max_models == 1  # slerp: the earlier result is the base
