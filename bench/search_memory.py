@@ -10,8 +10,9 @@ does. Read at the end: `held`, its anonymous resident memory (what stays allocat
 run: file pages of the mapped checkpoints are the kernel's cache, not the search's), and `peak`,
 its high-water mark of all resident memory (set-up transients and mapped file pages included).
 Each is given as the slope between the two depths divided by the bytes of one model: the
-constant cost of the process (Python, torch) cancels. Run with `--keep-sources` to see the layout before task vectors replaced their
-models (both were kept). No scoring: the evaluator's activations do not grow with the pool.
+constant cost of the process (Python, torch) cancels. Run with `--keep-sources` to see the
+layout before task vectors replaced their models (both were kept). No scoring: the evaluator's
+activations do not grow with the pool.
 """
 
 from __future__ import annotations
