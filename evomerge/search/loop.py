@@ -165,8 +165,8 @@ class Search:
         from evomerge.fitness.zeros import all_zero_tasks, zero_warning
 
         baselines = [t for t in self.study.get_trials(deepcopy=False) if "baseline" in t.user_attrs]
-        if not baselines or any(not t.state.is_finished() for t in baselines):
-            return
+        if any(not t.state.is_finished() for t in baselines):
+            return  # (baselines are queued when the study is made: none now means none ever)
         self._zeros_checked = True
         rows = [t.user_attrs.get("per_task") or {} for t in baselines]
         done = [r for t, r in zip(baselines, rows) if t.state == TrialState.COMPLETE]
