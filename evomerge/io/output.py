@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from evomerge.errors import UserError
-from evomerge.io.checkpoint import LAYER_COUNT_KEYS, TOKENIZER_FILES, inside, read_json_object
+from evomerge.io.checkpoint import LAYER_COUNT_KEYS, inside, read_json_object
 from evomerge.io.dtypes import CODES, name_of
 
 if TYPE_CHECKING:
@@ -411,12 +411,3 @@ def write_config(
     generation = src / "generation_config.json"
     if generation.exists():
         shutil.copy2(inside(src, generation.name), dst / generation.name)
-
-
-def copy_tokenizer(src: Path, dst: Path, *, chat_template: str | None) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            # copied as a plain file: a link could publish what it points to
-            shutil.copy2(inside(src, name), dst / name)
-    if chat_template:
-        (dst / "chat_template.jinja").write_text(chat_template)
