@@ -129,8 +129,11 @@ def inputs_from(
     tensors = [t.to(device=device, dtype=dtype) for t in tensors]
     base = tensors.pop() if job.base else None
     field = UniformField(seed, job.out_name) if plan.method.randomized else None
+    grams = plan.grams(job)
+    if grams is not None:
+        grams = [None if g is None else g.to(device=device) for g in grams]
     return MergeInputs(
-        models=tensors, base=base, tensor_name=job.out_name, field=field, peaks=peaks
+        models=tensors, base=base, tensor_name=job.out_name, field=field, peaks=peaks, grams=grams
     )
 
 

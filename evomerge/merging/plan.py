@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import keyword
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import UserError
 from evomerge.io.adapters import open_checkpoint
 from evomerge.io.checkpoint import Checkpoint, check_compatible, layer_index, with_layer_index
 from evomerge.io.dtypes import ITEMSIZE
+from evomerge.io.statistics import InputStatistics
 from evomerge.merging.recipe import Parameters, Recipe, Slice, SliceSource, resolve_setting
 from evomerge.merging.tokenizer import VocabularyAlignment, is_vocabulary_tensor
 from evomerge.methods import MergeMethod, get_method
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,20 @@ class MergePlan:
     num_layers: int
     # the output vocabulary and each input's rows, where the recipe aligns vocabularies
     vocabulary: VocabularyAlignment | None = None
+    # each model's input statistics, for a method that reads them (RegMean)
+    statistics: InputStatistics | None = None
+
+    def grams(self, job: TensorJob) -> list[torch.Tensor | None] | None:
+        """Each input model's Gram matrix for `job` (None for a model without one), or None
+        where the method reads no statistics."""
+        if self.statistics is None:
+            return None
+        out = []
+        for ref in job.inputs:
+            shape = self.checkpoints[ref.model].shape(ref.name)
+            width = shape[1] if len(shape) == 2 else None
+            out.append(None if width is None else self.statistics.gram(ref.model, ref.name, width))
+        return out
 
     def is_aligned(self, out_name: str) -> bool:
         """True for a tensor whose rows are re-laid out by token before the merge."""
@@ -124,8 +142,29 @@ def plan_merge(
 
         vocabulary = build_alignment(recipe, checkpoints)
     return MergePlan(
-        recipe, method, checkpoints, planner.jobs, config_source, out_layer, vocabulary
+        recipe,
+        method,
+        checkpoints,
+        planner.jobs,
+        config_source,
+        out_layer,
+        vocabulary,
+        _statistics(recipe, planner.jobs),
     )
+
+
+def _statistics(recipe: Recipe, jobs: list[TensorJob]) -> InputStatistics | None:
+    """The recipe's statistics files, each model it merges having one, none for another."""
+    if not recipe.statistics:
+        return None
+    merged = {ref.model for job in jobs for ref in job.inputs}
+    unknown = sorted(set(recipe.statistics) - set(recipe.model_paths()))
+    if unknown:
+        raise UserError(f"statistics are given for {unknown[0]!r}, which the recipe does not merge")
+    missing = sorted(merged - set(recipe.statistics))
+    if missing:
+        raise UserError(f"the recipe's statistics name no file for model {missing[0]!r}")
+    return InputStatistics(recipe.statistics)
 
 
 def _is_input_side(name: str) -> bool:

@@ -184,6 +184,9 @@ class Recipe(BaseModel):
     tokenizer_source: str | None = None
     tokenizer: TokenizerSettings | None = None
     chat_template: str | None = None
+    statistics: dict[str, str] | None = None
+    """Model reference -> its input statistics file, for a method that reads them (RegMean;
+    an evomerge extension, not in mergekit)."""
 
     @model_validator(mode="after")
     def _models_xor_slices(self) -> Recipe:
@@ -199,6 +202,19 @@ class Recipe(BaseModel):
                 raise ValueError(f"{field} {value!r} is not one of {', '.join(MERGE_DTYPES)}")
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ValueError("give either 'tokenizer_source' or a 'tokenizer' block, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _statistics_where_read(self) -> Recipe:
+        with registry_errors_as_validation_errors("merge_method"):
+            method = _registered_method(self.merge_method)
+        if method.statistics and not self.statistics:
+            raise ValueError(
+                f"merge method {method.name!r} needs each model's input statistics: give "
+                "'statistics' (model -> .safetensors file; `evomerge search` writes them)"
+            )
+        if self.statistics and not method.statistics:
+            raise ValueError(f"merge method {method.name!r} reads no 'statistics'; remove them")
         return self
 
     @field_validator("chat_template")

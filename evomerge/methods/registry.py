@@ -122,6 +122,8 @@ class MergeInputs:
     `field` draws reproducible random numbers for methods that need them (DARE, DELLA).
     `peaks` (optional) are max |x| of each model, then the base, when the caller knows them
     already (the merge executor finds them while checking the inputs are finite).
+    `grams` (for a method that declares `statistics`) are each model's input statistics for
+    this tensor (RegMean's X_i^T X_i / N, shape (in, in)), None for a tensor that has none.
 
     Everything derived from the inputs alone (task vectors, magnitude ranks, random draws) is
     computed on first use and kept for as long as this object lives: a plain merge uses it
@@ -135,8 +137,10 @@ class MergeInputs:
         tensor_name: str,
         field: UniformField | None = None,
         peaks: list[float | None] | None = None,
+        grams: list[torch.Tensor] | None = None,
     ):
         self.models, self.base, self.tensor_name, self.field = models, base, tensor_name, field
+        self.grams = grams
         self._memo: dict[tuple[str, int], Any] = {}
         for index, peak in enumerate(peaks or []):
             if peak is not None:
@@ -163,8 +167,12 @@ class MergeInputs:
     def view(self) -> MergeInputs:
         """The same inputs, sharing their task vectors and peaks, keeping whatever else it
         derives (ranks, draws) to itself: freed with the view, not kept for the run."""
-        shared = MergeInputs(self.models, self.base, self.tensor_name, self.field)
-        shared._memo = {key: v for key, v in self._memo.items() if key[0] in ("delta", "peak")}
+        shared = MergeInputs(self.models, self.base, self.tensor_name, self.field, grams=self.grams)
+        shared._memo = {
+            key: v
+            for key, v in self._memo.items()
+            if key[0] in ("delta", "peak") or key[0].startswith("projected")
+        }
         return shared
 
     def peak(self, index: int) -> float:
@@ -220,7 +228,12 @@ class MergeMethod:
     `task_vectors`: its rules, for a member of the task-vector family (None otherwise).
     `baselines`: classic recipes of this method a search queues besides the uniform merge and
     each model alone, as label -> value of each parameter role (`Role`), e.g. DARE-TIES's
-    `{"dare_ties_0.5": {"weight": 0.5, "density": 0.5, ...}}`."""
+    `{"dare_ties_0.5": {"weight": 0.5, "density": 0.5, ...}}`.
+    `one_hot_is_model`: whether weight 1 on one model and 0 on the rest gives that model back
+    (the "only_<model>" baselines are queued only then; RegMean's weights scale projected task
+    vectors, so its one-hot merge is not the model).
+    `statistics`: whether the method reads each model's input statistics (`MergeInputs.grams`),
+    which a recipe names in its `statistics` mapping."""
 
     name: str
     merge: Callable[..., torch.Tensor]
@@ -232,6 +245,8 @@ class MergeMethod:
     reference: str = ""
     task_vectors: TaskVectorRules | None = None
     baselines: dict[str, dict[Role, float]] = field(default_factory=dict, compare=False)
+    one_hot_is_model: bool = True
+    statistics: bool = False
 
     def param(self, name: str) -> Param:
         """The parameter called `name`, or a `UserError` naming the closest one."""

@@ -41,7 +41,7 @@ def export_trial(
     config = read_run_folder(run_dir)
     study = open_run_study(config, Path(run_dir))
     trial = _pick(study, trial_number)
-    stages = trial_stages(build_space(config), trial)
+    stages = trial_stages(build_space(config, run_dir), trial)
     if config.export.out_dtype:  # the final merge's, as recipe.yaml will say
         update = {"out_dtype": config.export.out_dtype}
         stages = [s if s.name else Stage(None, s.recipe.model_copy(update=update)) for s in stages]

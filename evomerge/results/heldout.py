@@ -48,7 +48,7 @@ class HeldOut:
         from evomerge.search.run_folder import build_space
 
         model, tokenizer = load_eval_model(config)
-        self.space = build_space(config)
+        self.space = build_space(config, run_dir)
         self.candidate = make_candidate(model, self.space, config)
         work = Path(run_dir) / "heldout"
         self.evaluators = {

@@ -26,7 +26,12 @@ from evomerge.fitness.config import FitnessConfig
 from evomerge.io.checkpoint import reference_parts
 from evomerge.io.dtypes import MERGE_DTYPES
 from evomerge.merging.recipe import check_file_size, validate_model
-from evomerge.search.refine_config import RefineConfig, check_refinable, parse_refine
+from evomerge.search.refine_config import (
+    RefineConfig,
+    check_refinable,
+    check_statistics,
+    parse_refine,
+)
 from evomerge.search.samplers import SAMPLERS, able
 
 
@@ -154,6 +159,7 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _refinable(self) -> RunConfig:
+        check_statistics(self.space, backend=self.fitness.backend, models=self.pool.models)
         if self.search.refine is not None:
             check_refinable(
                 self.space,

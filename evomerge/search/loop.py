@@ -55,7 +55,7 @@ class Search:
         self.config = config
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.space = build_space(config)
+        self.space = build_space(config, run_dir)
         storage = open_run_storage(config, run_dir)
         # Processes that join a study (workers, resume) must not replay the seeded draws of the
         # process that started it: equal seeds make equal proposals in every worker.
@@ -70,8 +70,12 @@ class Search:
         )
         self.worker = worker_name()
         model, tokenizer = load_eval_model(config)
-        self.candidate = make_candidate(model, self.space, config)
         self.evaluator = Evaluator(model, tokenizer, config.fitness, run_dir)
+        if (
+            getattr(self.space, "statistics", None) is not None
+        ):  # RegMean: each model's statistics, once a run
+            collect_statistics(config, run_dir, self.evaluator)
+        self.candidate = make_candidate(model, self.space, config)
         self.schedule = Schedule.of(config, self.evaluator.tasks)
         self.refiner = make_refiner(config, self.candidate, self.evaluator, self.space)
         self.run_dir = run_dir
@@ -302,6 +306,25 @@ def make_candidate(model, space: Space, config: RunConfig) -> Candidate:
         seed=config.search.merge_seed,
         device=config.device,
         dtype=config.pool.dtype,
+    )
+
+
+def collect_statistics(config: RunConfig, run_dir: Path, evaluator) -> None:
+    """Write each pool model's input statistics into the run folder, unless a start before
+    this one did (`evomerge.fitness.statistics`)."""
+    from evomerge.fitness.statistics import write_statistics
+    from evomerge.fitness.teacher import teacher_forced_examples
+    from evomerge.search.run_folder import statistics_files
+
+    files = statistics_files(config, run_dir)
+    if all(path.is_file() for path in files.values()):
+        return
+    write_statistics(
+        evaluator.model,
+        teacher_forced_examples(evaluator),
+        dict(config.pool.models),
+        next(iter(files.values())).parent,
+        restore=config.pool.base,
     )
 
 

@@ -24,8 +24,14 @@ TASK_VECTOR_METHODS = (
     "breadcrumbs_ties",
     "della",
     "della_linear",
+    "regmean",
 )
-"""The task-vector family (the methods with `MergeMethod.task_vectors`; a test keeps them equal)."""
+"""The methods whose per-model weights refinement learns: the task-vector family (the methods
+with `MergeMethod.task_vectors`) and RegMean (a weighted sum of projected task vectors); a test
+keeps the list equal to the registry's."""
+
+STATISTICS_METHODS = ("regmean",)
+"""The methods that read each model's input statistics (`MergeMethod.statistics`)."""
 
 SUPPORTED = (
     f"search.refine: gradient learns per-tensor weights of parameter spaces over the "
@@ -63,6 +69,30 @@ def parse_refine(value: Any) -> Any:
     if value in (None, False, "off", "none"):
         return None
     return value
+
+
+def check_statistics(space: Any, *, backend: str, models: dict) -> None:
+    """A UserError (one sentence) where the space's method reads input statistics (RegMean)
+    that this run cannot collect: they come from the dev documents through the hf backend, on
+    full models."""
+    from evomerge.spaces.parameters.space import read_space
+
+    try:
+        data, _ = read_space(space)
+    except UserError:
+        return  # a missing space file is reported where the space is built
+    method = data.get("method") if isinstance(data, dict) else None
+    if method not in STATISTICS_METHODS:
+        return
+    why = (
+        f"a {method} space collects each model's input statistics from the dev documents, "
+        "which needs fitness.backend: hf and full models"
+    )
+    if backend != "hf":
+        raise UserError(f"{why}; the fitness backend is {backend!r}")
+    adapters = [name for name, path in models.items() if "+" in str(path)]
+    if adapters:
+        raise UserError(f"{why}; {adapters[0]!r} is a LoRA adapter")
 
 
 def check_refinable(space: Any, *, backend: str, objectives: str, models: dict) -> None:

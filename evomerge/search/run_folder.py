@@ -60,10 +60,12 @@ class RunGenes:
         return {"method": self.method, "groups": list(self.groups), "genes": list(self.genes)}
 
 
-def build_space(config: RunConfig) -> Space:
+def build_space(config: RunConfig, run_dir: Path | None = None) -> Space:
     """The run's search space over its pool, built by the kind its file names
     (`evomerge.spaces.registry`), after checking that the run's backend can score that kind
-    and its sampler can draw the space's genes."""
+    and its sampler can draw the space's genes. For a method that reads input statistics
+    (RegMean), its recipes name the run's files (`statistics_files`); without `run_dir` the
+    space gives genes and baselines but no recipe."""
     from evomerge.search.samplers import SAMPLERS, able
     from evomerge.spaces.registry import get_kind, kind_of, read_space
 
@@ -85,7 +87,19 @@ def build_space(config: RunConfig) -> Space:
             f"{categorical[0]!r} at random (it models floats only); use sampler "
             f"{', '.join(capable[:-1])} or {capable[-1]} for this space"
         )
+    if run_dir is not None and getattr(getattr(space, "method", None), "statistics", False):
+        space.statistics = {
+            config.pool.models[name]: str(path)
+            for name, path in statistics_files(config, run_dir).items()
+        }
     return space
+
+
+def statistics_files(config: RunConfig, run_dir: Path) -> dict[str, Path]:
+    """Pool model name -> its input statistics file in the run folder (written by the search
+    when it starts, `evomerge.fitness.statistics`)."""
+    folder = Path(run_dir).resolve() / "statistics"
+    return {name: folder / f"{name}.safetensors" for name in config.pool.models}
 
 
 def write_run_folder(config: RunConfig, run_dir: Path) -> None:

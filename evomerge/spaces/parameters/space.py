@@ -118,6 +118,8 @@ class SearchSpace:
     ):
         self.config, self.base, self.models, self.dtype = config, base, models, dtype
         self.method: MergeMethod = get_method(config.method)
+        self.statistics: dict[str, str] | None = None
+        """Model folder -> its input statistics file, for a method that reads them."""
         self.title = self.method.name  # what the report calls the space
         self.num_layers = num_layers
         self._check_pool()
@@ -205,6 +207,7 @@ class SearchSpace:
             base_model=self.base if self.method.base_role != "input" else None,
             parameters=dict(self.config.fixed) or None,
             dtype=self.dtype,
+            statistics=self.statistics,
         )
 
     def _settings(self, genome: dict[str, float], label: str, model: str | None) -> dict[str, Any]:
@@ -280,7 +283,7 @@ def classic_recipes(method: MergeMethod, models: list[str]) -> dict[str, dict[st
         "uniform": {"weight": lambda m: 1.0 / n, "density": 1.0, "interpolation": 0.5},
     }
     recipes.update(method.baselines)  # the method's own classic recipes
-    for model in models:
+    for model in models if method.one_hot_is_model else ():
         recipes[f"only_{model}"] = {
             "weight": lambda m, me=model: 1.0 if m == me else 0.0,
             "density": 1.0,

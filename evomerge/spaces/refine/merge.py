@@ -25,13 +25,17 @@ import torch
 
 from evomerge.errors import UserError
 from evomerge.methods.registry import registered_methods
+from evomerge.methods.regmean import projections
 from evomerge.methods.task_arithmetic import sparsified_delta
 
 if TYPE_CHECKING:
     from evomerge.spaces.parameters.candidate import CompiledCandidate, CompiledJob
 
-TASK_VECTOR_METHODS = tuple(m.name for m in registered_methods() if m.task_vectors is not None)
-"""The methods whose weights refinement can learn: the task-vector family."""
+TASK_VECTOR_METHODS = tuple(
+    m.name for m in registered_methods() if m.task_vectors is not None or m.name == "regmean"
+)
+"""The methods whose weights refinement can learn: the task-vector family, and RegMean (task
+arithmetic over projected task vectors, `evomerge.methods.regmean`)."""
 
 
 @dataclass
@@ -83,6 +87,15 @@ class DifferentiableMerge:
     def _term(job: CompiledJob, kwargs: dict) -> _Term:
         inputs = getattr(job.tensor, "inputs", None)
         method = getattr(job.tensor, "method", None)
+        if method is not None and method.name == "regmean" and inputs is not None:
+            return _Term(
+                name=job.name,
+                base=inputs.base.float(),
+                deltas=projections(inputs, kwargs["alpha"]),
+                consensus=False,
+                normalize=False,
+                lambda_=kwargs["lambda_"],
+            )
         if inputs is None or method is None or method.task_vectors is None:
             raise UserError(
                 f"refinement by gradient cannot differentiate the merge of {job.name!r} "

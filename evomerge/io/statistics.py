@@ -1,0 +1,68 @@
+"""Per-model input statistics on disk: what a data-aware merge method (RegMean) reads.
+
+One safetensors file per model, one float32 (in, in) tensor per weight it covers, keyed by the
+weight's name in that model (`model.layers.0.self_attn.q_proj.weight`): the Gram matrix
+X^T X / N of the inputs that weight's layer saw. A recipe names the files in its `statistics`
+mapping (model reference -> file); `evomerge.fitness.statistics` writes them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from evomerge.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+
+class InputStatistics:
+    """The statistics files of a recipe, opened lazily; `gram(model, name)` reads one."""
+
+    def __init__(self, files: dict[str, str]):
+        self.files = {model: Path(path) for model, path in files.items()}
+        for model, path in self.files.items():
+            if not path.is_file():
+                raise UserError(f"the statistics file of {model!r} ({path}) does not exist")
+            if path.suffix != ".safetensors":
+                raise UserError(
+                    f"the statistics file of {model!r} ({path}) must be a .safetensors file"
+                )
+        self._open: dict[str, object] = {}
+
+    def gram(self, model: str, name: str, width: int) -> torch.Tensor | None:
+        """Model `model`'s Gram matrix for weight `name` ((width, width) float32), or None
+        where its file has none for that weight; a UserError for a missing model or a wrong
+        shape."""
+        import torch
+
+        handle = self._handle(model)
+        if name not in handle.keys():
+            return None
+        gram = handle.get_tensor(name)
+        if tuple(gram.shape) != (width, width) or not gram.is_floating_point():
+            raise UserError(
+                f"the statistics of {model!r} for {name!r} must be a ({width}, {width}) float "
+                f"matrix (the weight's input width), got {tuple(gram.shape)} {gram.dtype}"
+            )
+        if not torch.isfinite(gram).all():
+            raise UserError(f"the statistics of {model!r} for {name!r} hold NaN or Inf values")
+        return gram.to(torch.float32)
+
+    def _handle(self, model: str):
+        from safetensors import SafetensorError, safe_open
+
+        if model not in self.files:
+            raise UserError(
+                f"the recipe's statistics name no file for model {model!r} "
+                f"(they name: {', '.join(sorted(self.files)) or 'none'})"
+            )
+        if model not in self._open:
+            try:
+                self._open[model] = safe_open(str(self.files[model]), framework="pt")
+            except (SafetensorError, OSError) as exc:
+                raise UserError(
+                    f"the statistics file of {model!r} ({self.files[model]}) cannot be read: {exc}"
+                ) from None
+        return self._open[model]

@@ -1,0 +1,82 @@
+"""RegMean (Jin et al., 2023): each linear layer merged by least squares on its inputs.
+
+For a linear layer y = W x, with X_i the inputs model i's layer sees on model i's own data and
+G_i = X_i^T X_i / N_i their Gram matrix, RegMean picks the W closest to every model on its own
+inputs:
+
+    W* = argmin_W sum_i ||X_i W^T - X_i W_i^T||^2 = (sum_i W_i G_i) (sum_i G_i)^-1
+
+with G_i's off-diagonal shrunk by alpha (G_i <- alpha G_i + (1 - alpha) diag(G_i)) so that the
+sum is well conditioned. Written over task vectors tau_i = W_i - W_base, and with a weight per
+model and a scale, as evomerge searches it:
+
+    theta = theta_base + lambda * sum_i w_i * tau_i G_i Gbar^-1,   Gbar = mean_i G_i
+
+Uniform weights (1/n each) and lambda 1 give RegMean exactly. A tensor with no statistics (a
+norm, the embeddings) has G_i = I: a weighted sum of task vectors, whose uniform form is the
+mean RegMean uses for those. The projected task vectors tau_i G_i Gbar^-1 depend on alpha and
+the statistics only, so a search that merges many times computes them once (`MergeInputs`
+keeps them); a trial is then a weighted sum.
+
+The statistics come from data (`evomerge.fitness.statistics` collects them in a search); a
+recipe names them in its `statistics` mapping (model -> safetensors file). mergekit has no
+such method.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from evomerge.methods.registry import MergeInputs, MergeMethod, Param, register
+
+
+def projected_task_vectors(inputs: MergeInputs, alpha: float) -> torch.Tensor:
+    """(M, *shape) float32: tau_i G_i Gbar^-1 for each model (tau_i where there are no grams)."""
+    deltas = torch.stack([inputs.delta(i).float() for i in range(len(inputs.models))])
+    grams = inputs.grams
+    if grams is None or any(g is None for g in grams):
+        return deltas
+    shrunk = [alpha * g + (1 - alpha) * torch.diag(torch.diag(g)) for g in map(_f32, grams)]
+    mean = sum(shrunk) / len(shrunk)
+    # tau_i G_i Gbar^-1 = (Gbar^-1 G_i tau_i^T)^T: one solve against every model's right side
+    # (Gbar is symmetric).
+    rhs = torch.cat([g @ d.T for g, d in zip(shrunk, deltas)], dim=1)  # (in, M * out)
+    solved = torch.linalg.solve(mean, rhs)
+    return torch.stack([part.T for part in solved.split(deltas.shape[1], dim=1)])
+
+
+def projections(inputs: MergeInputs, alpha: float) -> torch.Tensor:
+    """`projected_task_vectors`, computed on first use and kept with the inputs (a search merges
+    the same tensor with many weights; the projections do not change)."""
+    return inputs.cached(f"projected:{alpha!r}", 0, lambda: projected_task_vectors(inputs, alpha))
+
+
+def _f32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.float32)
+
+
+def regmean(
+    inputs: MergeInputs, *, weight: list[float], alpha: float, lambda_: float
+) -> torch.Tensor:
+    base = inputs.base
+    projected = projections(inputs, alpha)
+    w = torch.tensor(weight, dtype=torch.float32, device=projected.device)
+    mixed = (projected * w.view(-1, *([1] * (projected.dim() - 1)))).sum(dim=0)
+    return (base.float() + lambda_ * mixed).to(base.dtype)
+
+
+register(
+    MergeMethod(
+        name="regmean",
+        merge=regmean,
+        params=(
+            Param("weight", per_model=True, bounds=(0.0, 1.0), role="weight"),
+            Param("alpha", per_model=False, default=0.95, bounds=(0.5, 1.0), limits=(0.0, 1.0)),
+            Param("lambda", per_model=False, default=1.0, bounds=(0.5, 1.5)),
+        ),
+        base_role="required",
+        reference="https://arxiv.org/abs/2212.09849",
+        one_hot_is_model=False,
+        statistics=True,
+    )
+)
