@@ -169,9 +169,7 @@ class MergeInputs:
         derives (ranks, draws) to itself: freed with the view, not kept for the run."""
         shared = MergeInputs(self.models, self.base, self.tensor_name, self.field, grams=self.grams)
         shared._memo = {
-            key: v
-            for key, v in self._memo.items()
-            if key[0] in ("delta", "peak") or key[0].startswith("projected")
+            key: v for key, v in self._memo.items() if key[0] in ("delta", "peak", "projected")
         }
         return shared
 

@@ -33,6 +33,7 @@ from evomerge.methods.registry import MergeInputs, MergeMethod, Param, register
 def projected_task_vectors(inputs: MergeInputs, alpha: float) -> torch.Tensor:
     """(M, *shape) float32: tau_i G_i Gbar^-1 for each model (tau_i where there are no grams)."""
     deltas = torch.stack([inputs.delta(i).float() for i in range(len(inputs.models))])
+    # (M, out, in) or (M, *shape)
     grams = inputs.grams
     if grams is None or any(g is None for g in grams):
         return deltas
@@ -46,9 +47,15 @@ def projected_task_vectors(inputs: MergeInputs, alpha: float) -> torch.Tensor:
 
 
 def projections(inputs: MergeInputs, alpha: float) -> torch.Tensor:
-    """`projected_task_vectors`, computed on first use and kept with the inputs (a search merges
-    the same tensor with many weights; the projections do not change)."""
-    return inputs.cached(f"projected:{alpha!r}", 0, lambda: projected_task_vectors(inputs, alpha))
+    """`projected_task_vectors`, kept with the inputs for the last alpha asked (a search merges
+    the same tensor with many weights and, unless it searches alpha, one alpha: the projections
+    are then computed once; a searched alpha recomputes them, holding one set at a time)."""
+    kept = inputs.cached("projected", 0, lambda: {})
+    if kept.get("alpha") != alpha:
+        kept.clear()  # the old set goes before the new one is made
+        inputs.keep_task_vectors_only()  # theta_i = base + tau_i: a redundant copy from here on
+        kept.update(alpha=alpha, tensor=projected_task_vectors(inputs, alpha))
+    return kept["tensor"]
 
 
 def _f32(tensor: torch.Tensor) -> torch.Tensor:
