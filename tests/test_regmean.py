@@ -74,6 +74,24 @@ def test_alpha_weights_and_lambda_read_like_the_equation():
     torch.testing.assert_close(plain, want, rtol=1e-6, atol=1e-6)
 
 
+def test_an_embedding_takes_each_row_by_token_frequency():
+    """One-hot inputs: a diagonal Gram matrix, stored per row. A row no data reaches is the
+    plain mean; alpha shrinks the frequencies toward their mean."""
+    from evomerge.methods.regmean import regmean
+
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    models = [base + torch.randn(3, 5, generator=gen, dtype=torch.float64) for _ in range(2)]
+    counts = [torch.tensor([3.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 1.0])]
+    got = regmean(_inputs(base, models, counts), weight=[0.5, 0.5], alpha=1.0, lambda_=1.0)
+    torch.testing.assert_close(got[0], (3 * models[0][0] + models[1][0]) / 4)
+    torch.testing.assert_close(got[1], (models[0][1] + models[1][1]) / 2)
+    torch.testing.assert_close(got[2], (models[0][2] + models[1][2]) / 2)
+    shrunk = regmean(_inputs(base, models, counts), weight=[0.5, 0.5], alpha=0.5, lambda_=1.0)
+    c0, c1 = 0.5 * 3 + 0.5 * 4 / 3, 0.5 * 1 + 0.5 * 2 / 3  # toward each model's mean count
+    torch.testing.assert_close(shrunk[0], (c0 * models[0][0] + c1 * models[1][0]) / (c0 + c1))
+
+
 def test_the_projections_are_computed_once_per_alpha():
     from evomerge.methods.regmean import projections, regmean
 
@@ -218,6 +236,10 @@ def test_the_collector_takes_x_transpose_x_over_the_real_tokens(tiny):
     torch.testing.assert_close(
         grams["model.layers.2.mlp.down_proj.weight"].double(), want, rtol=1e-4, atol=1e-6
     )
+    counts = grams["model.embed_tokens.weight"]
+    tokens = torch.tensor([t for e in examples for t in e.tokens[:-1]])
+    want = torch.bincount(tokens, minlength=counts.shape[0]).float() / len(tokens)
+    torch.testing.assert_close(counts, want)
     assert owners({"a": {"t": 0.5, "u": 2.0}, "b": {"t": 0.7, "u": 1.0}}) == {"t": "a", "u": "b"}
 
 

@@ -55,20 +55,33 @@ def answer_nll(model: torch.nn.Module, examples: list[Example]) -> dict[str, flo
 
 
 def gram_matrices(model: torch.nn.Module, examples: list[Example]) -> dict[str, torch.Tensor]:
-    """Weight name -> X^T X / N (float32) of the inputs every linear layer of `model` sees over
-    the tokens of `examples` (padding left out)."""
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    sums = {n: torch.zeros(m.in_features, m.in_features) for n, m in linears.items()}
+    """Weight name -> the statistics RegMean reads (float32), over the tokens of `examples`
+    (padding left out): for every linear layer of `model`, X^T X / N of its inputs; for every
+    embedding, each token's frequency (the diagonal of its Gram matrix over one-hot inputs)."""
+    layers = {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear | torch.nn.Embedding)
+    }
+    sums = {
+        n: torch.zeros(m.in_features, m.in_features)
+        if isinstance(m, torch.nn.Linear)
+        else torch.zeros(m.num_embeddings)
+        for n, m in layers.items()
+    }
     keep: dict[str, torch.Tensor] = {}
 
     def hook(name: str) -> Callable:
         def accumulate(module, inputs, output) -> None:
-            x = inputs[0].detach()[keep["tokens"]].float().cpu()
-            sums[name].addmm_(x.T, x)
+            x = inputs[0].detach()[keep["tokens"]].cpu()
+            if isinstance(module, torch.nn.Embedding):
+                sums[name] += torch.bincount(x, minlength=module.num_embeddings).float()
+            else:
+                sums[name].addmm_(x.T.float(), x.float())
 
         return accumulate
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
     count = 0
     try:
         with torch.no_grad():

@@ -1,8 +1,10 @@
 """Per-model input statistics on disk: what a data-aware merge method (RegMean) reads.
 
-One safetensors file per model, one float32 (in, in) tensor per weight it covers, keyed by the
-weight's name in that model (`model.layers.0.self_attn.q_proj.weight`): the Gram matrix
-X^T X / N of the inputs that weight's layer saw. A recipe names the files in its `statistics`
+One safetensors file per model, one float32 tensor per weight it covers, keyed by the weight's
+name in that model (`model.layers.0.self_attn.q_proj.weight`): for a linear layer's (out, in)
+weight, the (in, in) Gram matrix X^T X / N of the inputs it saw; for an embedding's (rows,
+width) matrix, the diagonal of its Gram matrix over one-hot inputs, i.e. each row's (token's)
+frequency, (rows,). A recipe names the files in its `statistics`
 mapping (model reference -> file); `evomerge.fitness.statistics` writes them.
 """
 
@@ -31,20 +33,22 @@ class InputStatistics:
                 )
         self._open: dict[str, object] = {}
 
-    def gram(self, model: str, name: str, width: int) -> torch.Tensor | None:
-        """Model `model`'s Gram matrix for weight `name` ((width, width) float32), or None
-        where its file has none for that weight; a UserError for a missing model or a wrong
-        shape."""
+    def gram(self, model: str, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """Model `model`'s statistics for weight `name` of `shape` (float32: (in, in) or, per
+        row, (rows,)), or None where its file has none for that weight; a UserError for a
+        missing model, a wrong shape or values that are not finite."""
         import torch
 
         handle = self._handle(model)
-        if name not in handle.keys():
+        if name not in handle.keys() or len(shape) != 2:
             return None
         gram = handle.get_tensor(name)
-        if tuple(gram.shape) != (width, width) or not gram.is_floating_point():
+        rows, width = shape
+        if tuple(gram.shape) not in ((width, width), (rows,)) or not gram.is_floating_point():
             raise UserError(
                 f"the statistics of {model!r} for {name!r} must be a ({width}, {width}) float "
-                f"matrix (the weight's input width), got {tuple(gram.shape)} {gram.dtype}"
+                f"matrix (the weight's input width) or ({rows},) per row, got "
+                f"{tuple(gram.shape)} {gram.dtype}"
             )
         if not torch.isfinite(gram).all():
             raise UserError(f"the statistics of {model!r} for {name!r} hold NaN or Inf values")

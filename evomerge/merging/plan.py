@@ -59,12 +59,12 @@ class MergePlan:
         where the method reads no statistics."""
         if self.statistics is None:
             return None
-        out = []
-        for ref in job.inputs:
-            shape = self.checkpoints[ref.model].shape(ref.name)
-            width = shape[1] if len(shape) == 2 else None
-            out.append(None if width is None else self.statistics.gram(ref.model, ref.name, width))
-        return out
+        if self.is_aligned(job.out_name):  # rows re-laid out by token: the statistics are not
+            return [None] * len(job.inputs)
+        return [
+            self.statistics.gram(ref.model, ref.name, self.checkpoints[ref.model].shape(ref.name))
+            for ref in job.inputs
+        ]
 
     def is_aligned(self, out_name: str) -> bool:
         """True for a tensor whose rows are re-laid out by token before the merge."""

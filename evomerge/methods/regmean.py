@@ -12,9 +12,13 @@ model and a scale, as evomerge searches it:
 
     theta = theta_base + lambda * sum_i w_i * tau_i G_i Gbar^-1,   Gbar = mean_i G_i
 
-Uniform weights (1/n each) and lambda 1 give RegMean exactly. A tensor with no statistics (a
-norm, the embeddings) has G_i = I: a weighted sum of task vectors, whose uniform form is the
-mean RegMean uses for those. The projected task vectors tau_i G_i Gbar^-1 depend on alpha and
+Uniform weights (1/n each) and lambda 1 give RegMean exactly. An embedding matrix is a linear
+layer over one-hot tokens, so its Gram matrix is diagonal, the token frequencies c_i: each row
+(token) is a frequency-weighted mean, E*[t] = sum_i c_i[t] E_i[t] / sum_i c_i[t], with c_i
+shrunk toward its mean by alpha (a token no model's data holds gets the plain mean). Such
+statistics are stored as the diagonal alone, one value per row. A tensor with no statistics (a
+norm) has G_i = I: a weighted sum of task vectors, whose uniform form is the mean RegMean uses
+for those. The projected task vectors tau_i G_i Gbar^-1 depend on alpha and
 the statistics only, so a search that merges many times computes them once (`MergeInputs`
 keeps them); a trial is then a weighted sum.
 
@@ -31,13 +35,21 @@ from evomerge.methods.registry import MergeInputs, MergeMethod, Param, register
 
 
 def projected_task_vectors(inputs: MergeInputs, alpha: float) -> torch.Tensor:
-    """(M, *shape) float32: tau_i G_i Gbar^-1 for each model (tau_i where there are no grams)."""
+    """(M, *shape) float32: tau_i G_i Gbar^-1 for each model (tau_i where there are no
+    statistics; for per-row statistics, the rows of tau_i scaled by c_i / cbar)."""
     deltas = torch.stack([inputs.delta(i).float() for i in range(len(inputs.models))])
-    # (M, out, in) or (M, *shape)
-    grams = inputs.grams
-    if grams is None or any(g is None for g in grams):
+    stats = inputs.grams
+    if stats is None or any(g is None for g in stats):
         return deltas
-    shrunk = [alpha * g + (1 - alpha) * torch.diag(torch.diag(g)) for g in map(_f32, grams)]
+    stats = [g.to(torch.float32) for g in stats]
+    if stats[0].dim() == 1:  # per row: a diagonal Gram matrix over one-hot inputs
+        shrunk = [alpha * c + (1 - alpha) * c.mean() for c in stats]
+        mean = sum(shrunk) / len(shrunk)
+        ratios = [  # a row no data reaches keeps tau_i: the plain mean under uniform weights
+            torch.where(mean > 0, c / mean.clamp_min(1e-30), torch.ones_like(c)) for c in shrunk
+        ]
+        return torch.stack([d * r[:, None] for d, r in zip(deltas, ratios)])
+    shrunk = [alpha * g + (1 - alpha) * torch.diag(torch.diag(g)) for g in stats]
     mean = sum(shrunk) / len(shrunk)
     # tau_i G_i Gbar^-1 = (Gbar^-1 G_i tau_i^T)^T: one solve against every model's right side
     # (Gbar is symmetric).
@@ -56,10 +68,6 @@ def projections(inputs: MergeInputs, alpha: float) -> torch.Tensor:
         inputs.keep_task_vectors_only()  # theta_i = base + tau_i: a redundant copy from here on
         kept.update(alpha=alpha, tensor=projected_task_vectors(inputs, alpha))
     return kept["tensor"]
-
-
-def _f32(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to(torch.float32)
 
 
 def regmean(
