@@ -294,7 +294,10 @@ def run_evomerge(
             settled()
             started = time.perf_counter()
             run = subprocess.run(
-                [sys.executable, "-c", _PEAK_MEMORY, "merge", str(recipe_file), str(out)],
+                [
+                    *(sys.executable, "-c", _PEAK_MEMORY, "merge", str(recipe_file), str(out)),
+                    *("--threads", str(torch.get_num_threads())),  # the CLI's default is 1
+                ],
                 check=True,
                 capture_output=True,
                 text=True,

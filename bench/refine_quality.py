@@ -58,6 +58,7 @@ def run_one(job: dict) -> dict:
     write_run_folder(config, run_dir)
     started = time.perf_counter()
     search = Search(config, run_dir)
+    statistics_seconds = search.statistics_seconds  # RegMean spaces: collected at start-up
     search.run(until=job["trials"], progress=False)
     seconds = time.perf_counter() - started
     trials = [t for t in search.study.trials if t.state.name == "COMPLETE"]
@@ -103,13 +104,39 @@ def run_one(job: dict) -> dict:
         "refine": stats,
         "trial_seconds": statistics.mean(per_trial),
         "trial_equivalents": stats["seconds"] / statistics.mean(per_trial),
+        "statistics_seconds": statistics_seconds,
+        "statistics_trials": statistics_seconds / statistics.mean(per_trial),
     }
 
 
 def references(pool: str, workdir: str) -> dict:
     from search_quality import score_references
 
-    return score_references(pool, workdir)
+    out = score_references(pool, workdir)
+    out["envelope"] = envelope(pool, workdir)
+    return out
+
+
+def envelope(pool: str, workdir: str) -> float:
+    """The specialists' envelope on test: per task the best single model's score, averaged.
+    A merge that kept every skill at its best model's level would score this; where it lies
+    below the ceiling, the specialists themselves limit what any merge of them can close."""
+    from search_quality import _setup, pool_config
+
+    _setup()
+    from evomerge.results.heldout import HeldOut
+    from evomerge.search.config import RunConfig
+    from evomerge.search.run_folder import build_space
+
+    config = RunConfig.model_validate(pool_config(Path(pool), "dare_ties_global", "random", 0, 1))
+    held = HeldOut(config, Path(workdir) / "envelope")
+    best: dict[str, float] = {}
+    for label, genome in build_space(config).baselines().items():
+        if label.startswith("only_"):
+            per_task = held.describe(held.score(genome))["test"]["per_task"]
+            for task, value in per_task.items():
+                best[task] = max(best.get(task, 0.0), value)
+    return statistics.mean(best.values())
 
 
 def summarise(runs: list[dict], refs: dict[str, dict], ceilings: dict[str, float]) -> None:
@@ -117,9 +144,10 @@ def summarise(runs: list[dict], refs: dict[str, dict], ceilings: dict[str, float
     print(
         "\n| pool | seeds | best naive (test) | ceiling | black-box test | refined test "
         "| gap closed: black-box | gap closed: refined | refined - black-box, test (paired ± se) "
-        "| dev-to-test drop: black-box / refined | refinement cost |"
+        "| dev-to-test drop: black-box / refined | refinement cost | statistics cost "
+        "| specialists' envelope (gap it closes) |"
     )
-    print("|---" * 11 + "|")
+    print("|---" * 13 + "|")
     for pool in sorted({r["pool"] for r in runs}):
         mine = sorted((r for r in runs if r["pool"] == pool), key=lambda r: r["seed"])
         naive = max(v["test"] for v in refs[pool]["naive"].values())
@@ -151,7 +179,10 @@ def summarise(runs: list[dict], refs: dict[str, dict], ceilings: dict[str, float
             f"| {pool} | {len(mine)} | {naive:.3f} | {ceiling:.3f} | {mean('black_box_test'):.3f} "
             f"| {mean('refined_test'):.3f} | {closed('black_box_test')} | {closed('refined_test')} "
             f"| {paired} | {100 * drop_bb:+.1f} / {100 * drop_rf:+.1f} (held-out fold: "
-            f"{100 * fold:+.1f} / {100 * fold_rf:+.1f}) | {cost} |"
+            f"{100 * fold:+.1f} / {100 * fold_rf:+.1f}) | {cost} "
+            f"| {mean('statistics_seconds'):.1f} s, {mean('statistics_trials'):.1f} trials "
+            f"| {refs[pool]['envelope']:.3f} "
+            f"({100 * (refs[pool]['envelope'] - naive) / (ceiling - naive):.0f}%) |"
         )
 
 

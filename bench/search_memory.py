@@ -1,6 +1,6 @@
 """Memory a search holds, in model-sizes: the slope of peak RSS against the bytes of one model.
 
-    python bench/search_memory.py [--hidden 1024] [--layers 4 12] [--sources 3]
+    python bench/search_memory.py [--hidden 1024] [--layers 4 12] [--sources 3] [--sampled]
 
 Builds synthetic bfloat16 Llama pools of real layer width (a base and `--sources` fine-tunes,
 random weights: memory does not depend on the values), at two depths. For each space (task
@@ -13,11 +13,19 @@ Each is given as the slope between the two depths divided by the bytes of one mo
 constant cost of the process (Python, torch) cancels. Run with `--keep-sources` to see the
 layout before task vectors replaced their models (both were kept). No scoring: the evaluator's
 activations do not grow with the pool.
+
+Beside them: `trimmed`, the anonymous memory left once malloc gives its free pages back (live
+data without the allocator's slack), and `plan`, what `evomerge plan` predicts from the headers
+(evomerge/search/memory_plan.py, its activation allowance left out), in full and less the base,
+whose tensors are views of its mapped file on the CPU (so not anonymous). `--sampled` applies
+a third genome mid-bounds, as a sampled trial does: densities below 1 make TIES form its
+magnitude ranks (the baselines keep everything, so without it no ranks are formed).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import subprocess
@@ -55,7 +63,7 @@ def build_pool(folder: Path, *, hidden: int, layers: int, sources: int) -> dict[
     return names
 
 
-def child(pool: Path, space_name: str, keep_sources: bool) -> None:
+def child(pool: Path, space_name: str, keep_sources: bool, sampled: bool = False) -> None:
     """Compile the candidate, apply two genomes; print the model's bytes (peak RSS at exit)."""
     import torch
     from transformers import LlamaForCausalLM
@@ -82,12 +90,39 @@ def child(pool: Path, space_name: str, keep_sources: bool) -> None:
 
     live = LlamaForCausalLM.from_pretrained(pool / "base", dtype=torch.bfloat16)
     candidate = CompiledCandidate(live, space, seed=0)
-    for genome in list(space.baselines().values())[:2]:
+    genomes = list(space.baselines().values())[:2]
+    if sampled:  # a trial's genome: every gene mid-bounds (TIES and DARE densities below 1)
+        genomes.append({g.name: (g.low + g.high) / 2 for g in space.genes})
+    for genome in genomes:
         candidate.apply(genome)
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    kib = {key: int(status[key].split()[0]) * 1024 for key in ("RssAnon", "VmHWM")}
+    kib = _status("RssAnon", "VmHWM")
+    # what is left once the allocator gives back its free pages: live data, not malloc's slack
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    kib["trimmed"] = _status("RssAnon")["RssAnon"]
     model_bytes = sum(p.numel() * 2 for p in live.parameters())
-    print(json.dumps({"model_bytes": model_bytes, "held": kib["RssAnon"], "peak": kib["VmHWM"]}))
+    from evomerge.search.memory_plan import plan_space
+
+    plan = plan_space(space, base=str(pool / "base"), live_dtype="bfloat16")
+    planned = plan.total - plan.item("activations").bytes  # no scoring here
+    print(
+        json.dumps(
+            {
+                "model_bytes": model_bytes,
+                "held": kib["RssAnon"],
+                "peak": kib["VmHWM"],
+                "trimmed": kib["trimmed"],
+                "plan": planned,
+                # on the CPU the base's tensors are views of its mapped file: not anonymous
+                "plan_anon": planned - plan.item("base").bytes,
+            }
+        )
+    )
+
+
+def _status(*keys: str) -> dict[str, int]:
+    """Fields of /proc/self/status, in bytes."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return {key: int(status[key].split()[0]) * 1024 for key in keys}
 
 
 def main() -> None:
@@ -95,11 +130,18 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, nargs=2, default=(4, 12))
     parser.add_argument("--sources", type=int, default=3)
+    parser.add_argument("--spaces", nargs="+", default=SPACES, help="(default: all three)")
     parser.add_argument("--keep-sources", action="store_true")
+    parser.add_argument(
+        "--sampled",
+        action="store_true",
+        help="also apply a genome mid-bounds, as a sampled trial is (densities below 1: TIES "
+        "forms its ranks, DARE its draw tables)",
+    )
     parser.add_argument("--child", nargs=2, metavar=("POOL", "SPACE"))
     args = parser.parse_args()
     if args.child:
-        child(Path(args.child[0]), args.child[1], args.keep_sources)
+        child(Path(args.child[0]), args.child[1], args.keep_sources, args.sampled)
         return
     with tempfile.TemporaryDirectory() as scratch:
         pools = {}
@@ -107,20 +149,25 @@ def main() -> None:
             pools[layers] = Path(scratch) / f"L{layers}"
             build_pool(pools[layers], hidden=args.hidden, layers=layers, sources=args.sources)
         print(f"hidden {args.hidden}, {args.sources} sources + base, bfloat16")
-        for space in SPACES:
+        for space in args.spaces:
             for keep in (True, False) if args.keep_sources else (False,):
-                small = _child(pools[args.layers[0]], space, keep)
-                large = _child(pools[args.layers[1]], space, keep)
+                small = _child(pools[args.layers[0]], space, keep, args.sampled)
+                large = _child(pools[args.layers[1]], space, keep, args.sampled)
                 size = large["model_bytes"] - small["model_bytes"]
-                held, peak = ((large[k] - small[k]) / size for k in ("held", "peak"))
+                keys = ("held", "trimmed", "peak", "plan", "plan_anon")
+                held, trimmed, peak, plan, plan_anon = ((large[k] - small[k]) / size for k in keys)
                 label = "sources + task vectors" if keep else "task vectors only"
-                print(f"{space:24s} {label:24s} held {held:5.2f}  peak {peak:5.2f} model-sizes")
+                print(
+                    f"{space:24s} {label:24s} held {held:5.2f} (trimmed {trimmed:5.2f})  "
+                    f"peak {peak:5.2f} model-sizes; plan {plan:5.2f} "
+                    f"({plan_anon:5.2f} less the mapped base)"
+                )
 
 
-def _child(pool: Path, space: str, keep: bool) -> dict[str, int]:
+def _child(pool: Path, space: str, keep: bool, sampled: bool = False) -> dict[str, int]:
     args = [sys.executable, __file__, "--child", str(pool), space]
     out = subprocess.run(
-        args + (["--keep-sources"] if keep else []),
+        args + (["--keep-sources"] if keep else []) + (["--sampled"] if sampled else []),
         check=True,
         capture_output=True,
         text=True,

@@ -29,12 +29,22 @@ def _register_commands() -> None:
         eval_cmd,
         export_cmd,
         merge_cmd,
+        plan_cmd,
         pool_cmd,
         report_cmd,
         search_cmd,
     )
 
-    modules = (merge_cmd, check_cmd, pool_cmd, eval_cmd, search_cmd, export_cmd, report_cmd)
+    modules = (
+        merge_cmd,
+        check_cmd,
+        plan_cmd,
+        pool_cmd,
+        eval_cmd,
+        search_cmd,
+        export_cmd,
+        report_cmd,
+    )
     for module in modules:
         for command in getattr(module, "commands", None) or (module.command,):
             cli.add_command(command)

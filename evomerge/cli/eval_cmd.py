@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import click
 
+from evomerge.cli.process import threads_help
 from evomerge.errors import UserError
 
 
@@ -52,9 +52,7 @@ def _more_task_names(ctx: click.Context, param: click.Parameter, words: tuple[st
     "--limit", type=click.IntRange(min=1), help="Score only the first N examples of each task."
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option(
-    "--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch CPU threads."
-)
+@click.option("--threads", type=click.IntRange(min=1), help=threads_help())
 @click.option(
     "--chat-template/--no-chat-template",
     "chat_template",
@@ -130,7 +128,6 @@ def command(
 
         check_writable(out_path, "--out")
 
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # read when torch loads
     with tempfile.TemporaryDirectory(prefix="evomerge-eval-") as tmp:
         work = Path(run_dir) if run_dir else Path(tmp)
         from evomerge.cli.process import set_up_process

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from evomerge.cli.process import threads_help
+
 
 @click.command("merge")
 @click.argument("recipe_path", metavar="RECIPE.yaml", type=click.Path(path_type=Path))
@@ -21,9 +23,7 @@ import click
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest shard file.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin checkpoints (weights only).")
-@click.option(
-    "--threads", type=click.IntRange(min=1), help="CPU threads for torch (default: all cores)."
-)
+@click.option("--threads", type=click.IntRange(min=1), help=threads_help())
 def command(
     recipe_path, out_dir, device, seed, out_dtype, shard_size, force, allow_pickle, threads
 ):
@@ -39,13 +39,14 @@ def command(
     # loads it; a user's own setting wins).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     with _objects_kept_from_gc():  # importing torch makes ~180k long-lived objects
-        import torch
+        from evomerge.cli import process
+
+        process.set_threads(threads)  # before torch loads: OpenMP reads OMP_NUM_THREADS then
+        import torch  # noqa: F401  (loaded here, its objects frozen with the rest)
         from tqdm import tqdm
 
         from evomerge.merging.multistage import run_stages
 
-    if threads:
-        torch.set_num_threads(threads)
     with tqdm(
         total=0, unit="tensor", desc="merging", leave=False, delay=1.0
     ) as bar:  # no bar before a quick error

@@ -17,30 +17,71 @@ from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 from typing import TextIO
 
+THREADS_DEFAULT = "$OMP_NUM_THREADS if set, else 1"
+"""The default of every command's `--threads` (the rule is `resolve_threads`)."""
+
+
+def threads_help(config_key: bool = False) -> str:
+    """The `--threads` help of every command: the one rule, with the run config's `threads` in
+    it where the command has a run config (search, resume, worker)."""
+    config = "the config's `threads`, else " if config_key else ""
+    return (
+        f"CPU threads for torch and the merge kernel (default: {config}{THREADS_DEFAULT}). "
+        "One by default: more threads than free cores run many times slower on a shared "
+        "machine; give more on an idle one."
+    )
+
+
+def resolve_threads(threads: int | None, config_threads: int | None = None) -> int:
+    """The one rule for CPU threads, in every command: `--threads` if given, else the run
+    config's `threads` (where the command has a run config), else OMP_NUM_THREADS if the user set
+    it to a whole number, else 1."""
+    for given in (threads, config_threads):
+        if given:
+            return int(given)
+    try:
+        from_env = int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0])
+    except ValueError:
+        return 1
+    return max(from_env, 1)
+
+
+def set_threads(threads: int | None = None, config_threads: int | None = None) -> int:
+    """Apply `resolve_threads`: OpenMP's and torch's intra-op thread counts (the merge kernel
+    follows torch's). Torch is not imported for it: one loaded later reads OMP_NUM_THREADS, set
+    here (a `report` that reads a study loads no torch)."""
+    count = resolve_threads(threads, config_threads)
+    os.environ["OMP_NUM_THREADS"] = str(count)  # the user's own where the rule took it
+    if "torch" in sys.modules:
+        import torch
+
+        torch.set_num_threads(count)
+    return count
+
 
 def set_up_process(
-    *, threads: int | None = None, hf_home: Path | None = None, offline: bool = False
+    *,
+    threads: int | None = None,
+    config_threads: int | None = None,
+    hf_home: Path | None = None,
+    offline: bool = False,
 ) -> None:
     """Set what the commands need process-wide.
 
-    - OpenMP threads: one unless the user set OMP_NUM_THREADS (before torch starts OpenMP);
-      torch's intra-op threads: `threads` if given;
+    - CPU threads by the one rule (`set_threads`: `threads`, else `config_threads`, else
+      OMP_NUM_THREADS, else 1), before torch starts OpenMP where it is not loaded yet;
     - Hugging Face caches in `hf_home` (a run folder's `hf/`) unless the user set their own
       (their data may live there), and with `offline` no network access at all;
     - Optuna: warnings only (no line per trial), no ExperimentalWarning for the features the
       search uses on purpose.
     """
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    set_threads(threads, config_threads)
     if hf_home is not None:
         os.environ.setdefault("HF_HOME", str(hf_home))
         os.environ.setdefault("HF_DATASETS_CACHE", str(Path(hf_home) / "datasets"))
     if offline:
         for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
             os.environ[name] = "1"
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     _quiet_optuna()
 
 

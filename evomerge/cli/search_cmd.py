@@ -8,12 +8,23 @@ from pathlib import Path
 
 import click
 
+from evomerge.cli.process import threads_help
 
-def _set_up(config, run_dir: Path) -> None:
-    """The process settings of a search, made before torch or lm-eval load."""
+_threads = click.option("--threads", type=click.IntRange(min=1), help=threads_help(config_key=True))
+"""This process's CPU threads, by the one rule of every command (`cli.process.resolve_threads`)."""
+
+
+def _set_up(config, run_dir: Path, threads: int | None) -> None:
+    """The process settings of a search, made before torch or lm-eval load (`threads`: the
+    command line's, which wins over the config's)."""
     from evomerge.cli.process import set_up_process
 
-    set_up_process(threads=config.threads, hf_home=run_dir / "hf", offline=config.fitness.offline)
+    set_up_process(
+        threads=threads,
+        config_threads=config.threads,
+        hf_home=run_dir / "hf",
+        offline=config.fitness.offline,
+    )
     from evomerge.merging.executor import check_device
 
     check_device(config.device)  # the config's, or `worker --device`: before any set-up work
@@ -68,7 +79,25 @@ def _run(search, run_dir: Path, *, more: int | None) -> None:
     help="Trials to run (default: the config's search.trials). 0: only create the run folder and "
     "the study (baselines queued), for `evomerge worker` processes to run.",
 )
-def search(config_path: Path, run_dir: Path | None, trials: int | None) -> None:
+@_threads
+@click.option(
+    "--memory",
+    help="Memory the device has for the search, e.g. 80GB (default: what it has free now); "
+    "see `evomerge plan`.",
+)
+@click.option(
+    "--no-memory-check",
+    is_flag=True,
+    help="Start even if the memory plan (`evomerge plan`) says the search does not fit.",
+)
+def search(
+    config_path: Path,
+    run_dir: Path | None,
+    trials: int | None,
+    threads: int | None,
+    memory: str | None,
+    no_memory_check: bool,
+) -> None:
     """Start a search over merge recipes described by CONFIG.yaml."""
     from evomerge.errors import UserError
     from evomerge.search.config import load_run_config
@@ -84,7 +113,9 @@ def search(config_path: Path, run_dir: Path | None, trials: int | None) -> None:
         config = config.model_copy(
             update={"search": config.search.model_copy(update={"trials": trials})}
         )
-    _set_up(config, run_dir)
+    _set_up(config, run_dir, threads)
+    if not no_memory_check and trials != 0:  # workers (trials 0) plan on their own devices
+        _check_memory(config, memory)
     # a failed set-up (missing model, unknown task, ...) leaves no run
     with _removed_on_failure(run_dir), _output(run_dir):
         write_run_folder(config, run_dir)
@@ -107,6 +138,18 @@ def search(config_path: Path, run_dir: Path | None, trials: int | None) -> None:
 
         search = Search(config, run_dir, create=True)
     _run(search, run_dir, more=None)
+
+
+def _check_memory(config, memory: str | None) -> None:
+    """Refuse, before anything loads or is written, a search whose memory plan does not fit
+    its device (evomerge/search/memory_plan.py)."""
+    from evomerge.errors import UserError
+    from evomerge.io.output import parse_size
+    from evomerge.search.memory_plan import plan_memory
+
+    plan = plan_memory(config, memory=parse_size(memory) if memory is not None else None)
+    if not plan.fits:
+        raise UserError(plan.refusal())
 
 
 @contextmanager
@@ -141,12 +184,13 @@ def _removed_on_failure(run_dir: Path) -> Iterator[None]:
     type=click.IntRange(min=0),
     help="Run this many more trials (default: until the budget is met).",
 )
-def resume(run_dir: Path, trials: int | None) -> None:
+@_threads
+def resume(run_dir: Path, trials: int | None, threads: int | None) -> None:
     """Continue the study of RUN_DIR: same storage, same sampler state."""
     from evomerge.search.run_folder import read_run_folder
 
     config = read_run_folder(run_dir)
-    _set_up(config, run_dir)
+    _set_up(config, run_dir, threads)
     from evomerge.search.loop import Search
 
     with _output(run_dir):
@@ -164,12 +208,14 @@ def resume(run_dir: Path, trials: int | None) -> None:
     type=click.IntRange(min=0),
     help="Run this many trials (default: until the study's budget is met).",
 )
+@_threads
 def worker(
     run_dir: Path,
     storage: str | None,
     study_name: str | None,
     device: str | None,
     trials: int | None,
+    threads: int | None,
 ) -> None:
     """Join the study of RUN_DIR as one more worker (one per GPU or node)."""
     from evomerge.search.run_folder import read_run_folder
@@ -179,7 +225,7 @@ def worker(
         update={k: v for k, v in {"storage": storage, "study_name": study_name}.items() if v}
     )
     config = config.model_copy(update={"search": search_cfg, "device": device or config.device})
-    _set_up(config, run_dir)
+    _set_up(config, run_dir, threads)
     from evomerge.search.loop import Search
 
     with _output(run_dir):

@@ -32,7 +32,9 @@ otherwise keeps generating after it; what comes after the first stop string is c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
     from lm_eval.api.task import Task
     from lm_eval.models.huggingface import HFLM
 
+LOG = logging.getLogger(__name__)
 LAYOUTS_KEPT = 8  # the full set, the subset and a few multi-fidelity slices
 Values = dict[tuple[str, str], list[Any]]
 """Per (metric, filter) of a task: the per-document values lm-eval's `process_results` gave."""
@@ -118,9 +121,47 @@ class PromptFormat:
             "system_instruction": self.system_instruction,
             "apply_chat_template": chat,
             "fewshot_as_multiturn": self.fewshot_as_multiturn,
-            "chat_template": lm.apply_chat_template if chat else None,
+            # one function for every backend, over the LM's own tokenizer
+            "chat_template": functools.partial(apply_chat_template, lm.tokenizer) if chat else None,
             "tokenizer_name": _tokenizer_name(lm) if chat else "",
         }
+
+
+def apply_chat_template(
+    tokenizer: Any, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+) -> str:
+    """One prompt's messages in the tokenizer's chat template, as lm-eval's `HFLM` and `VLLM`
+    apply it (`apply_chat_template`), for every fitness backend: the text, with the generation
+    prompt opened, or the last (assistant) message left open to be continued. A template that
+    refuses the messages (a jinja error, as templates that take no system role raise) gets them
+    again without the system message, as lm-eval retries; evomerge says so once, on the
+    terminal, since the system instruction (or the task's description) is then left out."""
+    import jinja2
+
+    def render(messages: list[dict[str, str]]) -> str:
+        return tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+        )
+
+    try:
+        return render(chat_history)
+    except jinja2.exceptions.TemplateError:
+        kept = [m for m in chat_history if m["role"] != "system"]
+        if len(kept) == len(chat_history):  # lm-eval's retry would fail the same way
+            raise
+        _say_system_dropped()
+        return render(kept)
+
+
+@functools.cache
+def _say_system_dropped() -> None:
+    LOG.warning(
+        "the model's chat template refuses these messages; scoring them without the system "
+        "message (fitness.system_instruction, or the task's description), as lm-eval does"
+    )
 
 
 def _tokenizer_name(lm: TemplateLM) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -120,6 +121,7 @@ def write_statistics(
     todo = {name: ref for name, ref in models.items() if not files[name].is_file()}
     if not todo:
         return files
+    started = time.perf_counter()
     nll = {}
     for name, reference in models.items():
         load_weights(model, reference)
@@ -131,6 +133,13 @@ def write_statistics(
         load_weights(model, reference)
         _save_atomic(gram_matrices(model, mine), files[name])
     load_weights(model, restore)
+    LOG.info(
+        "RegMean statistics of %d models in %.1f s (%d forward passes over %d dev documents)",
+        len(todo),
+        time.perf_counter() - started,
+        len(models) + len(todo),
+        len(examples),
+    )
     return files
 
 

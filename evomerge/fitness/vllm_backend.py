@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from evomerge.fitness.prepared import PreparedRequests
+from evomerge.fitness.prepared import PreparedRequests, apply_chat_template
 from evomerge.io.dtypes import name_of
 
 if TYPE_CHECKING:
@@ -152,14 +152,9 @@ class VLLMLiveLM(TemplateLM):
     def apply_chat_template(
         self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
-        """The chat template applied as lm-eval's HFLM and VLLM apply it (no system-role retry:
-        a template that refuses a system message is a config error, said by the caller)."""
-        return self.tokenizer.apply_chat_template(
-            chat_history,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=not add_generation_prompt,
-        )
+        """The chat template applied by the function the "hf" backend's requests use too
+        (`fitness.prepared.apply_chat_template`: lm-eval's HFLM's rules)."""
+        return apply_chat_template(self.tokenizer, chat_history, add_generation_prompt)
 
     @property
     def tokenizer_name(self) -> str:

@@ -68,8 +68,26 @@ def merge_dtype(plan: MergePlan, dtypes: list[torch.dtype]) -> torch.dtype:
 
 def load_inputs(plan: MergePlan, job: TensorJob, *, seed: int, device: str = "cpu") -> MergeInputs:
     """Read one job's tensors, check they are finite, cast to the merge dtype, on `device`."""
-    tensors = [plan.checkpoints[r.model].tensor(r.name) for r in job_refs(job)]
-    return inputs_of(plan, job, tensors, seed=seed, device=device)
+    return inputs_of(plan, job, read_tensors(plan, job_refs(job)), seed=seed, device=device)
+
+
+def read_tensors(plan: MergePlan, refs: list[TensorRef]) -> list[torch.Tensor]:
+    """The tensors of `refs`, each stored tensor read once: several `base+adapter` models of one
+    base (and that base itself) share one read of the base's tensor, each adapter's update then
+    applied to it (`LoraFactors.apply` makes a new tensor and leaves the base's as read)."""
+    from evomerge.io.adapters import AdapterCheckpoint
+
+    read: dict[tuple[Path, str], torch.Tensor] = {}
+    tensors = []
+    for ref in refs:
+        checkpoint = plan.checkpoints[ref.model]
+        adapter = isinstance(checkpoint, AdapterCheckpoint)
+        key = (checkpoint.path.resolve(), ref.name)  # an adapter's path: its base's folder
+        if key not in read:
+            read[key] = checkpoint.base_tensor(ref.name) if adapter else checkpoint.tensor(ref.name)
+        factors = checkpoint.factors.get(ref.name) if adapter else None
+        tensors.append(read[key] if factors is None else factors.apply(read[key]))
+    return tensors
 
 
 def inputs_of(

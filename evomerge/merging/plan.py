@@ -81,13 +81,17 @@ class MergePlan:
         return sources
 
     def input_bytes(self) -> int:
-        """Bytes of input tensor data the merge reads."""
+        """Bytes of input tensor data the merge reads: a tensor that several inputs of a job
+        share (the base of several `base+adapter` models) is read once (`read_tensors`)."""
         total = 0
         for job in self.jobs:
             refs = job.inputs + ((job.base,) if job.base else ())
+            read = set()
             for ref in refs:
                 ckpt = self.checkpoints[ref.model]
-                total += _numel(ckpt.shape(ref.name)) * _itemsize(ckpt.dtype_name(ref.name))
+                if (key := (ckpt.path.resolve(), ref.name)) not in read:
+                    read.add(key)
+                    total += _numel(ckpt.shape(ref.name)) * _itemsize(ckpt.dtype_name(ref.name))
         return total
 
 

@@ -71,10 +71,10 @@ class Search:
         self.worker = worker_name()
         model, tokenizer = load_eval_model(config)
         self.evaluator = Evaluator(model, tokenizer, config.fitness, run_dir)
-        if (
-            getattr(self.space, "statistics", None) is not None
-        ):  # RegMean: each model's statistics, once a run
+        started = time.perf_counter()
+        if getattr(self.space, "statistics", None) is not None:  # RegMean: once a run
             collect_statistics(config, run_dir, self.evaluator)
+        self.statistics_seconds = time.perf_counter() - started
         self.candidate = make_candidate(model, self.space, config)
         self.schedule = Schedule.of(config, self.evaluator.tasks)
         self.refiner = make_refiner(config, self.candidate, self.evaluator, self.space)
