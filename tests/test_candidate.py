@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from helpers.statistics import give_statistics
 
 
 def parameter_spaces() -> dict[str, tuple[str, ...]]:
@@ -58,7 +59,7 @@ def test_a_compiled_candidate_is_the_merge_of_its_recipe(tmp_path, small_pool, n
     from evomerge.spaces.parameters.candidate import CompiledCandidate
 
     torch.set_num_threads(1)
-    space = space_over(small_pool, name, SPACES[name])
+    space = give_statistics(space_over(small_pool, name, SPACES[name]), tmp_path / "statistics")
     candidate = CompiledCandidate(live_model(small_pool), space, seed=11)
     rng = random.Random(name)
     for attempt in range(2):  # a second genome: every slot is rewritten, nothing left over
@@ -133,7 +134,7 @@ def test_a_candidate_over_adapters_is_the_merge_of_its_recipe(
         if len(SPACES[name]) == 1
         else {"add": str(small_pool / "add"), **adapters}
     )
-    space = adapter_space(small_pool, name, models, dtype)
+    space = give_statistics(adapter_space(small_pool, name, models, dtype), tmp_path / "stats")
     candidate = CompiledCandidate(live_model(small_pool).to(getattr(torch, dtype)), space, seed=5)
     assert any(isinstance(job.tensor, FactoredTensor) for job in candidate.jobs)
     rng = random.Random(name)

@@ -139,16 +139,27 @@ def adapter_pool(request, tmp_path_factory) -> dict[str, Path]:
 
 
 def _recipe(method: str, base: Path, models: list[str], dtype: str | None) -> str:
+    from evomerge.methods.registry import get_method
+
+    declared = {param.name for param in get_method(method).params}
     lines = [f"merge_method: {method}", f"base_model: {base}"]
     if dtype:
         lines.append(f"dtype: {dtype}")
+    if "weight" in declared:  # for a method that merges the base as one more model (linear)
+        lines.append("parameters: {weight: 0.2}")
     lines.append("models:")
     for index, model in enumerate(models):
-        lines += [
-            f"  - model: {model}",
-            f"    parameters: {{weight: {0.3 + 0.2 * index}, density: 0.6}}",
-        ]
+        given = {"weight": 0.3 + 0.2 * index, "density": 0.6}
+        kept = ", ".join(f"{k}: {v}" for k, v in given.items() if k in declared)
+        lines += [f"  - model: {model}", f"    parameters: {{{kept}}}"]
     return "\n".join(lines) + "\n"
+
+
+def _many_model_methods() -> list[str]:
+    """Every method that merges any number of models but RegMean (which needs statistics)."""
+    from evomerge.methods.registry import registered_methods
+
+    return [m.name for m in registered_methods() if m.max_models is None and not m.statistics]
 
 
 def _materialise(reference: str, out: Path) -> Path:
@@ -169,12 +180,17 @@ def _materialise(reference: str, out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "della"])
+@pytest.mark.parametrize(
+    "method, base_listed",
+    [(name, False) for name in _many_model_methods()]
+    + [("linear", True), ("task_arithmetic", True), ("ties", True)],
+)
 def test_a_merge_of_several_adapters_reads_the_base_once(
-    adapter_pool, method, monkeypatch, tmp_path
+    adapter_pool, method, base_listed, monkeypatch, tmp_path
 ):
-    """Three `base+adapter` models and the base itself: each base tensor is read once (it was
-    read four times), and the merge is bit for bit the merge of the materialised models."""
+    """Three `base+adapter` models and the base itself (as the recipe's base, and with
+    `base_listed` among the models too): each base tensor is read once (it was read four or
+    five times), and the merge is bit for bit the merge of the materialised models."""
     from collections import Counter
 
     import torch
@@ -188,10 +204,8 @@ def test_a_merge_of_several_adapters_reads_the_base_once(
     adapters = [f"{base}+{adapter_pool[f'lora{i}']}" for i in range(3)]
     dtype = None if method == "task_arithmetic" else "float32"
     plain = [str(_materialise(ref, tmp_path / f"plain{i}")) for i, ref in enumerate(adapters)]
-    run_merge(
-        parse_recipe(_recipe(method, base, [*plain, str(adapter_pool["ft0"])], dtype)),
-        tmp_path / "reference",
-    )
+    others = [str(adapter_pool["ft0"])] + ([str(base)] if base_listed else [])
+    run_merge(parse_recipe(_recipe(method, base, [*plain, *others], dtype)), tmp_path / "reference")
 
     reads: Counter = Counter()
     tensor = Checkpoint.tensor
@@ -202,7 +216,7 @@ def test_a_merge_of_several_adapters_reads_the_base_once(
 
     monkeypatch.setattr(Checkpoint, "tensor", counted)
     summary = run_merge(
-        parse_recipe(_recipe(method, base, [*adapters, str(adapter_pool["ft0"])], dtype)),
+        parse_recipe(_recipe(method, base, [*adapters, *others], dtype)),
         tmp_path / "merged",
     )
     base_reads = {name: n for (path, name), n in reads.items() if path == base.resolve()}

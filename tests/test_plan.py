@@ -230,6 +230,9 @@ def test_free_memory_is_read_from_the_device(monkeypatch):
         free_memory("cuda:1")
     asked = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UserError, match="does not exist: torch sees 2 GPU"):
+        free_memory("cuda:2")
     monkeypatch.setattr(
         torch.cuda, "mem_get_info", lambda i: (asked.append(i), (7 << 30, 8 << 30))[1]
     )
@@ -282,3 +285,12 @@ def test_three_8b_fine_tunes_plan_from_headers_alone(tmp_path):
         lines[-1].startswith("the search would hold 80.34 GB")
         and "2 sources would fit" in lines[-1]
     )
+
+
+def test_the_allowance_takes_the_models_context_when_max_length_is_unset():
+    from evomerge.search.memory_plan import DEFAULT_SEQUENCE, sequence_length
+
+    assert sequence_length({"max_position_embeddings": 64}, None) == 64
+    assert sequence_length({"max_position_embeddings": 8192}, None) == DEFAULT_SEQUENCE
+    assert sequence_length({}, None) == DEFAULT_SEQUENCE
+    assert sequence_length({"max_position_embeddings": 64}, 1000) == 1000

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.statistics import give_statistics
 
 from evomerge.spaces.registry import BUNDLED, get_kind, kind_names, kind_of, read_space
 
@@ -62,13 +63,13 @@ def test_an_unknown_kind_is_one_sentence_naming_the_closest():
 
 
 @pytest.mark.parametrize("name", FILES)
-def test_a_space_is_its_kinds_shape(small_pool, name):
+def test_a_space_is_its_kinds_shape(tmp_path, small_pool, name):
     """The `Space` protocol: the kind it was registered as, genes, baselines that are genomes of
     it, and `decode` giving stages whose last is the unnamed final merge; categorical genes only
     where its kind allows them."""
     from evomerge.merging.multistage import Stage
 
-    space = build(name, small_pool)
+    space = give_statistics(build(name, small_pool), tmp_path / "statistics")
     kind = get_kind(kind_of(read_space(name)[0]))
     assert space.kind == kind.name and space.genes and space.title
     assert kind.categorical or not any(g.choices for g in space.genes)
@@ -89,7 +90,7 @@ def test_every_kinds_candidate_is_the_merge_of_its_stages(tmp_path, small_pool, 
     from evomerge.merging.multistage import run_stages
 
     torch.set_num_threads(1)
-    space = build(name, small_pool)
+    space = give_statistics(build(name, small_pool), tmp_path / "statistics")
     live = AutoModelForCausalLM.from_pretrained(small_pool / "base", dtype=torch.float32).eval()
     candidate = get_kind(space.kind).candidate(live, space, seed=3, device="cpu", dtype="float32")
     batch = torch.randint(

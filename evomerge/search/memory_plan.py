@@ -17,8 +17,8 @@ config and its space, the plan adds up what a search keeps for its whole run on 
     live model      the evaluation model, the base in the pool's dtype (float32 if none)
     engine          with the vLLM backend, the engine's own copy of the weights
     activations     an allowance, not a measurement: the KV cache and the float32 logits of
-                    one batch (fitness.batch_size sequences of fitness.max_length tokens, 512
-                    if unset)
+                    one batch (fitness.batch_size sequences of fitness.max_length tokens; if
+                    unset, 512 or the model's context where shorter)
 
 and the bytes one trial moves (every resident input read once, the merged tensors written
 once). `evomerge search` runs the same plan at start-up and refuses a run that cannot fit.
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 # needs no kernel: DARE keeps a draw table per source for tensors this large, of this size.
 DRAW_TABLE_MIN = 1 << 20
 DRAW_TABLE_BYTES = ((1 << 16) + 1) * 8
-DEFAULT_SEQUENCE = 512  # tokens per sequence in the activation allowance when max_length is unset
+DEFAULT_SEQUENCE = 512  # tokens per sequence in the allowance without max_length (or less context)
 FUSED_RULES = (None, "magnitude", "random")
 MAX_MODELS = 64  # the most sources the fused kernel merges at once
 
@@ -212,8 +212,11 @@ def plan_memory(
 ) -> MemoryPlan:
     """The plan of a search over `config`, against `memory` bytes (default: what the device
     has free now)."""
+    from evomerge.merging.executor import check_device
     from evomerge.search.run_folder import build_space
 
+    if memory is None or not config.device.startswith("cuda"):  # a GPU elsewhere: --memory
+        check_device(config.device)
     space = build_space(config)
     plan = plan_space(
         space,
@@ -286,7 +289,7 @@ def plan_space(
             "activations",
             activation_allowance(base_ckpt.config, live_dtype, batch_size, max_length),
             f"an allowance: KV cache and float32 logits of {batch_size} sequences of "
-            f"{max_length or DEFAULT_SEQUENCE} tokens",
+            f"{sequence_length(base_ckpt.config, max_length)} tokens",
         )
     )
     return plan
@@ -454,9 +457,20 @@ def _whole_model_plan(space, base_ckpt: Checkpoint) -> MemoryPlan:
     )
 
 
+def sequence_length(config: dict, max_length: int | None) -> int:
+    """Tokens per sequence in the allowance: fitness.max_length, else DEFAULT_SEQUENCE or the
+    model's context where that is shorter."""
+    context = config.get("max_position_embeddings")
+    if max_length:
+        return max_length
+    if isinstance(context, int) and not isinstance(context, bool) and context > 0:
+        return min(context, DEFAULT_SEQUENCE)
+    return DEFAULT_SEQUENCE
+
+
 def activation_allowance(config: dict, dtype: str, batch_size: int, max_length: int | None) -> int:
     """KV cache and float32 logits of one batch: an allowance, stated, not measured."""
-    tokens = batch_size * (max_length or DEFAULT_SEQUENCE)
+    tokens = batch_size * sequence_length(config, max_length)
     hidden = int(config.get("hidden_size") or 0)
     layers = next(
         (int(config[k]) for k in ("num_hidden_layers", "n_layer", "num_layers") if k in config), 0
@@ -485,8 +499,11 @@ def free_memory(device: str) -> tuple[int | None, str]:
     if device.startswith("cuda"):
         import torch
 
+        from evomerge.merging.executor import check_device
+
         if not torch.cuda.is_available():
             raise UserError(f"device {device!r} is not available: no CUDA GPU is visible")
+        check_device(device)  # cuda:N of a GPU torch sees
         index = torch.device(device).index or 0
         free, _ = torch.cuda.mem_get_info(index)
         return free, f"free on {device}"
@@ -506,11 +523,14 @@ def free_memory(device: str) -> tuple[int | None, str]:
 
 
 def copy_bandwidth(device: str, size: int = 256 << 20) -> float | None:
-    """Bytes per second a plain copy moves on `device` (read + write), best of three."""
+    """Bytes per second a plain copy moves on `device` (read + write), best of three; None
+    where this machine cannot measure it (a GPU planned for from a machine without one)."""
     best = math.inf
     if device.startswith("cuda"):
         import torch
 
+        if not torch.cuda.is_available():
+            return None
         src = torch.empty(size, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
         for _ in range(3):
@@ -519,7 +539,7 @@ def copy_bandwidth(device: str, size: int = 256 << 20) -> float | None:
             dst.copy_(src)
             torch.cuda.synchronize(device)
             best = min(best, time.perf_counter() - start)
-    else:
+    elif device == "cpu":
         src = bytearray(size)
         dst = bytearray(size)
         view = memoryview(dst)
@@ -527,7 +547,7 @@ def copy_bandwidth(device: str, size: int = 256 << 20) -> float | None:
             start = time.perf_counter()
             view[:] = src
             best = min(best, time.perf_counter() - start)
-    return 2 * size / best if best > 0 else None
+    return 2 * size / best if 0 < best < math.inf else None
 
 
 # --- small helpers -----------------------------------------------------------------------------
