@@ -281,6 +281,9 @@ def test_a_regmean_search_starts_from_regmean_and_exports_bit_for_bit(tmp_path, 
     search = Search(config, run_dir)
     stats = sorted((run_dir / "statistics").glob("*.safetensors"))
     assert [p.stem for p in stats] == ["add", "rev", "sort"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in stats)  # as a plain write
     stamps = [p.stat().st_mtime_ns for p in stats]
     search.run(until=3, progress=False)
 

@@ -147,11 +147,14 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write `path` whole or not at all (workers starting together write the same bytes)."""
     from safetensors.torch import save_file
 
+    from evomerge.io.output import follow_umask
+
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, scratch)
+        follow_umask(Path(scratch))
         os.replace(scratch, path)
     finally:
         if os.path.exists(scratch):

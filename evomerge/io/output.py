@@ -151,6 +151,12 @@ def scratch_folder(out_dir: Path, kind: str) -> Path:
     return Path(folder)
 
 
+def follow_umask(path: Path) -> None:
+    """Give a file made private by `tempfile` the mode a plain write would (0666 less the
+    umask), so that what evomerge writes is shared as the user's other files are."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def _umask() -> int:
     """The process's umask (read by setting it, the only way POSIX offers, and restoring it)."""
     mask = os.umask(0o022)
