@@ -164,7 +164,12 @@ def test_a_refined_trial_is_a_trial_of_the_study_and_exports_bit_for_bit(tmp_pat
     assert set(weights) == set(search.candidate.targets)
     apply_trial(search.candidate, refined.params, refined.user_attrs)
     scored = {name: t.detach().clone() for name, t in search.candidate.targets.items()}
-    export_trial(run_dir, tmp_path / "export", trial_number=refined.number)
+    said = []
+    export_trial(run_dir, tmp_path / "export", trial_number=refined.number, say=said.append)
+    # the report's table: the refined trial beside its black-box start, paired on the same examples
+    table = "\n".join(said)
+    assert f"#{refined.number} (refined from #{start.number})" in table
+    assert f"- #{start.number} (its black-box start), paired: dev" in table
     exported = load_file(str(tmp_path / "export" / "model.safetensors"))
     assert exported.keys() == scored.keys()
     assert all(torch.equal(exported[k], scored[k]) for k in scored)

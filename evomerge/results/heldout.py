@@ -135,6 +135,17 @@ def best_baseline(study: optuna.Study, *, other_than: int) -> optuna.trial.Froze
     return max(done, key=lambda t: t.user_attrs["fitness"], default=None)
 
 
+def refined_start(study: optuna.Study, trial) -> optuna.trial.FrozenTrial | None:
+    """The black-box trial a refined `trial` started from (None for any other trial)."""
+    from evomerge.spaces.refine import REFINED_ATTR
+
+    stats = trial.user_attrs.get("refine") or {}
+    if REFINED_ATTR not in trial.user_attrs or "from_trial" not in stats:
+        return None
+    found = [t for t in study.get_trials(deepcopy=False) if t.number == stats["from_trial"]]
+    return found[0] if found else None
+
+
 def chosen_scores(
     config: RunConfig,
     run_dir: Path,
@@ -143,12 +154,15 @@ def chosen_scores(
     *,
     say: Callable[[str], Any] = lambda text: None,
 ) -> dict[str, Any]:
-    """`trial` and the best baseline scored on all of dev and on test, with standard errors and
-    the paired difference; cached in RUN_DIR/heldout/. Without the pool on disk, a dict with
-    one key, `unavailable`, says why. `say` gets one line just before the model is loaded
-    (never when the scores come from the cache or the pool is gone)."""
+    """`trial` and the best baseline (and, for a refined trial, the black-box trial it was
+    refined from) scored on all of dev and on test, with standard errors and the paired
+    differences; cached in RUN_DIR/heldout/. Without the pool on disk, a dict with one key,
+    `unavailable`, says why. `say` gets one line just before the model is loaded (never when
+    the scores come from the cache or the pool is gone)."""
     rival = best_baseline(study, other_than=trial.number)
-    chosen = [t for t in (trial, rival) if t is not None]
+    start = refined_start(study, trial)
+    chosen = [t for t in (trial, start, rival) if t is not None]
+    chosen = list({t.number: t for t in chosen}.values())  # a start that is the best baseline
     key = {
         "trials": {str(t.number): t.params for t in chosen},
         "fitness": config.fitness.model_dump(mode="json"),
@@ -176,11 +190,16 @@ def chosen_scores(
             {
                 "number": t.number,
                 "baseline": t.user_attrs.get("baseline"),
+                "refined_from": start.number if t is trial and start is not None else None,
                 **held.describe(scores[t.number]),
             }
             for t in chosen
         ],
         "paired": held.compare(scores[trial.number], scores[rival.number]) if rival else None,
+        # a refined trial against the black-box trial it was refined from
+        "paired_start": (
+            held.compare(scores[trial.number], scores[start.number]) if start else None
+        ),
     }
     write_text_atomic(path, json.dumps({"key": key, "scores": out}, indent=1))
     return out

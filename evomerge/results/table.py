@@ -121,6 +121,8 @@ def _with_error(value: float | None, se: float | None) -> str:
 
 
 def _label(trial: dict[str, Any]) -> str:
+    if trial.get("refined_from") is not None:
+        return f"#{trial['number']} (refined from #{trial['refined_from']})"
     return f"#{trial['number']}" + (f" (baseline {trial['baseline']})" if trial["baseline"] else "")
 
 
@@ -152,17 +154,22 @@ def format_held_out(scores: dict[str, Any]) -> str:
             f"no held-out split: {', '.join(single)} (one split; its test score is on the examples "
             "the search chose on)"
         )
+    best, by_number = scores["trials"][0], {t["number"]: t for t in scores["trials"]}
+    if scores.get("paired_start"):  # a refined trial: first against its black-box start
+        start = by_number[best["refined_from"]]
+        lines.append(
+            _paired(best, f"#{start['number']} (its black-box start)", scores["paired_start"])
+        )
     if scores.get("paired"):
-        lines.append(_paired(scores))
+        lines.append(_paired(best, _label(scores["trials"][-1]), scores["paired"]))
     return "\n".join(lines)
 
 
-def _paired(scores: dict[str, Any]) -> str:
-    best, rival = scores["trials"][0], scores["trials"][1]
+def _paired(best: dict[str, Any], rival: str, paired: dict[str, Any]) -> str:
     parts = [
         f"{split} {p['difference']:+.4f} ± {p['se']:.4f} "
         f"(no gain in {p['p_not_better']:.1%} of resamples)"
-        for split, p in scores["paired"].items()
+        for split, p in paired.items()
         if p is not None and None not in p.values()
     ]
-    return f"{_label(best)} - {_label(rival)}, paired: " + "; ".join(parts)
+    return f"{_label(best)} - {rival}, paired: " + "; ".join(parts)

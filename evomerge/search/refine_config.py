@@ -75,7 +75,7 @@ def check_statistics(space: Any, *, backend: str, models: dict) -> None:
     """A UserError (one sentence) where the space's method reads input statistics (RegMean)
     that this run cannot collect: they come from the dev documents through the hf backend, on
     full models."""
-    from evomerge.spaces.parameters.space import read_space
+    from evomerge.spaces.registry import read_space
 
     try:
         data, _ = read_space(space)
