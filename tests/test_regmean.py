@@ -328,3 +328,41 @@ def test_a_regmean_space_the_run_cannot_collect_for_is_refused(tmp_path, small_p
     message = str(refused.value)
     assert "statistics" in message and "\n" not in message
     assert ("LoRA adapter" if what == "adapter" else "'vllm'") in message
+
+
+@pytest.mark.slow
+def test_a_task_without_answers_is_refused_in_one_sentence(tmp_path, small_pool):
+    """RegMean's statistics come from the teacher-forced dev documents: a task with no target
+    answer gets one sentence naming it and the way out, before any trial."""
+    import shutil
+
+    from helpers.pool_fixtures import pool_search_config
+
+    from evomerge.errors import UserError
+    from evomerge.search.config import load_run_config
+    from evomerge.search.loop import Search
+    from evomerge.search.run_folder import write_run_folder
+
+    tasks = tmp_path / "tasks"
+    shutil.copytree(small_pool / "tasks", tasks)
+    text = (tasks / "evomerge_add.yaml").read_text()
+    text = text.replace("task: evomerge_add", "task: evomerge_blank")
+    text = "\n".join(
+        'doc_to_target: ""' if line.startswith("doc_to_target:") else line
+        for line in text.splitlines()
+    )
+    (tasks / "evomerge_blank.yaml").write_text(text)
+    data = pool_search_config(
+        small_pool, space="regmean_layers", tasks=["evomerge_blank"], subset=8, search={}
+    )
+    data["fitness"]["task_paths"] = [str(tasks)]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    config = load_run_config(path)
+    write_run_folder(config, tmp_path / "run")
+    with pytest.raises(UserError) as refused:
+        Search(config, tmp_path / "run")
+    message = str(refused.value)
+    assert "'evomerge_blank' has no target answers" in message and "\n" not in message
+    assert "regmean space's input statistics" in message
+    assert not (tmp_path / "run" / "statistics").exists()

@@ -59,45 +59,60 @@ class TeacherBatch:
         return nll, hits == lengths
 
 
-def teacher_forced_examples(evaluator) -> list[Example]:
+REFINEMENT = ("refinement by gradient", "set search.refine: null for this task")
+"""Who needs the examples and what the user can do without them, for the one-sentence refusals."""
+
+
+def teacher_forced_examples(evaluator, needed_by: tuple[str, str] = REFINEMENT) -> list[Example]:
     """Every document of the evaluator's split (hf backend) as a teacher-forced example;
-    a UserError naming a task whose documents have no answer to learn from."""
+    a UserError naming a task whose documents have no answer to learn from (`needed_by`: who
+    wants them, and the way out, for its sentence)."""
     prepared = evaluator.prepared
     if not hasattr(prepared, "tokens"):
-        raise UserError("refinement by gradient needs fitness.backend: hf")
+        raise UserError(f"{needed_by[0]} needs fitness.backend: hf")
     out = []
     for name, by_doc in prepared.docs.items():
         task = prepared.tasks[name]
         for doc, ids in sorted(by_doc.items()):
-            context, answer = _answer_tokens(prepared, task, name, ids)
+            context, answer = _answer_tokens(prepared, task, name, ids, needed_by)
             out.append(Example(name, doc, tuple(context + answer), len(answer)))
     return out
 
 
-def _answer_tokens(prepared, task, name: str, ids: list[int]) -> tuple[list[int], list[int]]:
+def _answer_tokens(
+    prepared, task, name: str, ids: list[int], needed_by: tuple[str, str]
+) -> tuple[list[int], list[int]]:
     first = prepared.instances[ids[0]]
     if first.request_type == "loglikelihood":
-        gold = 0 if len(ids) == 1 else _gold_choice(task, first.doc, name)
-        return tuple(map(list, prepared.tokens[ids[gold]]))
+        gold = 0 if len(ids) == 1 else _gold_choice(task, first.doc, name, needed_by)
+        context, answer = map(list, prepared.tokens[ids[gold]])
+        if not answer:  # an empty continuation: nothing to be likely
+            raise _no_answers(name, needed_by)
+        return context, answer
     context, kwargs = first.args
     target = task.doc_to_target(first.doc)
     if isinstance(target, list):
         target = target[0] if target else None
     if target is None or str(target) == "":
-        raise UserError(
-            f"task {name!r} has no target answers, and refinement by gradient learns from "
-            "them; set search.refine: null for this task"
-        )
+        raise _no_answers(name, needed_by)
     until = (kwargs or {}).get("until") or []
     stop = until[0] if isinstance(until, list) and until else (until or "")
     context_tokens, answer = prepared.lm._encode_pair(context, str(target) + stop)
     return list(context_tokens), list(answer)
 
 
-def _gold_choice(task, doc, name: str) -> int:
+def _no_answers(name: str, needed_by: tuple[str, str]) -> UserError:
+    return UserError(
+        f"task {name!r} has no target answers, and {needed_by[0]} learns from them; {needed_by[1]}"
+    )
+
+
+def _gold_choice(task, doc, name: str, needed_by: tuple[str, str]) -> int:
     gold = task.doc_to_target(doc)
     if not isinstance(gold, int):
-        raise UserError(f"task {name!r}: refinement needs one gold choice per document")
+        raise UserError(
+            f"task {name!r}: {needed_by[0]} needs one gold choice per document; {needed_by[1]}"
+        )
     return gold
 
 

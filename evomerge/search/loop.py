@@ -319,9 +319,10 @@ def collect_statistics(config: RunConfig, run_dir: Path, evaluator) -> None:
     files = statistics_files(config, run_dir)
     if all(path.is_file() for path in files.values()):
         return
+    needed_by = ("a regmean space's input statistics", "search another space for this task")
     write_statistics(
         evaluator.model,
-        teacher_forced_examples(evaluator),
+        teacher_forced_examples(evaluator, needed_by),
         dict(config.pool.models),
         next(iter(files.values())).parent,
         restore=config.pool.base,
@@ -329,17 +330,41 @@ def collect_statistics(config: RunConfig, run_dir: Path, evaluator) -> None:
 
 
 def load_eval_model(config: RunConfig):
-    """The live evaluation model (the base, to be overwritten) and its tokenizer."""
+    """The live evaluation model (the base, to be overwritten) and its tokenizer. Where the
+    pool's vocabularies are aligned (`pool.tokenizer_source`), the model has the output
+    vocabulary's rows and stop tokens and the tokenizer is the merged one, both as `evomerge
+    merge` writes them (`write_output_vocabulary`)."""
+    import tempfile
+
     import torch
 
     from evomerge.fitness.live_model import load_live_model
     from evomerge.io.dtypes import torch_dtype
 
-    return load_live_model(
-        config.pool.base,
-        dtype=torch_dtype(config.pool.dtype) or torch.float32,
-        device=config.device,
-    )
+    dtype = torch_dtype(config.pool.dtype) or torch.float32
+    if not config.pool.vocabulary():
+        return load_live_model(config.pool.base, dtype=dtype, device=config.device)
+    with tempfile.TemporaryDirectory(prefix="evomerge-vocabulary-") as folder:
+        write_output_vocabulary(config, Path(folder))
+        return load_live_model(
+            config.pool.base, dtype=dtype, device=config.device, vocabulary=Path(folder)
+        )
+
+
+def write_output_vocabulary(config: RunConfig, folder: Path) -> None:
+    """config.json, generation_config.json and the tokenizer files of every merge of the
+    search, written into `folder` as `evomerge merge` writes them (the output vocabulary does
+    not depend on the genome: any genome's recipe gives it)."""
+    from evomerge.io.output import write_config
+    from evomerge.merging.executor import write_tokenizer
+    from evomerge.merging.plan import plan_merge
+
+    space = build_space(config)
+    genome = {g.name: g.choices[0] if g.choices else g.low for g in space.genes}
+    plan = plan_merge(space.decode(genome)[-1].recipe)
+    source = plan.checkpoints[plan.config_source].path
+    write_config(source, folder, layer_sources=plan.layer_sources(), dtype=config.pool.dtype)
+    write_tokenizer(plan, folder)
 
 
 class _ProgressBar:
