@@ -62,7 +62,11 @@ def pool_tasks(manifest: dict) -> list:
 
 def pool_config(pool: Path, space, sampler: str, seed: int, trials: int) -> dict:
     manifest = json.loads((pool / "pool.json").read_text())
-    models = {name: str(pool / path) for name, path in manifest["models"].items() if name != "base"}
+    models = {  # `base+adapter` (a LoRA pool): each part in the pool's folder
+        name: "+".join(str(pool / part) for part in path.split("+"))
+        for name, path in manifest["models"].items()
+        if name != "base"
+    }
     return {
         "pool": {"base": str(pool / manifest["base"]), "models": models, "dtype": "float32"},
         "space": space,

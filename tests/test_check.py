@@ -150,10 +150,17 @@ def test_a_search_pool_whose_fine_tunes_added_tokens_is_refused(pool, tmp_path):
     )
     code, lines = _check(tmp_path, text, pool, name="search.yaml")
     assert code == 2
-    assert lines[0].startswith("BLOCK config:") and "a search cannot align" in lines[0]
+    assert lines[0].startswith("BLOCK config:") and "pool.tokenizer_source: union" in lines[0]
     assert len(_lines(lines, "INFO", "source")) == 3
-    with pytest.raises(UserError, match="which a search cannot align yet"):
+    with pytest.raises(UserError, match=r"vocabularies \(.*\); set `pool.tokenizer_source"):
         load_run_config(tmp_path / "search.yaml")
+
+    # with a vocabulary source the pool is aligned as a merge aligns it: nothing blocks
+    aligned = text.replace("  models:", "  tokenizer_source: union\n  models:")
+    code, lines = _check(tmp_path, aligned, pool, name="search.yaml")
+    assert code == 0, lines
+    assert any(x.startswith("INFO  vocabulary: aligned by token to `union`") for x in lines)
+    load_run_config(tmp_path / "search.yaml")
 
 
 def test_the_layer_keys_of_the_output_are_named(tmp_path):

@@ -30,7 +30,9 @@ def command(path: Path) -> None:
             if pool is not None:
                 findings += preflight.check_pool(*pool)
         else:
-            findings = preflight.check_pool(config.pool.base, list(config.pool.models.values()))
+            findings = preflight.check_pool(
+                config.pool.base, list(config.pool.models.values()), config.pool.vocabulary()
+            )
     else:
         findings = preflight.check_path(path)
     for finding in findings:

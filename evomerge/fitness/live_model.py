@@ -9,10 +9,21 @@ from typing import Any
 from evomerge.errors import UserError
 
 
-def load_live_model(reference: str | Path, *, dtype: Any = "auto", device: str = "cpu"):
+def load_live_model(
+    reference: str | Path,
+    *,
+    dtype: Any = "auto",
+    device: str = "cpu",
+    vocabulary: Path | None = None,
+):
     """(model in eval mode, tokenizer) of a model folder, or of `base+adapter` (the base with a
     PEFT LoRA adapter merged in, as `merge` and `search` read it): safetensors only, never remote
     code.
+
+    `vocabulary`: a folder with the config.json, generation_config.json and tokenizer files of
+    another vocabulary (a search's merges over a pool whose vocabularies are aligned): the
+    model's embedding and head get its `vocab_size` rows (values for the merge to write) and
+    its token ids, and the tokenizer is read from there.
 
     The folder is checked as every model evomerge reads is (`Checkpoint`: it exists, holds
     readable safetensors), so a bad folder is one sentence, not a transformers traceback.
@@ -38,9 +49,11 @@ def load_live_model(reference: str | Path, *, dtype: Any = "auto", device: str =
         ) from None
     if isinstance(checkpoint, AdapterCheckpoint):
         _apply_adapter(model, checkpoint)
+    if vocabulary is not None:
+        _take_vocabulary(model, Path(vocabulary))
     model.to(device).eval()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(vocabulary or folder, trust_remote_code=False)
     except (OSError, ValueError) as exc:  # transformers' ways of saying "no usable tokenizer"
         raise UserError(
             f"cannot load the tokenizer of {reference}: {str(exc).splitlines()[0]}"
@@ -62,3 +75,22 @@ def _apply_adapter(model: Any, checkpoint: Any) -> None:
                     "loaded base model does not have"
                 )
             params[name].copy_(checkpoint.tensor(name).to(params[name].dtype))
+
+
+def _take_vocabulary(model: Any, folder: Path) -> None:
+    """Resize the model's embedding (and head) to the `vocab_size` of `folder`'s config.json
+    and take its token ids and generation config."""
+    import json
+
+    import torch
+    from transformers import GenerationConfig
+
+    config = json.loads((folder / "config.json").read_text())
+    rows = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    with torch.random.fork_rng(devices=[]):  # new rows are initialised: leave no trace
+        model.resize_token_embeddings(int(rows), mean_resizing=False)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if key in config:
+            setattr(model.config, key, config[key])
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))

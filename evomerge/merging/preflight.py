@@ -93,9 +93,10 @@ def raw_pool(path: Path) -> tuple[str, list[str]] | None:
     return local(base), [local(m) for m in models]
 
 
-def check_pool(base: str, models: list[str]) -> list[Finding]:
+def check_pool(base: str, models: list[str], vocabulary: dict | None = None) -> list[Finding]:
     """A search's pool (its base and models), as a `models:` merge over all of them meets them;
-    a search cannot align vocabularies, so differing ones block."""
+    `vocabulary`: the pool's `tokenizer_source` or `tokenizer` (recipe keys), without which
+    differing vocabularies block."""
     from evomerge.merging.recipe import InputModel, Recipe
 
     refs = [base] + [m for m in models if m != base]
@@ -103,6 +104,7 @@ def check_pool(base: str, models: list[str]) -> list[Finding]:
         merge_method="linear",
         models=[InputModel(model=m) for m in refs],
         parameters={"weight": 1.0},
+        **(vocabulary or {}),
     )
     return check_recipe(recipe, search=True)
 
@@ -132,9 +134,9 @@ def pool_vocabulary_problem(refs: list[str]) -> str | None:
     if len(rows) > 1 or len(tokens) > 1:
         described = ", ".join(f"{r}: {n} rows" for r, (n, _) in seen.items())
         return (
-            f"the pool's models have different vocabularies ({described}), which a search "
-            "cannot align yet; first bring every model to one vocabulary with `evomerge merge` "
-            "and `tokenizer_source: union` (see the README, Vocabularies and chat templates)"
+            f"the pool's models have different vocabularies ({described}); set "
+            "`pool.tokenizer_source: union` (or `base`, or a pool model's name) in the run "
+            "config to align them as `evomerge merge` does"
         )
     return None
 
@@ -346,15 +348,14 @@ def _vocabulary(recipe: Recipe, inputs, plan, *, search: bool) -> list[Finding]:
     known = [v for v in vocabs.values() if v]
     same_tokens = all(v == known[0] for v in known)
     source = recipe.vocabulary_source()
-    if search and not (same_rows and same_tokens):
+    if search and source is None and not (same_rows and same_tokens):
         found.append(
             Finding(
                 "block",
                 "vocabulary",
-                "the pool's models have different "
-                "vocabularies, and a search cannot align them yet: align each "
-                "fine-tune with `evomerge merge` and `tokenizer_source: union` "
-                "first",
+                "the pool's models have different vocabularies: set "
+                "`pool.tokenizer_source: union` (or `base`, or a pool model's name) in the "
+                "run config to align them",
             )
         )
         return found

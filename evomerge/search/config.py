@@ -25,7 +25,12 @@ from evomerge.errors import UserError
 from evomerge.fitness.config import FitnessConfig
 from evomerge.io.checkpoint import reference_parts
 from evomerge.io.dtypes import MERGE_DTYPES
-from evomerge.merging.recipe import check_file_size, validate_model
+from evomerge.merging.recipe import (
+    ModelTokenSource,
+    TokenizerSettings,
+    check_file_size,
+    validate_model,
+)
 from evomerge.search.refine_config import (
     RefineConfig,
     check_refinable,
@@ -40,6 +45,28 @@ class PoolConfig(BaseModel):
     base: str
     models: dict[str, str] = Field(min_length=1)
     dtype: str | None = "float32"
+    tokenizer_source: str | None = None
+    """`union`, `base` or a model (a pool name or a folder): the output vocabulary of every
+    merge, when the pool's vocabularies differ (mergekit's `tokenizer_source`, as `evomerge
+    merge` reads it); None: the pool must share one vocabulary."""
+    tokenizer: TokenizerSettings | None = None
+    """mergekit's `tokenizer:` block (source, tokens, pad_to_multiple_of), instead of
+    `tokenizer_source`; its model references may be pool names (or `base`) too."""
+
+    @model_validator(mode="after")
+    def _one_vocabulary_source(self) -> PoolConfig:
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give either 'tokenizer_source' or a 'tokenizer' block, not both")
+        return self
+
+    def vocabulary(self) -> dict[str, Any]:
+        """The recipe keys that align the pool's vocabularies (`tokenizer_source` or
+        `tokenizer`), which every recipe of the search carries; {} where there is none."""
+        if self.tokenizer is not None:
+            return {"tokenizer": self.tokenizer}
+        if self.tokenizer_source is not None:
+            return {"tokenizer_source": self.tokenizer_source}
+        return {}
 
     @field_validator("models", mode="before")
     @classmethod
@@ -158,6 +185,20 @@ class RunConfig(BaseModel):
     threads: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
+    def _aligned_where_it_can_be(self) -> RunConfig:
+        if self.pool.vocabulary() and self.fitness.backend != "hf":
+            raise ValueError(
+                f"pool.tokenizer_source (or pool.tokenizer) needs `fitness.backend: hf`; the "
+                f"{self.fitness.backend} backend scores the base's own vocabulary"
+            )
+        if self.pool.vocabulary() and self.search.refine is not None:
+            raise ValueError(
+                "search.refine cannot refine a pool whose vocabularies are aligned "
+                "(pool.tokenizer_source); set `refine: null`"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _refinable(self) -> RunConfig:
         check_statistics(self.space, backend=self.fitness.backend, models=self.pool.models)
         if self.search.refine is not None:
@@ -179,10 +220,38 @@ class RunConfig(BaseModel):
             path = Path(p).expanduser()
             return str(path if path.is_absolute() else (base_dir / path).resolve())
 
+        models = {k: absolute(v) for k, v in self.pool.models.items()}
+
+        def model_ref(ref: str) -> str:  # a pool name (or `base`), else a folder
+            if ref in models:
+                return models[ref]
+            return absolute(self.pool.base) if ref == "base" else absolute(ref)
+
+        source = self.pool.tokenizer_source
+        if source is not None and source not in ("union", "base"):
+            source = model_ref(source)
+        tokenizer = self.pool.tokenizer
+        if tokenizer is not None:
+            tokens = {}
+            for token, entry in (tokenizer.tokens or {}).items():
+                donor = entry.source
+                if isinstance(donor, ModelTokenSource):
+                    donor = donor.model_copy(update={"model": model_ref(donor.model)})
+                elif isinstance(donor, str):
+                    donor = model_ref(donor)
+                tokens[token] = entry.model_copy(update={"source": donor})
+            named = tokenizer.source
+            if named not in ("union", "base"):
+                named = model_ref(named)
+            tokenizer = tokenizer.model_copy(
+                update={"source": named, "tokens": tokens if tokenizer.tokens else None}
+            )
         pool = self.pool.model_copy(
             update={
                 "base": absolute(self.pool.base),
-                "models": {k: absolute(v) for k, v in self.pool.models.items()},
+                "models": models,
+                "tokenizer_source": source,
+                "tokenizer": tokenizer,
             }
         )
         space = self.space
@@ -212,7 +281,8 @@ def load_run_config(path: str | Path) -> RunConfig:
     config = validate_model(RunConfig, data, str(path)).resolved(path.resolve().parent)
     from evomerge.merging.preflight import pool_vocabulary_problem
 
-    problem = pool_vocabulary_problem([config.pool.base, *config.pool.models.values()])
+    refs = [config.pool.base, *config.pool.models.values()]
+    problem = None if config.pool.vocabulary() else pool_vocabulary_problem(refs)
     if problem:
         raise UserError(f"{path}: {problem}")
     return config

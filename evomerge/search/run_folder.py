@@ -67,11 +67,17 @@ def build_space(config: RunConfig, run_dir: Path | None = None) -> Space:
     (RegMean), its recipes name the run's files (`statistics_files`); without `run_dir` the
     space gives genes and baselines but no recipe."""
     from evomerge.search.samplers import SAMPLERS, able
-    from evomerge.spaces.registry import get_kind, kind_of, read_space
+    from evomerge.spaces.registry import PARAMETERS, get_kind, kind_of, read_space
 
     data, where = read_space(config.space)
     kind = get_kind(kind_of(data))
     kind.check_backend(config.fitness.backend)
+    if config.pool.vocabulary() and kind.name != PARAMETERS:  # (before it opens the pool)
+        raise UserError(
+            f"pool.tokenizer_source aligns vocabularies in parameter spaces only, not in a "
+            f"{kind.name} space; search a space such as ties_layers, or bring the pool to one "
+            "vocabulary with `evomerge merge` first"
+        )
     space = kind.build(
         data,
         where,
@@ -87,6 +93,14 @@ def build_space(config: RunConfig, run_dir: Path | None = None) -> Space:
             f"{categorical[0]!r} at random (it models floats only); use sampler "
             f"{', '.join(capable[:-1])} or {capable[-1]} for this space"
         )
+    if config.pool.vocabulary():  # every recipe aligns the pool's vocabularies
+        if space.method.statistics:
+            raise UserError(
+                "pool.tokenizer_source cannot align vocabularies in a RegMean space (its input "
+                "statistics are one vocabulary's); search a space such as ties_layers, or bring "
+                "the pool to one vocabulary with `evomerge merge` first"
+            )
+        space.vocabulary = config.pool.vocabulary()
     if run_dir is not None and getattr(getattr(space, "method", None), "statistics", False):
         space.statistics = {
             config.pool.models[name]: str(path)

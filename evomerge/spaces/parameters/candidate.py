@@ -108,8 +108,10 @@ def resident_tensor(
     plan: MergePlan, job: TensorJob, *, seed: int, device: str
 ) -> PreparedTensor | FactoredTensor:
     """One job read once for a run of merges: resident inputs, or, where its models include
-    LoRA adapters, the adapters kept factored (evomerge/merging/factored.py)."""
-    if has_adapter(plan, job):
+    LoRA adapters, the adapters kept factored (evomerge/merging/factored.py); an embedding or
+    head whose rows are re-laid out by token (aligned vocabularies) is read as `evomerge merge`
+    reads it."""
+    if has_adapter(plan, job) and not plan.is_aligned(job.out_name):
         return FactoredTensor(plan, job, seed=seed, device=device)
     return PreparedTensor(
         plan.method, load_inputs(plan, job, seed=seed, device=device), resident=True

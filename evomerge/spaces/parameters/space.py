@@ -120,6 +120,9 @@ class SearchSpace:
         self.method: MergeMethod = get_method(config.method)
         self.statistics: dict[str, str] | None = None
         """Model folder -> its input statistics file, for a method that reads them."""
+        self.vocabulary: dict[str, Any] = {}
+        """`tokenizer_source` or `tokenizer` (recipe keys) where the pool's vocabularies are
+        aligned (the run config's `pool.tokenizer_source`): every recipe carries it."""
         self.title = self.method.name  # what the report calls the space
         self.num_layers = num_layers
         self._check_pool()
@@ -208,6 +211,7 @@ class SearchSpace:
             parameters=dict(self.config.fixed) or None,
             dtype=self.dtype,
             statistics=self.statistics,
+            **self.vocabulary,
         )
 
     def _settings(self, genome: dict[str, float], label: str, model: str | None) -> dict[str, Any]:
