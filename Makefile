@@ -1,5 +1,8 @@
-# Two entry points that do everything on a fresh machine:
+# Entry points that do everything on a fresh machine:
 #   make demo   build the offline demo pool, search merge recipes over it, export and report
+#   make demo-real  the same on a real checkpoint (README, "A real model"): SmolLM2-135M-Instruct
+#               and three LoRA adapters; downloads 93 MB once (into $(SMOL_CACHE)), then
+#               seconds to minutes per trial on one core
 #   make test   lint (ruff check, ruff format --check), then the test suite (including golden
 #               comparisons against mergekit 0.1.5)
 # Each creates the virtual environments it needs. Where there is no NVIDIA GPU the CPU build
@@ -11,9 +14,14 @@ MERGEKIT_VENV := .venv-mergekit
 VLLM_VENV := .venv-vllm
 TORCH_PIN := torch==2.13.0
 RUN ?= runs/demo
+REAL_POOL ?= runs/smol-pool
+REAL_RUN ?= runs/smol
+# The wheel and the de-quantised base, shared with the real-model test lane
+# (tests/test_real_model.py: $EVOMERGE_SMOL_CACHE, default runs/smol-cache).
+SMOL_CACHE ?= runs/smol-cache
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test venv mergekit-venv vllm-venv test-vllm clean
+.PHONY: demo demo-real test venv mergekit-venv vllm-venv test-vllm clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -54,6 +62,15 @@ demo: venv
 	else $(VENV)/bin/evomerge search configs/demo.yaml --run-dir $(RUN); fi
 	$(VENV)/bin/evomerge export $(RUN) $(RUN)/best-merge --force
 	$(VENV)/bin/evomerge report $(RUN)
+
+# The real-model demo: the commands of the README's "A real model", resumable like `demo`.
+demo-real: venv
+	test -f $(REAL_POOL)/pool.json || \
+		$(VENV)/bin/evomerge pool smol $(REAL_POOL) --cache $(SMOL_CACHE)
+	if [ -f $(REAL_RUN)/run.json ]; then $(VENV)/bin/evomerge resume $(REAL_RUN); \
+	else $(VENV)/bin/evomerge search $(REAL_POOL)/search.yaml --run-dir $(REAL_RUN); fi
+	$(VENV)/bin/evomerge export $(REAL_RUN) $(REAL_RUN)/best-merge --force
+	$(VENV)/bin/evomerge report $(REAL_RUN)
 
 # Lint first: a style slip fails in seconds, before the suite's minutes.
 test: venv mergekit-venv

@@ -20,20 +20,30 @@ TINY_CONFIG = dict(
 
 
 def build_tiny_pool(
-    root: Path, *, dtype: torch.dtype = torch.float32, n_models: int = 3, seed: int = 0, **overrides
+    root: Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    n_models: int = 3,
+    seed: int = 0,
+    architecture: str = "Llama",
+    **overrides,
 ) -> dict[str, Path]:
-    """Save `base` and `ft0..ft{n-1}` under `root`; returns name -> folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Save `base` and `ft0..ft{n-1}` under `root`; returns name -> folder. `architecture` names
+    a transformers family with Llama's tensor layout ("Llama", "Mistral", "Qwen2", ...)."""
+    import transformers
+
+    config_class = getattr(transformers, f"{architecture}Config")
+    model_class = getattr(transformers, f"{architecture}ForCausalLM")
 
     generator = torch.Generator().manual_seed(seed)
-    config = LlamaConfig(**{**TINY_CONFIG, **overrides})
+    config = config_class(**{**TINY_CONFIG, **overrides})
     torch.manual_seed(seed)
-    base = LlamaForCausalLM(config).to(dtype)
+    base = model_class(config).to(dtype)
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     folders = {"base": Path(root) / "base"}
     base.save_pretrained(folders["base"], safe_serialization=True)
     for i in range(n_models):
-        model = LlamaForCausalLM(config).to(dtype)
+        model = model_class(config).to(dtype)
         state = {}
         for name, tensor in base_state.items():
             noise = torch.randn(tensor.shape, generator=generator) * 0.02
