@@ -844,7 +844,8 @@ def _tied_at_boundary(case: Case, pool: dict[str, Path], name: str) -> torch.Ten
 
 def test_every_deterministic_method_is_covered():
     from evomerge.methods import method_names
+    from evomerge.methods.registry import registered_methods
 
     covered = {parse_recipe(c.recipe.replace("$", "")).merge_method for c in CASES}
-    evomerge_only = {"regmean"}  # mergekit has no such method (README, the methods table)
+    evomerge_only = {m.name for m in registered_methods() if not m.mergekit}
     assert set(method_names()) - evomerge_only <= covered, set(method_names()) - covered

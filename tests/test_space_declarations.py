@@ -30,6 +30,7 @@ def test_bundled_spaces_keep_their_genes_and_baselines():
     # spaces added since (their genes have no earlier version to keep) and data-flow spaces
     added = {
         "ramplus_tl_layers",
+        "regmean_layers",
         "dataflow",
         "dataflow_scaled",
         "method_per_group",
@@ -147,6 +148,9 @@ def test_declared_parameters_are_the_ones_mergekit_knows(mergekit_python):
     )
     theirs = json.loads(out.stdout.strip().splitlines()[-1])
     for name in method_names():
+        if not get_method(name).mergekit:  # evomerge's own (regmean): mergekit must not have it
+            assert name not in theirs, f"mergekit 0.1.5 has {name!r}: declare mergekit=True"
+            continue
         ours = {p.name: p.per_model for p in get_method(name).params}
         assert name in theirs, f"mergekit 0.1.5 has no method {name!r}"
         assert {p: scope != "SHARED" for p, scope in theirs[name].items()} == ours, name

@@ -231,7 +231,9 @@ class MergeMethod:
     (the "only_<model>" baselines are queued only then; RegMean's weights scale projected task
     vectors, so its one-hot merge is not the model).
     `statistics`: whether the method reads each model's input statistics (`MergeInputs.grams`),
-    which a recipe names in its `statistics` mapping."""
+    which a recipe names in its `statistics` mapping.
+    `mergekit`: whether mergekit 0.1.5 has the method (under the same name, with the same
+    parameters), i.e. whether `mergekit-yaml` runs its recipes; False for evomerge's own."""
 
     name: str
     merge: Callable[..., torch.Tensor]
@@ -245,6 +247,7 @@ class MergeMethod:
     baselines: dict[str, dict[Role, float]] = field(default_factory=dict, compare=False)
     one_hot_is_model: bool = True
     statistics: bool = False
+    mergekit: bool = True
 
     def param(self, name: str) -> Param:
         """The parameter called `name`, or a `UserError` naming the closest one."""

@@ -93,5 +93,6 @@ register(
         reference="https://arxiv.org/abs/2212.09849",
         one_hot_is_model=False,
         statistics=True,
+        mergekit=False,
     )
 )

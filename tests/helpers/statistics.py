@@ -36,7 +36,7 @@ def write_statistics(model_folder: str, out: Path) -> Path:
 
 def give_statistics(space, folder: Path):
     """`space` with statistics for its models (no change for a method that reads none)."""
-    if not getattr(space.method, "statistics", False):
+    if not getattr(getattr(space, "method", None), "statistics", False):
         return space
     Path(folder).mkdir(parents=True, exist_ok=True)
     space.statistics = {
