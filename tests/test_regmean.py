@@ -366,3 +366,25 @@ def test_a_task_without_answers_is_refused_in_one_sentence(tmp_path, small_pool)
     assert "'evomerge_blank' has no target answers" in message and "\n" not in message
     assert "regmean space's input statistics" in message
     assert not (tmp_path / "run" / "statistics").exists()
+
+
+def test_an_input_no_data_moved_gets_a_ridge_not_a_traceback():
+    """A Gram matrix with a zero row and column in every model (an input dimension that is
+    always 0 on the data) is singular: that dimension keeps the base, the rest is RegMean."""
+    from evomerge.methods.regmean import regmean
+
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(4, 3, generator=gen)
+    models = [base + torch.randn(4, 3, generator=gen) for _ in range(2)]
+    grams = []
+    for g in _grams(3, 2, seed=6):
+        g = g.float().clone()
+        g[2, :] = 0
+        g[:, 2] = 0
+        grams.append(g)
+    merged = regmean(_inputs(base, models, grams), weight=[0.5, 0.5], alpha=1.0, lambda_=1.0)
+    assert torch.isfinite(merged).all()
+    torch.testing.assert_close(merged[:, 2], base[:, 2], rtol=1e-4, atol=1e-4)
+    sub = [g[:2, :2].double() for g in grams]
+    closed = sum(m[:, :2].double() @ g for m, g in zip(models, sub)) @ torch.linalg.inv(sum(sub))
+    torch.testing.assert_close(merged[:, :2].double(), closed, rtol=1e-4, atol=1e-4)

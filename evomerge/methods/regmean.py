@@ -54,7 +54,11 @@ def projected_task_vectors(inputs: MergeInputs, alpha: float) -> torch.Tensor:
     # tau_i G_i Gbar^-1 = (Gbar^-1 G_i tau_i^T)^T: one solve against every model's right side
     # (Gbar is symmetric).
     rhs = torch.cat([g @ d.T for g, d in zip(shrunk, deltas)], dim=1)  # (in, M * out)
-    solved = torch.linalg.solve(mean, rhs)
+    try:
+        solved = torch.linalg.solve(mean, rhs)
+    except torch.linalg.LinAlgError:  # an input no model's data ever moved: a ridge for it alone
+        ridge = 1e-6 * torch.diagonal(mean).mean().clamp_min(1e-30)
+        solved = torch.linalg.solve(mean + ridge * torch.eye(len(mean), device=mean.device), rhs)
     return torch.stack([part.T for part in solved.split(deltas.shape[1], dim=1)])
 
 
@@ -76,7 +80,7 @@ def regmean(
     base = inputs.base
     projected = projections(inputs, alpha)
     w = torch.tensor(weight, dtype=torch.float32, device=projected.device)
-    mixed = (projected * w.view(-1, *([1] * (projected.dim() - 1)))).sum(dim=0)
+    mixed = torch.tensordot(w, projected, dims=1)  # sum_i w_i P_i, no (M, *shape) temporary
     return (base.float() + lambda_ * mixed).to(base.dtype)
 
 
