@@ -171,6 +171,7 @@ def test_a_recipe_with_statistics_merges_by_the_equation(tmp_path, tiny):
         ("not-merged", "which the recipe does not merge"),
         ("wrong-shape", "must be a (32, 32) float matrix"),
         ("not-safetensors", "cannot be read"),
+        ("nan", "hold NaN or Inf values"),
     ],
 )
 def test_bad_statistics_are_refused_in_one_sentence(tmp_path, tiny, change, words):
@@ -184,6 +185,12 @@ def test_bad_statistics_are_refused_in_one_sentence(tmp_path, tiny, change, word
     elif change == "wrong-shape":
         bad = tmp_path / "bad.safetensors"
         save_file({"model.layers.0.self_attn.q_proj.weight": torch.eye(3)}, str(bad))
+        data["statistics"][first] = str(bad)
+    elif change == "nan":
+        bad = tmp_path / "bad.safetensors"
+        grams = load_file(str(stats["ft0"]))
+        grams["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+        save_file(grams, str(bad))
         data["statistics"][first] = str(bad)
     elif change == "not-safetensors":
         bad = tmp_path / "bad.safetensors"

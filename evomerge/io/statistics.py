@@ -33,23 +33,28 @@ class InputStatistics:
                 )
         self._open: dict[str, object] = {}
 
-    def gram(self, model: str, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
-        """Model `model`'s statistics for weight `name` of `shape` (float32: (in, in) or, per
-        row, (rows,)), or None where its file has none for that weight; a UserError for a
-        missing model, a wrong shape or values that are not finite."""
-        import torch
-
+    def check(self, model: str, name: str, shape: tuple[int, ...]) -> bool:
+        """Whether model `model` has statistics for weight `name` of `shape`, from the file's
+        header alone; a UserError for a missing model or statistics of the wrong shape."""
         handle = self._handle(model)
         if name not in handle.keys() or len(shape) != 2:
-            return None
-        gram = handle.get_tensor(name)
+            return False
+        header = handle.get_slice(name)
+        got, dtype = tuple(header.get_shape()), header.get_dtype()
         rows, width = shape
-        if tuple(gram.shape) not in ((width, width), (rows,)) or not gram.is_floating_point():
+        if got not in ((width, width), (rows,)) or dtype not in ("F64", "F32", "F16", "BF16"):
             raise UserError(
                 f"the statistics of {model!r} for {name!r} must be a ({width}, {width}) float "
-                f"matrix (the weight's input width) or ({rows},) per row, got "
-                f"{tuple(gram.shape)} {gram.dtype}"
+                f"matrix (the weight's input width) or ({rows},) per row, got {got} {dtype}"
             )
+        return True
+
+    def gram(self, model: str, name: str) -> torch.Tensor:
+        """Model `model`'s statistics for weight `name` (checked by `check`), as float32; a
+        UserError where they are not finite."""
+        import torch
+
+        gram = self._handle(model).get_tensor(name)
         if not torch.isfinite(gram).all():
             raise UserError(f"the statistics of {model!r} for {name!r} hold NaN or Inf values")
         return gram.to(torch.float32)

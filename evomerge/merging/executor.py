@@ -147,9 +147,13 @@ def inputs_from(
     tensors = [t.to(device=device, dtype=dtype) for t in tensors]
     base = tensors.pop() if job.base else None
     field = UniformField(seed, job.out_name) if plan.method.randomized else None
-    grams = plan.grams(job)
-    if grams is not None:
-        grams = [None if g is None else g.to(device=device) for g in grams]
+    read = plan.grams(job)
+    grams = None
+    if read is not None:  # read when the method asks, on the merge's device
+
+        def grams():
+            return [None if g is None else g.to(device=device) for g in read()]
+
     return MergeInputs(
         models=tensors, base=base, tensor_name=job.out_name, field=field, peaks=peaks, grams=grams
     )

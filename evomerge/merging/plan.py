@@ -9,6 +9,7 @@ result is plain data; `evomerge.merging.executor` executes it.
 from __future__ import annotations
 
 import keyword
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -54,16 +55,22 @@ class MergePlan:
     # each model's input statistics, for a method that reads them (RegMean)
     statistics: InputStatistics | None = None
 
-    def grams(self, job: TensorJob) -> list[torch.Tensor | None] | None:
-        """Each input model's Gram matrix for `job` (None for a model without one), or None
-        where the method reads no statistics."""
+    def grams(self, job: TensorJob) -> Callable[[], list[torch.Tensor | None]] | None:
+        """A reader of each input model's statistics for `job` (None for a model without
+        them), their shapes checked now from the files' headers; None where the method reads
+        no statistics. The reader reads them when called: a search that keeps its inputs
+        keeps what the method derives, not the statistics."""
         if self.statistics is None:
             return None
-        if self.is_aligned(job.out_name):  # rows re-laid out by token: the statistics are not
-            return [None] * len(job.inputs)
-        return [
-            self.statistics.gram(ref.model, ref.name, self.checkpoints[ref.model].shape(ref.name))
+        stats = self.statistics
+        present = [
+            not self.is_aligned(job.out_name)  # rows re-laid out by token: they do not hold
+            and stats.check(ref.model, ref.name, self.checkpoints[ref.model].shape(ref.name))
             for ref in job.inputs
+        ]
+        refs = list(job.inputs)
+        return lambda: [
+            stats.gram(ref.model, ref.name) if here else None for ref, here in zip(refs, present)
         ]
 
     def is_aligned(self, out_name: str) -> bool:

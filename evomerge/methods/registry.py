@@ -122,8 +122,10 @@ class MergeInputs:
     `field` draws reproducible random numbers for methods that need them (DARE, DELLA).
     `peaks` (optional) are max |x| of each model, then the base, when the caller knows them
     already (the merge executor finds them while checking the inputs are finite).
-    `grams` (for a method that declares `statistics`) are each model's input statistics for
-    this tensor (RegMean's X_i^T X_i / N, shape (in, in)), None for a tensor that has none.
+    `grams` (for a method that declares `statistics`) give each model's input statistics for
+    this tensor (RegMean's X_i^T X_i / N, shape (in, in)), None for a model that has none: a
+    list, or a function that reads them (`statistics()` calls it; a search's resident inputs
+    then hold no statistics, only what the method derives from them).
 
     Everything derived from the inputs alone (task vectors, magnitude ranks, random draws) is
     computed on first use and kept for as long as this object lives: a plain merge uses it
@@ -137,7 +139,7 @@ class MergeInputs:
         tensor_name: str,
         field: UniformField | None = None,
         peaks: list[float | None] | None = None,
-        grams: list[torch.Tensor] | None = None,
+        grams: list[torch.Tensor | None] | Callable[[], list[torch.Tensor | None]] | None = None,
     ):
         self.models, self.base, self.tensor_name, self.field = models, base, tensor_name, field
         self.grams = grams
@@ -145,6 +147,10 @@ class MergeInputs:
         for index, peak in enumerate(peaks or []):
             if peak is not None:
                 self._memo["peak", index] = peak
+
+    def statistics(self) -> list[torch.Tensor | None] | None:
+        """Each model's input statistics for this tensor (read now where `grams` reads them)."""
+        return self.grams() if callable(self.grams) else self.grams
 
     def cached(self, kind: str, index: int, compute: Callable[[], Any]):
         """`compute()` on first use for (kind, model index); the kept value afterwards."""

@@ -38,7 +38,7 @@ def projected_task_vectors(inputs: MergeInputs, alpha: float) -> torch.Tensor:
     """(M, *shape) float32: tau_i G_i Gbar^-1 for each model (tau_i where there are no
     statistics; for per-row statistics, the rows of tau_i scaled by c_i / cbar)."""
     deltas = torch.stack([inputs.delta(i).float() for i in range(len(inputs.models))])
-    stats = inputs.grams
+    stats = inputs.statistics()
     if stats is None or any(g is None for g in stats):
         return deltas
     stats = [g.to(torch.float32) for g in stats]
