@@ -14,9 +14,12 @@ moves the first figure; the second compares the two at the same moment).
 
 Bytes counted, per element: dare_ties reads each model's task vector once (its random draws
 are hashed in the kernel, and the L1 sums of its rescale come from each task vector's draw
-table, built once per run: no pass of their own). ties reads each task vector once and its
-precomputed magnitude rank (int32). Both read the base once and write the result once: the
-bytes a candidate cannot do without. The one-time precomputation (draw tables or ranks) is
+table, built once per run: no pass of their own). ties reads each task vector once; on a GPU
+also its precomputed magnitude rank (int32); on the CPU its top-k starts from the task
+vector's magnitude table (256 KiB, built once per run) and scans the task vector for the
+ties at the cut (part of one more pass; float32 also makes one pass for the cut's low bits),
+bytes not counted. Both read the base once and write the result once: the bytes a candidate
+cannot do without. The one-time precomputation (draw tables, magnitude tables or ranks) is
 timed on its own.
 """
 
@@ -134,11 +137,12 @@ def precompute(jobs, method: str, models: int = 3) -> tuple[float, int]:
     start, kept = time.perf_counter(), 0
     for tensor, _ in jobs:
         for i in range(models):
-            table = (
-                tensor.draw_l1_table(i)
-                if method == "dare_ties"
-                else tensor.inputs.magnitude_ranks(i)
-            )
+            if method == "dare_ties":
+                table = tensor.draw_l1_table(i)
+            elif tensor.inputs.base.device.type == "cpu":
+                table = tensor.magnitude_table(i)  # 4096 x 4096: above MAGNITUDE_TABLE_MIN
+            else:
+                table = tensor.inputs.magnitude_ranks(i)
             kept += table.numel() * table.element_size()
         if tensor.inputs.base.dtype == torch.bfloat16 and tensor.inputs.base.device.type == "cpu":
             for i in range(models + 1):
@@ -187,7 +191,8 @@ def main() -> None:
 
     jobs = build(args.params, dtype, args.device, args.method)
     numel = sum(tensor.inputs.base.numel() for tensor, _ in jobs)
-    per_source = itemsize if args.method == "dare_ties" else itemsize + 4
+    ranks = args.method == "ties" and args.device != "cpu"
+    per_source = itemsize + 4 if ranks else itemsize
     moved = numel * (3 * per_source + 2 * itemsize)
     copy = CopyTimer(min(numel, 1 << 27), args.device)
 
@@ -225,7 +230,13 @@ def main() -> None:
         f"{moved / plain / 1e9 / copy_gbps:5.1%}"
     )
     print(f"  fused / torch speed-up:    {plain / fused:6.1f}x")
-    what = "draw table" if args.method == "dare_ties" else "int32 magnitude rank"
+    what = (
+        "draw table"
+        if args.method == "dare_ties"
+        else "int32 magnitude rank"
+        if ranks
+        else "magnitude table"
+    )
     print(f"  precomputed once per run:  {prepared:6.3f} s  ({what}s of the 3 task vectors)")
     print(
         f"  resident per parameter:    {itemsize} + {table_bytes / numel / 3:.3f} bytes per source "

@@ -19,7 +19,8 @@ data without the allocator's slack), and `plan`, what `evomerge plan` predicts f
 (evomerge/search/memory_plan.py, its activation allowance left out), in full and less the base,
 whose tensors are views of its mapped file on the CPU (so not anonymous). `--sampled` applies
 a third genome mid-bounds, as a sampled trial does: densities below 1 make TIES form its
-magnitude ranks (the baselines keep everything, so without it no ranks are formed).
+magnitude tables, and ranks for tensors under 65,536 elements (the baselines keep everything,
+so without it neither is formed).
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def main() -> None:
         "--sampled",
         action="store_true",
         help="also apply a genome mid-bounds, as a sampled trial is (densities below 1: TIES "
-        "forms its ranks, DARE its draw tables)",
+        "forms its magnitude tables, DARE its draw tables)",
     )
     parser.add_argument("--child", nargs=2, metavar=("POOL", "SPACE"))
     args = parser.parse_args()

@@ -72,6 +72,39 @@ def test_a_compiled_candidate_is_the_merge_of_its_recipe(tmp_path, small_pool, n
             assert torch.equal(live, merged[tensor]), (tensor, attempt)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_ties_candidate_from_magnitude_tables_is_the_merge_and_keeps_no_ranks(
+    tmp_path, small_pool, monkeypatch, dtype
+):
+    """TIES in a search on the CPU finds each trial's top-k from a magnitude table per source
+    and tensor (forced here for the small pool's tensors, which would keep ranks no larger than
+    a table): the merge's bits, and no magnitude ranks kept."""
+    from safetensors.torch import load_file
+
+    from evomerge.kernel import task_vectors
+    from evomerge.merging.executor import run_merge
+    from evomerge.spaces.parameters.candidate import CompiledCandidate
+
+    monkeypatch.setattr(task_vectors, "MAGNITUDE_TABLE_MIN", 0)
+    torch.set_num_threads(1)
+    space = space_over(small_pool, "ties_layers", SPACES["ties_layers"], dtype)
+    live = live_model(small_pool).to(getattr(torch, dtype))
+    candidate = CompiledCandidate(live, space, seed=11)
+    rng = random.Random(dtype)
+    for attempt in range(2):
+        genome = {g.name: rng.uniform(g.low, g.high) for g in space.genes}
+        candidate.apply(genome)
+        out = run_merge(space.recipe(genome), tmp_path / f"merged-{attempt}", seed=11).out_dir
+        merged = load_file(str(out / "model.safetensors"))
+        for tensor, live_tensor in candidate.targets.items():
+            assert torch.equal(live_tensor, merged[tensor]), (tensor, attempt)
+    fused = [job.tensor.fused for job in candidate.jobs if job.tensor.fused is not None]
+    assert fused and any(tensor._magnitude_tables for tensor in fused)
+    for tensor in fused:
+        ranks = [key for key in tensor.inputs._memo if key[0] == "desc"]
+        assert ranks == [], f"{tensor.inputs.tensor_name} keeps magnitude ranks"
+
+
 def test_a_candidate_with_an_inf_is_refused(small_pool):
     """Weights that overflow float32 (to Inf, as the merge dtype reads them): the kernel's pass
     (task arithmetic) and the checked copy (linear's torch code) both report it."""

@@ -228,6 +228,113 @@ def test_inline_draws_and_magnitude_cut_match_the_torch_definitions(dtype, numel
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("numel", [1, 7, 5000, (1 << 22) + 3])
+def test_the_cut_from_a_magnitude_table_keeps_the_ranks_top_k(dtype, numel):
+    """A resident task vector's magnitude table gives each merge the same top-k as its
+    magnitude ranks (ties to lower indices), for every k, heavy ties and zeros included."""
+    from evomerge.methods.sparsify import magnitude_ranks
+
+    generator = torch.Generator().manual_seed(numel)
+    delta = (torch.randn(numel, generator=generator) * 0.01).to(dtype)
+    delta[torch.rand(numel, generator=generator) < 0.2] = 0  # ties at zero
+    delta[torch.rand(numel, generator=generator) < 0.1] = -0.005  # ties of both signs
+    delta[torch.rand(numel, generator=generator) < 0.1] = 0.005
+    table = cpu.magnitude_table(delta)
+    assert table.shape == (cpu.MAGNITUDE_TABLE_ENTRIES,) and int(table.sum()) == numel
+    check_cut_from_table(delta, table, magnitude_ranks(delta))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_cut_from_a_magnitude_table_over_every_finite_value(dtype):
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    every = every[torch.isfinite(every)]
+    shuffled = every[torch.randperm(every.numel(), generator=torch.Generator().manual_seed(0))]
+    delta = torch.cat([shuffled, shuffled]).contiguous()  # every magnitude four times over
+    from evomerge.methods.sparsify import magnitude_ranks
+
+    check_cut_from_table(delta, cpu.magnitude_table(delta), magnitude_ranks(delta), sums=False)
+
+
+def check_cut_from_table(delta, table, ranks, *, sums: bool = True):
+    from evomerge.kernel.rules import TaskVector
+
+    numel = delta.numel()
+    generator = torch.Generator().manual_seed(1)
+    ks = {0, 1, 2, numel // 3, numel // 2, numel - 1, numel}
+    ks |= set(torch.randint(0, numel + 1, (8,), generator=generator).tolist())
+    for k in sorted(ks):
+        rule = cpu.top_magnitudes(TaskVector(delta), k, table)
+        if sums:
+            expected = int(((ranks < k) * (delta.double().abs() * 2.0**30).floor()).sum())
+            assert cpu.abs_sums([TaskVector(delta)], [rule], [2.0**30])[0][0][0] == expected, k
+        kept_values = kept_by(delta, rule)  # the kept elements themselves, not only their sum
+        assert torch.equal(kept_values, torch.where(ranks < k, delta, 0).float()), k
+
+
+def kept_by(delta: torch.Tensor, rule) -> torch.Tensor:
+    """delta where `rule` keeps it, else 0 (as float32): the kernel's merge of delta alone,
+    weight 1, over a base of 0."""
+    from evomerge.kernel.rules import TaskVector
+
+    one = torch.ones(1, dtype=delta.dtype)
+    out, _ = cpu.tv_merge(
+        torch.zeros_like(delta), [TaskVector(delta)], [rule], one, one, consensus=False,
+        normalize=False, plain_divisor=1.0, lambda_=1.0,
+    )  # fmt: skip
+    return out.float() + 0.0  # -0 and +0 alike
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "consensus,normalize,rescale", list(itertools.product([True, False], repeat=3))
+)
+def test_resident_ties_from_magnitude_tables_matches_torch_ops(
+    monkeypatch, dtype, consensus, normalize, rescale
+):
+    """The search's TIES from magnitude tables (forced here on a small tensor) gives the torch
+    code's bits."""
+    from evomerge.kernel import task_vectors
+
+    monkeypatch.setattr(task_vectors, "MAGNITUDE_TABLE_MIN", 0)
+    check_kernel_matches_torch_ops(True, dtype, "magnitude", consensus, normalize, rescale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_resident_ties_tensor_keeps_a_magnitude_table_not_ranks(dtype):
+    """TIES in a search keeps, per task vector and tensor, the smaller of int32 magnitude ranks
+    (4 bytes an element) and a magnitude table (256 KiB): a large tensor never holds ranks."""
+    from evomerge.kernel.task_vectors import MAGNITUDE_TABLE_MIN
+
+    table_bytes = cpu.MAGNITUDE_TABLE_ENTRIES * 8
+    assert MAGNITUDE_TABLE_MIN * 4 == table_bytes  # ranks below it are no larger than a table
+    weight, density = [0.3, 0.5, 0.2], [0.5, 0.7, 0.3]
+    options = dict(normalize=True, rescale=False, lambda_=1.0)
+    for shape, tables in (((256, 256), True), ((255, 256), False)):
+        inputs = make_inputs(dtype, shape=shape)
+        expected = torch_path(
+            make_inputs(dtype, shape=shape), weight, density, rule="magnitude", consensus=True,
+            **options,
+        )  # fmt: skip
+        kept = FusedTensor(inputs, rule="magnitude", consensus=True, resident=True)
+        for _ in range(2):  # the second merge reads what the first kept
+            got = fused_tensor_merge(kept, weight, density, **options)
+            assert torch.equal(bits(got), bits(expected))
+        ranks = [key for key in inputs._memo if key[0] == "desc"]
+        if tables:
+            assert ranks == [], "magnitude ranks are kept where a magnitude table should be"
+            assert sorted(kept._magnitude_tables) == [0, 1, 2]
+            assert all(
+                t.numel() * t.element_size() == table_bytes for t in kept._magnitude_tables.values()
+            )
+        else:
+            assert len(ranks) == 3 and not kept._magnitude_tables
+            assert all(
+                inputs._memo[key].numel() * inputs._memo[key].element_size() < table_bytes
+                for key in ranks
+            )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_draw_l1_table_matches_the_torch_definition(dtype):
     from evomerge.methods.sparsify import draw_l1_table
 

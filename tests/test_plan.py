@@ -98,7 +98,7 @@ def test_task_arithmetic_keeps_no_ranks_and_dare_no_tables_below_1m_elements(poo
 def test_regmean_plans_projections_and_statistics(pool, tmp_path):
     shapes = _header_shapes(pool["base"])
     numel = sum(math.prod(s) for s in shapes.values())
-    grams = sum(
+    grams = max(  # one tensor's at a time: read when its projections are made
         (s[0] if "embed" in name else s[1] * s[1]) * 4 for name, s in shapes.items() if len(s) == 2
     )
     got = {i.label: i.bytes for i in _plan(_config(tmp_path, pool, "regmean_layers")).items}
@@ -116,6 +116,32 @@ def test_the_plan_mirrors_the_kernels_constants():
     assert memory_plan.DRAW_TABLE_BYTES == (SCALE + 1) * 8
     assert memory_plan.FUSED_RULES == task_vectors.FUSED_RULES
     assert memory_plan.MAX_MODELS == cpu.MAX_MODELS
+    assert memory_plan.MAGNITUDE_TABLE_MIN == task_vectors.MAGNITUDE_TABLE_MIN
+    assert memory_plan.MAGNITUDE_TABLE_BYTES == cpu.MAGNITUDE_TABLE_ENTRIES * 8
+
+
+def test_ties_keeps_magnitude_tables_on_the_cpu_and_ranks_on_a_gpu(tmp_path):
+    """TIES in a search on the CPU keeps, per source, a 256 KiB magnitude table for each tensor
+    of 65,536 elements or more and int32 ranks (no larger) for the rest; on a GPU, whose kernel
+    has no radix select, ranks for every tensor (4 bytes per element per source)."""
+    from evomerge.search.memory_plan import MAGNITUDE_TABLE_BYTES, MAGNITUDE_TABLE_MIN
+
+    pool = {name: tmp_path / name for name in ("base", "ft0", "ft1", "ft2")}
+    shape = dict(hidden=256, inter=1024, layers=2, vocab=512, kv=4)
+    size = [_sparse_llama(folder, **shape) for folder in pool.values()][0]
+    shapes = _header_shapes(pool["base"]).values()
+    large = [math.prod(s) for s in shapes if math.prod(s) >= MAGNITUDE_TABLE_MIN]
+    small = [math.prod(s) for s in shapes if math.prod(s) < MAGNITUDE_TABLE_MIN]
+    assert large and small and MAGNITUDE_TABLE_MIN in large  # q and o: exactly at the bound
+    path = _config(tmp_path, pool, "ties_layers", "bfloat16")
+    got = {i.label: i.bytes for i in _plan(path).items}
+    assert got["TIES tables"] == 3 * len(large) * MAGNITUDE_TABLE_BYTES
+    assert got["TIES ranks"] == 3 * sum(small) * 4
+    assert got["TIES tables"] <= 3 * sum(large) * 4  # never more than ranks would be
+    config = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump(config | {"device": "cuda:0"}))
+    got = {i.label: i.bytes for i in _plan(path).items}
+    assert "TIES tables" not in got and got["TIES ranks"] == 3 * (size // 2) * 4
 
 
 def test_plan_prints_each_item_and_the_total(pool, tmp_path):
@@ -285,6 +311,11 @@ def test_three_8b_fine_tunes_plan_from_headers_alone(tmp_path):
         lines[-1].startswith("the search would hold 80.34 GB")
         and "2 sources would fit" in lines[-1]
     )
+    ties = {
+        i.label: i.bytes for i in _plan(_config(tmp_path, pool, "ties_layers", "bfloat16")).items
+    }
+    # TIES on the CPU: magnitude tables, 0.4% of the task vectors (int32 ranks would be 200%)
+    assert ties["TIES tables"] + ties.get("TIES ranks", 0) < 0.01 * ties["task vectors"]
 
 
 def test_the_allowance_takes_the_models_context_when_max_length_is_unset():

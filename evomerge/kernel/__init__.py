@@ -1,8 +1,9 @@
 """The fused kernels beneath the task-vector family (task arithmetic, TIES, DARE).
 
-Per trial the search re-merges every tensor from resident task vectors, ranks and random
-draws. With torch ops that is a dozen passes over memory per tensor; the kernels do it in one
-pass (plus one over all models for DARE's L1 rescale where no draw table has it), and report
+Per trial the search re-merges every tensor from resident task vectors, TIES's magnitude
+tables (or ranks) and random draws. With torch ops that is a dozen passes over memory per
+tensor; the kernels do it in one pass (plus one over all models for DARE's L1 rescale where no
+draw table has it, and TIES's scan for the ties at its cut on the CPU), and report
 whether the result is finite from the same pass. They follow the torch code of
 `evomerge.methods.task_arithmetic` op for op, so results are bit-identical
 (tests/test_kernel.py, tests/test_kernel_triton.py). The dependency is one way: the methods

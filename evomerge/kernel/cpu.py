@@ -45,6 +45,7 @@ FLAGS = [
 ]
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 MAX_MODELS = 64  # tv_merge.c
+MAGNITUDE_TABLE_ENTRIES = 1 << 15  # tv_merge_typed.h's magnitude_table: a bucket per high half
 
 
 def _cache_dir() -> Path:
@@ -108,6 +109,8 @@ def declare(lib: ctypes.CDLL) -> None:
             "copy_finite": ([p, i64, p], c_int),
             "abs_sums": ([c_int, i64, p, p, ctypes.POINTER(KeepRule), p, p, p, p], None),
             "magnitude_cut": ([p, p, i64, i64, p, p], None),
+            "magnitude_table": ([p, i64, p], None),
+            "magnitude_cut_from": ([p, i64, i64, p, p, p], None),
             "draw_l1_table": ([p, i64, ctypes.c_uint32, ctypes.c_double, p], None),
             "tv_merge": (
                 [c_int, i64, p, p, p, p, p, p, c_int, c_int, f32, c_int, f32, c_int, p],
@@ -187,14 +190,22 @@ def draw_l1_table(x: torch.Tensor, hash_key: int, scale: float) -> torch.Tensor:
 
 
 # --- the merge --------------------------------------------------------------------------------
-def top_magnitudes(tau: TaskVector, k: int) -> KeepRule:
+def top_magnitudes(tau: TaskVector, k: int, table: torch.Tensor | None = None) -> KeepRule:
     """The rule keeping the k largest |tau|, ties to lower indices (the same elements as
-    magnitude ranks < k), found by a radix select instead of a sort."""
+    magnitude ranks < k), found by a radix select instead of a sort; with `table` (the
+    `magnitude_table` of a stored task vector) its first histogram pass is read, not made."""
     if k >= tau.x.numel():
         return KeepRule.keep_all()
     if k <= 0:
         return KeepRule.magnitude_cut(0xFFFFFFFF, 0)
     cut_bits, cutoff = ctypes.c_uint32(), ctypes.c_int64()
+    if table is not None:
+        assert tau.base is None, "a magnitude table is of a stored task vector"
+        _call(
+            "magnitude_cut_from", tau.x, tau.x.data_ptr(), tau.x.numel(), k, table.data_ptr(),
+            ctypes.byref(cut_bits), ctypes.byref(cutoff),
+        )  # fmt: skip
+        return KeepRule.magnitude_cut(cut_bits.value, cutoff.value)
     _call(
         "magnitude_cut",
         tau.x,
@@ -205,6 +216,18 @@ def top_magnitudes(tau: TaskVector, k: int) -> KeepRule:
         ctypes.byref(cutoff),
     )
     return KeepRule.magnitude_cut(cut_bits.value, cutoff.value)
+
+
+def magnitude_table(x: torch.Tensor) -> torch.Tensor:
+    """What a resident task vector keeps for TIES instead of its magnitude ranks: the counts
+    of |x| per magnitude bucket (MAGNITUDE_TABLE_ENTRIES int64, 256 KiB whatever the tensor's
+    size; a bucket is one bfloat16 or float16 magnitude, or the high 16 bits of a float32 one),
+    one pass. Each merge's top-k then costs a partial scan for the ties at the cut (and for
+    float32 one pass for the cut's low bits) instead of 4 bytes per element kept."""
+    x = x.contiguous()
+    table = torch.empty(MAGNITUDE_TABLE_ENTRIES, dtype=torch.int64)
+    _call("magnitude_table", x, x.data_ptr(), x.numel(), table.data_ptr())
+    return table
 
 
 def abs_sums(

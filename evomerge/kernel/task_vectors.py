@@ -10,9 +10,10 @@ Lifecycle: prepare once per run, merge per trial.
   - `prepare(method, inputs, resident=...)` once per output tensor, after its inputs are read.
   - `FusedTensor.merge(out=..., **parameters)` per merge, with the method's keyword arguments.
 A `resident` tensor (the search: many merges of the same inputs) keeps, on first use, what does
-not change between trials: its task vectors and magnitude ranks (in `MergeInputs`), DARE's draw
-tables and the inputs' smallest magnitudes (here). A one-shot tensor (`evomerge merge`) keeps
-nothing: task vectors are subtracted on the fly and TIES's top-k is a radix select.
+not change between trials: its task vectors (in `MergeInputs`), TIES's magnitude tables (or, for
+small tensors and on a GPU, magnitude ranks), DARE's draw tables and the inputs' smallest
+magnitudes (here). A one-shot tensor (`evomerge merge`) keeps nothing: task vectors are
+subtracted on the fly and TIES's top-k is a radix select.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ FUSED_RULES = (None, "magnitude", "random")  # breadcrumbs and della run the tor
 # Tensors at least this large keep a draw table for DARE's rescale when resident (512 KiB per
 # task vector: at most half a byte per element); smaller ones sum in a pass per merge.
 DRAW_TABLE_MIN = 1 << 20
+# TIES in a search (resident, on the CPU): a task vector this large keeps its magnitude table
+# (cpu.magnitude_table, 256 KiB) and finds each merge's top-k from it; a smaller one keeps
+# int32 magnitude ranks, which are then no larger than the table. Either way what is kept for
+# TIES costs at most 256 KiB per task vector and tensor (not 4 bytes per element).
+MAGNITUDE_TABLE_MIN = cpu.MAGNITUDE_TABLE_ENTRIES * 8 // 4
 # Where no nonzero input to a product, and no nonzero product, falls below this, no value in
 # a merge can be subnormal (see FusedTensor.subnormal_free).
 NORMAL_FLOOR = 2.0**-99
@@ -86,6 +92,7 @@ class FusedTensor:
         if resident:  # tau_i is what every merge reads: theta_i would be a redundant copy
             inputs.keep_task_vectors_only()
         self._draw_tables: dict[int, torch.Tensor] = {}
+        self._magnitude_tables: dict[int, torch.Tensor] = {}
         self.keeps_draw_tables = resident
         self._smallest: dict[int, float] = {}
 
@@ -156,18 +163,29 @@ class FusedTensor:
         return TaskVector(self.inputs.models[index], self.inputs.base)
 
     def keep_rule(self, index: int, tau: TaskVector, density: float) -> KeepRule:
-        """The kernel's form of sparsified_delta's mask: magnitude ranks when resident (or on
-        a GPU, which has no radix select), a radix select otherwise; DARE draws hashed inline."""
+        """The kernel's form of sparsified_delta's mask; DARE draws hashed inline. TIES's top-k:
+        on a GPU (which has no radix select) from magnitude ranks; on the CPU by a radix
+        select, which a resident tensor of MAGNITUDE_TABLE_MIN elements or more starts from its
+        magnitude table, and a smaller one replaces by its ranks (see MAGNITUDE_TABLE_MIN)."""
         if self.rule is None or density >= 1:
             return KeepRule.keep_all()
         if self.rule == "random":
             return KeepRule.hash_below(
                 self.inputs.field.hash_key(index), sparsify.keep_threshold(density)
             )
-        k = sparsify.magnitude_keep_count(density, self.inputs.base.numel())
-        if self.resident or tau.x.is_cuda:
+        numel = self.inputs.base.numel()
+        k = sparsify.magnitude_keep_count(density, numel)
+        if tau.x.is_cuda or (self.resident and numel < MAGNITUDE_TABLE_MIN):
             return KeepRule.key_below(self.inputs.magnitude_ranks(index), k)
+        if self.resident:
+            return cpu.top_magnitudes(tau, k, self.magnitude_table(index))
         return cpu.top_magnitudes(tau, k)
+
+    def magnitude_table(self, index: int) -> torch.Tensor:
+        """cpu.magnitude_table of task vector `index`: built on first use and kept."""
+        if index not in self._magnitude_tables:
+            self._magnitude_tables[index] = cpu.magnitude_table(self.inputs.delta(index))
+        return self._magnitude_tables[index]
 
     def l1_norms(
         self, taus: list, rules: list, rescaled: list[int]

@@ -28,6 +28,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#define MAX_THREADS() omp_get_max_threads()
+#else
+#define MAX_THREADS() 1
+#endif
+
 #define MAX_MODELS 64
 /* Below this many elements a parallel region costs more than it saves (and on a busy
  * machine a thread waiting at the region's barrier can lose a whole time slice). */

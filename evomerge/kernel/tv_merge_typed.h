@@ -154,10 +154,18 @@ static void FN(magnitude_histogram)(const T *x, const T *base, int64_t n, int hi
             const float *block = FN(load_block)(x, base, start, len, buf);
             if (high < 0) {
                 for (int64_t j = 0; j < len; j++) local[abs_bits(block[j]) >> 16]++;
-            } else {
-                for (int64_t j = 0; j < len; j++) {
-                    uint32_t a = abs_bits(block[j]);
-                    if ((int)(a >> 16) == high) local[a & 0xffffu]++;
+            } else { /* few elements fall in the bucket: a loop that vectorises finds the
+                      * runs of 32 that hold any, and only those are counted one by one */
+                for (int64_t run = 0; run < len; run += 32) {
+                    int64_t end = run + 32 < len ? run + 32 : len;
+                    uint32_t in_bucket = 0;
+                    for (int64_t j = run; j < end; j++)
+                        in_bucket |= (uint32_t)((abs_bits(block[j]) >> 16) == (uint32_t)high);
+                    if (!in_bucket) continue;
+                    for (int64_t j = run; j < end; j++) {
+                        uint32_t a = abs_bits(block[j]);
+                        if ((int)(a >> 16) == high) local[a & 0xffffu]++;
+                    }
                 }
             }
         }
@@ -167,38 +175,131 @@ static void FN(magnitude_histogram)(const T *x, const T *base, int64_t n, int hi
     }
 }
 
+/* bfloat16 is float32's high half: the low 16 bits of |d| as float32 are 0, so the high
+ * half alone orders its magnitudes (one histogram pass, none within the bucket). */
+#if !IS_FLOAT32 && INF_BITS == 0x7f80u
+#define LOW_HALF_ZERO 1
+#else
+#define LOW_HALF_ZERO 0
+#endif
+
+/* The index just past the need-th element (need >= 1, in index order) whose |d| has float32
+ * bits `bits`: with threads, a large tensor counts them in 64 parts in parallel, then scans
+ * the one part that holds it; otherwise one scan from the start stops there. Either way whole
+ * blocks are counted in a loop that vectorises, and only the block that holds it is walked. */
+#define TIE_PARTS 64
+static int64_t FN(nth_tie)(const T *x, const T *base, int64_t n, uint32_t bits, int64_t need) {
+    int64_t counts[TIE_PARTS] = {0}, seen = 0, from = 0;
+    if (n > PARALLEL_MIN && MAX_THREADS() > 1) {
+        int64_t part = ((n + TIE_PARTS - 1) / TIE_PARTS + BLOCK - 1) / BLOCK * BLOCK;
+#pragma omp parallel for schedule(static)
+        for (int p = 0; p < TIE_PARTS; p++) {
+            float buf[BLOCK];
+            int64_t count = 0, end = (p + 1) * part < n ? (p + 1) * part : n;
+            for (int64_t start = p * part; start < end; start += BLOCK) {
+                int64_t len = end - start < BLOCK ? end - start : BLOCK;
+                const float *block = FN(load_block)(x, base, start, len, buf);
+                for (int64_t j = 0; j < len; j++) count += abs_bits(block[j]) == bits;
+            }
+            counts[p] = count;
+        }
+        int p = 0;
+        while (seen + counts[p] < need) seen += counts[p++];
+        from = p * part;
+    }
+    float buf[BLOCK];
+    for (int64_t start = from; start < n; start += BLOCK) {
+        int64_t len = BLOCK_LEN(n);
+        const float *block = FN(load_block)(x, base, start, len, buf);
+        int64_t count = 0; /* a whole block's ties first */
+        for (int64_t j = 0; j < len; j++) count += abs_bits(block[j]) == bits;
+        if (seen + count < need) {
+            seen += count;
+            continue;
+        }
+        int64_t j = 0;
+        for (; seen < need; j++) seen += abs_bits(block[j]) == bits;
+        return start + j;
+    }
+    return n; /* not reached: the ties number at least need */
+}
+
+/* The cut for keeping the k largest |d| (1 <= k < n), given `high_hist`, the histogram of
+ * the high 16 bits of |d| as float32 (bits monotonic for non-negative numbers; a magnitude
+ * has its sign bit clear, so only the first 32768 buckets can be nonzero): the bucket where
+ * the top k end, then the low 16 bits within it (a pass, unless they are all 0), then the
+ * index below which ties at the cut are kept (a scan, unless every tie is kept). */
+static void FN(cut_from_histogram)(const T *x, const T *base, int64_t n, int64_t k,
+                                   const int64_t *high_hist, uint32_t *cut_bits,
+                                   int64_t *cutoff) {
+    int64_t above = 0;
+    int high = 32767;
+    while (above + high_hist[high] < k) above += high_hist[high--];
+    int low = 0;
+    int64_t at_cut = high_hist[high];
+    if (!LOW_HALF_ZERO) {
+        int64_t *hist = calloc(65536, sizeof(int64_t));
+        FN(magnitude_histogram)(x, base, n, high, hist);
+        low = 65535;
+        while (above + hist[low] < k) above += hist[low--];
+        at_cut = hist[low];
+        free(hist);
+    }
+    uint32_t bits = ((uint32_t)high << 16) | (uint32_t)low;
+    int64_t need = k - above; /* some ties at the cut are dropped where need < at_cut */
+    *cut_bits = bits;
+    *cutoff = need < at_cut ? FN(nth_tie)(x, base, n, bits, need) : n;
+}
+
 /*
  * The magnitude cut for keeping the k largest |d| (1 <= k < n): radix select over the bits
- * of |d| as float32 (monotonic for non-negative numbers), high 16 bits then low 16 bits,
- * then a scan for the index below which ties at the cut are kept.
+ * of |d| as float32, high 16 bits then low 16 bits, then the ties (cut_from_histogram).
  */
 void FN(magnitude_cut)(const T *x, const T *base, int64_t n, int64_t k, uint32_t *cut_bits,
                        int64_t *cutoff) {
     int64_t *hist = calloc(65536, sizeof(int64_t));
     FN(magnitude_histogram)(x, base, n, -1, hist);
-    int64_t above = 0;
-    int high = 65535;
-    while (above + hist[high] < k) above += hist[high--];
-    memset(hist, 0, 65536 * sizeof(int64_t));
-    FN(magnitude_histogram)(x, base, n, high, hist);
-    int low = 65535;
-    while (above + hist[low] < k) above += hist[low--];
+    FN(cut_from_histogram)(x, base, n, k, hist, cut_bits, cutoff);
     free(hist);
-    uint32_t bits = ((uint32_t)high << 16) | (uint32_t)low;
-    int64_t need = k - above, seen = 0, e = n;
-    float buf[BLOCK];
-    BLOCKS(n) {
-        int64_t len = BLOCK_LEN(n);
-        const float *block = FN(load_block)(x, base, start, len, buf);
-        int64_t j = 0;
-        for (; j < len && seen < need; j++) seen += abs_bits(block[j]) == bits;
-        if (seen == need) {
-            e = start + j;
-            break;
-        }
+}
+
+/* What a resident task vector keeps for TIES instead of magnitude ranks, so that each
+ * merge's cut takes no histogram pass over it: the counts of |x| by the high 16 bits of its
+ * float32 form (float32: the first 32768 buckets, the only ones a magnitude fills), or by
+ * its own magnitude bits (16-bit types: each bucket is one value, so no pass within it). */
+void FN(magnitude_table)(const T *x, int64_t n, int64_t *table) {
+#if IS_FLOAT32
+    int64_t *hist = calloc(65536, sizeof(int64_t));
+    FN(magnitude_histogram)(x, NULL, n, -1, hist);
+    memcpy(table, hist, 32768 * sizeof(int64_t));
+    free(hist);
+#else
+    memset(table, 0, 32768 * sizeof(int64_t));
+#pragma omp parallel if (n > PARALLEL_MIN)
+    {
+        int64_t *local = calloc(32768, sizeof(int64_t));
+#pragma omp for schedule(static)
+        for (int64_t e = 0; e < n; e++) local[x[e] & ABS_MASK]++;
+#pragma omp critical
+        for (int b = 0; b < 32768; b++) table[b] += local[b];
+        free(local);
     }
-    *cut_bits = bits;
-    *cutoff = e;
+#endif
+}
+
+/* magnitude_cut of a stored task vector from its magnitude_table. */
+void FN(magnitude_cut_from)(const T *x, int64_t n, int64_t k, const int64_t *table,
+                            uint32_t *cut_bits, int64_t *cutoff) {
+#if IS_FLOAT32
+    FN(cut_from_histogram)(x, NULL, n, k, table, cut_bits, cutoff);
+#else
+    int64_t above = 0;
+    uint32_t key = 32767;
+    while (above + table[key] < k) above += table[key--];
+    int64_t need = k - above;
+    *cut_bits = abs_bits(LOAD((T)key));
+    *cutoff = need < table[key] ? FN(nth_tie)(x, NULL, n, *cut_bits, need) : n;
+#endif
 }
 
 /* One model's share of a block: w * s * tau (s = keep mask times the L1 factor), each
@@ -386,3 +487,5 @@ int FN(tv_merge)(int models, int64_t n, const T *base, const T **xs, const T *su
 #undef IS_FLOAT32
 #undef ROUNDS_IN_LOOP
 #undef FAST_PATHS
+#undef LOW_HALF_ZERO
+#undef TIE_PARTS

@@ -7,13 +7,17 @@ config and its space, the plan adds up what a search keeps for its whole run on 
     task vectors    one per source, tau_i = theta_i - theta_base (the fused kernel and RegMean
                     keep task vectors only; a method run by torch ops keeps the sources, and
                     its task vectors where it forms them)
-    TIES ranks      magnitude ranks, int32 per element per source, kept once a trial asks a
-                    density below 1 (`MergeInputs.magnitude_ranks`)
+    TIES tables     on the CPU, a magnitude table of 2^15 int64 (256 KiB) per source per tensor
+                    of 65,536 elements or more, kept once a trial asks a density below 1: each
+                    trial's top-k starts from it (`kernel.task_vectors.MAGNITUDE_TABLE_MIN`)
+    TIES ranks      int32 magnitude ranks per element per source of the smaller tensors (no
+                    larger than a table), and of every tensor on a GPU, whose kernel has no
+                    radix select (`MergeInputs.magnitude_ranks`)
     DARE tables     a draw table of (2^16 + 1) int64 per source per tensor of 1M elements or
                     more (`kernel.task_vectors.DRAW_TABLE_MIN`)
-    RegMean         the projected task vectors (float32, one per source) and each model's
-                    input statistics ((in, in) float32 per linear weight, a row vector for an
-                    embedding)
+    RegMean         the projected task vectors (float32, one per source) and, while one
+                    tensor's projections are made, each model's input statistics of that
+                    tensor ((in, in) float32 per linear weight, a row vector for an embedding)
     live model      the evaluation model, the base in the pool's dtype (float32 if none)
     engine          with the vLLM backend, the engine's own copy of the weights
     activations     an allowance, not a measurement: the KV cache and the float32 logits of
@@ -46,6 +50,9 @@ if TYPE_CHECKING:
 # needs no kernel: DARE keeps a draw table per source for tensors this large, of this size.
 DRAW_TABLE_MIN = 1 << 20
 DRAW_TABLE_BYTES = ((1 << 16) + 1) * 8
+# TIES on the CPU: tensors this large keep a magnitude table of this size per source, not ranks.
+MAGNITUDE_TABLE_MIN = 1 << 16
+MAGNITUDE_TABLE_BYTES = (1 << 15) * 8
 DEFAULT_SEQUENCE = 512  # tokens per sequence in the allowance without max_length (or less context)
 FUSED_RULES = (None, "magnitude", "random")
 MAX_MODELS = 64  # the most sources the fused kernel merges at once
@@ -150,7 +157,7 @@ class MemoryPlan:
             changes.append(
                 (
                     "a task-arithmetic or DARE-TIES space (no ranks)",
-                    lambda item: 0 if item.label == "TIES ranks" else item.bytes,
+                    lambda item: 0 if item.label in ("TIES ranks", "TIES tables") else item.bytes,
                 )
             )
         options = []
@@ -188,6 +195,7 @@ PER_SOURCE = (
     "task vectors",
     "sources",
     "TIES ranks",
+    "TIES tables",
     "DARE tables",
     "projected",
     "statistics",
@@ -252,9 +260,11 @@ def plan_space(
 
     base_ckpt = open_checkpoint(base)
     if getattr(space, "kind", None) == "parameters":
-        plan = _parameters_plan(space)
+        plan = _parameters_plan(space, device)
     elif isinstance(getattr(space, "spaces", None), dict):  # a method per group: one compiled
-        plan = _sum_plans([_parameters_plan(sub) for sub in space.spaces.values()])  # per method
+        plan = _sum_plans(
+            [_parameters_plan(sub, device) for sub in space.spaces.values()]
+        )  # per method
     else:
         plan = _whole_model_plan(space, base_ckpt)
     plan.device = device
@@ -295,7 +305,7 @@ def plan_space(
     return plan
 
 
-def _parameters_plan(space) -> MemoryPlan:
+def _parameters_plan(space, device: str = "cpu") -> MemoryPlan:
     import copy
 
     from evomerge.spaces.parameters.candidate import compile_slots
@@ -313,7 +323,7 @@ def _parameters_plan(space) -> MemoryPlan:
     method = merge_plan.method
     rules = method.task_vectors
     forced = merge_plan.recipe.dtype
-    sizes = {"base": 0, "task": 0, "sources": 0, "ranks": 0, "tables": 0}
+    sizes = {"base": 0, "task": 0, "sources": 0, "ranks": 0, "magnitude": 0, "tables": 0}
     sizes.update(projected=0, statistics=0, trial=0)
     sources = 0
     dtypes = set()
@@ -342,15 +352,22 @@ def _parameters_plan(space) -> MemoryPlan:
         if method.name == "regmean" and job.base is not None:
             sizes["task"] += n * tensor
             sizes["projected"] += n * numel * 4
-            sizes["statistics"] += n * _gram_bytes(job.out_name, ckpts[-1].shape(refs[-1].name))
+            # read per tensor when its projections are made, then freed: the largest one
+            grams = n * _gram_bytes(job.out_name, ckpts[-1].shape(refs[-1].name))
+            sizes["statistics"] = max(sizes["statistics"], grams)
             read = n * numel * 4
         elif fused:
             sizes["task"] += n * tensor
             read = n * tensor
-            if rules.sparsify == "magnitude":
+            if rules.sparsify == "magnitude" and (
+                device.startswith("cuda") or numel < MAGNITUDE_TABLE_MIN
+            ):
                 rank = 4 if numel < 2**31 else 8
                 sizes["ranks"] += n * numel * rank
                 read += n * numel * rank
+            elif rules.sparsify == "magnitude":  # the top-k's scans: at most one pass over each
+                sizes["magnitude"] += n * MAGNITUDE_TABLE_BYTES  # task vector, two in float32
+                read += n * tensor * (2 if size == 4 else 1)
             elif rules.sparsify == "random" and numel >= DRAW_TABLE_MIN:
                 sizes["tables"] += n * DRAW_TABLE_BYTES
         else:
@@ -372,12 +389,22 @@ def _parameters_plan(space) -> MemoryPlan:
         items.append(Item("task vectors", sizes["task"], "one per source"))
     if sizes["ranks"]:
         items.append(Item("TIES ranks", sizes["ranks"], "int32 magnitude ranks per source"))
+    if sizes["magnitude"]:
+        items.append(
+            Item("TIES tables", sizes["magnitude"], "magnitude tables per source, not ranks")
+        )
     if sizes["tables"]:
         items.append(Item("DARE tables", sizes["tables"], "draw tables per source"))
     if sizes["projected"]:
         items.append(Item("projected", sizes["projected"], "RegMean's float32 projections"))
     if sizes["statistics"]:
-        items.append(Item("statistics", sizes["statistics"], "RegMean's Gram matrices (float32)"))
+        items.append(
+            Item(
+                "statistics",
+                sizes["statistics"],
+                "RegMean's Gram matrices of one tensor, read when its projections are made",
+            )
+        )
     notes = []
     if rules is not None and rules.sparsify not in FUSED_RULES:
         notes.append(f"{method.name}'s per-tensor ranks and draws are not planned")
