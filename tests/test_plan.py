@@ -325,3 +325,31 @@ def test_the_allowance_takes_the_models_context_when_max_length_is_unset():
     assert sequence_length({"max_position_embeddings": 8192}, None) == DEFAULT_SEQUENCE
     assert sequence_length({}, None) == DEFAULT_SEQUENCE
     assert sequence_length({"max_position_embeddings": 64}, 1000) == 1000
+
+
+@pytest.mark.parametrize("command", ["resume", "worker"])
+def test_resume_and_worker_check_the_plan_too(pool, tmp_path, command):
+    """A run folder made on a large machine, continued on a small one: refused in one sentence
+    before anything loads, the run folder as it was."""
+    from evomerge.search.config import load_run_config
+    from evomerge.search.run_folder import build_space, write_run_folder
+    from evomerge.search.study import create_study, open_run_storage
+
+    run_dir = tmp_path / "runs" / "r"
+    config = load_run_config(_config(tmp_path, pool, "ties_layers"))
+    write_run_folder(config, run_dir)  # as `search --trials 0` leaves it
+    create_study(config, open_run_storage(config, run_dir), build_space(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    before = sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
+    result = subprocess.run(
+        [sys.executable, "-m", "evomerge", command, str(run_dir), "--memory", "100KB"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the search would hold"), lines
+    after = sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
+    assert after == before

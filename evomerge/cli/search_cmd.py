@@ -68,6 +68,21 @@ def _run(search, run_dir: Path, *, more: int | None) -> None:
     click.echo(line)
 
 
+def _memory_options(command):
+    """`--memory` and `--no-memory-check`: the memory plan each process checks before it loads
+    anything (search, resume, worker: each on its own device)."""
+    command = click.option(
+        "--no-memory-check",
+        is_flag=True,
+        help="Start even if the memory plan (`evomerge plan`) says the search does not fit.",
+    )(command)
+    return click.option(
+        "--memory",
+        help="Memory the device has for the search, e.g. 80GB (default: what it has free now); "
+        "see `evomerge plan`.",
+    )(command)
+
+
 @click.command("search")
 @click.argument("config_path", metavar="CONFIG.yaml", type=click.Path(path_type=Path))
 @click.option(
@@ -80,16 +95,7 @@ def _run(search, run_dir: Path, *, more: int | None) -> None:
     "the study (baselines queued), for `evomerge worker` processes to run.",
 )
 @_threads
-@click.option(
-    "--memory",
-    help="Memory the device has for the search, e.g. 80GB (default: what it has free now); "
-    "see `evomerge plan`.",
-)
-@click.option(
-    "--no-memory-check",
-    is_flag=True,
-    help="Start even if the memory plan (`evomerge plan`) says the search does not fit.",
-)
+@_memory_options
 def search(
     config_path: Path,
     run_dir: Path | None,
@@ -185,12 +191,21 @@ def _removed_on_failure(run_dir: Path) -> Iterator[None]:
     help="Run this many more trials (default: until the budget is met).",
 )
 @_threads
-def resume(run_dir: Path, trials: int | None, threads: int | None) -> None:
+@_memory_options
+def resume(
+    run_dir: Path,
+    trials: int | None,
+    threads: int | None,
+    memory: str | None,
+    no_memory_check: bool,
+) -> None:
     """Continue the study of RUN_DIR: same storage, same sampler state."""
     from evomerge.search.run_folder import read_run_folder
 
     config = read_run_folder(run_dir)
     _set_up(config, run_dir, threads)
+    if not no_memory_check:
+        _check_memory(config, memory)
     from evomerge.search.loop import Search
 
     with _output(run_dir):
@@ -209,6 +224,7 @@ def resume(run_dir: Path, trials: int | None, threads: int | None) -> None:
     help="Run this many trials (default: until the study's budget is met).",
 )
 @_threads
+@_memory_options
 def worker(
     run_dir: Path,
     storage: str | None,
@@ -216,6 +232,8 @@ def worker(
     device: str | None,
     trials: int | None,
     threads: int | None,
+    memory: str | None,
+    no_memory_check: bool,
 ) -> None:
     """Join the study of RUN_DIR as one more worker (one per GPU or node)."""
     from evomerge.search.run_folder import read_run_folder
@@ -226,6 +244,8 @@ def worker(
     )
     config = config.model_copy(update={"search": search_cfg, "device": device or config.device})
     _set_up(config, run_dir, threads)
+    if not no_memory_check:  # on this worker's own device
+        _check_memory(config, memory)
     from evomerge.search.loop import Search
 
     with _output(run_dir):
