@@ -378,33 +378,21 @@ def _parameters_plan(space, device: str = "cpu") -> MemoryPlan:
         sizes["trial"] += read + (tensor if job.base is not None else 0) + tensor  # + the write
     merge_dtype = "/".join(sorted(dtypes)) if dtypes else "-"
     model_bytes = _merged_bytes(merge_plan, forced)
-    items = []
-    if sizes["base"]:
-        items.append(Item("base", sizes["base"], "the base's merged tensors, in the merge dtype"))
-    if sizes["sources"]:
-        items.append(
-            Item("sources", sizes["sources"], f"{method.name} runs as torch ops: sources kept")
-        )
-    if sizes["task"]:
-        items.append(Item("task vectors", sizes["task"], "one per source"))
-    if sizes["ranks"]:
-        items.append(Item("TIES ranks", sizes["ranks"], "int32 magnitude ranks per source"))
-    if sizes["magnitude"]:
-        items.append(
-            Item("TIES tables", sizes["magnitude"], "magnitude tables per source, not ranks")
-        )
-    if sizes["tables"]:
-        items.append(Item("DARE tables", sizes["tables"], "draw tables per source"))
-    if sizes["projected"]:
-        items.append(Item("projected", sizes["projected"], "RegMean's float32 projections"))
-    if sizes["statistics"]:
-        items.append(
-            Item(
-                "statistics",
-                sizes["statistics"],
-                "RegMean's Gram matrices of one tensor, read when its projections are made",
-            )
-        )
+    described = (  # size key, item label, what it is; in the order the plan prints them
+        ("base", "base", "the base's merged tensors, in the merge dtype"),
+        ("sources", "sources", f"{method.name} runs as torch ops: sources kept"),
+        ("task", "task vectors", "one per source"),
+        ("ranks", "TIES ranks", "int32 magnitude ranks per source"),
+        ("magnitude", "TIES tables", "magnitude tables per source, not ranks"),
+        ("tables", "DARE tables", "draw tables per source"),
+        ("projected", "projected", "RegMean's float32 projections"),
+        (
+            "statistics",
+            "statistics",
+            "RegMean's Gram matrices of one tensor, read when its projections are made",
+        ),
+    )
+    items = [Item(label, sizes[key], what) for key, label, what in described if sizes[key]]
     notes = []
     if rules is not None and rules.sparsify not in FUSED_RULES:
         notes.append(f"{method.name}'s per-tensor ranks and draws are not planned")
