@@ -135,3 +135,146 @@ def test_chat_template_options_are_checked(small_pool: Path, small_pool_models: 
             _config(small_pool, apply_chat_template=True),
             Path("/tmp/evomerge-chat-none"),
         )
+
+
+# --- pool.chat_template: the template of a search's merges -----------------------------------
+OTHER = (
+    "{% for m in messages %}{{ m['role'][0] }}>{{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}a>{% endif %}"
+)
+POOL_TEMPLATES = {"base": TEMPLATE, "add": OTHER, "rev": OTHER, "sort": None}
+"""The templates of the search tests' pool: `auto` is OTHER, the one most of them share."""
+
+
+@pytest.fixture(scope="module")
+def templated_pool(small_pool: Path, tmp_path_factory) -> Path:
+    """A copy of the small pool whose models carry different chat templates."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("templated") / "pool"
+    shutil.copytree(small_pool, out)
+    for name, template in POOL_TEMPLATES.items():
+        if template is not None:
+            tokenizer = AutoTokenizer.from_pretrained(str(out / name))
+            tokenizer.chat_template = template
+            tokenizer.save_pretrained(str(out / name))
+    return out
+
+
+def _search_config(pool: Path, tmp_path: Path, space="linear_global", **pool_keys) -> Path:
+    import yaml
+    from helpers.pool_fixtures import pool_search_config
+
+    data = pool_search_config(
+        pool,
+        space=space,
+        tasks=["evomerge_add"],
+        subset=8,
+        batch_size=32,
+        search={"sampler": "random", "trials": 2, "seed": 1, "baselines": False},
+        apply_chat_template=True,
+    )
+    data["pool"].update(pool_keys)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+CHOICES = {  # pool.chat_template -> (the template, how its prompts start, the recipe's value)
+    "chatml": ("chatml", "<|im_start|>user\n", "chatml"),
+    "auto": (OTHER, "u>", OTHER),
+}
+
+
+@pytest.mark.parametrize("choice", list(CHOICES))
+def test_a_search_scores_and_exports_the_chosen_chat_template(
+    choice: str, templated_pool: Path, tmp_path: Path
+) -> None:
+    import json
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from evomerge.cli.process import set_up_process
+    from evomerge.merging.chat import model_template, resolve_chat_template
+    from evomerge.merging.recipe import load_recipe
+    from evomerge.results.export import export_trial
+    from evomerge.search.config import load_run_config
+    from evomerge.search.loop import Search
+    from evomerge.search.run_folder import write_run_folder
+
+    template, start, in_recipe = CHOICES[choice]
+    text = resolve_chat_template(template, [])
+    config = load_run_config(_search_config(templated_pool, tmp_path, chat_template=choice))
+    run_dir = tmp_path / "run"
+    torch.set_num_threads(1)
+    set_up_process(threads=1, hf_home=run_dir / "hf", offline=True)
+    write_run_folder(config, run_dir)
+    search = Search(config, run_dir)
+
+    # the live tokenizer renders the scoring prompts with the chosen template, not the base's
+    assert search.evaluator.lm.tokenizer.chat_template == text
+    prompt = search.evaluator.prepared.instances[0].args[0]
+    assert prompt.startswith(start), prompt
+    search.run(until=2, progress=False)
+    trials = search.study.get_trials(deepcopy=False)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 2
+
+    out = tmp_path / "export"
+    export_trial(run_dir, out, trial_number=trials[1].number)
+    assert load_recipe(out / "recipe.yaml").chat_template == in_recipe
+    assert AutoTokenizer.from_pretrained(str(out)).chat_template == text
+    assert model_template(out) == text.strip()
+    # the exported stop tokens are the live model's
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == search.evaluator.model.generation_config.eos_token_id
+
+
+@pytest.mark.parametrize(
+    "space", ["ties_layers", "method_per_group", "pairwise_sequence", "dataflow"]
+)
+def test_every_space_kind_carries_the_chat_template_into_every_stage(
+    space: str, templated_pool: Path, tmp_path: Path
+) -> None:
+    from evomerge.search.config import load_run_config
+    from evomerge.search.run_folder import build_space
+
+    config = load_run_config(_search_config(templated_pool, tmp_path, space, chat_template="auto"))
+    built = build_space(config)
+    genome = {g.name: g.choices[-1] if g.choices else g.high for g in built.genes}
+    stages = built.decode(genome)
+    assert stages and all(s.recipe.chat_template == OTHER for s in stages)
+
+
+@pytest.mark.parametrize("value", ["chatm", "{{ nope }}"])
+def test_a_bad_pool_chat_template_is_one_sentence(
+    value: str, templated_pool: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import sys
+
+    from evomerge.cli import main
+
+    path = _search_config(templated_pool, tmp_path, chat_template=value)
+    argv = ["evomerge", "search", str(path), "--run-dir", str(tmp_path / "run")]
+    monkeypatch.setattr(sys, "argv", argv)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: ") and "pool.chat_template" in lines[0], lines
+    assert "did you mean 'chatml'" in lines[0] if value == "chatm" else "auto" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_pool_chat_template_is_scored_by_the_hf_backend(templated_pool: Path, tmp_path: Path):
+    import yaml
+
+    from evomerge.search.config import load_run_config
+
+    path = _search_config(templated_pool, tmp_path, chat_template="chatml")
+    data = yaml.safe_load(path.read_text())
+    data["fitness"]["backend"] = "vllm"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(UserError, match=r"pool.chat_template needs `fitness.backend: hf`"):
+        load_run_config(path)

@@ -73,6 +73,26 @@ def resolve_chat_template(value: str | None, folders: list[Path]) -> str | None:
     return value
 
 
+def search_chat_template(value: str | None, references: list[str]) -> str | None:
+    """The `chat_template` every recipe of a search carries, for the pool's `chat_template`
+    (`references`: the pool's base and models): `auto` chosen once, among the whole pool's
+    templates (a recipe's own `auto` chooses among that recipe's inputs, which in a data-flow
+    space change with the genome, and the live model holds one template), and written as the
+    bundled name where it is one; a name or Jinja text as it is; None: the tokenizer's own."""
+    from evomerge.io.checkpoint import reference_parts
+
+    if value != "auto":
+        return value
+    folders = []
+    for reference in references:  # an adapter's own tokenizer, else its base's
+        parts = [Path(part) for part in reference_parts(reference)]
+        own = (parts[-1] / "tokenizer_config.json").is_file()
+        folders.append(parts[-1] if own else parts[0])
+    text = resolve_chat_template("auto", folders)
+    names = [name for name, known in NAMED_TEMPLATES.items() if known.strip() == text]
+    return names[0] if names else text
+
+
 def write_tokenizer_files(plan: MergePlan, staging: Path) -> None:
     """Tokenizer, chat template, vocab_size and stop tokens of the merged model in `staging`."""
     from evomerge.io.checkpoint import TOKENIZER_FILES, inside

@@ -67,16 +67,16 @@ def build_space(config: RunConfig, run_dir: Path | None = None) -> Space:
     (RegMean), its recipes name the run's files (`statistics_files`); without `run_dir` the
     space gives genes and baselines but no recipe."""
     from evomerge.search.samplers import SAMPLERS, able
-    from evomerge.spaces.registry import PARAMETERS, get_kind, kind_of, read_space
+    from evomerge.spaces.registry import get_kind, kind_of, read_space
 
     data, where = read_space(config.space)
     kind = get_kind(kind_of(data))
     kind.check_backend(config.fitness.backend)
-    if config.pool.vocabulary() and kind.name != PARAMETERS:  # (before it opens the pool)
+    if config.pool.vocabulary() and kind.why_not_aligned:  # (before it opens the pool)
         raise UserError(
-            f"pool.tokenizer_source aligns vocabularies in parameter spaces only, not in a "
-            f"{kind.name} space; search a space such as ties_layers, or bring the pool to one "
-            "vocabulary with `evomerge merge` first"
+            f"pool.tokenizer_source cannot align vocabularies in a {kind.name} space "
+            f"({kind.why_not_aligned}); search a space such as ties_layers, or bring the pool to "
+            "one vocabulary with `evomerge merge` first"
         )
     space = kind.build(
         data,
@@ -93,20 +93,39 @@ def build_space(config: RunConfig, run_dir: Path | None = None) -> Space:
             f"{categorical[0]!r} at random (it models floats only); use sampler "
             f"{', '.join(capable[:-1])} or {capable[-1]} for this space"
         )
-    if config.pool.vocabulary():  # every recipe aligns the pool's vocabularies
-        if space.method.statistics:
-            raise UserError(
-                "pool.tokenizer_source cannot align vocabularies in a RegMean space (its input "
-                "statistics are one vocabulary's); search a space such as ties_layers, or bring "
-                "the pool to one vocabulary with `evomerge merge` first"
-            )
-        space.vocabulary = config.pool.vocabulary()
+    # the space's methods (a method-per-group space: each group's choices)
+    methods = [sub.method for sub in getattr(space, "spaces", {}).values()]
+    methods = methods or [getattr(space, "method", None)]
+    if config.pool.vocabulary() and any(getattr(m, "statistics", False) for m in methods):
+        raise UserError(
+            "pool.tokenizer_source cannot align vocabularies in a RegMean space (its input "
+            "statistics are one vocabulary's); search a space such as ties_layers, or bring "
+            "the pool to one vocabulary with `evomerge merge` first"
+        )
+    keys = output_tokenizer(config)
+    if keys:  # every recipe carries them
+        space.vocabulary = keys
     if run_dir is not None and getattr(getattr(space, "method", None), "statistics", False):
         space.statistics = {
             config.pool.models[name]: str(path)
             for name, path in statistics_files(config, run_dir).items()
         }
     return space
+
+
+def output_tokenizer(config: RunConfig) -> dict[str, Any]:
+    """The recipe keys of the output tokenizer that every recipe of the search carries: the
+    pool's vocabulary source (`pool.tokenizer_source` or `pool.tokenizer`) and its chat
+    template (`pool.chat_template`, `auto` chosen once among the pool's models)."""
+    from evomerge.merging.chat import search_chat_template
+
+    keys = dict(config.pool.vocabulary())
+    template = search_chat_template(
+        config.pool.chat_template, [config.pool.base, *config.pool.models.values()]
+    )
+    if template is not None:
+        keys["chat_template"] = template
+    return keys
 
 
 def statistics_files(config: RunConfig, run_dir: Path) -> dict[str, Path]:

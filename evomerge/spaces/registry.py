@@ -39,7 +39,9 @@ class SpaceKind:
     live `model` (`seed`: the merge seed; `dtype`: the pool's merge dtype name, or None).
     `backends`: the fitness backends that can score its candidates (None: every one), and
     `why_backends`, the reason the others cannot. `categorical`: whether its genes may be
-    categorical, which only samplers that draw categorical genes can search."""
+    categorical, which only samplers that draw categorical genes can search. `why_not_aligned`:
+    why its candidates cannot align a pool's differing vocabularies (`pool.tokenizer_source`);
+    empty where they can."""
 
     name: str
     build: Callable[..., Space]
@@ -48,6 +50,7 @@ class SpaceKind:
     backends: tuple[str, ...] | None = None
     why_backends: str = ""
     summary: str = ""
+    why_not_aligned: str = ""
 
     def check_backend(self, backend: str) -> None:
         """UserError unless `backend` can score this kind's candidates."""

@@ -9,6 +9,8 @@ its two output projections times the scale, as mergekit's passthrough computes t
 
 Embeddings come from the path's first source and the final norm and head from its last, the
 rule of mergekit's passthrough slices, so the exported recipe merges to exactly this model.
+Where the pool's vocabularies are aligned, each source's embedding and head are re-laid out
+once, at set-up, by `evomerge merge`'s own plan and executor (`aligned_ends`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import copy
 from typing import TYPE_CHECKING
 
 from evomerge.errors import UserError
+from evomerge.io.checkpoint import Checkpoint, check_compatible
 from evomerge.spaces.dataflow.space import OUTPUT_PROJECTIONS, DataflowSpace, Step
 
 if TYPE_CHECKING:
@@ -54,6 +57,12 @@ class DataflowCandidate:
                 source.to(device).eval()
             self.sources[name] = source
         self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        if space.aligned:  # each source's ends in the output vocabulary (the live model's)
+            for name, source in self.sources.items():
+                _take_ends(source, aligned_ends(space, name, device=device), tied=self.tied)
+        else:  # the layers' embeddings and heads are taken as they are: one vocabulary
+            paths = {"base": space.base, **space.sources}
+            check_compatible({name: Checkpoint(path) for name, path in paths.items()})
 
     def apply(self, genome: dict[str, float]) -> None:
         self.assemble(self.space.path(genome))
@@ -92,6 +101,38 @@ class DataflowCandidate:
                         )
                         setattr(parent, name, projection)
         return layer
+
+
+def aligned_ends(space: DataflowSpace, name: str, *, device: str) -> dict[str, torch.Tensor]:
+    """Source `name`'s embedding and head (tensor name -> rows in the output vocabulary): what
+    `evomerge merge` writes for a path that starts (embedding) or ends (head) with it, by the
+    same plan and executor (a passthrough slice's rows are its one source's, re-laid out)."""
+    from evomerge.merging.executor import PreparedTensor, load_inputs
+    from evomerge.merging.plan import plan_merge
+
+    plan = plan_merge(space.path_recipe([Step(name, 0)]))
+    ends = {}
+    for job in plan.jobs:
+        if plan.is_aligned(job.out_name):
+            inputs = load_inputs(plan, job, seed=0, device=device)  # passthrough draws nothing
+            ends[job.out_name], _ = PreparedTensor(plan.method, inputs, resident=False).run(
+                job.kwargs
+            )
+    return ends
+
+
+def _take_ends(source: torch.nn.Module, ends: dict[str, torch.Tensor], *, tied: bool) -> None:
+    """Point `source` (a model of the path's sources) at its aligned embedding and head; a tied
+    head is the embedding."""
+    import torch
+
+    embedding = _shallow_copy_attr(source.model, "embed_tokens")
+    embedding.weight = torch.nn.Parameter(ends["model.embed_tokens.weight"], requires_grad=False)
+    embedding.num_embeddings = embedding.weight.shape[0]
+    head = _shallow_copy_attr(source, "lm_head")
+    weight = ends.get("lm_head.weight")
+    head.weight = embedding.weight if tied or weight is None else torch.nn.Parameter(weight, False)
+    head.out_features = head.weight.shape[0]
 
 
 def _shallow_copy(module: torch.nn.Module) -> torch.nn.Module:

@@ -15,19 +15,25 @@ the scored model.
 
 Genes are floats in [0, 1] (inclusion, thresholded) and in the scale bounds, so every sampler
 applies; CMA-ES and GP see a surface with flat steps, TPE and random search do not mind them.
+
+A pool whose vocabularies differ is aligned to one model's vocabulary (`pool.tokenizer_source:
+<a pool model>`): every recipe names it, and a path's embedding and head are its ends' rows
+re-laid out by token, as `evomerge merge` re-lays out a passthrough slice's. `union` and `base`
+are refused: they are read from the recipe's models, which are the path's and change with the
+genome, and the live model holds one vocabulary.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from evomerge.errors import UserError
 from evomerge.io.checkpoint import Checkpoint, check_compatible, reference_parts
 from evomerge.merging.multistage import Stage
-from evomerge.merging.recipe import ConditionalSetting, Recipe, Slice, SliceSource
+from evomerge.merging.recipe import ConditionalSetting, Recipe, Slice, SliceSource, ZeroSource
 from evomerge.methods import get_method
 from evomerge.spaces.base import Gene, suggest_genome
 
@@ -112,6 +118,37 @@ class DataflowSpace:
             (f"R{r}.L{i}", i, i + 1) for r in range(config.repeats) for i in range(self.num_layers)
         ]
         self.genes = self._genes()
+        self._vocabulary: dict[str, Any] = {}
+
+    @property
+    def vocabulary(self) -> dict[str, Any]:
+        """The output tokenizer's recipe keys that every recipe carries (`tokenizer_source` or
+        `tokenizer`, `chat_template`; the run config's `pool`); {} for the base's own."""
+        return self._vocabulary
+
+    @vocabulary.setter
+    def vocabulary(self, keys: dict[str, Any]) -> None:
+        tokenizer = keys.get("tokenizer")
+        source = tokenizer.source if tokenizer is not None else keys.get("tokenizer_source")
+        if source in ("union", "base"):
+            raise UserError(
+                f"a data-flow space aligns vocabularies to one pool model's (`pool."
+                f"tokenizer_source: <name>`), not to {source!r}, which is read from the path's "
+                "models and so would change with the genome"
+            )
+        donors = [entry.source for entry in ((tokenizer and tokenizer.tokens) or {}).values()]
+        if any(donor is not None and not isinstance(donor, ZeroSource) for donor in donors):
+            raise UserError(
+                "in a data-flow space pool.tokenizer.tokens may take no model's embedding "
+                "(only `source: {kind: zero}`): a token takes it from the path's first model, "
+                "which changes with the genome"
+            )
+        self._vocabulary = dict(keys)
+
+    @property
+    def aligned(self) -> bool:
+        """Whether the sources' vocabularies are aligned by token (a vocabulary source is set)."""
+        return "tokenizer" in self._vocabulary or "tokenizer_source" in self._vocabulary
 
     def _genes(self) -> list[Gene]:
         genes = []
@@ -146,10 +183,14 @@ class DataflowSpace:
         return [Stage(None, self.recipe(genome))]
 
     def recipe(self, genome: dict[str, float]) -> Recipe:
-        """A mergekit passthrough recipe of the path: runs of consecutive layers of one source
+        """A mergekit passthrough recipe of the genome's path (`path_recipe`)."""
+        return self.path_recipe(self.path(genome))
+
+    def path_recipe(self, path: list[Step]) -> Recipe:
+        """A mergekit passthrough recipe of `path`: runs of consecutive layers of one source
         become one slice, a scaled layer a slice of its own."""
         slices = []
-        for run in _runs(self.path(genome)):
+        for run in _runs(path):
             first, last = run[0], run[-1]
             parameters = None
             if first.scale != 1.0:
@@ -163,7 +204,9 @@ class DataflowSpace:
                 model=self.sources[first.source], layer_range=(first.layer, last.layer + 1)
             )
             slices.append(Slice(sources=[source], parameters=parameters))
-        return Recipe(merge_method="passthrough", slices=slices, dtype=self.dtype)
+        return Recipe(
+            merge_method="passthrough", slices=slices, dtype=self.dtype, **self.vocabulary
+        )
 
     def baselines(self) -> dict[str, dict[str, float]]:
         """The base alone and each specialist alone: one pass over its own layers."""
@@ -207,7 +250,8 @@ def _check_layers_fit(base: str, sources: dict[str, str]) -> int:
         "base": Checkpoint(base),
         **{name: Checkpoint(path) for name, path in sources.items() if name != "base"},
     }
-    check_compatible(checkpoints)  # one architecture, one vocabulary
+    # one architecture; one vocabulary unless aligned (`DataflowCandidate` checks which)
+    check_compatible(checkpoints, same_vocabulary=False)
     reference = checkpoints["base"].config
     for name, checkpoint in checkpoints.items():
         for key in LAYER_SHAPE_KEYS:

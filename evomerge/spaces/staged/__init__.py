@@ -54,5 +54,9 @@ register_kind(
         candidate,
         categorical=True,  # the order of the merges
         summary="the pool merged two models at a time, in a searched order",
+        why_not_aligned=(
+            "its in-memory stages read each earlier stage as having the base's vocabulary, "
+            "and a union would number its new tokens in the searched order"
+        ),
     )
 )

@@ -16,6 +16,12 @@ named stages (`evomerge.merging.multistage`), which `evomerge merge` and mergeki
   over two models with genes of its own (`S1.L0-1.t`, `S2.L0-1.prev.weight`): a method that
   merges one model into a base (slerp) takes the earlier result as the base and the next model
   as the model; any other takes the pool's base and the two as its models (`prev`, `next`).
+
+The output tokenizer's recipe keys (`vocabulary`: the run config's `pool.tokenizer_source` or
+`pool.tokenizer`, and `pool.chat_template`) go into every stage that reads the pool. A method-per-
+group space aligns differing vocabularies: each method's stage is a recipe over the whole pool,
+so all stages share the output vocabulary and the final passthrough takes their rows as they
+are. A pairwise space does not (see its kind's `why_not_aligned`).
 """
 
 from __future__ import annotations
@@ -145,6 +151,17 @@ class MethodPerGroupSpace:
         ]
         self.genes += _shared_genes(self.spaces)
 
+    @property
+    def vocabulary(self) -> dict[str, Any]:
+        """The output tokenizer's recipe keys, which every method's stage carries (the final
+        passthrough reads stages already in the output vocabulary: only the chat template)."""
+        return next(iter(self.spaces.values())).vocabulary
+
+    @vocabulary.setter
+    def vocabulary(self, keys: dict[str, Any]) -> None:
+        for space in self.spaces.values():
+            space.vocabulary = dict(keys)
+
     def suggest(self, trial) -> dict[str, float | str]:
         return suggest_genome(trial, self.genes)
 
@@ -173,9 +190,9 @@ class MethodPerGroupSpace:
             )
             for label, start, end in self.groups
         ]
-        return stages + [
-            Stage(None, Recipe(merge_method="passthrough", slices=slices, dtype=self.dtype))
-        ]
+        template = {k: v for k, v in self.vocabulary.items() if k == "chat_template"}
+        final = Recipe(merge_method="passthrough", slices=slices, dtype=self.dtype, **template)
+        return stages + [Stage(None, final)]
 
     def baselines(self) -> dict[str, dict[str, Any]]:
         """Each method's classic recipes in every group (the first method's `only_*`, which are
@@ -278,6 +295,9 @@ class PairwiseSpace:
         self.orders = tuple(">".join(order) for order in itertools.permutations(models))
         self.into_base = self.method.max_models == 1  # slerp: the earlier result is the base
         self.stage_config = config.stage_config()
+        self.vocabulary: dict[str, Any] = {}
+        """The output tokenizer's recipe keys that every stage carries (a chat template: the
+        kind refuses aligned vocabularies)."""
         self.stages = len(models) - 1
         probe = self._stage_space(1, "", "")
         self.groups = probe.groups
@@ -294,13 +314,15 @@ class PairwiseSpace:
         base, models = (
             (prev, {"next": nxt}) if self.into_base else (self.base, {"prev": prev, "next": nxt})
         )
-        return SearchSpace(
+        space = SearchSpace(
             self.stage_config,
             base=base,
             models=models,
             num_layers=self.num_layers,
             dtype=self.dtype,
         )
+        space.vocabulary = self.vocabulary
+        return space
 
     def decode(self, genome: dict[str, Any]) -> list[Stage]:
         """Stages S1..S(n-1): S1 merges the order's first two models, each later stage the one
