@@ -205,3 +205,14 @@ models:
     assert code == 0, lines
     assert any(x.startswith("INFO  [first] vocabulary: aligned by token") for x in lines)
     assert any(x.startswith("INFO  [final] stage: reads an earlier stage's output") for x in lines)
+
+
+def test_a_search_pool_chat_template_is_checked_as_a_merge_checks_it(pool, tmp_path):
+    text = (
+        "pool:\n  base: $base\n  models: [$unused, $pad]\n  tokenizer_source: base\n"
+        "  chat_template: llama3\n"
+        "space: {method: linear, search: {weight: null}}\nfitness: {tasks: [x]}\n"
+    )
+    code, lines = _check(tmp_path, text, pool, name="search.yaml")
+    assert code == 0, lines
+    assert any("'<|eot_id|>', which its vocabulary lacks" in x for x in lines), lines

@@ -30,8 +30,11 @@ def command(path: Path) -> None:
             if pool is not None:
                 findings += preflight.check_pool(*pool)
         else:
+            tokenizer_keys = dict(config.pool.vocabulary())
+            if config.pool.chat_template is not None:
+                tokenizer_keys["chat_template"] = config.pool.chat_template
             findings = preflight.check_pool(
-                config.pool.base, list(config.pool.models.values()), config.pool.vocabulary()
+                config.pool.base, list(config.pool.models.values()), tokenizer_keys
             )
     else:
         findings = preflight.check_path(path)

@@ -95,8 +95,8 @@ def raw_pool(path: Path) -> tuple[str, list[str]] | None:
 
 def check_pool(base: str, models: list[str], vocabulary: dict | None = None) -> list[Finding]:
     """A search's pool (its base and models), as a `models:` merge over all of them meets them;
-    `vocabulary`: the pool's `tokenizer_source` or `tokenizer` (recipe keys), without which
-    differing vocabularies block."""
+    `vocabulary`: the recipe keys of the output tokenizer (`tokenizer_source` or `tokenizer`,
+    without which differing vocabularies block, and `chat_template`)."""
     from evomerge.merging.recipe import InputModel, Recipe
 
     refs = [base] + [m for m in models if m != base]

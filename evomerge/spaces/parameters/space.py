@@ -121,8 +121,9 @@ class SearchSpace:
         self.statistics: dict[str, str] | None = None
         """Model folder -> its input statistics file, for a method that reads them."""
         self.vocabulary: dict[str, Any] = {}
-        """`tokenizer_source` or `tokenizer` (recipe keys) where the pool's vocabularies are
-        aligned (the run config's `pool.tokenizer_source`): every recipe carries it."""
+        """The output tokenizer's recipe keys, which every recipe carries: `tokenizer_source`
+        or `tokenizer` where the pool's vocabularies are aligned, and `chat_template` where the
+        run config sets `pool.chat_template` (`build_space` fills them in)."""
         self.title = self.method.name  # what the report calls the space
         self.num_layers = num_layers
         self._check_pool()
