@@ -20,7 +20,9 @@ data without the allocator's slack), and `plan`, what `evomerge plan` predicts f
 whose tensors are views of its mapped file on the CPU (so not anonymous). `--sampled` applies
 a third genome mid-bounds, as a sampled trial does: densities below 1 make TIES form its
 magnitude tables, and ranks for tensors under 65,536 elements (the baselines keep everything,
-so without it neither is formed).
+so without it neither is formed). `--tier host` compiles the host tier instead (its inputs in
+host memory, streamed through a staging buffer: on the CPU one memory), planned as the host
+tier's items in both memories.
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ def build_pool(folder: Path, *, hidden: int, layers: int, sources: int) -> dict[
     return names
 
 
-def child(pool: Path, space_name: str, keep_sources: bool, sampled: bool = False) -> None:
+def child(
+    pool: Path, space_name: str, keep_sources: bool, sampled: bool = False, tier: str = "device"
+) -> None:
     """Compile the candidate, apply two genomes; print the model's bytes (peak RSS at exit)."""
     import torch
     from transformers import LlamaForCausalLM
@@ -90,7 +94,7 @@ def child(pool: Path, space_name: str, keep_sources: bool, sampled: bool = False
     from evomerge.spaces.parameters.candidate import CompiledCandidate
 
     live = LlamaForCausalLM.from_pretrained(pool / "base", dtype=torch.bfloat16)
-    candidate = CompiledCandidate(live, space, seed=0)
+    candidate = CompiledCandidate(live, space, seed=0, tier=tier)
     genomes = list(space.baselines().values())[:2]
     if sampled:  # a trial's genome: every gene mid-bounds (TIES and DARE densities below 1)
         genomes.append({g.name: (g.low + g.high) / 2 for g in space.genes})
@@ -101,9 +105,12 @@ def child(pool: Path, space_name: str, keep_sources: bool, sampled: bool = False
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     kib["trimmed"] = _status("RssAnon")["RssAnon"]
     model_bytes = sum(p.numel() * 2 for p in live.parameters())
-    from evomerge.search.memory_plan import plan_space
+    from evomerge.search.memory_plan import host_tier, plan_space
 
     plan = plan_space(space, base=str(pool / "base"), live_dtype="bfloat16")
+    if tier == "host":  # on the CPU the host tier's two memories are one
+        plan = host_tier(plan)
+        plan.items += plan.host_items
     planned = plan.total - plan.item("activations").bytes  # no scoring here
     print(
         json.dumps(
@@ -139,21 +146,22 @@ def main() -> None:
         help="also apply a genome mid-bounds, as a sampled trial is (densities below 1: TIES "
         "forms its magnitude tables, DARE its draw tables)",
     )
+    parser.add_argument("--tier", choices=("device", "host"), default="device")
     parser.add_argument("--child", nargs=2, metavar=("POOL", "SPACE"))
     args = parser.parse_args()
     if args.child:
-        child(Path(args.child[0]), args.child[1], args.keep_sources, args.sampled)
+        child(Path(args.child[0]), args.child[1], args.keep_sources, args.sampled, args.tier)
         return
     with tempfile.TemporaryDirectory() as scratch:
         pools = {}
         for layers in args.layers:
             pools[layers] = Path(scratch) / f"L{layers}"
             build_pool(pools[layers], hidden=args.hidden, layers=layers, sources=args.sources)
-        print(f"hidden {args.hidden}, {args.sources} sources + base, bfloat16")
+        print(f"hidden {args.hidden}, {args.sources} sources + base, bfloat16, {args.tier} tier")
         for space in args.spaces:
             for keep in (True, False) if args.keep_sources else (False,):
-                small = _child(pools[args.layers[0]], space, keep, args.sampled)
-                large = _child(pools[args.layers[1]], space, keep, args.sampled)
+                small = _child(pools[args.layers[0]], space, keep, args.sampled, args.tier)
+                large = _child(pools[args.layers[1]], space, keep, args.sampled, args.tier)
                 size = large["model_bytes"] - small["model_bytes"]
                 keys = ("held", "trimmed", "peak", "plan", "plan_anon")
                 held, trimmed, peak, plan, plan_anon = ((large[k] - small[k]) / size for k in keys)
@@ -165,8 +173,10 @@ def main() -> None:
                 )
 
 
-def _child(pool: Path, space: str, keep: bool, sampled: bool = False) -> dict[str, int]:
-    args = [sys.executable, __file__, "--child", str(pool), space]
+def _child(
+    pool: Path, space: str, keep: bool, sampled: bool = False, tier: str = "device"
+) -> dict[str, int]:
+    args = [sys.executable, __file__, "--child", str(pool), space, "--tier", tier]
     out = subprocess.run(
         args + (["--keep-sources"] if keep else []) + (["--sampled"] if sampled else []),
         check=True,

@@ -54,11 +54,11 @@ def _header_shapes(folder: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def _plan(path: Path, memory: int = 10**12):
+def _plan(path: Path, memory: int = 10**12, host_memory: int = 10**12):
     from evomerge.search.config import load_run_config
     from evomerge.search.memory_plan import plan_memory
 
-    return plan_memory(load_run_config(path), memory=memory)
+    return plan_memory(load_run_config(path), memory=memory, host_memory=host_memory)
 
 
 def _activations(base: Path, itemsize: int) -> int:
@@ -353,3 +353,135 @@ def test_resume_and_worker_check_the_plan_too(pool, tmp_path, command):
     assert len(lines) == 1 and lines[0].startswith("error: the search would hold"), lines
     after = sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
     assert after == before
+
+
+# --- tiers: the device tier, or the inputs in host memory streamed through a staging buffer ----
+def _llama_8b_pool(tmp_path: Path) -> tuple[dict[str, Path], int]:
+    pool = {name: tmp_path / name for name in ("base", "ft0", "ft1", "ft2")}
+    return pool, [_sparse_llama(folder) for folder in pool.values()][0]
+
+
+def _on_gpu(path: Path, **search) -> Path:
+    config = yaml.safe_load(path.read_text())
+    config |= {"device": "cuda:0", "search": search}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _staged_8b(size: int, *, sources: int = 3) -> tuple[int, int]:
+    """The 8B pool's staging buffer on a GPU (its largest two consecutive tensors' operands:
+    the embedding and layer 0's first tensor), and what a trial copies (every operand)."""
+    hidden, vocab = 4096, 128256
+    embedding = (sources + 1) * vocab * hidden * 2
+    first = (sources + 1) * hidden * hidden * 2  # q_proj (any tensor after it is no larger)
+    return embedding + first, (sources + 1) * size
+
+
+def test_three_8b_fine_tunes_fit_one_80gb_gpu_in_the_host_tier_only(tmp_path):
+    """Task arithmetic over three Llama-3-8B-shaped bf16 fine-tunes (headers only) on one 80 GB
+    GPU with the vLLM backend: the device tier would hold more than 80 GB (the base and three
+    task vectors alone are 64.24 GB), so `auto` picks the host tier, whose GPU holds the live
+    model, vLLM's weights, the allowance and a staging buffer of two tensors' operands; host
+    memory holds the base and the task vectors."""
+    pool, size = _llama_8b_pool(tmp_path)
+    path = _on_gpu(_config(tmp_path, pool, "task_arithmetic_layers", "bfloat16"))
+    config = yaml.safe_load(path.read_text())
+    config["fitness"]["backend"] = "vllm"
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(
+        cli, ["plan", str(path), "--memory", "80GB", "--host-memory", "256GB", "--no-bandwidth"]
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    plan = _plan(path, memory=80 * 10**9)
+    device = human(plan.device_tier.total)
+    assert plan.device_tier.total > 80 * 10**9
+    assert lines[0].endswith(f"tier host (auto: the device tier would hold {device} of 80.00 GB)")
+    staging, link = _staged_8b(size)
+    got = {item.label: item.bytes for item in plan.items}
+    assert plan.tier == "host" and set(got) == {
+        "live model",
+        "engine weights",
+        "staging",
+        "activations",
+    }
+    assert got["engine weights"] == size and got["staging"] == staging
+    assert got["live model"] < size / 8  # vLLM: the merge goes into the engine through buffers
+    assert {item.label: item.bytes for item in plan.host_items} == {
+        "base": size,
+        "task vectors": 3 * size,
+    }
+    assert plan.link_bytes == link  # the base and three task vectors, once a trial
+    assert lines[-1].startswith(f"fits: {human(plan.total)} of 80.00 GB available")
+    assert "in host memory of 256.00 GB" in lines[-1]
+    forced = _on_gpu(path, tier="device")
+    result = CliRunner().invoke(
+        cli, ["plan", str(forced), "--memory", "80GB", "--host-memory", "256GB", "--no-bandwidth"]
+    )
+    assert result.exit_code == 2 and f"the search would hold {device}" in result.output
+    assert (
+        f"`search.tier: host` (or auto) would hold {human(plan.total)} on cuda:0" in result.output
+    )
+
+
+def test_a_24gb_gpu_picks_the_host_tier(tmp_path):
+    pool, size = _llama_8b_pool(tmp_path)
+    path = _on_gpu(_config(tmp_path, pool, "task_arithmetic_layers", "bfloat16"))
+    plan = _plan(path, memory=24 * 10**9)
+    assert plan.tier == "host" and plan.fits
+    staging, _ = _staged_8b(size)
+    assert plan.total == size + staging + plan.item("activations").bytes
+    assert plan.device_tier.total > 80 * 10**9
+    dare = _plan(_on_gpu(_config(tmp_path, pool, "dare_ties_layers", "bfloat16")), 24 * 10**9)
+    assert dare.tier == "host" and dare.fits  # its draw tables are in host memory either way
+
+
+def test_a_pool_that_fits_neither_tier_is_refused_in_one_sentence(tmp_path):
+    """A 16 GB GPU cannot hold even the 8B live model: exit 2, one sentence naming both tiers."""
+    pool, _ = _llama_8b_pool(tmp_path)
+    path = _on_gpu(_config(tmp_path, pool, "task_arithmetic_layers", "bfloat16"))
+    result = CliRunner().invoke(
+        cli, ["plan", str(path), "--memory", "16GB", "--host-memory", "256GB", "--no-bandwidth"]
+    )
+    assert result.exit_code == 2
+    last = result.output.splitlines()[-1]
+    assert last.startswith("the search fits neither tier: the device tier would hold 80.34 GB")
+    assert "the host tier" in last and "but 16.00 GB is available on cuda:0" in last
+    assert last.count(". ") == 0 and last.endswith("--no-memory-check)")
+
+
+def test_host_memory_too_small_for_the_host_tier_is_refused(tmp_path):
+    pool, _ = _llama_8b_pool(tmp_path)
+    path = _on_gpu(_config(tmp_path, pool, "task_arithmetic_layers", "bfloat16"), tier="host")
+    plan = _plan(path, memory=80 * 10**9, host_memory=32 * 10**9)
+    assert not plan.fits and "64.24 GB in host memory (32.00 GB available)" in plan.refusal()
+
+
+def test_the_cpu_runs_the_device_tier_unless_the_host_tier_is_forced(pool, tmp_path):
+    path = _config(tmp_path, pool, "ties_layers")
+    assert _plan(path).tier == "device"
+    config = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump(config | {"search": {"tier": "host"}}))
+    plan = _plan(path, memory=10**12)
+    assert plan.tier == "host" and plan.shared and plan.item("staging").bytes > 0
+    # one memory: both tiers' items count against it
+    plan.available = plan.total + plan.host_total - 1
+    assert not plan.fits
+
+
+def test_the_plan_mirrors_the_staging_buffer():
+    from evomerge.kernel import task_vectors
+    from evomerge.search import memory_plan
+
+    assert memory_plan.STAGE_ALIGN == task_vectors.STAGE_ALIGN
+    for sizes in ([10, 40, 5, 30], [7], []):
+        for pairs in (False, True):
+            assert memory_plan.staging_bytes(sizes, pairs=pairs) == task_vectors.staging_bytes(
+                sizes, pairs=pairs
+            )
+
+
+def human(size: float) -> str:
+    from evomerge.search.memory_plan import human as plan_human
+
+    return plan_human(size)

@@ -14,6 +14,13 @@ not change between trials: its task vectors (in `MergeInputs`), TIES's magnitude
 small tensors and on a GPU, magnitude ranks), DARE's draw tables and the inputs' smallest
 magnitudes (here). A one-shot tensor (`evomerge merge`) keeps nothing: task vectors are
 subtracted on the fly and TIES's top-k is a radix select.
+
+Two tiers hold a search's resident inputs. The device tier keeps them on the merge device. The
+host tier (`prepare_host`, `Staging`) keeps them in host memory (pinned for a GPU) and copies
+each tensor's operands (the base, the task vectors; on a GPU TIES's ranks too) into one
+bounded staging buffer on the device just before its merge, which reads them there and writes
+the live model: the same kernel on the same values, so the same bits. On a GPU the copies run
+on a side stream, the next tensor's copy beside this tensor's merge.
 """
 
 from __future__ import annotations
@@ -58,13 +65,32 @@ def prepare(method: MergeMethod, inputs: MergeInputs, *, resident: bool) -> Fuse
     return FusedTensor(inputs, rule=rules.sparsify, consensus=rules.consensus, resident=resident)
 
 
-def applies(tensors: list[torch.Tensor]) -> bool:
-    """Whether a fused kernel takes these tensors (one shape, one dtype): the C kernel on the
-    CPU when it is built here, the Triton kernel on a CUDA GPU where it passed its self-check."""
+def prepare_host(method: MergeMethod, inputs: MergeInputs, *, device: str) -> FusedTensor | None:
+    """The host tier's kernel state: `inputs` (read into host memory) are kept there and merged
+    on `device` from a `Staging` buffer (attached with `Staging(device, tensors)`); None where
+    the kernel on `device` does not take them (the method then runs on the host)."""
+    rules = method.task_vectors
+    if rules is None or rules.sparsify not in FUSED_RULES or not inputs.models:
+        return None
+    if inputs.base is None:
+        return None
+    stand_ins = [m if m is not None else inputs.delta(i) for i, m in enumerate(inputs.models)]
+    if not applies([inputs.base, *stand_ins], device=torch.device(device)):
+        return None
+    fused = FusedTensor(inputs, rule=rules.sparsify, consensus=rules.consensus, resident=True)
+    fused.streamed = True
+    return fused
+
+
+def applies(tensors: list[torch.Tensor], *, device: torch.device | None = None) -> bool:
+    """Whether a fused kernel takes these tensors (one shape, one dtype) on `device` (default:
+    theirs): the C kernel on the CPU when it is built here, the Triton kernel on a CUDA GPU
+    where it passed its self-check."""
     first = tensors[0]
-    if first.device.type == "cuda":
-        return _fits_gpu(tensors) and gpu_ready(first.device, first.dtype)
-    return cpu.fits(tensors)
+    device = device or first.device
+    if device.type == "cuda":
+        return _fits_gpu(tensors) and gpu_ready(device, first.dtype)
+    return device.type == "cpu" and cpu.fits(tensors)
 
 
 def _fits_gpu(tensors: list[torch.Tensor]) -> bool:
@@ -95,6 +121,9 @@ class FusedTensor:
         self._magnitude_tables: dict[int, torch.Tensor] = {}
         self.keeps_draw_tables = resident
         self._smallest: dict[int, float] = {}
+        self.streamed = False  # the host tier's (`prepare_host`): merged from a Staging buffer
+        self.stage: Stage | None = None  # its place there, once a Staging is made
+        self.stage_device = inputs.base.device if inputs.base is not None else torch.device("cpu")
 
     def keep_draw_tables(self, tables: dict[int, torch.Tensor]) -> None:
         """Keep DARE's draw tables in `tables`, which outlives this object: for one-shot inputs
@@ -116,8 +145,8 @@ class FusedTensor:
     ) -> tuple[torch.Tensor, bool]:
         """task_vector_merge's result (into `out` where the kernel can write there), and
         whether every value of it is finite (found in the same pass)."""
-        base, dtype = self.inputs.base, self.inputs.base.dtype
-        taus = [self.task_vector(i) for i in range(self.count)]
+        base, taus = self.operands()
+        dtype = base.dtype
         rules = [self.keep_rule(i, taus[i], density[i]) for i in range(self.count)]
         factors = [torch.ones((), dtype=dtype)] * self.count
         rescaled = [i for i in range(self.count) if rescale and not rules[i].keeps_all]
@@ -134,7 +163,7 @@ class FusedTensor:
             plain_divisor=float(plain_divisor),
             lambda_=lambda_,
         )
-        out = out if self.can_write(out) else torch.empty_like(base)
+        out = out if self.can_write(out, base) else torch.empty_like(base)
         if base.is_cuda:
             from evomerge.kernel import triton_merge
 
@@ -144,10 +173,26 @@ class FusedTensor:
             base, taus, rules, rescale_factors, w, **options, out=out, subnormal_free=subnormal_free
         )
 
-    def can_write(self, out: torch.Tensor | None) -> bool:
+    def operands(self) -> tuple[torch.Tensor, list[TaskVector]]:
+        """The base and task vectors the kernel reads: the resident ones, or in the host tier
+        their copies in the staging buffer."""
+        if self.stage is not None:
+            base, *deltas = self.stage.operands()
+            return base, [TaskVector(delta) for delta in deltas]
+        return self.inputs.base, [self.task_vector(i) for i in range(self.count)]
+
+    def host_operands(self) -> list[torch.Tensor]:
+        """What the host tier copies to `device` for a merge: the base, the task vectors and,
+        on a GPU for TIES, the magnitude ranks (its kernel has no radix select)."""
+        operands = [self.inputs.base, *(self.inputs.delta(i) for i in range(self.count))]
+        if self.rule == "magnitude" and self.stage_device.type == "cuda":
+            operands += [self.inputs.magnitude_ranks(i) for i in range(self.count)]
+        return operands
+
+    def can_write(self, out: torch.Tensor | None, base: torch.Tensor | None = None) -> bool:
         """Whether the kernel can write the result into `out` (the live model's parameter in
         the search, a buffer lent by the output writer in a plain merge)."""
-        base = self.inputs.base
+        base = self.inputs.base if base is None else base
         return (
             out is not None
             and out.dtype == base.dtype
@@ -175,6 +220,8 @@ class FusedTensor:
             )
         numel = self.inputs.base.numel()
         k = sparsify.magnitude_keep_count(density, numel)
+        if tau.x.is_cuda and self.stage is not None:  # the staged copy of the host's ranks
+            return KeepRule.key_below(self.stage.ranks(index), k)
         if tau.x.is_cuda or (self.resident and numel < MAGNITUDE_TABLE_MIN):
             return KeepRule.key_below(self.inputs.magnitude_ranks(index), k)
         if self.resident:
@@ -274,6 +321,137 @@ class FusedTensor:
             ):
                 return False
         return True
+
+
+# --- the host tier: inputs in host memory, staged on the device per merge ----------------------
+STAGE_ALIGN = 256  # bytes: each operand's place in the staging buffer starts at a multiple
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // STAGE_ALIGN) * STAGE_ALIGN
+
+
+class Staging:
+    """The host tier's one buffer on `device`, allocated once for the run, into which each
+    streamed tensor's operands are copied before its merge (`FusedTensor.host_operands`).
+
+    On the CPU it holds the largest tensor's operands, and each merge copies into it and then
+    merges. On a GPU it holds the largest two consecutive tensors': tensor i's operands go at
+    its start for even i and at its end for odd i, so that the copy of tensor i + 1 (on a side
+    stream, from pinned host memory) runs while tensor i merges, and never where i reads; a
+    copy waits for the merges already queued, which frees the place it writes. `pairs` lays
+    a CPU's buffer out as a GPU's (its copies then still run in turn: tests use it)."""
+
+    def __init__(
+        self, device: str | torch.device, tensors: list[FusedTensor], *, pairs: bool | None = None
+    ):
+        self.device = torch.device(device)
+        self.gpu = self.device.type == "cuda"
+        self.pairs = self.gpu if pairs is None else pairs
+        for tensor in tensors:
+            tensor.stage_device = self.device
+        if self.gpu:
+            for tensor in tensors:
+                _pin(tensor)
+        sizes = [sum(_aligned(t.nbytes) for t in tensor.host_operands()) for tensor in tensors]
+        self.nbytes = staging_bytes(sizes, pairs=self.pairs)
+        self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+        self.copies = torch.cuda.Stream(self.device) if self.gpu else None
+        self.ready: set[Stage] = set()  # stages whose copies are in the buffer and not yet read
+        self.moved = 0  # bytes copied into the buffer so far (benchmarks read it)
+        for index, (tensor, size) in enumerate(zip(tensors, sizes)):
+            at = self.nbytes - size if self.pairs and index % 2 else 0
+            tensor.stage = Stage(self, tensor, at)
+
+
+def staging_bytes(sizes: list[int], *, pairs: bool) -> int:
+    """The staging buffer for tensors whose operands take `sizes` bytes (aligned) in order:
+    the largest, or with `pairs` (a GPU) the largest two consecutive together."""
+    if not sizes:
+        return 0
+    largest = max(sizes)
+    if pairs and len(sizes) > 1:
+        largest = max(largest, max(a + b for a, b in zip(sizes, sizes[1:])))
+    return largest
+
+
+def _pin(tensor: FusedTensor) -> None:
+    """Move a streamed tensor's host operands into pinned memory (copies from pageable memory
+    to a GPU are staged by the driver and cannot overlap compute); TIES's ranks are made on
+    the GPU from a copy of each task vector and kept on the host."""
+    inputs = tensor.inputs
+    inputs.base = inputs.base.pin_memory()
+    for i in range(tensor.count):
+        # MergeInputs keeps its task vectors in its memo: the pinned copy replaces the pageable
+        delta = inputs.delta(i).pin_memory()
+        inputs._memo["delta", i] = delta
+        if tensor.rule == "magnitude":
+            inputs._memo["desc", i] = _host_ranks(delta, tensor.stage_device)
+
+
+def _host_ranks(delta: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """sparsify.magnitude_ranks of a host task vector, pinned on the host: sorted on the GPU
+    where its sort (about 18 bytes an element) fits beside what is there, else on the CPU
+    (a stable sort: the same ranks either way)."""
+    from evomerge.methods.sparsify import magnitude_ranks
+
+    free, _ = torch.cuda.mem_get_info(device)
+    if 18 * delta.numel() < free // 2:
+        return magnitude_ranks(delta.to(device)).cpu().pin_memory()
+    return magnitude_ranks(delta).pin_memory()
+
+
+class Stage:
+    """One streamed tensor's place in the `Staging` buffer: views made once (no per-merge
+    allocation), filled by `fetch`, read by `operands`."""
+
+    def __init__(self, staging: Staging, tensor: FusedTensor, at: int):
+        self.staging, self.host = staging, tensor.host_operands()
+        self.start, self.views = at, []
+        for source in self.host:
+            piece = staging.buffer[at : at + source.nbytes]
+            self.views.append(piece.view(source.dtype).view(source.shape))
+            at += _aligned(source.nbytes)
+        self.end = at
+        self.count = tensor.count
+        self.copied = torch.cuda.Event() if staging.gpu else None
+
+    def fetch(self) -> None:
+        """Copy the host operands into the buffer, unless they are there already (prefetched)
+        and unread; on a GPU asynchronously, on the side stream."""
+        staging = self.staging
+        if self in staging.ready:
+            return
+        for other in [s for s in staging.ready if s.start < self.end and self.start < s.end]:
+            staging.ready.discard(other)  # overwritten: fetched again when it merges
+        if staging.gpu:
+            staging.copies.wait_stream(torch.cuda.current_stream(staging.device))
+            with torch.cuda.stream(staging.copies):
+                for view, source in zip(self.views, self.host):
+                    view.copy_(source, non_blocking=True)
+            self.copied.record(staging.copies)
+        else:
+            for view, source in zip(self.views, self.host):
+                view.copy_(source)
+        staging.moved += sum(source.nbytes for source in self.host)
+        staging.ready.add(self)
+
+    def prefetch(self) -> None:
+        """Start the copy now where it can overlap another tensor's merge (a GPU)."""
+        if self.staging.pairs:
+            self.fetch()
+
+    def operands(self) -> list[torch.Tensor]:
+        """The staged base and task vectors, once copied (fetched now if they are not there)."""
+        self.fetch()
+        if self.copied is not None:
+            torch.cuda.current_stream(self.staging.device).wait_event(self.copied)
+        self.staging.ready.discard(self)  # read once: a later merge fetches again
+        return self.views[: 1 + self.count]
+
+    def ranks(self, index: int) -> torch.Tensor:
+        """The staged magnitude ranks of task vector `index` (a GPU, TIES)."""
+        return self.views[1 + self.count + index]
 
 
 # --- the GPU: checked against the CPU before first use ----------------------------------------

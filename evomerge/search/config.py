@@ -52,12 +52,24 @@ class PoolConfig(BaseModel):
     tokenizer: TokenizerSettings | None = None
     """mergekit's `tokenizer:` block (source, tokens, pad_to_multiple_of), instead of
     `tokenizer_source`; its model references may be pool names (or `base`) too."""
+    chat_template: str | None = None
+    """mergekit's `chat_template:` for every merge of the search: a bundled name (`chatml`,
+    ...), `auto` (the template most of the pool's models share, chosen once when the search
+    starts) or Jinja text; the live model's tokenizer renders prompts with it and export writes
+    it (`evomerge.merging.chat.search_chat_template`). None: the tokenizer's own."""
 
     @model_validator(mode="after")
     def _one_vocabulary_source(self) -> PoolConfig:
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ValueError("give either 'tokenizer_source' or a 'tokenizer' block, not both")
         return self
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value: str | None) -> str | None:
+        from evomerge.merging.chat_templates import check_chat_template
+
+        return check_chat_template(value)
 
     def vocabulary(self) -> dict[str, Any]:
         """The recipe keys that align the pool's vocabularies (`tokenizer_source` or
@@ -121,6 +133,11 @@ class SearchConfig(BaseModel):
     refine: RefineConfig | None = None
     """`gradient`: after the budget, refine the best trial's weights per tensor on dev
     (`evomerge.search.refine`); null: the black-box search only."""
+    tier: Literal["auto", "device", "host"] = "auto"
+    """Where a parameter space's prepared inputs live (evomerge/search/memory_plan.py):
+    `device`, on the merge device; `host`, in host memory, streamed through a staging buffer on
+    the device into each merge (the same numbers, bit for bit); `auto`, the device tier where
+    the memory plan fits the device, else the host tier."""
 
     @field_validator("refine", mode="before")
     @classmethod
@@ -190,6 +207,11 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"pool.tokenizer_source (or pool.tokenizer) needs `fitness.backend: hf`; the "
                 f"{self.fitness.backend} backend scores the base's own vocabulary"
+            )
+        if self.pool.chat_template is not None and self.fitness.backend != "hf":
+            raise ValueError(
+                f"pool.chat_template needs `fitness.backend: hf`; the {self.fitness.backend} "
+                "engine takes its stop tokens from the base's own folder"
             )
         if self.pool.vocabulary() and self.search.refine is not None:
             raise ValueError(

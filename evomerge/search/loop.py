@@ -298,14 +298,20 @@ def _interrupts_held() -> Iterator[None]:
 def make_candidate(model, space: Space, config: RunConfig) -> Candidate:
     """What writes a genome into the live model: the candidate of the space's kind
     (`evomerge.spaces.registry`), set up once for the run."""
-    from evomerge.spaces.registry import get_kind
+    from evomerge.spaces.registry import PARAMETERS, get_kind
 
+    options = {}
+    if space.kind == PARAMETERS:  # its inputs on the device or streamed from the host
+        from evomerge.search.memory_plan import resolve_tier
+
+        options["tier"] = resolve_tier(config)
     return get_kind(space.kind).candidate(
         model,
         space,
         seed=config.search.merge_seed,
         device=config.device,
         dtype=config.pool.dtype,
+        **options,
     )
 
 
@@ -331,9 +337,10 @@ def collect_statistics(config: RunConfig, run_dir: Path, evaluator) -> None:
 
 def load_eval_model(config: RunConfig):
     """The live evaluation model (the base, to be overwritten) and its tokenizer. Where the
-    pool's vocabularies are aligned (`pool.tokenizer_source`), the model has the output
-    vocabulary's rows and stop tokens and the tokenizer is the merged one, both as `evomerge
-    merge` writes them (`write_output_vocabulary`)."""
+    pool's vocabularies are aligned (`pool.tokenizer_source`) or the search sets a chat
+    template (`pool.chat_template`), the model has the output vocabulary's rows and stop tokens
+    and the tokenizer is the merged one (with its chat template), both as `evomerge merge`
+    writes them (`write_output_vocabulary`)."""
     import tempfile
 
     import torch
@@ -342,7 +349,7 @@ def load_eval_model(config: RunConfig):
     from evomerge.io.dtypes import torch_dtype
 
     dtype = torch_dtype(config.pool.dtype) or torch.float32
-    if not config.pool.vocabulary():
+    if not config.pool.vocabulary() and config.pool.chat_template is None:
         return load_live_model(config.pool.base, dtype=dtype, device=config.device)
     with tempfile.TemporaryDirectory(prefix="evomerge-vocabulary-") as folder:
         write_output_vocabulary(config, Path(folder))
@@ -354,14 +361,14 @@ def load_eval_model(config: RunConfig):
 def write_output_vocabulary(config: RunConfig, folder: Path) -> None:
     """config.json, generation_config.json and the tokenizer files of every merge of the
     search, written into `folder` as `evomerge merge` writes them (the output vocabulary does
-    not depend on the genome: any genome's recipe gives it)."""
+    not depend on the genome: any genome's recipe gives it; its first stage reads the pool)."""
     from evomerge.io.output import write_config
     from evomerge.merging.executor import write_tokenizer
     from evomerge.merging.plan import plan_merge
 
     space = build_space(config)
     genome = {g.name: g.choices[0] if g.choices else g.low for g in space.genes}
-    plan = plan_merge(space.decode(genome)[-1].recipe)
+    plan = plan_merge(space.decode(genome)[0].recipe)
     source = plan.checkpoints[plan.config_source].path
     write_config(source, folder, layer_sources=plan.layer_sources(), dtype=config.pool.dtype)
     write_tokenizer(plan, folder)

@@ -26,6 +26,15 @@ config and its space, the plan adds up what a search keeps for its whole run on 
 
 and the bytes one trial moves (every resident input read once, the merged tensors written
 once). `evomerge search` runs the same plan at start-up and refuses a run that cannot fit.
+
+Tiers (`search.tier`): in the device tier all of the above is on the device. In the host tier
+(a parameter space) the device holds the live model, the engine, the allowance and one staging
+buffer (the largest tensor's operands: its base and task vectors, on a GPU TIES's int32 ranks
+too; on a GPU the largest two consecutive tensors', the next one's copy overlapping this one's
+merge: `kernel.task_vectors.Staging`); host memory holds the rest, and a trial copies every
+streamed tensor's operands over the host link (a kernel-less method's tensors are merged on
+the host, their results pushed). `auto` picks the device tier where it fits, else the host
+tier; a config that fits neither is refused. On the CPU both tiers share one memory.
 Spaces of another kind than `parameters` (dataflow, staged) are planned as their sources kept
 whole: an estimate.
 """
@@ -56,6 +65,9 @@ MAGNITUDE_TABLE_BYTES = (1 << 15) * 8
 DEFAULT_SEQUENCE = 512  # tokens per sequence in the allowance without max_length (or less context)
 FUSED_RULES = (None, "magnitude", "random")
 MAX_MODELS = 64  # the most sources the fused kernel merges at once
+STAGE_ALIGN = 256  # each operand's place in the host tier's staging buffer starts at a multiple
+ASSUMED_LINK = 25e9  # bytes per second host to GPU, said as assumed where none is measured
+DEVICE_LABELS = ("live model", "engine weights", "activations")  # on the device in either tier
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,25 @@ class MemoryPlan:
     available_from: str = ""
     bandwidth: float | None = None  # bytes per second, measured on this machine
     notes: list[str] = field(default_factory=list)
+    tier: str = "device"
+    host_items: list[Item] = field(default_factory=list)  # the host tier's host memory
+    host_available: int | None = None
+    host_available_from: str = ""
+    staged: list[int] | None = None  # each streamed tensor's operands (aligned), in merge order
+    link_bytes: int = 0  # the host tier: bytes a trial copies over the host link
+    link_bandwidth: float | None = None  # bytes per second over that link, measured here
+    chosen: str = ""  # why this tier (auto)
+    device_tier: MemoryPlan | None = None  # the host tier's plan: the device tier it replaced
+    host_plan: MemoryPlan | None = None  # the device tier's plan: its host tier, where streamed
+
+    @property
+    def host_total(self) -> int:
+        return sum(item.bytes for item in self.host_items)
+
+    @property
+    def shared(self) -> bool:
+        """Whether the host tier's two memories are one (a CPU device)."""
+        return self.tier == "host" and not self.device.startswith("cuda")
 
     @property
     def total(self) -> int:
@@ -89,7 +120,11 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
-        return self.available is None or self.total <= self.available
+        if self.shared:
+            return self.available is None or self.total + self.host_total <= self.available
+        device = self.available is None or self.total <= self.available
+        host = self.host_available is None or self.host_total <= self.host_available
+        return device and host
 
     @property
     def largest(self) -> Item:
@@ -102,15 +137,15 @@ class MemoryPlan:
         """The plan as a table, for `evomerge plan`."""
         out = [
             f"memory plan: {self.method}, {self.sources} sources, merge dtype {self.merge_dtype}, "
-            f"device {self.device}; one model-size = {human(self.model_bytes)}"
+            f"device {self.device}; one model-size = {human(self.model_bytes)}; "
+            f"tier {self.tier}{f' ({self.chosen})' if self.chosen else ''}"
         ]
-        for item in self.items:
-            sizes = f"{item.bytes / self.model_bytes:5.2f}" if self.model_bytes else "    -"
-            out.append(
-                f"  {item.label:16s} {human(item.bytes):>10s}  {sizes} model-sizes  {item.note}"
-            )
-        total = f"{self.total / self.model_bytes:5.2f}" if self.model_bytes else "    -"
-        out.append(f"  {'total':16s} {human(self.total):>10s}  {total} model-sizes")
+        if self.tier == "host":
+            out.append(f"on {self.device} (the live model and one staging buffer):")
+        out += self._table(self.items)
+        if self.tier == "host":
+            out.append("in host memory" + (" (the same memory)" if self.shared else "") + ":")
+            out += self._table(self.host_items)
         line = f"one trial moves {human(self.trial_bytes)}"
         if self.bandwidth:
             seconds = self.trial_bytes / self.bandwidth
@@ -119,25 +154,82 @@ class MemoryPlan:
                 f"least {seconds:.3g} s a trial"
             )
         out.append(line)
+        if self.tier == "host":
+            line = f"over the host link a trial copies {human(self.link_bytes)}"
+            if self.link_bandwidth:
+                line += (
+                    f"; at {human(self.link_bandwidth)}/s (a copy measured here) that takes at "
+                    f"least {self.link_bytes / self.link_bandwidth:.3g} s a trial"
+                )
+            elif self.bandwidth is not None or self.device.startswith("cuda"):
+                line += (
+                    f"; not measured here (no such GPU): at {human(ASSUMED_LINK)}/s (PCIe 4.0 "
+                    f"x16) about {self.link_bytes / ASSUMED_LINK:.3g} s a trial"
+                )
+            out.append(line)
         out += [f"note: {note}" for note in self.notes]
         if self.available is None:
             out.append("available memory unknown: give it with --memory, e.g. --memory 80GB")
         elif self.fits:
-            out.append(
-                f"fits: {human(self.total)} of {human(self.available)} available "
-                f"({self.available_from})"
-            )
+            held = self.total + (self.host_total if self.shared else 0)
+            line = f"fits: {human(held)} of {human(self.available)} available"
+            line += f" ({self.available_from})"
+            if self.tier == "host" and not self.shared:
+                line += f", {human(self.host_total)} in host memory"
+                if self.host_available is not None:
+                    line += f" of {human(self.host_available)} ({self.host_available_from})"
+            out.append(line)
         else:
             out.append(self.refusal())
         return out
 
+    def _table(self, items: list[Item]) -> list[str]:
+        out = []
+        for item in items:
+            sizes = f"{item.bytes / self.model_bytes:5.2f}" if self.model_bytes else "    -"
+            out.append(
+                f"  {item.label:16s} {human(item.bytes):>10s}  {sizes} model-sizes  {item.note}"
+            )
+        total = sum(item.bytes for item in items)
+        sizes = f"{total / self.model_bytes:5.2f}" if self.model_bytes else "    -"
+        out.append(f"  {'total':16s} {human(total):>10s}  {sizes} model-sizes")
+        return out
+
     def refusal(self) -> str:
         """One sentence: it does not fit, the largest item, and what would."""
+        if self.tier == "host":
+            return self._host_refusal()
         return (
             f"the search would hold {human(self.total)} on {self.device} but "
             f"{human(self.available or 0)} is available ({self.available_from}); the largest "
             f"item is the {self.largest.label} ({human(self.largest.bytes)}); "
             f"{self.what_would_fit()} (or skip this check with --no-memory-check)"
+        )
+
+    def _host_refusal(self) -> str:
+        if self.shared:
+            held = f"{human(self.total + self.host_total)} on {self.device}"
+        else:
+            host = "unknown" if self.host_available is None else human(self.host_available)
+            held = (
+                f"{human(self.total)} on {self.device} and {human(self.host_total)} in host "
+                f"memory ({host} available)"
+            )
+        device = self.device_tier
+        start = (
+            f"the search fits neither tier: the device tier would hold {human(device.total)} "
+            f"on {self.device} and the host tier {held}"
+            if device is not None
+            else f"the search in the host tier would hold {held}"
+        )
+        # the largest item of the memory that overflows (the device's, unless only the host's)
+        over_device = self.shared or self.available is None or self.total > self.available
+        largest = max(self.items if over_device else self.host_items, key=lambda item: item.bytes)
+        return (
+            f"{start}, but {human(self.available or 0)} is available on {self.device} "
+            f"({self.available_from}); the largest item is the {largest.label} "
+            f"({human(largest.bytes)}); {(device or self).what_would_fit()} (or skip this "
+            f"check with --no-memory-check)"
         )
 
     def what_would_fit(self) -> str:
@@ -175,6 +267,13 @@ class MemoryPlan:
                 plural = "s" if most > 1 else ""
                 options.append(f"{most} source{plural}{f' with {name}' if name else ''} would fit")
                 break
+        host = self.host_plan
+        if host is not None and host.fits:  # `search.tier: device` was asked for
+            options.insert(
+                0,
+                f"`search.tier: host` (or auto) would hold {human(host.total)} on "
+                f"{self.device} and {human(host.host_total)} in host memory",
+            )
         if not options:
             return (
                 "no smaller dtype or source count fits this device: use a device with more memory"
@@ -216,10 +315,12 @@ def plan_memory(
     config: RunConfig,
     *,
     memory: int | None = None,
+    host_memory: int | None = None,
     measure_bandwidth: bool = False,
 ) -> MemoryPlan:
-    """The plan of a search over `config`, against `memory` bytes (default: what the device
-    has free now)."""
+    """The plan of a search over `config` in its tier (`search.tier`; `auto`: the device tier
+    where it fits, else the host tier), against `memory` bytes on the device (default: what it
+    has free now) and `host_memory` in host memory (default: what the host has available)."""
     from evomerge.merging.executor import check_device
     from evomerge.search.run_folder import build_space
 
@@ -239,9 +340,103 @@ def plan_memory(
         plan.available, plan.available_from = memory, "given with --memory"
     else:
         plan.available, plan.available_from = free_memory(config.device)
+    tier = getattr(config.search, "tier", "auto")
+    host = host_tier(plan)
+    if host is not None:
+        if host_memory is not None:
+            host.host_available, host.host_available_from = host_memory, "given with --host-memory"
+        elif not host.shared:
+            host.host_available, host.host_available_from = free_memory("cpu")
+    if tier == "host" and host is None:
+        raise UserError(
+            f"search.tier: host streams a parameter space's merges; a {plan.method} space "
+            "keeps its inputs on the device: set `tier: device` (or auto)"
+        )
+    # on the CPU the host tier holds the same and a staging buffer more in the same memory
+    streamable = host is not None and not host.shared
+    if streamable:
+        summary = (
+            f"per tier: the device tier holds {human(plan.total)} on {plan.device}; the host "
+            f"tier {human(host.total)} there and {human(host.host_total)} in host memory, and "
+            f"copies {human(host.link_bytes)} a trial over the host link"
+        )
+        plan.notes.append(summary)
+        host.notes.append(summary)
+        plan.host_plan = host
+    if tier == "host" or (tier == "auto" and not plan.fits and streamable):
+        if tier == "auto":
+            host.chosen = (
+                f"auto: the device tier would hold {human(plan.total)} of "
+                f"{human(plan.available or 0)}"
+            )
+        plan = host
+    elif tier == "auto":
+        plan.chosen = "auto: it fits" if plan.available is not None else "auto"
     if measure_bandwidth:
         plan.bandwidth = copy_bandwidth(config.device)
+        if plan.tier == "host":
+            plan.link_bandwidth = link_bandwidth(config.device)
     return plan
+
+
+def host_tier(plan: MemoryPlan) -> MemoryPlan | None:
+    """The host tier of a device-tier `plan` (None for a space that is not streamed): the
+    device keeps the live model, the engine, the allowance and the staging buffer; host memory
+    the prepared inputs."""
+    if plan.staged is None:
+        return None
+    gpu = plan.device.startswith("cuda")
+    items = [item for item in plan.items if item.label in DEVICE_LABELS]
+    host_items = [item for item in plan.items if item.label not in DEVICE_LABELS]
+    buffer = staging_bytes(plan.staged, pairs=gpu)
+    note = (
+        "two consecutive tensors' operands: the next one copied beside this one's merge"
+        if gpu
+        else "the largest tensor's operands, copied in before its merge"
+    )
+    items.insert(1, Item("staging", buffer, note))
+    return MemoryPlan(
+        device=plan.device,
+        method=plan.method,
+        sources=plan.sources,
+        merge_dtype=plan.merge_dtype,
+        items=items,
+        trial_bytes=plan.trial_bytes,
+        model_bytes=plan.model_bytes,
+        available=plan.available,
+        available_from=plan.available_from,
+        notes=list(plan.notes),
+        tier="host",
+        host_items=host_items,
+        staged=plan.staged,
+        link_bytes=plan.link_bytes,
+        device_tier=plan,
+    )
+
+
+def staging_bytes(sizes: list[int], *, pairs: bool) -> int:
+    """The staging buffer (`kernel.task_vectors.staging_bytes`): the largest tensor's operands
+    or, with `pairs` (a GPU), the largest two consecutive tensors' together."""
+    if not sizes:
+        return 0
+    largest = max(sizes)
+    if pairs and len(sizes) > 1:
+        largest = max(largest, max(a + b for a, b in zip(sizes, sizes[1:])))
+    return largest
+
+
+def resolve_tier(config: RunConfig) -> str:
+    """The tier a search over `config` runs in: `search.tier`, or for `auto` the plan's choice
+    against what the device has free now plus what this process holds there already (the
+    live model, which the plan counts)."""
+    tier = getattr(config.search, "tier", "auto")
+    if tier != "auto" or not config.device.startswith("cuda"):
+        return "device" if tier == "auto" else tier
+    import torch
+
+    free, _ = free_memory(config.device)
+    held = torch.cuda.memory_allocated(torch.device(config.device))
+    return plan_memory(config, memory=(free or 0) + held).tier
 
 
 def plan_space(
@@ -287,9 +482,26 @@ def plan_space(
         )
         for n in base_ckpt.names
     )
-    plan.items.append(Item("live model", live, f"the evaluation model, in {live_dtype}"))
+    merged_at_push = backend == "vllm" and getattr(space, "kind", None) == "parameters"
+    if merged_at_push:
+        # the candidate's merges run as the engine takes each tensor (fitness.vllm_backend.
+        # EngineMerge): the engine's weights are the live model's only full copy, beside
+        # reusable buffers for one layer's tensors and the largest tensor outside the layers
+        from evomerge.io.checkpoint import layer_index
+
+        sizes: dict[int | None, list[int]] = {}
+        for n in base_ckpt.names:
+            if _floating(base_ckpt.dtype_name(n)):
+                size = _numel(base_ckpt.shape(n)) * _itemsize(live_dtype)
+                sizes.setdefault(layer_index(n), []).append(size)
+        outside = sizes.pop(None, [])
+        buffers = max(outside, default=0) + max(map(sum, sizes.values()), default=0)
+        plan.items.append(Item("live model", buffers, "buffers of one layer's merged tensors"))
+    else:
+        plan.items.append(Item("live model", live, f"the evaluation model, in {live_dtype}"))
     if backend == "vllm":
-        plan.items.append(Item("engine weights", live, "vLLM's own copy of the weights"))
+        note = "vLLM's weights: the live model" if merged_at_push else "vLLM's copy of the weights"
+        plan.items.append(Item("engine weights", live, note))
         plan.notes.append(
             "vLLM also reserves its KV cache, up to its gpu_memory_utilization of the GPU "
             "(default 0.9): set it so that the other items fit beside the engine"
@@ -324,7 +536,8 @@ def _parameters_plan(space, device: str = "cpu") -> MemoryPlan:
     rules = method.task_vectors
     forced = merge_plan.recipe.dtype
     sizes = {"base": 0, "task": 0, "sources": 0, "ranks": 0, "magnitude": 0, "tables": 0}
-    sizes.update(projected=0, statistics=0, trial=0)
+    sizes.update(projected=0, statistics=0, trial=0, link=0)
+    staged = []  # the host tier: each streamed tensor's operands, aligned as the buffer lays them
     sources = 0
     dtypes = set()
     kernel_on = os.environ.get("EVOMERGE_KERNEL", "on").lower() not in ("off", "0", "false")
@@ -337,6 +550,7 @@ def _parameters_plan(space, device: str = "cpu") -> MemoryPlan:
         numel = _numel(ckpts[-1].shape(refs[-1].name))
         n = len(job.inputs)
         sources = max(sources, n)
+        streamed = len(staged)
         tensor = numel * size
         fused = (
             job.base is not None
@@ -359,6 +573,11 @@ def _parameters_plan(space, device: str = "cpu") -> MemoryPlan:
         elif fused:
             sizes["task"] += n * tensor
             read = n * tensor
+            operands = [tensor] * (n + 1)
+            if rules.sparsify == "magnitude" and device.startswith("cuda"):
+                operands += [numel * 4] * n  # the GPU's kernel reads ranks: staged too
+            staged.append(sum(_aligned(size) for size in operands))
+            sizes["link"] += sum(operands)
             if rules.sparsify == "magnitude" and (
                 device.startswith("cuda") or numel < MAGNITUDE_TABLE_MIN
             ):
@@ -376,6 +595,8 @@ def _parameters_plan(space, device: str = "cpu") -> MemoryPlan:
             if rules is not None and job.base is not None:
                 sizes["task"] += n * tensor  # formed by the torch code and kept with the inputs
         sizes["trial"] += read + (tensor if job.base is not None else 0) + tensor  # + the write
+        if len(staged) == streamed:  # not streamed: the host tier merges it on the host
+            sizes["link"] += tensor  # and pushes the result
     merge_dtype = "/".join(sorted(dtypes)) if dtypes else "-"
     model_bytes = _merged_bytes(merge_plan, forced)
     described = (  # size key, item label, what it is; in the order the plan prints them
@@ -389,7 +610,8 @@ def _parameters_plan(space, device: str = "cpu") -> MemoryPlan:
         (
             "statistics",
             "statistics",
-            "RegMean's Gram matrices of one tensor, read when its projections are made",
+            "RegMean's Gram matrices of one tensor in float32, read when its projections are "
+            "made (the files keep each distinct input once, in float16)",
         ),
     )
     items = [Item(label, sizes[key], what) for key, label, what in described if sizes[key]]
@@ -405,6 +627,8 @@ def _parameters_plan(space, device: str = "cpu") -> MemoryPlan:
         trial_bytes=sizes["trial"],
         model_bytes=model_bytes,
         notes=notes,
+        staged=staged,
+        link_bytes=sizes["link"],
     )
 
 
@@ -537,6 +761,29 @@ def free_memory(device: str) -> tuple[int | None, str]:
     return None, ""
 
 
+def link_bandwidth(device: str, size: int = 256 << 20) -> float | None:
+    """Bytes per second the host tier copies from host memory into `device`'s staging buffer:
+    from pinned memory into a GPU, best of three; on the CPU, a copy's bytes (half the
+    read + write rate `copy_bandwidth` gives). None where this machine cannot measure it."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        src = torch.empty(size, dtype=torch.uint8).pin_memory()
+        dst = torch.empty(size, dtype=torch.uint8, device=device)
+        best = math.inf
+        for _ in range(3):
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - start)
+        return size / best if 0 < best < math.inf else None
+    both = copy_bandwidth(device, size)
+    return both / 2 if both else None
+
+
 def copy_bandwidth(device: str, size: int = 256 << 20) -> float | None:
     """Bytes per second a plain copy moves on `device` (read + write), best of three; None
     where this machine cannot measure it (a GPU planned for from a machine without one)."""
@@ -568,6 +815,10 @@ def copy_bandwidth(device: str, size: int = 256 << 20) -> float | None:
 # --- small helpers -----------------------------------------------------------------------------
 def _numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // STAGE_ALIGN) * STAGE_ALIGN
 
 
 def _itemsize(dtype: str) -> int:

@@ -19,11 +19,12 @@ def build(data, where: str, *, base: str, models: dict[str, str], dtype: str | N
     )
 
 
-def candidate(model, space, *, seed: int, device: str, dtype: str | None):
-    """The space's recipes compiled once against the pool, merged into `model` per trial."""
+def candidate(model, space, *, seed: int, device: str, dtype: str | None, tier: str = "device"):
+    """The space's recipes compiled once against the pool, merged into `model` per trial, its
+    inputs on the device or in host memory (`tier`, evomerge/spaces/parameters/candidate.py)."""
     from evomerge.spaces.parameters.candidate import CompiledCandidate
 
-    return CompiledCandidate(model, space, seed=seed, device=device)
+    return CompiledCandidate(model, space, seed=seed, device=device, tier=tier)
 
 
 register_kind(

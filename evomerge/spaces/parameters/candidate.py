@@ -8,6 +8,13 @@ resident; LoRA adapters stay factored, `evomerge.merging.factored`).
 Per trial (`apply(genome)`): write the genes into the slots and run the jobs; each result lands
 in the evaluation model's parameter in place, its finiteness checked in the same pass.
 
+Tiers (`search.tier`, chosen by the memory plan, evomerge/search/memory_plan.py): `device` keeps
+the prepared inputs on the merge device; `host` keeps them in host memory and streams each
+tensor's operands through one staging buffer on the device into the fused kernel
+(`evomerge.kernel.task_vectors.Staging`), the next tensor's copy beside this one's merge on a
+GPU; a job the kernel does not take is merged on the host and its result pushed. The numbers
+are the same bit for bit in either tier (tests/test_tiers.py).
+
 A genome decodes to an ordinary recipe (`SearchSpace.recipe`, for export); the compiled jobs
 are that recipe's plan with the genome's values in it, run through the same executor, so the
 exported model is bit for bit the one that was scored.
@@ -20,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import UserError
+from evomerge.fitness.live_model import merge_at_push
 from evomerge.merging.executor import PreparedTensor, load_inputs
 from evomerge.merging.factored import FactoredTensor, has_adapter
 from evomerge.merging.plan import MergePlan, TensorJob, plan_merge
@@ -70,8 +78,16 @@ class CompiledCandidate:
     """The candidates of `space`, compiled against its pool, written into `model` in place."""
 
     def __init__(
-        self, model: torch.nn.Module, space: SearchSpace, *, seed: int, device: str = "cpu"
+        self,
+        model: torch.nn.Module,
+        space: SearchSpace,
+        *,
+        seed: int,
+        device: str = "cpu",
+        tier: str = "device",
     ):
+        if tier not in TIERS:
+            raise UserError(f"tier {tier!r} is not one of {', '.join(TIERS)}")
         self.genes = [gene.name for gene in space.genes]
         plan, slots = compile_slots(space)
         state = dict(model.named_parameters())
@@ -82,7 +98,7 @@ class CompiledCandidate:
         self.jobs = [
             CompiledJob(
                 name=job.out_name,
-                tensor=resident_tensor(plan, job, seed=seed, device=device),
+                tensor=resident_tensor(plan, job, seed=seed, device=device, tier=tier),
                 fixed=job.kwargs,
                 slots=slots[job.out_name],
                 target=state[job.out_name],
@@ -90,6 +106,13 @@ class CompiledCandidate:
             for job in plan.jobs
         ]
         self.targets = {job.name: job.target for job in self.jobs}
+        self.model = model
+        self.tier, self.staging = tier, None
+        streamed = [fused for job in self.jobs if getattr(fused := _fused(job), "streamed", 0)]
+        if streamed:
+            from evomerge.kernel.task_vectors import Staging
+
+            self.staging = Staging(device, streamed)
 
     def apply(self, genome: dict[str, float], *, only: set[str] | None = None) -> None:
         """Materialise `genome` into the live model (`only`: just these tensors); CandidateError
@@ -97,25 +120,69 @@ class CompiledCandidate:
         missing = [name for name in self.genes if name not in genome]
         if missing:
             raise UserError(f"the genome lacks genes {missing[:3]}; was the search space changed?")
-        for job in self.jobs:
+        take = merge_at_push(self.model)
+        if take is not None:  # vLLM: each tensor is merged (`run_into`) as the engine takes it
+            wanted = [i for i, job in enumerate(self.jobs) if only is None or job.name in only]
+            take(self, [(i, self.jobs[i].parameters(genome)) for i in wanted])
+            return
+        for index, job in enumerate(self.jobs):
             if only is not None and job.name not in only:
                 continue
+            if self.staging is not None:
+                self._prefetch(index, only)
             if not job.tensor.run_into(job.parameters(genome), job.target):
                 raise CandidateError(f"the merged tensor {job.name!r} has NaN or Inf values")
 
+    def run_into(self, index: int, parameters: dict[str, Any], out: torch.Tensor) -> bool:
+        """Job `index` merged into `out` rather than into its target, for a live model that
+        takes the merges at push time (`fitness.live_model.merge_at_push`), which runs every
+        job in job order; whether every value is finite."""
+        if self.staging is not None:
+            self._prefetch(index, None)
+        return self.jobs[index].tensor.run_into(parameters, out)
+
+    def _prefetch(self, index: int, only: set[str] | None) -> None:
+        """Host tier: make sure job `index`'s operands are being copied, and start the next
+        job's copy so that it overlaps this merge (a GPU; the two never share a place)."""
+        stage = getattr(_fused(self.jobs[index]), "stage", None)
+        if stage is None:
+            return
+        stage.fetch()
+        following = self.jobs[index + 1] if index + 1 < len(self.jobs) else None
+        if following is not None and (only is None or following.name in only):
+            after = getattr(_fused(following), "stage", None)
+            if after is not None:
+                after.prefetch()
+
+
+TIERS = ("device", "host")
+
+
+def _fused(job: CompiledJob):
+    """The job's fused-kernel state, if the kernel merges it from resident inputs."""
+    return getattr(job.tensor, "fused", None) if isinstance(job.tensor, PreparedTensor) else None
+
 
 def resident_tensor(
-    plan: MergePlan, job: TensorJob, *, seed: int, device: str
+    plan: MergePlan, job: TensorJob, *, seed: int, device: str, tier: str = "device"
 ) -> PreparedTensor | FactoredTensor:
     """One job read once for a run of merges: resident inputs, or, where its models include
     LoRA adapters, the adapters kept factored (evomerge/merging/factored.py); an embedding or
     head whose rows are re-laid out by token (aligned vocabularies) is read as `evomerge merge`
-    reads it."""
+    reads it. In the host tier the inputs are read into host memory: the fused kernel then
+    merges them on `device` from the staging buffer, and anything else merges on the host."""
+    where = "cpu" if tier == "host" else device
     if has_adapter(plan, job) and not plan.is_aligned(job.out_name):
-        return FactoredTensor(plan, job, seed=seed, device=device)
-    return PreparedTensor(
-        plan.method, load_inputs(plan, job, seed=seed, device=device), resident=True
-    )
+        return FactoredTensor(plan, job, seed=seed, device=where)
+    inputs = load_inputs(plan, job, seed=seed, device=where)
+    tensor = PreparedTensor(plan.method, inputs, resident=True)
+    if tier == "host":
+        from evomerge.kernel.task_vectors import prepare_host
+
+        streamed = prepare_host(plan.method, inputs, device=device)
+        if streamed is not None:
+            tensor.fused = streamed
+    return tensor
 
 
 def compile_slots(space: SearchSpace) -> tuple[MergePlan, dict[str, list[Slot]]]:
