@@ -26,6 +26,9 @@ for dtype in float32 bfloat16 float16; do
     timeout 90 python3 bench/kernel.py --device cuda --dtype "$dtype" --torch-repeats 2 2>&1 | tail -6
 done
 timeout 90 python3 bench/kernel.py --device cuda --dtype bfloat16 --method ties --torch-repeats 2 2>&1 | tail -6
+# The host tier on the GPU: pinned host-to-GPU bandwidth, a trial streamed through the staging
+# buffer against it, and both tiers' bits compared (issue 29).
+timeout 120 python3 bench/host_tier.py --device cuda --repeats 3 2>&1 | tail -12
 # A search on the GPU: the demo config with device: cuda (kernel, live model and scoring there).
 sed -e 's/^device: cpu/device: cuda/' -e 's/trials: 40/trials: 16/' configs/demo.yaml > configs/_gpu_demo.yaml
 timeout 240 python3 -m evomerge search configs/_gpu_demo.yaml --run-dir "$out/gpu-run" 2>&1 | tail -5
