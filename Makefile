@@ -51,10 +51,12 @@ $(VLLM_VENV)/.installed: pyproject.toml constraints.txt
 	-$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
-# The vLLM lane: not part of `make test` (own venv, ~1 min engine start).
+# The vLLM lane: not part of `make test` (own venv, 1-2 min per engine start). Its real-model
+# tests take the real-model lane's cached small pool (built there on first use, minutes).
 test-vllm: vllm-venv
 	test -f runs/demo-pool/pool.json || $(VENV)/bin/evomerge pool demo runs/demo-pool
-	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_moe.py tests/test_vllm.py
+	EVOMERGE_SMOL_CACHE=$(SMOL_CACHE) VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} \
+		$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_moe.py tests/test_vllm.py
 
 demo: venv
 	test -f runs/demo-pool/pool.json || $(VENV)/bin/evomerge pool demo runs/demo-pool

@@ -101,7 +101,10 @@ def _scores_the_model_itself(lm: LM) -> None:
 def _vllm(model: Any, tokenizer: Any, *, batch_size: int, max_length: int | None) -> LM:
     # vLLM is imported only here; the engine takes config and tokenizer from the model's folder
     # and its weights from the live model (batching is the engine's own: no batch_size)
-    from evomerge.fitness.vllm_backend import VLLMLiveLM, start_engine
+    # A candidate then hands its merges to the engine, which runs them as it takes each tensor
+    # (`vllm_backend.EngineMerge`): the model's own weights are freed, the engine's are the
+    # live model.
+    from evomerge.fitness.vllm_backend import VLLMLiveLM, merge_for, start_engine
     from evomerge.io.dtypes import name_of
 
     if not getattr(model, "name_or_path", None):
@@ -109,7 +112,7 @@ def _vllm(model: Any, tokenizer: Any, *, batch_size: int, max_length: int | None
             "fitness.backend 'vllm' needs a model loaded from a folder (from_pretrained)"
         )
     llm = start_engine(model.name_or_path, dtype=name_of(model.dtype), max_model_len=max_length)
-    return VLLMLiveLM(llm, tokenizer, staging=model, max_length=max_length)
+    return VLLMLiveLM(llm, tokenizer, staging=model, merge=merge_for(model), max_length=max_length)
 
 
 def _vllm_requests(lm: LM, tasks: dict[str, Task], **options: Any) -> PreparedRequests:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +96,23 @@ def _take_vocabulary(model: Any, folder: Path) -> None:
             setattr(model.config, key, config[key])
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
+
+
+# --- merges taken at push time -------------------------------------------------------------
+# A live model whose weights live elsewhere (the vLLM backend's engine) takes each trial's
+# merges itself instead of having the candidate write them into the model's tensors: the
+# candidate hands over its jobs and their parameters (`CompiledCandidate.apply`), and the
+# backend runs each merge when it pushes that tensor (`vllm_backend.EngineMerge`). Keyed by
+# the model object, so that every candidate and evaluator of a run over it finds the same one.
+_MERGE_AT_PUSH: weakref.WeakKeyDictionary[Any, Callable[..., None]] = weakref.WeakKeyDictionary()
+
+
+def merge_at_push(model: Any) -> Callable[..., None] | None:
+    """What takes `model`'s merges at push time, or None where the candidate writes them into
+    the model itself: `take(candidate, runs)`, `runs` the `(job index, parameters)` pairs of
+    one materialisation, each merged later by `candidate.run_into(index, parameters, out)`."""
+    return _MERGE_AT_PUSH.get(model)
+
+
+def set_merge_at_push(model: Any, take: Callable[..., None]) -> None:
+    _MERGE_AT_PUSH[model] = take

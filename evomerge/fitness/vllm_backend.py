@@ -1,21 +1,41 @@
 """The "vllm" fitness backend: one vLLM engine per run, candidate weights pushed into it in place.
 
-    engine = start_engine("runs/demo-pool/base", dtype="float32")   # once per run (~30-60 s)
-    lm = VLLMLiveLM(engine, tokenizer, staging=hf_model)             # pushes hf_model's weights
-    ...                                                              # the search writes hf_model
-    lm.sync_weights()                                                # ... and pushes it again
+    engine = start_engine("runs/demo-pool/base", dtype="float32")   # once per run (~30-100 s)
+    lm = VLLMLiveLM(engine, tokenizer, staging=hf_model, merge=merge_for(hf_model))
+    candidate.apply(genome)                                          # hands its merges over
+    lm.sync_weights()                                                # merged into the engine
     lm_eval.evaluator.evaluate(lm=lm, task_dict=...)                 # scored by the engine
 
-The HF model stays the staging area: `CompiledCandidate` writes each merged tensor into it, as for
-the "hf" backend, and `sync_weights` hands its whole state (checkpoint names, unfused) to the
-engine through `LLM.collective_rpc("reload_weights", ...)`, vLLM V1's in-place reload. That goes
+Two ways to get a candidate into the engine, both through `LLM.collective_rpc("reload_weights",
+...)`, vLLM V1's in-place reload, with checkpoint names, unfused:
+
+- **merged at push** (a search's `CompiledCandidate`, either tier, engine in this process):
+  the candidate hands its jobs over instead of writing them (`fitness.live_model.
+  merge_at_push`), the HF model's weights are freed, and each push runs every tensor's merge
+  as the engine asks for it, into a small pool of reusable buffers (`EngineMerge`: about one
+  layer's tensors and the embedding): the engine's weights are the only full-size copy of the
+  live model. The merges are the candidate's own, so the engine gets the same bits as from
+  the old push (tests/test_vllm.py).
+- **the whole staging model** (anything else: before a candidate's first trial, a candidate
+  that writes the model itself, an engine in its own process, `push_weights`): the HF model
+  holds the candidate and `sync_weights` hands its whole state to the engine.
+
+Either way the reload goes
 through each model's own `load_weights`, so q/k/v land in the fused `qkv_proj` and gate/up in
 `gate_up_proj` through their `weight_loader(param, value, shard_id)`, and vLLM's layerwise
 reload re-runs any kernel-format processing (CPU weight packing, ...) and copies the result
-into the parameters' existing storage (compiled graphs keep pointing at it). The whole state is
-pushed, never a part: a fused parameter given only some of its shards would be re-processed
-with the others missing. After each push the prefix cache is reset, or requests would reuse
-keys and values computed with the previous candidate's weights.
+into the parameters' existing storage (compiled graphs keep pointing at it). On the CPU that
+processing is why nothing can be written into the engine's tensors directly: vLLM packs every
+linear layer's weight into a oneDNN handle and drops the parameter (`remove_weight=True` in
+`dispatch_cpu_unquantized_gemm`), so a fused module (qkv_proj, gate_up_proj) is rebuilt from
+all its shards at once, when its last one arrives (until then vLLM holds the shards it was
+handed: a buffer is reused only once vLLM has let go of it). Hence the whole state is pushed,
+never a part: a fused parameter given only some of its shards would be re-processed with the
+others missing, and a module given none logs a warning (pushing only what changed needs the
+map from checkpoint names to the engine's modules). The head of tied embeddings is sent too, as
+the old push did: vLLM's tied head rebuilds its packed copy from it. After each push the prefix
+cache is reset, or requests would reuse keys and values computed with the previous candidate's
+weights.
 
 `VLLMLiveLM` is an lm-eval `TemplateLM` over that existing `vllm.LLM` (lm-eval's own `VLLM`
 wrapper always builds its engine from a path). It tokenizes with the same HF tokenizer and the
@@ -41,8 +61,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from lm_eval.api.model import TemplateLM
@@ -124,11 +145,162 @@ class WeightPushExtension:
         )
 
 
+class EngineMerge:
+    """The live model's weights as its engines are to hold them, when a candidate's merges are
+    run at push time (see the module notes): per checkpoint tensor, the candidate, job index and
+    parameters of its latest merge, or, for a tensor no merge has written yet, its value.
+
+    Shared by every engine over one model (`merge_for`): each push runs the merges again,
+    into reusable buffers, so no full-size copy is kept. The first candidate to hand its jobs
+    over (`take`) frees the HF model's weights: from then on it is config and tokenizer only.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.version = 0
+        """How many materialisations were taken (0: none; engines push the staging model)."""
+        self.order: list[str] = []
+        self.layout: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = {}
+        self.sources: dict[str, tuple[Any, int, dict[str, Any]] | torch.Tensor] = {}
+        self.aliases: dict[str, str] = {}
+        """A tensor that is another's (the head of tied embeddings) -> that other's name."""
+        self.buffers = _Buffers()
+
+    def take(self, candidate: Any, runs: list[tuple[int, dict[str, Any]]]) -> None:
+        """A candidate's materialisation (`fitness.live_model.merge_at_push`): `runs`, the
+        (job index, parameters) pairs to merge on the next push."""
+        names = [job.name for job in candidate.jobs]
+        if not self.version:
+            self._free_the_model(names, {names[i] for i, _ in runs})
+        for index, parameters in runs:
+            self.sources[names[index]] = (candidate, index, parameters)
+        self.version += 1
+
+    def _free_the_model(self, merged: list[str], now: set[str]) -> None:
+        """Note the push order (the candidate's job order, which its host tier's copies follow,
+        then any tensor no job writes) and keep the values of the tensors no run of this first
+        materialisation writes; then free the HF model's weights (every later use of them
+        fails loudly: they have no elements)."""
+        import torch
+
+        state = self.model.state_dict(keep_vars=True)
+        unknown = sorted(set(merged) - set(state))
+        if unknown:
+            raise ValueError(f"the live model has no tensors {unknown[:3]}")
+        owner = {state[name].data_ptr(): name for name in reversed(merged)}
+        rest = [n for n in state if n not in set(merged)]
+        for name in [*merged, *rest]:
+            tensor = state[name]
+            self.order.append(name)
+            self.layout[name] = (tensor.shape, tensor.dtype, tensor.device)
+            if name in rest and tensor.data_ptr() in owner:
+                # pushed again as the old full push did: vLLM's tied head takes it (and
+                # rebuilds its own packed copy of the embedding from it)
+                self.aliases[name] = owner[tensor.data_ptr()]
+            elif name not in now:
+                self.sources[name] = tensor.detach().clone()
+        with torch.no_grad():
+            for tensor in {id(t): t for t in state.values()}.values():
+                tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+
+    def push(self) -> _Push:
+        """The weights of one push, each merge run as the engine takes its tensor."""
+        return _Push(self)
+
+
+class _Push:
+    """One push's `(name, tensor)` pairs, merged on the way. It never raises inside the engine's
+    reload (that would leave the engine's layers half reloaded): a merge that fails is noted,
+    the rest are sent as zeros, and `check` raises after the reload has finished."""
+
+    def __init__(self, merge: EngineMerge) -> None:
+        self.merge = merge
+        self.not_finite: list[str] = []
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        # consumed inside the engine's reload, under its no_grad (`VLLMLiveLM._reload`)
+        wanted = set(self.merge.aliases.values())
+        held: dict[str, torch.Tensor] = {}  # tensors their aliases will send again
+        for name in self.merge.order:
+            if name in self.merge.aliases:
+                yield name, held.pop(self.merge.aliases[name])
+                continue
+            tensor = self._tensor(name)
+            if name in wanted:
+                held[name] = tensor
+            yield name, tensor
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        source = self.merge.sources[name]
+        if not isinstance(source, tuple):
+            return source
+        candidate, index, parameters = source
+        out = self.merge.buffers.take(*self.merge.layout[name])
+        if self.error is None:
+            try:
+                if not candidate.run_into(index, parameters, out):
+                    self.not_finite.append(name)
+            except BaseException as exc:  # Ctrl-C too: finish the reload first
+                self.error = exc
+        if self.error is not None:
+            out.zero_()
+        return out
+
+    def check(self) -> None:
+        from evomerge.spaces.base import CandidateError
+
+        if self.error is not None:
+            raise self.error
+        if self.not_finite:
+            raise CandidateError(f"the merged tensor {self.not_finite[0]!r} has NaN or Inf values")
+
+
+class _Buffers:
+    """Memory for merged tensors on their way into the engine, reused from push to push: a
+    free list per (shape, dtype, device). A buffer is free again once the engine has let go of
+    the tensor it was handed (vLLM holds a fused module's shards until its last one arrives),
+    so the pool holds about one layer's tensors and the largest other one."""
+
+    def __init__(self) -> None:
+        self.pools: dict[tuple, list[list[Any]]] = defaultdict(list)
+
+    def take(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        import torch
+
+        pool = self.pools[(tuple(shape), dtype, str(device))]
+        entry = next((e for e in pool if e[1] is None or e[1]() is None), None)
+        if entry is None:
+            entry = [torch.empty(shape, dtype=dtype, device=device), None]
+            pool.append(entry)
+        handed = entry[0].view(shape)  # a tensor of its own, whose life shows the engine's use
+        entry[1] = weakref.ref(handed)
+        return handed
+
+    @property
+    def bytes(self) -> int:
+        return sum(e[0].nbytes for pool in self.pools.values() for e in pool)
+
+
+def merge_for(model: torch.nn.Module) -> EngineMerge:
+    """The `EngineMerge` of `model`, made and registered (`merge_at_push`) on first use."""
+    from evomerge.fitness.live_model import merge_at_push, set_merge_at_push
+
+    take = merge_at_push(model)
+    if take is None:
+        merge = EngineMerge(model)
+        set_merge_at_push(model, merge.take)
+        return merge
+    return take.__self__
+
+
 class VLLMLiveLM(TemplateLM):
-    """An lm-eval LM scored by an existing vLLM engine whose weights follow a staging model.
+    """An lm-eval LM scored by an existing vLLM engine whose weights follow the live model.
 
     `staging` is the in-memory model the search writes candidates into (its state dict has
     checkpoint names); its weights are pushed into the engine now and on every `sync_weights`.
+    With `merge` (an in-process engine), once a candidate hands its merges over (`EngineMerge`)
+    every later `sync_weights` runs them into the engine instead, and `staging` is freed.
     """
 
     def __init__(
@@ -137,13 +309,20 @@ class VLLMLiveLM(TemplateLM):
         tokenizer: Any,
         *,
         staging: torch.nn.Module,
+        merge: EngineMerge | None = None,
         max_length: int | None = None,
         max_gen_toks: int = 256,
     ) -> None:
+        from vllm import envs
+
         super().__init__()
+        if merge is not None and envs.VLLM_ENABLE_V1_MULTIPROCESSING:
+            raise ValueError("merging at push time needs the engine in this process")
         self.llm = llm
         self.tokenizer = tokenizer
         self.staging = staging
+        self.merge = merge
+        self.pushed: int | None = None  # the merge's version the engine holds (None: another)
         self._max_length = max_length
         self.max_gen_toks = max_gen_toks
         self.sync_weights()
@@ -162,36 +341,58 @@ class VLLMLiveLM(TemplateLM):
 
     # --- weights ------------------------------------------------------------------------------
     def sync_weights(self) -> None:
-        """Push the staging model's current weights into the engine, in place."""
-        self.push_weights(self.staging.state_dict().items())
+        """Push the live model's current weights into the engine, in place: the candidate's
+        merges run on the way where it handed them over, else the staging model's state."""
+        if self.merge is None or not self.merge.version:
+            self.push_weights(self.staging.state_dict().items())
+            return
+        if self.pushed == self.merge.version:
+            return  # the engine holds these weights already
+        push = self.merge.push()
+        self._reload(push)
+        self.pushed = self.merge.version
+        push.check()
 
     def push_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load `(checkpoint name, tensor)` pairs into the live engine and drop cached KV.
 
-        Give every tensor of the model (see the module docstring): fused parameters need all
+        Give every tensor of the model (see the module notes): fused parameters need all
         their shards in one reload.
         """
         import torch
         from vllm import envs
 
+        self.pushed = None  # the next sync pushes the candidate again
+        if not envs.VLLM_ENABLE_V1_MULTIPROCESSING:
+            self._reload((name, tensor.detach()) for name, tensor in named)
+            return
         with torch.no_grad():
             weights = [(name, tensor.detach()) for name, tensor in named]
-            if not envs.VLLM_ENABLE_V1_MULTIPROCESSING:  # same process: tensors by reference
-                self.llm.collective_rpc(
-                    "reload_weights",
-                    kwargs={"weights_iterator": weights, "is_checkpoint_format": True},
-                )
-            else:
-                cpu = [t.to("cpu").contiguous() for _, t in weights]
-                self.llm.collective_rpc(
-                    "evomerge_load_weights",
-                    args=(
-                        [name for name, _ in weights],
-                        [name_of(t.dtype) for t in cpu],
-                        [list(t.shape) for t in cpu],
-                        [t.reshape(-1).view(torch.uint8).numpy().tobytes() for t in cpu],
-                    ),
-                )
+            cpu = [t.to("cpu").contiguous() for _, t in weights]
+            self.llm.collective_rpc(
+                "evomerge_load_weights",
+                args=(
+                    [name for name, _ in weights],
+                    [name_of(t.dtype) for t in cpu],
+                    [list(t.shape) for t in cpu],
+                    [t.reshape(-1).view(torch.uint8).numpy().tobytes() for t in cpu],
+                ),
+            )
+        self._reset_prefix_cache()
+
+    def _reload(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """The in-process reload: tensors by reference, taken one at a time from `named` (the
+        very tensor objects: `_Buffers` watches their lifetimes)."""
+        import torch
+
+        with torch.no_grad():
+            self.llm.collective_rpc(
+                "reload_weights",
+                kwargs={"weights_iterator": iter(named), "is_checkpoint_format": True},
+            )
+        self._reset_prefix_cache()
+
+    def _reset_prefix_cache(self) -> None:
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM did not reset its prefix cache after a weight push")
 
