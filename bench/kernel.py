@@ -14,13 +14,15 @@ moves the first figure; the second compares the two at the same moment).
 
 Bytes counted, per element: dare_ties reads each model's task vector once (its random draws
 are hashed in the kernel, and the L1 sums of its rescale come from each task vector's draw
-table, built once per run: no pass of their own). ties reads each task vector once; on a GPU
-also its precomputed magnitude rank (int32); on the CPU its top-k starts from the task
-vector's magnitude table (256 KiB, built once per run) and scans the task vector for the
-ties at the cut (part of one more pass; float32 also makes one pass for the cut's low bits),
-bytes not counted. Both read the base once and write the result once: the bytes a candidate
-cannot do without. The one-time precomputation (draw tables, magnitude tables or ranks) is
-timed on its own.
+table, built once per run: no pass of their own). ties reads each task vector once; its top-k
+starts from the task vector's magnitude table (256 KiB, built once per run, kept on the host)
+and scans the task vector for the ties at the cut (on the CPU part of one more pass, on a GPU a
+counting kernel's pass; float32 also makes one pass for the cut's low bits), bytes not
+counted; no magnitude ranks are kept on either. Both read the base once and write the result
+once: the bytes a candidate cannot do without. The one-time precomputation (draw tables,
+magnitude tables) is timed on its own. For ties, the top-k cuts of a candidate (every tensor's
+and source's `FusedTensor.keep_rule`, the device synchronised) are also timed alone, and the
+kernel's share (the fused candidate less the cuts) reported beside them.
 """
 
 from __future__ import annotations
@@ -139,16 +141,31 @@ def precompute(jobs, method: str, models: int = 3) -> tuple[float, int]:
         for i in range(models):
             if method == "dare_ties":
                 table = tensor.draw_l1_table(i)
-            elif tensor.inputs.base.device.type == "cpu":
-                table = tensor.magnitude_table(i)  # 4096 x 4096: above MAGNITUDE_TABLE_MIN
             else:
-                table = tensor.inputs.magnitude_ranks(i)
+                table = tensor.magnitude_table(i)  # 4096 x 4096: above MAGNITUDE_TABLE_MIN
             kept += table.numel() * table.element_size()
         if tensor.inputs.base.dtype == torch.bfloat16 and tensor.inputs.base.device.type == "cpu":
             for i in range(models + 1):
                 tensor.min_magnitude(i)
     sync(jobs[0][0].inputs.base.device)
     return time.perf_counter() - start, kept
+
+
+def selection_time(jobs, repeats: int, models: int = 3) -> float:
+    """Best seconds per candidate of TIES's top-k cuts alone: each tensor's keep rules at the
+    candidate's densities (on a GPU: the count kernel and its searches, one read-back)."""
+    rng = torch.Generator().manual_seed(2)
+    device = jobs[0][0].inputs.base.device
+    best = float("inf")
+    for run in range(repeats + 1):  # the first one warms up (compiles the count kernel)
+        start = time.perf_counter()
+        for tensor, _ in jobs:
+            _, taus = tensor.operands()
+            density = (torch.rand(models, generator=rng) * 0.6 + 0.3).tolist()
+            tensor.keep_rules(taus, density)
+        sync(device)
+        best = min(best, time.perf_counter() - start) if run else best
+    return best
 
 
 def timed(
@@ -191,9 +208,7 @@ def main() -> None:
 
     jobs = build(args.params, dtype, args.device, args.method)
     numel = sum(tensor.inputs.base.numel() for tensor, _ in jobs)
-    ranks = args.method == "ties" and args.device != "cpu"
-    per_source = itemsize + 4 if ranks else itemsize
-    moved = numel * (3 * per_source + 2 * itemsize)
+    moved = numel * (3 * itemsize + 2 * itemsize)
     copy = CopyTimer(min(numel, 1 << 27), args.device)
 
     from evomerge.kernel import task_vectors
@@ -206,6 +221,7 @@ def main() -> None:
     fused, fused_runs = (
         timed(jobs, args.method, args.repeats, copy, fused=True) if applies else (float("nan"), [])
     )
+    cuts = selection_time(jobs, args.repeats) if applies and args.method == "ties" else None
     plain, _ = timed(jobs, args.method, args.torch_repeats, copy, fused=False)
     copy_gbps = copy.gbps
 
@@ -225,18 +241,22 @@ def main() -> None:
             f"  paired with the copy before each run: median {paired:5.1%} (copies "
             f"{copies[0]:.1f}-{copies[-1]:.1f} GB/s)"
         )
+    if cuts is not None:
+        kernel = fused - cuts
+        print(
+            f"  of which top-k cuts:       {cuts:6.3f} s  ({cuts / fused:5.1%} of the candidate; "
+            f"{3 * len(jobs)} task vectors)"
+        )
+        print(
+            f"  the kernel and the rest:   {kernel:6.3f} s  {moved / kernel / 1e9:6.1f} GB/s  = "
+            f"{moved / kernel / 1e9 / copy_gbps:5.1%} of copy bandwidth"
+        )
     print(
         f"  torch ops:                 {plain:6.3f} s  {moved / plain / 1e9:6.1f} GB/s  = "
         f"{moved / plain / 1e9 / copy_gbps:5.1%}"
     )
     print(f"  fused / torch speed-up:    {plain / fused:6.1f}x")
-    what = (
-        "draw table"
-        if args.method == "dare_ties"
-        else "int32 magnitude rank"
-        if ranks
-        else "magnitude table"
-    )
+    what = "draw table" if args.method == "dare_ties" else "magnitude table"
     print(f"  precomputed once per run:  {prepared:6.3f} s  ({what}s of the 3 task vectors)")
     print(
         f"  resident per parameter:    {itemsize} + {table_bytes / numel / 3:.3f} bytes per source "

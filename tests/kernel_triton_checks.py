@@ -28,16 +28,35 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def on_device(base, taus, rules):
-    """The kernel's inputs where the Triton kernel runs (the C kernel keeps the CPU copies)."""
+    """The kernel's inputs where the Triton kernel runs (the C kernel keeps the CPU copies);
+    a magnitude rule is found again there, by triton_merge.top_magnitudes."""
 
     def move(x):
         return None if x is None else x.to(DEVICE)
 
+    taus = [TaskVector(move(t.x), move(t.base)) for t in taus]
     rules = [
-        KeepRule.key_below(move(r.tensor), r.threshold) if r.mode == KeepRule.KEY_BELOW else r
-        for r in rules
+        triton_merge.top_magnitudes(tau, r.k) if r.mode == KeepRule.MAGNITUDE else r
+        for tau, r in zip(taus, rules)
     ]
-    return move(base), [TaskVector(move(t.x), move(t.base)) for t in taus], rules
+    return move(base), taus, rules
+
+
+def top_k(tau: TaskVector, k: int) -> KeepRule:
+    """The C kernel's rule keeping the k largest |tau| (k remembered for `on_device`)."""
+    rule = cpu.top_magnitudes(tau, k)
+    rule.k = k
+    return rule
+
+
+def kept(rule: KeepRule, tau: TaskVector) -> torch.Tensor:
+    """The elements a magnitude rule keeps, by torch ops."""
+    d = (tau.x if tau.base is None else tau.x - tau.base).float().cpu().flatten()
+    a = d.view(torch.int32).long() & 0x7FFFFFFF
+    if rule.keeps_all:
+        return torch.ones_like(a, dtype=torch.bool)
+    index = torch.arange(a.numel())
+    return (a > rule.cut_bits) | ((a == rule.cut_bits) & (index < rule.cutoff))
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:
@@ -57,10 +76,8 @@ def inputs(dtype, mode, subtract):
     field = UniformField(3, "w")
     if mode == "all":
         rules = [KeepRule.keep_all()] * 3
-    elif mode == "ranks":
-        rules = [
-            KeepRule.key_below(magnitude_ranks(d), NUMEL // (i + 2)) for i, d in enumerate(deltas)
-        ]
+    elif mode == "magnitude":
+        rules = [top_k(tau, NUMEL // (i + 2)) for i, tau in enumerate(taus)]
     else:  # DARE draws, one model keeping everything
         rules = [
             KeepRule.hash_below(field.hash_key(i), keep_threshold(p))
@@ -70,7 +87,7 @@ def inputs(dtype, mode, subtract):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("mode", ["all", "ranks", "draws"])
+@pytest.mark.parametrize("mode", ["all", "magnitude", "draws"])
 @pytest.mark.parametrize("subtract", [False, True])
 def test_triton_kernel_matches_the_c_kernel(dtype, mode, subtract):
     base, taus, rules = inputs(dtype, mode, subtract)
@@ -146,3 +163,82 @@ def test_triton_draws_cross_hash_chunks(monkeypatch):
     expected = int((field.integers(0, torch.Size([numel])) < keep_threshold(0.3)).sum())
     ones = torch.ones(numel, dtype=torch.bfloat16, device=DEVICE)
     assert triton_merge.abs_sums([TaskVector(ones)], [rule], [1.0]) == [(expected, numel)]
+
+
+def tied(dtype, numel: int, seed: int) -> torch.Tensor:
+    """Values full of equal magnitudes: a few levels with either sign, zeros of both signs and,
+    for float32, levels that share their high 16 bits (one bucket of the magnitude table)."""
+    generator = torch.Generator().manual_seed(seed)
+    levels = torch.tensor([0.0, -0.0, 0.5, -0.5, 0.25, 1.0, -1.0, 0.0078125, 3.0])
+    if dtype == torch.float32:
+        levels = torch.cat(
+            [levels, 1.0 + torch.arange(1, 6) * 2.0**-20, -1.0 - levels[5:6] * 2.0**-20]
+        )
+    pick = torch.randint(0, levels.numel(), (numel,), generator=generator)
+    return levels[pick].to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("numel", [1, 7, 1024, 3 * 1024 + 5])
+def test_top_magnitudes_on_the_device_break_ties_as_the_c_kernel(dtype, numel):
+    """The cut found on the device keeps the elements the C kernel's radix select and magnitude
+    ranks keep (ties to lower indices), from a table or without, stored or subtracted; the
+    merges then have the C kernel's bits."""
+    base = tied(dtype, numel, 0)
+    models = [tied(dtype, numel, 1 + i) for i in range(3)]
+    stored = [TaskVector(m - base) for m in models]
+    for density in (0.1, 0.5, 0.9):
+        k = max(1, int(density * numel))
+        for taus in (stored, [TaskVector(m, base) for m in models]):
+            rules = [top_k(tau, k) for tau in taus]
+            on_base, on_taus, on_rules = on_device(base, taus, rules)
+            for tau, rule, on_tau, on_rule in zip(taus, rules, on_taus, on_rules):
+                delta = tau.x if tau.base is None else tau.x - tau.base
+                expected = magnitude_ranks(delta) < k
+                assert torch.equal(kept(rule, tau), expected)  # the C kernel's rule
+                assert torch.equal(kept(on_rule, tau), expected), (density, on_rule.cutoff)
+                if tau.base is None:
+                    table = triton_merge.magnitude_table(on_tau.x)
+                    assert torch.equal(table.cpu(), cpu.magnitude_table(tau.x))
+                    from_table = triton_merge.top_magnitudes(on_tau, k, table.cpu())
+                    assert (from_table.cut_bits, from_table.cutoff) == (
+                        on_rule.cut_bits,
+                        on_rule.cutoff,
+                    )
+            weights = torch.tensor([0.5, -0.3, 0.8]).to(dtype)
+            options = dict(consensus=True, normalize=True, plain_divisor=1.0, lambda_=1.0)
+            scales = [2.0**40] * 3
+            assert (
+                triton_merge.abs_sums(on_taus, on_rules, scales)
+                == (cpu.abs_sums(taus, rules, scales)[0])
+            )
+            rescale = torch.ones(3, dtype=dtype)
+            expected, _ = cpu.tv_merge(base, taus, rules, rescale, weights, **options)
+            got, _ = triton_merge.tv_merge(
+                on_base, on_taus, on_rules, rescale, weights, **options,
+                out=torch.empty_like(on_base),
+            )  # fmt: skip
+            assert torch.equal(bits(got.cpu()), bits(expected)), density
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tables", [False, True])
+def test_the_gpu_path_of_the_fused_tensor_gives_the_torch_bits(monkeypatch, dtype, tables):
+    """task_vectors' GPU path (keep rules, L1 sums, merge) through the Triton kernel, checked as
+    gpu_ready checks it on a GPU: TIES's cut found per merge, from the kept magnitude tables
+    (forced for small tensors) or without; nothing per element kept for it."""
+    from evomerge.kernel import task_vectors
+
+    monkeypatch.setattr(task_vectors, "_on_gpu", lambda tensor: True)
+    if tables:
+        monkeypatch.setattr(task_vectors, "MAGNITUDE_TABLE_MIN", 0)
+    found, select = [], triton_merge.top_magnitudes_of
+
+    def recorded(taus, ks, tables):
+        found.extend(table is not None for table in tables)
+        return select(taus, ks, tables)
+
+    monkeypatch.setattr(triton_merge, "top_magnitudes_of", recorded)
+    assert task_vectors.self_check(DEVICE, dtype) == ""
+    # TIES's cuts were found here: one-shot merges without a table, resident ones from theirs
+    assert set(found) == ({False, True} if tables else {False})

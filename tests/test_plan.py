@@ -120,15 +120,16 @@ def test_the_plan_mirrors_the_kernels_constants():
     assert memory_plan.MAGNITUDE_TABLE_BYTES == cpu.MAGNITUDE_TABLE_ENTRIES * 8
 
 
-def test_ties_keeps_magnitude_tables_on_the_cpu_and_ranks_on_a_gpu(tmp_path):
+def test_ties_keeps_magnitude_tables_and_no_ranks_on_a_gpu(tmp_path):
     """TIES in a search on the CPU keeps, per source, a 256 KiB magnitude table for each tensor
-    of 65,536 elements or more and int32 ranks (no larger) for the rest; on a GPU, whose kernel
-    has no radix select, ranks for every tensor (4 bytes per element per source)."""
+    of 65,536 elements or more and int32 ranks (no larger) for the rest; on a GPU the same
+    tables and no ranks (each trial's cut is found on the device), with a small workspace."""
     from evomerge.search.memory_plan import MAGNITUDE_TABLE_BYTES, MAGNITUDE_TABLE_MIN
 
     pool = {name: tmp_path / name for name in ("base", "ft0", "ft1", "ft2")}
     shape = dict(hidden=256, inter=1024, layers=2, vocab=512, kv=4)
-    size = [_sparse_llama(folder, **shape) for folder in pool.values()][0]
+    for folder in pool.values():
+        _sparse_llama(folder, **shape)
     shapes = _header_shapes(pool["base"]).values()
     large = [math.prod(s) for s in shapes if math.prod(s) >= MAGNITUDE_TABLE_MIN]
     small = [math.prod(s) for s in shapes if math.prod(s) < MAGNITUDE_TABLE_MIN]
@@ -141,7 +142,9 @@ def test_ties_keeps_magnitude_tables_on_the_cpu_and_ranks_on_a_gpu(tmp_path):
     config = yaml.safe_load(path.read_text())
     path.write_text(yaml.safe_dump(config | {"device": "cuda:0"}))
     got = {i.label: i.bytes for i in _plan(path).items}
-    assert "TIES tables" not in got and got["TIES ranks"] == 3 * (size // 2) * 4
+    assert "TIES ranks" not in got and got["TIES tables"] == 3 * len(large) * MAGNITUDE_TABLE_BYTES
+    # one tensor's: its per-block counts, and a histogram's slice where there is no table
+    assert 0 < got["TIES selection"] <= 16 * max(small) + 12 * max(large) // 1024 + 12
 
 
 def test_plan_prints_each_item_and_the_total(pool, tmp_path):
@@ -316,6 +319,15 @@ def test_three_8b_fine_tunes_plan_from_headers_alone(tmp_path):
     }
     # TIES on the CPU: magnitude tables, 0.4% of the task vectors (int32 ranks would be 200%)
     assert ties["TIES tables"] + ties.get("TIES ranks", 0) < 0.01 * ties["task vectors"]
+    # and on a GPU the same, no ranks, and the cut's workspace: the 2^29-element embedding's
+    # per-block counts; so TIES holds what task arithmetic holds, within 0.5%
+    gpu = _plan(_on_gpu(_config(tmp_path, pool, "ties_layers", "bfloat16")), 80 * 10**9)
+    got = {i.label: i.bytes for i in gpu.device_tier.items}
+    assert "TIES ranks" not in got and got["TIES tables"] == ties["TIES tables"]
+    assert got["TIES selection"] == -(-128256 * 4096 // 1024) * 12
+    assert 80.34e9 < gpu.device_tier.total < 80.34e9 * 1.005
+    assert gpu.tier == "host" and gpu.fits  # the host tier: no ranks staged either
+    assert gpu.item("staging").bytes == _staged_8b(size)[0]
 
 
 def test_the_allowance_takes_the_models_context_when_max_length_is_unset():

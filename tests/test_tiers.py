@@ -105,6 +105,18 @@ def test_the_staging_buffer_is_made_once_and_every_tensor_moves_each_trial(small
     )
 
 
+def test_ties_stages_only_its_base_and_task_vectors_whatever_the_device(small_pool):
+    """No magnitude ranks (4 bytes per element per source) are kept or staged for TIES, on a
+    GPU either: its cut is found per trial from the tables kept on the host
+    (triton_merge.top_magnitudes)."""
+    _, made = _candidates(small_pool, "ties_layers", "bfloat16")
+    for job in made["host"].jobs:
+        fused = job.tensor.fused
+        for device in ("cpu", "cuda"):
+            fused.stage_device = torch.device(device)
+            assert len(fused.host_operands()) == fused.count + 1
+
+
 def test_a_gpu_staging_buffer_holds_two_consecutive_tensors():
     from evomerge.kernel.task_vectors import staging_bytes
 

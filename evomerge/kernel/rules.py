@@ -49,7 +49,8 @@ class KeepRule(ctypes.Structure):
 
     @classmethod
     def key_below(cls, key: torch.Tensor, threshold: int) -> KeepRule:
-        """key[e] < threshold, e.g. precomputed magnitude ranks (int32)."""
+        """key[e] < threshold, e.g. precomputed magnitude ranks (int32): the C kernel's, for
+        small resident tensors; the Triton kernel takes `magnitude_cut` instead."""
         rule = cls(mode=cls.KEY_BELOW, threshold=threshold, key=key.data_ptr())
         rule.tensor = key
         return rule
@@ -70,5 +71,5 @@ class KeepRule(ctypes.Structure):
     @classmethod
     def magnitude_cut(cls, cut_bits: int, cutoff: int) -> KeepRule:
         """|tau| above the cut (float32 bits), or at it and below index `cutoff`
-        (cpu.top_magnitudes)."""
+        (cpu.top_magnitudes, triton_merge.top_magnitudes)."""
         return cls(mode=cls.MAGNITUDE, cut_bits=cut_bits, cutoff=cutoff)

@@ -11,13 +11,15 @@ Lifecycle: prepare once per run, merge per trial.
   - `FusedTensor.merge(out=..., **parameters)` per merge, with the method's keyword arguments.
 A `resident` tensor (the search: many merges of the same inputs) keeps, on first use, what does
 not change between trials: its task vectors (in `MergeInputs`), TIES's magnitude tables (or, for
-small tensors and on a GPU, magnitude ranks), DARE's draw tables and the inputs' smallest
+small tensors on the CPU, magnitude ranks), DARE's draw tables and the inputs' smallest
 magnitudes (here). A one-shot tensor (`evomerge merge`) keeps nothing: task vectors are
-subtracted on the fly and TIES's top-k is a radix select.
+subtracted on the fly and TIES's top-k is a radix select. On a GPU, TIES's cut is found per
+merge on the device from the magnitude table (kept on the host: `triton_merge.top_magnitudes`),
+so a GPU search keeps no magnitude ranks (they would take 4 bytes per element per source).
 
 Two tiers hold a search's resident inputs. The device tier keeps them on the merge device. The
 host tier (`prepare_host`, `Staging`) keeps them in host memory (pinned for a GPU) and copies
-each tensor's operands (the base, the task vectors; on a GPU TIES's ranks too) into one
+each tensor's operands (the base and the task vectors: nothing per element more for TIES) into one
 bounded staging buffer on the device just before its merge, which reads them there and writes
 the live model: the same kernel on the same values, so the same bits. On a GPU the copies run
 on a side stream, the next tensor's copy beside this tensor's merge.
@@ -44,10 +46,11 @@ FUSED_RULES = (None, "magnitude", "random")  # breadcrumbs and della run the tor
 # Tensors at least this large keep a draw table for DARE's rescale when resident (512 KiB per
 # task vector: at most half a byte per element); smaller ones sum in a pass per merge.
 DRAW_TABLE_MIN = 1 << 20
-# TIES in a search (resident, on the CPU): a task vector this large keeps its magnitude table
-# (cpu.magnitude_table, 256 KiB) and finds each merge's top-k from it; a smaller one keeps
-# int32 magnitude ranks, which are then no larger than the table. Either way what is kept for
-# TIES costs at most 256 KiB per task vector and tensor (not 4 bytes per element).
+# TIES in a search (resident): a task vector this large keeps its magnitude table
+# (cpu.magnitude_table, 256 KiB, on the host) and finds each merge's top-k from it; a smaller
+# one keeps, on the CPU, int32 magnitude ranks, which are then no larger than the table, and on
+# a GPU nothing (its table is made per merge). Either way what is kept for TIES costs at most
+# 256 KiB per task vector and tensor (not 4 bytes per element).
 MAGNITUDE_TABLE_MIN = cpu.MAGNITUDE_TABLE_ENTRIES * 8 // 4
 # Where no nonzero input to a product, and no nonzero product, falls below this, no value in
 # a merge can be subnormal (see FusedTensor.subnormal_free).
@@ -109,6 +112,12 @@ def _fits_gpu(tensors: list[torch.Tensor]) -> bool:
     )
 
 
+def _on_gpu(tensor: torch.Tensor) -> bool:
+    """Whether the Triton kernel merges `tensor`: it is on a CUDA GPU. (The checks of this
+    module's GPU path, run in Triton's CPU interpreter, say so of CPU tensors.)"""
+    return tensor.is_cuda
+
+
 class FusedTensor:
     """One output tensor of a task-vector merge, as the kernel merges it (see the module notes)."""
 
@@ -147,7 +156,7 @@ class FusedTensor:
         whether every value of it is finite (found in the same pass)."""
         base, taus = self.operands()
         dtype = base.dtype
-        rules = [self.keep_rule(i, taus[i], density[i]) for i in range(self.count)]
+        rules = self.keep_rules(taus, density)
         factors = [torch.ones((), dtype=dtype)] * self.count
         rescaled = [i for i in range(self.count) if rescale and not rules[i].keeps_all]
         for i, (after, before) in self.l1_norms(taus, rules, rescaled).items():
@@ -164,7 +173,7 @@ class FusedTensor:
             lambda_=lambda_,
         )
         out = out if self.can_write(out, base) else torch.empty_like(base)
-        if base.is_cuda:
+        if _on_gpu(base):
             from evomerge.kernel import triton_merge
 
             return triton_merge.tv_merge(base, taus, rules, rescale_factors, w, **options, out=out)
@@ -182,12 +191,9 @@ class FusedTensor:
         return self.inputs.base, [self.task_vector(i) for i in range(self.count)]
 
     def host_operands(self) -> list[torch.Tensor]:
-        """What the host tier copies to `device` for a merge: the base, the task vectors and,
-        on a GPU for TIES, the magnitude ranks (its kernel has no radix select)."""
-        operands = [self.inputs.base, *(self.inputs.delta(i) for i in range(self.count))]
-        if self.rule == "magnitude" and self.stage_device.type == "cuda":
-            operands += [self.inputs.magnitude_ranks(i) for i in range(self.count)]
-        return operands
+        """What the host tier copies to `device` for a merge: the base and the task vectors
+        (TIES's tables stay on the host, where its cut is looked up)."""
+        return [self.inputs.base, *(self.inputs.delta(i) for i in range(self.count))]
 
     def can_write(self, out: torch.Tensor | None, base: torch.Tensor | None = None) -> bool:
         """Whether the kernel can write the result into `out` (the live model's parameter in
@@ -207,11 +213,27 @@ class FusedTensor:
             return TaskVector(self.inputs.delta(index))
         return TaskVector(self.inputs.models[index], self.inputs.base)
 
+    def keep_rules(self, taus: list[TaskVector], density: list[float]) -> list[KeepRule]:
+        """`keep_rule` of every model; on a GPU TIES's cuts found together (one
+        synchronisation for the tensor: triton_merge.top_magnitudes_of)."""
+        if not (self.rule == "magnitude" and _on_gpu(taus[0].x) and min(density) < 1):
+            return [self.keep_rule(i, taus[i], density[i]) for i in range(self.count)]
+        from evomerge.kernel import triton_merge
+
+        numel = self.inputs.base.numel()
+        tabled = self.resident and numel >= MAGNITUDE_TABLE_MIN
+        ks = [sparsify.magnitude_keep_count(d, numel) for d in density]
+        tables = [
+            self.magnitude_table(i) if tabled and ks[i] < numel else None for i in range(self.count)
+        ]
+        return triton_merge.top_magnitudes_of(taus, ks, tables)
+
     def keep_rule(self, index: int, tau: TaskVector, density: float) -> KeepRule:
         """The kernel's form of sparsified_delta's mask; DARE draws hashed inline. TIES's top-k:
-        on a GPU (which has no radix select) from magnitude ranks; on the CPU by a radix
-        select, which a resident tensor of MAGNITUDE_TABLE_MIN elements or more starts from its
-        magnitude table, and a smaller one replaces by its ranks (see MAGNITUDE_TABLE_MIN)."""
+        a cut by a radix select (on a GPU by torch ops and a counting kernel on the device),
+        which a resident tensor of MAGNITUDE_TABLE_MIN elements or more starts from its
+        magnitude table; a smaller resident one on the CPU uses its ranks instead (see
+        MAGNITUDE_TABLE_MIN)."""
         if self.rule is None or density >= 1:
             return KeepRule.keep_all()
         if self.rule == "random":
@@ -220,18 +242,30 @@ class FusedTensor:
             )
         numel = self.inputs.base.numel()
         k = sparsify.magnitude_keep_count(density, numel)
-        if tau.x.is_cuda and self.stage is not None:  # the staged copy of the host's ranks
-            return KeepRule.key_below(self.stage.ranks(index), k)
-        if tau.x.is_cuda or (self.resident and numel < MAGNITUDE_TABLE_MIN):
+        tabled = self.resident and numel >= MAGNITUDE_TABLE_MIN
+        if _on_gpu(tau.x):  # tau resident on the GPU, or staged there from the host
+            from evomerge.kernel import triton_merge
+
+            table = self.magnitude_table(index) if tabled else None
+            return triton_merge.top_magnitudes(tau, k, table)
+        if self.resident and not tabled:
             return KeepRule.key_below(self.inputs.magnitude_ranks(index), k)
         if self.resident:
             return cpu.top_magnitudes(tau, k, self.magnitude_table(index))
         return cpu.top_magnitudes(tau, k)
 
     def magnitude_table(self, index: int) -> torch.Tensor:
-        """cpu.magnitude_table of task vector `index`: built on first use and kept."""
+        """cpu.magnitude_table of task vector `index`, on the host (a GPU's made there): built
+        on first use and kept."""
         if index not in self._magnitude_tables:
-            self._magnitude_tables[index] = cpu.magnitude_table(self.inputs.delta(index))
+            delta = self.inputs.delta(index)
+            if delta.device.type == "cpu" and cpu.fits([delta]):
+                table = cpu.magnitude_table(delta)
+            else:
+                from evomerge.kernel import triton_merge
+
+                table = triton_merge.magnitude_table(delta).cpu()
+            self._magnitude_tables[index] = table
         return self._magnitude_tables[index]
 
     def l1_norms(
@@ -266,7 +300,7 @@ class FusedTensor:
         }
 
     def _abs_sums(self, taus: list, rules: list, scales: list[float]):
-        if taus[0].x.is_cuda:  # the GPU hashes again in the merge pass: compute is cheap there
+        if _on_gpu(taus[0].x):  # the GPU hashes again in the merge pass: compute is cheap there
             from evomerge.kernel import triton_merge
 
             return triton_merge.abs_sums(taus, rules, scales), rules
@@ -377,28 +411,12 @@ def staging_bytes(sizes: list[int], *, pairs: bool) -> int:
 
 def _pin(tensor: FusedTensor) -> None:
     """Move a streamed tensor's host operands into pinned memory (copies from pageable memory
-    to a GPU are staged by the driver and cannot overlap compute); TIES's ranks are made on
-    the GPU from a copy of each task vector and kept on the host."""
+    to a GPU are staged by the driver and cannot overlap compute)."""
     inputs = tensor.inputs
     inputs.base = inputs.base.pin_memory()
     for i in range(tensor.count):
         # MergeInputs keeps its task vectors in its memo: the pinned copy replaces the pageable
-        delta = inputs.delta(i).pin_memory()
-        inputs._memo["delta", i] = delta
-        if tensor.rule == "magnitude":
-            inputs._memo["desc", i] = _host_ranks(delta, tensor.stage_device)
-
-
-def _host_ranks(delta: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """sparsify.magnitude_ranks of a host task vector, pinned on the host: sorted on the GPU
-    where its sort (about 18 bytes an element) fits beside what is there, else on the CPU
-    (a stable sort: the same ranks either way)."""
-    from evomerge.methods.sparsify import magnitude_ranks
-
-    free, _ = torch.cuda.mem_get_info(device)
-    if 18 * delta.numel() < free // 2:
-        return magnitude_ranks(delta.to(device)).cpu().pin_memory()
-    return magnitude_ranks(delta).pin_memory()
+        inputs._memo["delta", i] = inputs.delta(i).pin_memory()
 
 
 class Stage:
@@ -448,10 +466,6 @@ class Stage:
             torch.cuda.current_stream(self.staging.device).wait_event(self.copied)
         self.staging.ready.discard(self)  # read once: a later merge fetches again
         return self.views[: 1 + self.count]
-
-    def ranks(self, index: int) -> torch.Tensor:
-        """The staged magnitude ranks of task vector `index` (a GPU, TIES)."""
-        return self.views[1 + self.count + index]
 
 
 # --- the GPU: checked against the CPU before first use ----------------------------------------

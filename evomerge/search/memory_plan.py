@@ -7,12 +7,17 @@ config and its space, the plan adds up what a search keeps for its whole run on 
     task vectors    one per source, tau_i = theta_i - theta_base (the fused kernel and RegMean
                     keep task vectors only; a method run by torch ops keeps the sources, and
                     its task vectors where it forms them)
-    TIES tables     on the CPU, a magnitude table of 2^15 int64 (256 KiB) per source per tensor
-                    of 65,536 elements or more, kept once a trial asks a density below 1: each
-                    trial's top-k starts from it (`kernel.task_vectors.MAGNITUDE_TABLE_MIN`)
-    TIES ranks      int32 magnitude ranks per element per source of the smaller tensors (no
-                    larger than a table), and of every tensor on a GPU, whose kernel has no
-                    radix select (`MergeInputs.magnitude_ranks`)
+    TIES tables     a magnitude table of 2^15 int64 (256 KiB) per source per tensor of 65,536
+                    elements or more, kept once a trial asks a density below 1: each trial's
+                    top-k starts from it (`kernel.task_vectors.MAGNITUDE_TABLE_MIN`; on a GPU
+                    it is kept in host memory, counted here on the device: 0.4% of the task
+                    vectors)
+    TIES ranks      on the CPU, int32 magnitude ranks per element per source of the smaller
+                    tensors (no larger than a table; `MergeInputs.magnitude_ranks`); a GPU
+                    keeps none: it finds each trial's cut on the device
+    TIES selection  on a GPU, the workspace of that per-trial cut, one tensor at a time: 12
+                    bytes per 1024 elements, and histograms of up to 2^22 elements (float32
+                    tensors, tensors without a table; `kernel.triton_merge.top_magnitudes`)
     DARE tables     a draw table of (2^16 + 1) int64 per source per tensor of 1M elements or
                     more (`kernel.task_vectors.DRAW_TABLE_MIN`)
     RegMean         the projected task vectors (float32, one per source) and, while one
@@ -28,10 +33,10 @@ and the bytes one trial moves (every resident input read once, the merged tensor
 once). `evomerge search` runs the same plan at start-up and refuses a run that cannot fit.
 
 Tiers (`search.tier`): in the device tier all of the above is on the device. In the host tier
-(a parameter space) the device holds the live model, the engine, the allowance and one staging
-buffer (the largest tensor's operands: its base and task vectors, on a GPU TIES's int32 ranks
-too; on a GPU the largest two consecutive tensors', the next one's copy overlapping this one's
-merge: `kernel.task_vectors.Staging`); host memory holds the rest, and a trial copies every
+(a parameter space) the device holds the live model, the engine, the allowance, TIES's
+selection workspace and one staging buffer (the largest tensor's operands: its base and task
+vectors; on a GPU the largest two consecutive tensors', the next one's copy overlapping this
+one's merge: `kernel.task_vectors.Staging`); host memory holds the rest, and a trial copies every
 streamed tensor's operands over the host link (a kernel-less method's tensors are merged on
 the host, their results pushed). `auto` picks the device tier where it fits, else the host
 tier; a config that fits neither is refused. On the CPU both tiers share one memory.
@@ -67,7 +72,8 @@ FUSED_RULES = (None, "magnitude", "random")
 MAX_MODELS = 64  # the most sources the fused kernel merges at once
 STAGE_ALIGN = 256  # each operand's place in the host tier's staging buffer starts at a multiple
 ASSUMED_LINK = 25e9  # bytes per second host to GPU, said as assumed where none is measured
-DEVICE_LABELS = ("live model", "engine weights", "activations")  # on the device in either tier
+# on the device in either tier
+DEVICE_LABELS = ("live model", "engine weights", "activations", "TIES selection")
 
 
 @dataclass(frozen=True)
@@ -536,7 +542,7 @@ def _parameters_plan(space, device: str = "cpu") -> MemoryPlan:
     rules = method.task_vectors
     forced = merge_plan.recipe.dtype
     sizes = {"base": 0, "task": 0, "sources": 0, "ranks": 0, "magnitude": 0, "tables": 0}
-    sizes.update(projected=0, statistics=0, trial=0, link=0)
+    sizes.update(selection=0, projected=0, statistics=0, trial=0, link=0)
     staged = []  # the host tier: each streamed tensor's operands, aligned as the buffer lays them
     sources = 0
     dtypes = set()
@@ -573,20 +579,21 @@ def _parameters_plan(space, device: str = "cpu") -> MemoryPlan:
         elif fused:
             sizes["task"] += n * tensor
             read = n * tensor
-            operands = [tensor] * (n + 1)
-            if rules.sparsify == "magnitude" and device.startswith("cuda"):
-                operands += [numel * 4] * n  # the GPU's kernel reads ranks: staged too
+            operands = [tensor] * (n + 1)  # TIES's tables stay in host memory: none staged
             staged.append(sum(_aligned(size) for size in operands))
             sizes["link"] += sum(operands)
-            if rules.sparsify == "magnitude" and (
-                device.startswith("cuda") or numel < MAGNITUDE_TABLE_MIN
-            ):
+            gpu, tabled = device.startswith("cuda"), numel >= MAGNITUDE_TABLE_MIN
+            if rules.sparsify == "magnitude" and not (gpu or tabled):
                 rank = 4 if numel < 2**31 else 8
                 sizes["ranks"] += n * numel * rank
                 read += n * numel * rank
-            elif rules.sparsify == "magnitude":  # the top-k's scans: at most one pass over each
-                sizes["magnitude"] += n * MAGNITUDE_TABLE_BYTES  # task vector, two in float32
-                read += n * tensor * (2 if size == 4 else 1)
+            elif rules.sparsify == "magnitude":  # the top-k's scans: a pass over each task vector,
+                sizes["magnitude"] += n * MAGNITUDE_TABLE_BYTES if tabled else 0  # two in float32
+                read += n * tensor * (2 if size == 4 or not tabled else 1)  # or without a table
+                if gpu:  # the cut's workspace (kernel.triton_merge.top_magnitudes)
+                    sliced = 0 if size == 2 and tabled else 16 * min(numel, 1 << 22)
+                    selection = -(-numel // 1024) * 12 + sliced
+                    sizes["selection"] = max(sizes["selection"], selection)
             elif rules.sparsify == "random" and numel >= DRAW_TABLE_MIN:
                 sizes["tables"] += n * DRAW_TABLE_BYTES
         else:
@@ -605,6 +612,7 @@ def _parameters_plan(space, device: str = "cpu") -> MemoryPlan:
         ("task", "task vectors", "one per source"),
         ("ranks", "TIES ranks", "int32 magnitude ranks per source"),
         ("magnitude", "TIES tables", "magnitude tables per source, not ranks"),
+        ("selection", "TIES selection", "a trial's magnitude cut on the device, per tensor"),
         ("tables", "DARE tables", "draw tables per source"),
         ("projected", "projected", "RegMean's float32 projections"),
         (
