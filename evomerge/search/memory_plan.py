@@ -23,7 +23,9 @@ config and its space, the plan adds up what a search keeps for its whole run on 
     RegMean         the projected task vectors (float32, one per source) and, while one
                     tensor's projections are made, each model's input statistics of that
                     tensor ((in, in) float32 per linear weight, a row vector for an embedding)
-    live model      the evaluation model, the base in the pool's dtype (float32 if none)
+    live model      the evaluation model, the base in the pool's dtype (float32 if none); with
+                    the vLLM backend and a parameter space, only the buffers each tensor is
+                    merged into as the engine loads it (about one layer and the embedding)
     engine          with the vLLM backend, the engine's own copy of the weights
     activations     an allowance, not a measurement: the KV cache and the float32 logits of
                     one batch (fitness.batch_size sequences of fitness.max_length tokens; if
