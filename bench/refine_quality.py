@@ -15,6 +15,8 @@ the refinement's cost (forward+backward example passes, seconds, trial-equivalen
 over the mean seconds of a black-box trial). `--oracle` also refines the black-box best on the
 test split itself (train and early-stopping folds both from test): the share of the gap that
 per-tensor weights can reach at all, what limits a pool where the refinement falls short.
+`--objective entropy` refines by AdaMerging's unsupervised entropy instead of the answer NLL
+(`search.refine.objective`; its held-out fold reads entropy, so the fold column shows n/a).
 """
 
 from __future__ import annotations
@@ -166,8 +168,16 @@ def summarise(runs: list[dict], refs: dict[str, dict], ceilings: dict[str, float
         )
         drop_bb = mean("black_box_dev") - mean("black_box_test")
         drop_rf = mean("refined_dev") - mean("refined_test")
-        fold = statistics.mean(r["refine"]["held_out_start"] - r["black_box_test"] for r in mine)
-        fold_rf = statistics.mean(r["refine"]["held_out_refined"] - r["refined_test"] for r in mine)
+        if mine[0]["refine"].get("objective", "nll") == "nll":
+            fold = statistics.mean(
+                r["refine"]["held_out_start"] - r["black_box_test"] for r in mine
+            )
+            fold_rf = statistics.mean(
+                r["refine"]["held_out_refined"] - r["refined_test"] for r in mine
+            )
+            folds = f"{100 * fold:+.1f} / {100 * fold_rf:+.1f}"
+        else:  # the fold's score is minus its entropy, not a metric
+            folds = "n/a"
         cost = (
             f"{statistics.mean(r['refine']['train_passes'] for r in mine):.0f} fwd+bwd, "
             f"{statistics.mean(r['refine']['seconds'] for r in mine):.0f} s, "
@@ -179,7 +189,7 @@ def summarise(runs: list[dict], refs: dict[str, dict], ceilings: dict[str, float
             f"| {pool} | {len(mine)} | {naive:.3f} | {ceiling:.3f} | {mean('black_box_test'):.3f} "
             f"| {mean('refined_test'):.3f} | {closed('black_box_test')} | {closed('refined_test')} "
             f"| {paired} | {100 * drop_bb:+.1f} / {100 * drop_rf:+.1f} (held-out fold: "
-            f"{100 * fold:+.1f} / {100 * fold_rf:+.1f}) | {cost} "
+            f"{folds}) | {cost} "
             f"| {mean('statistics_seconds'):.1f} s, {mean('statistics_trials'):.1f} trials "
             f"| {refs[pool]['envelope']:.3f} "
             f"({100 * (refs[pool]['envelope'] - naive) / (ceiling - naive):.0f}%) |"
@@ -194,6 +204,11 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--refine", default="{}", help="search.refine as JSON (default: {})")
+    parser.add_argument(
+        "--objective",
+        choices=("nll", "entropy"),
+        help="search.refine.objective (overrides --refine's)",
+    )
     parser.add_argument("--ceiling", nargs="*", default=[], metavar="POOL=VALUE")
     parser.add_argument("--out", type=Path)
     parser.add_argument(
@@ -202,6 +217,8 @@ def main() -> None:
     args = parser.parse_args()
     ceilings = {**CEILINGS, **{k: float(v) for k, v in (c.split("=") for c in args.ceiling)}}
     refine = json.loads(args.refine)
+    if args.objective:
+        refine["objective"] = args.objective
     runs, refs = [], {}
     with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(args.jobs) as workers:
         pending = {

@@ -2,7 +2,9 @@
 
 The gradient matches finite differences; the refined trial is a trial of the study (stored,
 told, scored on all of dev); it resumes after an interruption; its exported recipe (per-tensor
-`filter` values) makes the scored model bit for bit; unsupported runs are refused when read.
+`filter` values) makes the scored model bit for bit; unsupported runs are refused when read;
+the unsupervised entropy objective lowers the held-out entropy and refines a task without
+answers, which the answer NLL refuses in one sentence.
 """
 
 from __future__ import annotations
@@ -313,6 +315,109 @@ def test_the_cli_refuses_in_one_sentence(tmp_path, small_pool):
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "search.refine: gradient" in lines[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_the_entropy_objective_lowers_the_entropy_on_the_dev_fold(tmp_path, small_pool):
+    """`objective: entropy` reads no answer (each document's context alone) and lowers the
+    held-out fold's mean entropy where each answer starts, the weights it keeps being the
+    best on that fold."""
+    import torch
+
+    from evomerge.spaces.refine.merge import DifferentiableMerge
+
+    refine = {**FAST, "steps": 8, "objective": "entropy"}
+    config, _ = config_of(small_pool, tmp_path, refine=refine)
+    search = new_search(config, tmp_path / "run")
+    refiner = search.refiner
+    assert all(
+        e.n_answer == 0 for e in refiner.train + [e for b in refiner.held for e in b.examples]
+    )
+    # the entropy is taken where each context ends, i.e. where its answer would start
+    batch = refiner.held[0]
+    logits = torch.randn(*batch.inputs.shape, 7, generator=torch.Generator().manual_seed(0))
+    for row, e in enumerate(batch.examples):
+        assert batch.inputs[row, batch.last[row]] == e.tokens[-1]
+        want = torch.distributions.Categorical(logits=logits[row, batch.last[row]]).entropy()
+        assert batch.entropy(logits)[row].item() == pytest.approx(want.item(), rel=1e-5)
+
+    genome = {g.name: 0.5 for g in search.space.genes}
+    result = refiner.refine(genome)
+    assert result.stats["objective"] == "entropy" and result.stats["changed"]
+
+    merge = DifferentiableMerge(search.candidate, genome)
+
+    def held_out_entropy(w: torch.Tensor) -> float:
+        with torch.no_grad():
+            weights = merge.merged(w)
+            values = [b.entropy(refiner._logits(weights, b.inputs)) for b in refiner.held]
+        return float(torch.cat(values).mean())
+
+    refined = torch.tensor([result.weights[name] for name in merge.names])
+    before, after = held_out_entropy(merge.start), held_out_entropy(refined)
+    assert after < before
+    assert result.stats["held_out_start"] == pytest.approx(-before, rel=1e-5)
+    assert result.stats["held_out_refined"] == pytest.approx(-after, rel=1e-5)
+
+
+def _blank_task_config(tmp_path: Path, pool: Path, refine: dict) -> Path:
+    """A run over one task whose documents have no target answer: the add skill's prompts,
+    generated until '.', scored by exact match against an empty target."""
+    import shutil
+
+    tasks = tmp_path / "tasks"
+    shutil.copytree(pool / "tasks", tasks, dirs_exist_ok=True)
+    (tasks / "blank.yaml").write_text(
+        "task: blank\n"
+        "dataset_path: json\n"
+        "dataset_kwargs: {data_files: {dev: data/add_dev.jsonl, test: data/add_test.jsonl}}\n"
+        "validation_split: dev\n"
+        "test_split: test\n"
+        "output_type: generate_until\n"
+        'doc_to_text: "{{prompt}}"\n'
+        'doc_to_target: ""\n'
+        'generation_kwargs: {until: ["."], max_gen_toks: 4, do_sample: false}\n'
+        "metric_list: [{metric: exact_match, aggregation: mean, higher_is_better: true}]\n"
+    )
+    data = pool_search_config(
+        pool,
+        space="task_arithmetic_layers",
+        tasks=["blank"],
+        subset=8,
+        batch_size=32,
+        search={"sampler": "random", "trials": 2, "seed": 1, "refine": refine, "baselines": False},
+    )
+    data["fitness"]["task_paths"] = [str(tasks)]
+    path = tmp_path / f"blank-{refine.get('objective', 'nll')}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_task_without_answers_refines_by_entropy_and_is_refused_by_nll(tmp_path, small_pool):
+    from evomerge.errors import UserError
+    from evomerge.search.config import load_run_config
+
+    config = load_run_config(_blank_task_config(tmp_path, small_pool, dict(FAST)))
+    with pytest.raises(UserError) as refused:
+        new_search(config, tmp_path / "nll")
+    message = str(refused.value)
+    assert "'blank' has no target answers" in message and "objective: entropy" in message
+    assert "\n" not in message
+
+    path = _blank_task_config(tmp_path, small_pool, {**FAST, "objective": "entropy"})
+    search = new_search(load_run_config(path), tmp_path / "entropy")
+    search.run(until=2, progress=False)
+    (refined,) = refined_trials(search.study)
+    assert refined.state.name == "COMPLETE"
+    assert refined.user_attrs["refine"]["objective"] == "entropy"
+
+
+def test_an_unknown_objective_is_refused_when_the_config_is_read(tmp_path, small_pool):
+    from evomerge.errors import UserError
+
+    with pytest.raises(UserError) as refused:
+        config_of(small_pool, tmp_path, refine={"objective": "entropi"})
+    message = str(refused.value)
+    assert "search.refine.objective" in message and "'entropy'" in message and "\n" not in message
 
 
 def test_the_config_names_every_task_vector_method():

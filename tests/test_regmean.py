@@ -3,7 +3,9 @@ statistics collected from the dev documents, searched and refined inside a study
 
 The method against the closed form it writes (and the least-squares optimum it claims); a
 recipe with statistics files merged by `evomerge merge`; bad statistics refused in one
-sentence; the collector's Gram matrices against X^T X / N taken by hand; a search over
+sentence; the collector's Gram matrices against X^T X / N taken by hand, one per distinct
+input; the files (float16, each input once) against the float32 matrices, and the files of
+earlier runs (float32 per weight) read as written; a search over
 `regmean_layers` whose first baseline is RegMean itself, whose refined trial exports bit for
 bit, and whose statistics a resumed run reuses.
 """
@@ -220,7 +222,7 @@ def test_the_collector_takes_x_transpose_x_over_the_real_tokens(tiny):
     count; each task goes to the model with the lowest answer NLL."""
     from transformers import LlamaForCausalLM
 
-    from evomerge.fitness.statistics import gram_matrices, owners
+    from evomerge.fitness.statistics import _gram_matrices, gram_matrices, owners
     from evomerge.fitness.teacher import Example
 
     folders, _, _ = tiny
@@ -248,6 +250,67 @@ def test_the_collector_takes_x_transpose_x_over_the_real_tokens(tiny):
     want = torch.bincount(tokens, minlength=counts.shape[0]).float() / len(tokens)
     torch.testing.assert_close(counts, want)
     assert owners({"a": {"t": 0.5, "u": 2.0}, "b": {"t": 0.7, "u": 1.0}}) == {"t": "a", "u": "b"}
+    # layers handed the same input share one matrix, equal to what each would take alone
+    layers = model.config.num_hidden_layers
+    for layer in range(layers):
+        attn, mlp = f"model.layers.{layer}.self_attn.", f"model.layers.{layer}.mlp."
+        assert grams.same_input[f"{attn}k_proj.weight"] == f"{attn}q_proj.weight"
+        assert grams.same_input[f"{attn}v_proj.weight"] == f"{attn}q_proj.weight"
+        assert grams.same_input[f"{mlp}up_proj.weight"] == f"{mlp}gate_proj.weight"
+    assert len(grams.same_input) == 3 * layers and not set(grams.same_input) & set(grams.tensors)
+    alone = _gram_matrices(model, examples, share=False)
+    assert not alone.same_input and set(alone.tensors) == set(grams.tensors) | set(grams.same_input)
+    assert all(torch.equal(grams[name], alone[name]) for name in alone.tensors)
+
+
+def test_a_statistics_file_stores_each_input_once_in_float16(tmp_path, tiny):
+    """Version 2: one float16 correlation and float32 scales per distinct input, read back as
+    the Gram matrix to float16's precision on the correlation, the diagonal near exact; a file
+    of an earlier run (version 1: float32 per weight, no metadata) reads as written; an unknown
+    version is refused in one sentence."""
+    from transformers import LlamaForCausalLM
+
+    from evomerge.errors import UserError
+    from evomerge.fitness.statistics import gram_matrices
+    from evomerge.fitness.teacher import Example
+    from evomerge.io.statistics import InputStatistics, pack
+
+    folders, _, _ = tiny
+    model = LlamaForCausalLM.from_pretrained(folders["ft0"]).eval()
+    examples = [Example("t", i, tuple(range(1 + i, 9 + i)), 2) for i in range(6)]
+    grams = gram_matrices(model, examples)
+    tensors, metadata = pack(grams.tensors, grams.same_input)
+    save_file(tensors, str(tmp_path / "v2.safetensors"), metadata=metadata)
+    every = {name: grams[name].clone() for name in [*grams.tensors, *grams.same_input]}
+    save_file(every, str(tmp_path / "v1.safetensors"))
+    v2 = InputStatistics({"m": str(tmp_path / "v2.safetensors")})
+    v1 = InputStatistics({"m": str(tmp_path / "v1.safetensors")})
+    shapes = {k: v.shape for k, v in load_file(str(folders["ft0"] / "model.safetensors")).items()}
+    for name, want in every.items():
+        assert v2.check("m", name, tuple(shapes[name])) and v1.check("m", name, shapes[name])
+        assert torch.equal(v1.gram("m", name), want)
+        got = v2.gram("m", name)
+        if want.dim() == 1:
+            assert torch.equal(got, want)
+            continue
+        scale = torch.diagonal(want).sqrt()
+        bound = 2**-11 * scale[:, None] * scale[None, :]  # float16's rounding of C in [-1, 1]
+        assert ((got - want).abs() <= bound + 1e-12).all(), name
+        torch.testing.assert_close(torch.diagonal(got), torch.diagonal(want), rtol=1e-6, atol=0)
+    linear = [n for n in every if every[n].dim() == 2]
+    layers = model.config.num_hidden_layers
+    assert len(linear) == layers * 7 + 1  # q k v o gate up down per layer, and lm_head
+    kept = [n for n in tensors if n.endswith(".weight") and tensors[n].dim() == 2]
+    assert len(kept) == layers * 4 + 1 and all(tensors[n].dtype == torch.float16 for n in kept)
+    v2_bytes = sum(tensors[n].numel() * 2 for n in kept)
+    v1_bytes = sum(every[n].numel() * 4 for n in linear)
+    assert v2_bytes < v1_bytes / 3  # half the bytes a matrix; q/k/v, gate/up stored once
+
+    metadata["version"] = "3"
+    save_file(tensors, str(tmp_path / "v3.safetensors"), metadata=metadata)
+    with pytest.raises(UserError) as refused:
+        InputStatistics({"m": str(tmp_path / "v3.safetensors")}).gram("m", linear[0])
+    assert "is of version '3'" in str(refused.value) and "\n" not in str(refused.value)
 
 
 # --- inside a search -----------------------------------------------------------------------

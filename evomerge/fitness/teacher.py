@@ -12,6 +12,10 @@ the target text followed by the first stop string (what greedy decoding must wri
 exact match). The same forward pass also says whether every answer token is the argmax: for
 `acc` (greedy match) and greedy `exact_match` that is the metric itself, which is what
 early stopping reads on the fold of dev kept apart.
+
+Without answers (`prompt_examples`: the context alone, `n_answer` 0), what a batch gives is the
+next-token distribution where the answer would start, whose entropy an unsupervised objective
+reads (AdaMerging's, `search.refine: {objective: entropy}`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class TeacherBatch:
     """Right-padded examples and where each answer token is predicted."""
 
     inputs: torch.Tensor  # (B, T) token ids, right-padded with 0
+    last: torch.Tensor  # (B,) per example: the position of its context's last token
     rows: torch.Tensor  # (N,) per answer token: its row
     at: torch.Tensor  # (N,) the position whose logits predict it
     targets: torch.Tensor  # (N,) the answer token
@@ -58,8 +63,18 @@ class TeacherBatch:
         hits = torch.zeros(n).index_add(0, self.owner, greedy)
         return nll, hits == lengths
 
+    def entropy(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per example (B,): the entropy (nats) of the next-token distribution at the
+        context's last position, where the answer starts; `logits` (B, T, V)."""
+        at = logits[torch.arange(len(self.examples)), self.last].float()  # (B, V)
+        logprobs = torch.log_softmax(at, dim=-1)
+        return -(logprobs.exp() * logprobs).sum(dim=-1)
 
-REFINEMENT = ("refinement by gradient", "set search.refine: null for this task")
+
+REFINEMENT = (
+    "refinement by gradient",
+    "set search.refine: {objective: entropy} (no answers needed) or null for this task",
+)
 """Who needs the examples and what the user can do without them, for the one-sentence refusals."""
 
 
@@ -101,6 +116,25 @@ def _answer_tokens(
     return list(context_tokens), list(answer)
 
 
+def prompt_examples(evaluator) -> list[Example]:
+    """Every document of the evaluator's split (hf backend) as its context alone (`n_answer`
+    0), as the model reads it before answering: a loglikelihood request's context tokens, a
+    generate-until prompt as generation encodes it. No target is read."""
+    prepared = evaluator.prepared
+    if not hasattr(prepared, "tokens"):
+        raise UserError(f"{REFINEMENT[0]} needs fitness.backend: hf")
+    out = []
+    for name, by_doc in prepared.docs.items():
+        for doc, ids in sorted(by_doc.items()):
+            first = prepared.instances[ids[0]]
+            if first.request_type == "loglikelihood":
+                context = list(prepared.tokens[ids[0]][0])
+            else:
+                context = list(prepared.lm.tok_encode(first.args[0]))
+            out.append(Example(name, doc, tuple(context), 0))
+    return out
+
+
 def _no_answers(name: str, needed_by: tuple[str, str]) -> UserError:
     return UserError(
         f"task {name!r} has no target answers, and {needed_by[0]} learns from them; {needed_by[1]}"
@@ -136,12 +170,14 @@ def batches(examples: list[Example], size: int) -> list[TeacherBatch]:
 
 
 def make_batch(examples: list[Example]) -> TeacherBatch:
-    """One right-padded batch; the input is every token but the last."""
-    width = max(len(e.tokens) for e in examples) - 1
+    """One right-padded batch; the input is every token but the last (every token of an
+    example without an answer: its last position predicts where the answer would start)."""
+    fed = [e.tokens[:-1] if e.n_answer else e.tokens for e in examples]
+    width = max(len(tokens) for tokens in fed)
     inputs = torch.zeros(len(examples), width, dtype=torch.long)
     rows, at, targets, owner = [], [], [], []
-    for row, e in enumerate(examples):
-        inputs[row, : len(e.tokens) - 1] = torch.tensor(e.tokens[:-1])
+    for row, (e, tokens) in enumerate(zip(examples, fed)):
+        inputs[row, : len(tokens)] = torch.tensor(tokens)
         first = len(e.tokens) - e.n_answer  # the first answer token's index in `tokens`
         for k in range(e.n_answer):
             rows.append(row)
@@ -149,8 +185,9 @@ def make_batch(examples: list[Example]) -> TeacherBatch:
             targets.append(e.tokens[first + k])
             owner.append(row)
     as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    last = as_long([len(e.tokens) - e.n_answer - 1 for e in examples])
     return TeacherBatch(
-        inputs, as_long(rows), as_long(at), as_long(targets), as_long(owner), examples
+        inputs, last, as_long(rows), as_long(at), as_long(targets), as_long(owner), examples
     )
 
 

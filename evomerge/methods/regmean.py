@@ -24,7 +24,11 @@ keeps them); a trial is then a weighted sum.
 
 The statistics come from data (`evomerge.fitness.statistics` collects them in a search); a
 recipe names them in its `statistics` mapping (model -> safetensors file). mergekit has no
-such method.
+such method. They are stored at half precision (`evomerge.io.statistics`: a float16
+correlation and float32 scales, each distinct input once): on the three demo pools that
+moves a merged tensor by up to 0.6% of its largest entry (a float32 solve against a float64
+one: 0.006%) and leaves the dev score as it was; bfloat16 Gram matrices moved one by 4.7%
+(Gbar^-1, condition number up to 1.5e4 there, amplifies their 8-bit mantissa).
 """
 
 from __future__ import annotations

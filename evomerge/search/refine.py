@@ -10,7 +10,13 @@ teacher-forced answer log-likelihood (`evomerge.fitness.teacher`):
 with Adam, the weights kept inside the space's weight bounds. A fold of dev (`held_out`) is
 kept apart: every `eval_every` steps its greedy-match score (the `acc`/`exact_match` of these
 tasks, from the same teacher-forced pass) picks the best weights so far, and `patience` checks
-without a better one stop the run.
+without a better one stop the run. With `objective: entropy` no answer is read (AdaMerging's
+unsupervised objective, for tasks without targets): the loss is the mean entropy H of the
+next-token distribution at the last context position of each document, where its answer starts,
+
+    min_w  mean_{x in train fold} H(p(. | context_x; theta(w))) + l2 * ||w - w_start||^2
+
+and the held-out fold's mean entropy (lower is better) picks the weights and stops the run.
 
 The result is a trial of the same study: enqueued with the start genome as its params and the
 weights as a user attribute (`REFINED_ATTR`), then asked, materialised through the candidate's
@@ -35,6 +41,7 @@ from evomerge.fitness.teacher import (
     batches,
     fold_scores,
     make_batch,
+    prompt_examples,
     split_examples,
     teacher_forced_examples,
 )
@@ -78,9 +85,11 @@ class Refiner:
         self.config, self.candidate, self.evaluator = config, candidate, evaluator
         self.model = evaluator.model
         self.seed = seed
-        train, held = split_examples(
-            teacher_forced_examples(evaluator), held_out=config.held_out, seed=seed
+        self.entropy = config.objective == "entropy"
+        examples = (
+            prompt_examples(evaluator) if self.entropy else teacher_forced_examples(evaluator)
         )
+        train, held = split_examples(examples, held_out=config.held_out, seed=seed)
         self.train, self.held = train, batches(held, config.batch)
         self.bounds = _weight_bounds(space)
 
@@ -141,6 +150,8 @@ class Refiner:
             "train_passes": passes,  # example forward + backward passes
             "held_out_passes": evals * sum(len(b.examples) for b in self.held),  # forward only
             "seconds": time.perf_counter() - started,
+            "objective": cfg.objective,
+            # the held-out fold's greedy-match score (nll), or minus its mean entropy (entropy)
             "held_out_start": start_score[0],
             "held_out_refined": best[0],
             "changed": not torch.equal(best_w, merge.start),
@@ -162,14 +173,21 @@ class Refiner:
                 yield make_batch(order[i : i + size])
 
     def _loss(self, merge: DifferentiableMerge, w: torch.Tensor, batch: TeacherBatch):
-        """Mean answer NLL of the batch plus the pull toward the start."""
-        nll, _ = batch.scores(self._logits(merge.merged(w), batch.inputs))
-        return nll.mean() + self.config.l2 * ((w - merge.start) ** 2).sum()
+        """The batch's mean answer NLL (or mean entropy) plus the pull toward the start."""
+        logits = self._logits(merge.merged(w), batch.inputs)
+        loss = batch.entropy(logits) if self.entropy else batch.scores(logits)[0]
+        return loss.mean() + self.config.l2 * ((w - merge.start) ** 2).sum()
 
     def _held_out(self, merge: DifferentiableMerge, w: torch.Tensor) -> tuple[float, float]:
-        """(combined greedy-match score, -mean NLL) on the held-out fold: larger is better."""
+        """(combined greedy-match score, -mean NLL) on the held-out fold, or with the entropy
+        objective (-mean entropy, 0): larger is better."""
         with torch.no_grad():
             weights = merge.merged(w)
+            if self.entropy:
+                entropies = [
+                    batch.entropy(self._logits(weights, batch.inputs)) for batch in self.held
+                ]
+                return -float(torch.cat(entropies).mean()), 0.0
             per_task, nll = fold_scores(lambda ids: self._logits(weights, ids), self.held)
         return self.evaluator.value_of(per_task), -nll
 

@@ -2,6 +2,7 @@
 
     search:
       refine: gradient                  # or a mapping: {steps: 60, lr: 0.02, ...}; null: off
+      refine: {objective: entropy}      # unsupervised: no answers read (tasks without targets)
 
 Read with the run config (no torch): the space must be a task-vector parameter space, the
 fitness backend `hf` and the objective combined, or the config is refused with one sentence.
@@ -57,6 +58,12 @@ class RefineConfig(BaseModel):
     eval_every: int = Field(default=5, ge=1)
     patience: int = Field(default=4, ge=1)
     """Stop after this many held-out checks without a better one."""
+    objective: Literal["nll", "entropy"] = "nll"
+    """What the weights minimise on the train fold: `nll`, the teacher-forced answer NLL (early
+    stopping reads the held-out fold's greedy-match score); `entropy`, AdaMerging's
+    unsupervised objective, the mean entropy of the next-token distribution where each answer
+    starts (the held-out fold's mean entropy stops it): no target is read, so it also refines
+    for tasks that have none."""
 
     @model_validator(mode="before")
     @classmethod
