@@ -85,8 +85,8 @@ def apply_timed(candidate, genome) -> dict[str, float]:
 
     The same steps as `apply` (`PreparedTensor.run_into`); the callers also time `apply`
     itself as a cross-check."""
+    from evomerge.errors import CandidateError
     from evomerge.kernel.cpu import copy_finite
-    from evomerge.spaces.parameters.candidate import CandidateError
 
     merge = swap = 0.0
     for job in candidate.jobs:

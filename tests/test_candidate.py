@@ -108,7 +108,8 @@ def test_a_ties_candidate_from_magnitude_tables_is_the_merge_and_keeps_no_ranks(
 def test_a_candidate_with_an_inf_is_refused(small_pool):
     """Weights that overflow float32 (to Inf, as the merge dtype reads them): the kernel's pass
     (task arithmetic) and the checked copy (linear's torch code) both report it."""
-    from evomerge.spaces.parameters.candidate import CandidateError, CompiledCandidate
+    from evomerge.errors import CandidateError
+    from evomerge.spaces.parameters.candidate import CompiledCandidate
 
     torch.set_num_threads(1)
     for name in ("task_arithmetic_layers", "linear_global"):

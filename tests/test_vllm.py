@@ -213,8 +213,8 @@ def test_engine_merge_frees_the_model_reuses_its_buffers_and_raises_after_the_pu
     """No engine: what one push hands over, merge by merge."""
     import torch
 
+    from evomerge.errors import CandidateError
     from evomerge.fitness.vllm_backend import EngineMerge
-    from evomerge.spaces.base import CandidateError
 
     model = torch.nn.Linear(4, 3)
     merge, candidate = EngineMerge(model), _Candidate()

@@ -248,7 +248,7 @@ class _Push:
         return out
 
     def check(self) -> None:
-        from evomerge.spaces.base import CandidateError
+        from evomerge.errors import CandidateError
 
         if self.error is not None:
             raise self.error

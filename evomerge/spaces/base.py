@@ -78,11 +78,6 @@ def check_genome(genome: Genome, genes: list[Gene]) -> None:
             )
 
 
-class CandidateError(Exception):
-    """A candidate that cannot be scored (non-finite weights, ...): the trial fails, the
-    search goes on."""
-
-
 class Space(Protocol):
     """The genes of a search over one pool, and what a genome of them stands for.
 

@@ -26,12 +26,11 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from evomerge.errors import UserError
+from evomerge.errors import CandidateError, UserError
 from evomerge.fitness.live_model import merge_at_push
 from evomerge.merging.executor import PreparedTensor, load_inputs
 from evomerge.merging.factored import FactoredTensor, has_adapter
 from evomerge.merging.plan import MergePlan, TensorJob, plan_merge
-from evomerge.spaces.base import CandidateError
 
 if TYPE_CHECKING:
     import torch

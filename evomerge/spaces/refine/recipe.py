@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from evomerge.errors import CandidateError
 from evomerge.io.checkpoint import layer_index
 from evomerge.merging.plan import plan_merge
 from evomerge.merging.recipe import ConditionalSetting, Recipe
-from evomerge.spaces.parameters.candidate import CandidateError
 
 if TYPE_CHECKING:
     from evomerge.spaces.parameters.candidate import CompiledCandidate

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from evomerge.errors import CandidateError
 from evomerge.io.checkpoint import Checkpoint
 from evomerge.merging.executor import PreparedTensor, inputs_of, job_refs
 from evomerge.merging.plan import plan_merge
-from evomerge.spaces.base import CandidateError, check_genome
+from evomerge.spaces.base import check_genome
 from evomerge.spaces.parameters.candidate import CompiledCandidate
 from evomerge.spaces.staged.space import MethodPerGroupSpace, PairwiseSpace
 
