@@ -34,6 +34,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from search_memory import build_pool  # noqa: E402
+
 SPACES = ("task_arithmetic_layers", "ties_layers", "dare_ties_layers")
 
 
@@ -58,32 +61,6 @@ def _sync(device: str) -> None:
         import torch
 
         torch.cuda.synchronize(device)
-
-
-def build_pool(folder: Path, *, hidden: int, layers: int, sources: int) -> dict[str, str]:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=hidden * 4,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        num_key_value_heads=max(1, hidden // 256),  # grouped queries, as Llama-3's
-        vocab_size=2048,
-        tie_word_embeddings=False,
-    )
-    base = LlamaForCausalLM(config).to(torch.bfloat16)
-    base.save_pretrained(folder / "base")
-    names = {}
-    for i in range(sources):
-        with torch.no_grad():
-            for p in base.parameters():
-                p.add_(torch.randn_like(p) * 1e-3)
-        base.save_pretrained(folder / f"ft{i}")
-        names[f"ft{i}"] = str(folder / f"ft{i}")
-    return names
 
 
 def measure(pool: Path, space_name: str, tier: str, repeats: int, device: str = "cpu") -> dict:
@@ -165,7 +142,7 @@ def main() -> None:
         print(f"host-to-GPU bandwidth (pinned, 256 MiB): {link / 1e9:.2f} GB/s")
     with tempfile.TemporaryDirectory() as scratch:
         pool = Path(scratch) / "pool"
-        build_pool(pool, hidden=args.hidden, layers=args.layers, sources=args.sources)
+        build_pool(pool, hidden=args.hidden, layers=args.layers, sources=args.sources, grouped=True)
         print(
             f"pool: bfloat16 Llama layers, hidden {args.hidden}, MLP {4 * args.hidden}, "
             f"{args.layers} layers, base + {args.sources} sources, "

@@ -40,7 +40,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 SPACES = ("task_arithmetic_layers", "ties_layers", "dare_ties_layers")
 
 
-def build_pool(folder: Path, *, hidden: int, layers: int, sources: int) -> dict[str, str]:
+def build_pool(
+    folder: Path, *, hidden: int, layers: int, sources: int, grouped: bool = False
+) -> dict[str, str]:
+    """A bf16 Llama base and `sources` fine-tunes of it (random weights) under `folder`;
+    `grouped`: grouped-query attention with a key/value head per 4 query heads, as Llama-3."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -50,7 +54,7 @@ def build_pool(folder: Path, *, hidden: int, layers: int, sources: int) -> dict[
         intermediate_size=hidden * 4,
         num_hidden_layers=layers,
         num_attention_heads=hidden // 64,
-        num_key_value_heads=hidden // 64,
+        num_key_value_heads=max(1, hidden // 256) if grouped else hidden // 64,
         vocab_size=2048,
         tie_word_embeddings=False,
     )
