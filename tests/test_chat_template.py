@@ -267,7 +267,10 @@ def test_a_bad_pool_chat_template_is_one_sentence(
     assert not (tmp_path / "run").exists()
 
 
-def test_a_pool_chat_template_is_scored_by_the_hf_backend(templated_pool: Path, tmp_path: Path):
+def test_a_pool_chat_template_may_be_scored_by_the_vllm_backend(
+    templated_pool: Path, tmp_path: Path
+):
+    """The engine starts from a copy of the live model (tests/test_vllm.py runs it)."""
     import yaml
 
     from evomerge.search.config import load_run_config
@@ -276,5 +279,5 @@ def test_a_pool_chat_template_is_scored_by_the_hf_backend(templated_pool: Path, 
     data = yaml.safe_load(path.read_text())
     data["fitness"]["backend"] = "vllm"
     path.write_text(yaml.safe_dump(data))
-    with pytest.raises(UserError, match=r"pool.chat_template needs `fitness.backend: hf`"):
-        load_run_config(path)
+    config = load_run_config(path)
+    assert (config.fitness.backend, config.pool.chat_template) == ("vllm", "chatml")

@@ -83,12 +83,22 @@ def test_a_pool_name_names_the_source_model(tmp_path, small_pool, chat_add):
     assert config.pool.vocabulary() == {"tokenizer_source": str(chat_add)}
 
 
+def test_an_aligned_pool_may_be_scored_by_the_vllm_backend(tmp_path, small_pool, chat_add):
+    """The engine starts from a copy of the live model (tests/test_vllm.py runs it)."""
+    from evomerge.search.config import load_run_config
+
+    path = write_config(small_pool, chat_add, tmp_path, tokenizer_source="union")
+    data = yaml.safe_load(path.read_text())
+    data["fitness"]["backend"] = "vllm"
+    path.write_text(yaml.safe_dump(data))
+    config = load_run_config(path)
+    assert (config.fitness.backend, config.pool.tokenizer_source) == ("vllm", "union")
+
+
 @pytest.mark.parametrize(
     "change, refusal",
     [
-        ({"fitness": {"backend": "vllm"}}, "needs `fitness.backend: hf`"),
         ({"search": {"refine": {"steps": 2}}}, "set `refine: null`"),
-        ({"space": "regmean_layers"}, "in a RegMean space"),
         ({"space": "pairwise_sequence"}, "cannot align vocabularies in a pairwise space"),
         # a union is read from the path's models, which change with the genome
         ({"space": "dataflow"}, "not to 'union', which is read from the path's models"),

@@ -471,3 +471,115 @@ def test_merged_at_push_scores_as_the_full_push_on_the_real_pool(
     lm.push_weights(staging.state_dict().items())
     assert search.evaluator.score(full=True).metrics == fast.metrics
     assert lm.loglikelihood(requests[:24]) == fast_ll
+
+
+# --- an aligned vocabulary and a chosen chat template (issue 28) ------------------------------
+@pytest.fixture(scope="module")
+def aligned(small_pool: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A vllm search over a pool whose `add` fine-tune added a chat token (`<|im_end|>`), aligned
+    by `tokenizer_source: union`, with `chat_template: chatml`; and the hf backend over its own
+    live model in the same output vocabulary, with a candidate of its own."""
+    from test_search_vocabulary import widened
+
+    from evomerge.fitness import Evaluator
+    from evomerge.search.config import RunConfig
+    from evomerge.search.loop import Search, load_eval_model, make_candidate
+
+    data = pool_search_config(
+        small_pool,
+        tasks=TASKS,
+        subset=8,
+        backend="vllm",
+        search={"sampler": "random", "trials": 3, "seed": 1, "baselines": False},
+    )
+    chat_add = widened(small_pool / "add", tmp_path_factory.mktemp("vocab") / "add-chat")
+    data["pool"]["models"]["add"] = str(chat_add)
+    data["pool"].update(tokenizer_source="union", chat_template="chatml")
+    config = RunConfig.model_validate(data)
+    search = Search(config, tmp_path_factory.mktemp("aligned-run"))
+    model, tokenizer = load_eval_model(config)
+    hf = Evaluator(
+        model,
+        tokenizer,
+        config.fitness.model_copy(update={"backend": "hf"}),
+        tmp_path_factory.mktemp("aligned-hf"),
+    )
+    hf.candidate = make_candidate(model, search.space, config)
+    return search, hf
+
+
+def test_aligned_vocabulary_engine_scores_as_hf(aligned, small_pool: Path) -> None:
+    """The engine starts from a copy of the live model in the output vocabulary (its rows, its
+    tokenizer with the chosen template, its stop tokens) and scores a genome as hf does."""
+    from evomerge.merging.chat import resolve_chat_template
+
+    search, hf = aligned
+    lm = search.evaluator.lm
+    end_of_turn = hf.lm.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert hf.model.config.vocab_size == 46  # the union: the base's 45 and the chat token
+    folder = Path(lm.llm.model_config.model)
+    assert folder.name.startswith("evomerge-engine-")
+    assert json.loads((folder / "config.json").read_text())["vocab_size"] == 46
+    stops = json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
+    assert end_of_turn in (stops if isinstance(stops, list) else [stops])
+    assert lm.llm.get_tokenizer().convert_tokens_to_ids("<|im_end|>") == end_of_turn
+    assert lm.tokenizer.chat_template == resolve_chat_template("chatml", [])
+
+    _merge(search, hf, {g.name: 0.2 + 0.3 * i for i, g in enumerate(search.space.genes)})
+    got, want = search.evaluator.score(full=True), hf.score(full=True)
+    for task in TASKS:
+        assert got.metrics[task]["acc,none"] == want.metrics[task]["acc,none"], task
+    _assert_agree(got, want)
+    requests = _requests(small_pool)
+    for (got_ll, got_greedy), (want_ll, want_greedy) in zip(
+        lm.loglikelihood(requests), hf.lm.loglikelihood(requests), strict=True
+    ):
+        assert abs(got_ll - want_ll) <= LOGPROB_TOL
+        assert got_greedy == want_greedy
+
+
+def test_aligned_vocabulary_engine_stops_on_the_chatml_end_of_turn(aligned) -> None:
+    """Greedy generation stops on `<|im_end|>` (generation_config's end-of-turn token) in the
+    engine as in HF's `generate`: the head's row of it made to outscore "." after a merge."""
+    import torch
+    from lm_eval.api.instance import Instance
+    from vllm import SamplingParams, TokensPrompt
+
+    search, hf = aligned
+    lm, tokenizer = search.evaluator.lm, hf.lm.tokenizer
+    _merge(search, hf, search.space.baselines()["uniform"])
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        head = hf.model.get_output_embeddings().weight
+        head[end_of_turn] = 2.0 * head[tokenizer.convert_tokens_to_ids(".")]
+    lm.push_weights(hf.model.state_dict().items())
+
+    prompt = tokenizer.encode("a:37+8=")
+    hf_ids = hf.model.generate(
+        torch.tensor([prompt]), max_new_tokens=16, do_sample=False, num_beams=1
+    )[0, len(prompt) :].tolist()
+    assert hf_ids[-1] == end_of_turn and len(hf_ids) < 16, hf_ids
+    params = SamplingParams(max_tokens=16, temperature=0.0, detokenize=False)
+    out = lm.llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
+    engine = out[0].outputs[0]
+    assert list(engine.token_ids) == hf_ids and engine.finish_reason == "stop"
+
+    until = {"until": ["\n\n"], "max_gen_toks": 16, "do_sample": False}
+    generate = [
+        Instance(request_type="generate_until", doc={}, arguments=(p, until), idx=0)
+        for p in ("a:37+8=", "r:abcd=", "s:dbca=")
+    ]
+    assert lm.generate_until(generate) == hf.lm.generate_until(generate)
+    search.evaluator.sync_weights()  # the candidate's merges back in the engine
+
+
+def test_aligned_vocabulary_search_trials_complete_on_the_engine(aligned) -> None:
+    from optuna.trial import TrialState
+
+    search, _ = aligned
+    search.run(until=3, progress=False)
+    trials = search.study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3, [
+        t.user_attrs.get("fail_reason") for t in trials
+    ]
+    assert len({t.value for t in trials}) > 1

@@ -5,7 +5,8 @@ A backend is three functions: `make_lm` wraps the live model as an lm-eval `LM`,
 live model's current weights, after each change. "hf" wraps the in-memory transformers model
 with lm-eval's `HFLM`, so tensors copied into the model's parameters are scored on the next call
 with no reload (`sync` has nothing to do). "vllm" starts one vLLM engine over the model's folder
-and pushes the live model's weights into it in place (`evomerge.fitness.vllm_backend`).
+(a temporary copy of the live model where that is in another vocabulary than its folder) and
+pushes the live model's weights into it in place (`evomerge.fitness.vllm_backend`).
 
 A new backend is one `register_backend(...)` call (its heavy imports inside its functions:
 reading a run config imports this module). `fitness.backend` in a run config is checked
@@ -104,15 +105,43 @@ def _vllm(model: Any, tokenizer: Any, *, batch_size: int, max_length: int | None
     # A candidate then hands its merges to the engine, which runs them as it takes each tensor
     # (`vllm_backend.EngineMerge`): the model's own weights are freed, the engine's are the
     # live model.
-    from evomerge.fitness.vllm_backend import VLLMLiveLM, merge_for, start_engine
+    # A live model in another vocabulary than its folder's (an aligned pool, a chosen chat
+    # template) starts the engine from a run-scoped copy of itself instead: the engine's
+    # vocabulary, tokenizer and stop tokens are then the output's, as the hf backend's are.
+    import shutil
+    import weakref
+
+    from evomerge.fitness.live_model import in_folder_vocabulary
+    from evomerge.fitness.vllm_backend import (
+        VLLMLiveLM,
+        merge_for,
+        start_engine,
+        write_engine_folder,
+    )
     from evomerge.io.dtypes import name_of
 
-    if not getattr(model, "name_or_path", None):
-        raise UserError(
-            "fitness.backend 'vllm' needs a model loaded from a folder (from_pretrained)"
+    copy = None
+    if in_folder_vocabulary(model):
+        if not getattr(model, "name_or_path", None):
+            raise UserError(
+                "fitness.backend 'vllm' needs a model loaded from a folder (from_pretrained)"
+            )
+        folder = str(model.name_or_path)
+    else:
+        copy = write_engine_folder(model, tokenizer)
+        folder = str(copy)
+    try:
+        llm = start_engine(folder, dtype=name_of(model.dtype), max_model_len=max_length)
+        lm = VLLMLiveLM(
+            llm, tokenizer, staging=model, merge=merge_for(model), max_length=max_length
         )
-    llm = start_engine(model.name_or_path, dtype=name_of(model.dtype), max_model_len=max_length)
-    return VLLMLiveLM(llm, tokenizer, staging=model, merge=merge_for(model), max_length=max_length)
+    except BaseException:
+        if copy is not None:
+            shutil.rmtree(copy, ignore_errors=True)
+        raise
+    if copy is not None:  # kept while the engine lives (removed with it, or at exit)
+        weakref.finalize(lm, shutil.rmtree, copy, ignore_errors=True)
+    return lm
 
 
 def _vllm_requests(lm: LM, tasks: dict[str, Task], **options: Any) -> PreparedRequests:

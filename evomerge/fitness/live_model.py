@@ -53,6 +53,7 @@ def load_live_model(
         _apply_adapter(model, checkpoint)
     if vocabulary is not None:
         _take_vocabulary(model, Path(vocabulary))
+        _OTHER_VOCABULARY.add(model)
     model.to(device).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(vocabulary or folder, trust_remote_code=False)
@@ -96,6 +97,19 @@ def _take_vocabulary(model: Any, folder: Path) -> None:
             setattr(model.config, key, config[key])
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
+
+
+# --- a vocabulary other than the folder's ---------------------------------------------------
+# A live model given another vocabulary (`load_live_model(vocabulary=...)`) no longer matches
+# its folder: its embedding rows, token ids, stop tokens and tokenizer are the other's. A backend
+# that reads the model from its folder (vLLM) must read it from a folder of its own instead.
+_OTHER_VOCABULARY: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def in_folder_vocabulary(model: Any) -> bool:
+    """Whether `model` has its folder's own vocabulary (False: `load_live_model` gave it another
+    one, whose config, stop tokens and tokenizer its folder does not hold)."""
+    return model not in _OTHER_VOCABULARY
 
 
 # --- merges taken at push time -------------------------------------------------------------

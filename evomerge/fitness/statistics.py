@@ -14,6 +14,15 @@ scales (`evomerge.io.statistics`: for Llama-3-8B's shapes, 16.4 GB a model inste
 
 The live model is borrowed: each source's weights are copied into it in turn, and the
 base's (`restore`) after; nothing else is kept.
+
+Where the pool's vocabularies are aligned (`pool.tokenizer_source`, `pool.tokenizer`), the live
+model has the output vocabulary and the documents its token ids: each source runs with its
+embedding and head laid out in the output rows as the merge lays them out (a token it lacks
+gets the row the merge gives it there), on the very token ids the search scores. It is not
+re-tokenized with its own tokenizer: its statistics are then of the inputs the merged model's
+layers see, and no text is decoded and encoded again (not exact around special tokens). Its
+token frequencies are kept over its own rows (a token it lacks counts 0 for it), like every
+file, so that a merge lays them out by token again as it lays out the rows.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,20 +43,43 @@ from evomerge.fitness.teacher import Example, batches
 from evomerge.io.adapters import open_checkpoint
 from evomerge.io.statistics import pack
 
+if TYPE_CHECKING:
+    from evomerge.merging.plan import MergePlan
+
 LOG = logging.getLogger(__name__)
 
 BATCH = 32
 
 
-def load_weights(model: torch.nn.Module, reference: str) -> None:
-    """Copy every tensor of checkpoint `reference` into the parameter or buffer of that name."""
+def load_weights(model: torch.nn.Module, reference: str, plan: MergePlan | None = None) -> None:
+    """Copy every tensor of checkpoint `reference` into the parameter or buffer of that name;
+    where `plan` aligns vocabularies, its embedding and head as the merge lays them out in the
+    output vocabulary (`aligned_rows`)."""
     checkpoint = open_checkpoint(reference)
     state = dict(model.named_parameters())
     state.update(dict(model.named_buffers()))
+    aligned = aligned_rows(plan, reference) if plan is not None else {}
     with torch.no_grad():
         for name in checkpoint.names:
             if name in state:
-                state[name].copy_(checkpoint.tensor(name))
+                state[name].copy_(aligned.get(name, checkpoint.tensor(name)))
+
+
+def aligned_rows(plan: MergePlan, reference: str) -> dict[str, torch.Tensor]:
+    """Model `reference`'s vocabulary tensors (name -> (size, width)) in the output rows of
+    `plan`, as `evomerge merge` of the plan hands them to the method: the rows of tokens it
+    lacks are the defaults the merge gives it there (`VocabularyAlignment.align`)."""
+    from evomerge.merging.executor import job_refs, load_inputs
+
+    rows = {}
+    for job in plan.jobs:
+        refs = job_refs(job)
+        if not plan.is_aligned(job.out_name) or reference not in [r.model for r in refs]:
+            continue
+        inputs = load_inputs(plan, job, seed=0)
+        tensors = [*inputs.models, *([inputs.base] if job.base else [])]  # job_refs order
+        rows[job.out_name] = tensors[[r.model for r in refs].index(reference)]
+    return rows
 
 
 def answer_nll(model: torch.nn.Module, examples: list[Example]) -> dict[str, float]:
@@ -181,10 +214,17 @@ def write_statistics(
     folder: Path,
     *,
     restore: str,
+    plan: MergePlan | None = None,
 ) -> dict[str, Path]:
     """Write `folder/<name>.safetensors` for each of `models` (name -> reference) unless it is
     there already (a resumed run reuses them), and return name -> file. `restore`: the
-    reference whose weights the live model holds again afterwards (the base)."""
+    reference whose weights the live model holds again afterwards (the base).
+
+    `plan`: where the pool's vocabularies are aligned, a merge plan of the search (the live
+    model then has its output vocabulary, and `examples` its token ids). Each model runs with
+    its embedding and head in the output rows, as the merge lays them out, on the documents
+    the search scores; its per-row statistics are kept over its own rows (`own_rows`), as
+    every file is, and a merge lays them out again as it lays out the rows."""
     files = {name: Path(folder) / f"{name}.safetensors" for name in models}
     todo = {name: ref for name, ref in models.items() if not files[name].is_file()}
     if not todo:
@@ -192,16 +232,18 @@ def write_statistics(
     started = time.perf_counter()
     nll = {}
     for name, reference in models.items():
-        load_weights(model, reference)
+        load_weights(model, reference, plan)
         nll[name] = answer_nll(model, examples)
     owner = owners(nll)
     LOG.info("RegMean statistics: each task's dev documents from %s", owner)
     for name, reference in todo.items():
         mine = [e for e in examples if owner[e.task] == name] or examples
-        load_weights(model, reference)
+        load_weights(model, reference, plan)
         collected = gram_matrices(model, mine)
+        if plan is not None:
+            collected = own_rows(collected, plan, reference)
         _save_atomic(*pack(collected.tensors, collected.same_input), files[name])
-    load_weights(model, restore)
+    load_weights(model, restore, plan)
     LOG.info(
         "RegMean statistics of %d models in %.1f s (%d forward passes over %d dev documents)",
         len(todo),
@@ -210,6 +252,19 @@ def write_statistics(
         len(examples),
     )
     return files
+
+
+def own_rows(collected: Statistics, plan: MergePlan, reference: str) -> Statistics:
+    """`collected` (taken on the live model, in the output vocabulary of `plan`) with each
+    embedding's per-row statistics moved back to `reference`'s own rows: its token
+    frequencies; a head's Gram matrix is over the hidden state and stays as it is."""
+    checkpoint = open_checkpoint(reference)
+    tensors = dict(collected.tensors)
+    for name, stats in collected.tensors.items():
+        if stats.dim() == 1 and plan.is_aligned(name) and name in checkpoint.names:
+            rows = checkpoint.shape(name)[0]
+            tensors[name] = plan.vocabulary.own_statistics(reference, stats, rows)
+    return Statistics(tensors, collected.same_input)
 
 
 def _save_atomic(

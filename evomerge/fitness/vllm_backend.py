@@ -64,6 +64,7 @@ import time
 import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lm_eval.api.model import TemplateLM
@@ -122,6 +123,27 @@ def start_engine(
     )
     LOG.info("vLLM engine started in %.1f s", time.perf_counter() - started)
     return llm
+
+
+def write_engine_folder(model: torch.nn.Module, tokenizer: Any) -> Path:
+    """A new temporary folder to start an engine from, for a live model its own folder does not
+    describe (`live_model.in_folder_vocabulary`: an aligned vocabulary, a chosen chat
+    template). It holds the live model as it is: config.json (its `vocab_size` and token ids),
+    generation_config.json (the output's end-of-sequence and end-of-turn tokens, which the
+    engine stops on, as HF's `generate` does), its weights as safetensors (of the output's
+    shapes; the engine reads them at start only, each push replaces them) and `tokenizer`, chat
+    template included. The caller removes it (`shutil.rmtree`)."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="evomerge-engine-"))
+    try:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
 
 
 class WeightPushExtension:

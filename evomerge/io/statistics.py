@@ -4,7 +4,9 @@ One safetensors file per model, written by `evomerge.fitness.statistics` (`pack`
 a recipe's `statistics` mapping (model reference -> file). For a linear layer's (out, in)
 weight, the statistics are the (in, in) Gram matrix G = X^T X / N of the inputs it saw; for an
 embedding's (rows, width) matrix, the diagonal of its Gram matrix over one-hot inputs, i.e.
-each row's (token's) frequency, (rows,) float32. Two layouts are read:
+each row's (token's) frequency, (rows,) float32, over the model's own rows even where a
+recipe aligns vocabularies (the merge lays them out by token as it lays out the rows,
+`VocabularyAlignment.align_statistics`). Two layouts are read:
 
     version 2 (metadata format: evomerge.statistics, version: 2; what evomerge writes)
         each distinct input once: q/k/v_proj read one tensor, gate/up_proj another, so the

@@ -63,15 +63,23 @@ class MergePlan:
         if self.statistics is None:
             return None
         stats = self.statistics
-        present = [
-            not self.is_aligned(job.out_name)  # rows re-laid out by token: they do not hold
-            and stats.check(ref.model, ref.name, self.checkpoints[ref.model].shape(ref.name))
+        present = [  # each file is over the model's own rows
+            stats.check(ref.model, ref.name, self.checkpoints[ref.model].shape(ref.name))
             for ref in job.inputs
         ]
         refs = list(job.inputs)
-        return lambda: [
-            stats.gram(ref.model, ref.name) if here else None for ref, here in zip(refs, present)
-        ]
+
+        def read() -> list[torch.Tensor | None]:
+            grams = [
+                stats.gram(r.model, r.name) if here else None for r, here in zip(refs, present)
+            ]
+            if self.is_aligned(job.out_name) and all(g is not None and g.dim() == 1 for g in grams):
+                # per-row statistics re-laid out by token as the rows are; a head's Gram
+                # matrices are over its input (the hidden state) and hold as they are
+                return self.vocabulary.align_statistics([r.model for r in refs], grams)
+            return grams
+
+        return read
 
     def is_aligned(self, out_name: str) -> bool:
         """True for a tensor whose rows are re-laid out by token before the merge."""

@@ -107,10 +107,7 @@ class VocabularyAlignment:
         shape = tensors[0].shape[1:]
         count = len(self.vocab)
         rows = {m: torch.tensor(self.rows[m], dtype=torch.long) for m in order}
-        forced = torch.zeros(count, dtype=torch.bool)
-        for token, entry in self.tokens.items():
-            if entry.force and token in self.vocab:
-                forced[self.vocab[token]] = True
+        forced = self._forced()
         missing = forced.clone()
         for m in order:
             missing |= rows[m] < 0
@@ -124,8 +121,8 @@ class VocabularyAlignment:
         for m in order:
             new = torch.zeros((self.size, *shape), dtype=dtype)
             have = (rows[m] >= 0) & ~forced
-            index = have.nonzero().flatten()
-            new[index] = group[m][rows[m][index]].to(dtype)
+            index, own = self.kept_rows(m)
+            new[index] = group[m][own].to(dtype)
             for token_id, row in defaults.items():
                 if not bool(have[token_id]):
                     if row is None:
@@ -138,6 +135,53 @@ class VocabularyAlignment:
         for m in models:
             out.append(result[m])
         return out
+
+    def kept_rows(self, model: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the output rows that take `model`'s own row, its row for each), both (K,) long:
+        what `align` copies; every other output row is a default or padding for `model`."""
+        import torch
+
+        rows = torch.tensor(self.rows[model], dtype=torch.long)  # (len(vocab),)
+        index = ((rows >= 0) & ~self._forced()).nonzero().flatten()
+        return index, rows[index]
+
+    def align_statistics(
+        self, models: list[str], vectors: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Each model's per-row statistics (a (rows,) vector over its own rows, e.g. RegMean's
+        token frequencies) laid out as `align` lays out its rows: 0 at the rows `align` fills
+        with a default or padding, since none of that model's data reached them."""
+        import torch
+
+        out = []
+        for model, vector in zip(models, vectors):
+            index, own = self.kept_rows(model)
+            new = torch.zeros(self.size, dtype=vector.dtype, device=vector.device)  # (size,)
+            new[index.to(vector.device)] = vector[own.to(vector.device)]
+            out.append(new)
+        return out
+
+    def own_statistics(self, model: str, vector: torch.Tensor, rows: int) -> torch.Tensor:
+        """The inverse of `align_statistics` for one model: per-row statistics over the output
+        rows (`vector`, (size,)) back over the model's own `rows` rows, 0 at a row of its that
+        no output row takes."""
+        import torch
+
+        index, own = self.kept_rows(model)
+        new = torch.zeros(rows, dtype=vector.dtype, device=vector.device)  # (rows,)
+        new[own.to(vector.device)] = vector[index.to(vector.device)]
+        return new
+
+    def _forced(self) -> torch.Tensor:
+        """(len(vocab),) bool: the rows `tokenizer.tokens` takes from its source for every model
+        (`force`)."""
+        import torch
+
+        forced = torch.zeros(len(self.vocab), dtype=torch.bool)
+        for token, entry in self.tokens.items():
+            if entry.force and token in self.vocab:
+                forced[self.vocab[token]] = True
+        return forced
 
     def _default_row(self, token, token_id, order, group, rows, dtype):
         import torch

@@ -16,7 +16,10 @@ Uniform weights (1/n each) and lambda 1 give RegMean exactly. An embedding matri
 layer over one-hot tokens, so its Gram matrix is diagonal, the token frequencies c_i: each row
 (token) is a frequency-weighted mean, E*[t] = sum_i c_i[t] E_i[t] / sum_i c_i[t], with c_i
 shrunk toward its mean by alpha (a token no model's data holds gets the plain mean). Such
-statistics are stored as the diagonal alone, one value per row. A tensor with no statistics (a
+statistics are stored as the diagonal alone, one value per row. Where a recipe aligns
+vocabularies, they arrive laid out by token as the rows are, 0 where a model lacks the token:
+the row then comes mostly from the models that have it (alpha's shrinkage leaves the others
+a small share). A tensor with no statistics (a
 norm) has G_i = I: a weighted sum of task vectors, whose uniform form is the mean RegMean uses
 for those. The projected task vectors tau_i G_i Gbar^-1 depend on alpha and
 the statistics only, so a search that merges many times computes them once (`MergeInputs`

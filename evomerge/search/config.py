@@ -203,16 +203,6 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _aligned_where_it_can_be(self) -> RunConfig:
-        if self.pool.vocabulary() and self.fitness.backend != "hf":
-            raise ValueError(
-                f"pool.tokenizer_source (or pool.tokenizer) needs `fitness.backend: hf`; the "
-                f"{self.fitness.backend} backend scores the base's own vocabulary"
-            )
-        if self.pool.chat_template is not None and self.fitness.backend != "hf":
-            raise ValueError(
-                f"pool.chat_template needs `fitness.backend: hf`; the {self.fitness.backend} "
-                "engine takes its stop tokens from the base's own folder"
-            )
         if self.pool.vocabulary() and self.search.refine is not None:
             raise ValueError(
                 "search.refine cannot refine a pool whose vocabularies are aligned "

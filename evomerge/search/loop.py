@@ -320,7 +320,7 @@ def collect_statistics(config: RunConfig, run_dir: Path, evaluator) -> None:
     this one did (`evomerge.fitness.statistics`)."""
     from evomerge.fitness.statistics import write_statistics
     from evomerge.fitness.teacher import teacher_forced_examples
-    from evomerge.search.run_folder import statistics_files
+    from evomerge.search.run_folder import output_plan, statistics_files
 
     files = statistics_files(config, run_dir)
     if all(path.is_file() for path in files.values()):
@@ -332,6 +332,7 @@ def collect_statistics(config: RunConfig, run_dir: Path, evaluator) -> None:
         dict(config.pool.models),
         next(iter(files.values())).parent,
         restore=config.pool.base,
+        plan=output_plan(config) if config.pool.vocabulary() else None,
     )
 
 
@@ -364,11 +365,9 @@ def write_output_vocabulary(config: RunConfig, folder: Path) -> None:
     not depend on the genome: any genome's recipe gives it; its first stage reads the pool)."""
     from evomerge.io.output import write_config
     from evomerge.merging.executor import write_tokenizer
-    from evomerge.merging.plan import plan_merge
+    from evomerge.search.run_folder import output_plan
 
-    space = build_space(config)
-    genome = {g.name: g.choices[0] if g.choices else g.low for g in space.genes}
-    plan = plan_merge(space.decode(genome)[0].recipe)
+    plan = output_plan(config)
     source = plan.checkpoints[plan.config_source].path
     write_config(source, folder, layer_sources=plan.layer_sources(), dtype=config.pool.dtype)
     write_tokenizer(plan, folder)

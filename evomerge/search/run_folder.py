@@ -31,6 +31,7 @@ from evomerge.search.config import RunConfig
 from evomerge.search.study import storage_url
 
 if TYPE_CHECKING:
+    from evomerge.merging.plan import MergePlan
     from evomerge.spaces.base import Space
 
 RUN_FORMAT = 1  # bump when the run folder layout changes incompatibly
@@ -93,15 +94,6 @@ def build_space(config: RunConfig, run_dir: Path | None = None) -> Space:
             f"{categorical[0]!r} at random (it models floats only); use sampler "
             f"{', '.join(capable[:-1])} or {capable[-1]} for this space"
         )
-    # the space's methods (a method-per-group space: each group's choices)
-    methods = [sub.method for sub in getattr(space, "spaces", {}).values()]
-    methods = methods or [getattr(space, "method", None)]
-    if config.pool.vocabulary() and any(getattr(m, "statistics", False) for m in methods):
-        raise UserError(
-            "pool.tokenizer_source cannot align vocabularies in a RegMean space (its input "
-            "statistics are one vocabulary's); search a space such as ties_layers, or bring "
-            "the pool to one vocabulary with `evomerge merge` first"
-        )
     keys = output_tokenizer(config)
     if keys:  # every recipe carries them
         space.vocabulary = keys
@@ -126,6 +118,21 @@ def output_tokenizer(config: RunConfig) -> dict[str, Any]:
     if template is not None:
         keys["chat_template"] = template
     return keys
+
+
+def output_plan(config: RunConfig) -> MergePlan:
+    """A merge plan of the search's first stage: what every merge of the search shares (the
+    output vocabulary and each model's row of each output token, the config and tokenizer
+    files) does not depend on the genome, so any genome's gives it. It reads no statistics
+    (a RegMean search plans it before they are collected)."""
+    from evomerge.merging.plan import plan_merge
+
+    space = build_space(config)
+    if getattr(getattr(space, "method", None), "statistics", False):
+        space.statistics = dict.fromkeys(config.pool.models.values(), "")  # named, never read
+    genome = {g.name: g.choices[0] if g.choices else g.low for g in space.genes}
+    recipe = space.decode(genome)[0].recipe
+    return plan_merge(recipe.model_copy(update={"statistics": None}))
 
 
 def statistics_files(config: RunConfig, run_dir: Path) -> dict[str, Path]:
