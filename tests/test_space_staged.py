@@ -231,6 +231,20 @@ def test_pairwise_with_a_many_model_method_keeps_the_pool_base():
         ),
         ({"kind": "pairwise", "method": "slerp", "search": {"t": None}}, 7, ["at most 6 models"]),
         (
+            {
+                "kind": "method_per_group",
+                "methods": ["task_arithmetic", "regmean"],
+                "search": {"weight": None},
+            },
+            3,
+            ["regmean reads each model's input statistics", "not for a method_per_group space"],
+        ),
+        (
+            {"kind": "pairwise", "method": "regmean", "search": {"weight": None}},
+            3,
+            ["regmean reads each model's input statistics", "not for a pairwise space"],
+        ),
+        (
             {"kind": "pairwise", "method": "slerp", "search": {"weight": None}},
             3,
             ["search.weight", "'slerp' has no parameter 'weight'"],

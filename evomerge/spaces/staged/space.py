@@ -79,6 +79,7 @@ class MethodPerGroupConfig(BaseModel):
                         f"has a parameter {name!r}"
                     )
         for method in self.methods:
+            _collects_no_statistics(method, "a method_per_group space")
             self.method_config(method)
         return self
 
@@ -107,11 +108,27 @@ class MethodPerGroupConfig(BaseModel):
             ) from None
 
 
+def _collects_no_statistics(method: str, where: str) -> None:
+    """A ValueError where `method` reads input statistics (RegMean): a search collects them
+    for the models of a single-method space, not per stage or per group."""
+    if get_method(method).statistics:
+        raise ValueError(
+            f"{method} reads each model's input statistics, which a search collects for a "
+            f"single-method space only, not for {where}; search it with its own space "
+            f"(e.g. {method}_layers)"
+        )
+
+
 class PairwiseConfig(SpaceConfig):
     """A `search_spaces/*.yaml` file with `kind: pairwise`: an ordinary parameter space (the
     method of every stage), merged two models at a time."""
 
     kind: Literal["pairwise"]
+
+    @model_validator(mode="after")
+    def _no_statistics(self) -> PairwiseConfig:
+        _collects_no_statistics(self.method, "a pairwise space")
+        return self
 
     def stage_config(self) -> SpaceConfig:
         return SpaceConfig.model_validate(self.model_dump(exclude={"kind"}))
