@@ -229,7 +229,10 @@ def test_remote_code_is_never_run(tmp_path, small_pool):
     marker = tmp_path / "remote-code-ran"
     model_dir = _with_remote_code(small_pool / "base", tmp_path / "model", marker)
     config = SimpleNamespace(
-        pool=SimpleNamespace(base=str(model_dir), dtype="float32", vocabulary=dict), device="cpu"
+        pool=SimpleNamespace(
+            base=str(model_dir), dtype="float32", vocabulary=dict, chat_template=None
+        ),
+        device="cpu",
     )
     for model, _ in (load_eval_model(config), load_live_model(model_dir)):
         assert type(model).__module__.startswith("transformers.")
