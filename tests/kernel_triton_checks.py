@@ -241,4 +241,5 @@ def test_the_gpu_path_of_the_fused_tensor_gives_the_torch_bits(monkeypatch, dtyp
     monkeypatch.setattr(triton_merge, "top_magnitudes_of", recorded)
     assert task_vectors.self_check(DEVICE, dtype) == ""
     # TIES's cuts were found here: one-shot merges without a table, resident ones from theirs
-    assert set(found) == ({False, True} if tables else {False})
+    # (without forcing, self_check's large resident case keeps tables, as a search does)
+    assert set(found) == {False, True}

@@ -496,24 +496,21 @@ def gpu_ready(device: torch.device, dtype: torch.dtype) -> bool:
 def self_check(device: torch.device, dtype: torch.dtype) -> str:
     """'' when the fused kernel on `device` gives the torch code's bits (and its finiteness)
     on small random inputs, else the merge that differed: DARE-TIES with its L1 rescale and
-    TIES with normalisation (both one-shot and resident), and task arithmetic with lambda."""
-    generator = torch.Generator().manual_seed(0)
-    numel = 3 * 1024 + 17  # a few kernel blocks and a ragged end
-    base = torch.randn(numel, generator=generator).to(dtype)
-    models = [
-        (base.float() + 0.02 * torch.randn(numel, generator=generator)).to(dtype) for _ in range(3)
-    ]
-    for x in (base, *models):
-        x[:8] = -0.0  # with all weights negative, sums of -0s: +0, as torch sums
+    TIES with normalisation (both one-shot and resident), and task arithmetic with lambda;
+    resident TIES also on a tensor large enough to keep magnitude tables, so that a search's
+    per-trial cut from its tables is checked too."""
+    small = _check_inputs(3 * 1024 + 17, dtype)  # a few kernel blocks and a ragged end
+    large = _check_inputs(MAGNITUDE_TABLE_MIN + 1024 + 17, dtype)
     cases = {  # the rules of each method are its own (`MergeMethod.task_vectors`)
         "dare_ties": dict(density=[0.3, 0.5, 1.0], rescale=True, normalize=False, lambda_=1.0),
         "ties": dict(density=[0.2, 0.5, 0.7], rescale=False, normalize=True, lambda_=1.0),
         "task_arithmetic": dict(density=[1.0] * 3, rescale=False, normalize=False, lambda_=0.8),
     }
     weights = ([0.6, -0.3, 0.9], [-0.6, -0.3, -0.9])
-    for (name, parameters), resident, weight in itertools.product(
-        cases.items(), (False, True), weights
-    ):
+    checks = [(small, *case) for case in itertools.product(cases, (False, True), weights)]
+    checks += [(large, "ties", True, weight) for weight in weights]
+    for (base, models), name, resident, weight in checks:
+        parameters = cases[name]
         rules = get_method(name).task_vectors
         field = UniformField(7, name)
         expected = task_vector_merge(
@@ -532,5 +529,20 @@ def self_check(device: torch.device, dtype: torch.dtype) -> str:
         if not torch.equal(got.view(bits), expected.view(bits)) or finite != bool(
             torch.isfinite(expected).all()
         ):
-            return f"{name}, {'resident' if resident else 'one-shot'}, weights {weight}"
+            return (
+                f"{name}, {'resident' if resident else 'one-shot'}, {base.numel()} elements, "
+                f"weights {weight}"
+            )
     return ""
+
+
+def _check_inputs(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`self_check`'s base and three models of `numel` elements (seeded, the same every run)."""
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(numel, generator=generator).to(dtype)
+    models = [
+        (base.float() + 0.02 * torch.randn(numel, generator=generator)).to(dtype) for _ in range(3)
+    ]
+    for x in (base, *models):
+        x[:8] = -0.0  # with all weights negative, sums of -0s: +0, as torch sums
+    return base, models
