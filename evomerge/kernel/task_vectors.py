@@ -132,7 +132,6 @@ class FusedTensor:
         self._smallest: dict[int, float] = {}
         self.streamed = False  # the host tier's (`prepare_host`): merged from a Staging buffer
         self.stage: Stage | None = None  # its place there, once a Staging is made
-        self.stage_device = inputs.base.device if inputs.base is not None else torch.device("cpu")
 
     def keep_draw_tables(self, tables: dict[int, torch.Tensor]) -> None:
         """Keep DARE's draw tables in `tables`, which outlives this object: for one-shot inputs
@@ -221,10 +220,10 @@ class FusedTensor:
         from evomerge.kernel import triton_merge
 
         numel = self.inputs.base.numel()
-        tabled = self.resident and numel >= MAGNITUDE_TABLE_MIN
         ks = [sparsify.magnitude_keep_count(d, numel) for d in density]
         tables = [
-            self.magnitude_table(i) if tabled and ks[i] < numel else None for i in range(self.count)
+            self.magnitude_table(i) if self.keeps_tables() and ks[i] < numel else None
+            for i in range(self.count)
         ]
         return triton_merge.top_magnitudes_of(taus, ks, tables)
 
@@ -240,9 +239,8 @@ class FusedTensor:
             return KeepRule.hash_below(
                 self.inputs.field.hash_key(index), sparsify.keep_threshold(density)
             )
-        numel = self.inputs.base.numel()
-        k = sparsify.magnitude_keep_count(density, numel)
-        tabled = self.resident and numel >= MAGNITUDE_TABLE_MIN
+        k = sparsify.magnitude_keep_count(density, self.inputs.base.numel())
+        tabled = self.keeps_tables()
         if _on_gpu(tau.x):  # tau resident on the GPU, or staged there from the host
             from evomerge.kernel import triton_merge
 
@@ -253,6 +251,11 @@ class FusedTensor:
         if self.resident:
             return cpu.top_magnitudes(tau, k, self.magnitude_table(index))
         return cpu.top_magnitudes(tau, k)
+
+    def keeps_tables(self) -> bool:
+        """Whether TIES's top-k starts from kept magnitude tables: a resident tensor of
+        MAGNITUDE_TABLE_MIN elements or more."""
+        return self.resident and self.inputs.base.numel() >= MAGNITUDE_TABLE_MIN
 
     def magnitude_table(self, index: int) -> torch.Tensor:
         """cpu.magnitude_table of task vector `index`, on the host (a GPU's made there): built
@@ -382,8 +385,6 @@ class Staging:
         self.device = torch.device(device)
         self.gpu = self.device.type == "cuda"
         self.pairs = self.gpu if pairs is None else pairs
-        for tensor in tensors:
-            tensor.stage_device = self.device
         if self.gpu:
             for tensor in tensors:
                 _pin(tensor)

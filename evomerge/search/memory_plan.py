@@ -782,13 +782,9 @@ def link_bandwidth(device: str, size: int = 256 << 20) -> float | None:
             return None
         src = torch.empty(size, dtype=torch.uint8).pin_memory()
         dst = torch.empty(size, dtype=torch.uint8, device=device)
-        best = math.inf
-        for _ in range(3):
-            torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            dst.copy_(src, non_blocking=True)
-            torch.cuda.synchronize(device)
-            best = min(best, time.perf_counter() - start)
+        best = _best_of_three(
+            lambda: dst.copy_(src, non_blocking=True), lambda: torch.cuda.synchronize(device)
+        )
         return size / best if 0 < best < math.inf else None
     both = copy_bandwidth(device, size)
     return both / 2 if both else None
@@ -805,21 +801,24 @@ def copy_bandwidth(device: str, size: int = 256 << 20) -> float | None:
             return None
         src = torch.empty(size, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
-        for _ in range(3):
-            torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            dst.copy_(src)
-            torch.cuda.synchronize(device)
-            best = min(best, time.perf_counter() - start)
+        best = _best_of_three(lambda: dst.copy_(src), lambda: torch.cuda.synchronize(device))
     elif device == "cpu":
         src = bytearray(size)
-        dst = bytearray(size)
-        view = memoryview(dst)
-        for _ in range(3):
-            start = time.perf_counter()
-            view[:] = src
-            best = min(best, time.perf_counter() - start)
+        view = memoryview(bytearray(size))
+        best = _best_of_three(lambda: view.__setitem__(slice(None), src))
     return 2 * size / best if 0 < best < math.inf else None
+
+
+def _best_of_three(copy, sync=lambda: None) -> float:
+    """The fewest seconds of three runs of `copy`, each fenced by `sync` (a device's queue)."""
+    best = math.inf
+    for _ in range(3):
+        sync()
+        start = time.perf_counter()
+        copy()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 # --- small helpers -----------------------------------------------------------------------------
