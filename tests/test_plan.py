@@ -497,3 +497,18 @@ def human(size: float) -> str:
     from evomerge.search.memory_plan import human as plan_human
 
     return plan_human(size)
+
+
+def test_a_bad_host_memory_size_is_one_sentence(pool, tmp_path):
+    path = _config(tmp_path, pool, "ties_layers")
+    result = subprocess.run(
+        [sys.executable, "-m", "evomerge", "plan", str(path), "--host-memory", "lots"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1:] == [
+        "error: cannot read size 'lots'; write it like 5GB or 500MB"
+    ]
